@@ -1,0 +1,204 @@
+//! The one error type of the crate. Every variant carries the numbers that made the call invalid.
+
+use std::fmt;
+
+/// Everything that can go wrong in a call into selattn.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// No adapter that can run compute shaders was found (or none matched the filter).
+    NoAdapter {
+        /// Why each adapter that was seen was rejected.
+        reasons: Vec<String>,
+    },
+    /// Requesting a device from the adapter failed.
+    RequestDevice(String),
+    /// A size is zero where at least one is required.
+    ZeroSize {
+        /// Which size.
+        what: &'static str,
+    },
+    /// The head dimension is not one the kernels support.
+    HeadDimUnsupported {
+        /// The head dimension given.
+        got: u32,
+        /// What is supported.
+        supported: &'static str,
+    },
+    /// The number of query heads is not a multiple of the number of KV heads.
+    HeadsNotMultiple {
+        /// Query heads.
+        q_heads: u32,
+        /// KV heads.
+        kv_heads: u32,
+    },
+    /// A tensor has the wrong shape.
+    ShapeMismatch {
+        /// Which tensor.
+        tensor: &'static str,
+        /// The shape it must have.
+        expected: Vec<u64>,
+        /// The shape it has.
+        got: Vec<u64>,
+    },
+    /// A tensor has the wrong element type.
+    DTypeMismatch {
+        /// Which tensor.
+        tensor: &'static str,
+        /// The element type it must have.
+        expected: crate::DType,
+        /// The element type it has.
+        got: crate::DType,
+    },
+    /// A host slice has the wrong number of elements.
+    LengthMismatch {
+        /// Which input.
+        what: &'static str,
+        /// Elements expected.
+        expected: u64,
+        /// Elements given.
+        got: u64,
+    },
+    /// A per-batch valid key count exceeds the number of keys.
+    KvLenTooLarge {
+        /// Batch element.
+        batch: u32,
+        /// The kv_len given.
+        kv_len: u32,
+        /// Number of keys.
+        keys: u32,
+    },
+    /// Causal attention needs every query position inside the keys: start + Nq <= Nk.
+    StartOutOfRange {
+        /// Position of the first query.
+        start: u32,
+        /// Number of queries.
+        queries: u32,
+        /// Number of keys.
+        keys: u32,
+    },
+    /// The softmax scale must be finite and positive.
+    BadScale {
+        /// The scale given.
+        scale: f32,
+    },
+    /// Selective masking is defined for causal attention only.
+    SelectiveNeedsCausal,
+    /// The selection head does not exist.
+    SelectionHeadOutOfRange {
+        /// The head asked for.
+        head: u32,
+        /// Number of query heads.
+        q_heads: u32,
+    },
+    /// An input is present that the call cannot use (for example F0 without selective masking).
+    InputWithoutUse {
+        /// Which input.
+        what: &'static str,
+        /// Why it cannot be used.
+        why: &'static str,
+    },
+    /// A buffer would exceed what the device allows.
+    TooLarge {
+        /// Which buffer.
+        what: &'static str,
+        /// Bytes it needs.
+        bytes: u64,
+        /// The device's limit in bytes.
+        limit: u64,
+    },
+    /// The device does not have a feature this call needs.
+    FeatureMissing {
+        /// The feature.
+        feature: &'static str,
+    },
+    /// A user buffer cannot be used as a tensor.
+    BadBuffer {
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The GPU reported an error while running or reading back.
+    Gpu(String),
+    /// A file could not be read or written (examples and npy I/O).
+    Io(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::NoAdapter { reasons } => {
+                write!(f, "no adapter can run selattn's compute kernels")?;
+                for r in reasons {
+                    write!(f, "; {r}")?;
+                }
+                Ok(())
+            }
+            Error::RequestDevice(e) => write!(f, "requesting a device failed: {e}"),
+            Error::ZeroSize { what } => write!(f, "{what} must be at least 1"),
+            Error::HeadDimUnsupported { got, supported } => {
+                write!(f, "head dim {got} is not supported (supported: {supported})")
+            }
+            Error::HeadsNotMultiple { q_heads, kv_heads } => write!(
+                f,
+                "query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})"
+            ),
+            Error::ShapeMismatch {
+                tensor,
+                expected,
+                got,
+            } => write!(f, "{tensor} has shape {got:?}, expected {expected:?}"),
+            Error::DTypeMismatch {
+                tensor,
+                expected,
+                got,
+            } => write!(f, "{tensor} has element type {got:?}, expected {expected:?}"),
+            Error::LengthMismatch {
+                what,
+                expected,
+                got,
+            } => write!(f, "{what} has {got} elements, expected {expected}"),
+            Error::KvLenTooLarge {
+                batch,
+                kv_len,
+                keys,
+            } => write!(
+                f,
+                "kv_len[{batch}] = {kv_len} exceeds the number of keys ({keys})"
+            ),
+            Error::StartOutOfRange {
+                start,
+                queries,
+                keys,
+            } => write!(
+                f,
+                "causal attention needs start + Nq <= Nk, got start {start} + Nq {queries} > Nk {keys}"
+            ),
+            Error::BadScale { scale } => {
+                write!(f, "scale must be finite and positive, got {scale}")
+            }
+            Error::SelectiveNeedsCausal => {
+                write!(f, "selective masking is defined for causal attention only")
+            }
+            Error::SelectionHeadOutOfRange { head, q_heads } => write!(
+                f,
+                "selection head {head} does not exist (there are {q_heads} query heads)"
+            ),
+            Error::InputWithoutUse { what, why } => write!(f, "{what} given but {why}"),
+            Error::TooLarge { what, bytes, limit } => write!(
+                f,
+                "{what} needs {bytes} bytes, over the device's limit of {limit}"
+            ),
+            Error::FeatureMissing { feature } => {
+                write!(f, "the device does not have the {feature} feature")
+            }
+            Error::BadBuffer { why } => write!(f, "buffer cannot be used: {why}"),
+            Error::Gpu(e) => write!(f, "GPU error: {e}"),
+            Error::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,299 @@
+//! Shapes and options of one attention call (DESIGN.md §1), and their validation into typed errors.
+//!
+//! Production shaders run with naga's runtime bounds checks off, so the checks in this module are
+//! what keeps every GPU memory access in bounds: every index a kernel computes is derived from a
+//! [`Shape`] that passed [`Spec::validate`], and every buffer bound to a kernel was checked to hold
+//! exactly the elements that shape implies. Any new input or size must be validated here first.
+
+use crate::{Error, Result};
+
+/// Head dimensions the kernels support: every multiple of 8 from 8 to 256.
+pub const SUPPORTED_HEAD_DIMS: &str = "multiples of 8 from 8 to 256";
+
+/// Sizes of one call. Q is `[batch, q_heads, q_len, head_dim]`, K and V are
+/// `[batch, kv_heads, k_len, head_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    /// B.
+    pub batch: u32,
+    /// Hq, a multiple of `kv_heads`.
+    pub q_heads: u32,
+    /// Hkv.
+    pub kv_heads: u32,
+    /// Nq.
+    pub q_len: u32,
+    /// Nk.
+    pub k_len: u32,
+    /// D.
+    pub head_dim: u32,
+}
+
+impl Shape {
+    /// Self-attention shape: `Hq = Hkv = heads`, `Nq = Nk = len`.
+    pub fn new(batch: u32, heads: u32, len: u32, head_dim: u32) -> Self {
+        Shape {
+            batch,
+            q_heads: heads,
+            kv_heads: heads,
+            q_len: len,
+            k_len: len,
+            head_dim,
+        }
+    }
+
+    /// The same shape with `kv_heads` KV heads (grouped-query attention).
+    pub fn with_kv_heads(mut self, kv_heads: u32) -> Self {
+        self.kv_heads = kv_heads;
+        self
+    }
+
+    /// The same shape with `q_len` queries (chunked prefill, decode).
+    pub fn with_q_len(mut self, q_len: u32) -> Self {
+        self.q_len = q_len;
+        self
+    }
+
+    /// Query heads per KV head.
+    pub fn group(&self) -> u32 {
+        self.q_heads / self.kv_heads.max(1)
+    }
+
+    /// Shape of Q.
+    pub fn q_dims(&self) -> Vec<u64> {
+        dims(&[self.batch, self.q_heads, self.q_len, self.head_dim])
+    }
+    /// Shape of K and V.
+    pub fn kv_dims(&self) -> Vec<u64> {
+        dims(&[self.batch, self.kv_heads, self.k_len, self.head_dim])
+    }
+    /// Shape of tau and LSE.
+    pub fn row_dims(&self) -> Vec<u64> {
+        dims(&[self.batch, self.q_heads, self.q_len])
+    }
+    /// Shape of alpha.
+    pub fn alpha_dims(&self) -> Vec<u64> {
+        dims(&[self.q_heads])
+    }
+    /// Shape of the gate.
+    pub fn gate_dims(&self) -> Vec<u64> {
+        dims(&[self.batch, self.kv_heads, self.k_len])
+    }
+    /// Shape of kv_len.
+    pub fn kv_len_dims(&self) -> Vec<u64> {
+        dims(&[self.batch])
+    }
+    /// Shape of F0 and F_out.
+    pub fn f_dims(&self) -> Vec<u64> {
+        dims(&[self.batch, self.k_len])
+    }
+}
+
+fn dims(d: &[u32]) -> Vec<u64> {
+    d.iter().map(|&x| x as u64).collect()
+}
+
+/// Number of elements of a shape.
+pub fn numel(dims: &[u64]) -> u64 {
+    dims.iter().product()
+}
+
+/// Which optional inputs a call carries and which optional outputs it wants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Present {
+    /// Per-query temperature `[B, Hq, Nq]`.
+    pub tau: bool,
+    /// Positional-temperature coefficient `[Hq]`.
+    pub alpha: bool,
+    /// Per-key value gate `[B, Hkv, Nk]`.
+    pub gate: bool,
+    /// Valid keys per batch element `[B]` (u32).
+    pub kv_len: bool,
+    /// Selective state carried in `[B, Nk]`.
+    pub f0: bool,
+    /// Log-sum-exp output `[B, Hq, Nq]`.
+    pub lse: bool,
+    /// Selective state out `[B, Nk]`.
+    pub f_out: bool,
+}
+
+/// Options of one call. They read as sentences: `Options::causal().selective(0).start(7)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Options {
+    /// Mask keys after each query's position.
+    pub causal: bool,
+    /// Logit scale; `1/sqrt(D)` when `None`.
+    pub scale: Option<f32>,
+    /// Position of the first query; `Nk - Nq` when `None`.
+    pub start: Option<u32>,
+    /// Selective masking with this selection head (causal only).
+    pub selective: Option<u32>,
+}
+
+impl Options {
+    /// Non-causal attention with every control off.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Causal attention with every control off.
+    pub fn causal() -> Self {
+        Options {
+            causal: true,
+            ..Self::default()
+        }
+    }
+    /// Use this logit scale instead of `1/sqrt(D)`.
+    pub fn scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+    /// The first query sits at absolute position `start`.
+    pub fn start(mut self, start: u32) -> Self {
+        self.start = Some(start);
+        self
+    }
+    /// Enable selective masking with `head` as the selection head.
+    pub fn selective(mut self, head: u32) -> Self {
+        self.selective = Some(head);
+        self
+    }
+}
+
+/// One call: shape, options and which optional tensors take part.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spec {
+    /// Sizes.
+    pub shape: Shape,
+    /// Options.
+    pub options: Options,
+    /// Optional inputs and outputs present.
+    pub present: Present,
+}
+
+/// A validated [`Spec`] with every derived value resolved.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Resolved {
+    /// Sizes.
+    pub shape: Shape,
+    /// Options.
+    pub options: Options,
+    /// Optional inputs and outputs present.
+    pub present: Present,
+    /// The logit scale in use.
+    pub scale: f32,
+    /// Absolute position of query row 0.
+    pub start: u32,
+}
+
+impl Spec {
+    /// Checks every size and option; see the module docs for why this is the safety boundary.
+    pub fn validate(&self) -> Result<Resolved> {
+        let s = self.shape;
+        for (what, v) in [
+            ("batch", s.batch),
+            ("q_heads", s.q_heads),
+            ("kv_heads", s.kv_heads),
+            ("q_len", s.q_len),
+            ("k_len", s.k_len),
+            ("head_dim", s.head_dim),
+        ] {
+            if v == 0 {
+                return Err(Error::ZeroSize { what });
+            }
+        }
+        if s.head_dim % 8 != 0 || s.head_dim > 256 {
+            return Err(Error::HeadDimUnsupported {
+                got: s.head_dim,
+                supported: SUPPORTED_HEAD_DIMS,
+            });
+        }
+        if s.q_heads % s.kv_heads != 0 {
+            return Err(Error::HeadsNotMultiple {
+                q_heads: s.q_heads,
+                kv_heads: s.kv_heads,
+            });
+        }
+        let scale = match self.options.scale {
+            Some(x) if !(x.is_finite() && x > 0.0) => return Err(Error::BadScale { scale: x }),
+            Some(x) => x,
+            None => 1.0 / (s.head_dim as f32).sqrt(),
+        };
+        let start = match self.options.start {
+            Some(st) => st,
+            None => s.k_len.saturating_sub(s.q_len),
+        };
+        // Positions are formed as start + i in u32 arithmetic on the GPU: keep them in range.
+        if (start as u64) + (s.q_len as u64) > u32::MAX as u64 / 2 {
+            return Err(Error::StartOutOfRange {
+                start,
+                queries: s.q_len,
+                keys: s.k_len,
+            });
+        }
+        if self.options.causal && (start as u64) + (s.q_len as u64) > s.k_len as u64 {
+            return Err(Error::StartOutOfRange {
+                start,
+                queries: s.q_len,
+                keys: s.k_len,
+            });
+        }
+        match self.options.selective {
+            Some(_) if !self.options.causal => return Err(Error::SelectiveNeedsCausal),
+            Some(h) if h >= s.q_heads => {
+                return Err(Error::SelectionHeadOutOfRange {
+                    head: h,
+                    q_heads: s.q_heads,
+                })
+            }
+            _ => {}
+        }
+        if self.options.selective.is_none() {
+            if self.present.f0 {
+                return Err(Error::InputWithoutUse {
+                    what: "F0",
+                    why: "selective masking is off",
+                });
+            }
+            if self.present.f_out {
+                return Err(Error::InputWithoutUse {
+                    what: "F_out",
+                    why: "selective masking is off",
+                });
+            }
+        }
+        Ok(Resolved {
+            shape: s,
+            options: self.options,
+            present: self.present,
+            scale,
+            start,
+        })
+    }
+}
+
+impl Resolved {
+    /// Whether selective masking is on.
+    pub fn selective(&self) -> bool {
+        self.options.selective.is_some()
+    }
+}
+
+/// Checks per-batch valid key counts against Nk.
+pub fn check_kv_len(kv_len: &[u32], shape: &Shape) -> Result<()> {
+    if kv_len.len() as u64 != shape.batch as u64 {
+        return Err(Error::LengthMismatch {
+            what: "kv_len",
+            expected: shape.batch as u64,
+            got: kv_len.len() as u64,
+        });
+    }
+    for (b, &l) in kv_len.iter().enumerate() {
+        if l > shape.k_len {
+            return Err(Error::KvLenTooLarge {
+                batch: b as u32,
+                kv_len: l,
+                keys: shape.k_len,
+            });
+        }
+    }
+    Ok(())
+}
