@@ -1,12 +1,26 @@
 //! selattn: fused selective attention kernels for WebGPU.
+//!
+//! FlashAttention-style attention (online softmax over key tiles, never an Nq×Nk matrix in
+//! memory) with per-query temperature, positional temperature, value gating and selective
+//! masking, written in WGSL for wgpu, with an exact f64 CPU reference in [`reference`].
 #![warn(missing_docs)]
 
+mod attention;
+mod context;
 mod error;
+pub mod kernels;
 pub mod reference;
 pub mod spec;
+mod tensor;
 
+pub use attention::{Inputs, Output, Outputs};
+pub use context::{
+    adapters, best_adapter, instance, unusable_reason, Capabilities, Context, ADAPTER_ENV,
+};
 pub use error::{Error, Result};
+pub use kernels::forward::Plan;
 pub use spec::{Options, Present, Shape, Spec};
+pub use tensor::Tensor;
 
 /// Element type of a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

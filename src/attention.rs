@@ -1,0 +1,428 @@
+//! The public entry point: one attention call on GPU tensors.
+
+use crate::kernels::forward::Plan;
+use crate::kernels::{entry, Kernel, KernelKey};
+use crate::spec::{Options, Present, Resolved, Shape, Spec};
+use crate::{Context, DType, Error, Result, Tensor};
+
+/// The input tensors of one call. Q, K, V share one element type (f32, or f16 with SHADER_F16);
+/// tau, alpha, gate and F0 are f32; kv_len is u32.
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    /// Q `[B, Hq, Nq, D]`.
+    pub q: &'a Tensor,
+    /// K `[B, Hkv, Nk, D]`.
+    pub k: &'a Tensor,
+    /// V `[B, Hkv, Nk, D]`.
+    pub v: &'a Tensor,
+    /// Per-query temperature `[B, Hq, Nq]`.
+    pub tau: Option<&'a Tensor>,
+    /// Positional-temperature coefficient `[Hq]`.
+    pub alpha: Option<&'a Tensor>,
+    /// Per-key value gate `[B, Hkv, Nk]`.
+    pub gate: Option<&'a Tensor>,
+    /// Valid keys per batch element `[B]`, u32. Values above Nk are treated as Nk on the GPU.
+    pub kv_len: Option<&'a Tensor>,
+    /// Selective state carried in `[B, Nk]`.
+    pub f0: Option<&'a Tensor>,
+}
+
+impl<'a> Inputs<'a> {
+    /// Q, K and V with every optional input absent.
+    pub fn new(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+        Inputs {
+            q,
+            k,
+            v,
+            tau: None,
+            alpha: None,
+            gate: None,
+            kv_len: None,
+            f0: None,
+        }
+    }
+    /// With a per-query temperature.
+    pub fn tau(mut self, t: &'a Tensor) -> Self {
+        self.tau = Some(t);
+        self
+    }
+    /// With a positional-temperature coefficient per head.
+    pub fn alpha(mut self, t: &'a Tensor) -> Self {
+        self.alpha = Some(t);
+        self
+    }
+    /// With a per-key value gate.
+    pub fn gate(mut self, t: &'a Tensor) -> Self {
+        self.gate = Some(t);
+        self
+    }
+    /// With valid key counts per batch element.
+    pub fn kv_len(mut self, t: &'a Tensor) -> Self {
+        self.kv_len = Some(t);
+        self
+    }
+    /// With selective state carried in from an earlier chunk.
+    pub fn f0(mut self, t: &'a Tensor) -> Self {
+        self.f0 = Some(t);
+        self
+    }
+
+    /// The shape these inputs imply (Q and K decide it; everything else is checked against it).
+    pub fn shape(&self) -> Result<Shape> {
+        let q = self.q.shape();
+        let k = self.k.shape();
+        if q.len() != 4 {
+            return Err(Error::ShapeMismatch {
+                tensor: "q",
+                expected: vec![0, 0, 0, 0],
+                got: q.to_vec(),
+            });
+        }
+        if k.len() != 4 {
+            return Err(Error::ShapeMismatch {
+                tensor: "k",
+                expected: vec![q[0], 0, 0, q[3]],
+                got: k.to_vec(),
+            });
+        }
+        let u = |x: u64, what| {
+            u32::try_from(x).map_err(|_| Error::TooLarge {
+                what,
+                bytes: x,
+                limit: u32::MAX as u64,
+            })
+        };
+        Ok(Shape {
+            batch: u(q[0], "batch")?,
+            q_heads: u(q[1], "query heads")?,
+            kv_heads: u(k[1], "KV heads")?,
+            q_len: u(q[2], "queries")?,
+            k_len: u(k[2], "keys")?,
+            head_dim: u(q[3], "head dim")?,
+        })
+    }
+}
+
+/// The output tensors of one call.
+#[derive(Clone, Copy, Debug)]
+pub struct Outputs<'a> {
+    /// O `[B, Hq, Nq, D]`, the element type of Q.
+    pub o: &'a Tensor,
+    /// LSE `[B, Hq, Nq]`, f32, natural log.
+    pub lse: Option<&'a Tensor>,
+    /// F_out `[B, Nk]`, f32 (selective masking only).
+    pub f_out: Option<&'a Tensor>,
+}
+
+impl<'a> Outputs<'a> {
+    /// Only O.
+    pub fn new(o: &'a Tensor) -> Self {
+        Outputs {
+            o,
+            lse: None,
+            f_out: None,
+        }
+    }
+    /// Also LSE.
+    pub fn lse(mut self, t: &'a Tensor) -> Self {
+        self.lse = Some(t);
+        self
+    }
+    /// Also F_out.
+    pub fn f_out(mut self, t: &'a Tensor) -> Self {
+        self.f_out = Some(t);
+        self
+    }
+}
+
+/// Freshly allocated outputs of [`Context::attention_alloc`].
+#[derive(Clone, Debug)]
+pub struct Output {
+    /// O.
+    pub o: Tensor,
+    /// LSE.
+    pub lse: Tensor,
+    /// F_out, with selective masking.
+    pub f_out: Option<Tensor>,
+}
+
+fn check(tensor: &'static str, t: &Tensor, expected: Vec<u64>, dtype: DType) -> Result<()> {
+    if t.shape() != expected.as_slice() {
+        return Err(Error::ShapeMismatch {
+            tensor,
+            expected,
+            got: t.shape().to_vec(),
+        });
+    }
+    if t.dtype() != dtype {
+        return Err(Error::DTypeMismatch {
+            tensor,
+            expected: dtype,
+            got: t.dtype(),
+        });
+    }
+    Ok(())
+}
+
+impl Context {
+    /// Validates a call against its tensors and this device, and plans it. This is where every
+    /// size the unchecked shaders rely on is verified (see `spec`'s module docs).
+    pub fn plan(&self, inputs: &Inputs, options: &Options, outputs: &Outputs) -> Result<Plan> {
+        let shape = inputs.shape()?;
+        let present = Present {
+            tau: inputs.tau.is_some(),
+            alpha: inputs.alpha.is_some(),
+            gate: inputs.gate.is_some(),
+            kv_len: inputs.kv_len.is_some(),
+            f0: inputs.f0.is_some(),
+            lse: outputs.lse.is_some(),
+            f_out: outputs.f_out.is_some(),
+        };
+        let r = Spec {
+            shape,
+            options: *options,
+            present,
+        }
+        .validate()?;
+        let elem = inputs.q.dtype();
+        if elem == DType::U32 {
+            return Err(Error::DTypeMismatch {
+                tensor: "q",
+                expected: DType::F32,
+                got: elem,
+            });
+        }
+        if elem == DType::F16 && !self.capabilities().f16 {
+            return Err(Error::FeatureMissing {
+                feature: "SHADER_F16",
+            });
+        }
+        check("q", inputs.q, shape.q_dims(), elem)?;
+        check("k", inputs.k, shape.kv_dims(), elem)?;
+        check("v", inputs.v, shape.kv_dims(), elem)?;
+        check("o", outputs.o, shape.q_dims(), elem)?;
+        let opt = |name, t: Option<&Tensor>, dims: Vec<u64>, dt| match t {
+            Some(t) => check(name, t, dims, dt),
+            None => Ok(()),
+        };
+        opt("tau", inputs.tau, shape.row_dims(), DType::F32)?;
+        opt("alpha", inputs.alpha, shape.alpha_dims(), DType::F32)?;
+        opt("gate", inputs.gate, shape.gate_dims(), DType::F32)?;
+        opt("kv_len", inputs.kv_len, shape.kv_len_dims(), DType::U32)?;
+        opt("f0", inputs.f0, shape.f_dims(), DType::F32)?;
+        opt("lse", outputs.lse, shape.row_dims(), DType::F32)?;
+        opt("f_out", outputs.f_out, shape.f_dims(), DType::F32)?;
+        let limit = self.capabilities().max_storage_binding;
+        for (what, t) in [
+            ("q", Some(inputs.q)),
+            ("k", Some(inputs.k)),
+            ("v", Some(inputs.v)),
+            ("o", Some(outputs.o)),
+        ] {
+            if let Some(t) = t {
+                if t.bytes() > limit {
+                    return Err(Error::TooLarge {
+                        what,
+                        bytes: t.bytes(),
+                        limit,
+                    });
+                }
+            }
+        }
+        // Outputs must not alias inputs or each other: the GPU would race on them.
+        let ins = [
+            Some(inputs.q),
+            Some(inputs.k),
+            Some(inputs.v),
+            inputs.tau,
+            inputs.alpha,
+            inputs.gate,
+            inputs.kv_len,
+            inputs.f0,
+        ];
+        let outs = [Some(outputs.o), outputs.lse, outputs.f_out];
+        for (n, out) in outs.iter().enumerate() {
+            let Some(out) = out else { continue };
+            let clash = ins.iter().flatten().any(|t| t.buffer() == out.buffer())
+                || outs[n + 1..]
+                    .iter()
+                    .flatten()
+                    .any(|t| t.buffer() == out.buffer());
+            if clash {
+                return Err(Error::BadBuffer {
+                    why: "an output buffer aliases another input or output".into(),
+                });
+            }
+        }
+        Plan::new(self.capabilities(), &r, elem)
+    }
+
+    /// Scratch bytes a call would allocate (see [`Plan::scratch_bytes`]).
+    pub fn scratch_bytes(
+        &self,
+        inputs: &Inputs,
+        options: &Options,
+        outputs: &Outputs,
+    ) -> Result<u64> {
+        Ok(self.plan(inputs, options, outputs)?.scratch_bytes())
+    }
+
+    /// Runs one attention call and submits it. Returns once the work is queued; read results with
+    /// [`Context::download`] (which waits) or call [`Context::sync`].
+    pub fn attention(&self, inputs: &Inputs, options: &Options, outputs: &Outputs) -> Result<()> {
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("selattn attention"),
+            });
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        self.encode_attention(&mut enc, inputs, options, outputs)?;
+        self.queue.submit([enc.finish()]);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Allocates O, LSE (and F_out with selective masking) and runs the call.
+    pub fn attention_alloc(&self, inputs: &Inputs, options: &Options) -> Result<Output> {
+        let shape = inputs.shape()?;
+        let o = self.empty(&shape.q_dims(), inputs.q.dtype())?;
+        let lse = self.empty(&shape.row_dims(), DType::F32)?;
+        let f_out = match options.selective {
+            Some(_) => Some(self.empty(&shape.f_dims(), DType::F32)?),
+            None => None,
+        };
+        let mut outs = Outputs::new(&o).lse(&lse);
+        if let Some(f) = &f_out {
+            outs = outs.f_out(f);
+        }
+        self.attention(inputs, options, &outs)?;
+        Ok(Output { o, lse, f_out })
+    }
+
+    fn scratch(&self, bytes: u64) -> Result<wgpu::Buffer> {
+        let mut guard = self
+            .scratch
+            .lock()
+            .map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
+        if let Some(b) = guard.as_ref() {
+            if b.size() >= bytes {
+                return Ok(b.clone());
+            }
+        }
+        let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("selattn selective scratch"),
+            size: bytes.max(16),
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        *guard = Some(b.clone());
+        Ok(b)
+    }
+
+    /// Records one attention call into an encoder the application owns (no submit).
+    pub fn encode_attention(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &Inputs,
+        options: &Options,
+        outputs: &Outputs,
+    ) -> Result<()> {
+        let plan = self.plan(inputs, options, outputs)?;
+        self.encode_plan(encoder, &plan, inputs, outputs)
+    }
+
+    pub(crate) fn encode_plan(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        plan: &Plan,
+        inputs: &Inputs,
+        outputs: &Outputs,
+    ) -> Result<()> {
+        let r: &Resolved = &plan.resolved;
+        let s = r.shape;
+        let params = wgpu::util::DeviceExt::create_buffer_init(
+            &self.device,
+            &wgpu::util::BufferInitDescriptor {
+                label: Some("selattn params"),
+                contents: bytemuck::bytes_of(&plan.params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            },
+        );
+        let dummy = &self.dummy_in;
+        fn or_in<'a>(t: Option<&'a Tensor>, dummy: &'a wgpu::Buffer) -> &'a wgpu::Buffer {
+            t.map_or(dummy, |t| t.buffer())
+        }
+        let scratch = match plan.selective {
+            Some(_) => self.scratch(plan.scratch_bytes())?,
+            None => self.dummy_in.clone(),
+        };
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("selattn attention"),
+            timestamp_writes: None,
+        });
+        if let Some((colsum, scan)) = plan.selective {
+            let key = KernelKey {
+                kernel: Kernel::SelColsum(colsum),
+                elem: plan.elem,
+            };
+            let pipe = self.pipeline(&key)?;
+            let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("selattn colsum"),
+                layout: &pipe.get_bind_group_layout(0),
+                entries: &[
+                    entry(0, &params),
+                    entry(1, inputs.q.buffer()),
+                    entry(2, inputs.k.buffer()),
+                    entry(3, or_in(inputs.kv_len, dummy)),
+                    entry(5, &scratch),
+                ],
+            });
+            pass.set_pipeline(&pipe);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(s.k_len.div_ceil(colsum.bc), plan.params.n_qtiles, s.batch);
+
+            let key = KernelKey {
+                kernel: Kernel::SelScan(scan),
+                elem: plan.elem,
+            };
+            let pipe = self.pipeline(&key)?;
+            let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("selattn scan"),
+                layout: &pipe.get_bind_group_layout(0),
+                entries: &[
+                    entry(0, &params),
+                    entry(4, or_in(inputs.f0, dummy)),
+                    entry(5, &scratch),
+                    entry(6, outputs.f_out.map_or(&self.dummy_out, |t| t.buffer())),
+                ],
+            });
+            pass.set_pipeline(&pipe);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(s.k_len.div_ceil(scan.wg), s.batch, 1);
+        }
+        let pipe = self.pipeline(&plan.forward_key())?;
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("selattn forward"),
+            layout: &pipe.get_bind_group_layout(0),
+            entries: &[
+                entry(0, &params),
+                entry(1, inputs.q.buffer()),
+                entry(2, inputs.k.buffer()),
+                entry(3, inputs.v.buffer()),
+                entry(4, or_in(inputs.tau, dummy)),
+                entry(5, or_in(inputs.alpha, dummy)),
+                entry(6, or_in(inputs.gate, dummy)),
+                entry(7, or_in(inputs.kv_len, dummy)),
+                entry(8, &scratch),
+                entry(9, outputs.o.buffer()),
+                entry(10, outputs.lse.map_or(&self.dummy_out, |t| t.buffer())),
+            ],
+        });
+        pass.set_pipeline(&pipe);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(plan.params.n_qtiles, s.q_heads, s.batch);
+        Ok(())
+    }
+}

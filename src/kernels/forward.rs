@@ -1,0 +1,267 @@
+//! The fused forward kernel (`shaders/forward.wgsl`) and the plan of one attention call.
+
+use super::selective::{ColsumConfig, ScanConfig};
+use super::{flag, Kernel, KernelKey, Params};
+use crate::context::Capabilities;
+use crate::spec::Resolved;
+use crate::{DType, Error, Result};
+
+/// Specialisation of the forward kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ForwardConfig {
+    /// Head dim.
+    pub d: u32,
+    /// Query rows per workgroup.
+    pub br: u32,
+    /// Keys per tile.
+    pub bc: u32,
+    /// Threads along rows (the workgroup has `tr * d / 8` threads).
+    pub tr: u32,
+    /// Causal masking.
+    pub causal: bool,
+    /// Per-query temperature.
+    pub tau: bool,
+    /// Positional temperature.
+    pub alpha: bool,
+    /// Value gate.
+    pub gate: bool,
+    /// kv_len.
+    pub kv_len: bool,
+    /// Selective masking.
+    pub selective: bool,
+    /// Write LSE.
+    pub lse: bool,
+}
+
+impl ForwardConfig {
+    pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("D", self.d as f64),
+            ("BR", self.br as f64),
+            ("BC", self.bc as f64),
+            ("TR", self.tr as f64),
+            ("CAUSAL", flag(self.causal)),
+            ("HAS_TAU", flag(self.tau)),
+            ("HAS_ALPHA", flag(self.alpha)),
+            ("HAS_GATE", flag(self.gate)),
+            ("HAS_KVLEN", flag(self.kv_len)),
+            ("SELECTIVE", flag(self.selective)),
+            ("WRITE_LSE", flag(self.lse)),
+        ]
+    }
+
+    /// Threads per workgroup.
+    pub fn threads(&self) -> u32 {
+        self.tr * self.d / 8
+    }
+
+    /// Workgroup memory in bytes, as declared in the shader.
+    pub fn workgroup_bytes(&self) -> u64 {
+        let (br, bc, d) = (self.br as u64, self.bc as u64, self.d as u64);
+        let base = br * d + bc * d + br * bc + 3 * br;
+        let sel = if self.selective {
+            br * d + bc * d + br * bc
+        } else {
+            3
+        };
+        4 * (base + sel)
+    }
+}
+
+/// Query rows per thread in the P·V product, at most (`MAX_RPT` in the shader).
+const MAX_RPT: u32 = 8;
+/// Threads per workgroup we aim for at most.
+const MAX_THREADS: u32 = 256;
+
+/// Tile sizes for head dim `d` within the device's workgroup memory and invocation limits.
+pub fn choose_tiles(
+    caps: &Capabilities,
+    d: u32,
+    selective: bool,
+    base: ForwardConfig,
+) -> Result<ForwardConfig> {
+    let td = d / 8;
+    let max_threads = caps.max_invocations.min(MAX_THREADS);
+    const CANDIDATES: [(u32, u32); 10] = [
+        (32, 32),
+        (16, 32),
+        (16, 16),
+        (8, 16),
+        (8, 8),
+        (4, 8),
+        (2, 8),
+        (1, 8),
+        (1, 4),
+        (1, 2),
+    ];
+    for (br, bc) in CANDIDATES {
+        // Largest thread count along rows that divides BR, keeps RPT <= MAX_RPT and fits.
+        let Some(tr) = (1..=br)
+            .rev()
+            .find(|&tr| br % tr == 0 && br / tr <= MAX_RPT && tr * td <= max_threads)
+        else {
+            continue;
+        };
+        let cfg = ForwardConfig {
+            d,
+            br,
+            bc,
+            tr,
+            selective,
+            ..base
+        };
+        if cfg.workgroup_bytes() <= caps.workgroup_memory as u64 {
+            return Ok(cfg);
+        }
+    }
+    Err(Error::TooLarge {
+        what: "workgroup memory for the smallest tile",
+        bytes: ForwardConfig {
+            d,
+            br: 1,
+            bc: 2,
+            tr: 1,
+            selective,
+            ..base
+        }
+        .workgroup_bytes(),
+        limit: caps.workgroup_memory as u64,
+    })
+}
+
+/// Everything decided about one call before any GPU work: kernels, sizes, scratch.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    /// The validated call.
+    pub resolved: Resolved,
+    /// Storage element type.
+    pub elem: DType,
+    /// The forward kernel.
+    pub forward: ForwardConfig,
+    /// Selective passes, when selective masking is on.
+    pub selective: Option<(ColsumConfig, ScanConfig)>,
+    /// Uniform parameters.
+    pub params: Params,
+}
+
+impl Plan {
+    /// Builds the plan; every size the kernels will use is checked here.
+    pub fn new(caps: &Capabilities, r: &Resolved, elem: DType) -> Result<Plan> {
+        let s = r.shape;
+        let pr = r.present;
+        let base = ForwardConfig {
+            d: s.head_dim,
+            br: 1,
+            bc: 1,
+            tr: 1,
+            causal: r.options.causal,
+            tau: pr.tau,
+            alpha: pr.alpha,
+            gate: pr.gate,
+            kv_len: pr.kv_len,
+            selective: r.selective(),
+            lse: pr.lse,
+        };
+        let forward = choose_tiles(caps, s.head_dim, r.selective(), base)?;
+        let n_qtiles = s.q_len.div_ceil(forward.br);
+        let max = caps.max_workgroups_per_dim;
+        for (what, n) in [
+            ("query tiles per dispatch", n_qtiles),
+            ("query heads per dispatch", s.q_heads),
+            ("batch per dispatch", s.batch),
+        ] {
+            if n > max {
+                return Err(Error::TooLarge {
+                    what,
+                    bytes: n as u64,
+                    limit: max as u64,
+                });
+            }
+        }
+        let selective = if r.selective() {
+            let wg = caps.max_invocations.min(64);
+            let colsum = [32u32, 16, 8, 4, 2, 1]
+                .into_iter()
+                .map(|bc| ColsumConfig {
+                    d: s.head_dim,
+                    br: forward.br,
+                    bc,
+                    wg,
+                    kv_len: pr.kv_len,
+                })
+                .find(|c| c.workgroup_bytes() <= caps.workgroup_memory as u64)
+                .ok_or(Error::TooLarge {
+                    what: "workgroup memory for the selective column sums",
+                    bytes: 4 * (forward.br as u64 + 1) * s.head_dim as u64,
+                    limit: caps.workgroup_memory as u64,
+                })?;
+            for (what, n) in [
+                ("key tiles per dispatch", s.k_len.div_ceil(colsum.bc)),
+                ("key groups per dispatch", s.k_len.div_ceil(wg)),
+            ] {
+                if n > max {
+                    return Err(Error::TooLarge {
+                        what,
+                        bytes: n as u64,
+                        limit: max as u64,
+                    });
+                }
+            }
+            let scan = ScanConfig {
+                wg,
+                f0: pr.f0,
+                f_out: pr.f_out,
+            };
+            Some((colsum, scan))
+        } else {
+            None
+        };
+        let plan = Plan {
+            resolved: *r,
+            elem,
+            forward,
+            selective,
+            params: Params {
+                batch: s.batch,
+                q_heads: s.q_heads,
+                kv_heads: s.kv_heads,
+                q_len: s.q_len,
+                k_len: s.k_len,
+                group: s.group(),
+                start: r.start,
+                sel_head: r.options.selective.unwrap_or(0),
+                scale: r.scale,
+                n_qtiles,
+                _pad0: 0,
+                _pad1: 0,
+            },
+        };
+        let limit = caps.max_storage_binding.min(caps.max_buffer);
+        if plan.scratch_bytes() > limit {
+            return Err(Error::TooLarge {
+                what: "selective scratch",
+                bytes: plan.scratch_bytes(),
+                limit,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// Bytes of scratch memory this call allocates: `B * ceil(Nq / BR) * Nk * 4` with selective
+    /// masking, nothing otherwise. Never Nq x Nk.
+    pub fn scratch_bytes(&self) -> u64 {
+        if self.selective.is_some() {
+            4 * self.params.batch as u64 * self.params.n_qtiles as u64 * self.params.k_len as u64
+        } else {
+            0
+        }
+    }
+
+    /// The forward pipeline key.
+    pub fn forward_key(&self) -> KernelKey {
+        KernelKey {
+            kernel: Kernel::Forward(self.forward),
+            elem: self.elem,
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Kernel families: WGSL sources, specialisation keys and dispatch.
+//!
+//! Each family has one shader in `shaders/` and one module here. A [`KernelKey`] names one
+//! pipeline variant; it is the pipeline cache key and the wgpu label, so a validation error or a
+//! trace names the variant.
+
+pub mod forward;
+pub mod selective;
+
+use crate::{DType, Error, Result};
+
+/// Storage buffers the widest kernel binds at once (the forward kernel).
+pub const STORAGE_BUFFERS_NEEDED: u32 = 10;
+
+/// Shader source files, loaded with `include_str!`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// `shaders/forward.wgsl`.
+    Forward,
+    /// `shaders/selective.wgsl`.
+    Selective,
+}
+
+const COMMON: &str = include_str!("../../shaders/common.wgsl");
+
+impl Source {
+    /// Every source.
+    pub const ALL: [Source; 2] = [Source::Forward, Source::Selective];
+
+    fn body(self) -> &'static str {
+        match self {
+            Source::Forward => include_str!("../../shaders/forward.wgsl"),
+            Source::Selective => include_str!("../../shaders/selective.wgsl"),
+        }
+    }
+
+    /// The full WGSL text for an element type: prelude, shared helpers, family body.
+    pub fn text(self, elem: DType) -> Result<String> {
+        let prelude = match elem {
+            DType::F32 => "alias elem = f32;\n",
+            DType::F16 => "enable f16;\nalias elem = f16;\n",
+            DType::U32 => {
+                return Err(Error::DTypeMismatch {
+                    tensor: "q",
+                    expected: DType::F32,
+                    got: DType::U32,
+                })
+            }
+        };
+        Ok(format!("{prelude}{COMMON}\n{}", self.body()))
+    }
+}
+
+/// Which kernel and with which specialisation constants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// The fused forward kernel.
+    Forward(forward::ForwardConfig),
+    /// Selective pass 1: column sums of S per query tile.
+    SelColsum(selective::ColsumConfig),
+    /// Selective pass 2: exclusive scan over query tiles, F_out.
+    SelScan(selective::ScanConfig),
+}
+
+/// One pipeline variant: kernel, specialisation and storage element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    /// The kernel and its constants.
+    pub kernel: Kernel,
+    /// Element type of Q, K, V, O, tau and gate.
+    pub elem: DType,
+}
+
+impl KernelKey {
+    /// The source file.
+    pub fn source(&self) -> Source {
+        match self.kernel {
+            Kernel::Forward(_) => Source::Forward,
+            Kernel::SelColsum(_) | Kernel::SelScan(_) => Source::Selective,
+        }
+    }
+
+    /// The entry point.
+    pub fn entry(&self) -> &'static str {
+        match self.kernel {
+            Kernel::Forward(_) => "forward",
+            Kernel::SelColsum(_) => "colsum",
+            Kernel::SelScan(_) => "scan",
+        }
+    }
+
+    /// The `override` constants, as wgpu takes them.
+    pub fn constants(&self) -> Vec<(&'static str, f64)> {
+        match self.kernel {
+            Kernel::Forward(c) => c.constants(),
+            Kernel::SelColsum(c) => c.constants(),
+            Kernel::SelScan(c) => c.constants(),
+        }
+    }
+}
+
+fn flag(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// Parameters of one call, mirrored field for field by `struct Params` in `shaders/common.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    /// B.
+    pub batch: u32,
+    /// Hq.
+    pub q_heads: u32,
+    /// Hkv.
+    pub kv_heads: u32,
+    /// Nq.
+    pub q_len: u32,
+    /// Nk.
+    pub k_len: u32,
+    /// Hq / Hkv.
+    pub group: u32,
+    /// Position of query row 0.
+    pub start: u32,
+    /// Selection head.
+    pub sel_head: u32,
+    /// Logit scale.
+    pub scale: f32,
+    /// Query tiles (rows of the selective scratch per batch element).
+    pub n_qtiles: u32,
+    /// Padding to 16 bytes.
+    pub _pad0: u32,
+    /// Padding to 16 bytes.
+    pub _pad1: u32,
+}
+
+/// Storage binding at `binding` for a whole buffer.
+pub(crate) fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry {
+        binding,
+        resource: buffer.as_entire_binding(),
+    }
+}

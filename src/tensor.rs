@@ -1,0 +1,221 @@
+//! GPU tensors: a buffer, a shape and an element type.
+
+use crate::spec::numel;
+use crate::{Context, DType, Error, Result};
+
+/// A dense, row-major tensor in a GPU buffer. The buffer may be one the application owns
+/// ([`Tensor::from_buffer`]); no copy is made.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    buffer: wgpu::Buffer,
+    shape: Vec<u64>,
+    dtype: DType,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 => 2,
+        }
+    }
+}
+
+impl Tensor {
+    /// Wraps a buffer the application owns. It must have STORAGE usage and hold at least
+    /// `numel(shape) * dtype.size()` bytes (a larger buffer is fine: only the first bytes are used).
+    pub fn from_buffer(buffer: wgpu::Buffer, shape: &[u64], dtype: DType) -> Result<Self> {
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::BadBuffer {
+                why: format!("usage {:?} lacks STORAGE", buffer.usage()),
+            });
+        }
+        let need = numel(shape)
+            .checked_mul(dtype.size())
+            .ok_or(Error::BadBuffer {
+                why: format!("shape {shape:?} overflows"),
+            })?;
+        if need == 0 {
+            return Err(Error::ZeroSize { what: "tensor" });
+        }
+        if buffer.size() < need {
+            return Err(Error::BadBuffer {
+                why: format!(
+                    "{} bytes, shape {shape:?} of {dtype:?} needs {need}",
+                    buffer.size()
+                ),
+            });
+        }
+        Ok(Tensor {
+            buffer,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    /// The buffer.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    /// The shape.
+    pub fn shape(&self) -> &[u64] {
+        &self.shape
+    }
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        numel(&self.shape)
+    }
+    /// Bytes of data (not the buffer size).
+    pub fn bytes(&self) -> u64 {
+        self.numel() * self.dtype.size()
+    }
+}
+
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+impl Context {
+    fn check_size(&self, what: &'static str, bytes: u64) -> Result<()> {
+        let limit = self
+            .capabilities()
+            .max_storage_binding
+            .min(self.capabilities().max_buffer);
+        if bytes > limit {
+            return Err(Error::TooLarge { what, bytes, limit });
+        }
+        Ok(())
+    }
+
+    /// A new, uninitialised tensor.
+    pub fn empty(&self, shape: &[u64], dtype: DType) -> Result<Tensor> {
+        let n = numel(shape);
+        if n == 0 {
+            return Err(Error::ZeroSize { what: "tensor" });
+        }
+        let bytes = n.checked_mul(dtype.size()).unwrap_or(u64::MAX);
+        self.check_size("tensor", bytes)?;
+        if dtype == DType::F16 && !self.capabilities().f16 {
+            return Err(Error::FeatureMissing {
+                feature: "SHADER_F16",
+            });
+        }
+        // Round up to 4 bytes: copies and clears work in whole words.
+        let size = bytes.div_ceil(4) * 4;
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("selattn tensor"),
+            size,
+            usage: USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Tensor {
+            buffer,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    fn upload_bytes(&self, shape: &[u64], dtype: DType, data: &[u8]) -> Result<Tensor> {
+        let n = numel(shape);
+        if data.len() as u64 != n * dtype.size() {
+            return Err(Error::LengthMismatch {
+                what: "upload",
+                expected: n,
+                got: data.len() as u64 / dtype.size(),
+            });
+        }
+        let t = self.empty(shape, dtype)?;
+        let mut padded;
+        let bytes = if data.len() % 4 != 0 {
+            padded = data.to_vec();
+            padded.resize(data.len().div_ceil(4) * 4, 0);
+            &padded[..]
+        } else {
+            data
+        };
+        self.queue.write_buffer(&t.buffer, 0, bytes);
+        Ok(t)
+    }
+
+    /// Uploads f32 data with a shape.
+    pub fn upload(&self, shape: &[u64], data: &[f32]) -> Result<Tensor> {
+        self.upload_bytes(shape, DType::F32, bytemuck::cast_slice(data))
+    }
+
+    /// Uploads f32 data, stored as f16 (rounded to nearest).
+    pub fn upload_f16(&self, shape: &[u64], data: &[f32]) -> Result<Tensor> {
+        let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+        self.upload_bytes(shape, DType::F16, bytemuck::cast_slice(&h))
+    }
+
+    /// Uploads u32 data (kv_len).
+    pub fn upload_u32(&self, shape: &[u64], data: &[u32]) -> Result<Tensor> {
+        self.upload_bytes(shape, DType::U32, bytemuck::cast_slice(data))
+    }
+
+    /// Fills a tensor with NaN (f32/f16) or 0xFFFFFFFF (u32), to poison outputs in tests.
+    pub fn poison(&self, t: &Tensor) {
+        let n = (t.buffer.size() / 4) as usize;
+        self.queue
+            .write_buffer(&t.buffer, 0, bytemuck::cast_slice(&vec![0xFFFF_FFFFu32; n]));
+    }
+
+    /// Reads a tensor back as f32 (f16 is widened). Waits for the GPU.
+    pub fn download(&self, t: &Tensor) -> Result<Vec<f32>> {
+        let bytes = self.download_bytes(t)?;
+        Ok(match t.dtype {
+            DType::F32 => bytemuck::pod_collect_to_vec(&bytes),
+            DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes)
+                .into_iter()
+                .map(f32::from)
+                .collect(),
+            DType::U32 => bytemuck::pod_collect_to_vec::<u8, u32>(&bytes)
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
+        })
+    }
+
+    /// Reads a u32 tensor back.
+    pub fn download_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
+        Ok(bytemuck::pod_collect_to_vec(&self.download_bytes(t)?))
+    }
+
+    /// Reads a tensor's bytes back. Waits for the GPU.
+    pub fn download_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
+        let size = t.bytes().div_ceil(4) * 4;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("selattn readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.sync()?;
+        rx.recv()
+            .map_err(|e| Error::Gpu(e.to_string()))?
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        let mut out = view.to_vec();
+        drop(view);
+        staging.unmap();
+        out.truncate(t.bytes() as usize);
+        Ok(out)
+    }
+}

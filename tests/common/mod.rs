@@ -1,0 +1,321 @@
+//! Shared test support: seeded inputs, the adapters to run on, and comparison against the
+//! reference with max error, its position and the norm-wise relative error.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use selattn::reference::{HostInputs, HostOutputs};
+use selattn::{Context, DType, Inputs, Options, Outputs, Shape, Spec, Tensor};
+
+/// splitmix64: small, seeded, reproducible.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+    pub fn normals(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.normal()).collect()
+    }
+    /// Uniform in [lo, hi).
+    pub fn range(&mut self, lo: f32, hi: f32, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| lo + (hi - lo) * self.uniform() as f32)
+            .collect()
+    }
+    pub fn below(&mut self, n: u32) -> u32 {
+        (self.next_u64() % n as u64) as u32
+    }
+}
+
+/// Which optional inputs a case uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Controls {
+    pub tau: bool,
+    pub alpha: bool,
+    pub gate: bool,
+    pub kv_len: bool,
+}
+
+impl Controls {
+    pub const ALL: Controls = Controls {
+        tau: true,
+        alpha: true,
+        gate: true,
+        kv_len: true,
+    };
+    pub fn name(&self) -> String {
+        let mut v = vec![];
+        if self.tau {
+            v.push("tau");
+        }
+        if self.alpha {
+            v.push("alpha");
+        }
+        if self.gate {
+            v.push("gate");
+        }
+        if self.kv_len {
+            v.push("kvlen");
+        }
+        if v.is_empty() {
+            "plain".into()
+        } else {
+            v.join("+")
+        }
+    }
+}
+
+/// Seeded random inputs for a shape: normals for Q/K/V, tau in [0.5, 1.5), alpha in [0, 0.3),
+/// gate in (0, 1), kv_len in [1, Nk] (one batch element may get 0 when `allow_empty`).
+pub fn random_inputs(shape: &Shape, c: Controls, seed: u64) -> HostInputs {
+    let mut rng = Rng::new(seed);
+    let s = shape;
+    let n = |d: Vec<u64>| d.iter().product::<u64>() as usize;
+    HostInputs {
+        q: rng.normals(n(s.q_dims())),
+        k: rng.normals(n(s.kv_dims())),
+        v: rng.normals(n(s.kv_dims())),
+        tau: c.tau.then(|| rng.range(0.5, 1.5, n(s.row_dims()))),
+        alpha: c.alpha.then(|| rng.range(0.0, 0.3, n(s.alpha_dims()))),
+        gate: c.gate.then(|| rng.range(0.05, 1.0, n(s.gate_dims()))),
+        kv_len: c
+            .kv_len
+            .then(|| (0..s.batch).map(|_| 1 + rng.below(s.k_len)).collect()),
+        f0: None,
+    }
+}
+
+/// Every adapter that can run compute, one context each, built once per test binary.
+pub fn contexts() -> &'static [Context] {
+    static CTX: OnceLock<Vec<Context>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let mut v = Vec::new();
+        for (a, why) in selattn::adapters() {
+            let info = a.get_info();
+            match why {
+                Some(r) => eprintln!("skipping adapter: {r}"),
+                None => match Context::from_adapter(&a) {
+                    Ok(c) => v.push(c),
+                    Err(e) => eprintln!("skipping adapter {} ({:?}): {e}", info.name, info.backend),
+                },
+            }
+        }
+        assert!(
+            !v.is_empty(),
+            "no adapter can run compute: install mesa-vulkan-drivers"
+        );
+        v
+    })
+}
+
+/// Result of comparing a GPU output with the reference.
+#[derive(Debug, Clone, Copy)]
+pub struct Cmp {
+    pub max_abs: f64,
+    pub at: usize,
+    pub rel_norm: f64,
+    pub bad: usize,
+    pub nan: usize,
+}
+
+/// Compares every element: |gpu - ref| <= atol + rtol |ref|; infinities must match exactly.
+pub fn compare(gpu: &[f32], reference: &[f64], atol: f64, rtol: f64) -> Cmp {
+    assert_eq!(gpu.len(), reference.len(), "length");
+    let (mut max_abs, mut at, mut num, mut den, mut bad, mut nan) = (0.0f64, 0, 0.0, 0.0, 0, 0);
+    for (i, (&g, &r)) in gpu.iter().zip(reference).enumerate() {
+        let g = g as f64;
+        if g.is_nan() {
+            nan += 1;
+            bad += 1;
+            continue;
+        }
+        if r.is_infinite() || g.is_infinite() {
+            if g != r {
+                bad += 1;
+                if max_abs != f64::INFINITY {
+                    max_abs = f64::INFINITY;
+                    at = i;
+                }
+            }
+            continue;
+        }
+        let e = (g - r).abs();
+        if e > max_abs {
+            max_abs = e;
+            at = i;
+        }
+        if e > atol + rtol * r.abs() {
+            bad += 1;
+        }
+        num += e * e;
+        den += r * r;
+    }
+    let rel_norm = if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    };
+    Cmp {
+        max_abs,
+        at,
+        rel_norm,
+        bad,
+        nan,
+    }
+}
+
+/// GPU tensors of a case.
+pub struct Gpu {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub tau: Option<Tensor>,
+    pub alpha: Option<Tensor>,
+    pub gate: Option<Tensor>,
+    pub kv_len: Option<Tensor>,
+    pub f0: Option<Tensor>,
+}
+
+impl Gpu {
+    pub fn upload(ctx: &Context, shape: &Shape, x: &HostInputs, elem: DType) -> Gpu {
+        let up = |dims: Vec<u64>, d: &[f32]| match elem {
+            DType::F16 => ctx.upload_f16(&dims, d).unwrap(),
+            _ => ctx.upload(&dims, d).unwrap(),
+        };
+        Gpu {
+            q: up(shape.q_dims(), &x.q),
+            k: up(shape.kv_dims(), &x.k),
+            v: up(shape.kv_dims(), &x.v),
+            tau: x
+                .tau
+                .as_ref()
+                .map(|t| ctx.upload(&shape.row_dims(), t).unwrap()),
+            alpha: x
+                .alpha
+                .as_ref()
+                .map(|t| ctx.upload(&shape.alpha_dims(), t).unwrap()),
+            gate: x
+                .gate
+                .as_ref()
+                .map(|t| ctx.upload(&shape.gate_dims(), t).unwrap()),
+            kv_len: x
+                .kv_len
+                .as_ref()
+                .map(|t| ctx.upload_u32(&shape.kv_len_dims(), t).unwrap()),
+            f0: x
+                .f0
+                .as_ref()
+                .map(|t| ctx.upload(&shape.f_dims(), t).unwrap()),
+        }
+    }
+
+    pub fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            tau: self.tau.as_ref(),
+            alpha: self.alpha.as_ref(),
+            gate: self.gate.as_ref(),
+            kv_len: self.kv_len.as_ref(),
+            f0: self.f0.as_ref(),
+        }
+    }
+}
+
+/// GPU outputs read back.
+pub struct GpuOut {
+    pub o: Vec<f32>,
+    pub lse: Vec<f32>,
+    pub f_out: Vec<f32>,
+}
+
+/// Runs one case on the GPU with poisoned outputs and reads everything back.
+pub fn run_gpu(
+    ctx: &Context,
+    shape: &Shape,
+    x: &HostInputs,
+    opts: &Options,
+    elem: DType,
+) -> GpuOut {
+    let g = Gpu::upload(ctx, shape, x, elem);
+    let o = ctx.empty(&shape.q_dims(), elem).unwrap();
+    let lse = ctx.empty(&shape.row_dims(), DType::F32).unwrap();
+    let f_out = ctx.empty(&shape.f_dims(), DType::F32).unwrap();
+    ctx.poison(&o);
+    ctx.poison(&lse);
+    ctx.poison(&f_out);
+    let mut outs = Outputs::new(&o).lse(&lse);
+    if opts.selective.is_some() {
+        outs = outs.f_out(&f_out);
+    }
+    ctx.attention(&g.inputs(), opts, &outs)
+        .unwrap_or_else(|e| panic!("{}: attention failed: {e}", ctx.describe()));
+    GpuOut {
+        o: ctx.download(&o).unwrap(),
+        lse: ctx.download(&lse).unwrap(),
+        f_out: if opts.selective.is_some() {
+            ctx.download(&f_out).unwrap()
+        } else {
+            vec![]
+        },
+    }
+}
+
+/// The reference for a case.
+pub fn run_ref(shape: &Shape, x: &HostInputs, opts: &Options) -> HostOutputs {
+    let spec = Spec {
+        shape: *shape,
+        options: *opts,
+        present: x.present(opts.selective.is_some()),
+    };
+    selattn::reference::attention(&spec, x).unwrap()
+}
+
+/// Checks a GPU run against the reference at f32 tolerances; returns a failure line or None.
+pub fn check_case(
+    name: &str,
+    ctx: &Context,
+    gpu: &GpuOut,
+    r: &HostOutputs,
+    tol: f64,
+) -> Option<String> {
+    let mut msgs = vec![];
+    let co = compare(&gpu.o, &r.o, tol, tol);
+    let cl = compare(&gpu.lse, &r.lse, tol, tol);
+    if co.bad > 0 || co.rel_norm > tol {
+        msgs.push(format!("O: {co:?}"));
+    }
+    if cl.bad > 0 || cl.rel_norm > tol {
+        msgs.push(format!("LSE: {cl:?}"));
+    }
+    if !r.f_out.is_empty() {
+        let cf = compare(&gpu.f_out, &r.f_out, tol, tol);
+        if cf.bad > 0 || cf.rel_norm > tol {
+            msgs.push(format!("F_out: {cf:?}"));
+        }
+    }
+    if msgs.is_empty() {
+        None
+    } else {
+        Some(format!("[{}] {name}: {}", ctx.describe(), msgs.join("; ")))
+    }
+}
