@@ -330,7 +330,26 @@ impl Context {
         outputs: &Outputs,
     ) -> Result<()> {
         let plan = self.plan(inputs, options, outputs)?;
-        self.encode_plan(encoder, &plan, inputs, outputs)
+        self.encode_plan(encoder, &plan, inputs, outputs, None)
+    }
+
+    /// Like [`Context::encode_attention`], with GPU timestamps written at the beginning and end
+    /// of the one compute pass that holds every dispatch of the call (needs TIMESTAMP_QUERY).
+    pub fn encode_attention_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &Inputs,
+        options: &Options,
+        outputs: &Outputs,
+        timestamps: wgpu::ComputePassTimestampWrites<'_>,
+    ) -> Result<()> {
+        if !self.capabilities().timestamps {
+            return Err(Error::FeatureMissing {
+                feature: "TIMESTAMP_QUERY",
+            });
+        }
+        let plan = self.plan(inputs, options, outputs)?;
+        self.encode_plan(encoder, &plan, inputs, outputs, Some(timestamps))
     }
 
     pub(crate) fn encode_plan(
@@ -339,6 +358,7 @@ impl Context {
         plan: &Plan,
         inputs: &Inputs,
         outputs: &Outputs,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
         let r: &Resolved = &plan.resolved;
         let s = r.shape;
@@ -360,7 +380,7 @@ impl Context {
         };
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("selattn attention"),
-            timestamp_writes: None,
+            timestamp_writes: timestamps,
         });
         if let Some((colsum, scan)) = plan.selective {
             let key = KernelKey {

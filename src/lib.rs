@@ -19,7 +19,7 @@ pub use context::{
 };
 pub use error::{Error, Result};
 pub use kernels::forward::Plan;
-pub use spec::{Options, Present, Shape, Spec};
+pub use spec::{Options, Path, Present, Shape, Spec};
 pub use tensor::Tensor;
 
 /// Element type of a tensor.

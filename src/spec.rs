@@ -116,6 +116,36 @@ pub struct Present {
     pub f_out: bool,
 }
 
+/// Which kernel implementation runs a call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// The fastest the device supports: cooperative matrices where reported, else scalar.
+    /// The environment variable `SELATTN_PATH` (`scalar` or `coop`) overrides `Auto`.
+    #[default]
+    Auto,
+    /// The portable scalar kernels (any adapter).
+    Scalar,
+    /// Cooperative-matrix (tensor core) kernels; an error where the adapter lacks them.
+    Coop,
+}
+
+/// Environment variable that forces a [`Path`] where a call asks for [`Path::Auto`].
+pub const PATH_ENV: &str = "SELATTN_PATH";
+
+impl Path {
+    /// `Auto` replaced by what `SELATTN_PATH` says, if anything.
+    pub fn from_env(self) -> Path {
+        if self != Path::Auto {
+            return self;
+        }
+        match std::env::var(PATH_ENV).ok().as_deref() {
+            Some("scalar") => Path::Scalar,
+            Some("coop") => Path::Coop,
+            _ => Path::Auto,
+        }
+    }
+}
+
 /// Options of one call. They read as sentences: `Options::causal().selective(0).start(7)`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Options {
@@ -127,6 +157,8 @@ pub struct Options {
     pub start: Option<u32>,
     /// Selective masking with this selection head (causal only).
     pub selective: Option<u32>,
+    /// Kernel implementation.
+    pub path: Path,
 }
 
 impl Options {
@@ -149,6 +181,11 @@ impl Options {
     /// The first query sits at absolute position `start`.
     pub fn start(mut self, start: u32) -> Self {
         self.start = Some(start);
+        self
+    }
+    /// Run on this kernel path.
+    pub fn path(mut self, path: Path) -> Self {
+        self.path = path;
         self
     }
     /// Enable selective masking with `head` as the selection head.

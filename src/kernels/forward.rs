@@ -3,7 +3,7 @@
 use super::selective::{ColsumConfig, ScanConfig};
 use super::{flag, Kernel, KernelKey, Params};
 use crate::context::Capabilities;
-use crate::spec::Resolved;
+use crate::spec::{Path, Resolved};
 use crate::{DType, Error, Result};
 
 /// Specialisation of the forward kernel.
@@ -142,6 +142,8 @@ pub struct Plan {
     pub selective: Option<(ColsumConfig, ScanConfig)>,
     /// Uniform parameters.
     pub params: Params,
+    /// The kernel path chosen (never `Auto`).
+    pub path: Path,
 }
 
 impl Plan {
@@ -161,6 +163,14 @@ impl Plan {
             kv_len: pr.kv_len,
             selective: r.selective(),
             lse: pr.lse,
+        };
+        let path = match r.options.path.from_env() {
+            Path::Coop => {
+                return Err(Error::FeatureMissing {
+                    feature: "cooperative-matrix forward kernel for this call",
+                })
+            }
+            _ => Path::Scalar,
         };
         let forward = choose_tiles(caps, s.head_dim, r.selective(), base)?;
         let n_qtiles = s.q_len.div_ceil(forward.br);
@@ -219,6 +229,7 @@ impl Plan {
         let plan = Plan {
             resolved: *r,
             elem,
+            path,
             forward,
             selective,
             params: Params {
