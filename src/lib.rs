@@ -6,14 +6,17 @@
 #![warn(missing_docs)]
 
 mod attention;
+pub mod cache;
 mod context;
 mod error;
 pub mod kernels;
 pub mod reference;
+pub mod reference_cache;
 pub mod spec;
 mod tensor;
 
 pub use attention::{Inputs, Output, Outputs};
+pub use cache::{CacheState, DecodeOptions, KvCache, KvCacheConfig, Step, Tokens};
 pub use context::{
     adapters, best_adapter, instance, unusable_reason, Capabilities, Context, ADAPTER_ENV,
 };

@@ -4,6 +4,7 @@
 //! pipeline variant; it is the pipeline cache key and the wgpu label, so a validation error or a
 //! trace names the variant.
 
+pub mod decode;
 pub mod forward;
 pub mod selective;
 
@@ -19,18 +20,29 @@ pub enum Source {
     Forward,
     /// `shaders/selective.wgsl`.
     Selective,
+    /// `shaders/cache.wgsl`.
+    Cache,
+    /// `shaders/decode.wgsl`.
+    Decode,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 2] = [Source::Forward, Source::Selective];
+    pub const ALL: [Source; 4] = [
+        Source::Forward,
+        Source::Selective,
+        Source::Cache,
+        Source::Decode,
+    ];
 
     fn body(self) -> &'static str {
         match self {
             Source::Forward => include_str!("../../shaders/forward.wgsl"),
             Source::Selective => include_str!("../../shaders/selective.wgsl"),
+            Source::Cache => include_str!("../../shaders/cache.wgsl"),
+            Source::Decode => include_str!("../../shaders/decode.wgsl"),
         }
     }
 
@@ -60,6 +72,14 @@ pub enum Kernel {
     SelColsum(selective::ColsumConfig),
     /// Selective pass 2: exclusive scan over query tiles, F_out.
     SelScan(selective::ScanConfig),
+    /// KV cache append with pruning.
+    CacheAppend(decode::AppendConfig),
+    /// Decode: selective scores of the step's queries, F state update.
+    DecodeScore(decode::ScoreConfig),
+    /// Decode: split-KV attention.
+    DecodeAttend(decode::AttendConfig),
+    /// Decode: merge of the splits.
+    DecodeMerge(decode::MergeConfig),
 }
 
 /// One pipeline variant: kernel, specialisation and storage element type.
@@ -77,6 +97,10 @@ impl KernelKey {
         match self.kernel {
             Kernel::Forward(_) => Source::Forward,
             Kernel::SelColsum(_) | Kernel::SelScan(_) => Source::Selective,
+            Kernel::CacheAppend(_) => Source::Cache,
+            Kernel::DecodeScore(_) | Kernel::DecodeAttend(_) | Kernel::DecodeMerge(_) => {
+                Source::Decode
+            }
         }
     }
 
@@ -86,6 +110,10 @@ impl KernelKey {
             Kernel::Forward(_) => "forward",
             Kernel::SelColsum(_) => "colsum",
             Kernel::SelScan(_) => "scan",
+            Kernel::CacheAppend(_) => "append",
+            Kernel::DecodeScore(_) => "score",
+            Kernel::DecodeAttend(_) => "attend",
+            Kernel::DecodeMerge(_) => "merge",
         }
     }
 
@@ -95,6 +123,10 @@ impl KernelKey {
             Kernel::Forward(c) => c.constants(),
             Kernel::SelColsum(c) => c.constants(),
             Kernel::SelScan(c) => c.constants(),
+            Kernel::CacheAppend(c) => c.constants(),
+            Kernel::DecodeScore(c) => c.constants(),
+            Kernel::DecodeAttend(c) => c.constants(),
+            Kernel::DecodeMerge(c) => c.constants(),
         }
     }
 }
