@@ -98,7 +98,7 @@ impl KvCacheConfig {
                 return Err(Error::ZeroSize { what });
             }
         }
-        if self.head_dim % 8 != 0 || self.head_dim > 256 {
+        if !self.head_dim.is_multiple_of(8) || self.head_dim > 256 {
             return Err(Error::HeadDimUnsupported {
                 got: self.head_dim,
                 supported: SUPPORTED_HEAD_DIMS,
@@ -720,7 +720,7 @@ impl KvCache {
         if hq == 0 {
             return Err(Error::ZeroSize { what: "q_heads" });
         }
-        if hq % c.kv_heads != 0 {
+        if !hq.is_multiple_of(c.kv_heads) {
             return Err(Error::HeadsNotMultiple {
                 q_heads: hq,
                 kv_heads: c.kv_heads,
@@ -729,12 +729,22 @@ impl KvCache {
         if n == 0 || n > MAX_QUERIES {
             return Err(Error::ShapeMismatch {
                 tensor: "q (1 to 8 queries per sequence)",
-                expected: vec![c.batch as u64, hq as u64, MAX_QUERIES as u64, c.head_dim as u64],
+                expected: vec![
+                    c.batch as u64,
+                    hq as u64,
+                    MAX_QUERIES as u64,
+                    c.head_dim as u64,
+                ],
                 got: qs.to_vec(),
             });
         }
         check("q", step.q, qs.to_vec(), c.dtype)?;
-        let kv = vec![c.batch as u64, c.kv_heads as u64, n as u64, c.head_dim as u64];
+        let kv = vec![
+            c.batch as u64,
+            c.kv_heads as u64,
+            n as u64,
+            c.head_dim as u64,
+        ];
         if step.k.shape().len() == 4 && step.k.shape() != kv.as_slice() {
             let ks = step.k.shape();
             for (what, cache, got) in [
@@ -873,7 +883,12 @@ impl KvCache {
         }
         let (plan, counts) = self.validate_step(ctx, step, options, outputs)?;
         let p = plan.params;
-        let part = grow(ctx, &mut self.part, plan.part_bytes(), "selattn decode partials");
+        let part = grow(
+            ctx,
+            &mut self.part,
+            plan.part_bytes(),
+            "selattn decode partials",
+        );
         let fq = match plan.score {
             Some(_) => grow(ctx, &mut self.fq, plan.fq_bytes(), "selattn decode F rows"),
             None => ctx.dummy_out.clone(),

@@ -219,7 +219,10 @@ impl RefCache {
                 let hk = h / group;
                 for i in 0..n {
                     // 3. temperature
-                    let tau = x.tau.as_ref().map_or(1.0, |t| t[(b * hq + h) * n + i] as f64);
+                    let tau = x
+                        .tau
+                        .as_ref()
+                        .map_or(1.0, |t| t[(b * hq + h) * n + i] as f64);
                     let pt = x
                         .alpha
                         .as_ref()

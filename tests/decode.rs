@@ -262,11 +262,10 @@ fn run_case(ctx: &Context, c: &Case, seed: u64) -> (Vec<String>, Vec<Vec<f32>>) 
         }
         if c.dtype == DType::F16 {
             // No worse than twice the error of the reference rounded to f16.
-            let rounded: Vec<f32> = ro
-                .o
-                .iter()
-                .map(|&v| half::f16::from_f64(v).to_f32())
-                .collect();
+            let rounded: Vec<f32> =
+                ro.o.iter()
+                    .map(|&v| half::f16::from_f64(v).to_f32())
+                    .collect();
             let cr = compare(&rounded, &ro.o, 1.0, 1.0);
             if co.rel_norm > 2.0 * cr.rel_norm.max(1e-4) {
                 msgs.push(format!(
@@ -482,8 +481,12 @@ fn prefill_then_decode_equals_full_prefill() {
             // 1. Prefill on the GPU, keeping F_out.
             let pshape = Shape::new(bn, hq, p, d).with_kv_heads(hkv);
             let qp = ctx.upload(&dims(hq, p), &rows(&x.q, hq, d, 0, p)).unwrap();
-            let kp = ctx.upload(&dims(hkv, p), &rows(&x.k, hkv, d, 0, p)).unwrap();
-            let vp = ctx.upload(&dims(hkv, p), &rows(&x.v, hkv, d, 0, p)).unwrap();
+            let kp = ctx
+                .upload(&dims(hkv, p), &rows(&x.k, hkv, d, 0, p))
+                .unwrap();
+            let vp = ctx
+                .upload(&dims(hkv, p), &rows(&x.v, hkv, d, 0, p))
+                .unwrap();
             let tp = ctx
                 .upload(&pshape.row_dims(), &rows(tau, hq, 1, 0, p))
                 .unwrap();
@@ -523,10 +526,15 @@ fn prefill_then_decode_equals_full_prefill() {
                     .upload(&[bn as u64, hq as u64, n as u64], &rows(tau, hq, 1, at, n))
                     .unwrap();
                 let g = ctx
-                    .upload(&[bn as u64, hkv as u64, n as u64], &rows(gate, hkv, 1, at, n))
+                    .upload(
+                        &[bn as u64, hkv as u64, n as u64],
+                        &rows(gate, hkv, 1, at, n),
+                    )
                     .unwrap();
                 let o = ctx.empty(&dims(hq, n), DType::F32).unwrap();
-                let lse = ctx.empty(&[bn as u64, hq as u64, n as u64], DType::F32).unwrap();
+                let lse = ctx
+                    .empty(&[bn as u64, hq as u64, n as u64], DType::F32)
+                    .unwrap();
                 ctx.poison(&o);
                 ctx.poison(&lse);
                 let step = Step::new(&q, &k, &v).gate(&g).tau(&t).alpha(&ap);
@@ -600,10 +608,16 @@ fn bad_input_gets_typed_errors() {
             );
         }
         let e = KvCache::new(ctx, KvCacheConfig::new(1, 2, 12, 8)).unwrap_err();
-        assert!(matches!(e, Error::HeadDimUnsupported { got: 12, .. }), "[{name}] {e:?}");
+        assert!(
+            matches!(e, Error::HeadDimUnsupported { got: 12, .. }),
+            "[{name}] {e:?}"
+        );
 
         let mut cache = KvCache::new(ctx, KvCacheConfig::new(2, 2, 16, 8)).unwrap();
-        let kv = |h: u64, n: u64, d: u64| ctx.upload(&[2, h, n, d], &vec![0.5; (2 * h * n * d) as usize]).unwrap();
+        let kv = |h: u64, n: u64, d: u64| {
+            ctx.upload(&[2, h, n, d], &vec![0.5; (2 * h * n * d) as usize])
+                .unwrap()
+        };
         // Past capacity without a budget: 6 + 3 > 8, nothing recorded.
         let (k6, v6) = (kv(2, 6, 16), kv(2, 6, 16));
         cache.append(ctx, &Tokens::new(&k6, &v6), None).unwrap();
@@ -619,22 +633,43 @@ fn bad_input_gets_typed_errors() {
             },
             "[{name}]"
         );
-        assert_eq!(cache.lens(), &[6, 6], "[{name}] a failed append changed the cache");
+        assert_eq!(
+            cache.lens(),
+            &[6, 6],
+            "[{name}] a failed append changed the cache"
+        );
         let e = cache
             .append(ctx, &Tokens::new(&k3, &v3), Some(&[2, 3]))
             .unwrap_err();
-        assert!(matches!(e, Error::CacheFull { batch: 1, .. }), "[{name}] {e:?}");
+        assert!(
+            matches!(e, Error::CacheFull { batch: 1, .. }),
+            "[{name}] {e:?}"
+        );
         // Mismatched heads and head dim.
         let (kh, vh) = (kv(3, 1, 16), kv(3, 1, 16));
         let e = cache.append(ctx, &Tokens::new(&kh, &vh), None).unwrap_err();
         assert!(
-            matches!(e, Error::CacheMismatch { cache: 2, got: 3, .. }),
+            matches!(
+                e,
+                Error::CacheMismatch {
+                    cache: 2,
+                    got: 3,
+                    ..
+                }
+            ),
             "[{name}] {e:?}"
         );
         let (kd, vd) = (kv(2, 1, 32), kv(2, 1, 32));
         let e = cache.append(ctx, &Tokens::new(&kd, &vd), None).unwrap_err();
         assert!(
-            matches!(e, Error::CacheMismatch { cache: 16, got: 32, .. }),
+            matches!(
+                e,
+                Error::CacheMismatch {
+                    cache: 16,
+                    got: 32,
+                    ..
+                }
+            ),
             "[{name}] {e:?}"
         );
         // A decode step: wrong head dim of q, too many queries, stale positions, full cache.
@@ -642,27 +677,55 @@ fn bad_input_gets_typed_errors() {
         let o = ctx.empty(&[2, 4, 1, 16], DType::F32).unwrap();
         let qd = kv(4, 1, 32);
         let e = cache
-            .step(ctx, &Step::new(&qd, &k1, &v1), &DecodeOptions::new(), &Outputs::new(&o))
+            .step(
+                ctx,
+                &Step::new(&qd, &k1, &v1),
+                &DecodeOptions::new(),
+                &Outputs::new(&o),
+            )
             .unwrap_err();
         assert!(
-            matches!(e, Error::CacheMismatch { cache: 16, got: 32, .. }),
+            matches!(
+                e,
+                Error::CacheMismatch {
+                    cache: 16,
+                    got: 32,
+                    ..
+                }
+            ),
             "[{name}] {e:?}"
         );
         let q9 = kv(4, 9, 16);
         let (k9, v9) = (kv(2, 9, 16), kv(2, 9, 16));
         let o9 = ctx.empty(&[2, 4, 9, 16], DType::F32).unwrap();
         let e = cache
-            .step(ctx, &Step::new(&q9, &k9, &v9), &DecodeOptions::new(), &Outputs::new(&o9))
+            .step(
+                ctx,
+                &Step::new(&q9, &k9, &v9),
+                &DecodeOptions::new(),
+                &Outputs::new(&o9),
+            )
             .unwrap_err();
         assert!(matches!(e, Error::ShapeMismatch { .. }), "[{name}] {e:?}");
         let q1 = kv(4, 1, 16);
         let q3 = ctx.upload(&[2, 3, 1, 16], &[0.5; 96]).unwrap();
         let o3 = ctx.empty(&[2, 3, 1, 16], DType::F32).unwrap();
         let e = cache
-            .step(ctx, &Step::new(&q3, &k1, &v1), &DecodeOptions::new(), &Outputs::new(&o3))
+            .step(
+                ctx,
+                &Step::new(&q3, &k1, &v1),
+                &DecodeOptions::new(),
+                &Outputs::new(&o3),
+            )
             .unwrap_err();
         assert!(
-            matches!(e, Error::HeadsNotMultiple { q_heads: 3, kv_heads: 2 }),
+            matches!(
+                e,
+                Error::HeadsNotMultiple {
+                    q_heads: 3,
+                    kv_heads: 2
+                }
+            ),
             "[{name}] {e:?}"
         );
         let e = cache
@@ -692,7 +755,14 @@ fn bad_input_gets_typed_errors() {
             )
             .unwrap_err();
         assert!(
-            matches!(e, Error::StalePosition { batch: 0, cache: 0, expected: 6 }),
+            matches!(
+                e,
+                Error::StalePosition {
+                    batch: 0,
+                    cache: 0,
+                    expected: 6
+                }
+            ),
             "[{name}] {e:?}"
         );
         let e = cache
@@ -704,17 +774,46 @@ fn bad_input_gets_typed_errors() {
             )
             .unwrap_err();
         assert!(
-            matches!(e, Error::SelectionHeadOutOfRange { head: 4, q_heads: 4 }),
+            matches!(
+                e,
+                Error::SelectionHeadOutOfRange {
+                    head: 4,
+                    q_heads: 4
+                }
+            ),
             "[{name}] {e:?}"
         );
         let (k2, v2) = (kv(2, 2, 16), kv(2, 2, 16));
         let q2 = kv(4, 2, 16);
         let o2 = ctx.empty(&[2, 4, 2, 16], DType::F32).unwrap();
-        cache.step(ctx, &Step::new(&q2, &k2, &v2), &DecodeOptions::new(), &Outputs::new(&o2)).unwrap();
+        cache
+            .step(
+                ctx,
+                &Step::new(&q2, &k2, &v2),
+                &DecodeOptions::new(),
+                &Outputs::new(&o2),
+            )
+            .unwrap();
         let e = cache
-            .step(ctx, &Step::new(&q2, &k2, &v2), &DecodeOptions::new(), &Outputs::new(&o2))
+            .step(
+                ctx,
+                &Step::new(&q2, &k2, &v2),
+                &DecodeOptions::new(),
+                &Outputs::new(&o2),
+            )
             .unwrap_err();
-        assert!(matches!(e, Error::CacheFull { batch: 1, len: 8, adding: 2, .. }), "[{name}] {e:?}");
+        assert!(
+            matches!(
+                e,
+                Error::CacheFull {
+                    batch: 1,
+                    len: 8,
+                    adding: 2,
+                    ..
+                }
+            ),
+            "[{name}] {e:?}"
+        );
         // Gate given to a cache without gates; output aliasing the cache.
         let g = ctx.upload(&[2, 2, 1], &[1.0; 4]).unwrap();
         let e = cache

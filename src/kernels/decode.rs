@@ -315,10 +315,7 @@ pub fn plan(
             wg,
             lse,
         },
-        score: selective.map(|_| ScoreConfig {
-            d: s.head_dim,
-            wg,
-        }),
+        score: selective.map(|_| ScoreConfig { d: s.head_dim, wg }),
         params: DecodeParams {
             batch: s.batch,
             q_heads: s.q_heads,
