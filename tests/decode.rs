@@ -827,3 +827,97 @@ fn bad_input_gets_typed_errors() {
         assert!(matches!(e, Error::BadBuffer { .. }), "[{name}] {e:?}");
     }
 }
+
+/// `CacheParams` and `DecodeParams` match their WGSL mirrors field for field (naga's layout).
+#[test]
+fn params_match_wgsl_layout() {
+    use selattn::kernels::decode::{CacheParams, DecodeParams};
+    use selattn::kernels::Source;
+    use std::mem::{offset_of, size_of};
+    let check = |src: Source, name: &str, size: usize, fields: &[(&str, usize)]| {
+        let text = src.text(DType::F32).unwrap();
+        let module = naga::front::wgsl::parse_str(&text).unwrap();
+        let (_, ty) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{name} not in {src:?}"));
+        let naga::TypeInner::Struct { members, span } = &ty.inner else {
+            panic!("{name} is not a struct");
+        };
+        assert_eq!(*span as usize, size, "{name} size");
+        let got: Vec<(String, usize)> = members
+            .iter()
+            .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
+            .collect();
+        let want: Vec<(String, usize)> = fields.iter().map(|(n, o)| (n.to_string(), *o)).collect();
+        assert_eq!(got, want, "{name} fields");
+    };
+    check(
+        Source::Cache,
+        "CacheParams",
+        size_of::<CacheParams>(),
+        &[
+            ("batch", offset_of!(CacheParams, batch)),
+            ("kv_heads", offset_of!(CacheParams, kv_heads)),
+            ("capacity", offset_of!(CacheParams, capacity)),
+            ("limit", offset_of!(CacheParams, limit)),
+            ("n", offset_of!(CacheParams, n)),
+            ("_pad0", offset_of!(CacheParams, _pad0)),
+            ("_pad1", offset_of!(CacheParams, _pad1)),
+            ("_pad2", offset_of!(CacheParams, _pad2)),
+        ],
+    );
+    check(
+        Source::Decode,
+        "DecodeParams",
+        size_of::<DecodeParams>(),
+        &[
+            ("batch", offset_of!(DecodeParams, batch)),
+            ("q_heads", offset_of!(DecodeParams, q_heads)),
+            ("kv_heads", offset_of!(DecodeParams, kv_heads)),
+            ("group", offset_of!(DecodeParams, group)),
+            ("n", offset_of!(DecodeParams, n)),
+            ("capacity", offset_of!(DecodeParams, capacity)),
+            ("sel_head", offset_of!(DecodeParams, sel_head)),
+            ("sel_kv", offset_of!(DecodeParams, sel_kv)),
+            ("scale", offset_of!(DecodeParams, scale)),
+            ("splits", offset_of!(DecodeParams, splits)),
+            ("split_len", offset_of!(DecodeParams, split_len)),
+            ("rows", offset_of!(DecodeParams, rows)),
+            ("n_rblocks", offset_of!(DecodeParams, n_rblocks)),
+            ("ml_base", offset_of!(DecodeParams, ml_base)),
+            ("_pad0", offset_of!(DecodeParams, _pad0)),
+            ("_pad1", offset_of!(DecodeParams, _pad1)),
+        ],
+    );
+}
+
+/// The unchecked production shaders give the same bits as the same shaders built with naga's
+/// runtime bounds checks (a stray out-of-bounds access would differ or be clamped).
+#[test]
+fn bounds_checked_build_gives_same_bits() {
+    let case = Case {
+        budget: Some(10),
+        selective: Some(1),
+        splits: Some(3),
+        ..Case::new(4, 2, 32).all()
+    };
+    for (a, why) in selattn::adapters() {
+        if why.is_some() {
+            continue;
+        }
+        let plain = Context::from_adapter(&a).unwrap();
+        let checked = Context::from_adapter(&a).unwrap().with_bounds_checks(true);
+        let (m0, o0) = run_case(&plain, &case, 5);
+        let (m1, o1) = run_case(&checked, &case, 5);
+        assert!(m0.is_empty() && m1.is_empty(), "{m0:?} {m1:?}");
+        for (k, (x, y)) in o0.iter().zip(&o1).enumerate() {
+            assert!(
+                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "[{}] output {k} differs with bounds checks on",
+                plain.describe()
+            );
+        }
+    }
+}
