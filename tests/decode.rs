@@ -921,3 +921,146 @@ fn bounds_checked_build_gives_same_bits() {
         }
     }
 }
+
+/// Every decode and cache kernel variant, specialised, is translated by naga to SPIR-V (checked
+/// with spirv-val where installed), MSL, HLSL and (f32) GLSL, so the Metal, DX12 and GL paths are
+/// at least compiled here.
+#[test]
+fn decode_shaders_translate_to_every_backend() {
+    use naga::back::{glsl, hlsl, msl, spv};
+    use selattn::kernels::decode::{AppendConfig, AttendConfig, MergeConfig, ScoreConfig};
+    use selattn::kernels::{Kernel, KernelKey};
+    let mut kernels = vec![];
+    for flags in [false, true] {
+        kernels.push(Kernel::CacheAppend(AppendConfig {
+            d: 64,
+            wg: 256,
+            gate: flags,
+            f: flags,
+        }));
+        kernels.push(Kernel::DecodeAttend(AttendConfig {
+            d: 128,
+            wg: 64,
+            rb: 8,
+            bc: 16,
+            tau: flags,
+            alpha: flags,
+            gate: flags,
+            selective: flags,
+        }));
+        kernels.push(Kernel::DecodeMerge(MergeConfig {
+            d: 64,
+            wg: 64,
+            lse: flags,
+        }));
+    }
+    kernels.push(Kernel::DecodeScore(ScoreConfig { d: 32, wg: 64 }));
+    let spirv_val = std::process::Command::new("spirv-val")
+        .arg("--version")
+        .output()
+        .is_ok();
+    for kernel in kernels {
+        for elem in [DType::F32, DType::F16] {
+            let key = KernelKey { kernel, elem };
+            let name = format!("{key:?}");
+            let text = key.source().text(elem).unwrap();
+            let module = naga::front::wgsl::parse_str(&text)
+                .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&text)));
+            let mut validator = naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            );
+            let info = validator
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            let constants: naga::back::PipelineConstants = key
+                .constants()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            let ep = (naga::ShaderStage::Compute, key.entry());
+            let (module, info) = naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some(ep),
+                &constants,
+            )
+            .unwrap_or_else(|e| panic!("{name}: overrides: {e:?}"));
+            let words = spv::write_vec(
+                &module,
+                &info,
+                &spv::Options::default(),
+                Some(&spv::PipelineOptions {
+                    shader_stage: naga::ShaderStage::Compute,
+                    entry_point: key.entry().into(),
+                }),
+            )
+            .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
+            if spirv_val {
+                let path = std::env::temp_dir().join(format!(
+                    "selattn-decode-{}-{}.spv",
+                    std::process::id(),
+                    key.entry()
+                ));
+                std::fs::write(&path, bytemuck::cast_slice::<u32, u8>(&words)).unwrap();
+                let out = std::process::Command::new("spirv-val")
+                    .arg(&path)
+                    .output()
+                    .unwrap();
+                let _ = std::fs::remove_file(&path);
+                assert!(
+                    out.status.success(),
+                    "{name}: spirv-val: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let msl_opts = msl::Options {
+                lang_version: (2, 4),
+                ..Default::default()
+            };
+            msl::write_string(
+                &module,
+                &info,
+                &msl_opts,
+                &msl::PipelineOptions {
+                    entry_point: Some((naga::ShaderStage::Compute, key.entry().into())),
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{name}: MSL: {e}"));
+            let hlsl_opts = hlsl::Options {
+                shader_model: hlsl::ShaderModel::V6_2,
+                ..Default::default()
+            };
+            let hlsl_pipe = hlsl::PipelineOptions {
+                entry_point: Some((naga::ShaderStage::Compute, key.entry().into())),
+            };
+            let mut out = String::new();
+            hlsl::Writer::new(&mut out, &hlsl_opts, &hlsl_pipe)
+                .write(&module, &info, None)
+                .unwrap_or_else(|e| panic!("{name}: HLSL: {e}"));
+            if elem == DType::F32 {
+                let mut out = String::new();
+                let opts = glsl::Options {
+                    version: glsl::Version::Desktop(430),
+                    ..Default::default()
+                };
+                let pipe = glsl::PipelineOptions {
+                    shader_stage: naga::ShaderStage::Compute,
+                    entry_point: key.entry().into(),
+                    multiview: None,
+                };
+                glsl::Writer::new(
+                    &mut out,
+                    &module,
+                    &info,
+                    &opts,
+                    &pipe,
+                    naga::proc::BoundsCheckPolicies::default(),
+                )
+                .and_then(|mut w| w.write())
+                .unwrap_or_else(|e| panic!("{name}: GLSL: {e}"));
+            }
+        }
+    }
+}
