@@ -325,7 +325,7 @@ impl Context {
             }
         }
         let label = format!("{key:?}");
-        let source = key.source().text(key.elem)?;
+        let source = key.wgsl()?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(&label),

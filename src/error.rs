@@ -112,6 +112,13 @@ pub enum Error {
         /// The feature.
         feature: &'static str,
     },
+    /// A kernel path was forced that cannot run this call on this device.
+    PathUnavailable {
+        /// The path asked for.
+        path: &'static str,
+        /// Why it cannot run.
+        why: &'static str,
+    },
     /// A user buffer cannot be used as a tensor.
     BadBuffer {
         /// What is wrong with it.
@@ -190,6 +197,9 @@ impl fmt::Display for Error {
             ),
             Error::FeatureMissing { feature } => {
                 write!(f, "the device does not have the {feature} feature")
+            }
+            Error::PathUnavailable { path, why } => {
+                write!(f, "the {path} kernel path cannot run this call: {why}")
             }
             Error::BadBuffer { why } => write!(f, "buffer cannot be used: {why}"),
             Error::Gpu(e) => write!(f, "GPU error: {e}"),

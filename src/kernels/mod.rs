@@ -4,6 +4,7 @@
 //! pipeline variant; it is the pipeline cache key and the wgpu label, so a validation error or a
 //! trace names the variant.
 
+pub mod coop;
 pub mod forward;
 pub mod selective;
 
@@ -19,27 +20,36 @@ pub enum Source {
     Forward,
     /// `shaders/selective.wgsl`.
     Selective,
+    /// `shaders/coop_forward.wgsl` (a template: fragments unrolled per head dim).
+    CoopForward,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 2] = [Source::Forward, Source::Selective];
+    pub const ALL: [Source; 3] = [Source::Forward, Source::Selective, Source::CoopForward];
 
     fn body(self) -> &'static str {
         match self {
             Source::Forward => include_str!("../../shaders/forward.wgsl"),
             Source::Selective => include_str!("../../shaders/selective.wgsl"),
+            Source::CoopForward => include_str!("../../shaders/coop_forward.wgsl"),
         }
     }
 
     /// The full WGSL text for an element type: prelude, shared helpers, family body.
     pub fn text(self, elem: DType) -> Result<String> {
-        let prelude = match elem {
-            DType::F32 => "alias elem = f32;\n",
-            DType::F16 => "enable f16;\nalias elem = f16;\n",
-            DType::U32 => {
+        let prelude = match (self, elem) {
+            (Source::CoopForward, _) => {
+                // naga's uniformity analysis is coarser than WGSL's and flags cooperative
+                // operations after any loop bounded by the invocation index; the kernel keeps
+                // every cooperative operation in workgroup-uniform control flow.
+                "enable f16;\nenable wgpu_cooperative_matrix;\ndiagnostic(off, derivative_uniformity);\nalias elem = f16;\n"
+            }
+            (_, DType::F32) => "alias elem = f32;\n",
+            (_, DType::F16) => "enable f16;\nalias elem = f16;\n",
+            (_, DType::U32) => {
                 return Err(Error::DTypeMismatch {
                     tensor: "q",
                     expected: DType::F32,
@@ -60,6 +70,8 @@ pub enum Kernel {
     SelColsum(selective::ColsumConfig),
     /// Selective pass 2: exclusive scan over query tiles, F_out.
     SelScan(selective::ScanConfig),
+    /// The cooperative-matrix forward kernel.
+    CoopForward(coop::CoopConfig),
 }
 
 /// One pipeline variant: kernel, specialisation and storage element type.
@@ -77,7 +89,17 @@ impl KernelKey {
         match self.kernel {
             Kernel::Forward(_) => Source::Forward,
             Kernel::SelColsum(_) | Kernel::SelScan(_) => Source::Selective,
+            Kernel::CoopForward(_) => Source::CoopForward,
         }
+    }
+
+    /// The complete WGSL of this variant, as given to the device (before constants).
+    pub fn wgsl(&self) -> Result<String> {
+        let text = self.source().text(self.elem)?;
+        Ok(match self.kernel {
+            Kernel::CoopForward(c) => c.wgsl(&text),
+            _ => text,
+        })
     }
 
     /// The entry point.
@@ -86,6 +108,7 @@ impl KernelKey {
             Kernel::Forward(_) => "forward",
             Kernel::SelColsum(_) => "colsum",
             Kernel::SelScan(_) => "scan",
+            Kernel::CoopForward(_) => "coop_forward",
         }
     }
 
@@ -95,6 +118,7 @@ impl KernelKey {
             Kernel::Forward(c) => c.constants(),
             Kernel::SelColsum(c) => c.constants(),
             Kernel::SelScan(c) => c.constants(),
+            Kernel::CoopForward(c) => c.constants(),
         }
     }
 }
