@@ -987,7 +987,7 @@ fn invalid_calls_return_typed_errors() {
     );
     assert!(matches!(
         call(s, Options::new().start(u32::MAX / 2), &x),
-        Some(Error::StartOutOfRange { .. })
+        Some(Error::TooLarge { .. })
     ));
     assert_eq!(
         call(s, Options::new().selective(0), &x),

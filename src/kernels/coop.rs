@@ -84,7 +84,7 @@ impl CoopConfig {
         if !caps.subgroups || caps.subgroup_min_size != caps.subgroup_max_size {
             return Err("subgroup size not fixed by the adapter");
         }
-        if f.d % 16 != 0 || f.d > MAX_D {
+        if !f.d.is_multiple_of(16) || f.d > MAX_D {
             return Err("head dim not a multiple of 16 up to 128");
         }
         let sgs = caps.subgroup_min_size;
@@ -156,7 +156,10 @@ impl CoopConfig {
         }
         let _ = writeln!(scomp, "            coopStoreT(acc, &sbuf[soff], SP);");
         if sel {
-            let _ = writeln!(sscomp, "                var accs = coop_mat16x16<f32, C>();");
+            let _ = writeln!(
+                sscomp,
+                "                var accs = coop_mat16x16<f32, C>();"
+            );
             for d in 0..n {
                 let _ = writeln!(
                     sscomp,

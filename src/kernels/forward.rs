@@ -180,12 +180,7 @@ impl Plan {
             Path::Scalar => (Path::Scalar, None),
             Path::Coop => match coop_for(&forward) {
                 Ok(c) => (Path::Coop, Some(c)),
-                Err(why) => {
-                    return Err(Error::PathUnavailable {
-                        path: "coop",
-                        why,
-                    })
-                }
+                Err(why) => return Err(Error::PathUnavailable { path: "coop", why }),
             },
             Path::Auto => match coop_for(&forward) {
                 Ok(c) => (Path::Coop, Some(c)),
