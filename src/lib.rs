@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod npy;
 pub mod reference;
 pub mod spec;
 
