@@ -9,6 +9,7 @@ mod attention;
 mod context;
 mod error;
 pub mod kernels;
+pub mod npy;
 pub mod reference;
 pub mod spec;
 mod tensor;
