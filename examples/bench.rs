@@ -22,6 +22,8 @@
 //! limit) becomes a row carrying the error, not a crash.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use selattn::reference::{self, HostInputs};
@@ -832,6 +834,13 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // wgpu panics on a GPU error no error scope caught (an allocation outside `measure`, say);
+    // count them instead, so the row it happened in reports an error and the others still run.
+    static UNCAPTURED: AtomicUsize = AtomicUsize::new(0);
+    ctx.device.on_uncaptured_error(Arc::new(|e| {
+        UNCAPTURED.fetch_add(1, Ordering::SeqCst);
+        eprintln!("bench: GPU error outside an error scope: {e}");
+    }));
     let caps = ctx.capabilities();
     let timestamps = caps.timestamps && !a.wall;
     let timer = if timestamps {
@@ -850,7 +859,7 @@ fn main() {
         caps.timestamps
     );
     println!(
-        "timer: {} ({}), warm-up {}, median of up to {} runs (at least 3, about {} s per row)",
+        "timer: {} ({}), warm-up {}, median of up to {} runs (at least {}, about {} s per row)",
         timer,
         if timestamps {
             "begin/end of the call's compute pass"
@@ -859,6 +868,7 @@ fn main() {
         },
         a.warmup,
         a.iters,
+        a.iters.min(3),
         a.budget
     );
     println!("TFLOP/s counts 4*B*Hq*Nq*Nk*D, halved when causal; GB/s counts Q,K,V,O,LSE and the variant's inputs once");
@@ -868,7 +878,13 @@ fn main() {
     for (si, shape) in a.shapes.iter().enumerate() {
         let x = host_inputs(shape, 1000 + si as u64);
         for &dtype in &a.dtypes {
-            let dev = Device::upload(&ctx, shape, &x, dtype);
+            let before = UNCAPTURED.load(Ordering::SeqCst);
+            let mut dev = Device::upload(&ctx, shape, &x, dtype);
+            if dev.is_ok() && UNCAPTURED.load(Ordering::SeqCst) != before {
+                dev = Err(Error::Gpu(
+                    "uploading the inputs failed (see stderr)".into(),
+                ));
+            }
             for &variant in &a.variants {
                 for &causal in &a.causal {
                     if variant.selective() && !causal {
@@ -884,11 +900,16 @@ fn main() {
                             path_used: None,
                             result: Err(String::new()),
                         };
+                        let before = UNCAPTURED.load(Ordering::SeqCst);
                         row.result = match &dev {
                             Ok(d) => measure(&ctx, &a, d, &mut row, timestamps)
                                 .map_err(|e| e.to_string()),
                             Err(e) => Err(e.to_string()),
                         };
+                        if UNCAPTURED.load(Ordering::SeqCst) != before {
+                            row.result =
+                                Err("GPU error outside an error scope (see stderr)".into());
+                        }
                         print_row(&row);
                         rows.push(row);
                     }
