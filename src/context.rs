@@ -66,7 +66,7 @@ impl Capabilities {
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             workgroup_memory: limits.max_compute_workgroup_storage_size,
             max_invocations: limits.max_compute_invocations_per_workgroup,
-            max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+            max_storage_binding: limits.max_storage_buffer_binding_size,
             max_buffer: limits.max_buffer_size,
             max_storage_buffers: limits.max_storage_buffers_per_shader_stage,
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
@@ -325,7 +325,7 @@ impl Context {
             }
         }
         let label = format!("{key:?}");
-        let source = key.source().text(key.elem)?;
+        let source = key.wgsl()?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(&label),

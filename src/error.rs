@@ -112,6 +112,22 @@ pub enum Error {
         /// The feature.
         feature: &'static str,
     },
+    /// A kernel path was forced that cannot run this call on this device.
+    PathUnavailable {
+        /// The path asked for.
+        path: &'static str,
+        /// Why it cannot run.
+        why: &'static str,
+    },
+    /// A spec says an optional input is present (or absent) and the inputs disagree.
+    PresenceMismatch {
+        /// Which input.
+        what: &'static str,
+        /// What the spec says.
+        said: bool,
+        /// Whether it was given.
+        given: bool,
+    },
     /// A user buffer cannot be used as a tensor.
     BadBuffer {
         /// What is wrong with it.
@@ -232,6 +248,15 @@ impl fmt::Display for Error {
             Error::FeatureMissing { feature } => {
                 write!(f, "the device does not have the {feature} feature")
             }
+            Error::PathUnavailable { path, why } => {
+                write!(f, "the {path} kernel path cannot run this call: {why}")
+            }
+            Error::PresenceMismatch { what, said, given } => write!(
+                f,
+                "the spec says {what} is {}, but it was {}",
+                if *said { "present" } else { "absent" },
+                if *given { "given" } else { "not given" }
+            ),
             Error::BadBuffer { why } => write!(f, "buffer cannot be used: {why}"),
             Error::Gpu(e) => write!(f, "GPU error: {e}"),
             Error::Io(e) => write!(f, "{e}"),

@@ -10,6 +10,7 @@ pub mod cache;
 mod context;
 mod error;
 pub mod kernels;
+pub mod npy;
 pub mod reference;
 pub mod reference_cache;
 pub mod spec;

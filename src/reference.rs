@@ -97,6 +97,19 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 pub fn attention(spec: &Spec, x: &HostInputs) -> Result<HostOutputs> {
     let r = spec.validate()?;
     x.check(&r)?;
+    // The oracle must never silently run with other inputs than the spec says.
+    let p = spec.present;
+    for (what, said, given) in [
+        ("tau", p.tau, x.tau.is_some()),
+        ("alpha", p.alpha, x.alpha.is_some()),
+        ("gate", p.gate, x.gate.is_some()),
+        ("kv_len", p.kv_len, x.kv_len.is_some()),
+        ("f0", p.f0, x.f0.is_some()),
+    ] {
+        if said != given {
+            return Err(Error::PresenceMismatch { what, said, given });
+        }
+    }
     let s = r.shape;
     let (bn, hq, hkv, nq, nk, d) = (
         s.batch as usize,
@@ -145,15 +158,15 @@ pub fn attention(spec: &Spec, x: &HostInputs) -> Result<HostOutputs> {
             }
             // F_ij = F0_j + sum over rows k with p_k < p_i of S_kj.
             let mut f = vec![vec![0.0f64; nk]; nq];
-            for i in 0..nq {
-                for j in 0..nk {
+            for (i, frow) in f.iter_mut().enumerate() {
+                for (j, fij) in frow.iter_mut().enumerate() {
                     let mut acc = f0(j);
                     for (k, srow) in s_mat.iter().enumerate() {
                         if pos(k) < pos(i) {
                             acc += srow[j];
                         }
                     }
-                    f[i][j] = acc;
+                    *fij = acc;
                 }
             }
             // F_out_j = F0_j + sum over all rows of S_kj.

@@ -237,13 +237,13 @@ impl Spec {
                 return Err(Error::ZeroSize { what });
             }
         }
-        if s.head_dim % 8 != 0 || s.head_dim > 256 {
+        if !s.head_dim.is_multiple_of(8) || s.head_dim > 256 {
             return Err(Error::HeadDimUnsupported {
                 got: s.head_dim,
                 supported: SUPPORTED_HEAD_DIMS,
             });
         }
-        if s.q_heads % s.kv_heads != 0 {
+        if !s.q_heads.is_multiple_of(s.kv_heads) {
             return Err(Error::HeadsNotMultiple {
                 q_heads: s.q_heads,
                 kv_heads: s.kv_heads,
@@ -260,10 +260,10 @@ impl Spec {
         };
         // Positions are formed as start + i in u32 arithmetic on the GPU: keep them in range.
         if (start as u64) + (s.q_len as u64) > u32::MAX as u64 / 2 {
-            return Err(Error::StartOutOfRange {
-                start,
-                queries: s.q_len,
-                keys: s.k_len,
+            return Err(Error::TooLarge {
+                what: "query positions (start + Nq)",
+                bytes: start as u64 + s.q_len as u64,
+                limit: u32::MAX as u64 / 2,
             });
         }
         if self.options.causal && (start as u64) + (s.q_len as u64) > s.k_len as u64 {

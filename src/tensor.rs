@@ -98,7 +98,7 @@ impl Context {
         if n == 0 {
             return Err(Error::ZeroSize { what: "tensor" });
         }
-        let bytes = n.checked_mul(dtype.size()).unwrap_or(u64::MAX);
+        let bytes = n.saturating_mul(dtype.size());
         self.check_size("tensor", bytes)?;
         if dtype == DType::F16 && !self.capabilities().f16 {
             return Err(Error::FeatureMissing {
@@ -131,7 +131,7 @@ impl Context {
         }
         let t = self.empty(shape, dtype)?;
         let mut padded;
-        let bytes = if data.len() % 4 != 0 {
+        let bytes = if !data.len().is_multiple_of(4) {
             padded = data.to_vec();
             padded.resize(data.len().div_ceil(4) * 4, 0);
             &padded[..]

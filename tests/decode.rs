@@ -963,7 +963,7 @@ fn decode_shaders_translate_to_every_backend() {
         for elem in [DType::F32, DType::F16] {
             let key = KernelKey { kernel, elem };
             let name = format!("{key:?}");
-            let text = key.source().text(elem).unwrap();
+            let text = key.wgsl().unwrap();
             let module = naga::front::wgsl::parse_str(&text)
                 .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&text)));
             let mut validator = naga::valid::Validator::new(

@@ -1,5 +1,6 @@
 //! The fused forward kernel (`shaders/forward.wgsl`) and the plan of one attention call.
 
+use super::coop::CoopConfig;
 use super::selective::{ColsumConfig, ScanConfig};
 use super::{flag, Kernel, KernelKey, Params};
 use crate::context::Capabilities;
@@ -144,6 +145,8 @@ pub struct Plan {
     pub params: Params,
     /// The kernel path chosen (never `Auto`).
     pub path: Path,
+    /// The cooperative-matrix kernel, when that path was chosen.
+    pub coop: Option<CoopConfig>,
 }
 
 impl Plan {
@@ -164,16 +167,28 @@ impl Plan {
             selective: r.selective(),
             lse: pr.lse,
         };
-        let path = match r.options.path.from_env() {
-            Path::Coop => {
-                return Err(Error::FeatureMissing {
-                    feature: "cooperative-matrix forward kernel for this call",
-                })
-            }
-            _ => Path::Scalar,
-        };
         let forward = choose_tiles(caps, s.head_dim, r.selective(), base)?;
-        let n_qtiles = s.q_len.div_ceil(forward.br);
+        // Cooperative matrices take f16 operands: only f16 storage runs there, so f32 results
+        // keep f32 accuracy.
+        let coop_for = |f: &ForwardConfig| {
+            if elem != DType::F16 {
+                return Err("f32 storage runs on the scalar path");
+            }
+            CoopConfig::choose(caps, f)
+        };
+        let (path, coop) = match r.options.path.from_env() {
+            Path::Scalar => (Path::Scalar, None),
+            Path::Coop => match coop_for(&forward) {
+                Ok(c) => (Path::Coop, Some(c)),
+                Err(why) => return Err(Error::PathUnavailable { path: "coop", why }),
+            },
+            Path::Auto => match coop_for(&forward) {
+                Ok(c) => (Path::Coop, Some(c)),
+                Err(_) => (Path::Scalar, None),
+            },
+        };
+        let br = coop.map_or(forward.br, |c| c.br);
+        let n_qtiles = s.q_len.div_ceil(br);
         let max = caps.max_workgroups_per_dim;
         for (what, n) in [
             ("query tiles per dispatch", n_qtiles),
@@ -194,7 +209,7 @@ impl Plan {
                 .into_iter()
                 .map(|bc| ColsumConfig {
                     d: s.head_dim,
-                    br: forward.br,
+                    br,
                     bc,
                     wg,
                     kv_len: pr.kv_len,
@@ -202,7 +217,7 @@ impl Plan {
                 .find(|c| c.workgroup_bytes() <= caps.workgroup_memory as u64)
                 .ok_or(Error::TooLarge {
                     what: "workgroup memory for the selective column sums",
-                    bytes: 4 * (forward.br as u64 + 1) * s.head_dim as u64,
+                    bytes: 4 * (br as u64 + 1) * s.head_dim as u64,
                     limit: caps.workgroup_memory as u64,
                 })?;
             for (what, n) in [
@@ -230,6 +245,7 @@ impl Plan {
             resolved: *r,
             elem,
             path,
+            coop,
             forward,
             selective,
             params: Params {
@@ -271,7 +287,10 @@ impl Plan {
     /// The forward pipeline key.
     pub fn forward_key(&self) -> KernelKey {
         KernelKey {
-            kernel: Kernel::Forward(self.forward),
+            kernel: match self.coop {
+                Some(c) => Kernel::CoopForward(c),
+                None => Kernel::Forward(self.forward),
+            },
             elem: self.elem,
         }
     }

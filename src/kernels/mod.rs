@@ -4,6 +4,7 @@
 //! pipeline variant; it is the pipeline cache key and the wgpu label, so a validation error or a
 //! trace names the variant.
 
+pub mod coop;
 pub mod decode;
 pub mod forward;
 pub mod selective;
@@ -20,6 +21,8 @@ pub enum Source {
     Forward,
     /// `shaders/selective.wgsl`.
     Selective,
+    /// `shaders/coop_forward.wgsl` (a template: fragments unrolled per head dim).
+    CoopForward,
     /// `shaders/cache.wgsl`.
     Cache,
     /// `shaders/decode.wgsl`.
@@ -30,9 +33,10 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 4] = [
+    pub const ALL: [Source; 5] = [
         Source::Forward,
         Source::Selective,
+        Source::CoopForward,
         Source::Cache,
         Source::Decode,
     ];
@@ -41,6 +45,7 @@ impl Source {
         match self {
             Source::Forward => include_str!("../../shaders/forward.wgsl"),
             Source::Selective => include_str!("../../shaders/selective.wgsl"),
+            Source::CoopForward => include_str!("../../shaders/coop_forward.wgsl"),
             Source::Cache => include_str!("../../shaders/cache.wgsl"),
             Source::Decode => include_str!("../../shaders/decode.wgsl"),
         }
@@ -48,10 +53,16 @@ impl Source {
 
     /// The full WGSL text for an element type: prelude, shared helpers, family body.
     pub fn text(self, elem: DType) -> Result<String> {
-        let prelude = match elem {
-            DType::F32 => "alias elem = f32;\n",
-            DType::F16 => "enable f16;\nalias elem = f16;\n",
-            DType::U32 => {
+        let prelude = match (self, elem) {
+            (Source::CoopForward, _) => {
+                // naga's uniformity analysis is coarser than WGSL's and flags cooperative
+                // operations after any loop bounded by the invocation index; the kernel keeps
+                // every cooperative operation in workgroup-uniform control flow.
+                "enable f16;\nenable wgpu_cooperative_matrix;\ndiagnostic(off, derivative_uniformity);\nalias elem = f16;\n"
+            }
+            (_, DType::F32) => "alias elem = f32;\n",
+            (_, DType::F16) => "enable f16;\nalias elem = f16;\n",
+            (_, DType::U32) => {
                 return Err(Error::DTypeMismatch {
                     tensor: "q",
                     expected: DType::F32,
@@ -72,6 +83,8 @@ pub enum Kernel {
     SelColsum(selective::ColsumConfig),
     /// Selective pass 2: exclusive scan over query tiles, F_out.
     SelScan(selective::ScanConfig),
+    /// The cooperative-matrix forward kernel.
+    CoopForward(coop::CoopConfig),
     /// KV cache append with pruning.
     CacheAppend(decode::AppendConfig),
     /// Decode: selective scores of the step's queries, F state update.
@@ -97,11 +110,21 @@ impl KernelKey {
         match self.kernel {
             Kernel::Forward(_) => Source::Forward,
             Kernel::SelColsum(_) | Kernel::SelScan(_) => Source::Selective,
+            Kernel::CoopForward(_) => Source::CoopForward,
             Kernel::CacheAppend(_) => Source::Cache,
             Kernel::DecodeScore(_) | Kernel::DecodeAttend(_) | Kernel::DecodeMerge(_) => {
                 Source::Decode
             }
         }
+    }
+
+    /// The complete WGSL of this variant, as given to the device (before constants).
+    pub fn wgsl(&self) -> Result<String> {
+        let text = self.source().text(self.elem)?;
+        Ok(match self.kernel {
+            Kernel::CoopForward(c) => c.wgsl(&text),
+            _ => text,
+        })
     }
 
     /// The entry point.
@@ -110,6 +133,7 @@ impl KernelKey {
             Kernel::Forward(_) => "forward",
             Kernel::SelColsum(_) => "colsum",
             Kernel::SelScan(_) => "scan",
+            Kernel::CoopForward(_) => "coop_forward",
             Kernel::CacheAppend(_) => "append",
             Kernel::DecodeScore(_) => "score",
             Kernel::DecodeAttend(_) => "attend",
@@ -123,6 +147,7 @@ impl KernelKey {
             Kernel::Forward(c) => c.constants(),
             Kernel::SelColsum(c) => c.constants(),
             Kernel::SelScan(c) => c.constants(),
+            Kernel::CoopForward(c) => c.constants(),
             Kernel::CacheAppend(c) => c.constants(),
             Kernel::DecodeScore(c) => c.constants(),
             Kernel::DecodeAttend(c) => c.constants(),

@@ -1,0 +1,936 @@
+//! Benchmarks selattn's attention forward on any GPU wgpu can reach.
+//!
+//! ```text
+//! cargo run --release --example bench                      # the peer script's shapes, every variant
+//! cargo run --release --example bench -- --quick           # tiny shapes: software adapters, CI smoke
+//! cargo run --release --example bench -- --shape 4,16,4096,128 --variant full --dtype f16 --json out.json
+//! ```
+//!
+//! For each shape × dtype × variant × causal × path it
+//! 1. validates the variant once against the f64 CPU reference at a small slice of the shape
+//!    (same D and head grouping), so a wrong kernel is never timed as if it were right;
+//! 2. warms up (pipeline build, caches, clocks);
+//! 3. times many runs and reports the median and the minimum: GPU timestamps around the one
+//!    compute pass of each call when the adapter has TIMESTAMP_QUERY, otherwise wall clock around
+//!    a submission and the wait for it to finish (`--wall` forces this);
+//! 4. checks that the timed run's LSE is finite everywhere.
+//!
+//! FLOPs are `4·B·Hq·Nq·Nk·D`, halved when causal — the same count as the PyTorch peer script, no
+//! credit for the selective passes. Bytes are Q, K, V read once, O and LSE written once, plus the
+//! optional inputs the variant uses (tau, alpha, gate); the selective scratch is not counted.
+//! A configuration the device cannot run (f16 without SHADER_F16, a path it lacks, a size over a
+//! limit) becomes a row carrying the error, not a crash.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use selattn::reference::{self, HostInputs};
+use selattn::{Context, DType, Error, Inputs, Options, Outputs, Path, Shape, Spec, Tensor};
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+
+const USAGE: &str = "\
+usage: bench [options]
+  --shape B,H,N,D | B,Hq,Hkv,Nq,Nk,D   repeatable; default: 4,16,4096,64  4,16,4096,128  1,16,16384,64
+  --variant plain|temp|gate|selective|full|all   repeatable (default all)
+             plain: no controls; temp: tau + alpha; gate: value gate;
+             selective: selective masking (selection head 0); full: tau + alpha + gate + selective
+  --causal yes|no|both        (default both; selective and full run causal only)
+  --dtype f32|f16|both        (default both)
+  --path auto|scalar|coop|all (default auto; repeatable)
+  --warmup N                  untimed runs before timing (default 3)
+  --iters N                   timed runs, median reported (default 30)
+  --budget SECONDS            stop timing a row after this long, but never before 3 runs (default 3)
+  --wall                      wall clock even where GPU timestamps exist
+  --no-check                  skip the small-shape check against the CPU reference
+  --adapter NAME              use the adapter whose name contains NAME (same as SELATTN_ADAPTER)
+  --json PATH                 also write the rows as a JSON array
+  --quick                     tiny shapes, 1 warm-up, 3 runs: software adapters and CI smoke tests";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Variant {
+    Plain,
+    Temp,
+    Gate,
+    Selective,
+    Full,
+}
+
+impl Variant {
+    const ALL: [Variant; 5] = [
+        Variant::Plain,
+        Variant::Temp,
+        Variant::Gate,
+        Variant::Selective,
+        Variant::Full,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Plain => "plain",
+            Variant::Temp => "temp",
+            Variant::Gate => "gate",
+            Variant::Selective => "selective",
+            Variant::Full => "full",
+        }
+    }
+    fn temperature(self) -> bool {
+        matches!(self, Variant::Temp | Variant::Full)
+    }
+    fn gate(self) -> bool {
+        matches!(self, Variant::Gate | Variant::Full)
+    }
+    fn selective(self) -> bool {
+        matches!(self, Variant::Selective | Variant::Full)
+    }
+}
+
+fn path_name(p: Path) -> &'static str {
+    match p {
+        Path::Auto => "auto",
+        Path::Scalar => "scalar",
+        Path::Coop => "coop",
+    }
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::U32 => "u32",
+    }
+}
+
+struct Args {
+    shapes: Vec<Shape>,
+    variants: Vec<Variant>,
+    causal: Vec<bool>,
+    dtypes: Vec<DType>,
+    paths: Vec<Path>,
+    warmup: u32,
+    iters: u32,
+    budget: f64,
+    wall: bool,
+    check: bool,
+    json: Option<String>,
+}
+
+fn parse_shape(s: &str) -> Result<Shape, String> {
+    let v: Vec<u32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("--shape {s}: {e}"))?;
+    match v[..] {
+        [b, h, n, d] => Ok(Shape::new(b, h, n, d)),
+        [b, hq, hkv, nq, nk, d] => Ok(Shape {
+            batch: b,
+            q_heads: hq,
+            kv_heads: hkv,
+            q_len: nq,
+            k_len: nk,
+            head_dim: d,
+        }),
+        _ => Err(format!("--shape {s}: want B,H,N,D or B,Hq,Hkv,Nq,Nk,D")),
+    }
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        shapes: vec![],
+        variants: vec![],
+        causal: vec![false, true],
+        dtypes: vec![DType::F32, DType::F16],
+        paths: vec![],
+        warmup: 3,
+        iters: 30,
+        budget: 3.0,
+        wall: false,
+        check: true,
+        json: None,
+    };
+    let mut quick = false;
+    let (mut warmup, mut iters) = (None, None);
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        let num = |v: String| v.parse::<u32>().map_err(|e| format!("{v}: {e}"));
+        match flag.as_str() {
+            "--shape" => a.shapes.push(parse_shape(&value()?)?),
+            "--variant" => match value()?.as_str() {
+                "all" => a.variants.extend(Variant::ALL),
+                v => a.variants.push(
+                    *Variant::ALL
+                        .iter()
+                        .find(|x| x.name() == v || (v == "sel" && **x == Variant::Selective))
+                        .ok_or(format!("unknown variant {v}"))?,
+                ),
+            },
+            "--causal" => {
+                a.causal = match value()?.as_str() {
+                    "yes" => vec![true],
+                    "no" => vec![false],
+                    "both" => vec![false, true],
+                    v => return Err(format!("--causal {v}: want yes, no or both")),
+                }
+            }
+            "--dtype" => {
+                a.dtypes = match value()?.as_str() {
+                    "f32" => vec![DType::F32],
+                    "f16" => vec![DType::F16],
+                    "both" => vec![DType::F32, DType::F16],
+                    v => return Err(format!("--dtype {v}: want f32, f16 or both")),
+                }
+            }
+            "--path" => match value()?.as_str() {
+                "auto" => a.paths.push(Path::Auto),
+                "scalar" => a.paths.push(Path::Scalar),
+                "coop" => a.paths.push(Path::Coop),
+                "all" => a.paths.extend([Path::Auto, Path::Scalar, Path::Coop]),
+                v => return Err(format!("--path {v}: want auto, scalar, coop or all")),
+            },
+            "--warmup" => warmup = Some(num(value()?)?),
+            "--iters" => iters = Some(num(value()?)?.max(1)),
+            "--budget" => {
+                let v = value()?;
+                a.budget = v.parse().map_err(|e| format!("--budget {v}: {e}"))?
+            }
+            "--wall" => a.wall = true,
+            "--no-check" => a.check = false,
+            "--quick" => quick = true,
+            "--json" => a.json = Some(value()?),
+            // Context::new reads the filter from the environment; setting it here, before any
+            // thread exists, is the same as the user setting it.
+            "--adapter" => std::env::set_var(selattn::ADAPTER_ENV, value()?),
+            "-h" | "--help" => return Err(USAGE.into()),
+            f => return Err(format!("unknown flag {f}\n{USAGE}")),
+        }
+    }
+    if quick {
+        a.warmup = 1;
+        a.iters = 3;
+        a.budget = 0.5;
+        if a.shapes.is_empty() {
+            // One self-attention shape and one with GQA, Nq < Nk and lengths off every tile size.
+            a.shapes = vec![Shape::new(1, 2, 128, 64), parse_shape("1,4,2,50,80,32")?];
+        }
+    }
+    if a.shapes.is_empty() {
+        a.shapes = vec![
+            Shape::new(4, 16, 4096, 64),
+            Shape::new(4, 16, 4096, 128),
+            Shape::new(1, 16, 16384, 64),
+        ];
+    }
+    a.warmup = warmup.unwrap_or(a.warmup);
+    a.iters = iters.unwrap_or(a.iters);
+    if a.variants.is_empty() {
+        a.variants = Variant::ALL.to_vec();
+    }
+    if a.paths.is_empty() {
+        a.paths = vec![Path::Auto];
+    }
+    Ok(a)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs
+
+/// splitmix64 with Box-Muller normals: seeded and reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normals(&mut self, n: usize) -> Vec<f32> {
+        let mut v = Vec::with_capacity(n + 1);
+        while v.len() < n {
+            let r = (-2.0 * self.uniform().max(1e-300).ln()).sqrt();
+            let t = 2.0 * std::f64::consts::PI * self.uniform();
+            v.push((r * t.cos()) as f32);
+            v.push((r * t.sin()) as f32);
+        }
+        v.truncate(n);
+        v
+    }
+    fn range(&mut self, lo: f32, hi: f32, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| lo + (hi - lo) * self.uniform() as f32)
+            .collect()
+    }
+}
+
+fn count(d: Vec<u64>) -> usize {
+    d.iter().product::<u64>() as usize
+}
+
+/// Seeded host inputs with every control present: Q, K, V standard normal, tau in [0.5, 1.5),
+/// alpha in [0, 0.1) (small: it multiplies ln(position + 1)), gate in (0, 1).
+fn host_inputs(s: &Shape, seed: u64) -> HostInputs {
+    let mut rng = Rng::new(seed);
+    HostInputs {
+        q: rng.normals(count(s.q_dims())),
+        k: rng.normals(count(s.kv_dims())),
+        v: rng.normals(count(s.kv_dims())),
+        tau: Some(rng.range(0.5, 1.5, count(s.row_dims()))),
+        alpha: Some(rng.range(0.0, 0.1, count(s.alpha_dims()))),
+        gate: Some(rng.range(1e-3, 1.0, count(s.gate_dims()))),
+        kv_len: None,
+        f0: None,
+    }
+}
+
+/// The host inputs on the GPU, Q/K/V in `dtype`, the rest f32, with O and LSE to write.
+struct Device {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tau: Tensor,
+    alpha: Tensor,
+    gate: Tensor,
+    o: Tensor,
+    lse: Tensor,
+}
+
+impl Device {
+    fn upload(ctx: &Context, s: &Shape, x: &HostInputs, dtype: DType) -> selattn::Result<Self> {
+        let up = |dims: Vec<u64>, data: &[f32]| match dtype {
+            DType::F16 => ctx.upload_f16(&dims, data),
+            _ => ctx.upload(&dims, data),
+        };
+        let none = || Error::Io("host inputs lack a control".into());
+        Ok(Device {
+            q: up(s.q_dims(), &x.q)?,
+            k: up(s.kv_dims(), &x.k)?,
+            v: up(s.kv_dims(), &x.v)?,
+            tau: ctx.upload(&s.row_dims(), x.tau.as_deref().ok_or_else(none)?)?,
+            alpha: ctx.upload(&s.alpha_dims(), x.alpha.as_deref().ok_or_else(none)?)?,
+            gate: ctx.upload(&s.gate_dims(), x.gate.as_deref().ok_or_else(none)?)?,
+            o: ctx.empty(&s.q_dims(), dtype)?,
+            lse: ctx.empty(&s.row_dims(), DType::F32)?,
+        })
+    }
+
+    fn inputs(&self, v: Variant) -> Inputs<'_> {
+        let mut i = Inputs::new(&self.q, &self.k, &self.v);
+        if v.temperature() {
+            i = i.tau(&self.tau).alpha(&self.alpha);
+        }
+        if v.gate() {
+            i = i.gate(&self.gate);
+        }
+        i
+    }
+
+    fn outputs(&self) -> Outputs<'_> {
+        Outputs::new(&self.o).lse(&self.lse)
+    }
+}
+
+fn options(v: Variant, causal: bool, path: Path) -> Options {
+    let o = if causal {
+        Options::causal()
+    } else {
+        Options::new()
+    };
+    let o = o.path(path);
+    if v.selective() {
+        o.selective(0)
+    } else {
+        o
+    }
+}
+
+/// Bytes one call moves at the least: every input read once, every output written once.
+fn moved_bytes(i: &Inputs, o: &Outputs) -> u64 {
+    let opt = |t: Option<&Tensor>| t.map_or(0, |t| t.bytes());
+    i.q.bytes()
+        + i.k.bytes()
+        + i.v.bytes()
+        + opt(i.tau)
+        + opt(i.alpha)
+        + opt(i.gate)
+        + o.o.bytes()
+        + opt(o.lse)
+        + opt(o.f_out)
+}
+
+fn flops(s: &Shape, causal: bool) -> f64 {
+    let f = 4.0
+        * s.batch as f64
+        * s.q_heads as f64
+        * s.q_len as f64
+        * s.k_len as f64
+        * s.head_dim as f64;
+    if causal {
+        f / 2.0
+    } else {
+        f
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Check against the reference
+
+/// A small slice of `s` with the same head dim and head grouping, lengths off every tile size.
+fn small_shape(s: &Shape) -> Shape {
+    let kv_heads = s.kv_heads.min(2);
+    let q_len = s.q_len.min(67);
+    Shape {
+        batch: s.batch.min(2),
+        q_heads: kv_heads * s.group(),
+        kv_heads,
+        q_len,
+        k_len: q_len + (s.k_len - s.q_len.min(s.k_len)).min(13),
+        head_dim: s.head_dim,
+    }
+}
+
+/// Norm-wise relative error of O against the f64 reference on a small slice of the shape.
+fn check_small(
+    ctx: &Context,
+    s: &Shape,
+    v: Variant,
+    opts: &Options,
+    dtype: DType,
+) -> Result<f64, Error> {
+    let small = small_shape(s);
+    let mut x = host_inputs(&small, 7);
+    if dtype == DType::F16 {
+        // The reference sees what the GPU sees: Q, K, V rounded to f16.
+        for t in [&mut x.q, &mut x.k, &mut x.v] {
+            t.iter_mut()
+                .for_each(|e| *e = half::f16::from_f32(*e).to_f32());
+        }
+    }
+    let dev = Device::upload(ctx, &small, &x, dtype)?;
+    ctx.poison(&dev.o);
+    let inputs = dev.inputs(v);
+    ctx.attention(&inputs, opts, &dev.outputs())?;
+    let got = ctx.download(&dev.o)?;
+    if !v.temperature() {
+        x.tau = None;
+        x.alpha = None;
+    }
+    if !v.gate() {
+        x.gate = None;
+    }
+    let spec = Spec {
+        shape: small,
+        options: *opts,
+        present: x.present(v.selective()),
+    };
+    let want = reference::attention(&spec, &x)?;
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &r) in got.iter().zip(&want.o) {
+        let g = g as f64;
+        // NaN must not vanish from the sum: count it as an infinite error.
+        let e = if g.is_finite() { g - r } else { f64::INFINITY };
+        num += e * e;
+        den += r * r;
+    }
+    Ok((num / den.max(f64::MIN_POSITIVE)).sqrt())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timing
+
+/// Timestamp pairs per query set and per submission.
+const BATCH: u32 = 16;
+
+/// Runs one call per pass, `n` times, and returns each run's GPU time in milliseconds, from
+/// timestamps written at the beginning and end of the call's compute pass.
+fn time_gpu(
+    ctx: &Context,
+    inputs: &Inputs,
+    opts: &Options,
+    outputs: &Outputs,
+    n: u32,
+) -> selattn::Result<Vec<f64>> {
+    let dev = &ctx.device;
+    let qs = dev.create_query_set(&wgpu::QuerySetDescriptor {
+        label: Some("bench timestamps"),
+        ty: wgpu::QueryType::Timestamp,
+        count: 2 * BATCH,
+    });
+    let bytes = 2 * BATCH as u64 * 8;
+    let resolve = dev.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("bench timestamp resolve"),
+        size: bytes,
+        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let read = dev.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("bench timestamp readback"),
+        size: bytes,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let period = ctx.queue.get_timestamp_period() as f64;
+    let mut out = Vec::with_capacity(n as usize);
+    while (out.len() as u32) < n {
+        let m = (n - out.len() as u32).min(BATCH);
+        let mut enc = dev.create_command_encoder(&Default::default());
+        for i in 0..m {
+            let ts = wgpu::ComputePassTimestampWrites {
+                query_set: &qs,
+                beginning_of_pass_write_index: Some(2 * i),
+                end_of_pass_write_index: Some(2 * i + 1),
+            };
+            ctx.encode_attention_timed(&mut enc, inputs, opts, outputs, ts)?;
+        }
+        enc.resolve_query_set(&qs, 0..2 * m, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
+        ctx.queue.submit([enc.finish()]);
+        let slice = read.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.sync()?;
+        rx.recv()
+            .map_err(|e| Error::Gpu(e.to_string()))?
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        let ticks: Vec<u64> = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Gpu(e.to_string()))?;
+            bytemuck::pod_collect_to_vec(&view)
+        };
+        read.unmap();
+        for i in 0..m as usize {
+            let dt = ticks[2 * i + 1].wrapping_sub(ticks[2 * i]) as f64 * period;
+            out.push(dt * 1e-6);
+        }
+    }
+    Ok(out)
+}
+
+/// One run, wall clock from submit until the GPU reports it finished, in milliseconds.
+fn time_wall(
+    ctx: &Context,
+    inputs: &Inputs,
+    opts: &Options,
+    outputs: &Outputs,
+) -> selattn::Result<f64> {
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    ctx.encode_attention(&mut enc, inputs, opts, outputs)?;
+    let cmd = enc.finish();
+    let t = Instant::now();
+    ctx.queue.submit([cmd]);
+    ctx.sync()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows
+
+struct Row {
+    shape: Shape,
+    variant: Variant,
+    causal: bool,
+    dtype: DType,
+    path: Path,
+    /// The path the plan chose (never auto).
+    path_used: Option<Path>,
+    result: Result<Measured, String>,
+}
+
+struct Measured {
+    ms: f64,
+    min_ms: f64,
+    runs: usize,
+    tflops: f64,
+    gbps: f64,
+    flops: f64,
+    bytes: u64,
+    scratch: u64,
+    alloc: u64,
+    check: Option<f64>,
+    check_ok: bool,
+    finite: bool,
+}
+
+fn tolerance(d: DType) -> f64 {
+    match d {
+        DType::F16 => 5e-3,
+        _ => 2e-5,
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Everything one row does, GPU errors caught by error scopes and returned as errors.
+fn measure(
+    ctx: &Context,
+    a: &Args,
+    dev: &Device,
+    row: &mut Row,
+    timestamps: bool,
+) -> selattn::Result<Measured> {
+    let s = row.shape;
+    let opts = options(row.variant, row.causal, row.path);
+    let inputs = dev.inputs(row.variant);
+    let outputs = dev.outputs();
+    let plan = ctx.plan(&inputs, &opts, &outputs)?;
+    row.path_used = Some(plan.path);
+    let scratch = plan.scratch_bytes();
+
+    let (check, check_ok) = if a.check {
+        let e = check_small(ctx, &s, row.variant, &opts, row.dtype)?;
+        (Some(e), e <= tolerance(row.dtype))
+    } else {
+        (None, true)
+    };
+
+    let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let val = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let budget = Duration::from_secs_f64(a.budget);
+    // Warm-up; a run slower than half the budget needs no second warm-up.
+    for _ in 0..a.warmup.max(1) {
+        if time_wall(ctx, &inputs, &opts, &outputs)? * 1e-3 > a.budget / 2.0 {
+            break;
+        }
+    }
+    let started = Instant::now();
+    let mut times = Vec::with_capacity(a.iters as usize);
+    while (times.len() as u32) < a.iters {
+        if times.len() >= 3 && started.elapsed() > budget {
+            break;
+        }
+        if timestamps {
+            // A batch of at most 4 before looking at the clock again, so slow rows stop early.
+            let m = (a.iters - times.len() as u32).min(if times.is_empty() { 3 } else { 4 });
+            times.extend(time_gpu(ctx, &inputs, &opts, &outputs, m)?);
+        } else {
+            times.push(time_wall(ctx, &inputs, &opts, &outputs)?);
+        }
+    }
+    if let Some(e) = pollster::block_on(val.pop()) {
+        return Err(Error::Gpu(e.to_string()));
+    }
+    if let Some(e) = pollster::block_on(oom.pop()) {
+        return Err(Error::Gpu(e.to_string()));
+    }
+    let finite = ctx.download(&dev.lse)?.iter().all(|x| x.is_finite());
+
+    let runs = times.len();
+    let min_ms = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let ms = median(&mut times);
+    let fl = flops(&s, row.causal);
+    let bytes = moved_bytes(&inputs, &outputs);
+    let used = |t: Option<&Tensor>| t.map_or(0, |t| t.bytes());
+    let alloc = inputs.q.bytes()
+        + inputs.k.bytes()
+        + inputs.v.bytes()
+        + used(inputs.tau)
+        + used(inputs.alpha)
+        + used(inputs.gate)
+        + outputs.o.bytes()
+        + used(outputs.lse)
+        + scratch;
+    Ok(Measured {
+        ms,
+        min_ms,
+        runs,
+        tflops: fl / (ms * 1e-3) / 1e12,
+        gbps: bytes as f64 / (ms * 1e-3) / 1e9,
+        flops: fl,
+        bytes,
+        scratch,
+        alloc,
+        check,
+        check_ok,
+        finite,
+    })
+}
+
+fn shape_text(s: &Shape) -> String {
+    if s.q_heads == s.kv_heads && s.q_len == s.k_len {
+        format!("{},{},{},{}", s.batch, s.q_heads, s.q_len, s.head_dim)
+    } else {
+        format!(
+            "{},{},{},{},{},{}",
+            s.batch, s.q_heads, s.kv_heads, s.q_len, s.k_len, s.head_dim
+        )
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    match b {
+        b if b >= (1u64 << 30) as f64 => format!("{:.2}G", b / (1u64 << 30) as f64),
+        b if b >= (1u64 << 20) as f64 => format!("{:.1}M", b / (1u64 << 20) as f64),
+        b if b >= 1024.0 => format!("{:.1}K", b / 1024.0),
+        b => format!("{b}"),
+    }
+}
+
+/// Three significant digits however small (software adapters run at MFLOP/s).
+fn sig3(x: f64) -> String {
+    match x.abs() {
+        a if a >= 100.0 => format!("{x:.0}"),
+        a if a >= 10.0 => format!("{x:.1}"),
+        a if a >= 0.01 => format!("{x:.2}"),
+        _ => format!("{x:.1e}"),
+    }
+}
+
+const HEADER: &str = "shape                 variant   causal dtype path         ms        min  TFLOP/s     GB/s  scratch    alloc  check";
+
+fn print_row(r: &Row) {
+    let path = match r.path_used {
+        Some(u) if u != r.path => format!("{}>{}", path_name(r.path), path_name(u)),
+        _ => path_name(r.path).to_string(),
+    };
+    let head = format!(
+        "{:21} {:9} {:6} {:5} {:11}",
+        shape_text(&r.shape),
+        r.variant.name(),
+        if r.causal { "yes" } else { "no" },
+        dtype_name(r.dtype),
+        path
+    );
+    match &r.result {
+        Ok(m) => {
+            let check = match m.check {
+                Some(e) if m.check_ok => format!("ok {e:.1e}"),
+                Some(e) => format!("FAIL {e:.1e}"),
+                None => "-".into(),
+            };
+            let finite = if m.finite { "" } else { "  NON-FINITE LSE" };
+            println!(
+                "{head} {:9.3} {:9.3} {:>8} {:>8} {:>8} {:>8}  {check}{finite}",
+                m.ms,
+                m.min_ms,
+                sig3(m.tflops),
+                sig3(m.gbps),
+                human_bytes(m.scratch),
+                human_bytes(m.alloc)
+            );
+        }
+        Err(e) => println!("{head}  error: {e}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON (written by hand: the crate takes no serde dependency)
+
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn json_num(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x}")
+    } else {
+        "null".into()
+    }
+}
+
+fn json_rows(ctx: &Context, timer: &str, rows: &[Row]) -> String {
+    let i = &ctx.capabilities().info;
+    let mut out = String::from("[\n");
+    for (n, r) in rows.iter().enumerate() {
+        let s = r.shape;
+        let mut o = format!(
+            "{{\"adapter\":{},\"backend\":{},\"driver\":{},\"driver_info\":{},\"timer\":{},\
+             \"shape\":[{},{},{},{},{},{}],\"variant\":{},\"causal\":{},\"dtype\":{},\"path\":{},\"path_used\":{}",
+            json_str(&i.name),
+            json_str(&format!("{:?}", i.backend)),
+            json_str(&i.driver),
+            json_str(&i.driver_info),
+            json_str(timer),
+            s.batch,
+            s.q_heads,
+            s.kv_heads,
+            s.q_len,
+            s.k_len,
+            s.head_dim,
+            json_str(r.variant.name()),
+            r.causal,
+            json_str(dtype_name(r.dtype)),
+            json_str(path_name(r.path)),
+            r.path_used
+                .map_or("null".into(), |p| json_str(path_name(p))),
+        );
+        match &r.result {
+            Ok(m) => {
+                let _ = write!(
+                    o,
+                    ",\"ms\":{},\"min_ms\":{},\"runs\":{},\"tflops\":{},\"gbps\":{},\"flops\":{},\
+                     \"bytes\":{},\"scratch_bytes\":{},\"alloc_bytes\":{},\"check_rel_err\":{},\
+                     \"check_ok\":{},\"lse_finite\":{},\"error\":null}}",
+                    json_num(m.ms),
+                    json_num(m.min_ms),
+                    m.runs,
+                    json_num(m.tflops),
+                    json_num(m.gbps),
+                    json_num(m.flops),
+                    m.bytes,
+                    m.scratch,
+                    m.alloc,
+                    m.check.map_or("null".into(), json_num),
+                    m.check_ok,
+                    m.finite
+                );
+            }
+            Err(e) => {
+                let _ = write!(o, ",\"error\":{}}}", json_str(e));
+            }
+        }
+        out.push_str("  ");
+        out.push_str(&o);
+        out.push_str(if n + 1 < rows.len() { ",\n" } else { "\n" });
+    }
+    out.push_str("]\n");
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() {
+    let a = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let ctx = match Context::new() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    // wgpu panics on a GPU error no error scope caught (an allocation outside `measure`, say);
+    // count them instead, so the row it happened in reports an error and the others still run.
+    static UNCAPTURED: AtomicUsize = AtomicUsize::new(0);
+    ctx.device.on_uncaptured_error(Arc::new(|e| {
+        UNCAPTURED.fetch_add(1, Ordering::SeqCst);
+        eprintln!("bench: GPU error outside an error scope: {e}");
+    }));
+    let caps = ctx.capabilities();
+    let timestamps = caps.timestamps && !a.wall;
+    let timer = if timestamps {
+        "gpu-timestamps"
+    } else {
+        "wall-clock"
+    };
+    println!("adapter: {}", ctx.describe());
+    println!(
+        "features: f16 {}, subgroups {} ({}..{}), cooperative matrix 16x16 f16 {}, timestamps {}",
+        caps.f16,
+        caps.subgroups,
+        caps.subgroup_min_size,
+        caps.subgroup_max_size,
+        caps.coop_16x16_f16(),
+        caps.timestamps
+    );
+    println!(
+        "timer: {} ({}), warm-up {}, median of up to {} runs (at least {}, about {} s per row)",
+        timer,
+        if timestamps {
+            "begin/end of the call's compute pass"
+        } else {
+            "submit until the device is idle"
+        },
+        a.warmup,
+        a.iters,
+        a.iters.min(3),
+        a.budget
+    );
+    println!("TFLOP/s counts 4*B*Hq*Nq*Nk*D, halved when causal; GB/s counts Q,K,V,O,LSE and the variant's inputs once");
+    println!("{HEADER}");
+
+    let mut rows = Vec::new();
+    for (si, shape) in a.shapes.iter().enumerate() {
+        let x = host_inputs(shape, 1000 + si as u64);
+        for &dtype in &a.dtypes {
+            let before = UNCAPTURED.load(Ordering::SeqCst);
+            let mut dev = Device::upload(&ctx, shape, &x, dtype);
+            if dev.is_ok() && UNCAPTURED.load(Ordering::SeqCst) != before {
+                dev = Err(Error::Gpu(
+                    "uploading the inputs failed (see stderr)".into(),
+                ));
+            }
+            for &variant in &a.variants {
+                for &causal in &a.causal {
+                    if variant.selective() && !causal {
+                        continue;
+                    }
+                    for &path in &a.paths {
+                        let mut row = Row {
+                            shape: *shape,
+                            variant,
+                            causal,
+                            dtype,
+                            path,
+                            path_used: None,
+                            result: Err(String::new()),
+                        };
+                        let before = UNCAPTURED.load(Ordering::SeqCst);
+                        row.result = match &dev {
+                            Ok(d) => measure(&ctx, &a, d, &mut row, timestamps)
+                                .map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        if UNCAPTURED.load(Ordering::SeqCst) != before {
+                            row.result =
+                                Err("GPU error outside an error scope (see stderr)".into());
+                        }
+                        print_row(&row);
+                        rows.push(row);
+                    }
+                }
+            }
+        }
+    }
+
+    if let Some(p) = &a.json {
+        if let Err(e) = std::fs::write(p, json_rows(&ctx, timer, &rows)) {
+            eprintln!("bench: writing {p}: {e}");
+            std::process::exit(1);
+        }
+        println!("wrote {p}");
+    }
+    let bad = rows
+        .iter()
+        .filter(|r| matches!(&r.result, Ok(m) if !m.check_ok || !m.finite))
+        .count();
+    if bad > 0 {
+        eprintln!("bench: {bad} rows failed the reference check or gave non-finite LSE");
+        std::process::exit(1);
+    }
+}

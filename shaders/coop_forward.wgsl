@@ -1,0 +1,309 @@
+// Fused attention forward on cooperative matrices (tensor cores): f16 storage, f32 accumulation.
+//
+// One workgroup per (query tile of BR rows, query head, batch); BR = 16 x (subgroups per workgroup)
+// and each subgroup owns 16 query rows. The subgroup size is the adapter's fixed, reported size
+// (the planner only picks this path when subgroup_min_size == subgroup_max_size), passed in as SGS.
+// Per key tile of BC keys:
+//   1. K (and the selection head's K) staged in workgroup memory, zero past the valid keys;
+//   2. S = Q K^T per subgroup with 16x16x16 MMAs, stored (f32) to workgroup memory;
+//   3. (selective) column prefix of the selection head's S, added to the carried C;
+//   4. per row: z = S * scale * t * log2(e) - F, masked; lazy online softmax: the running max only
+//      moves when a tile's max exceeds it by more than 8 (log2 units), so O is rescaled (a round
+//      trip through workgroup memory) rarely, never per tile; P written as f16 (values <= 2^8);
+//   5. V (gated) staged; O += P V with MMAs.
+// A WGSL cooperative matrix has no per-element access, hence the round trips through memory.
+// Bounds: global reads are guarded by q_len / valid-key checks during staging; cooperative loads
+// and stores touch workgroup memory only, at offsets < the arrays' override-sized lengths.
+// Fragments per head dim are unrolled by the Rust generator (the `{{...}}` markers), which
+// overrides cannot express; everything else is an `override`.
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<vec4<u32>>;    // f16 x 8
+@group(0) @binding(2) var<storage, read> k: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> tau: array<f32>;
+@group(0) @binding(5) var<storage, read> alpha: array<f32>;
+@group(0) @binding(6) var<storage, read> gate: array<f32>;
+@group(0) @binding(7) var<storage, read> kv_len: array<u32>;
+@group(0) @binding(8) var<storage, read> fcarry: array<f32>;    // C [B, n_qtiles, Nk]
+@group(0) @binding(9) var<storage, read_write> o: array<u32>;   // f16 x 2
+@group(0) @binding(10) var<storage, read_write> lse: array<f32>;
+
+override D: u32 = 64u;
+override BR: u32 = 64u;
+override BC: u32 = 64u;
+override SGS: u32 = 32u;       // the adapter's fixed subgroup size
+override CAUSAL: bool = false;
+override HAS_TAU: bool = false;
+override HAS_ALPHA: bool = false;
+override HAS_GATE: bool = false;
+override HAS_KVLEN: bool = false;
+override SELECTIVE: bool = false;
+override WRITE_LSE: bool = false;
+
+override WG: u32 = (BR / 16u) * SGS;
+override D8: u32 = D / 8u;
+override DP: u32 = D + 8u;     // padded f16 row stride of staged K/V/Q (bank conflicts)
+override SP: u32 = BC + 4u;    // padded f32 row stride of S
+override PP: u32 = BC + 8u;    // padded f16 row stride of P
+// Lazy rescale threshold in log2 units: P stays <= 2^8, far inside f16 range.
+const RESCALE_AT: f32 = 8.0;
+
+var<workgroup> kbuf: array<f16, max(BR, BC) * DP>;
+var<workgroup> sbuf: array<f32, BR * SP>;
+var<workgroup> pbuf: array<f16, BR * PP>;
+var<workgroup> fsel: array<f32, select(1u, BR * SP, SELECTIVE)>;
+var<workgroup> row_m: array<f32, BR>;
+var<workgroup> row_l: array<f32, BR>;
+var<workgroup> row_c: array<f32, BR>;
+var<workgroup> row_f: array<f32, BR>;
+var<workgroup> rescale: atomic<u32>;
+
+fn valid_keys(b: u32) -> u32 {
+    if HAS_KVLEN {
+        return min(kv_len[b], p.k_len);
+    }
+    return p.k_len;
+}
+
+fn row_factor(b: u32, h: u32, i: u32) -> f32 {
+    var t = 1.0;
+    if HAS_TAU {
+        t = tau[(b * p.q_heads + h) * p.q_len + i];
+    }
+    if HAS_ALPHA {
+        t += alpha[h] * log(f32(p.start + i + 1u));
+    }
+    return p.scale * t * LOG2E;
+}
+
+// Stores 8 f16 (one 16-byte global word) at kbuf[at..at+8], scaled by g.
+fn put8(at: u32, w: vec4<u32>, g: f32) {
+    let a = unpack2x16float(w.x) * g;
+    let b = unpack2x16float(w.y) * g;
+    let c = unpack2x16float(w.z) * g;
+    let d = unpack2x16float(w.w) * g;
+    kbuf[at] = f16(a.x);
+    kbuf[at + 1u] = f16(a.y);
+    kbuf[at + 2u] = f16(b.x);
+    kbuf[at + 3u] = f16(b.y);
+    kbuf[at + 4u] = f16(c.x);
+    kbuf[at + 5u] = f16(c.y);
+    kbuf[at + 6u] = f16(d.x);
+    kbuf[at + 7u] = f16(d.y);
+}
+
+// K rows [kt, kt + BC) of KV head `hk` into kbuf, zero at and past kend.
+fn stage_k(b: u32, hk: u32, kt: u32, kend: u32, tid: u32) {
+    for (var e = tid; e < BC * D8; e += WG) {
+        let c = e / D8;
+        let j = kt + c;
+        let c8 = e % D8;
+        var w = vec4<u32>(0u);
+        if j < kend {
+            w = k[((b * p.kv_heads + hk) * p.k_len + j) * D8 + c8];
+        }
+        put8(c * DP + c8 * 8u, w, 1.0);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn coop_forward(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+) {
+    // Causal: the longest query tiles first, so the tail of the grid is short work.
+    var qt = wg.x;
+    if CAUSAL {
+        qt = p.n_qtiles - 1u - wg.x;
+    }
+    let h = wg.y;
+    let b = wg.z;
+    let hk = h / p.group;
+    let row0 = qt * BR;
+    let valid = valid_keys(b);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let rb0 = sg * 16u;          // this subgroup's first row in the tile
+
+    for (var r = tid; r < BR; r += WG) {
+        row_m[r] = MASKED;
+        row_l[r] = 0.0;
+        row_c[r] = 1.0;
+        var f = 0.0;
+        if row0 + r < p.q_len {
+            f = row_factor(b, h, row0 + r);
+        }
+        row_f[r] = f;
+    }
+
+    // Q fragments, then the selection head's, staged through kbuf (which holds max(BR, BC) rows).
+    // Every subgroup loads at its own offset with no branch: cooperative operations need
+    // workgroup-uniform control flow.
+{{QDECL}}
+    for (var qp = 0u; qp < select(1u, 2u, SELECTIVE); qp++) {
+        var qh = h;
+        if qp == 1u {
+            qh = sel;
+        }
+        workgroupBarrier();
+        for (var e = tid; e < BR * D8; e += WG) {
+            let r = e / D8;
+            let i = row0 + r;
+            let c8 = e % D8;
+            var w = vec4<u32>(0u);
+            if i < p.q_len {
+                w = q[((b * p.q_heads + qh) * p.q_len + i) * D8 + c8];
+            }
+            put8(r * DP + c8 * 8u, w, 1.0);
+        }
+        workgroupBarrier();
+        let qoff = rb0 * DP;
+        if qp == 0u {
+{{QLOAD}}
+        } else {
+{{QSLOAD}}
+        }
+    }
+{{ODECL}}
+
+    var kend = valid;
+    if CAUSAL {
+        kend = min(kend, p.start + min(row0 + BR, p.q_len));
+    }
+
+    for (var kt = 0u; kt < kend; kt += BC) {
+        workgroupBarrier();
+        // 1. K tile, zero past kend; 2. S = Q K^T for this subgroup's 16 rows (raw dots).
+        stage_k(b, hk, kt, kend, tid);
+        workgroupBarrier();
+        for (var cb = 0u; cb < BC; cb += 16u) {
+            let koff = cb * DP;
+            let soff = rb0 * SP + cb;
+{{SCOMP}}
+        }
+        workgroupBarrier();
+        // The selection head's S tile, through the same staging buffer.
+        if SELECTIVE {
+            stage_k(b, sel_kv, kt, kend, tid);
+            workgroupBarrier();
+            for (var cb = 0u; cb < BC; cb += 16u) {
+                let koff = cb * DP;
+                let soff = rb0 * SP + cb;
+{{SSCOMP}}
+            }
+            workgroupBarrier();
+        }
+        // 3. Selective: F = C + exclusive column prefix of S_sel inside the tile, log2-scaled.
+        if SELECTIVE {
+            for (var c = tid; c < BC; c += WG) {
+                let j = kt + c;
+                var run = 0.0;
+                if j < p.k_len {
+                    run = fcarry[(b * p.n_qtiles + qt) * p.k_len + j] * LOG2E;
+                }
+                for (var r = 0u; r < BR; r++) {
+                    let i = row0 + r;
+                    let pos = p.start + i;
+                    let e = r * SP + c;
+                    let s = fsel[e];
+                    fsel[e] = run;
+                    if i < p.q_len && j > 0u && j < pos && pos < valid {
+                        run += max(s * (p.scale * LOG2E), 0.0);
+                    }
+                }
+            }
+            workgroupBarrier();
+        }
+        // 4. Lazy online softmax, one row per thread; then V staged (gated).
+        for (var r = tid; r < BR; r += WG) {
+            let i = row0 + r;
+            let pos = p.start + i;
+            let rf = row_f[r];
+            var mx = MASKED;
+            for (var c = 0u; c < BC; c++) {
+                let j = kt + c;
+                var ok = i < p.q_len && j < valid;
+                if CAUSAL {
+                    ok = ok && j <= pos;
+                }
+                var z = MASKED;
+                if ok {
+                    z = sbuf[r * SP + c] * rf;
+                    if SELECTIVE {
+                        z -= fsel[r * SP + c];
+                    }
+                }
+                sbuf[r * SP + c] = z;
+                mx = max(mx, z);
+            }
+            let m_old = row_m[r];
+            var m_new = m_old;
+            var corr = 1.0;
+            if m_old <= MASKED_HALF {
+                m_new = mx;          // nothing accumulated yet: no rescale needed
+            } else if mx > m_old + RESCALE_AT {
+                m_new = mx;
+                corr = exp2(m_old - mx);
+                atomicStore(&rescale, 1u);
+            }
+            var sum = 0.0;
+            for (var c = 0u; c < BC; c++) {
+                let z = sbuf[r * SP + c];
+                var pr = f16(0.0);
+                if z > MASKED_HALF {
+                    pr = f16(exp2(z - m_new));
+                }
+                pbuf[r * PP + c] = pr;
+                sum += f32(pr);
+            }
+            row_m[r] = m_new;
+            row_c[r] = corr;
+            row_l[r] = row_l[r] * corr + sum;
+        }
+        for (var e = tid; e < BC * D8; e += WG) {
+            let c = e / D8;
+            let j = kt + c;
+            var w = vec4<u32>(0u);
+            var g = 1.0;
+            if j < kend {
+                let hj = (b * p.kv_heads + hk) * p.k_len + j;
+                w = v[hj * D8 + e % D8];
+                if HAS_GATE {
+                    g = gate[hj];
+                }
+            }
+            put8(c * DP + (e % D8) * 8u, w, g);
+        }
+        // 5. Rare: rescale O rows whose max moved, through workgroup memory.
+        let need = workgroupUniformLoad(&rescale);
+        if need != 0u {
+            let ooff = rb0 * SP;
+{{RESCALE}}
+            workgroupBarrier();
+            atomicStore(&rescale, 0u);
+        }
+        // 6. O += P V.
+        for (var cb = 0u; cb < BC; cb += 16u) {
+            let poff = rb0 * PP + cb;
+            let voff = cb * DP;
+            let pa = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[poff], PP);
+{{PV}}
+        }
+    }
+    workgroupBarrier();
+
+    // 7. Normalise and store O (f16) and LSE; rows with no allowed key give zeros and -inf.
+    let ooff = rb0 * SP;
+{{EPILOGUE}}
+    if WRITE_LSE {
+        for (var r = tid; r < BR; r += WG) {
+            let i = row0 + r;
+            if i < p.q_len {
+                let l = row_l[r];
+                lse[(b * p.q_heads + h) * p.q_len + i] = select(neg_inf(), (row_m[r] + log2(l)) * LN2, l > 0.0);
+            }
+        }
+    }
+}

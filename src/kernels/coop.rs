@@ -1,0 +1,220 @@
+//! The cooperative-matrix forward kernel (`shaders/coop_forward.wgsl`): f16 storage, 16×16×16
+//! f16 → f32 MMAs. Chosen automatically where the adapter reports that configuration, a fixed
+//! subgroup size and f16; the scalar kernel is the fallback everywhere else.
+
+use std::fmt::Write;
+
+use super::flag;
+use super::forward::ForwardConfig;
+use crate::context::Capabilities;
+
+/// Subgroups per workgroup; each owns 16 query rows, so BR = 16 × this.
+pub const SUBGROUPS: u32 = 4;
+/// Largest head dim on this path: O and Q fragments live in registers (2 × D/16 matrices).
+pub const MAX_D: u32 = 128;
+
+/// Specialisation of the cooperative-matrix kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoopConfig {
+    /// Head dim, a multiple of 16 up to [`MAX_D`].
+    pub d: u32,
+    /// Query rows per workgroup (16 per subgroup).
+    pub br: u32,
+    /// Keys per tile, a multiple of 16.
+    pub bc: u32,
+    /// The adapter's fixed subgroup size.
+    pub sgs: u32,
+    /// Causal masking.
+    pub causal: bool,
+    /// Per-query temperature.
+    pub tau: bool,
+    /// Positional temperature.
+    pub alpha: bool,
+    /// Value gate.
+    pub gate: bool,
+    /// kv_len.
+    pub kv_len: bool,
+    /// Selective masking.
+    pub selective: bool,
+    /// Write LSE.
+    pub lse: bool,
+}
+
+impl CoopConfig {
+    pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("D", self.d as f64),
+            ("BR", self.br as f64),
+            ("BC", self.bc as f64),
+            ("SGS", self.sgs as f64),
+            ("CAUSAL", flag(self.causal)),
+            ("HAS_TAU", flag(self.tau)),
+            ("HAS_ALPHA", flag(self.alpha)),
+            ("HAS_GATE", flag(self.gate)),
+            ("HAS_KVLEN", flag(self.kv_len)),
+            ("SELECTIVE", flag(self.selective)),
+            ("WRITE_LSE", flag(self.lse)),
+        ]
+    }
+
+    /// Threads per workgroup.
+    pub fn threads(&self) -> u32 {
+        self.br / 16 * self.sgs
+    }
+
+    /// Workgroup memory in bytes, as declared in the shader.
+    pub fn workgroup_bytes(&self) -> u64 {
+        let (br, bc, d) = (self.br as u64, self.bc as u64, self.d as u64);
+        let kbuf = br.max(bc) * (d + 8) * 2;
+        let sbuf = br * (bc + 4) * 4;
+        let pbuf = br * (bc + 8) * 2;
+        let sel = if self.selective { sbuf } else { 4 };
+        kbuf + sbuf + pbuf + sel + 4 * br * 4 + 4
+    }
+
+    /// The coop configuration for a scalar-path configuration, if this adapter can run it.
+    /// `Err` says why not (for a forced path).
+    pub fn choose(caps: &Capabilities, f: &ForwardConfig) -> Result<CoopConfig, &'static str> {
+        if !caps.coop_16x16_f16() {
+            return Err("no 16x16x16 f16->f32 cooperative matrix configuration");
+        }
+        if !caps.f16 {
+            return Err("no SHADER_F16");
+        }
+        if !caps.subgroups || caps.subgroup_min_size != caps.subgroup_max_size {
+            return Err("subgroup size not fixed by the adapter");
+        }
+        if !f.d.is_multiple_of(16) || f.d > MAX_D {
+            return Err("head dim not a multiple of 16 up to 128");
+        }
+        let sgs = caps.subgroup_min_size;
+        let br = 16 * SUBGROUPS;
+        if br / 16 * sgs > caps.max_invocations {
+            return Err("workgroup too large for the adapter");
+        }
+        for bc in [64, 32, 16] {
+            let c = CoopConfig {
+                d: f.d,
+                br,
+                bc,
+                sgs,
+                causal: f.causal,
+                tau: f.tau,
+                alpha: f.alpha,
+                gate: f.gate,
+                kv_len: f.kv_len,
+                selective: f.selective,
+                lse: f.lse,
+            };
+            if c.workgroup_bytes() <= caps.workgroup_memory as u64 {
+                return Ok(c);
+            }
+        }
+        Err("workgroup memory too small")
+    }
+
+    /// The WGSL for this configuration: the template with its fragments unrolled for D.
+    pub fn wgsl(&self, template: &str) -> String {
+        let n = self.d / 16;
+        let sel = self.selective;
+        let mut qdecl = String::new();
+        let mut qload = String::new();
+        let mut qsload = String::new();
+        let mut sscomp = String::new();
+        let mut odecl = String::new();
+        let mut scomp = String::new();
+        let mut rescale = String::new();
+        let mut pv = String::new();
+        let mut epi = String::new();
+        // Every index a `let` of its own: naga's SPIR-V writer is happiest with that.
+        for d in 0..n {
+            let _ = writeln!(qdecl, "    var qf{d} = coop_mat16x16<f16, A>();");
+            if sel {
+                let _ = writeln!(qdecl, "    var qs{d} = coop_mat16x16<f16, A>();");
+            }
+            let _ = writeln!(
+                qload,
+                "            let qi{d} = qoff + {o}u;\n            qf{d} = coopLoadT<coop_mat16x16<f16, A>>(&kbuf[qi{d}], DP);",
+                o = d * 16
+            );
+            if sel {
+                let _ = writeln!(
+                    qsload,
+                    "            let qj{d} = qoff + {o}u;\n            qs{d} = coopLoadT<coop_mat16x16<f16, A>>(&kbuf[qj{d}], DP);",
+                    o = d * 16
+                );
+            }
+            let _ = writeln!(odecl, "    var o{d} = coop_mat16x16<f32, C>();");
+        }
+        let _ = writeln!(scomp, "            var acc = coop_mat16x16<f32, C>();");
+        for d in 0..n {
+            let _ = writeln!(
+                scomp,
+                "            let ki{d} = koff + {o}u;\n            acc = coopMultiplyAdd(qf{d}, coopLoad<coop_mat16x16<f16, B>>(&kbuf[ki{d}], DP), acc);",
+                o = d * 16
+            );
+        }
+        let _ = writeln!(scomp, "            coopStoreT(acc, &sbuf[soff], SP);");
+        if sel {
+            let _ = writeln!(
+                sscomp,
+                "                var accs = coop_mat16x16<f32, C>();"
+            );
+            for d in 0..n {
+                let _ = writeln!(
+                    sscomp,
+                    "                let kj{d} = koff + {o}u;\n                accs = coopMultiplyAdd(qs{d}, coopLoad<coop_mat16x16<f16, B>>(&kbuf[kj{d}], DP), accs);",
+                    o = d * 16
+                );
+            }
+            let _ = writeln!(sscomp, "                coopStoreT(accs, &fsel[soff], SP);");
+        }
+        for d in 0..n {
+            let _ = writeln!(
+                rescale,
+                "            coopStoreT(o{d}, &sbuf[ooff], SP);
+            workgroupBarrier();
+            for (var e = tid; e < BR * 16u; e += WG) {{
+                let r = e / 16u;
+                sbuf[r * SP + e % 16u] *= row_c[r];
+            }}
+            workgroupBarrier();
+            o{d} = coopLoadT<coop_mat16x16<f32, C>>(&sbuf[ooff], SP);
+            workgroupBarrier();"
+            );
+            let _ = writeln!(
+                pv,
+                "            let vi{d} = voff + {o}u;\n            o{d} = coopMultiplyAdd(pa, coopLoadT<coop_mat16x16<f16, B>>(&kbuf[vi{d}], DP), o{d});",
+                o = d * 16
+            );
+            let _ = writeln!(
+                epi,
+                "    coopStoreT(o{d}, &sbuf[ooff], SP);
+    workgroupBarrier();
+    for (var e = tid; e < BR * 8u; e += WG) {{
+        let r = e / 8u;
+        let c2 = e % 8u;
+        let i = row0 + r;
+        if i < p.q_len {{
+            let l = row_l[r];
+            let inv = select(0.0, 1.0 / l, l > 0.0);
+            let x = vec2<f32>(sbuf[r * SP + 2u * c2], sbuf[r * SP + 2u * c2 + 1u]) * inv;
+            o[((b * p.q_heads + h) * p.q_len + i) * (D / 2u) + {o8}u + c2] = pack2x16float(x);
+        }}
+    }}
+    workgroupBarrier();",
+                o8 = d * 8
+            );
+        }
+        template
+            .replace("{{QDECL}}", &qdecl)
+            .replace("{{QLOAD}}", &qload)
+            .replace("{{QSLOAD}}", &qsload)
+            .replace("{{SSCOMP}}", &sscomp)
+            .replace("{{ODECL}}", &odecl)
+            .replace("{{SCOMP}}", &scomp)
+            .replace("{{RESCALE}}", &rescale)
+            .replace("{{PV}}", &pv)
+            .replace("{{EPILOGUE}}", &epi)
+    }
+}

@@ -1,0 +1,142 @@
+//! f16 storage (SHADER_F16) on every adapter that has it, on every kernel path it offers:
+//! the scalar kernel everywhere, the cooperative-matrix kernel where the adapter reports it.
+//! Tolerances (DESIGN.md §4): norm-wise relative error under 5e-3 and no worse than twice the
+//! error of the exact result rounded to f16.
+
+mod common;
+use common::*;
+use selattn::reference::HostInputs;
+use selattn::{DType, Options, Path, Shape};
+
+fn round_f16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+}
+
+/// Inputs as the GPU sees them: Q, K, V rounded to f16 (tau, alpha, gate, F0 stay f32).
+fn as_stored(mut x: HostInputs) -> HostInputs {
+    x.q = round_f16(&x.q);
+    x.k = round_f16(&x.k);
+    x.v = round_f16(&x.v);
+    x
+}
+
+fn cases() -> Vec<(Shape, Options, Controls)> {
+    let all = Controls::ALL;
+    let plain = Controls::default();
+    vec![
+        (Shape::new(1, 2, 77, 64), Options::new(), plain),
+        (Shape::new(1, 2, 77, 64), Options::causal(), all),
+        (
+            Shape::new(2, 4, 50, 128).with_kv_heads(1),
+            Options::causal(),
+            all,
+        ),
+        (
+            Shape::new(1, 4, 70, 64).with_kv_heads(2),
+            Options::causal().selective(3),
+            all,
+        ),
+        (
+            Shape::new(1, 2, 130, 32),
+            Options::causal().selective(0),
+            plain,
+        ),
+        (
+            Shape::new(1, 2, 40, 16).with_q_len(1),
+            Options::causal(),
+            all,
+        ),
+        (
+            Shape::new(1, 2, 90, 64).with_q_len(20),
+            Options::causal().selective(1).start(60),
+            all,
+        ),
+        (Shape::new(1, 1, 33, 128), Options::new(), all),
+    ]
+}
+
+#[test]
+fn f16_storage_matches_reference_on_every_path() {
+    let mut failures = vec![];
+    let mut ran = 0;
+    for ctx in contexts() {
+        let caps = ctx.capabilities();
+        if !caps.f16 {
+            eprintln!(
+                "[{}] no SHADER_F16: f16 storage not offered",
+                ctx.describe()
+            );
+            continue;
+        }
+        for (n, (shape, opts, c)) in cases().into_iter().enumerate() {
+            let x = as_stored(random_inputs(&shape, c, 100 + n as u64));
+            let r = run_ref(&shape, &x, &opts);
+            let floor = compare(
+                &round_f16(&r.o.iter().map(|&v| v as f32).collect::<Vec<_>>()),
+                &r.o,
+                0.0,
+                0.0,
+            );
+            for path in [Path::Scalar, Path::Coop] {
+                let opts = opts.path(path);
+                let g = Gpu::upload(ctx, &shape, &x, DType::F16);
+                let o = ctx.empty(&shape.q_dims(), DType::F16).unwrap();
+                let lse = ctx.empty(&shape.row_dims(), DType::F32).unwrap();
+                let f_out = ctx.empty(&shape.f_dims(), DType::F32).unwrap();
+                ctx.poison(&o);
+                ctx.poison(&lse);
+                ctx.poison(&f_out);
+                let mut outs = selattn::Outputs::new(&o).lse(&lse);
+                if opts.selective.is_some() {
+                    outs = outs.f_out(&f_out);
+                }
+                match ctx.attention(&g.inputs(), &opts, &outs) {
+                    Ok(()) => {}
+                    Err(selattn::Error::PathUnavailable { why, .. }) if path == Path::Coop => {
+                        if n == 0 {
+                            eprintln!("[{}] coop path not offered: {why}", ctx.describe());
+                        }
+                        continue;
+                    }
+                    Err(e) => panic!("[{}] {path:?} {shape:?}: {e}", ctx.describe()),
+                }
+                ran += 1;
+                let go = ctx.download(&o).unwrap();
+                let gl = ctx.download(&lse).unwrap();
+                let co = compare(&go, &r.o, 2e-2, 2e-2);
+                let cl = compare(&gl, &r.lse, 2e-2, 2e-2);
+                let name = format!(
+                    "[{}] {path:?} {shape:?} {opts:?} {}",
+                    ctx.describe(),
+                    c.name()
+                );
+                eprintln!(
+                    "{name}: O rel {:.2e} (f16 rounding floor {:.2e}), max {:.2e}; LSE rel {:.2e}",
+                    co.rel_norm, floor.rel_norm, co.max_abs, cl.rel_norm
+                );
+                let limit = (2.0 * floor.rel_norm).max(1e-4).min(5e-3);
+                if co.nan > 0
+                    || co.rel_norm > limit
+                    || co.bad > 0
+                    || cl.bad > 0
+                    || cl.rel_norm > 1e-3
+                {
+                    failures.push(format!("{name}: O {co:?} limit {limit:.2e}; LSE {cl:?}"));
+                }
+                if opts.selective.is_some() {
+                    let cf = compare(&ctx.download(&f_out).unwrap(), &r.f_out, 1e-3, 1e-3);
+                    if cf.bad > 0 || cf.rel_norm > 1e-3 {
+                        failures.push(format!("{name}: F_out {cf:?}"));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{ran} f16 runs");
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
