@@ -49,15 +49,21 @@ override PP: u32 = BC + 8u;    // padded f16 row stride of P
 // Lazy rescale threshold in log2 units: P stays <= 2^8, far inside f16 range.
 const RESCALE_AT: f32 = 8.0;
 
-var<workgroup> kbuf: array<f16, max(BR, BC) * DP>;
+var<workgroup> kbuf: array<f16, BC * DP>;
+var<workgroup> qbuf: array<f16, BR * DP>;
+var<workgroup> qselbuf: array<f16, select(8u, BR * DP, SELECTIVE)>;
 var<workgroup> sbuf: array<f32, BR * SP>;
 var<workgroup> pbuf: array<f16, BR * PP>;
-var<workgroup> fsel: array<f32, select(1u, BR * SP, SELECTIVE)>;
+var<workgroup> fsel: array<f32, select(4u, BR * SP, SELECTIVE)>;
 var<workgroup> row_m: array<f32, BR>;
 var<workgroup> row_l: array<f32, BR>;
 var<workgroup> row_c: array<f32, BR>;
 var<workgroup> row_f: array<f32, BR>;
-var<workgroup> rescale: atomic<u32>;
+// Every workgroup variable is a multiple of 16 bytes: on NVIDIA's Vulkan driver (580), one
+// smaller variable anywhere in the shader misaligns the arrays that cooperative matrices load
+// from and the loads return wrong data (found by bisection on an H100, 2026-11-22: a 2-, 4- or
+// 6-byte workgroup variable broke a 16x16x16 QK^T that is exact without it).
+var<workgroup> rescale: array<atomic<u32>, 4>;
 
 fn valid_keys(b: u32) -> u32 {
     if HAS_KVLEN {
@@ -91,6 +97,36 @@ fn put8(at: u32, w: vec4<u32>, g: f32) {
     kbuf[at + 5u] = f16(c.y);
     kbuf[at + 6u] = f16(d.x);
     kbuf[at + 7u] = f16(d.y);
+}
+
+fn putq(at: u32, w: vec4<u32>) {
+    let a = unpack2x16float(w.x);
+    let b = unpack2x16float(w.y);
+    let c = unpack2x16float(w.z);
+    let d = unpack2x16float(w.w);
+    qbuf[at] = f16(a.x);
+    qbuf[at + 1u] = f16(a.y);
+    qbuf[at + 2u] = f16(b.x);
+    qbuf[at + 3u] = f16(b.y);
+    qbuf[at + 4u] = f16(c.x);
+    qbuf[at + 5u] = f16(c.y);
+    qbuf[at + 6u] = f16(d.x);
+    qbuf[at + 7u] = f16(d.y);
+}
+
+fn putqs(at: u32, w: vec4<u32>) {
+    let a = unpack2x16float(w.x);
+    let b = unpack2x16float(w.y);
+    let c = unpack2x16float(w.z);
+    let d = unpack2x16float(w.w);
+    qselbuf[at] = f16(a.x);
+    qselbuf[at + 1u] = f16(a.y);
+    qselbuf[at + 2u] = f16(b.x);
+    qselbuf[at + 3u] = f16(b.y);
+    qselbuf[at + 4u] = f16(c.x);
+    qselbuf[at + 5u] = f16(c.y);
+    qselbuf[at + 6u] = f16(d.x);
+    qselbuf[at + 7u] = f16(d.y);
 }
 
 // K rows [kt, kt + BC) of KV head `hk` into kbuf, zero at and past kend.
@@ -127,6 +163,9 @@ fn coop_forward(
     let sel_kv = sel / p.group;
     let rb0 = sg * 16u;          // this subgroup's first row in the tile
 
+    if tid == 0u {
+        atomicStore(&rescale[0], 0u);
+    }
     for (var r = tid; r < BR; r += WG) {
         row_m[r] = MASKED;
         row_l[r] = 0.0;
@@ -138,34 +177,25 @@ fn coop_forward(
         row_f[r] = f;
     }
 
-    // Q fragments, then the selection head's, staged through kbuf (which holds max(BR, BC) rows).
-    // Every subgroup loads at its own offset with no branch: cooperative operations need
-    // workgroup-uniform control flow.
-{{QDECL}}
-    for (var qp = 0u; qp < select(1u, 2u, SELECTIVE); qp++) {
-        var qh = h;
-        if qp == 1u {
-            qh = sel;
-        }
-        workgroupBarrier();
-        for (var e = tid; e < BR * D8; e += WG) {
-            let r = e / D8;
-            let i = row0 + r;
-            let c8 = e % D8;
-            var w = vec4<u32>(0u);
-            if i < p.q_len {
-                w = q[((b * p.q_heads + qh) * p.q_len + i) * D8 + c8];
+    // Q tile (and the selection head's) staged once; fragments are loaded where they are used.
+    for (var e = tid; e < BR * D8; e += WG) {
+        let r = e / D8;
+        let i = row0 + r;
+        let c8 = e % D8;
+        var w = vec4<u32>(0u);
+        var ws = vec4<u32>(0u);
+        if i < p.q_len {
+            w = q[((b * p.q_heads + h) * p.q_len + i) * D8 + c8];
+            if SELECTIVE {
+                ws = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + c8];
             }
-            put8(r * DP + c8 * 8u, w, 1.0);
         }
-        workgroupBarrier();
-        let qoff = rb0 * DP;
-        if qp == 0u {
-{{QLOAD}}
-        } else {
-{{QSLOAD}}
+        putq(r * DP + c8 * 8u, w);
+        if SELECTIVE {
+            putqs(r * DP + c8 * 8u, ws);
         }
     }
+    let qoff = rb0 * DP;
 {{ODECL}}
 
     var kend = valid;
@@ -246,7 +276,7 @@ fn coop_forward(
             } else if mx > m_old + RESCALE_AT {
                 m_new = mx;
                 corr = exp2(m_old - mx);
-                atomicStore(&rescale, 1u);
+                atomicStore(&rescale[0], 1u);
             }
             var sum = 0.0;
             for (var c = 0u; c < BC; c++) {
@@ -277,12 +307,12 @@ fn coop_forward(
             put8(c * DP + (e % D8) * 8u, w, g);
         }
         // 5. Rare: rescale O rows whose max moved, through workgroup memory.
-        let need = workgroupUniformLoad(&rescale);
+        let need = workgroupUniformLoad(&rescale[0]);
         if need != 0u {
             let ooff = rb0 * SP;
 {{RESCALE}}
             workgroupBarrier();
-            atomicStore(&rescale, 0u);
+            atomicStore(&rescale[0], 0u);
         }
         // 6. O += P V.
         for (var cb = 0u; cb < BC; cb += 16u) {
