@@ -13,6 +13,8 @@ pub mod npy;
 pub mod reference;
 pub mod spec;
 mod tensor;
+pub mod testing;
+pub mod variants;
 
 pub use attention::{Inputs, Output, Outputs};
 pub use context::{
