@@ -24,12 +24,14 @@ use selattn::reference::{self, HostInputs, HostOutputs};
 use selattn::testing::{compare, random_inputs, round_f16, Cmp, Controls, DeviceInputs};
 use selattn::{Context, DType, Options, Outputs, Shape, Spec};
 
-/// f32: every element within this, absolute plus relative (measured on lavapipe and llvmpipe:
-/// O max abs error 4e-7..4e-6 over the full set, see the report in the commit message).
-const F32_ELEM_TOL: f64 = 2e-5;
+/// f32: every element within this, absolute plus relative. Measured over the full set on
+/// llvmpipe (Vulkan and GL): max abs error O 9.9e-7, LSE 8.5e-7, F_out 2.9e-6; norm-wise at
+/// most 2.8e-7. The bound leaves 3-10x for other hardware's exp2 and summation order.
+const F32_ELEM_TOL: f64 = 1e-5;
 /// f32: norm-wise relative error bound (DESIGN.md §4).
 const F32_NORM_TOL: f64 = 1e-5;
-/// f16 O: element-wise bound, absolute plus relative.
+/// f16 O: element-wise bound, absolute plus relative. Measured on llvmpipe (Vulkan): max abs
+/// 9.7e-4, norm-wise 2.3e-4, never above the reference's own f16 rounding error.
 const F16_ELEM_TOL: f64 = 5e-3;
 /// f16 O: norm-wise relative error bound (DESIGN.md §4).
 const F16_NORM_TOL: f64 = 5e-3;
@@ -357,7 +359,15 @@ fn os_version() -> String {
                 })
                 .unwrap_or_default();
             let kernel = run("uname", &["-r"]).unwrap_or_default();
-            format!("{pretty}, kernel {kernel}")
+            let cpu = std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("model name"))
+                        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+                })
+                .unwrap_or_default();
+            format!("{pretty}, kernel {kernel}, cpu {cpu}")
         }
         "macos" => run("sw_vers", &["-productVersion"])
             .map(|v| format!("macOS {v}"))
@@ -575,6 +585,10 @@ fn main() {
     }
     println!();
 
+    println!(
+        "max err / rel err: worst over O, LSE and F_out of max |gpu - ref| and of the \
+         norm-wise relative error; tiles: forward kernel D BRxBC/TR"
+    );
     let cases = cases(quick);
     let vars = variants();
     let mut rows = vec![];
@@ -637,15 +651,22 @@ fn main() {
                 .map(|r| r.worst())
                 .fold((0.0f64, 0.0f64), |(a, b), (m, r)| (a.max(m), b.max(r)))
         };
-        let (m32, r32) = worst(DType::F32);
-        let (m16, r16) = worst(DType::F16);
+        let worst_text = |dt: DType| {
+            if mine.iter().any(|r| r.dtype == dt) {
+                let (m, r) = worst(dt);
+                format!("max {m:.2e} rel {r:.2e}")
+            } else {
+                "not run".to_string()
+            }
+        };
         println!(
-            "  {} ({:?}): {} runs, {} failed; worst f32 max {m32:.2e} rel {r32:.2e}; \
-             worst f16 max {m16:.2e} rel {r16:.2e}; {:.1} s",
+            "  {} ({:?}): {} runs, {} failed; worst f32 {}; worst f16 {}; {:.1} s",
             i.name,
             i.backend,
             mine.len(),
             failed,
+            worst_text(DType::F32),
+            worst_text(DType::F16),
             mine.iter().map(|r| r.seconds).sum::<f64>()
         );
     }
