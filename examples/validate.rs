@@ -505,11 +505,11 @@ fn write_json(path: &str, header: &str, adapters: &[String], rows: &[Row]) -> st
     );
     s.push_str("\"results\": [\n");
     for (n, r) in rows.iter().enumerate() {
-        let _ = write!(
+        let _ = writeln!(
             s,
             "{{\"adapter\":{},\"backend\":{},\"driver\":{},\"dtype\":\"{:?}\",\"variant\":{},\
              \"case\":{},\"kernel\":{},\"o\":{},\"lse\":{},\"f_out\":{},\"f16_baseline\":{},\
-             \"error\":{},\"pass\":{},\"seconds\":{}}}{}\n",
+             \"error\":{},\"pass\":{},\"seconds\":{}}}{}",
             json_str(&r.adapter),
             json_str(&r.backend),
             json_str(&r.driver),

@@ -378,6 +378,9 @@ fn a_bad_variant_is_reported_with_its_backend() {
     }
 }
 
+/// Reads one switch of a forward kernel's specialisation.
+type Switch = fn(&selattn::kernels::forward::ForwardConfig) -> bool;
+
 #[test]
 fn covering_set_has_every_tile_switch_and_head_dim() {
     let full = variants::all_variants();
@@ -417,7 +420,7 @@ fn covering_set_has_every_tile_switch_and_head_dim() {
                     _ => None,
                 })
                 .collect();
-            let switches: [(&str, fn(&selattn::kernels::forward::ForwardConfig) -> bool); 7] = [
+            let switches: [(&str, Switch); 7] = [
                 ("causal", |c| c.causal),
                 ("tau", |c| c.tau),
                 ("alpha", |c| c.alpha),
@@ -428,7 +431,7 @@ fn covering_set_has_every_tile_switch_and_head_dim() {
             ];
             for (name, get) in switches {
                 assert!(
-                    fwd.iter().any(|c| get(c)) && fwd.iter().any(|c| !get(c)),
+                    fwd.iter().any(get) && fwd.iter().any(|c| !get(c)),
                     "D={d} {elem:?}: switch {name} not both on and off"
                 );
             }

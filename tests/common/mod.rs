@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 use selattn::reference::{HostInputs, HostOutputs};
 use selattn::{Context, DType, Inputs, Options, Outputs, Shape, Spec, Tensor};
 
+// Not every test binary uses every helper.
+#[allow(unused_imports)]
 pub use selattn::testing::{compare, random_inputs, Cmp, Controls, Rng};
 
 /// Every adapter that can run compute, one context each, built once per test binary.
