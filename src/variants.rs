@@ -61,28 +61,47 @@ pub struct Family {
 }
 
 /// Every kernel family. A new family adds its line here.
-pub const FAMILIES: &[Family] = &[Family {
-    name: "attention (forward, selective colsum, selective scan)",
-    variants: attention_variants,
-}];
-
-/// Devices whose limits decide tile choices, as (name, workgroup memory bytes, invocations):
-/// the WebGPU defaults, lavapipe/llvmpipe, NVIDIA.
-pub const REFERENCE_LIMITS: [(&str, u32, u32); 3] = [
-    ("webgpu-default (16 KiB, 256 invocations)", 16 * 1024, 256),
-    (
-        "lavapipe/llvmpipe (32 KiB, 1024 invocations)",
-        32 * 1024,
-        1024,
-    ),
-    ("nvidia (48 KiB, 1024 invocations)", 48 * 1024, 1024),
+pub const FAMILIES: &[Family] = &[
+    Family {
+        name: "attention, scalar path (forward, selective colsum, selective scan)",
+        variants: attention_variants,
+    },
+    Family {
+        name: "attention, cooperative-matrix path (coop forward, selective colsum, scan)",
+        variants: coop_attention_variants,
+    },
 ];
 
-/// Synthetic [`Capabilities`] for each of [`REFERENCE_LIMITS`], with SHADER_F16.
+/// One reference device: its name, workgroup memory in bytes, invocations per workgroup,
+/// fixed subgroup size, and whether it reports 16x16x16 f16->f32 cooperative matrices.
+pub type ReferenceLimits = (&'static str, u32, u32, u32, bool);
+
+/// Devices whose limits decide tile choices: the WebGPU defaults, lavapipe/llvmpipe, NVIDIA
+/// (Vulkan, without and with cooperative matrices).
+pub const REFERENCE_LIMITS: [ReferenceLimits; 4] = [
+    ("webgpu-default (16 KiB, 256)", 16 * 1024, 256, 4, false),
+    (
+        "lavapipe/llvmpipe (32 KiB, 1024)",
+        32 * 1024,
+        1024,
+        8,
+        false,
+    ),
+    ("nvidia (48 KiB, 1024)", 48 * 1024, 1024, 32, false),
+    (
+        "nvidia coop matrix (48 KiB, 1024)",
+        48 * 1024,
+        1024,
+        32,
+        true,
+    ),
+];
+
+/// Synthetic [`Capabilities`] for each of [`REFERENCE_LIMITS`], with SHADER_F16 and subgroups.
 pub fn reference_devices() -> Vec<Capabilities> {
     REFERENCE_LIMITS
         .iter()
-        .map(|&(name, memory, invocations)| {
+        .map(|&(name, memory, invocations, subgroup, coop)| {
             let limits = wgpu::Limits {
                 max_compute_workgroup_storage_size: memory,
                 max_compute_invocations_per_workgroup: invocations,
@@ -90,7 +109,20 @@ pub fn reference_devices() -> Vec<Capabilities> {
                 max_storage_buffers_per_shader_stage: crate::kernels::STORAGE_BUFFERS_NEEDED,
                 ..wgpu::Limits::defaults()
             };
-            Capabilities::synthetic(name, wgpu::Features::SHADER_F16, &limits)
+            let mut features = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+            let mut props = Vec::new();
+            if coop {
+                features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+                props.push(wgpu::CooperativeMatrixProperties {
+                    m_size: 16,
+                    n_size: 16,
+                    k_size: 16,
+                    ab_type: wgpu::CooperativeScalarType::F16,
+                    cr_type: wgpu::CooperativeScalarType::F32,
+                    saturating_accumulation: false,
+                });
+            }
+            Capabilities::synthetic(name, features, &limits, subgroup, props)
         })
         .collect()
 }
@@ -213,9 +245,10 @@ impl Switches {
         ]
     }
 
-    /// The spec of a small call with these switches (the shape does not change any key).
-    pub fn spec(&self, head_dim: u32) -> Spec {
-        let mut options = Options::new().path(Path::Scalar);
+    /// The spec of a small call with these switches on `path` (the shape does not change any
+    /// key).
+    pub fn spec(&self, head_dim: u32, path: Path) -> Spec {
+        let mut options = Options::new().path(path);
         options.causal = self.causal;
         if self.selective {
             options = options.selective(0);
@@ -228,8 +261,29 @@ impl Switches {
     }
 }
 
-/// The attention call's kernels: forward, and with selective masking the colsum and scan passes.
+/// The attention call's kernels on the scalar path: forward, and with selective masking the
+/// colsum and scan passes.
 pub fn attention_variants(caps: &Capabilities, elem: DType, coverage: Coverage) -> Vec<KernelKey> {
+    planned_variants(caps, elem, coverage, Path::Scalar)
+}
+
+/// The attention call's kernels on the cooperative-matrix path, where the device has it.
+pub fn coop_attention_variants(
+    caps: &Capabilities,
+    elem: DType,
+    coverage: Coverage,
+) -> Vec<KernelKey> {
+    planned_variants(caps, elem, coverage, Path::Coop)
+}
+
+/// The keys of every call the planner accepts on `path`, over every head dim and the
+/// coverage's switch combinations.
+fn planned_variants(
+    caps: &Capabilities,
+    elem: DType,
+    coverage: Coverage,
+    path: Path,
+) -> Vec<KernelKey> {
     let all = Switches::all();
     let covering = Switches::covering();
     let mut out = Vec::new();
@@ -240,7 +294,7 @@ pub fn attention_variants(caps: &Capabilities, elem: DType, coverage: Coverage) 
         };
         for s in switches {
             // A call the planner rejects on this device has no variant: nothing to enumerate.
-            let Ok(resolved) = s.spec(d).validate() else {
+            let Ok(resolved) = s.spec(d, path).validate() else {
                 continue;
             };
             let Ok(plan) = Plan::new(caps, &resolved, elem) else {

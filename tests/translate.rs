@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
-use selattn::kernels::{Kernel, KernelKey, Source};
+use selattn::kernels::{Kernel, KernelKey};
 use selattn::variants::{self, Switches};
 use selattn::DType;
 
@@ -27,6 +27,12 @@ const SPV_ENV: &str = "vulkan1.1";
 /// MSL version: 2.1 is the oldest wgpu's Metal backend maps to on current macOS and iOS;
 /// `half` storage needs nothing newer.
 const MSL_VERSION: (u8, u8) = (2, 1);
+/// Cooperative-matrix variants: wgpu offers EXPERIMENTAL_COOPERATIVE_MATRIX on Vulkan (through
+/// VK_KHR_cooperative_matrix, written here as SPIR-V 1.6 for Vulkan 1.3, as on the H100) and
+/// Metal (simdgroup matrices, MSL 2.3+) only; they are not translated to HLSL or GLSL.
+const COOP_SPV_VERSION: (u8, u8) = (1, 6);
+const COOP_SPV_ENV: &str = "vulkan1.3";
+const COOP_MSL_VERSION: (u8, u8) = (2, 3);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Backend {
@@ -42,12 +48,11 @@ struct Parsed {
     info: ModuleInfo,
 }
 
-fn parse(source: Source, elem: DType) -> Result<Parsed, String> {
-    let text = source.text(elem).map_err(|e| e.to_string())?;
-    let module = naga::front::wgsl::parse_str(&text).map_err(|e| e.emit_to_string(&text))?;
+fn parse(text: &str) -> Result<Parsed, String> {
+    let module = naga::front::wgsl::parse_str(text).map_err(|e| e.emit_to_string(text))?;
     let info = Validator::new(ValidationFlags::all(), Capabilities::all())
         .validate(&module)
-        .map_err(|e| e.emit_to_string(&text))?;
+        .map_err(|e| e.emit_to_string(text))?;
     Ok(Parsed { module, info })
 }
 
@@ -57,6 +62,8 @@ fn tool(name: &str) -> bool {
 
 struct Tools {
     spirv_val: bool,
+    /// Cooperative-matrix variants whose SPIR-V this spirv-val is too old to check.
+    coop_spv_skipped: AtomicUsize,
     glslang: bool,
     dir: PathBuf,
 }
@@ -116,9 +123,16 @@ fn translate(
     // Production shaders are built without bounds checks (naga's default policies are
     // `Unchecked`), so that is what is translated here.
 
+    let coop = matches!(key.kernel, Kernel::CoopForward(_));
+    let (spv_version, spv_env, msl_version) = if coop {
+        (COOP_SPV_VERSION, COOP_SPV_ENV, COOP_MSL_VERSION)
+    } else {
+        (SPV_VERSION, SPV_ENV, MSL_VERSION)
+    };
+
     // SPIR-V.
     let spv_opts = spv::Options {
-        lang_version: SPV_VERSION,
+        lang_version: spv_version,
         flags: spv::WriterFlags::empty(),
         ..Default::default()
     };
@@ -131,12 +145,19 @@ fn translate(
             let path = tools.dir.join(format!("v{n}.spv"));
             let r = write_file(&path, bytemuck::cast_slice(&words)).and_then(|_| {
                 check_with(
-                    Command::new("spirv-val").args(["--target-env", SPV_ENV]),
+                    Command::new("spirv-val").args(["--target-env", spv_env]),
                     &path,
                 )
             });
-            if let Err(e) = r {
-                fails.push((Backend::Spirv, format!("spirv-val: {e}")));
+            match r {
+                // SPIRV-Tools before mid-2023 (Debian 12 ships v2023.1) does not know
+                // SPV_KHR_cooperative_matrix (CooperativeMatrixKHR is capability 6022): naga's
+                // output is still written and checked by naga; only this validation is skipped.
+                Err(e) if coop && e.contains("Invalid capability operand: 6022") => {
+                    tools.coop_spv_skipped.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => fails.push((Backend::Spirv, format!("spirv-val: {e}"))),
+                Ok(()) => {}
             }
         }
         Ok(_) => {}
@@ -145,7 +166,7 @@ fn translate(
 
     // MSL (Metal).
     let msl_opts = msl::Options {
-        lang_version: MSL_VERSION,
+        lang_version: msl_version,
         ..Default::default()
     };
     let msl_pipe = msl::PipelineOptions {
@@ -154,6 +175,10 @@ fn translate(
     };
     if let Err(e) = msl::write_string(&module, &info, &msl_opts, &msl_pipe) {
         fails.push((Backend::Msl, e.to_string()));
+    }
+
+    if coop {
+        return (fails, None);
     }
 
     // HLSL (DX12): shader model 5.1 (FXC, what WARP and old drivers get) for f32; f16 needs
@@ -246,6 +271,7 @@ fn translate_all(keys: &[KernelKey]) -> Vec<String> {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let tools = Tools {
         spirv_val: tool("spirv-val"),
+        coop_spv_skipped: AtomicUsize::new(0),
         glslang: tool("glslangValidator"),
         dir: dir.clone(),
     };
@@ -255,18 +281,29 @@ fn translate_all(keys: &[KernelKey]) -> Vec<String> {
     if !tools.glslang {
         eprintln!("WARNING: glslangValidator not found: GLSL is written but not validated");
     }
-    let mut parsed = HashMap::new();
+    // Parse and validate each distinct WGSL text once (the scalar families share one text per
+    // element type; the cooperative-matrix template differs per head dim and switches).
+    let mut texts = Vec::new();
+    let mut parsed: HashMap<String, Parsed> = HashMap::new();
     let mut failures = vec![];
     for key in keys {
-        let id = (key.source(), key.elem);
-        if let std::collections::hash_map::Entry::Vacant(e) = parsed.entry(id) {
-            match parse(id.0, id.1) {
+        let text = match key.wgsl() {
+            Ok(t) => t,
+            Err(e) => {
+                failures.push(format!("{key:?} [WGSL]: {e}"));
+                texts.push(String::new());
+                continue;
+            }
+        };
+        if !parsed.contains_key(&text) {
+            match parse(&text) {
                 Ok(p) => {
-                    e.insert(p);
+                    parsed.insert(text.clone(), p);
                 }
-                Err(err) => failures.push(format!("{:?} {:?}: WGSL: {err}", id.0, id.1)),
+                Err(err) => failures.push(format!("{key:?} [WGSL]: {err}")),
             }
         }
+        texts.push(text);
     }
     if !failures.is_empty() {
         return failures;
@@ -280,7 +317,7 @@ fn translate_all(keys: &[KernelKey]) -> Vec<String> {
             s.spawn(|| loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let Some(key) = keys.get(n) else { break };
-                let p = &parsed[&(key.source(), key.elem)];
+                let p = &parsed[&texts[n]];
                 let (fails, file) = translate(key, p, &tools, n);
                 for (backend, err) in fails {
                     out.lock()
@@ -313,6 +350,14 @@ fn translate_all(keys: &[KernelKey]) -> Vec<String> {
         }
     });
     std::fs::remove_dir_all(&dir).ok();
+    let skipped = tools.coop_spv_skipped.load(Ordering::Relaxed);
+    if skipped > 0 {
+        eprintln!(
+            "WARNING: spirv-val does not know SPV_KHR_cooperative_matrix: SPIR-V of {skipped} \
+             cooperative-matrix variants written by naga but not validated (needs SPIRV-Tools \
+             2023.2 or newer)"
+        );
+    }
     let mut v = out.lock().unwrap().clone();
     v.sort();
     v
@@ -336,12 +381,14 @@ fn every_variant_translates_to_every_backend() {
     );
 }
 
-/// Tiles (D, BR, BC, TR) of the forward kernel, and (D, BR, BC, WG) of the colsum pass.
+/// Tiles (D, BR, BC, TR) of the forward kernel, (D, BR, BC, WG) of the colsum pass and
+/// (D, BR, BC, subgroup size) of the cooperative-matrix kernel.
 fn tiles(keys: &[KernelKey]) -> BTreeSet<(u8, u32, u32, u32, u32)> {
     keys.iter()
         .filter_map(|k| match k.kernel {
             Kernel::Forward(c) => Some((0, c.d, c.br, c.bc, c.tr)),
             Kernel::SelColsum(c) => Some((1, c.d, c.br, c.bc, c.wg)),
+            Kernel::CoopForward(c) => Some((2, c.d, c.br, c.bc, c.sgs)),
             _ => None,
         })
         .collect()
