@@ -15,6 +15,8 @@ pub mod reference;
 pub mod reference_cache;
 pub mod spec;
 mod tensor;
+pub mod testing;
+pub mod variants;
 
 pub use attention::{Inputs, Output, Outputs};
 pub use cache::{CacheState, DecodeOptions, KvCache, KvCacheConfig, Step, Tokens};

@@ -7,101 +7,9 @@ use std::sync::OnceLock;
 use selattn::reference::{HostInputs, HostOutputs};
 use selattn::{Context, DType, Inputs, Options, Outputs, Shape, Spec, Tensor};
 
-/// splitmix64: small, seeded, reproducible.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-    pub fn normals(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal()).collect()
-    }
-    /// Uniform in [lo, hi).
-    pub fn range(&mut self, lo: f32, hi: f32, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| lo + (hi - lo) * self.uniform() as f32)
-            .collect()
-    }
-    pub fn below(&mut self, n: u32) -> u32 {
-        (self.next_u64() % n as u64) as u32
-    }
-}
-
-/// Which optional inputs a case uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Controls {
-    pub tau: bool,
-    pub alpha: bool,
-    pub gate: bool,
-    pub kv_len: bool,
-}
-
-impl Controls {
-    pub const ALL: Controls = Controls {
-        tau: true,
-        alpha: true,
-        gate: true,
-        kv_len: true,
-    };
-    pub fn name(&self) -> String {
-        let mut v = vec![];
-        if self.tau {
-            v.push("tau");
-        }
-        if self.alpha {
-            v.push("alpha");
-        }
-        if self.gate {
-            v.push("gate");
-        }
-        if self.kv_len {
-            v.push("kvlen");
-        }
-        if v.is_empty() {
-            "plain".into()
-        } else {
-            v.join("+")
-        }
-    }
-}
-
-/// Seeded random inputs for a shape: normals for Q/K/V, tau in [0.5, 1.5), alpha in [0, 0.3),
-/// gate in (0, 1), kv_len in [1, Nk] (one batch element may get 0 when `allow_empty`).
-pub fn random_inputs(shape: &Shape, c: Controls, seed: u64) -> HostInputs {
-    let mut rng = Rng::new(seed);
-    let s = shape;
-    let n = |d: Vec<u64>| d.iter().product::<u64>() as usize;
-    HostInputs {
-        q: rng.normals(n(s.q_dims())),
-        k: rng.normals(n(s.kv_dims())),
-        v: rng.normals(n(s.kv_dims())),
-        tau: c.tau.then(|| rng.range(0.5, 1.5, n(s.row_dims()))),
-        alpha: c.alpha.then(|| rng.range(0.0, 0.3, n(s.alpha_dims()))),
-        gate: c.gate.then(|| rng.range(0.05, 1.0, n(s.gate_dims()))),
-        kv_len: c
-            .kv_len
-            .then(|| (0..s.batch).map(|_| 1 + rng.below(s.k_len)).collect()),
-        f0: None,
-    }
-}
+// Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use selattn::testing::{compare, random_inputs, Cmp, Controls, Rng};
 
 /// Every adapter that can run compute, one context each, built once per test binary.
 pub fn contexts() -> &'static [Context] {
@@ -124,62 +32,6 @@ pub fn contexts() -> &'static [Context] {
         );
         v
     })
-}
-
-/// Result of comparing a GPU output with the reference.
-#[derive(Debug, Clone, Copy)]
-pub struct Cmp {
-    pub max_abs: f64,
-    pub at: usize,
-    pub rel_norm: f64,
-    pub bad: usize,
-    pub nan: usize,
-}
-
-/// Compares every element: |gpu - ref| <= atol + rtol |ref|; infinities must match exactly.
-pub fn compare(gpu: &[f32], reference: &[f64], atol: f64, rtol: f64) -> Cmp {
-    assert_eq!(gpu.len(), reference.len(), "length");
-    let (mut max_abs, mut at, mut num, mut den, mut bad, mut nan) = (0.0f64, 0, 0.0, 0.0, 0, 0);
-    for (i, (&g, &r)) in gpu.iter().zip(reference).enumerate() {
-        let g = g as f64;
-        if g.is_nan() {
-            nan += 1;
-            bad += 1;
-            continue;
-        }
-        if r.is_infinite() || g.is_infinite() {
-            if g != r {
-                bad += 1;
-                if max_abs != f64::INFINITY {
-                    max_abs = f64::INFINITY;
-                    at = i;
-                }
-            }
-            continue;
-        }
-        let e = (g - r).abs();
-        if e > max_abs {
-            max_abs = e;
-            at = i;
-        }
-        if e > atol + rtol * r.abs() {
-            bad += 1;
-        }
-        num += e * e;
-        den += r * r;
-    }
-    let rel_norm = if den > 0.0 {
-        (num / den).sqrt()
-    } else {
-        num.sqrt()
-    };
-    Cmp {
-        max_abs,
-        at,
-        rel_norm,
-        bad,
-        nan,
-    }
 }
 
 /// GPU tensors of a case.
