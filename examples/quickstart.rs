@@ -44,9 +44,19 @@ fn run() -> selattn::Result<()> {
         q: normals(1, n(shape.q_dims())),
         k: normals(2, n(shape.kv_dims())),
         v: normals(3, n(shape.kv_dims())),
-        tau: Some(normals(4, n(shape.row_dims())).iter().map(|x| 1.0 + 0.2 * x).collect()),
+        tau: Some(
+            normals(4, n(shape.row_dims()))
+                .iter()
+                .map(|x| 1.0 + 0.2 * x)
+                .collect(),
+        ),
         alpha: Some((0..shape.q_heads).map(|h| 0.02 * h as f32).collect()),
-        gate: Some(normals(5, n(shape.gate_dims())).iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect()),
+        gate: Some(
+            normals(5, n(shape.gate_dims()))
+                .iter()
+                .map(|x| 1.0 / (1.0 + (-x).exp()))
+                .collect(),
+        ),
         kv_len: None,
         f0: None,
     };
@@ -56,7 +66,10 @@ fn run() -> selattn::Result<()> {
     let k = ctx.upload(&shape.kv_dims(), &host.k)?;
     let v = ctx.upload(&shape.kv_dims(), &host.v)?;
     let tau = ctx.upload(&shape.row_dims(), host.tau.as_deref().unwrap_or_default())?;
-    let alpha = ctx.upload(&shape.alpha_dims(), host.alpha.as_deref().unwrap_or_default())?;
+    let alpha = ctx.upload(
+        &shape.alpha_dims(),
+        host.alpha.as_deref().unwrap_or_default(),
+    )?;
     let gate = ctx.upload(&shape.gate_dims(), host.gate.as_deref().unwrap_or_default())?;
     let o = ctx.empty(&shape.q_dims(), selattn::DType::F32)?;
     let inputs = Inputs::new(&q, &k, &v).tau(&tau).alpha(&alpha).gate(&gate);
@@ -80,7 +93,11 @@ fn run() -> selattn::Result<()> {
     let (mut max_err, mut num, mut den) = (0.0f64, 0.0, 0.0);
     for (&g, &r) in got.iter().zip(&want.o) {
         let e = (g as f64 - r).abs();
-        max_err = if e.is_nan() { f64::INFINITY } else { max_err.max(e) };
+        max_err = if e.is_nan() {
+            f64::INFINITY
+        } else {
+            max_err.max(e)
+        };
         num += e * e;
         den += r * r;
     }
@@ -90,7 +107,9 @@ fn run() -> selattn::Result<()> {
         "causal attention B=1 H=8 N=1024 D=64 with tau, alpha, gate: {ms:.2} ms ({:.1} GFLOP/s, wall clock)",
         flops / ms / 1e6
     );
-    println!("against the f64 reference: max abs error {max_err:.2e}, norm-wise relative {rel:.2e}");
+    println!(
+        "against the f64 reference: max abs error {max_err:.2e}, norm-wise relative {rel:.2e}"
+    );
     if !(rel < 1e-5) {
         println!("FAILED: error above 1e-5");
         std::process::exit(1);
