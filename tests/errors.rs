@@ -105,7 +105,8 @@ fn valid_base_call_plans() {
 
 #[test]
 fn zero_size() {
-    let fields: [(&str, fn(&mut Shape)); 6] = [
+    type Zero = fn(&mut Shape);
+    let fields: [(&str, Zero); 6] = [
         ("batch", |s| s.batch = 0),
         ("q_heads", |s| s.q_heads = 0),
         ("kv_heads", |s| s.kv_heads = 0),
