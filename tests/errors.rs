@@ -636,6 +636,32 @@ fn too_large() {
         "{e:?}"
     );
 
+    // A user buffer larger than one storage binding may hold (allowed as a buffer) cannot be bound
+    // whole: Q over the binding limit. Only where that limit is small enough to allocate here.
+    let binding = caps.max_storage_binding;
+    if caps.max_buffer > binding && binding <= 256 << 20 {
+        let rows = binding / 32 + 1; // D = 8 f32: 32 bytes a row
+        let big = c.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("over the binding limit"),
+            size: rows * 32,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let dims = [1, 1, rows, 8];
+        let q = Tensor::from_buffer(big.clone(), &dims, DType::F32).unwrap();
+        let o = Tensor::from_buffer(big, &dims, DType::F32).unwrap();
+        let k = c.empty(&[1, 1, 3, 8], DType::F32).unwrap();
+        let e = c
+            .plan(&Inputs::new(&q, &k, &k), &Options::new(), &Outputs::new(&o))
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::TooLarge { what: "q", bytes, limit } if bytes == rows * 32 && limit == binding),
+            "{e:?}"
+        );
+    } else {
+        eprintln!("binding limit {binding}: Q over it not tried");
+    }
+
     // A device requested with wgpu's default limits (8 storage buffers per stage) cannot run the
     // forward kernel, which binds 10.
     let (a, _) = selattn::adapters()

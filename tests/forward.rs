@@ -113,7 +113,12 @@ fn edge_shapes() {
         (Shape::new(1, 2, 33, 32), Options::causal(), all),
         (Shape::new(1, 2, 65, 32), Options::new(), all),
         (Shape::new(2, 2, 100, 32), Options::causal(), none),
-        // GQA 4:1 and MQA
+        // GQA 4:1, a group of 3, and MQA
+        (
+            Shape::new(1, 6, 21, 32).with_kv_heads(2),
+            Options::causal(),
+            all,
+        ),
         (
             Shape::new(2, 8, 45, 32).with_kv_heads(2),
             Options::causal(),

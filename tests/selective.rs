@@ -43,6 +43,13 @@ fn selective_matrix() {
             40,
         ),
         Case::random(
+            "group of 3, head 4",
+            Shape::new(2, 6, 29, 32).with_kv_heads(2),
+            sel(4),
+            all,
+            13,
+        ),
+        Case::random(
             "MQA head 1",
             Shape::new(2, 4, 65, 32).with_kv_heads(1),
             sel(1),
