@@ -898,3 +898,39 @@ fn no_adapter_child() {
         "{e:?}"
     );
 }
+
+/// A user buffer may be larger than its tensor (documented on `Tensor::from_buffer`), even larger
+/// than one storage binding may be. Only the tensor's bytes take part, so such a call must run
+/// and give the reference's result, never fail validation or panic.
+#[test]
+#[ignore = "bug: encode_plan binds whole buffers (as_entire_binding), so a user buffer over \
+            max_storage_buffer_binding_size fails wgpu validation even when its tensor is small"]
+fn user_buffer_larger_than_a_binding() {
+    let c = ctx();
+    let caps = c.capabilities();
+    let binding = caps.max_storage_binding;
+    if !(caps.max_buffer > binding && binding <= 256 << 20) {
+        eprintln!("binding limit {binding}: not tried");
+        return;
+    }
+    let shape = Shape::new(1, 2, 9, 8);
+    let x = random_inputs(&shape, Controls::default(), 5);
+    let big = c.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("larger than a binding"),
+        size: binding + 256,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    c.queue.write_buffer(&big, 0, bytemuck::cast_slice(&x.q));
+    let q = Tensor::from_buffer(big, &shape.q_dims(), DType::F32).unwrap();
+    let k = c.upload(&shape.kv_dims(), &x.k).unwrap();
+    let v = c.upload(&shape.kv_dims(), &x.v).unwrap();
+    let o = c.empty(&shape.q_dims(), DType::F32).unwrap();
+    c.poison(&o);
+    let res = c.attention(&Inputs::new(&q, &k, &v), &Options::new(), &Outputs::new(&o));
+    assert!(res.is_ok(), "{res:?}");
+    let got = c.download(&o).unwrap();
+    let r = run_ref(&shape, &x, &Options::new());
+    let cmp = compare(&got, &r.o, 2e-5, 2e-5);
+    assert!(cmp.bad == 0, "{cmp:?}");
+}
