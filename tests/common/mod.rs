@@ -171,3 +171,95 @@ pub fn check_case(
         Some(format!("[{}] {name}: {}", ctx.describe(), msgs.join("; ")))
     }
 }
+
+/// One named case: shape, options and host inputs.
+pub struct Case {
+    pub name: String,
+    pub shape: Shape,
+    pub opts: Options,
+    pub x: HostInputs,
+}
+
+impl Case {
+    /// A case with seeded random inputs for `c`; `name` is prefixed to the shape and options.
+    pub fn random(name: &str, shape: Shape, opts: Options, c: Controls, seed: u64) -> Case {
+        Case {
+            name: format!(
+                "{name} B{} Hq{} Hkv{} Nq{} Nk{} D{} {} {}",
+                shape.batch,
+                shape.q_heads,
+                shape.kv_heads,
+                shape.q_len,
+                shape.k_len,
+                shape.head_dim,
+                opts_name(&opts),
+                c.name()
+            ),
+            shape,
+            opts,
+            x: random_inputs(&shape, c, seed),
+        }
+    }
+}
+
+/// A short name for options: `causal sel1 start7 scale0.3`.
+pub fn opts_name(o: &Options) -> String {
+    let mut v = vec![if o.causal { "causal" } else { "full" }.to_string()];
+    if let Some(h) = o.selective {
+        v.push(format!("sel{h}"));
+    }
+    if let Some(s) = o.start {
+        v.push(format!("start{s}"));
+    }
+    if let Some(s) = o.scale {
+        v.push(format!("scale{s}"));
+    }
+    v.join(" ")
+}
+
+/// Runs every case on every adapter against the reference at f32 tolerance `tol`, prints the
+/// max errors of each (visible with `--nocapture`) and fails with every failing case listed.
+pub fn check_cases(cases: &[Case], tol: f64) {
+    let mut failures = vec![];
+    let mut worst = (0.0f64, String::new());
+    for ctx in contexts() {
+        for c in cases {
+            let gpu = run_gpu(ctx, &c.shape, &c.x, &c.opts, DType::F32);
+            let r = run_ref(&c.shape, &c.x, &c.opts);
+            let co = compare(&gpu.o, &r.o, 0.0, 0.0);
+            let cl = compare(&gpu.lse, &r.lse, 0.0, 0.0);
+            let cf = compare(&gpu.f_out, &r.f_out, 0.0, 0.0);
+            eprintln!(
+                "[{}] {}: O max {:.2e} rel {:.2e} | LSE max {:.2e} | F max {:.2e} rel {:.2e}",
+                ctx.describe(),
+                c.name,
+                co.max_abs,
+                co.rel_norm,
+                cl.max_abs,
+                cf.max_abs,
+                cf.rel_norm
+            );
+            if co.rel_norm > worst.0 {
+                worst = (co.rel_norm, c.name.clone());
+            }
+            if let Some(f) = check_case(&c.name, ctx, &gpu, &r, tol) {
+                failures.push(f);
+            }
+        }
+    }
+    eprintln!(
+        "worst O norm-wise relative error {:.2e} ({})",
+        worst.0, worst.1
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The bit patterns of f32 values, to compare runs exactly (NaN payloads included).
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
