@@ -508,7 +508,7 @@ fn start_out_of_range() {
         &Outputs::new(&s.o),
     );
     assert!(
-        matches!(e, Error::StartOutOfRange { start, queries: 5, keys: 7 } if start == huge),
+        matches!(e, Error::TooLarge { what: "query positions (start + Nq)", bytes, .. } if bytes == huge as u64 + 5),
         "{e:?}"
     );
 }
@@ -738,7 +738,10 @@ fn feature_missing() {
             let e = c
                 .plan(&s.inputs(), &sel().path(Path::Coop), &s.outputs())
                 .unwrap_err();
-            assert!(matches!(e, Error::FeatureMissing { .. }), "{e:?}");
+            assert!(
+                matches!(e, Error::PathUnavailable { path: "coop", .. }),
+                "{e:?}"
+            );
             checked += 1;
         }
         if !caps.timestamps {
@@ -903,8 +906,6 @@ fn no_adapter_child() {
 /// than one storage binding may be. Only the tensor's bytes take part, so such a call must run
 /// and give the reference's result, never fail validation or panic.
 #[test]
-#[ignore = "bug: encode_plan binds whole buffers (as_entire_binding), so a user buffer over \
-            max_storage_buffer_binding_size fails wgpu validation even when its tensor is small"]
 fn user_buffer_larger_than_a_binding() {
     let c = ctx();
     let caps = c.capabilities();
