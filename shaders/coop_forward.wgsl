@@ -49,9 +49,7 @@ override PP: u32 = BC + 8u;    // padded f16 row stride of P
 // Lazy rescale threshold in log2 units: P stays <= 2^8, far inside f16 range.
 const RESCALE_AT: f32 = 8.0;
 
-var<workgroup> kbuf: array<f16, BC * DP>;
-var<workgroup> qbuf: array<f16, BR * DP>;
-var<workgroup> qselbuf: array<f16, select(8u, BR * DP, SELECTIVE)>;
+var<workgroup> kbuf: array<f16, max(BR, BC) * DP>;   // Q staging (BR rows), then K and V tiles
 var<workgroup> sbuf: array<f32, BR * SP>;
 var<workgroup> pbuf: array<f16, BR * PP>;
 var<workgroup> fsel: array<f32, select(4u, BR * SP, SELECTIVE)>;
@@ -97,36 +95,6 @@ fn put8(at: u32, w: vec4<u32>, g: f32) {
     kbuf[at + 5u] = f16(c.y);
     kbuf[at + 6u] = f16(d.x);
     kbuf[at + 7u] = f16(d.y);
-}
-
-fn putq(at: u32, w: vec4<u32>) {
-    let a = unpack2x16float(w.x);
-    let b = unpack2x16float(w.y);
-    let c = unpack2x16float(w.z);
-    let d = unpack2x16float(w.w);
-    qbuf[at] = f16(a.x);
-    qbuf[at + 1u] = f16(a.y);
-    qbuf[at + 2u] = f16(b.x);
-    qbuf[at + 3u] = f16(b.y);
-    qbuf[at + 4u] = f16(c.x);
-    qbuf[at + 5u] = f16(c.y);
-    qbuf[at + 6u] = f16(d.x);
-    qbuf[at + 7u] = f16(d.y);
-}
-
-fn putqs(at: u32, w: vec4<u32>) {
-    let a = unpack2x16float(w.x);
-    let b = unpack2x16float(w.y);
-    let c = unpack2x16float(w.z);
-    let d = unpack2x16float(w.w);
-    qselbuf[at] = f16(a.x);
-    qselbuf[at + 1u] = f16(a.y);
-    qselbuf[at + 2u] = f16(b.x);
-    qselbuf[at + 3u] = f16(b.y);
-    qselbuf[at + 4u] = f16(c.x);
-    qselbuf[at + 5u] = f16(c.y);
-    qselbuf[at + 6u] = f16(d.x);
-    qselbuf[at + 7u] = f16(d.y);
 }
 
 // K rows [kt, kt + BC) of KV head `hk` into kbuf, zero at and past kend.
@@ -177,25 +145,34 @@ fn coop_forward(
         row_f[r] = f;
     }
 
-    // Q tile (and the selection head's) staged once; fragments are loaded where they are used.
-    for (var e = tid; e < BR * D8; e += WG) {
-        let r = e / D8;
-        let i = row0 + r;
-        let c8 = e % D8;
-        var w = vec4<u32>(0u);
-        var ws = vec4<u32>(0u);
-        if i < p.q_len {
-            w = q[((b * p.q_heads + h) * p.q_len + i) * D8 + c8];
-            if SELECTIVE {
-                ws = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + c8];
-            }
+    // Q fragments (then the selection head's) stay in registers for the whole key loop; they
+    // are staged through kbuf. Every subgroup loads at its own offset with no branch on the
+    // subgroup: cooperative operations need uniform control flow.
+{{QDECL}}
+    let qoff = rb0 * DP;
+    for (var qp = 0u; qp < select(1u, 2u, SELECTIVE); qp++) {
+        var qh = h;
+        if qp == 1u {
+            qh = sel;
         }
-        putq(r * DP + c8 * 8u, w);
-        if SELECTIVE {
-            putqs(r * DP + c8 * 8u, ws);
+        workgroupBarrier();
+        for (var e = tid; e < BR * D8; e += WG) {
+            let r = e / D8;
+            let i = row0 + r;
+            let c8 = e % D8;
+            var w = vec4<u32>(0u);
+            if i < p.q_len {
+                w = q[((b * p.q_heads + qh) * p.q_len + i) * D8 + c8];
+            }
+            put8(r * DP + c8 * 8u, w, 1.0);
+        }
+        workgroupBarrier();
+        if qp == 0u {
+{{QLOAD}}
+        } else {
+{{QSLOAD}}
         }
     }
-    let qoff = rb0 * DP;
 {{ODECL}}
 
     var kend = valid;
@@ -252,7 +229,10 @@ fn coop_forward(
             let pos = p.start + i;
             let rf = row_f[r];
             var mx = MASKED;
-            for (var c = 0u; c < BC; c++) {
+            // Each row starts at its own column: rows are SP = BC + 4 words apart, so a plain
+            // walk would put rows r and r + 8 on the same bank; rotated, a warp's 32 rows hit 32.
+            for (var k = 0u; k < BC; k++) {
+                let c = (k + r) & (BC - 1u);
                 let j = kt + c;
                 var ok = i < p.q_len && j < valid;
                 if CAUSAL {
@@ -279,7 +259,8 @@ fn coop_forward(
                 atomicStore(&rescale[0], 1u);
             }
             var sum = 0.0;
-            for (var c = 0u; c < BC; c++) {
+            for (var k = 0u; k < BC; k++) {
+                let c = (k + r) & (BC - 1u);
                 let z = sbuf[r * SP + c];
                 var pr = f16(0.0);
                 if z > MASKED_HALF {

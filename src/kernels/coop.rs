@@ -65,12 +65,11 @@ impl CoopConfig {
     /// Workgroup memory in bytes, as declared in the shader.
     pub fn workgroup_bytes(&self) -> u64 {
         let (br, bc, d) = (self.br as u64, self.bc as u64, self.d as u64);
-        let kbuf = bc * (d + 8) * 2;
-        let qbuf = br * (d + 8) * 2;
+        let kbuf = br.max(bc) * (d + 8) * 2;
         let sbuf = br * (bc + 4) * 4;
         let pbuf = br * (bc + 8) * 2;
-        let sel = if self.selective { sbuf + qbuf } else { 4 + 2 };
-        kbuf + qbuf + sbuf + pbuf + sel + 4 * br * 4 + 4
+        let sel = if self.selective { sbuf } else { 16 };
+        kbuf + sbuf + pbuf + sel + 4 * br * 4 + 16
     }
 
     /// The coop configuration for a scalar-path configuration, if this adapter can run it.
@@ -120,19 +119,36 @@ impl CoopConfig {
         let sel = self.selective;
         let mut sscomp = String::new();
         let mut odecl = String::new();
+        let mut qdecl = String::new();
+        let mut qload = String::new();
+        let mut qsload = String::new();
         let mut scomp = String::new();
         let mut rescale = String::new();
         let mut pv = String::new();
         let mut epi = String::new();
         // Every index a `let` of its own: naga's SPIR-V writer is happiest with that.
         for d in 0..n {
+            let _ = writeln!(qdecl, "    var qf{d} = coop_mat16x16<f16, A>();");
+            let _ = writeln!(
+                qload,
+                "            let qi{d} = qoff + {o}u;\n            qf{d} = coopLoadT<coop_mat16x16<f16, A>>(&kbuf[qi{d}], DP);",
+                o = d * 16
+            );
+            if sel {
+                let _ = writeln!(qdecl, "    var qs{d} = coop_mat16x16<f16, A>();");
+                let _ = writeln!(
+                    qsload,
+                    "            let qj{d} = qoff + {o}u;\n            qs{d} = coopLoadT<coop_mat16x16<f16, A>>(&kbuf[qj{d}], DP);",
+                    o = d * 16
+                );
+            }
             let _ = writeln!(odecl, "    var o{d} = coop_mat16x16<f32, C>();");
         }
         let _ = writeln!(scomp, "            var acc = coop_mat16x16<f32, C>();");
         for d in 0..n {
             let _ = writeln!(
                 scomp,
-                "            let qi{d} = qoff + {o}u;\n            let ki{d} = koff + {o}u;\n            acc = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&qbuf[qi{d}], DP), coopLoad<coop_mat16x16<f16, B>>(&kbuf[ki{d}], DP), acc);",
+                "            let ki{d} = koff + {o}u;\n            acc = coopMultiplyAdd(qf{d}, coopLoad<coop_mat16x16<f16, B>>(&kbuf[ki{d}], DP), acc);",
                 o = d * 16
             );
         }
@@ -145,7 +161,7 @@ impl CoopConfig {
             for d in 0..n {
                 let _ = writeln!(
                     sscomp,
-                    "                let qj{d} = qoff + {o}u;\n                let kj{d} = koff + {o}u;\n                accs = coopMultiplyAdd(coopLoadT<coop_mat16x16<f16, A>>(&qselbuf[qj{d}], DP), coopLoad<coop_mat16x16<f16, B>>(&kbuf[kj{d}], DP), accs);",
+                    "                let kj{d} = koff + {o}u;\n                accs = coopMultiplyAdd(qs{d}, coopLoad<coop_mat16x16<f16, B>>(&kbuf[kj{d}], DP), accs);",
                     o = d * 16
                 );
             }
@@ -189,6 +205,9 @@ impl CoopConfig {
             );
         }
         template
+            .replace("{{QDECL}}", &qdecl)
+            .replace("{{QLOAD}}", &qload)
+            .replace("{{QSLOAD}}", &qsload)
             .replace("{{SSCOMP}}", &sscomp)
             .replace("{{ODECL}}", &odecl)
             .replace("{{SCOMP}}", &scomp)
