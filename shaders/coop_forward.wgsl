@@ -42,6 +42,7 @@ override SELECTIVE: bool = false;
 override WRITE_LSE: bool = false;
 
 override WG: u32 = (BR / 16u) * SGS;
+override LPR: u32 = SGS / 16u;   // lanes per row in the softmax
 override D8: u32 = D / 8u;
 override DP: u32 = D + 8u;     // padded f16 row stride of staged K/V/Q (bank conflicts)
 override SP: u32 = BC + 4u;    // padded f32 row stride of S
@@ -116,6 +117,7 @@ fn coop_forward(
     @builtin(local_invocation_index) tid: u32,
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
 ) {
     // Causal: the longest query tiles first, so the tail of the grid is short work.
     var qt = wg.x;
@@ -223,30 +225,32 @@ fn coop_forward(
             }
             workgroupBarrier();
         }
-        // 4. Lazy online softmax, one row per thread; then V staged (gated).
-        for (var r = tid; r < BR; r += WG) {
+        // 4. Lazy online softmax. Each subgroup takes its own 16 rows, LPR = SGS / 16 lanes per row
+        //    on interleaved columns, combined with subgroup shuffles (partners are lanes of one
+        //    subgroup by construction). A row's allowed keys in the tile are a prefix [0, ncol).
+        {
+            let r = rb0 + lane / LPR;
+            let part = lane % LPR;
             let i = row0 + r;
-            let pos = p.start + i;
+            var lim = min(valid, kt + BC);
+            if CAUSAL {
+                lim = min(lim, p.start + i + 1u);
+            }
+            var ncol = 0u;
+            if i < p.q_len && lim > kt {
+                ncol = lim - kt;
+            }
             let rf = row_f[r];
             var mx = MASKED;
-            // Each row starts at its own column: rows are SP = BC + 4 words apart, so a plain
-            // walk would put rows r and r + 8 on the same bank; rotated, a warp's 32 rows hit 32.
-            for (var k = 0u; k < BC; k++) {
-                let c = (k + r) & (BC - 1u);
-                let j = kt + c;
-                var ok = i < p.q_len && j < valid;
-                if CAUSAL {
-                    ok = ok && j <= pos;
+            for (var c = part; c < ncol; c += LPR) {
+                var z = sbuf[r * SP + c] * rf;
+                if SELECTIVE {
+                    z -= fsel[r * SP + c];
                 }
-                var z = MASKED;
-                if ok {
-                    z = sbuf[r * SP + c] * rf;
-                    if SELECTIVE {
-                        z -= fsel[r * SP + c];
-                    }
-                }
-                sbuf[r * SP + c] = z;
                 mx = max(mx, z);
+            }
+            for (var x = 1u; x < LPR; x <<= 1u) {
+                mx = max(mx, subgroupShuffleXor(mx, x));
             }
             let m_old = row_m[r];
             var m_new = m_old;
@@ -256,22 +260,32 @@ fn coop_forward(
             } else if mx > m_old + RESCALE_AT {
                 m_new = mx;
                 corr = exp2(m_old - mx);
-                atomicStore(&rescale[0], 1u);
             }
             var sum = 0.0;
-            for (var k = 0u; k < BC; k++) {
-                let c = (k + r) & (BC - 1u);
-                let z = sbuf[r * SP + c];
+            for (var c = part; c < BC; c += LPR) {
                 var pr = f16(0.0);
-                if z > MASKED_HALF {
+                if c < ncol {
+                    var z = sbuf[r * SP + c] * rf;
+                    if SELECTIVE {
+                        z -= fsel[r * SP + c];
+                    }
                     pr = f16(exp2(z - m_new));
                 }
                 pbuf[r * PP + c] = pr;
                 sum += f32(pr);
             }
-            row_m[r] = m_new;
-            row_c[r] = corr;
-            row_l[r] = row_l[r] * corr + sum;
+            for (var x = 1u; x < LPR; x <<= 1u) {
+                sum += subgroupShuffleXor(sum, x);
+            }
+            // Every lane of the row read row_m[r] above, before the shuffles; one lane writes.
+            if part == 0u {
+                row_m[r] = m_new;
+                row_c[r] = corr;
+                row_l[r] = row_l[r] * corr + sum;
+                if corr != 1.0 {
+                    atomicStore(&rescale[0], 1u);
+                }
+            }
         }
         for (var e = tid; e < BC * D8; e += WG) {
             let c = e / D8;

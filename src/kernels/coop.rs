@@ -88,6 +88,10 @@ impl CoopConfig {
             return Err("head dim not a multiple of 16 up to 128");
         }
         let sgs = caps.subgroup_min_size;
+        // The softmax gives each row SGS / 16 lanes of one subgroup.
+        if sgs < 16 || !sgs.is_power_of_two() {
+            return Err("subgroup size below 16 or not a power of two");
+        }
         let br = 16 * SUBGROUPS;
         if br / 16 * sgs > caps.max_invocations {
             return Err("workgroup too large for the adapter");
