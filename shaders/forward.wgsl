@@ -12,7 +12,8 @@
 // thread of a row holds the same running max m and sum l in registers.
 // Per key tile of BC keys: S (Q pre-scaled by scale * t_i * log2 e), optional selective term
 // subtracted, online softmax in the exp2 domain, O = O * corr + P (gate * V). Three barriers per
-// key tile (five with selective masking). Never an Nq x Nk matrix.
+// key tile (six with selective masking, whose K tile passes through the same workgroup buffer
+// first). Never an Nq x Nk matrix.
 // Bounds: every global index below is < the element count of its binding for any Params that
 // passed host validation; kv_len values are clamped to k_len here, so a bad kv_len cannot read
 // out of bounds. Workgroup indices are bounded by the loop limits noted at each access.
@@ -56,9 +57,8 @@ var<workgroup> kvs: array<vec4<f32>, BC * KS>;    // K tile, then gated V tile
 var<workgroup> sp: array<f32, BR * PS>;           // selective F, then probabilities
 var<workgroup> redm: array<f32, BR * TX>;         // partial row maxima
 var<workgroup> redl: array<f32, BR * TX>;         // partial row sums
-// Selective masking: the selection head's Q and K tiles (scaled by log2 e).
+// Selective masking: the selection head's Q tile (scaled by log2 e); its K tile goes through kvs.
 var<workgroup> qsel: array<vec4<f32>, select(1u, BR * D4, SELECTIVE)>;
-var<workgroup> ksel: array<vec4<f32>, select(1u, BC * KS, SELECTIVE)>;
 
 fn valid_keys(b: u32) -> u32 {
     if HAS_KVLEN {
@@ -79,7 +79,7 @@ fn row_factor(b: u32, h: u32, i: u32) -> f32 {
     return p.scale * t * LOG2E;
 }
 
-// Logits of one query row against the thread's 4 keys, from workgroup tiles `a` (row r) and `bt`.
+// Dot products of one (scaled) query vec4 with the same vec4 of the thread's 4 keys.
 fn dot4(a: vec4<f32>, k0: vec4<f32>, k1: vec4<f32>, k2: vec4<f32>, k3: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(dot(a, k0), dot(a, k1), dot(a, k2), dot(a, k3));
 }
@@ -137,6 +137,54 @@ fn row_sum(r: u32) -> f32 {
         s += redl[r * TX + t];
     }
     return s;
+}
+
+// K tile of KV head row `kvh` (= b * kv_heads + head) for keys kt..kt + BC into kvs; keys at or
+// past kend and columns past D4 are zero.
+fn load_k(tid: u32, kvh: u32, kt: u32, kend: u32) {
+    for (var e = tid; e < BC * D4P; e += WG) {
+        let c = e / D4P;
+        let x = e % D4P;
+        let j = kt + c;
+        var kx = vec4<f32>(0.0);
+        if j < kend && x < D4 {
+            kx = vec4<f32>(k[(kvh * p.k_len + j) * D4 + x]);   // kend <= k_len
+        }
+        kvs[c * KS + x] = kx;   // c < BC, x < D4P < KS
+    }
+}
+
+// The thread's 4 x 4 logits from the Q tile (or the selection head's) and the K tile in kvs.
+fn tile_logits(from_sel: bool, r0: u32, r1: u32, r2: u32, r3: u32, c4: vec4<u32>) -> array<vec4<f32>, 4> {
+    var s0 = vec4<f32>(0.0);
+    var s1 = vec4<f32>(0.0);
+    var s2 = vec4<f32>(0.0);
+    var s3 = vec4<f32>(0.0);
+    if from_sel {
+        // Only reached with SELECTIVE, where qsel holds BR * D4 entries.
+        for (var x = 0u; x < D4; x++) {
+            let k0 = kvs[c4.x * KS + x];
+            let k1 = kvs[c4.y * KS + x];
+            let k2 = kvs[c4.z * KS + x];
+            let k3 = kvs[c4.w * KS + x];
+            s0 += dot4(qsel[r0 * D4 + x], k0, k1, k2, k3);
+            s1 += dot4(qsel[r1 * D4 + x], k0, k1, k2, k3);
+            s2 += dot4(qsel[r2 * D4 + x], k0, k1, k2, k3);
+            s3 += dot4(qsel[r3 * D4 + x], k0, k1, k2, k3);
+        }
+    } else {
+        for (var x = 0u; x < D4; x++) {
+            let k0 = kvs[c4.x * KS + x];
+            let k1 = kvs[c4.y * KS + x];
+            let k2 = kvs[c4.z * KS + x];
+            let k3 = kvs[c4.w * KS + x];
+            s0 += dot4(qs[r0 * D4 + x], k0, k1, k2, k3);
+            s1 += dot4(qs[r1 * D4 + x], k0, k1, k2, k3);
+            s2 += dot4(qs[r2 * D4 + x], k0, k1, k2, k3);
+            s3 += dot4(qs[r3 * D4 + x], k0, k1, k2, k3);
+        }
+    }
+    return array<vec4<f32>, 4>(s0, s1, s2, s3);
 }
 
 @compute @workgroup_size(WG)
@@ -198,66 +246,22 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
 
     for (var kt = 0u; kt < kend; kt += BC) {
         workgroupBarrier();
-        // 2. K tile (and the selection head's K tile); columns past D4 are zero.
-        for (var e = tid; e < BC * D4P; e += WG) {
-            let c = e / D4P;
-            let x = e % D4P;
-            let j = kt + c;
-            var kx = vec4<f32>(0.0);
-            var xs = vec4<f32>(0.0);
-            if j < kend && x < D4 {
-                kx = vec4<f32>(k[((b * p.kv_heads + hk) * p.k_len + j) * D4 + x]);
-                if SELECTIVE {
-                    xs = vec4<f32>(k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D4 + x]);
-                }
-            }
-            kvs[c * KS + x] = kx;   // c < BC, x < D4P < KS
-            if SELECTIVE {
-                ksel[c * KS + x] = xs;
-            }
-        }
-        workgroupBarrier();
-        // 3. Logits (log2 domain), 4 rows x 4 keys per thread.
-        var s0 = vec4<f32>(0.0);
-        var s1 = vec4<f32>(0.0);
-        var s2 = vec4<f32>(0.0);
-        var s3 = vec4<f32>(0.0);
-        for (var x = 0u; x < D4; x++) {
-            let k0 = kvs[c4.x * KS + x];
-            let k1 = kvs[c4.y * KS + x];
-            let k2 = kvs[c4.z * KS + x];
-            let k3 = kvs[c4.w * KS + x];
-            s0 += dot4(qs[r0 * D4 + x], k0, k1, k2, k3);
-            s1 += dot4(qs[r1 * D4 + x], k0, k1, k2, k3);
-            s2 += dot4(qs[r2 * D4 + x], k0, k1, k2, k3);
-            s3 += dot4(qs[r3 * D4 + x], k0, k1, k2, k3);
-        }
+        // 2. Selective: the selection head's S tile into sp, turned per column into
+        // F = C (earlier tiles, F0 included) + exclusive prefix over this tile's rows, kept in
+        // registers (f_m) while the K tile replaces the selection head's.
+        var f0 = vec4<f32>(0.0);
+        var f1 = vec4<f32>(0.0);
+        var f2 = vec4<f32>(0.0);
+        var f3 = vec4<f32>(0.0);
         let j4 = vec4<u32>(kt) + c4;
-        s0 = mask_row(s0, i4.x, j4, valid);
-        s1 = mask_row(s1, i4.y, j4, valid);
-        s2 = mask_row(s2, i4.z, j4, valid);
-        s3 = mask_row(s3, i4.w, j4, valid);
-        // 4. Selective: the selection head's S tile into sp, turned per column into
-        // F = C (earlier tiles, F0 included) + exclusive prefix over this tile's rows, subtracted.
         if SELECTIVE {
-            var t0 = vec4<f32>(0.0);
-            var t1 = vec4<f32>(0.0);
-            var t2 = vec4<f32>(0.0);
-            var t3 = vec4<f32>(0.0);
-            for (var x = 0u; x < D4; x++) {
-                let k0 = ksel[c4.x * KS + x];
-                let k1 = ksel[c4.y * KS + x];
-                let k2 = ksel[c4.z * KS + x];
-                let k3 = ksel[c4.w * KS + x];
-                t0 += dot4(qsel[r0 * D4 + x], k0, k1, k2, k3);
-                t1 += dot4(qsel[r1 * D4 + x], k0, k1, k2, k3);
-                t2 += dot4(qsel[r2 * D4 + x], k0, k1, k2, k3);
-                t3 += dot4(qsel[r3 * D4 + x], k0, k1, k2, k3);
-            }
-            sp_store(r0, tx, sel_row(t0, i4.x, j4, valid));
-            sp_store(r1, tx, sel_row(t1, i4.y, j4, valid));
-            sp_store(r2, tx, sel_row(t2, i4.z, j4, valid));
-            sp_store(r3, tx, sel_row(t3, i4.w, j4, valid));
+            load_k(tid, b * p.kv_heads + sel_kv, kt, kend);
+            workgroupBarrier();
+            let t = tile_logits(true, r0, r1, r2, r3, c4);
+            sp_store(r0, tx, sel_row(t[0], i4.x, j4, valid));
+            sp_store(r1, tx, sel_row(t[1], i4.y, j4, valid));
+            sp_store(r2, tx, sel_row(t[2], i4.z, j4, valid));
+            sp_store(r3, tx, sel_row(t[3], i4.w, j4, valid));
             workgroupBarrier();
             for (var c = tid; c < BC; c += WG) {
                 let j = kt + c;
@@ -273,11 +277,27 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
                 }
             }
             workgroupBarrier();
+            // sp is next written with P after the barrier that follows step 4.
+            f0 = sp_row(r0, tx);
+            f1 = sp_row(r1, tx);
+            f2 = sp_row(r2, tx);
+            f3 = sp_row(r3, tx);
+        }
+        // 3. K tile; every read of the previous content of kvs came before a barrier above.
+        load_k(tid, b * p.kv_heads + hk, kt, kend);
+        workgroupBarrier();
+        // 4. Logits (log2 domain), 4 rows x 4 keys per thread, masked, selective F subtracted.
+        let s = tile_logits(false, r0, r1, r2, r3, c4);
+        var s0 = mask_row(s[0], i4.x, j4, valid);
+        var s1 = mask_row(s[1], i4.y, j4, valid);
+        var s2 = mask_row(s[2], i4.z, j4, valid);
+        var s3 = mask_row(s[3], i4.w, j4, valid);
+        if SELECTIVE {
             let lim = vec4<f32>(MASKED_HALF);
-            s0 -= select(vec4<f32>(0.0), sp_row(r0, tx), s0 > lim);
-            s1 -= select(vec4<f32>(0.0), sp_row(r1, tx), s1 > lim);
-            s2 -= select(vec4<f32>(0.0), sp_row(r2, tx), s2 > lim);
-            s3 -= select(vec4<f32>(0.0), sp_row(r3, tx), s3 > lim);
+            s0 -= select(vec4<f32>(0.0), f0, s0 > lim);
+            s1 -= select(vec4<f32>(0.0), f1, s1 > lim);
+            s2 -= select(vec4<f32>(0.0), f2, s2 > lim);
+            s3 -= select(vec4<f32>(0.0), f3, s3 > lim);
         }
         // 5. Online softmax: partial maxima, reduced over the TX threads of each row.
         redm[r0 * TX + tx] = hmax(s0);

@@ -65,11 +65,7 @@ impl ForwardConfig {
         // Row strides in f32: Q D, K/V tile 4 * (tx * dn + 1), P tile bc + 1.
         let ks = 4 * (tx * self.dn as u64 + 1);
         let base = br * 4 * d4 + bc * ks + br * (bc + 1) + 2 * br * tx;
-        let sel = if self.selective {
-            br * 4 * d4 + bc * ks
-        } else {
-            8
-        };
+        let sel = if self.selective { br * 4 * d4 } else { 4 };
         4 * (base + sel)
     }
 }
@@ -91,13 +87,12 @@ pub fn choose_tiles(
 ) -> Result<ForwardConfig> {
     let d4 = d.div_ceil(4);
     let max_threads = caps.max_invocations.min(MAX_THREADS);
-    // Threads along a row: fewest padded output columns first, then the widest.
-    let mut txs: Vec<(u32, u32)> = [8u32, 4, 2, 1]
+    // Threads along a row and output vec4 columns per thread.
+    let txs: Vec<(u32, u32)> = [8u32, 4, 2, 1]
         .into_iter()
         .map(|tx| (tx, d4.div_ceil(tx)))
         .filter(|&(_, dn)| dn <= MAX_DN)
         .collect();
-    txs.sort_by_key(|&(tx, dn)| (tx * dn, u32::MAX - tx));
     let cfg = |ty: u32, tx: u32, dn: u32| ForwardConfig {
         d,
         br: 4 * ty,
@@ -106,17 +101,29 @@ pub fn choose_tiles(
         selective,
         ..base
     };
+    // Among the tiles that fit: accumulators that stay in registers (dn <= 8) first, then no
+    // padded output columns, then the most threads, then the most query rows (fewer K/V reloads).
+    let mut best: Option<ForwardConfig> = None;
     for ty in [16u32, 8, 4, 2, 1] {
         for &(tx, dn) in &txs {
             let c = cfg(ty, tx, dn);
-            if c.threads() <= max_threads && c.workgroup_bytes() <= caps.workgroup_memory as u64 {
-                return Ok(c);
+            if c.threads() > max_threads || c.workgroup_bytes() > caps.workgroup_memory as u64 {
+                continue;
+            }
+            let score = |c: &ForwardConfig| (c.dn <= 8, c.bc / 4 * c.dn == d4, c.threads(), c.br);
+            if best.as_ref().is_none_or(|b| score(&c) > score(b)) {
+                best = Some(c);
             }
         }
     }
+    if let Some(c) = best {
+        return Ok(c);
+    }
     Err(Error::TooLarge {
         what: "workgroup memory for the smallest tile",
-        bytes: cfg(1, 1, d4).workgroup_bytes(),
+        bytes: txs
+            .first()
+            .map_or(0, |&(tx, dn)| cfg(1, tx, dn).workgroup_bytes()),
         limit: caps.workgroup_memory as u64,
     })
 }
