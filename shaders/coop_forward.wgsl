@@ -49,15 +49,19 @@ override PP: u32 = BC + 8u;    // padded f16 row stride of P
 // Lazy rescale threshold in log2 units: P stays <= 2^8, far inside f16 range.
 const RESCALE_AT: f32 = 8.0;
 
-var<workgroup> kbuf: array<f16, max(BR, BC) * DP>;
+var<workgroup> kbuf: array<f16, max(BR, BC) * DP>;   // Q staging (BR rows), then K and V tiles
 var<workgroup> sbuf: array<f32, BR * SP>;
 var<workgroup> pbuf: array<f16, BR * PP>;
-var<workgroup> fsel: array<f32, select(1u, BR * SP, SELECTIVE)>;
+var<workgroup> fsel: array<f32, select(4u, BR * SP, SELECTIVE)>;
 var<workgroup> row_m: array<f32, BR>;
 var<workgroup> row_l: array<f32, BR>;
 var<workgroup> row_c: array<f32, BR>;
 var<workgroup> row_f: array<f32, BR>;
-var<workgroup> rescale: atomic<u32>;
+// Every workgroup variable is a multiple of 16 bytes: on NVIDIA's Vulkan driver (580), one
+// smaller variable anywhere in the shader misaligns the arrays that cooperative matrices load
+// from and the loads return wrong data (found by bisection on an H100, 2026-11-22: a 2-, 4- or
+// 6-byte workgroup variable broke a 16x16x16 QK^T that is exact without it).
+var<workgroup> rescale: array<atomic<u32>, 4>;
 
 fn valid_keys(b: u32) -> u32 {
     if HAS_KVLEN {
@@ -127,6 +131,9 @@ fn coop_forward(
     let sel_kv = sel / p.group;
     let rb0 = sg * 16u;          // this subgroup's first row in the tile
 
+    if tid == 0u {
+        atomicStore(&rescale[0], 0u);
+    }
     for (var r = tid; r < BR; r += WG) {
         row_m[r] = MASKED;
         row_l[r] = 0.0;
@@ -138,10 +145,11 @@ fn coop_forward(
         row_f[r] = f;
     }
 
-    // Q fragments, then the selection head's, staged through kbuf (which holds max(BR, BC) rows).
-    // Every subgroup loads at its own offset with no branch: cooperative operations need
-    // workgroup-uniform control flow.
+    // Q fragments (then the selection head's) stay in registers for the whole key loop; they
+    // are staged through kbuf. Every subgroup loads at its own offset with no branch on the
+    // subgroup: cooperative operations need uniform control flow.
 {{QDECL}}
+    let qoff = rb0 * DP;
     for (var qp = 0u; qp < select(1u, 2u, SELECTIVE); qp++) {
         var qh = h;
         if qp == 1u {
@@ -159,7 +167,6 @@ fn coop_forward(
             put8(r * DP + c8 * 8u, w, 1.0);
         }
         workgroupBarrier();
-        let qoff = rb0 * DP;
         if qp == 0u {
 {{QLOAD}}
         } else {
@@ -222,7 +229,10 @@ fn coop_forward(
             let pos = p.start + i;
             let rf = row_f[r];
             var mx = MASKED;
-            for (var c = 0u; c < BC; c++) {
+            // Each row starts at its own column: rows are SP = BC + 4 words apart, so a plain
+            // walk would put rows r and r + 8 on the same bank; rotated, a warp's 32 rows hit 32.
+            for (var k = 0u; k < BC; k++) {
+                let c = (k + r) & (BC - 1u);
                 let j = kt + c;
                 var ok = i < p.q_len && j < valid;
                 if CAUSAL {
@@ -246,10 +256,11 @@ fn coop_forward(
             } else if mx > m_old + RESCALE_AT {
                 m_new = mx;
                 corr = exp2(m_old - mx);
-                atomicStore(&rescale, 1u);
+                atomicStore(&rescale[0], 1u);
             }
             var sum = 0.0;
-            for (var c = 0u; c < BC; c++) {
+            for (var k = 0u; k < BC; k++) {
+                let c = (k + r) & (BC - 1u);
                 let z = sbuf[r * SP + c];
                 var pr = f16(0.0);
                 if z > MASKED_HALF {
@@ -277,12 +288,12 @@ fn coop_forward(
             put8(c * DP + (e % D8) * 8u, w, g);
         }
         // 5. Rare: rescale O rows whose max moved, through workgroup memory.
-        let need = workgroupUniformLoad(&rescale);
+        let need = workgroupUniformLoad(&rescale[0]);
         if need != 0u {
             let ooff = rb0 * SP;
 {{RESCALE}}
             workgroupBarrier();
-            atomicStore(&rescale, 0u);
+            atomicStore(&rescale[0], 0u);
         }
         // 6. O += P V.
         for (var cb = 0u; cb < BC; cb += 16u) {

@@ -1,7 +1,7 @@
 //! The public entry point: one attention call on GPU tensors.
 
 use crate::kernels::forward::Plan;
-use crate::kernels::{entry, Kernel, KernelKey};
+use crate::kernels::{entry, tensor_entry, Kernel, KernelKey};
 use crate::spec::{Options, Present, Resolved, Shape, Spec};
 use crate::{Context, DType, Error, Result, Tensor};
 
@@ -371,9 +371,6 @@ impl Context {
             },
         );
         let dummy = &self.dummy_in;
-        fn or_in<'a>(t: Option<&'a Tensor>, dummy: &'a wgpu::Buffer) -> &'a wgpu::Buffer {
-            t.map_or(dummy, |t| t.buffer())
-        }
         let scratch = match plan.selective {
             Some(_) => self.scratch(plan.scratch_bytes())?,
             None => self.dummy_in.clone(),
@@ -393,9 +390,9 @@ impl Context {
                 layout: &pipe.get_bind_group_layout(0),
                 entries: &[
                     entry(0, &params),
-                    entry(1, inputs.q.buffer()),
-                    entry(2, inputs.k.buffer()),
-                    entry(3, or_in(inputs.kv_len, dummy)),
+                    tensor_entry(1, Some(inputs.q), dummy),
+                    tensor_entry(2, Some(inputs.k), dummy),
+                    tensor_entry(3, inputs.kv_len, dummy),
                     entry(5, &scratch),
                 ],
             });
@@ -413,9 +410,9 @@ impl Context {
                 layout: &pipe.get_bind_group_layout(0),
                 entries: &[
                     entry(0, &params),
-                    entry(4, or_in(inputs.f0, dummy)),
+                    tensor_entry(4, inputs.f0, dummy),
                     entry(5, &scratch),
-                    entry(6, outputs.f_out.map_or(&self.dummy_out, |t| t.buffer())),
+                    tensor_entry(6, outputs.f_out, &self.dummy_out),
                 ],
             });
             pass.set_pipeline(&pipe);
@@ -428,16 +425,16 @@ impl Context {
             layout: &pipe.get_bind_group_layout(0),
             entries: &[
                 entry(0, &params),
-                entry(1, inputs.q.buffer()),
-                entry(2, inputs.k.buffer()),
-                entry(3, inputs.v.buffer()),
-                entry(4, or_in(inputs.tau, dummy)),
-                entry(5, or_in(inputs.alpha, dummy)),
-                entry(6, or_in(inputs.gate, dummy)),
-                entry(7, or_in(inputs.kv_len, dummy)),
+                tensor_entry(1, Some(inputs.q), dummy),
+                tensor_entry(2, Some(inputs.k), dummy),
+                tensor_entry(3, Some(inputs.v), dummy),
+                tensor_entry(4, inputs.tau, dummy),
+                tensor_entry(5, inputs.alpha, dummy),
+                tensor_entry(6, inputs.gate, dummy),
+                tensor_entry(7, inputs.kv_len, dummy),
                 entry(8, &scratch),
-                entry(9, outputs.o.buffer()),
-                entry(10, outputs.lse.map_or(&self.dummy_out, |t| t.buffer())),
+                tensor_entry(9, Some(outputs.o), dummy),
+                tensor_entry(10, outputs.lse, &self.dummy_out),
             ],
         });
         pass.set_pipeline(&pipe);

@@ -74,6 +74,24 @@ impl Capabilities {
         }
     }
 
+    /// Capabilities of a device that is not there: `limits`, `features`, a fixed subgroup size
+    /// and cooperative matrix configurations as an adapter would report them, named `name`.
+    /// Used to enumerate the pipeline variants the planner chooses on devices other than the
+    /// ones at hand ([`crate::variants`]).
+    pub fn synthetic(
+        name: &str,
+        features: wgpu::Features,
+        limits: &wgpu::Limits,
+        subgroup_size: u32,
+        cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
+    ) -> Self {
+        let mut info = wgpu::AdapterInfo::new(wgpu::DeviceType::Other, wgpu::Backend::Noop);
+        info.name = name.to_string();
+        info.subgroup_min_size = subgroup_size;
+        info.subgroup_max_size = subgroup_size;
+        Self::new(info, features, limits, cooperative_matrix)
+    }
+
     /// Whether a 16×16×16 f16 → f32 cooperative matrix configuration is reported.
     pub fn coop_16x16_f16(&self) -> bool {
         self.cooperative_matrix.iter().any(|p| {

@@ -137,6 +137,47 @@ pub enum Error {
     Gpu(String),
     /// A file could not be read or written (examples and npy I/O).
     Io(String),
+    /// Appending would put more tokens in a sequence than the cache has slots, and the cache has
+    /// no budget to prune down to.
+    CacheFull {
+        /// Sequence.
+        batch: u32,
+        /// Tokens it holds.
+        len: u32,
+        /// Tokens being appended.
+        adding: u32,
+        /// Slots per sequence.
+        capacity: u32,
+    },
+    /// A pruning budget below the smallest that leaves a token to evict (the first token and
+    /// the newest are never evicted), or above the capacity.
+    BadBudget {
+        /// The budget given.
+        budget: u32,
+        /// Smallest allowed.
+        min: u32,
+        /// Largest allowed (the capacity).
+        max: u32,
+    },
+    /// A tensor does not match the cache it is used with.
+    CacheMismatch {
+        /// Which size.
+        what: &'static str,
+        /// The cache's value.
+        cache: u32,
+        /// The tensor's value.
+        got: u32,
+    },
+    /// A call names a position for a sequence that is not where the cache is: the caller's view
+    /// of the cache is stale (for example after a reset).
+    StalePosition {
+        /// Sequence.
+        batch: u32,
+        /// The position of the next token in the cache.
+        cache: u64,
+        /// The position the call expected.
+        expected: u64,
+    },
 }
 
 impl fmt::Display for Error {
@@ -219,6 +260,30 @@ impl fmt::Display for Error {
             Error::BadBuffer { why } => write!(f, "buffer cannot be used: {why}"),
             Error::Gpu(e) => write!(f, "GPU error: {e}"),
             Error::Io(e) => write!(f, "{e}"),
+            Error::CacheFull {
+                batch,
+                len,
+                adding,
+                capacity,
+            } => write!(
+                f,
+                "sequence {batch} holds {len} tokens; adding {adding} exceeds the capacity of {capacity} slots and the cache has no budget"
+            ),
+            Error::BadBudget { budget, min, max } => write!(
+                f,
+                "budget {budget} is outside {min}..={max} (the first and the newest token are never evicted)"
+            ),
+            Error::CacheMismatch { what, cache, got } => {
+                write!(f, "{what} is {got}, but the cache has {cache}")
+            }
+            Error::StalePosition {
+                batch,
+                cache,
+                expected,
+            } => write!(
+                f,
+                "sequence {batch}: the call expects the next token at position {expected}, the cache is at {cache} (stale view of the cache?)"
+            ),
         }
     }
 }

@@ -114,7 +114,7 @@ fn f16_storage_matches_reference_on_every_path() {
                     "{name}: O rel {:.2e} (f16 rounding floor {:.2e}), max {:.2e}; LSE rel {:.2e}",
                     co.rel_norm, floor.rel_norm, co.max_abs, cl.rel_norm
                 );
-                let limit = (2.0 * floor.rel_norm).max(1e-4).min(5e-3);
+                let limit = (2.0 * floor.rel_norm).clamp(1e-4, 5e-3);
                 if co.nan > 0
                     || co.rel_norm > limit
                     || co.bad > 0

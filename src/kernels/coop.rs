@@ -68,8 +68,8 @@ impl CoopConfig {
         let kbuf = br.max(bc) * (d + 8) * 2;
         let sbuf = br * (bc + 4) * 4;
         let pbuf = br * (bc + 8) * 2;
-        let sel = if self.selective { sbuf } else { 4 };
-        kbuf + sbuf + pbuf + sel + 4 * br * 4 + 4
+        let sel = if self.selective { sbuf } else { 16 };
+        kbuf + sbuf + pbuf + sel + 4 * br * 4 + 16
     }
 
     /// The coop configuration for a scalar-path configuration, if this adapter can run it.
@@ -117,11 +117,11 @@ impl CoopConfig {
     pub fn wgsl(&self, template: &str) -> String {
         let n = self.d / 16;
         let sel = self.selective;
+        let mut sscomp = String::new();
+        let mut odecl = String::new();
         let mut qdecl = String::new();
         let mut qload = String::new();
         let mut qsload = String::new();
-        let mut sscomp = String::new();
-        let mut odecl = String::new();
         let mut scomp = String::new();
         let mut rescale = String::new();
         let mut pv = String::new();
@@ -129,15 +129,13 @@ impl CoopConfig {
         // Every index a `let` of its own: naga's SPIR-V writer is happiest with that.
         for d in 0..n {
             let _ = writeln!(qdecl, "    var qf{d} = coop_mat16x16<f16, A>();");
-            if sel {
-                let _ = writeln!(qdecl, "    var qs{d} = coop_mat16x16<f16, A>();");
-            }
             let _ = writeln!(
                 qload,
                 "            let qi{d} = qoff + {o}u;\n            qf{d} = coopLoadT<coop_mat16x16<f16, A>>(&kbuf[qi{d}], DP);",
                 o = d * 16
             );
             if sel {
+                let _ = writeln!(qdecl, "    var qs{d} = coop_mat16x16<f16, A>();");
                 let _ = writeln!(
                     qsload,
                     "            let qj{d} = qoff + {o}u;\n            qs{d} = coopLoadT<coop_mat16x16<f16, A>>(&kbuf[qj{d}], DP);",

@@ -292,4 +292,19 @@ impl Plan {
             elem: self.elem,
         }
     }
+
+    /// Every pipeline this call dispatches, in dispatch order.
+    pub fn keys(&self) -> Vec<KernelKey> {
+        let mut keys = Vec::new();
+        if let Some((colsum, scan)) = self.selective {
+            for kernel in [Kernel::SelColsum(colsum), Kernel::SelScan(scan)] {
+                keys.push(KernelKey {
+                    kernel,
+                    elem: self.elem,
+                });
+            }
+        }
+        keys.push(self.forward_key());
+        keys
+    }
 }

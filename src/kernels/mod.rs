@@ -5,6 +5,7 @@
 //! trace names the variant.
 
 pub mod coop;
+pub mod decode;
 pub mod forward;
 pub mod selective;
 
@@ -22,19 +23,31 @@ pub enum Source {
     Selective,
     /// `shaders/coop_forward.wgsl` (a template: fragments unrolled per head dim).
     CoopForward,
+    /// `shaders/cache.wgsl`.
+    Cache,
+    /// `shaders/decode.wgsl`.
+    Decode,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 3] = [Source::Forward, Source::Selective, Source::CoopForward];
+    pub const ALL: [Source; 5] = [
+        Source::Forward,
+        Source::Selective,
+        Source::CoopForward,
+        Source::Cache,
+        Source::Decode,
+    ];
 
     fn body(self) -> &'static str {
         match self {
             Source::Forward => include_str!("../../shaders/forward.wgsl"),
             Source::Selective => include_str!("../../shaders/selective.wgsl"),
             Source::CoopForward => include_str!("../../shaders/coop_forward.wgsl"),
+            Source::Cache => include_str!("../../shaders/cache.wgsl"),
+            Source::Decode => include_str!("../../shaders/decode.wgsl"),
         }
     }
 
@@ -72,6 +85,14 @@ pub enum Kernel {
     SelScan(selective::ScanConfig),
     /// The cooperative-matrix forward kernel.
     CoopForward(coop::CoopConfig),
+    /// KV cache append with pruning.
+    CacheAppend(decode::AppendConfig),
+    /// Decode: selective scores of the step's queries, F state update.
+    DecodeScore(decode::ScoreConfig),
+    /// Decode: split-KV attention.
+    DecodeAttend(decode::AttendConfig),
+    /// Decode: merge of the splits.
+    DecodeMerge(decode::MergeConfig),
 }
 
 /// One pipeline variant: kernel, specialisation and storage element type.
@@ -90,6 +111,10 @@ impl KernelKey {
             Kernel::Forward(_) => Source::Forward,
             Kernel::SelColsum(_) | Kernel::SelScan(_) => Source::Selective,
             Kernel::CoopForward(_) => Source::CoopForward,
+            Kernel::CacheAppend(_) => Source::Cache,
+            Kernel::DecodeScore(_) | Kernel::DecodeAttend(_) | Kernel::DecodeMerge(_) => {
+                Source::Decode
+            }
         }
     }
 
@@ -109,6 +134,10 @@ impl KernelKey {
             Kernel::SelColsum(_) => "colsum",
             Kernel::SelScan(_) => "scan",
             Kernel::CoopForward(_) => "coop_forward",
+            Kernel::CacheAppend(_) => "append",
+            Kernel::DecodeScore(_) => "score",
+            Kernel::DecodeAttend(_) => "attend",
+            Kernel::DecodeMerge(_) => "merge",
         }
     }
 
@@ -119,6 +148,10 @@ impl KernelKey {
             Kernel::SelColsum(c) => c.constants(),
             Kernel::SelScan(c) => c.constants(),
             Kernel::CoopForward(c) => c.constants(),
+            Kernel::CacheAppend(c) => c.constants(),
+            Kernel::DecodeScore(c) => c.constants(),
+            Kernel::DecodeAttend(c) => c.constants(),
+            Kernel::DecodeMerge(c) => c.constants(),
         }
     }
 }
@@ -159,6 +192,24 @@ pub struct Params {
     pub _pad0: u32,
     /// Padding to 16 bytes.
     pub _pad1: u32,
+}
+
+/// Binding of a tensor's own bytes (not its whole buffer, which may be larger than a binding
+/// may be), or of `dummy` when the tensor is absent.
+pub(crate) fn tensor_entry<'a>(
+    binding: u32,
+    t: Option<&'a crate::Tensor>,
+    dummy: &'a wgpu::Buffer,
+) -> wgpu::BindGroupEntry<'a> {
+    let resource = match t {
+        Some(t) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: t.buffer(),
+            offset: 0,
+            size: wgpu::BufferSize::new((t.bytes().div_ceil(4) * 4).min(t.buffer().size())),
+        }),
+        None => dummy.as_entire_binding(),
+    };
+    wgpu::BindGroupEntry { binding, resource }
 }
 
 /// Storage binding at `binding` for a whole buffer.

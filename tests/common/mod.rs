@@ -7,101 +7,9 @@ use std::sync::OnceLock;
 use selattn::reference::{HostInputs, HostOutputs};
 use selattn::{Context, DType, Inputs, Options, Outputs, Shape, Spec, Tensor};
 
-/// splitmix64: small, seeded, reproducible.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-    pub fn normals(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal()).collect()
-    }
-    /// Uniform in [lo, hi).
-    pub fn range(&mut self, lo: f32, hi: f32, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| lo + (hi - lo) * self.uniform() as f32)
-            .collect()
-    }
-    pub fn below(&mut self, n: u32) -> u32 {
-        (self.next_u64() % n as u64) as u32
-    }
-}
-
-/// Which optional inputs a case uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Controls {
-    pub tau: bool,
-    pub alpha: bool,
-    pub gate: bool,
-    pub kv_len: bool,
-}
-
-impl Controls {
-    pub const ALL: Controls = Controls {
-        tau: true,
-        alpha: true,
-        gate: true,
-        kv_len: true,
-    };
-    pub fn name(&self) -> String {
-        let mut v = vec![];
-        if self.tau {
-            v.push("tau");
-        }
-        if self.alpha {
-            v.push("alpha");
-        }
-        if self.gate {
-            v.push("gate");
-        }
-        if self.kv_len {
-            v.push("kvlen");
-        }
-        if v.is_empty() {
-            "plain".into()
-        } else {
-            v.join("+")
-        }
-    }
-}
-
-/// Seeded random inputs for a shape: normals for Q/K/V, tau in [0.5, 1.5), alpha in [0, 0.3),
-/// gate in (0, 1), kv_len in [1, Nk] (one batch element may get 0 when `allow_empty`).
-pub fn random_inputs(shape: &Shape, c: Controls, seed: u64) -> HostInputs {
-    let mut rng = Rng::new(seed);
-    let s = shape;
-    let n = |d: Vec<u64>| d.iter().product::<u64>() as usize;
-    HostInputs {
-        q: rng.normals(n(s.q_dims())),
-        k: rng.normals(n(s.kv_dims())),
-        v: rng.normals(n(s.kv_dims())),
-        tau: c.tau.then(|| rng.range(0.5, 1.5, n(s.row_dims()))),
-        alpha: c.alpha.then(|| rng.range(0.0, 0.3, n(s.alpha_dims()))),
-        gate: c.gate.then(|| rng.range(0.05, 1.0, n(s.gate_dims()))),
-        kv_len: c
-            .kv_len
-            .then(|| (0..s.batch).map(|_| 1 + rng.below(s.k_len)).collect()),
-        f0: None,
-    }
-}
+// Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use selattn::testing::{compare, random_inputs, Cmp, Controls, Rng};
 
 /// Every adapter that can run compute, one context each, built once per test binary.
 pub fn contexts() -> &'static [Context] {
@@ -124,62 +32,6 @@ pub fn contexts() -> &'static [Context] {
         );
         v
     })
-}
-
-/// Result of comparing a GPU output with the reference.
-#[derive(Debug, Clone, Copy)]
-pub struct Cmp {
-    pub max_abs: f64,
-    pub at: usize,
-    pub rel_norm: f64,
-    pub bad: usize,
-    pub nan: usize,
-}
-
-/// Compares every element: |gpu - ref| <= atol + rtol |ref|; infinities must match exactly.
-pub fn compare(gpu: &[f32], reference: &[f64], atol: f64, rtol: f64) -> Cmp {
-    assert_eq!(gpu.len(), reference.len(), "length");
-    let (mut max_abs, mut at, mut num, mut den, mut bad, mut nan) = (0.0f64, 0, 0.0, 0.0, 0, 0);
-    for (i, (&g, &r)) in gpu.iter().zip(reference).enumerate() {
-        let g = g as f64;
-        if g.is_nan() {
-            nan += 1;
-            bad += 1;
-            continue;
-        }
-        if r.is_infinite() || g.is_infinite() {
-            if g != r {
-                bad += 1;
-                if max_abs != f64::INFINITY {
-                    max_abs = f64::INFINITY;
-                    at = i;
-                }
-            }
-            continue;
-        }
-        let e = (g - r).abs();
-        if e > max_abs {
-            max_abs = e;
-            at = i;
-        }
-        if e > atol + rtol * r.abs() {
-            bad += 1;
-        }
-        num += e * e;
-        den += r * r;
-    }
-    let rel_norm = if den > 0.0 {
-        (num / den).sqrt()
-    } else {
-        num.sqrt()
-    };
-    Cmp {
-        max_abs,
-        at,
-        rel_norm,
-        bad,
-        nan,
-    }
 }
 
 /// GPU tensors of a case.
@@ -318,4 +170,96 @@ pub fn check_case(
     } else {
         Some(format!("[{}] {name}: {}", ctx.describe(), msgs.join("; ")))
     }
+}
+
+/// One named case: shape, options and host inputs.
+pub struct Case {
+    pub name: String,
+    pub shape: Shape,
+    pub opts: Options,
+    pub x: HostInputs,
+}
+
+impl Case {
+    /// A case with seeded random inputs for `c`; `name` is prefixed to the shape and options.
+    pub fn random(name: &str, shape: Shape, opts: Options, c: Controls, seed: u64) -> Case {
+        Case {
+            name: format!(
+                "{name} B{} Hq{} Hkv{} Nq{} Nk{} D{} {} {}",
+                shape.batch,
+                shape.q_heads,
+                shape.kv_heads,
+                shape.q_len,
+                shape.k_len,
+                shape.head_dim,
+                opts_name(&opts),
+                c.name()
+            ),
+            shape,
+            opts,
+            x: random_inputs(&shape, c, seed),
+        }
+    }
+}
+
+/// A short name for options: `causal sel1 start7 scale0.3`.
+pub fn opts_name(o: &Options) -> String {
+    let mut v = vec![if o.causal { "causal" } else { "full" }.to_string()];
+    if let Some(h) = o.selective {
+        v.push(format!("sel{h}"));
+    }
+    if let Some(s) = o.start {
+        v.push(format!("start{s}"));
+    }
+    if let Some(s) = o.scale {
+        v.push(format!("scale{s}"));
+    }
+    v.join(" ")
+}
+
+/// Runs every case on every adapter against the reference at f32 tolerance `tol`, prints the
+/// max errors of each (visible with `--nocapture`) and fails with every failing case listed.
+pub fn check_cases(cases: &[Case], tol: f64) {
+    let mut failures = vec![];
+    let mut worst = (0.0f64, String::new());
+    for ctx in contexts() {
+        for c in cases {
+            let gpu = run_gpu(ctx, &c.shape, &c.x, &c.opts, DType::F32);
+            let r = run_ref(&c.shape, &c.x, &c.opts);
+            let co = compare(&gpu.o, &r.o, 0.0, 0.0);
+            let cl = compare(&gpu.lse, &r.lse, 0.0, 0.0);
+            let cf = compare(&gpu.f_out, &r.f_out, 0.0, 0.0);
+            eprintln!(
+                "[{}] {}: O max {:.2e} rel {:.2e} | LSE max {:.2e} | F max {:.2e} rel {:.2e}",
+                ctx.describe(),
+                c.name,
+                co.max_abs,
+                co.rel_norm,
+                cl.max_abs,
+                cf.max_abs,
+                cf.rel_norm
+            );
+            if co.rel_norm > worst.0 {
+                worst = (co.rel_norm, c.name.clone());
+            }
+            if let Some(f) = check_case(&c.name, ctx, &gpu, &r, tol) {
+                failures.push(f);
+            }
+        }
+    }
+    eprintln!(
+        "worst O norm-wise relative error {:.2e} ({})",
+        worst.0, worst.1
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The bit patterns of f32 values, to compare runs exactly (NaN payloads included).
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }

@@ -1,0 +1,433 @@
+//! Generates a long sequence over a KV cache with synthetic projections, without and with a
+//! pruning budget, and prints memory in use, tokens per second, evictions and KV bandwidth.
+//!
+//! ```text
+//! cargo run --release --example decode -- [--prompt 64] [--len 256] [--batch 2] [--heads 8]
+//!     [--kv-heads 2] [--dim 64] [--queries 1] [--budget N] [--f16] [--selective]
+//!     [--splits N] [--check 8] [--json PATH]
+//! ```
+//!
+//! Each sequence is first filled with `--prompt` tokens (K and V appended without attention),
+//! then decoded for `--len` steps of `--queries` tokens. The run is repeated with a budget
+//! (default a quarter of the final length). The first `--check` steps are checked against the
+//! CPU reference (`selattn::reference_cache`) when the sequence is short enough for it.
+//! For decode speed at a fixed length use a long prompt and a short `--len`, e.g.
+//! `--prompt 131072 --len 64 --batch 1`.
+
+use std::time::Instant;
+
+use selattn::reference_cache::{HostQueries, HostTokens, RefCache};
+use selattn::{
+    Context, DType, DecodeOptions, Error, KvCache, KvCacheConfig, Outputs, Result, Step, Tensor,
+    Tokens,
+};
+
+#[derive(Clone, Debug)]
+struct Args {
+    prompt: u32,
+    len: u32,
+    batch: u32,
+    heads: u32,
+    kv_heads: u32,
+    dim: u32,
+    queries: u32,
+    budget: Option<u32>,
+    f16: bool,
+    selective: bool,
+    splits: Option<u32>,
+    check: u32,
+    json: Option<String>,
+}
+
+fn parse() -> Result<Args> {
+    let mut a = Args {
+        prompt: 64,
+        len: 256,
+        batch: 2,
+        heads: 8,
+        kv_heads: 2,
+        dim: 64,
+        queries: 1,
+        budget: None,
+        f16: false,
+        selective: false,
+        splits: None,
+        check: 8,
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut num = |what: &str| -> Result<u32> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| Error::Io(format!("{what} needs a number")))
+        };
+        match flag.as_str() {
+            "--prompt" => a.prompt = num("--prompt")?,
+            "--len" => a.len = num("--len")?,
+            "--batch" => a.batch = num("--batch")?,
+            "--heads" => a.heads = num("--heads")?,
+            "--kv-heads" => a.kv_heads = num("--kv-heads")?,
+            "--dim" => a.dim = num("--dim")?,
+            "--queries" => a.queries = num("--queries")?,
+            "--budget" => a.budget = Some(num("--budget")?),
+            "--splits" => a.splits = Some(num("--splits")?),
+            "--check" => a.check = num("--check")?,
+            "--f16" => a.f16 = true,
+            "--selective" => a.selective = true,
+            "--json" => a.json = it.next(),
+            other => return Err(Error::Io(format!("unknown flag {other}"))),
+        }
+    }
+    if a.prompt == 0 {
+        return Err(Error::Io("--prompt must be at least 1".into()));
+    }
+    Ok(a)
+}
+
+/// splitmix64 normals: reproducible synthetic projections.
+struct Rng(u64);
+impl Rng {
+    fn normal(&mut self) -> f32 {
+        let mut u = || {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let (u1, u2) = (u().max(1e-300), u());
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+    fn normals(&mut self, n: usize, f16: bool) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let x = self.normal();
+                if f16 {
+                    half::f16::from_f32(x).to_f32()
+                } else {
+                    x
+                }
+            })
+            .collect()
+    }
+}
+
+/// Host and GPU copies of one step's synthetic Q, K and V.
+struct StepData {
+    host_q: Vec<f32>,
+    host_kv: HostTokens,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+struct Report {
+    budget: Option<u32>,
+    final_len: u64,
+    bytes_allocated: u64,
+    bytes_in_use: u64,
+    evictions: u64,
+    tokens_per_s: f64,
+    ms_per_step_wall: f64,
+    ms_per_step_gpu: Option<f64>,
+    kv_gb_per_s: Option<f64>,
+    checked_steps: u32,
+    max_err: f64,
+}
+
+fn upload(ctx: &Context, dims: &[u64], x: &[f32], f16: bool) -> Result<Tensor> {
+    if f16 {
+        ctx.upload_f16(dims, x)
+    } else {
+        ctx.upload(dims, x)
+    }
+}
+
+fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
+    let total = a.prompt + a.len * a.queries;
+    let dtype = if a.f16 { DType::F16 } else { DType::F32 };
+    let capacity = budget.unwrap_or(total);
+    let mut cfg = KvCacheConfig::new(a.batch, a.kv_heads, a.dim, capacity).dtype(dtype);
+    if let Some(b) = budget {
+        cfg = cfg.budget(b);
+    }
+    let mut cache = KvCache::new(ctx, cfg)?;
+    let (b, hq, hkv, d, n) = (
+        a.batch as u64,
+        a.heads as u64,
+        a.kv_heads as u64,
+        a.dim as u64,
+        a.queries as u64,
+    );
+    let mut rng = Rng(7);
+    let check = a.check > 0 && (total as u64) * b * hq * d <= 1 << 24;
+    let mut reference = if check {
+        Some(RefCache::new(cfg)?)
+    } else {
+        None
+    };
+
+    // 1. The prompt, appended in chunks of at most 4096 tokens (one chunk reused).
+    let chunk = a.prompt.min(4096) as u64;
+    let kv_n = (b * hkv * chunk * d) as usize;
+    let host = HostTokens {
+        n: chunk as usize,
+        k: rng.normals(kv_n, a.f16),
+        v: rng.normals(kv_n, a.f16),
+        gate: None,
+        f: None,
+    };
+    let kc = upload(ctx, &[b, hkv, chunk, d], &host.k, a.f16)?;
+    let vc = upload(ctx, &[b, hkv, chunk, d], &host.v, a.f16)?;
+    let mut left = a.prompt;
+    while left > 0 {
+        let c = left.min(chunk as u32);
+        let counts = vec![c; a.batch as usize];
+        cache.append(ctx, &Tokens::new(&kc, &vc), Some(&counts))?;
+        if let Some(r) = reference.as_mut() {
+            r.append(&host, Some(&counts))?;
+        }
+        left -= c;
+    }
+    ctx.sync()?;
+
+    // 2. A pool of synthetic steps, reused round robin.
+    let pool: Vec<StepData> = (0..16)
+        .map(|_| -> Result<StepData> {
+            let host_q = rng.normals((b * hq * n * d) as usize, a.f16);
+            let kv_n = (b * hkv * n * d) as usize;
+            let host_kv = HostTokens {
+                n: n as usize,
+                k: rng.normals(kv_n, a.f16),
+                v: rng.normals(kv_n, a.f16),
+                gate: None,
+                f: None,
+            };
+            Ok(StepData {
+                q: upload(ctx, &[b, hq, n, d], &host_q, a.f16)?,
+                k: upload(ctx, &[b, hkv, n, d], &host_kv.k, a.f16)?,
+                v: upload(ctx, &[b, hkv, n, d], &host_kv.v, a.f16)?,
+                host_q,
+                host_kv,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let o = ctx.empty(&[b, hq, n, d], dtype)?;
+    let lse = ctx.empty(&[b, hq, n], DType::F32)?;
+    let mut opts = DecodeOptions::new();
+    if a.selective {
+        opts = opts.selective(0);
+    }
+    opts.splits = a.splits;
+
+    // 3. Checked steps first (each waits for the GPU), then timed steps.
+    let mut max_err = 0.0f64;
+    let mut checked = 0;
+    let mut kv_bytes_read = 0u64;
+    let per_slot_bytes = hkv * d * dtype.size() * 2 + 4 + if a.selective { 4 } else { 0 };
+    let n_check = if reference.is_some() {
+        a.check.min(a.len)
+    } else {
+        0
+    };
+    let timed_steps = a.len - n_check;
+    let timed = ctx.capabilities().timestamps;
+    let n_ts = timed_steps.min(1024);
+    let qs = timed.then(|| {
+        ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("decode timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * n_ts,
+        })
+    });
+    let mut start = Instant::now();
+    for s in 0..a.len {
+        if s == n_check {
+            ctx.sync()?;
+            start = Instant::now();
+        }
+        // Index of this step among the timed ones, if it is one.
+        let ti = s.checked_sub(n_check).filter(|&t| t < n_ts);
+        let p = &pool[s as usize % pool.len()];
+        let step = Step::new(&p.q, &p.k, &p.v);
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        let ts = match (&qs, ti) {
+            (Some(qs), Some(t)) => Some(wgpu::ComputePassTimestampWrites {
+                query_set: qs,
+                beginning_of_pass_write_index: Some(2 * t),
+                end_of_pass_write_index: Some(2 * t + 1),
+            }),
+            _ => None,
+        };
+        cache.encode_step(ctx, &mut enc, &step, &opts, &Outputs::new(&o).lse(&lse), ts)?;
+        ctx.queue.submit([enc.finish()]);
+        if ti.is_some() {
+            kv_bytes_read += cache.lens().iter().map(|&l| l as u64).sum::<u64>() * per_slot_bytes;
+        }
+        if let Some(r) = reference.as_mut() {
+            if s < n_check {
+                let x = HostQueries {
+                    q_heads: hq as usize,
+                    q: p.host_q.clone(),
+                    tau: None,
+                    alpha: None,
+                };
+                let want = r.step(&x, &p.host_kv, None, opts.selective)?;
+                let got = ctx.download(&o)?;
+                for (g, w) in got.iter().zip(&want.o) {
+                    let e = (*g as f64 - w).abs();
+                    max_err = if e.is_nan() {
+                        f64::INFINITY
+                    } else {
+                        max_err.max(e)
+                    };
+                }
+                checked += 1;
+            }
+        }
+    }
+    ctx.sync()?;
+    let wall = start.elapsed().as_secs_f64();
+    let gpu_s = match &qs {
+        Some(qs) => {
+            let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: 16 * n_ts as u64,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE
+                    | wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let mut enc = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            enc.resolve_query_set(qs, 0..2 * n_ts, &resolve, 0);
+            ctx.queue.submit([enc.finish()]);
+            // Timestamps are u64: read them as 2 u32 words each.
+            let t = Tensor::from_buffer(resolve, &[4 * n_ts as u64], DType::U32)?;
+            let raw: Vec<u64> = bytemuck::pod_collect_to_vec(&ctx.download_bytes(&t)?);
+            let period = ctx.queue.get_timestamp_period() as f64;
+            let ns: f64 = raw
+                .chunks(2)
+                .map(|c| c[1].saturating_sub(c[0]) as f64 * period)
+                .sum();
+            Some(ns * 1e-9)
+        }
+        None => None,
+    };
+    let final_len = cache.lens().iter().copied().max().unwrap_or(0) as u64;
+    Ok(Report {
+        budget,
+        final_len,
+        bytes_allocated: cache.bytes(),
+        bytes_in_use: cache.bytes_in_use(),
+        evictions: cache.evictions().iter().sum(),
+        tokens_per_s: (timed_steps as f64 * a.queries as f64 * a.batch as f64) / wall,
+        ms_per_step_wall: wall * 1e3 / timed_steps.max(1) as f64,
+        ms_per_step_gpu: gpu_s.map(|g| g * 1e3 / n_ts.max(1) as f64),
+        kv_gb_per_s: gpu_s
+            .filter(|&g| g > 0.0)
+            .map(|g| kv_bytes_read as f64 / g / 1e9),
+        checked_steps: checked,
+        max_err,
+    })
+}
+
+fn main() -> Result<()> {
+    let a = parse()?;
+    let ctx = Context::new()?;
+    println!("adapter: {}", ctx.describe());
+    println!(
+        "B {} Hq {} Hkv {} D {} prompt {} + {} steps x {} tokens, {}{}",
+        a.batch,
+        a.heads,
+        a.kv_heads,
+        a.dim,
+        a.prompt,
+        a.len,
+        a.queries,
+        if a.f16 { "f16" } else { "f32" },
+        if a.selective { ", selective" } else { "" }
+    );
+    let total = a.prompt + a.len * a.queries;
+    let budget = a.budget.unwrap_or((total / 4).max(3));
+    let mut rows = vec![];
+    for b in [None, Some(budget)] {
+        let r = run(&ctx, &a, b)?;
+        println!(
+            "budget {:>8}: final length {:>7}, memory {:>8.2} MiB allocated, {:>8.2} MiB in use, \
+             evictions {:>8}, {:>9.1} tokens/s, {:.3} ms/step wall{}{}{}",
+            b.map_or("none".into(), |x| x.to_string()),
+            r.final_len,
+            r.bytes_allocated as f64 / 1048576.0,
+            r.bytes_in_use as f64 / 1048576.0,
+            r.evictions,
+            r.tokens_per_s,
+            r.ms_per_step_wall,
+            r.ms_per_step_gpu
+                .map_or(String::new(), |g| format!(", {g:.3} ms/step GPU")),
+            r.kv_gb_per_s
+                .map_or(String::new(), |g| format!(", KV read {g:.3} GB/s")),
+            if r.checked_steps > 0 {
+                format!(
+                    ", first {} steps vs reference: max |err| {:.2e}",
+                    r.checked_steps, r.max_err
+                )
+            } else {
+                String::new()
+            }
+        );
+        let tol = if a.f16 { 1e-2 } else { 1e-4 };
+        if r.checked_steps > 0 && (r.max_err.is_nan() || r.max_err > tol) {
+            return Err(Error::Gpu(format!(
+                "decode disagrees with the reference: max error {:.3e}",
+                r.max_err
+            )));
+        }
+        rows.push(r);
+    }
+    if let Some(path) = &a.json {
+        let items: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"budget\":{},\"final_len\":{},\"bytes_allocated\":{},\"bytes_in_use\":{},\
+                     \"evictions\":{},\"tokens_per_s\":{},\"ms_per_step_wall\":{},\
+                     \"ms_per_step_gpu\":{},\"kv_gb_per_s\":{},\"checked_steps\":{},\"max_err\":{}}}",
+                    r.budget.map_or("null".into(), |x| x.to_string()),
+                    r.final_len,
+                    r.bytes_allocated,
+                    r.bytes_in_use,
+                    r.evictions,
+                    r.tokens_per_s,
+                    r.ms_per_step_wall,
+                    r.ms_per_step_gpu.map_or("null".into(), |x| x.to_string()),
+                    r.kv_gb_per_s.map_or("null".into(), |x| x.to_string()),
+                    r.checked_steps,
+                    r.max_err
+                )
+            })
+            .collect();
+        let json = format!(
+            "{{\"adapter\":{:?},\"batch\":{},\"heads\":{},\"kv_heads\":{},\"dim\":{},\"prompt\":{},\
+             \"len\":{},\"queries\":{},\"f16\":{},\"selective\":{},\"runs\":[{}]}}\n",
+            ctx.describe(),
+            a.batch,
+            a.heads,
+            a.kv_heads,
+            a.dim,
+            a.prompt,
+            a.len,
+            a.queries,
+            a.f16,
+            a.selective,
+            items.join(",")
+        );
+        std::fs::write(path, json).map_err(|e| Error::Io(format!("{path}: {e}")))?;
+        println!("wrote {path}");
+    }
+    Ok(())
+}

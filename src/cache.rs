@@ -1,0 +1,1034 @@
+//! A KV cache on the GPU for B sequences, decode steps over it, and context pruning under a
+//! memory budget (DESIGN.md §2, "Decode" and "KV cache and context pruning").
+//!
+//! Each sequence has `capacity` slots. A slot holds, per KV head, a key, a value and a gate, and
+//! per sequence the absolute position of its token and its selective state F. Occupied slots are
+//! always `0..len`: tokens fill the next free slot until the sequence reaches its limit (the
+//! budget, or the capacity without one); after that each new token first evicts the occupied
+//! slot with the largest F — never position 0, never the newest token in the cache, ties to the
+//! oldest position — and takes its place. With F all zero (no selective masking) that is a
+//! sliding window that keeps the first token.
+//!
+//! The choice of victim is made on the GPU; the host never reads the cache back. What the host
+//! keeps — tokens appended, occupied length, evictions per sequence — follows from the calls
+//! alone (`len = min(appended, limit)`), so errors such as appending past capacity are found
+//! before anything is recorded.
+//!
+//! The selective state is exact: a decode step adds the scores of its queries to F exactly as a
+//! prefill of the whole sequence would (its F_out), and a prefill's F_out can be handed to
+//! [`KvCache::append`] so a prefill followed by decode steps matches one long prefill.
+//!
+//! A model holds one cache per layer, each with its own budget. A cache must be used with the
+//! [`Context`] that created it.
+
+use crate::kernels::decode::{
+    self, AppendConfig, CacheParams, DecodePlan, DecodeShape, MAX_QUERIES,
+};
+use crate::kernels::{entry, Kernel, KernelKey};
+use crate::spec::SUPPORTED_HEAD_DIMS;
+use crate::{Context, DType, Error, Outputs, Result, Tensor};
+
+/// Smallest budget: the first token and the newest are never evicted, so a budget of two would
+/// leave nothing to evict.
+pub const MIN_BUDGET: u32 = 3;
+
+/// Sizes and options of a [`KvCache`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KvCacheConfig {
+    /// Sequences (B).
+    pub batch: u32,
+    /// KV heads (Hkv).
+    pub kv_heads: u32,
+    /// Head dim (D).
+    pub head_dim: u32,
+    /// Slots per sequence.
+    pub capacity: u32,
+    /// Most slots kept per sequence; over it the largest-F slot is evicted. `None`: no pruning,
+    /// and appending past the capacity is an error.
+    pub budget: Option<u32>,
+    /// Element type of K and V (and of the queries and outputs of decode steps).
+    pub dtype: DType,
+    /// Whether the cache holds a value gate per slot and KV head.
+    pub gate: bool,
+}
+
+impl KvCacheConfig {
+    /// f32, no budget, no gate.
+    pub fn new(batch: u32, kv_heads: u32, head_dim: u32, capacity: u32) -> Self {
+        KvCacheConfig {
+            batch,
+            kv_heads,
+            head_dim,
+            capacity,
+            budget: None,
+            dtype: DType::F32,
+            gate: false,
+        }
+    }
+    /// Prune to at most `budget` slots per sequence.
+    pub fn budget(mut self, budget: u32) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+    /// Store K and V as `dtype`.
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+    /// Hold a value gate per slot.
+    pub fn with_gate(mut self) -> Self {
+        self.gate = true;
+        self
+    }
+
+    /// Slots a sequence may occupy: the budget, or the capacity without one.
+    pub fn limit(&self) -> u32 {
+        self.budget.unwrap_or(self.capacity)
+    }
+
+    /// Checks every size.
+    pub fn validate(&self) -> Result<()> {
+        for (what, v) in [
+            ("batch", self.batch),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+            ("capacity", self.capacity),
+        ] {
+            if v == 0 {
+                return Err(Error::ZeroSize { what });
+            }
+        }
+        if !self.head_dim.is_multiple_of(8) || self.head_dim > 256 {
+            return Err(Error::HeadDimUnsupported {
+                got: self.head_dim,
+                supported: SUPPORTED_HEAD_DIMS,
+            });
+        }
+        if let Some(b) = self.budget {
+            if b < MIN_BUDGET || b > self.capacity {
+                return Err(Error::BadBudget {
+                    budget: b,
+                    min: MIN_BUDGET,
+                    max: self.capacity,
+                });
+            }
+        }
+        if self.dtype == DType::U32 {
+            return Err(Error::DTypeMismatch {
+                tensor: "cache",
+                expected: DType::F32,
+                got: DType::U32,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes of the cache's own buffers: K, V, gate, F and positions.
+    pub fn bytes(&self) -> u64 {
+        let slots = self.batch as u64 * self.capacity as u64;
+        let kv = 2 * slots * self.kv_heads as u64 * self.head_dim as u64 * self.dtype.size();
+        let gate = if self.gate {
+            slots * self.kv_heads as u64 * 4
+        } else {
+            0
+        };
+        kv + gate + slots * 8
+    }
+}
+
+/// Tokens to append: K and V `[B, Hkv, n, D]` in the cache's element type, the gate
+/// `[B, Hkv, n]` (f32, exactly when the cache holds gates) and optionally their selective state
+/// F `[B, n]` (f32; zero when absent).
+#[derive(Clone, Copy, Debug)]
+pub struct Tokens<'a> {
+    /// Keys.
+    pub k: &'a Tensor,
+    /// Values.
+    pub v: &'a Tensor,
+    /// Value gate.
+    pub gate: Option<&'a Tensor>,
+    /// Selective state of the new tokens, e.g. the F_out of the prefill that produced them.
+    pub f: Option<&'a Tensor>,
+}
+
+impl<'a> Tokens<'a> {
+    /// K and V only.
+    pub fn new(k: &'a Tensor, v: &'a Tensor) -> Self {
+        Tokens {
+            k,
+            v,
+            gate: None,
+            f: None,
+        }
+    }
+    /// With a value gate.
+    pub fn gate(mut self, g: &'a Tensor) -> Self {
+        self.gate = Some(g);
+        self
+    }
+    /// With the tokens' selective state.
+    pub fn f(mut self, f: &'a Tensor) -> Self {
+        self.f = Some(f);
+        self
+    }
+}
+
+/// One decode step: `n` (1 to 8) new tokens per sequence, appended to the cache, and their `n`
+/// queries attending to it. Q `[B, Hq, n, D]`; K and V `[B, Hkv, n, D]`; gate `[B, Hkv, n]`;
+/// tau `[B, Hq, n]`; alpha `[Hq]`. Query i of sequence b sits at the cache's next position + i.
+#[derive(Clone, Copy, Debug)]
+pub struct Step<'a> {
+    /// Queries.
+    pub q: &'a Tensor,
+    /// Keys of the new tokens.
+    pub k: &'a Tensor,
+    /// Values of the new tokens.
+    pub v: &'a Tensor,
+    /// Value gate of the new tokens (exactly when the cache holds gates).
+    pub gate: Option<&'a Tensor>,
+    /// Per-query temperature.
+    pub tau: Option<&'a Tensor>,
+    /// Positional-temperature coefficient per query head.
+    pub alpha: Option<&'a Tensor>,
+    /// The position the caller expects the first new token of each sequence at; a mismatch is
+    /// [`Error::StalePosition`].
+    pub positions: Option<&'a [u64]>,
+}
+
+impl<'a> Step<'a> {
+    /// Q, K and V with every optional input absent.
+    pub fn new(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+        Step {
+            q,
+            k,
+            v,
+            gate: None,
+            tau: None,
+            alpha: None,
+            positions: None,
+        }
+    }
+    /// With a value gate for the new tokens.
+    pub fn gate(mut self, t: &'a Tensor) -> Self {
+        self.gate = Some(t);
+        self
+    }
+    /// With a per-query temperature.
+    pub fn tau(mut self, t: &'a Tensor) -> Self {
+        self.tau = Some(t);
+        self
+    }
+    /// With a positional-temperature coefficient per head.
+    pub fn alpha(mut self, t: &'a Tensor) -> Self {
+        self.alpha = Some(t);
+        self
+    }
+    /// Checking that each sequence is where the caller thinks it is.
+    pub fn positions(mut self, p: &'a [u64]) -> Self {
+        self.positions = Some(p);
+        self
+    }
+}
+
+/// Options of a decode step. Attention over the cache is always causal by position.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DecodeOptions {
+    /// Logit scale; `1/sqrt(D)` when `None`.
+    pub scale: Option<f32>,
+    /// Selective masking with this selection head.
+    pub selective: Option<u32>,
+    /// Number of slot splits (flash-decoding); chosen from the shape when `None`.
+    pub splits: Option<u32>,
+}
+
+impl DecodeOptions {
+    /// Every control off.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Use this logit scale.
+    pub fn scale(mut self, s: f32) -> Self {
+        self.scale = Some(s);
+        self
+    }
+    /// Selective masking with `head` as the selection head.
+    pub fn selective(mut self, head: u32) -> Self {
+        self.selective = Some(head);
+        self
+    }
+    /// Split the slots in `n` parts.
+    pub fn splits(mut self, n: u32) -> Self {
+        self.splits = Some(n);
+        self
+    }
+}
+
+/// The cache's slots read back (tests, debugging).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheState {
+    /// Occupied slots per sequence.
+    pub len: Vec<u32>,
+    /// Position of the token in each slot `[B, capacity]`; meaningful for slots `< len`.
+    pub pos: Vec<u32>,
+    /// Selective state of each slot `[B, capacity]`; meaningful for slots `< len`.
+    pub f: Vec<f32>,
+}
+
+/// A KV cache on the GPU. See the module docs.
+#[derive(Debug)]
+pub struct KvCache {
+    cfg: KvCacheConfig,
+    k: Tensor,
+    v: Tensor,
+    gate: Option<Tensor>,
+    f: Tensor,
+    pos: Tensor,
+    next_pos: Vec<u64>,
+    len: Vec<u32>,
+    evictions: Vec<u64>,
+    part: Option<wgpu::Buffer>,
+    fq: Option<wgpu::Buffer>,
+}
+
+fn check(tensor: &'static str, t: &Tensor, expected: Vec<u64>, dtype: DType) -> Result<()> {
+    if t.shape() != expected.as_slice() {
+        return Err(Error::ShapeMismatch {
+            tensor,
+            expected,
+            got: t.shape().to_vec(),
+        });
+    }
+    if t.dtype() != dtype {
+        return Err(Error::DTypeMismatch {
+            tensor,
+            expected: dtype,
+            got: t.dtype(),
+        });
+    }
+    Ok(())
+}
+
+/// Positions are u32 on the GPU and formed as `position + i`: keep them well inside.
+const MAX_POSITION: u64 = (u32::MAX / 2) as u64;
+
+impl KvCache {
+    /// Allocates a cache. Nothing is initialised on the GPU: a slot is only read once written.
+    pub fn new(ctx: &Context, cfg: KvCacheConfig) -> Result<Self> {
+        cfg.validate()?;
+        let (b, h, c, d) = (
+            cfg.batch as u64,
+            cfg.kv_heads as u64,
+            cfg.capacity as u64,
+            cfg.head_dim as u64,
+        );
+        let gate = if cfg.gate {
+            Some(ctx.empty(&[b, h, c], DType::F32)?)
+        } else {
+            None
+        };
+        Ok(KvCache {
+            k: ctx.empty(&[b, h, c, d], cfg.dtype)?,
+            v: ctx.empty(&[b, h, c, d], cfg.dtype)?,
+            gate,
+            f: ctx.empty(&[b, c], DType::F32)?,
+            pos: ctx.empty(&[b, c], DType::U32)?,
+            next_pos: vec![0; cfg.batch as usize],
+            len: vec![0; cfg.batch as usize],
+            evictions: vec![0; cfg.batch as usize],
+            part: None,
+            fq: None,
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KvCacheConfig {
+        &self.cfg
+    }
+    /// Occupied slots per sequence.
+    pub fn lens(&self) -> &[u32] {
+        &self.len
+    }
+    /// Absolute position of the next token of each sequence (tokens appended since its reset).
+    pub fn positions(&self) -> &[u64] {
+        &self.next_pos
+    }
+    /// Tokens evicted per sequence since its reset.
+    pub fn evictions(&self) -> &[u64] {
+        &self.evictions
+    }
+    /// Keys `[B, Hkv, capacity, D]`.
+    pub fn k(&self) -> &Tensor {
+        &self.k
+    }
+    /// Values `[B, Hkv, capacity, D]`.
+    pub fn v(&self) -> &Tensor {
+        &self.v
+    }
+    /// Selective state `[B, capacity]`.
+    pub fn f_state(&self) -> &Tensor {
+        &self.f
+    }
+    /// Token position per slot `[B, capacity]`, u32.
+    pub fn slot_positions(&self) -> &Tensor {
+        &self.pos
+    }
+
+    /// Bytes of GPU memory the cache holds: its slots and its decode scratch.
+    pub fn bytes(&self) -> u64 {
+        self.cfg.bytes()
+            + self.part.as_ref().map_or(0, |b| b.size())
+            + self.fq.as_ref().map_or(0, |b| b.size())
+    }
+
+    /// Bytes of the slots in use (K, V, gate, F and position of occupied slots).
+    pub fn bytes_in_use(&self) -> u64 {
+        let used: u64 = self.len.iter().map(|&l| l as u64).sum();
+        let per_slot = self.cfg.bytes() / (self.cfg.batch as u64 * self.cfg.capacity as u64);
+        used * per_slot
+    }
+
+    /// Empties every sequence. No GPU work: slots past a sequence's length are never read.
+    pub fn reset(&mut self) {
+        for b in 0..self.cfg.batch {
+            self.reset_sequence(b);
+        }
+    }
+
+    /// Empties one sequence (out-of-range indices are ignored).
+    pub fn reset_sequence(&mut self, batch: u32) {
+        let b = batch as usize;
+        if b < self.len.len() {
+            self.next_pos[b] = 0;
+            self.len[b] = 0;
+            self.evictions[b] = 0;
+        }
+    }
+
+    /// Reads the slots back. Waits for the GPU.
+    pub fn download_state(&self, ctx: &Context) -> Result<CacheState> {
+        Ok(CacheState {
+            len: self.len.clone(),
+            pos: ctx.download_u32(&self.pos)?,
+            f: ctx.download(&self.f)?,
+        })
+    }
+
+    fn check_tokens(&self, t: &Tokens, counts: Option<&[u32]>) -> Result<(u32, Vec<u32>)> {
+        let c = &self.cfg;
+        let ks = t.k.shape();
+        if ks.len() != 4 {
+            return Err(Error::ShapeMismatch {
+                tensor: "k",
+                expected: vec![c.batch as u64, c.kv_heads as u64, 0, c.head_dim as u64],
+                got: ks.to_vec(),
+            });
+        }
+        for (what, cache, got) in [
+            ("batch of k", c.batch, ks[0]),
+            ("KV heads of k", c.kv_heads, ks[1]),
+            ("head dim of k", c.head_dim, ks[3]),
+        ] {
+            if cache as u64 != got {
+                return Err(Error::CacheMismatch {
+                    what,
+                    cache,
+                    got: got.min(u32::MAX as u64) as u32,
+                });
+            }
+        }
+        let n = u32::try_from(ks[2]).map_err(|_| Error::TooLarge {
+            what: "tokens per append",
+            bytes: ks[2],
+            limit: u32::MAX as u64,
+        })?;
+        if n == 0 {
+            return Err(Error::ZeroSize { what: "tokens" });
+        }
+        check("k", t.k, ks.to_vec(), c.dtype)?;
+        check("v", t.v, ks.to_vec(), c.dtype)?;
+        match (c.gate, t.gate) {
+            (true, Some(g)) => check(
+                "gate",
+                g,
+                vec![c.batch as u64, c.kv_heads as u64, n as u64],
+                DType::F32,
+            )?,
+            (true, None) => {
+                return Err(Error::InputWithoutUse {
+                    what: "no gate",
+                    why: "the cache holds gates (give one per new token)",
+                })
+            }
+            (false, Some(_)) => {
+                return Err(Error::InputWithoutUse {
+                    what: "gate",
+                    why: "the cache was made without gates",
+                })
+            }
+            (false, None) => {}
+        }
+        if let Some(f) = t.f {
+            check("f", f, vec![c.batch as u64, n as u64], DType::F32)?;
+        }
+        let counts = match counts {
+            Some(cs) => {
+                if cs.len() != c.batch as usize {
+                    return Err(Error::LengthMismatch {
+                        what: "counts",
+                        expected: c.batch as u64,
+                        got: cs.len() as u64,
+                    });
+                }
+                if let Some(&bad) = cs.iter().find(|&&x| x > n) {
+                    return Err(Error::LengthMismatch {
+                        what: "count of new tokens (at most the tensor's token dimension)",
+                        expected: n as u64,
+                        got: bad as u64,
+                    });
+                }
+                cs.to_vec()
+            }
+            None => vec![n; c.batch as usize],
+        };
+        for (b, &cnt) in counts.iter().enumerate() {
+            let len = self.len[b];
+            if c.budget.is_none() && len as u64 + cnt as u64 > c.capacity as u64 {
+                return Err(Error::CacheFull {
+                    batch: b as u32,
+                    len,
+                    adding: cnt,
+                    capacity: c.capacity,
+                });
+            }
+            if self.next_pos[b] + cnt as u64 + MAX_QUERIES as u64 > MAX_POSITION {
+                return Err(Error::TooLarge {
+                    what: "token position",
+                    bytes: self.next_pos[b] + cnt as u64,
+                    limit: MAX_POSITION,
+                });
+            }
+        }
+        Ok((n, counts))
+    }
+
+    /// Per-sequence (len before, first position, count, len after), and the new host state.
+    fn plan_append(&self, counts: &[u32]) -> (Vec<[u32; 4]>, Vec<u32>, Vec<u64>) {
+        let limit = self.cfg.limit();
+        let mut info = Vec::with_capacity(counts.len());
+        let mut lens = Vec::with_capacity(counts.len());
+        let mut ev = Vec::with_capacity(counts.len());
+        for (b, &cnt) in counts.iter().enumerate() {
+            let len = self.len[b];
+            let after = (len as u64 + cnt as u64).min(limit as u64) as u32;
+            // next_pos < MAX_POSITION was checked, so the cast is exact.
+            info.push([len, self.next_pos[b] as u32, cnt, after]);
+            lens.push(after);
+            ev.push(len as u64 + cnt as u64 - after as u64);
+        }
+        (info, lens, ev)
+    }
+
+    fn commit(&mut self, counts: &[u32], lens: Vec<u32>, ev: Vec<u64>) {
+        for (b, &cnt) in counts.iter().enumerate() {
+            self.next_pos[b] += cnt as u64;
+            self.evictions[b] += ev[b];
+        }
+        self.len = lens;
+    }
+
+    fn encode_append_pass(
+        &self,
+        ctx: &Context,
+        pass: &mut wgpu::ComputePass<'_>,
+        t: &Tokens,
+        n: u32,
+        step_buf: &wgpu::Buffer,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let params = CacheParams {
+            batch: c.batch,
+            kv_heads: c.kv_heads,
+            capacity: c.capacity,
+            limit: c.limit(),
+            n,
+            ..Default::default()
+        };
+        let params = uniform(ctx, bytemuck::bytes_of(&params));
+        let key = KernelKey {
+            kernel: Kernel::CacheAppend(AppendConfig {
+                d: c.head_dim,
+                wg: append_threads(ctx.capabilities().max_invocations),
+                gate: c.gate,
+                f: t.f.is_some(),
+            }),
+            elem: c.dtype,
+        };
+        let pipe = ctx.pipeline(&key)?;
+        let din = &ctx.dummy_in;
+        let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("selattn cache append"),
+            layout: &pipe.get_bind_group_layout(0),
+            entries: &[
+                entry(0, &params),
+                entry(1, step_buf),
+                entry(2, t.k.buffer()),
+                entry(3, t.v.buffer()),
+                entry(4, t.gate.map_or(din, |g| g.buffer())),
+                entry(5, t.f.map_or(din, |f| f.buffer())),
+                entry(6, self.k.buffer()),
+                entry(7, self.v.buffer()),
+                entry(8, self.gate.as_ref().map_or(&ctx.dummy_out, |g| g.buffer())),
+                entry(9, self.f.buffer()),
+                entry(10, self.pos.buffer()),
+            ],
+        });
+        pass.set_pipeline(&pipe);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(c.batch, 1, 1);
+        Ok(())
+    }
+
+    /// Appends tokens without attention (a prefill's K and V, with its F_out as `f` for exact
+    /// selective state). `counts[b]` tokens (default: all `n`) go to sequence b, so sequences may
+    /// grow by different amounts. Over the budget, tokens are evicted one by one as each new
+    /// token is written. Submits the work.
+    pub fn append(&mut self, ctx: &Context, tokens: &Tokens, counts: Option<&[u32]>) -> Result<()> {
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("selattn cache append"),
+            });
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        self.encode_append(ctx, &mut enc, tokens, counts)?;
+        ctx.queue.submit([enc.finish()]);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// [`KvCache::append`] recorded into an encoder the application owns (no submit).
+    pub fn encode_append(
+        &mut self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        tokens: &Tokens,
+        counts: Option<&[u32]>,
+    ) -> Result<()> {
+        self.check_no_alias(&[Some(tokens.k), Some(tokens.v), tokens.gate, tokens.f])?;
+        let (n, counts) = self.check_tokens(tokens, counts)?;
+        let (info, lens, ev) = self.plan_append(&counts);
+        let step_buf = storage(ctx, bytemuck::cast_slice(&info));
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("selattn cache append"),
+                timestamp_writes: None,
+            });
+            self.encode_append_pass(ctx, &mut pass, tokens, n, &step_buf)?;
+        }
+        self.commit(&counts, lens, ev);
+        Ok(())
+    }
+
+    fn check_no_alias(&self, ts: &[Option<&Tensor>]) -> Result<()> {
+        let mine = [
+            Some(&self.k),
+            Some(&self.v),
+            self.gate.as_ref(),
+            Some(&self.f),
+            Some(&self.pos),
+        ];
+        for t in ts.iter().flatten() {
+            if mine.iter().flatten().any(|m| m.buffer() == t.buffer()) {
+                return Err(Error::BadBuffer {
+                    why: "a tensor aliases one of the cache's own buffers".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one decode step (append the step's tokens, attend, update F) and submits it.
+    pub fn step(
+        &mut self,
+        ctx: &Context,
+        step: &Step,
+        options: &DecodeOptions,
+        outputs: &Outputs,
+    ) -> Result<()> {
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("selattn decode"),
+            });
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        self.encode_step(ctx, &mut enc, step, options, outputs, None)?;
+        ctx.queue.submit([enc.finish()]);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Plans a step without recording it: validates every tensor against the cache.
+    pub fn plan_step(
+        &self,
+        ctx: &Context,
+        step: &Step,
+        options: &DecodeOptions,
+        outputs: &Outputs,
+    ) -> Result<DecodePlan> {
+        Ok(self.validate_step(ctx, step, options, outputs)?.0)
+    }
+
+    fn validate_step(
+        &self,
+        ctx: &Context,
+        step: &Step,
+        options: &DecodeOptions,
+        outputs: &Outputs,
+    ) -> Result<(DecodePlan, Vec<u32>)> {
+        let c = &self.cfg;
+        if c.dtype == DType::F16 && !ctx.capabilities().f16 {
+            return Err(Error::FeatureMissing {
+                feature: "SHADER_F16",
+            });
+        }
+        let qs = step.q.shape();
+        if qs.len() != 4 {
+            return Err(Error::ShapeMismatch {
+                tensor: "q",
+                expected: vec![c.batch as u64, 0, 0, c.head_dim as u64],
+                got: qs.to_vec(),
+            });
+        }
+        for (what, cache, got) in [
+            ("batch of q", c.batch, qs[0]),
+            ("head dim of q", c.head_dim, qs[3]),
+        ] {
+            if cache as u64 != got {
+                return Err(Error::CacheMismatch {
+                    what,
+                    cache,
+                    got: got.min(u32::MAX as u64) as u32,
+                });
+            }
+        }
+        let hq = u32::try_from(qs[1]).unwrap_or(u32::MAX);
+        let n = u32::try_from(qs[2]).unwrap_or(u32::MAX);
+        if hq == 0 {
+            return Err(Error::ZeroSize { what: "q_heads" });
+        }
+        if !hq.is_multiple_of(c.kv_heads) {
+            return Err(Error::HeadsNotMultiple {
+                q_heads: hq,
+                kv_heads: c.kv_heads,
+            });
+        }
+        if n == 0 || n > MAX_QUERIES {
+            return Err(Error::ShapeMismatch {
+                tensor: "q (1 to 8 queries per sequence)",
+                expected: vec![
+                    c.batch as u64,
+                    hq as u64,
+                    MAX_QUERIES as u64,
+                    c.head_dim as u64,
+                ],
+                got: qs.to_vec(),
+            });
+        }
+        check("q", step.q, qs.to_vec(), c.dtype)?;
+        let kv = vec![
+            c.batch as u64,
+            c.kv_heads as u64,
+            n as u64,
+            c.head_dim as u64,
+        ];
+        if step.k.shape().len() == 4 && step.k.shape() != kv.as_slice() {
+            let ks = step.k.shape();
+            for (what, cache, got) in [
+                ("KV heads of k", c.kv_heads, ks[1]),
+                ("head dim of k", c.head_dim, ks[3]),
+            ] {
+                if cache as u64 != got {
+                    return Err(Error::CacheMismatch {
+                        what,
+                        cache,
+                        got: got.min(u32::MAX as u64) as u32,
+                    });
+                }
+            }
+        }
+        check("k", step.k, kv.clone(), c.dtype)?;
+        let tokens = Tokens {
+            k: step.k,
+            v: step.v,
+            gate: step.gate,
+            f: None,
+        };
+        let (_, counts) = self.check_tokens(&tokens, None)?;
+        let rows = vec![c.batch as u64, hq as u64, n as u64];
+        if let Some(t) = step.tau {
+            check("tau", t, rows.clone(), DType::F32)?;
+        }
+        if let Some(a) = step.alpha {
+            check("alpha", a, vec![hq as u64], DType::F32)?;
+        }
+        check("o", outputs.o, qs.to_vec(), c.dtype)?;
+        if let Some(l) = outputs.lse {
+            check("lse", l, rows, DType::F32)?;
+        }
+        if outputs.f_out.is_some() {
+            return Err(Error::InputWithoutUse {
+                what: "F_out",
+                why: "a decode step keeps the selective state in the cache",
+            });
+        }
+        if let Some(p) = step.positions {
+            if p.len() != c.batch as usize {
+                return Err(Error::LengthMismatch {
+                    what: "positions",
+                    expected: c.batch as u64,
+                    got: p.len() as u64,
+                });
+            }
+            for (b, (&want, &have)) in p.iter().zip(&self.next_pos).enumerate() {
+                if want != have {
+                    return Err(Error::StalePosition {
+                        batch: b as u32,
+                        cache: have,
+                        expected: want,
+                    });
+                }
+            }
+        }
+        let scale = match options.scale {
+            Some(x) if !(x.is_finite() && x > 0.0) => return Err(Error::BadScale { scale: x }),
+            Some(x) => x,
+            None => 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        if let Some(h) = options.selective {
+            if h >= hq {
+                return Err(Error::SelectionHeadOutOfRange {
+                    head: h,
+                    q_heads: hq,
+                });
+            }
+        }
+        let (_, lens, _) = self.plan_append(&counts);
+        let max_len = lens.iter().copied().max().unwrap_or(1);
+        let ins = [
+            Some(step.q),
+            Some(step.k),
+            Some(step.v),
+            step.gate,
+            step.tau,
+            step.alpha,
+        ];
+        let outs = [Some(outputs.o), outputs.lse];
+        self.check_no_alias(&ins)?;
+        self.check_no_alias(&outs)?;
+        for out in outs.iter().flatten() {
+            if ins.iter().flatten().any(|t| t.buffer() == out.buffer()) {
+                return Err(Error::BadBuffer {
+                    why: "an output buffer aliases an input".into(),
+                });
+            }
+        }
+        if let (Some(l), o) = (outputs.lse, outputs.o) {
+            if l.buffer() == o.buffer() {
+                return Err(Error::BadBuffer {
+                    why: "O and LSE share a buffer".into(),
+                });
+            }
+        }
+        let plan = decode::plan(
+            ctx.capabilities(),
+            DecodeShape {
+                batch: c.batch,
+                q_heads: hq,
+                kv_heads: c.kv_heads,
+                head_dim: c.head_dim,
+                n,
+                capacity: c.capacity,
+                max_len,
+            },
+            scale,
+            options.selective,
+            step.tau.is_some(),
+            step.alpha.is_some(),
+            c.gate,
+            outputs.lse.is_some(),
+            options.splits,
+        )?;
+        Ok((plan, counts))
+    }
+
+    /// Records one decode step into an encoder the application owns (no submit), optionally
+    /// with GPU timestamps at the beginning and end of its one compute pass.
+    pub fn encode_step(
+        &mut self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        step: &Step,
+        options: &DecodeOptions,
+        outputs: &Outputs,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
+        if timestamps.is_some() && !ctx.capabilities().timestamps {
+            return Err(Error::FeatureMissing {
+                feature: "TIMESTAMP_QUERY",
+            });
+        }
+        let (plan, counts) = self.validate_step(ctx, step, options, outputs)?;
+        let p = plan.params;
+        let part = grow(
+            ctx,
+            &mut self.part,
+            plan.part_bytes(),
+            "selattn decode partials",
+        );
+        let fq = match plan.score {
+            Some(_) => grow(ctx, &mut self.fq, plan.fq_bytes(), "selattn decode F rows"),
+            None => ctx.dummy_out.clone(),
+        };
+        let (info, lens, ev) = self.plan_append(&counts);
+        let step_buf = storage(ctx, bytemuck::cast_slice(&info));
+        let params = uniform(ctx, bytemuck::bytes_of(&p));
+        let tokens = Tokens {
+            k: step.k,
+            v: step.v,
+            gate: step.gate,
+            f: None,
+        };
+        let din = &ctx.dummy_in;
+        let elem = self.cfg.dtype;
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("selattn decode"),
+                timestamp_writes: timestamps,
+            });
+            // 1. Append (and evict) the step's tokens.
+            self.encode_append_pass(ctx, &mut pass, &tokens, p.n, &step_buf)?;
+            // 2. Selective scores of the step's queries; F state updated in place.
+            if let Some(sc) = plan.score {
+                let pipe = ctx.pipeline(&KernelKey {
+                    kernel: Kernel::DecodeScore(sc),
+                    elem,
+                })?;
+                let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("selattn decode score"),
+                    layout: &pipe.get_bind_group_layout(0),
+                    entries: &[
+                        entry(0, &params),
+                        entry(1, &step_buf),
+                        entry(2, step.q.buffer()),
+                        entry(3, self.k.buffer()),
+                        entry(6, self.pos.buffer()),
+                        entry(9, self.f.buffer()),
+                        entry(10, &fq),
+                    ],
+                });
+                pass.set_pipeline(&pipe);
+                pass.set_bind_group(0, &bg, &[]);
+                let max_len = lens.iter().copied().max().unwrap_or(1);
+                pass.dispatch_workgroups(max_len.div_ceil(sc.wg), self.cfg.batch, 1);
+            }
+            // 3. Split-KV attention.
+            let pipe = ctx.pipeline(&KernelKey {
+                kernel: Kernel::DecodeAttend(plan.attend),
+                elem,
+            })?;
+            let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("selattn decode attend"),
+                layout: &pipe.get_bind_group_layout(0),
+                entries: &[
+                    entry(0, &params),
+                    entry(1, &step_buf),
+                    entry(2, step.q.buffer()),
+                    entry(3, self.k.buffer()),
+                    entry(4, self.v.buffer()),
+                    entry(5, self.gate.as_ref().map_or(din, |g| g.buffer())),
+                    entry(6, self.pos.buffer()),
+                    entry(7, step.tau.map_or(din, |t| t.buffer())),
+                    entry(8, step.alpha.map_or(din, |t| t.buffer())),
+                    entry(10, &fq),
+                    entry(11, &part),
+                ],
+            });
+            pass.set_pipeline(&pipe);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(p.splits, p.kv_heads * p.n_rblocks, p.batch);
+            // 4. Merge.
+            let pipe = ctx.pipeline(&KernelKey {
+                kernel: Kernel::DecodeMerge(plan.merge),
+                elem,
+            })?;
+            let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("selattn decode merge"),
+                layout: &pipe.get_bind_group_layout(0),
+                entries: &[
+                    entry(0, &params),
+                    entry(11, &part),
+                    entry(12, outputs.o.buffer()),
+                    entry(13, outputs.lse.map_or(&ctx.dummy_out, |t| t.buffer())),
+                ],
+            });
+            pass.set_pipeline(&pipe);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(p.q_heads * p.n, p.batch, 1);
+        }
+        self.commit(&counts, lens, ev);
+        Ok(())
+    }
+}
+
+/// Threads of the append kernel: the largest power of two up to 256 the device allows (its
+/// reduction is a tree).
+fn append_threads(max_invocations: u32) -> u32 {
+    let m = max_invocations.clamp(1, 256);
+    if m.is_power_of_two() {
+        m
+    } else {
+        m.next_power_of_two() / 2
+    }
+}
+
+fn uniform(ctx: &Context, bytes: &[u8]) -> wgpu::Buffer {
+    wgpu::util::DeviceExt::create_buffer_init(
+        &ctx.device,
+        &wgpu::util::BufferInitDescriptor {
+            label: Some("selattn cache params"),
+            contents: bytes,
+            usage: wgpu::BufferUsages::UNIFORM,
+        },
+    )
+}
+
+fn storage(ctx: &Context, bytes: &[u8]) -> wgpu::Buffer {
+    wgpu::util::DeviceExt::create_buffer_init(
+        &ctx.device,
+        &wgpu::util::BufferInitDescriptor {
+            label: Some("selattn cache step"),
+            contents: bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+        },
+    )
+}
+
+fn grow(ctx: &Context, slot: &mut Option<wgpu::Buffer>, bytes: u64, label: &str) -> wgpu::Buffer {
+    if let Some(b) = slot.as_ref() {
+        if b.size() >= bytes {
+            return b.clone();
+        }
+    }
+    let b = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.max(16).div_ceil(16) * 16,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    *slot = Some(b.clone());
+    b
+}

@@ -1,0 +1,307 @@
+//! Every pipeline variant the library can create, enumerated by asking the real planner.
+//!
+//! A variant is a [`KernelKey`]: kernel family, specialisation constants, entry point and
+//! element type. Which keys exist is decided by the planner ([`Plan::new`] and
+//! [`choose_tiles`](crate::kernels::forward::choose_tiles)) from the call (head dim, options, inputs present) and the device
+//! (workgroup memory, invocations). This module does not restate those rules: it builds a
+//! [`Spec`] for every call that differs in something a kernel is specialised on, plans it on a
+//! set of [`reference_devices`], and collects the keys the plans name.
+//!
+//! Adding a kernel family: write its `fn(&Capabilities, DType, Coverage) -> Vec<KernelKey>`
+//! and add one entry to [`FAMILIES`]. Everything that consumes variants (the translation tests,
+//! `examples/validate.rs`) picks it up from there.
+//!
+//! Two coverages:
+//! * [`Coverage::Full`]: every head dim (8..=256 step 8) × f32/f16 × every combination of the
+//!   switches a kernel is specialised on (causal, tau, alpha, gate, kv_len, LSE, selective, F0,
+//!   F_out) × every reference device. Tens of thousands of keys: for listing and counting.
+//! * [`Coverage::Covering`]: every head dim × f32/f16 × every reference device, with a reduced
+//!   set of switch combinations chosen so that every switch is both on and off for every head
+//!   dim, and every tile shape (D, BR, BC, TR) of the full set appears (tiles depend only on the
+//!   head dim, selective or not, and the device, and both selective and non-selective calls are
+//!   in the set). At [`FULL_PRODUCT_HEAD_DIMS`] the full switch product is kept, so
+//!   interactions between switches are compiled too. This is what the translation tests
+//!   translate; `tests/translate.rs` checks the tile and switch claims against `Full`.
+
+use std::collections::HashSet;
+
+use crate::context::Capabilities;
+use crate::kernels::forward::Plan;
+use crate::kernels::KernelKey;
+use crate::spec::{Options, Path, Present, Shape, Spec};
+use crate::DType;
+
+/// How many switch combinations to enumerate (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Coverage {
+    /// Every combination.
+    Full,
+    /// Every switch on and off and every tile, per head dim; the full product at a few head dims.
+    Covering,
+}
+
+/// Head dims at which [`Coverage::Covering`] keeps every switch combination.
+pub const FULL_PRODUCT_HEAD_DIMS: [u32; 1] = [64];
+
+/// Every head dim the kernels support.
+pub fn head_dims() -> impl Iterator<Item = u32> {
+    (8..=256).step_by(8)
+}
+
+/// Element types a variant can store.
+pub const ELEMENT_TYPES: [DType; 2] = [DType::F32, DType::F16];
+
+/// One kernel family's enumeration: every key it can create on a device for an element type.
+#[derive(Clone, Copy, Debug)]
+pub struct Family {
+    /// Name, for reports.
+    pub name: &'static str,
+    /// The enumeration.
+    pub variants: fn(&Capabilities, DType, Coverage) -> Vec<KernelKey>,
+}
+
+/// Every kernel family. A new family adds its line here.
+pub const FAMILIES: &[Family] = &[
+    Family {
+        name: "attention, scalar path (forward, selective colsum, selective scan)",
+        variants: attention_variants,
+    },
+    Family {
+        name: "attention, cooperative-matrix path (coop forward, selective colsum, scan)",
+        variants: coop_attention_variants,
+    },
+];
+
+/// One reference device: its name, workgroup memory in bytes, invocations per workgroup,
+/// fixed subgroup size, and whether it reports 16x16x16 f16->f32 cooperative matrices.
+pub type ReferenceLimits = (&'static str, u32, u32, u32, bool);
+
+/// Devices whose limits decide tile choices: the WebGPU defaults, lavapipe/llvmpipe, NVIDIA
+/// (Vulkan, without and with cooperative matrices).
+pub const REFERENCE_LIMITS: [ReferenceLimits; 4] = [
+    ("webgpu-default (16 KiB, 256)", 16 * 1024, 256, 4, false),
+    (
+        "lavapipe/llvmpipe (32 KiB, 1024)",
+        32 * 1024,
+        1024,
+        8,
+        false,
+    ),
+    ("nvidia (48 KiB, 1024)", 48 * 1024, 1024, 32, false),
+    (
+        "nvidia coop matrix (48 KiB, 1024)",
+        48 * 1024,
+        1024,
+        32,
+        true,
+    ),
+];
+
+/// Synthetic [`Capabilities`] for each of [`REFERENCE_LIMITS`], with SHADER_F16 and subgroups.
+pub fn reference_devices() -> Vec<Capabilities> {
+    REFERENCE_LIMITS
+        .iter()
+        .map(|&(name, memory, invocations, subgroup, coop)| {
+            let limits = wgpu::Limits {
+                max_compute_workgroup_storage_size: memory,
+                max_compute_invocations_per_workgroup: invocations,
+                max_compute_workgroup_size_x: invocations,
+                max_storage_buffers_per_shader_stage: crate::kernels::STORAGE_BUFFERS_NEEDED,
+                ..wgpu::Limits::defaults()
+            };
+            let mut features = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+            let mut props = Vec::new();
+            if coop {
+                features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+                props.push(wgpu::CooperativeMatrixProperties {
+                    m_size: 16,
+                    n_size: 16,
+                    k_size: 16,
+                    ab_type: wgpu::CooperativeScalarType::F16,
+                    cr_type: wgpu::CooperativeScalarType::F32,
+                    saturating_accumulation: false,
+                });
+            }
+            Capabilities::synthetic(name, features, &limits, subgroup, props)
+        })
+        .collect()
+}
+
+/// Every variant the library can create on the reference devices, each once, in a fixed order.
+pub fn all_variants() -> Vec<KernelKey> {
+    variants(Coverage::Full)
+}
+
+/// The reduced set described in the module docs.
+pub fn covering_variants() -> Vec<KernelKey> {
+    variants(Coverage::Covering)
+}
+
+/// Every family's variants on every reference device and element type, each once.
+pub fn variants(coverage: Coverage) -> Vec<KernelKey> {
+    let devices = reference_devices();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for family in FAMILIES {
+        for caps in &devices {
+            for elem in ELEMENT_TYPES {
+                for key in (family.variants)(caps, elem, coverage) {
+                    if seen.insert(key) {
+                        out.push(key);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The switches of one attention call that kernels are specialised on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Switches {
+    /// Causal masking.
+    pub causal: bool,
+    /// Selective masking (causal only).
+    pub selective: bool,
+    /// Which optional inputs and outputs are present.
+    pub present: Present,
+}
+
+impl Switches {
+    /// Every valid combination: selective only with causal, F0 and F_out only with selective.
+    pub fn all() -> Vec<Switches> {
+        let mut v = Vec::new();
+        for bits in 0u32..512 {
+            let b = |i: u32| bits & (1 << i) != 0;
+            let s = Switches {
+                causal: b(0),
+                selective: b(1),
+                present: Present {
+                    tau: b(2),
+                    alpha: b(3),
+                    gate: b(4),
+                    kv_len: b(5),
+                    lse: b(6),
+                    f0: b(7),
+                    f_out: b(8),
+                },
+            };
+            if (s.selective && !s.causal) || (!s.selective && (s.present.f0 || s.present.f_out)) {
+                continue;
+            }
+            v.push(s);
+        }
+        v
+    }
+
+    /// A few combinations in which every switch is on at least once and off at least once.
+    pub fn covering() -> Vec<Switches> {
+        let p = |tau, alpha, gate, kv_len, lse, f0, f_out| Present {
+            tau,
+            alpha,
+            gate,
+            kv_len,
+            lse,
+            f0,
+            f_out,
+        };
+        let none = p(false, false, false, false, false, false, false);
+        vec![
+            Switches {
+                causal: false,
+                selective: false,
+                present: none,
+            },
+            Switches {
+                causal: false,
+                selective: false,
+                present: p(true, false, true, false, true, false, false),
+            },
+            Switches {
+                causal: true,
+                selective: false,
+                present: p(false, true, false, true, false, false, false),
+            },
+            Switches {
+                causal: true,
+                selective: false,
+                present: p(true, true, true, true, true, false, false),
+            },
+            Switches {
+                causal: true,
+                selective: true,
+                present: none,
+            },
+            Switches {
+                causal: true,
+                selective: true,
+                present: p(true, true, true, true, true, true, true),
+            },
+            Switches {
+                causal: true,
+                selective: true,
+                present: p(false, false, false, true, false, true, false),
+            },
+        ]
+    }
+
+    /// The spec of a small call with these switches on `path` (the shape does not change any
+    /// key).
+    pub fn spec(&self, head_dim: u32, path: Path) -> Spec {
+        let mut options = Options::new().path(path);
+        options.causal = self.causal;
+        if self.selective {
+            options = options.selective(0);
+        }
+        Spec {
+            shape: Shape::new(1, 2, 16, head_dim),
+            options,
+            present: self.present,
+        }
+    }
+}
+
+/// The attention call's kernels on the scalar path: forward, and with selective masking the
+/// colsum and scan passes.
+pub fn attention_variants(caps: &Capabilities, elem: DType, coverage: Coverage) -> Vec<KernelKey> {
+    planned_variants(caps, elem, coverage, Path::Scalar)
+}
+
+/// The attention call's kernels on the cooperative-matrix path, where the device has it.
+pub fn coop_attention_variants(
+    caps: &Capabilities,
+    elem: DType,
+    coverage: Coverage,
+) -> Vec<KernelKey> {
+    planned_variants(caps, elem, coverage, Path::Coop)
+}
+
+/// The keys of every call the planner accepts on `path`, over every head dim and the
+/// coverage's switch combinations.
+fn planned_variants(
+    caps: &Capabilities,
+    elem: DType,
+    coverage: Coverage,
+    path: Path,
+) -> Vec<KernelKey> {
+    let all = Switches::all();
+    let covering = Switches::covering();
+    let mut out = Vec::new();
+    for d in head_dims() {
+        let switches = match coverage {
+            Coverage::Covering if !FULL_PRODUCT_HEAD_DIMS.contains(&d) => &covering,
+            _ => &all,
+        };
+        for s in switches {
+            // A call the planner rejects on this device has no variant: nothing to enumerate.
+            let Ok(resolved) = s.spec(d, path).validate() else {
+                continue;
+            };
+            let Ok(plan) = Plan::new(caps, &resolved, elem) else {
+                continue;
+            };
+            out.extend(plan.keys());
+        }
+    }
+    out
+}

@@ -1,0 +1,1066 @@
+//! KV cache, decode steps and context pruning against the step-by-step CPU reference
+//! (`selattn::reference_cache`), on every adapter.
+
+mod common;
+use common::*;
+use selattn::reference_cache::{HostQueries, HostTokens, RefCache};
+use selattn::{
+    CacheState, Context, DType, DecodeOptions, Error, KvCache, KvCacheConfig, Options, Outputs,
+    Shape, Step, Tensor, Tokens,
+};
+
+/// One decode scenario: a prefill of different lengths per sequence, then steps of 1 to 8 tokens.
+#[derive(Clone, Debug)]
+struct Case {
+    batch: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    dim: u32,
+    capacity: u32,
+    budget: Option<u32>,
+    dtype: DType,
+    gate: bool,
+    tau: bool,
+    alpha: bool,
+    selective: Option<u32>,
+    prefill: Vec<u32>,
+    steps: Vec<u32>,
+    splits: Option<u32>,
+}
+
+impl Case {
+    fn new(q_heads: u32, kv_heads: u32, dim: u32) -> Case {
+        Case {
+            batch: 2,
+            q_heads,
+            kv_heads,
+            dim,
+            capacity: 40,
+            budget: None,
+            dtype: DType::F32,
+            gate: false,
+            tau: false,
+            alpha: false,
+            selective: None,
+            prefill: vec![5, 9],
+            steps: vec![1, 1, 3, 1, 8, 2, 1],
+            splits: None,
+        }
+    }
+    fn all(mut self) -> Case {
+        self.gate = true;
+        self.tau = true;
+        self.alpha = true;
+        self
+    }
+    fn name(&self) -> String {
+        let mut f = vec![];
+        if self.gate {
+            f.push("gate".to_string());
+        }
+        if self.tau {
+            f.push("tau".into());
+        }
+        if self.alpha {
+            f.push("alpha".into());
+        }
+        if let Some(s) = self.selective {
+            f.push(format!("sel{s}"));
+        }
+        format!(
+            "B{} Hq{} Hkv{} D{} C{} budget {:?} {:?} [{}] prefill {:?} steps {:?} splits {:?}",
+            self.batch,
+            self.q_heads,
+            self.kv_heads,
+            self.dim,
+            self.capacity,
+            self.budget,
+            self.dtype,
+            f.join("+"),
+            self.prefill,
+            self.steps,
+            self.splits
+        )
+    }
+    fn config(&self) -> KvCacheConfig {
+        let mut c = KvCacheConfig::new(self.batch, self.kv_heads, self.dim, self.capacity)
+            .dtype(self.dtype);
+        if let Some(b) = self.budget {
+            c = c.budget(b);
+        }
+        if self.gate {
+            c = c.with_gate();
+        }
+        c
+    }
+}
+
+/// Rounds to what the GPU stores, so the reference sees the same values.
+fn stored(x: Vec<f32>, dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F16 => x
+            .into_iter()
+            .map(|v| half::f16::from_f32(v).to_f32())
+            .collect(),
+        _ => x,
+    }
+}
+
+fn up(ctx: &Context, dims: &[u64], x: &[f32], dtype: DType) -> Tensor {
+    match dtype {
+        DType::F16 => ctx.upload_f16(dims, x).unwrap(),
+        _ => ctx.upload(dims, x).unwrap(),
+    }
+}
+
+fn tokens(rng: &mut Rng, c: &Case, n: usize, with_f: bool) -> HostTokens {
+    let kv = c.batch as usize * c.kv_heads as usize * n * c.dim as usize;
+    HostTokens {
+        n,
+        k: stored(rng.normals(kv), c.dtype),
+        v: stored(rng.normals(kv), c.dtype),
+        gate: c
+            .gate
+            .then(|| rng.range(0.05, 1.0, c.batch as usize * c.kv_heads as usize * n)),
+        f: with_f.then(|| rng.range(0.0, 2.0, c.batch as usize * n)),
+    }
+}
+
+struct GpuTokens {
+    k: Tensor,
+    v: Tensor,
+    gate: Option<Tensor>,
+    f: Option<Tensor>,
+}
+
+fn upload_tokens(ctx: &Context, c: &Case, t: &HostTokens) -> GpuTokens {
+    let (b, h, d, n) = (c.batch as u64, c.kv_heads as u64, c.dim as u64, t.n as u64);
+    GpuTokens {
+        k: up(ctx, &[b, h, n, d], &t.k, c.dtype),
+        v: up(ctx, &[b, h, n, d], &t.v, c.dtype),
+        gate: t.gate.as_ref().map(|g| ctx.upload(&[b, h, n], g).unwrap()),
+        f: t.f.as_ref().map(|f| ctx.upload(&[b, n], f).unwrap()),
+    }
+}
+
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 5e-3,
+        _ => 2e-5,
+    }
+}
+
+/// Compares the GPU cache's occupied slots with the reference: same positions in the same
+/// slots (so the same tokens were evicted), F within tolerance.
+fn check_state(st: &CacheState, r: &RefCache, cap: usize, msgs: &mut Vec<String>, when: &str) {
+    for (b, seq) in r.seqs.iter().enumerate() {
+        if st.len[b] as usize != seq.slots.len() {
+            msgs.push(format!(
+                "{when}: seq {b} len {} vs ref {}",
+                st.len[b],
+                seq.slots.len()
+            ));
+            continue;
+        }
+        let pos: Vec<u64> = (0..seq.slots.len())
+            .map(|j| st.pos[b * cap + j] as u64)
+            .collect();
+        let rpos: Vec<u64> = seq.slots.iter().map(|s| s.pos).collect();
+        if pos != rpos {
+            msgs.push(format!(
+                "{when}: seq {b} slot positions {pos:?} vs ref {rpos:?}"
+            ));
+        }
+        let f: Vec<f32> = (0..seq.slots.len()).map(|j| st.f[b * cap + j]).collect();
+        let rf: Vec<f64> = seq.slots.iter().map(|s| s.f).collect();
+        let cf = compare(&f, &rf, 1e-4, 1e-4);
+        if cf.bad > 0 {
+            msgs.push(format!("{when}: seq {b} F {cf:?}"));
+        }
+    }
+}
+
+/// Runs a case on the GPU and the reference, step by step; returns failure lines and the
+/// step outputs (for bitwise comparisons between runs).
+fn run_case(ctx: &Context, c: &Case, seed: u64) -> (Vec<String>, Vec<Vec<f32>>) {
+    let mut rng = Rng::new(seed);
+    let mut msgs = vec![];
+    let mut outs = vec![];
+    let cfg = c.config();
+    let mut cache = KvCache::new(ctx, cfg).unwrap();
+    let mut r = RefCache::new(cfg).unwrap();
+    let cap = c.capacity as usize;
+    let (b, hq, d) = (c.batch as u64, c.q_heads as u64, c.dim as u64);
+
+    let n0 = *c.prefill.iter().max().unwrap() as usize;
+    let t = tokens(&mut rng, c, n0, c.selective.is_some());
+    let g = upload_tokens(ctx, c, &t);
+    let mut tk = Tokens::new(&g.k, &g.v);
+    if let Some(x) = &g.gate {
+        tk = tk.gate(x);
+    }
+    if let Some(x) = &g.f {
+        tk = tk.f(x);
+    }
+    cache.append(ctx, &tk, Some(&c.prefill)).unwrap();
+    r.append(&t, Some(&c.prefill)).unwrap();
+    check_state(
+        &cache.download_state(ctx).unwrap(),
+        &r,
+        cap,
+        &mut msgs,
+        "prefill",
+    );
+
+    let mut opts = DecodeOptions::new();
+    opts.selective = c.selective;
+    opts.splits = c.splits;
+    for (si, &n) in c.steps.iter().enumerate() {
+        let nn = n as usize;
+        let t = tokens(&mut rng, c, nn, false);
+        let rows = (b * hq) as usize * nn;
+        let x = HostQueries {
+            q_heads: hq as usize,
+            q: stored(rng.normals(rows * d as usize), c.dtype),
+            tau: c.tau.then(|| rng.range(0.5, 1.5, rows)),
+            alpha: c.alpha.then(|| rng.range(0.0, 0.3, hq as usize)),
+        };
+        let g = upload_tokens(ctx, c, &t);
+        let q = up(ctx, &[b, hq, n as u64, d], &x.q, c.dtype);
+        let tau = x
+            .tau
+            .as_ref()
+            .map(|v| ctx.upload(&[b, hq, n as u64], v).unwrap());
+        let alpha = x.alpha.as_ref().map(|v| ctx.upload(&[hq], v).unwrap());
+        let o = ctx.empty(&[b, hq, n as u64, d], c.dtype).unwrap();
+        let lse = ctx.empty(&[b, hq, n as u64], DType::F32).unwrap();
+        ctx.poison(&o);
+        ctx.poison(&lse);
+        let positions = cache.positions().to_vec();
+        let mut step = Step::new(&q, &g.k, &g.v).positions(&positions);
+        if let Some(x) = &g.gate {
+            step = step.gate(x);
+        }
+        if let Some(x) = &tau {
+            step = step.tau(x);
+        }
+        if let Some(x) = &alpha {
+            step = step.alpha(x);
+        }
+        if let Err(e) = cache.step(ctx, &step, &opts, &Outputs::new(&o).lse(&lse)) {
+            msgs.push(format!("step {si}: {e}"));
+            return (msgs, outs);
+        }
+        let ro = r.step(&x, &t, None, c.selective).unwrap();
+        let go = ctx.download(&o).unwrap();
+        let gl = ctx.download(&lse).unwrap();
+        let tl = tol(c.dtype);
+        let co = compare(&go, &ro.o, tl, tl);
+        let cl = compare(&gl, &ro.lse, 1e-4, 1e-4);
+        if co.bad > 0 || co.rel_norm > tl {
+            msgs.push(format!("step {si} (n {n}): O {co:?}"));
+        }
+        if c.dtype == DType::F16 {
+            // No worse than twice the error of the reference rounded to f16.
+            let rounded: Vec<f32> =
+                ro.o.iter()
+                    .map(|&v| half::f16::from_f64(v).to_f32())
+                    .collect();
+            let cr = compare(&rounded, &ro.o, 1.0, 1.0);
+            if co.rel_norm > 2.0 * cr.rel_norm.max(1e-4) {
+                msgs.push(format!(
+                    "step {si}: f16 O rel {:.2e} > 2 x rounding {:.2e}",
+                    co.rel_norm, cr.rel_norm
+                ));
+            }
+        }
+        if cl.bad > 0 {
+            msgs.push(format!("step {si} (n {n}): LSE {cl:?}"));
+        }
+        check_state(
+            &cache.download_state(ctx).unwrap(),
+            &r,
+            cap,
+            &mut msgs,
+            &format!("step {si}"),
+        );
+        let ev: Vec<u64> = r.seqs.iter().map(|s| s.evictions).collect();
+        if cache.evictions() != ev.as_slice() {
+            msgs.push(format!(
+                "step {si}: evictions {:?} vs ref {ev:?}",
+                cache.evictions()
+            ));
+        }
+        outs.push(go);
+        outs.push(gl);
+    }
+    (msgs, outs)
+}
+
+fn sweep(cases: &[Case], seed: u64) {
+    let mut failures = vec![];
+    for ctx in contexts() {
+        for (k, c) in cases.iter().enumerate() {
+            if c.dtype == DType::F16 && !ctx.capabilities().f16 {
+                eprintln!("[{}] no SHADER_F16: skipping {}", ctx.describe(), c.name());
+                continue;
+            }
+            let (msgs, _) = run_case(ctx, c, seed + k as u64);
+            eprintln!(
+                "[{}] {}: {}",
+                ctx.describe(),
+                c.name(),
+                if msgs.is_empty() { "ok" } else { "FAILED" }
+            );
+            for m in msgs {
+                failures.push(format!("[{}] {}: {m}", ctx.describe(), c.name()));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn decode_matches_reference_without_pruning() {
+    sweep(
+        &[
+            Case::new(2, 2, 16),
+            Case::new(4, 1, 32).all(),
+            Case {
+                splits: Some(1),
+                ..Case::new(4, 2, 64).all()
+            },
+            Case {
+                splits: Some(7),
+                selective: Some(1),
+                ..Case::new(4, 2, 16)
+            },
+            Case {
+                selective: Some(3),
+                ..Case::new(4, 1, 32).all()
+            },
+            Case {
+                batch: 3,
+                prefill: vec![1, 4, 0],
+                steps: vec![1, 2, 1],
+                selective: Some(0),
+                ..Case::new(8, 2, 24).all()
+            },
+        ],
+        100,
+    );
+}
+
+#[test]
+fn decode_matches_reference_with_pruning() {
+    sweep(
+        &[
+            // No selective state: F is zero, so pruning is a sliding window that keeps token 0.
+            Case {
+                budget: Some(8),
+                capacity: 8,
+                ..Case::new(2, 2, 16)
+            },
+            Case {
+                budget: Some(10),
+                selective: Some(0),
+                ..Case::new(4, 2, 32).all()
+            },
+            Case {
+                budget: Some(3),
+                capacity: 5,
+                selective: Some(1),
+                steps: vec![1, 8, 2, 1, 1],
+                ..Case::new(2, 1, 16)
+            },
+            Case {
+                budget: Some(12),
+                capacity: 12,
+                selective: Some(2),
+                splits: Some(3),
+                prefill: vec![20, 7],
+                steps: vec![1, 1, 4, 1, 1, 1, 2],
+                ..Case::new(4, 2, 16).all()
+            },
+        ],
+        200,
+    );
+}
+
+#[test]
+fn decode_matches_reference_f16() {
+    let f16 = |c: Case| Case {
+        dtype: DType::F16,
+        ..c
+    };
+    sweep(
+        &[
+            f16(Case::new(2, 2, 16).all()),
+            f16(Case {
+                selective: Some(1),
+                ..Case::new(4, 2, 32).all()
+            }),
+            f16(Case {
+                budget: Some(10),
+                selective: Some(0),
+                ..Case::new(4, 1, 64).all()
+            }),
+        ],
+        300,
+    );
+}
+
+#[test]
+fn budget_at_least_length_equals_no_pruning() {
+    for ctx in contexts() {
+        let base = Case {
+            selective: Some(1),
+            ..Case::new(4, 2, 16).all()
+        };
+        let total = 9 + base.steps.iter().sum::<u32>();
+        let (m0, o0) = run_case(ctx, &base, 7);
+        let pruned = Case {
+            budget: Some(total),
+            capacity: total,
+            ..base.clone()
+        };
+        let (m1, o1) = run_case(ctx, &pruned, 7);
+        assert!(m0.is_empty() && m1.is_empty(), "{m0:?} {m1:?}");
+        assert_eq!(o0.len(), o1.len());
+        for (k, (a, b)) in o0.iter().zip(&o1).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "[{}] output {k} differs with budget {total} (= length) from no budget",
+                ctx.describe()
+            );
+        }
+    }
+}
+
+/// Prefill of P tokens with the forward kernel (F_out into the cache), then decode steps, equals
+/// one prefill of all N tokens: O and LSE of the later rows, and the final selective state.
+#[test]
+fn prefill_then_decode_equals_full_prefill() {
+    let (bn, hq, hkv, d, nfull, p) = (2u32, 4u32, 2u32, 32u32, 23u32, 9u32);
+    let steps = [1u32, 3, 1, 8, 1];
+    assert_eq!(p + steps.iter().sum::<u32>(), nfull);
+    let mut failures = vec![];
+    for ctx in contexts() {
+        for budget in [None, Some(nfull)] {
+            let shape = Shape::new(bn, hq, nfull, d).with_kv_heads(hkv);
+            let c = Controls {
+                tau: true,
+                alpha: true,
+                gate: true,
+                kv_len: false,
+            };
+            let x = random_inputs(&shape, c, 11);
+            let opts = Options::causal().selective(1);
+            let full = run_ref(&shape, &x, &opts);
+
+            // Slices of the full inputs: rows [a, a + n) of a [B, H, N, w] tensor.
+            let rows = |v: &[f32], h: u32, w: u32, a: u32, n: u32| -> Vec<f32> {
+                let mut out = vec![];
+                for bh in 0..(bn * h) as usize {
+                    let base = (bh * nfull as usize + a as usize) * w as usize;
+                    out.extend_from_slice(&v[base..base + (n * w) as usize]);
+                }
+                out
+            };
+            let dims = |h: u32, n: u32| vec![bn as u64, h as u64, n as u64, d as u64];
+            let tau = x.tau.as_ref().unwrap();
+            let alpha = x.alpha.as_ref().unwrap();
+            let gate = x.gate.as_ref().unwrap();
+
+            // 1. Prefill on the GPU, keeping F_out.
+            let pshape = Shape::new(bn, hq, p, d).with_kv_heads(hkv);
+            let qp = ctx.upload(&dims(hq, p), &rows(&x.q, hq, d, 0, p)).unwrap();
+            let kp = ctx
+                .upload(&dims(hkv, p), &rows(&x.k, hkv, d, 0, p))
+                .unwrap();
+            let vp = ctx
+                .upload(&dims(hkv, p), &rows(&x.v, hkv, d, 0, p))
+                .unwrap();
+            let tp = ctx
+                .upload(&pshape.row_dims(), &rows(tau, hq, 1, 0, p))
+                .unwrap();
+            let ap = ctx.upload(&[hq as u64], alpha).unwrap();
+            let gp = ctx
+                .upload(&pshape.gate_dims(), &rows(gate, hkv, 1, 0, p))
+                .unwrap();
+            let inputs = selattn::Inputs::new(&qp, &kp, &vp)
+                .tau(&tp)
+                .alpha(&ap)
+                .gate(&gp);
+            let out = ctx.attention_alloc(&inputs, &opts).unwrap();
+            let f_out = out.f_out.unwrap();
+
+            // 2. Into the cache, with F.
+            let mut cfg = KvCacheConfig::new(bn, hkv, d, nfull).with_gate();
+            if let Some(b) = budget {
+                cfg = cfg.budget(b);
+            }
+            let mut cache = KvCache::new(ctx, cfg).unwrap();
+            cache
+                .append(ctx, &Tokens::new(&kp, &vp).gate(&gp).f(&f_out), None)
+                .unwrap();
+
+            // 3. Decode the rest.
+            let mut at = p;
+            let mut msgs = vec![];
+            for &n in &steps {
+                let q = ctx.upload(&dims(hq, n), &rows(&x.q, hq, d, at, n)).unwrap();
+                let k = ctx
+                    .upload(&dims(hkv, n), &rows(&x.k, hkv, d, at, n))
+                    .unwrap();
+                let v = ctx
+                    .upload(&dims(hkv, n), &rows(&x.v, hkv, d, at, n))
+                    .unwrap();
+                let t = ctx
+                    .upload(&[bn as u64, hq as u64, n as u64], &rows(tau, hq, 1, at, n))
+                    .unwrap();
+                let g = ctx
+                    .upload(
+                        &[bn as u64, hkv as u64, n as u64],
+                        &rows(gate, hkv, 1, at, n),
+                    )
+                    .unwrap();
+                let o = ctx.empty(&dims(hq, n), DType::F32).unwrap();
+                let lse = ctx
+                    .empty(&[bn as u64, hq as u64, n as u64], DType::F32)
+                    .unwrap();
+                ctx.poison(&o);
+                ctx.poison(&lse);
+                let step = Step::new(&q, &k, &v).gate(&g).tau(&t).alpha(&ap);
+                cache
+                    .step(
+                        ctx,
+                        &step,
+                        &DecodeOptions::new().selective(1),
+                        &Outputs::new(&o).lse(&lse),
+                    )
+                    .unwrap();
+                let go = ctx.download(&o).unwrap();
+                let gl = ctx.download(&lse).unwrap();
+                let ro: Vec<f64> = (0..(bn * hq) as usize)
+                    .flat_map(|bh| {
+                        let base = (bh * nfull as usize + at as usize) * d as usize;
+                        full.o[base..base + (n * d) as usize].to_vec()
+                    })
+                    .collect();
+                let rl: Vec<f64> = (0..(bn * hq) as usize)
+                    .flat_map(|bh| {
+                        let base = bh * nfull as usize + at as usize;
+                        full.lse[base..base + n as usize].to_vec()
+                    })
+                    .collect();
+                let co = compare(&go, &ro, 2e-5, 2e-5);
+                let cl = compare(&gl, &rl, 1e-4, 1e-4);
+                if co.bad > 0 || co.rel_norm > 2e-5 {
+                    msgs.push(format!("rows {at}..{}: O {co:?}", at + n));
+                }
+                if cl.bad > 0 {
+                    msgs.push(format!("rows {at}..{}: LSE {cl:?}", at + n));
+                }
+                at += n;
+            }
+            // 4. The cache's F state is the full prefill's F_out, slot j holding token j.
+            let st = cache.download_state(ctx).unwrap();
+            for b in 0..bn as usize {
+                let pos: Vec<u32> = st.pos[b * nfull as usize..][..nfull as usize].to_vec();
+                if pos != (0..nfull).collect::<Vec<_>>() {
+                    msgs.push(format!("seq {b}: slots hold positions {pos:?}"));
+                }
+            }
+            let cf = compare(&st.f, &full.f_out, 1e-4, 1e-4);
+            if cf.bad > 0 {
+                msgs.push(format!("F state vs full F_out: {cf:?}"));
+            }
+            for m in msgs {
+                failures.push(format!("[{}] budget {budget:?}: {m}", ctx.describe()));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn bad_input_gets_typed_errors() {
+    for ctx in contexts() {
+        let name = ctx.describe();
+        // Budgets below the minimum, or above the capacity.
+        for budget in [0, 1, 2, 9] {
+            let e = KvCache::new(ctx, KvCacheConfig::new(1, 2, 16, 8).budget(budget)).unwrap_err();
+            assert!(
+                matches!(e, Error::BadBudget { budget: b, .. } if b == budget),
+                "[{name}] budget {budget}: {e:?}"
+            );
+        }
+        let e = KvCache::new(ctx, KvCacheConfig::new(1, 2, 12, 8)).unwrap_err();
+        assert!(
+            matches!(e, Error::HeadDimUnsupported { got: 12, .. }),
+            "[{name}] {e:?}"
+        );
+
+        let mut cache = KvCache::new(ctx, KvCacheConfig::new(2, 2, 16, 8)).unwrap();
+        let kv = |h: u64, n: u64, d: u64| {
+            ctx.upload(&[2, h, n, d], &vec![0.5; (2 * h * n * d) as usize])
+                .unwrap()
+        };
+        // Past capacity without a budget: 6 + 3 > 8, nothing recorded.
+        let (k6, v6) = (kv(2, 6, 16), kv(2, 6, 16));
+        cache.append(ctx, &Tokens::new(&k6, &v6), None).unwrap();
+        let (k3, v3) = (kv(2, 3, 16), kv(2, 3, 16));
+        let e = cache.append(ctx, &Tokens::new(&k3, &v3), None).unwrap_err();
+        assert_eq!(
+            e,
+            Error::CacheFull {
+                batch: 0,
+                len: 6,
+                adding: 3,
+                capacity: 8
+            },
+            "[{name}]"
+        );
+        assert_eq!(
+            cache.lens(),
+            &[6, 6],
+            "[{name}] a failed append changed the cache"
+        );
+        let e = cache
+            .append(ctx, &Tokens::new(&k3, &v3), Some(&[2, 3]))
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::CacheFull { batch: 1, .. }),
+            "[{name}] {e:?}"
+        );
+        // Mismatched heads and head dim.
+        let (kh, vh) = (kv(3, 1, 16), kv(3, 1, 16));
+        let e = cache.append(ctx, &Tokens::new(&kh, &vh), None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::CacheMismatch {
+                    cache: 2,
+                    got: 3,
+                    ..
+                }
+            ),
+            "[{name}] {e:?}"
+        );
+        let (kd, vd) = (kv(2, 1, 32), kv(2, 1, 32));
+        let e = cache.append(ctx, &Tokens::new(&kd, &vd), None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::CacheMismatch {
+                    cache: 16,
+                    got: 32,
+                    ..
+                }
+            ),
+            "[{name}] {e:?}"
+        );
+        // A decode step: wrong head dim of q, too many queries, stale positions, full cache.
+        let (k1, v1) = (kv(2, 1, 16), kv(2, 1, 16));
+        let o = ctx.empty(&[2, 4, 1, 16], DType::F32).unwrap();
+        let qd = kv(4, 1, 32);
+        let e = cache
+            .step(
+                ctx,
+                &Step::new(&qd, &k1, &v1),
+                &DecodeOptions::new(),
+                &Outputs::new(&o),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::CacheMismatch {
+                    cache: 16,
+                    got: 32,
+                    ..
+                }
+            ),
+            "[{name}] {e:?}"
+        );
+        let q9 = kv(4, 9, 16);
+        let (k9, v9) = (kv(2, 9, 16), kv(2, 9, 16));
+        let o9 = ctx.empty(&[2, 4, 9, 16], DType::F32).unwrap();
+        let e = cache
+            .step(
+                ctx,
+                &Step::new(&q9, &k9, &v9),
+                &DecodeOptions::new(),
+                &Outputs::new(&o9),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. }), "[{name}] {e:?}");
+        let q1 = kv(4, 1, 16);
+        let q3 = ctx.upload(&[2, 3, 1, 16], &[0.5; 96]).unwrap();
+        let o3 = ctx.empty(&[2, 3, 1, 16], DType::F32).unwrap();
+        let e = cache
+            .step(
+                ctx,
+                &Step::new(&q3, &k1, &v1),
+                &DecodeOptions::new(),
+                &Outputs::new(&o3),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::HeadsNotMultiple {
+                    q_heads: 3,
+                    kv_heads: 2
+                }
+            ),
+            "[{name}] {e:?}"
+        );
+        let e = cache
+            .step(
+                ctx,
+                &Step::new(&q1, &k1, &v1).positions(&[6, 2]),
+                &DecodeOptions::new(),
+                &Outputs::new(&o),
+            )
+            .unwrap_err();
+        assert_eq!(
+            e,
+            Error::StalePosition {
+                batch: 1,
+                cache: 6,
+                expected: 2
+            },
+            "[{name}]"
+        );
+        cache.reset_sequence(0);
+        let e = cache
+            .step(
+                ctx,
+                &Step::new(&q1, &k1, &v1).positions(&[6, 6]),
+                &DecodeOptions::new(),
+                &Outputs::new(&o),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::StalePosition {
+                    batch: 0,
+                    cache: 0,
+                    expected: 6
+                }
+            ),
+            "[{name}] {e:?}"
+        );
+        let e = cache
+            .step(
+                ctx,
+                &Step::new(&q1, &k1, &v1),
+                &DecodeOptions::new().selective(4),
+                &Outputs::new(&o),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::SelectionHeadOutOfRange {
+                    head: 4,
+                    q_heads: 4
+                }
+            ),
+            "[{name}] {e:?}"
+        );
+        let (k2, v2) = (kv(2, 2, 16), kv(2, 2, 16));
+        let q2 = kv(4, 2, 16);
+        let o2 = ctx.empty(&[2, 4, 2, 16], DType::F32).unwrap();
+        cache
+            .step(
+                ctx,
+                &Step::new(&q2, &k2, &v2),
+                &DecodeOptions::new(),
+                &Outputs::new(&o2),
+            )
+            .unwrap();
+        let e = cache
+            .step(
+                ctx,
+                &Step::new(&q2, &k2, &v2),
+                &DecodeOptions::new(),
+                &Outputs::new(&o2),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::CacheFull {
+                    batch: 1,
+                    len: 8,
+                    adding: 2,
+                    ..
+                }
+            ),
+            "[{name}] {e:?}"
+        );
+        // Gate given to a cache without gates; output aliasing the cache.
+        let g = ctx.upload(&[2, 2, 1], &[1.0; 4]).unwrap();
+        let e = cache
+            .append(ctx, &Tokens::new(&k1, &v1).gate(&g), None)
+            .unwrap_err();
+        assert!(matches!(e, Error::InputWithoutUse { .. }), "[{name}] {e:?}");
+        let own_k = cache.k().clone();
+        let e = cache
+            .append(ctx, &Tokens::new(&own_k, &v1), None)
+            .unwrap_err();
+        assert!(matches!(e, Error::BadBuffer { .. }), "[{name}] {e:?}");
+    }
+}
+
+/// `CacheParams` and `DecodeParams` match their WGSL mirrors field for field (naga's layout).
+#[test]
+fn params_match_wgsl_layout() {
+    use selattn::kernels::decode::{CacheParams, DecodeParams};
+    use selattn::kernels::Source;
+    use std::mem::{offset_of, size_of};
+    let check = |src: Source, name: &str, size: usize, fields: &[(&str, usize)]| {
+        let text = src.text(DType::F32).unwrap();
+        let module = naga::front::wgsl::parse_str(&text).unwrap();
+        let (_, ty) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{name} not in {src:?}"));
+        let naga::TypeInner::Struct { members, span } = &ty.inner else {
+            panic!("{name} is not a struct");
+        };
+        assert_eq!(*span as usize, size, "{name} size");
+        let got: Vec<(String, usize)> = members
+            .iter()
+            .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
+            .collect();
+        let want: Vec<(String, usize)> = fields.iter().map(|(n, o)| (n.to_string(), *o)).collect();
+        assert_eq!(got, want, "{name} fields");
+    };
+    check(
+        Source::Cache,
+        "CacheParams",
+        size_of::<CacheParams>(),
+        &[
+            ("batch", offset_of!(CacheParams, batch)),
+            ("kv_heads", offset_of!(CacheParams, kv_heads)),
+            ("capacity", offset_of!(CacheParams, capacity)),
+            ("limit", offset_of!(CacheParams, limit)),
+            ("n", offset_of!(CacheParams, n)),
+            ("_pad0", offset_of!(CacheParams, _pad0)),
+            ("_pad1", offset_of!(CacheParams, _pad1)),
+            ("_pad2", offset_of!(CacheParams, _pad2)),
+        ],
+    );
+    check(
+        Source::Decode,
+        "DecodeParams",
+        size_of::<DecodeParams>(),
+        &[
+            ("batch", offset_of!(DecodeParams, batch)),
+            ("q_heads", offset_of!(DecodeParams, q_heads)),
+            ("kv_heads", offset_of!(DecodeParams, kv_heads)),
+            ("group", offset_of!(DecodeParams, group)),
+            ("n", offset_of!(DecodeParams, n)),
+            ("capacity", offset_of!(DecodeParams, capacity)),
+            ("sel_head", offset_of!(DecodeParams, sel_head)),
+            ("sel_kv", offset_of!(DecodeParams, sel_kv)),
+            ("scale", offset_of!(DecodeParams, scale)),
+            ("splits", offset_of!(DecodeParams, splits)),
+            ("split_len", offset_of!(DecodeParams, split_len)),
+            ("rows", offset_of!(DecodeParams, rows)),
+            ("n_rblocks", offset_of!(DecodeParams, n_rblocks)),
+            ("ml_base", offset_of!(DecodeParams, ml_base)),
+            ("_pad0", offset_of!(DecodeParams, _pad0)),
+            ("_pad1", offset_of!(DecodeParams, _pad1)),
+        ],
+    );
+}
+
+/// The unchecked production shaders give the same bits as the same shaders built with naga's
+/// runtime bounds checks (a stray out-of-bounds access would differ or be clamped).
+#[test]
+fn bounds_checked_build_gives_same_bits() {
+    let case = Case {
+        budget: Some(10),
+        selective: Some(1),
+        splits: Some(3),
+        ..Case::new(4, 2, 32).all()
+    };
+    for (a, why) in selattn::adapters() {
+        if why.is_some() {
+            continue;
+        }
+        let plain = Context::from_adapter(&a).unwrap();
+        let checked = Context::from_adapter(&a).unwrap().with_bounds_checks(true);
+        let (m0, o0) = run_case(&plain, &case, 5);
+        let (m1, o1) = run_case(&checked, &case, 5);
+        assert!(m0.is_empty() && m1.is_empty(), "{m0:?} {m1:?}");
+        for (k, (x, y)) in o0.iter().zip(&o1).enumerate() {
+            assert!(
+                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "[{}] output {k} differs with bounds checks on",
+                plain.describe()
+            );
+        }
+    }
+}
+
+/// Every decode and cache kernel variant, specialised, is translated by naga to SPIR-V (checked
+/// with spirv-val where installed), MSL, HLSL and (f32) GLSL, so the Metal, DX12 and GL paths are
+/// at least compiled here.
+#[test]
+fn decode_shaders_translate_to_every_backend() {
+    use naga::back::{glsl, hlsl, msl, spv};
+    use selattn::kernels::decode::{AppendConfig, AttendConfig, MergeConfig, ScoreConfig};
+    use selattn::kernels::{Kernel, KernelKey};
+    let mut kernels = vec![];
+    for flags in [false, true] {
+        kernels.push(Kernel::CacheAppend(AppendConfig {
+            d: 64,
+            wg: 256,
+            gate: flags,
+            f: flags,
+        }));
+        kernels.push(Kernel::DecodeAttend(AttendConfig {
+            d: 128,
+            wg: 64,
+            rb: 8,
+            bc: 16,
+            tau: flags,
+            alpha: flags,
+            gate: flags,
+            selective: flags,
+        }));
+        kernels.push(Kernel::DecodeMerge(MergeConfig {
+            d: 64,
+            wg: 64,
+            lse: flags,
+        }));
+    }
+    kernels.push(Kernel::DecodeScore(ScoreConfig { d: 32, wg: 64 }));
+    let spirv_val = std::process::Command::new("spirv-val")
+        .arg("--version")
+        .output()
+        .is_ok();
+    for kernel in kernels {
+        for elem in [DType::F32, DType::F16] {
+            let key = KernelKey { kernel, elem };
+            let name = format!("{key:?}");
+            let text = key.wgsl().unwrap();
+            let module = naga::front::wgsl::parse_str(&text)
+                .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&text)));
+            let mut validator = naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            );
+            let info = validator
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            let constants: naga::back::PipelineConstants = key
+                .constants()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            let ep = (naga::ShaderStage::Compute, key.entry());
+            let (module, info) = naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some(ep),
+                &constants,
+            )
+            .unwrap_or_else(|e| panic!("{name}: overrides: {e:?}"));
+            let words = spv::write_vec(
+                &module,
+                &info,
+                &spv::Options::default(),
+                Some(&spv::PipelineOptions {
+                    shader_stage: naga::ShaderStage::Compute,
+                    entry_point: key.entry().into(),
+                }),
+            )
+            .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
+            if spirv_val {
+                let path = std::env::temp_dir().join(format!(
+                    "selattn-decode-{}-{}.spv",
+                    std::process::id(),
+                    key.entry()
+                ));
+                std::fs::write(&path, bytemuck::cast_slice::<u32, u8>(&words)).unwrap();
+                let out = std::process::Command::new("spirv-val")
+                    .arg(&path)
+                    .output()
+                    .unwrap();
+                let _ = std::fs::remove_file(&path);
+                assert!(
+                    out.status.success(),
+                    "{name}: spirv-val: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let msl_opts = msl::Options {
+                lang_version: (2, 4),
+                ..Default::default()
+            };
+            msl::write_string(
+                &module,
+                &info,
+                &msl_opts,
+                &msl::PipelineOptions {
+                    entry_point: Some((naga::ShaderStage::Compute, key.entry().into())),
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{name}: MSL: {e}"));
+            let hlsl_opts = hlsl::Options {
+                shader_model: hlsl::ShaderModel::V6_2,
+                ..Default::default()
+            };
+            let hlsl_pipe = hlsl::PipelineOptions {
+                entry_point: Some((naga::ShaderStage::Compute, key.entry().into())),
+            };
+            let mut out = String::new();
+            hlsl::Writer::new(&mut out, &hlsl_opts, &hlsl_pipe)
+                .write(&module, &info, None)
+                .unwrap_or_else(|e| panic!("{name}: HLSL: {e}"));
+            if elem == DType::F32 {
+                let mut out = String::new();
+                let opts = glsl::Options {
+                    version: glsl::Version::Desktop(430),
+                    ..Default::default()
+                };
+                let pipe = glsl::PipelineOptions {
+                    shader_stage: naga::ShaderStage::Compute,
+                    entry_point: key.entry().into(),
+                    multiview: None,
+                };
+                glsl::Writer::new(
+                    &mut out,
+                    &module,
+                    &info,
+                    &opts,
+                    &pipe,
+                    naga::proc::BoundsCheckPolicies::default(),
+                )
+                .and_then(|mut w| w.write())
+                .unwrap_or_else(|e| panic!("{name}: GLSL: {e}"));
+            }
+        }
+    }
+}
