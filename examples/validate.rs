@@ -289,7 +289,7 @@ fn run_gpu(
     let f = plan.forward;
     let kernel = match plan.coop {
         Some(c) => format!("coop D{} {}x{}", c.d, c.br, c.bc),
-        None => format!("D{} {}x{}/{}", f.d, f.br, f.bc, f.tr),
+        None => format!("D{} {}x{}/dn{}", f.d, f.br, f.bc, f.dn),
     };
     ctx.attention(&g.inputs(), opts, &outs)?;
     let f_out = if opts.selective.is_some() {

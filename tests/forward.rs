@@ -354,3 +354,17 @@ fn bounds_checks_on_and_off_bit_identical() {
         }
     }
 }
+
+/// Every head dim class of the tile chooser: tiny (8), padded output columns (40, 88, 248),
+/// the register-heavy large dims (128, 256), with every option and selective masking.
+#[test]
+fn head_dims() {
+    let mut cases = vec![];
+    for d in [8, 40, 88, 128, 248, 256] {
+        let s = Shape::new(1, 2, 19, d).with_kv_heads(1);
+        cases.push((s, Options::causal(), Controls::ALL));
+        cases.push((s, Options::causal().selective(1), Controls::ALL));
+    }
+    cases.push((Shape::new(1, 1, 1, 8), Options::new(), Controls::default()));
+    sweep(&cases, 100);
+}

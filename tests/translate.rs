@@ -381,12 +381,12 @@ fn every_variant_translates_to_every_backend() {
     );
 }
 
-/// Tiles (D, BR, BC, TR) of the forward kernel, (D, BR, BC, WG) of the colsum pass and
+/// Tiles (D, BR, BC, DN) of the forward kernel, (D, BR, BC, WG) of the colsum pass and
 /// (D, BR, BC, subgroup size) of the cooperative-matrix kernel.
 fn tiles(keys: &[KernelKey]) -> BTreeSet<(u8, u32, u32, u32, u32)> {
     keys.iter()
         .filter_map(|k| match k.kernel {
-            Kernel::Forward(c) => Some((0, c.d, c.br, c.bc, c.tr)),
+            Kernel::Forward(c) => Some((0, c.d, c.br, c.bc, c.dn)),
             Kernel::SelColsum(c) => Some((1, c.d, c.br, c.bc, c.wg)),
             Kernel::CoopForward(c) => Some((2, c.d, c.br, c.bc, c.sgs)),
             _ => None,

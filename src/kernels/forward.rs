@@ -16,8 +16,10 @@ pub struct ForwardConfig {
     pub br: u32,
     /// Keys per tile.
     pub bc: u32,
-    /// Threads along rows (the workgroup has `tr * d / 8` threads).
-    pub tr: u32,
+    /// Output vec4 columns per thread. The workgroup is a `br / 4` x `bc / 4` grid of threads, each
+    /// owning 4 query rows x 4 keys of S and 4 query rows x `dn` vec4 columns of O;
+    /// `bc / 4 * dn >= d / 4`.
+    pub dn: u32,
     /// Causal masking.
     pub causal: bool,
     /// Per-query temperature.
@@ -40,7 +42,7 @@ impl ForwardConfig {
             ("D", self.d as f64),
             ("BR", self.br as f64),
             ("BC", self.bc as f64),
-            ("TR", self.tr as f64),
+            ("DN", self.dn as f64),
             ("CAUSAL", flag(self.causal)),
             ("HAS_TAU", flag(self.tau)),
             ("HAS_ALPHA", flag(self.alpha)),
@@ -53,79 +55,75 @@ impl ForwardConfig {
 
     /// Threads per workgroup.
     pub fn threads(&self) -> u32 {
-        self.tr * self.d / 8
+        (self.br / 4) * (self.bc / 4)
     }
 
     /// Workgroup memory in bytes, as declared in the shader.
     pub fn workgroup_bytes(&self) -> u64 {
-        let (br, bc, d) = (self.br as u64, self.bc as u64, self.d as u64);
-        let base = br * d + bc * d + br * bc + 3 * br;
-        let sel = if self.selective {
-            br * d + bc * d + br * bc
-        } else {
-            3
-        };
+        let (br, bc, d4) = (self.br as u64, self.bc as u64, self.d as u64 / 4);
+        let tx = bc / 4;
+        // Row strides in f32: Q D, K/V tile 4 * (tx * dn + 1), P tile bc + 1.
+        let ks = 4 * (tx * self.dn as u64 + 1);
+        let base = br * 4 * d4 + bc * ks + br * (bc + 1) + 2 * br * tx;
+        let sel = if self.selective { br * 4 * d4 } else { 4 };
         4 * (base + sel)
     }
 }
 
-/// Query rows per thread in the P·V product, at most (`MAX_RPT` in the shader).
-const MAX_RPT: u32 = 8;
+/// Output vec4 columns per thread at most (`MAX_DN` in the shader).
+const MAX_DN: u32 = 16;
 /// Threads per workgroup we aim for at most.
 const MAX_THREADS: u32 = 256;
 
 /// Tile sizes for head dim `d` within the device's workgroup memory and invocation limits.
+///
+/// Each thread owns 4 query rows; `tx` threads share a row (4 * `tx` keys per tile, `tx * dn` vec4
+/// output columns), `ty` threads share a key column (4 * `ty` query rows per workgroup).
 pub fn choose_tiles(
     caps: &Capabilities,
     d: u32,
     selective: bool,
     base: ForwardConfig,
 ) -> Result<ForwardConfig> {
-    let td = d / 8;
+    let d4 = d.div_ceil(4);
     let max_threads = caps.max_invocations.min(MAX_THREADS);
-    const CANDIDATES: [(u32, u32); 10] = [
-        (32, 32),
-        (16, 32),
-        (16, 16),
-        (8, 16),
-        (8, 8),
-        (4, 8),
-        (2, 8),
-        (1, 8),
-        (1, 4),
-        (1, 2),
-    ];
-    for (br, bc) in CANDIDATES {
-        // Largest thread count along rows that divides BR, keeps RPT <= MAX_RPT and fits.
-        let Some(tr) = (1..=br)
-            .rev()
-            .find(|&tr| br % tr == 0 && br / tr <= MAX_RPT && tr * td <= max_threads)
-        else {
-            continue;
-        };
-        let cfg = ForwardConfig {
-            d,
-            br,
-            bc,
-            tr,
-            selective,
-            ..base
-        };
-        if cfg.workgroup_bytes() <= caps.workgroup_memory as u64 {
-            return Ok(cfg);
+    // Threads along a row and output vec4 columns per thread.
+    let txs: Vec<(u32, u32)> = [8u32, 4, 2, 1]
+        .into_iter()
+        .map(|tx| (tx, d4.div_ceil(tx)))
+        .filter(|&(_, dn)| dn <= MAX_DN)
+        .collect();
+    let cfg = |ty: u32, tx: u32, dn: u32| ForwardConfig {
+        d,
+        br: 4 * ty,
+        bc: 4 * tx,
+        dn,
+        selective,
+        ..base
+    };
+    // Among the tiles that fit: accumulators that stay in registers (dn <= 8) first, then no
+    // padded output columns, then the most threads, then the most query rows (fewer K/V reloads).
+    let mut best: Option<ForwardConfig> = None;
+    for ty in [16u32, 8, 4, 2, 1] {
+        for &(tx, dn) in &txs {
+            let c = cfg(ty, tx, dn);
+            if c.threads() > max_threads || c.workgroup_bytes() > caps.workgroup_memory as u64 {
+                continue;
+            }
+            let score = |c: &ForwardConfig| (c.dn <= 8, c.bc / 4 * c.dn == d4, c.threads(), c.br);
+            if best.as_ref().is_none_or(|b| score(&c) > score(b)) {
+                best = Some(c);
+            }
         }
+    }
+    if let Some(c) = best {
+        return Ok(c);
     }
     Err(Error::TooLarge {
         what: "workgroup memory for the smallest tile",
-        bytes: ForwardConfig {
-            d,
-            br: 1,
-            bc: 2,
-            tr: 1,
-            selective,
-            ..base
-        }
-        .workgroup_bytes(),
+        bytes: txs
+            .first()
+            .map_or(0, |&(tx, dn)| cfg(1, tx, dn).workgroup_bytes()),
         limit: caps.workgroup_memory as u64,
     })
 }
@@ -156,9 +154,9 @@ impl Plan {
         let pr = r.present;
         let base = ForwardConfig {
             d: s.head_dim,
-            br: 1,
-            bc: 1,
-            tr: 1,
+            br: 4,
+            bc: 4,
+            dn: 1,
             causal: r.options.causal,
             tau: pr.tau,
             alpha: pr.alpha,
