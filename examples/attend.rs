@@ -1,0 +1,511 @@
+//! Attention over `.npy` files: a command-line front for Python users and for checking the
+//! kernels from outside. Reads Q, K, V and the optional inputs, runs one call on the GPU, writes
+//! O (and LSE, F_out) as f32 `.npy`, and with `--check` compares against the f64 CPU reference.
+//!
+//! ```text
+//! cargo run --release --example attend -- --q q.npy --k k.npy --v v.npy --causal --out o.npy
+//! cargo run --release --example attend -- --help
+//! ```
+//!
+//! `examples/attend_check.py` drives it from NumPy. Errors are one line on stderr; the exit status
+//! is 2 for a usage error (unknown or missing flag, unparsable value) and 1 for anything else
+//! (unreadable file, wrong dtype or shape, an invalid call, no GPU, a failed `--check`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use selattn::npy::{self, NpyArray, NpyError};
+use selattn::reference::{self, HostInputs, HostOutputs};
+use selattn::spec::check_kv_len;
+use selattn::testing::{compare, round_f16, Cmp, DeviceInputs};
+use selattn::{Context, DType, Error, Options, Outputs, Path as KernelPath, Present, Shape, Spec};
+
+const USAGE: &str = "\
+usage: attend --q Q.npy --k K.npy --v V.npy --out O.npy [options]
+
+Runs selattn's fused attention on .npy files (little-endian, C order) and writes O as f32 .npy.
+
+inputs (float32; float16 is accepted and widened):
+  --q FILE          queries        [B, Hq, Nq, D]
+  --k FILE          keys           [B, Hkv, Nk, D]   (Hq a multiple of Hkv)
+  --v FILE          values         [B, Hkv, Nk, D]
+  --tau FILE        per-query temperature       [B, Hq, Nq]
+  --alpha FILE      positional temperature      [Hq]
+  --gate FILE       per-key value gate          [B, Hkv, Nk]
+  --kv-len FILE     valid keys per batch        [B]   (int32, int64 or uint32)
+  --f0 FILE         selective state carried in  [B, Nk]   (needs --selective)
+options:
+  --causal          mask keys after each query's position
+  --selective HEAD  selective masking with this selection head (needs --causal)
+  --scale X         logit scale (default 1/sqrt(D))
+  --start N         position of the first query (default Nk - Nq)
+  --f16             store Q, K, V and O as f16 on the GPU (needs SHADER_F16)
+  --path P          kernel path: auto (default), scalar or coop
+  --check           also run the f64 CPU reference and print the errors; exit 1 if the
+                    norm-wise relative error exceeds 1e-5 (O with --f16: 5e-3)
+outputs (float32):
+  --out FILE        O      [B, Hq, Nq, D]   (required)
+  --lse FILE        LSE    [B, Hq, Nq]      (natural log; -inf for rows with no allowed key)
+  --f-out FILE      F_out  [B, Nk]          (needs --selective)
+  -h, --help        print this and exit
+
+The adapter is picked as in the library (SELATTN_ADAPTER, WGPU_BACKEND) and named on stderr.
+Exit status: 0 ok, 1 error or failed check, 2 usage error.";
+
+/// f32 storage: norm-wise relative error bound (DESIGN.md §4), for O, LSE and F_out.
+const F32_NORM_TOL: f64 = 1e-5;
+/// f16 storage of O: norm-wise relative error bound (DESIGN.md §4).
+const F16_NORM_TOL: f64 = 5e-3;
+/// Element-wise bound passed to `compare`, only to count outliers in the report; the pass/fail
+/// decision is the norm-wise bound above, as the command-line contract says.
+const ELEM_TOL: f64 = 1e-4;
+
+/// Why the program stops: the message is one line, the kind decides the exit status.
+#[derive(Debug)]
+enum Fail {
+    /// Bad command line: exit 2.
+    Usage(String),
+    /// Anything else: exit 1.
+    Run(String),
+}
+
+impl fmt::Display for Fail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fail::Usage(m) => write!(f, "{m} (see --help)"),
+            Fail::Run(m) => f.write_str(m),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match parse(&args) {
+        Ok(None) => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Ok(Some(a)) => match run(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &Fail) -> ExitCode {
+    // Messages quote file names and library errors, which are single lines; make sure anyway.
+    let line = e.to_string().replace('\n', " ");
+    eprintln!("attend: {line}");
+    ExitCode::from(match e {
+        Fail::Usage(_) => 2,
+        Fail::Run(_) => 1,
+    })
+}
+
+// ---- Command line ------------------------------------------------------------------------------
+
+/// The parsed command line.
+#[derive(Debug, Default)]
+struct Args {
+    q: PathBuf,
+    k: PathBuf,
+    v: PathBuf,
+    tau: Option<PathBuf>,
+    alpha: Option<PathBuf>,
+    gate: Option<PathBuf>,
+    kv_len: Option<PathBuf>,
+    f0: Option<PathBuf>,
+    out: PathBuf,
+    lse: Option<PathBuf>,
+    f_out: Option<PathBuf>,
+    options: Options,
+    f16: bool,
+    check: bool,
+}
+
+/// Parses the arguments; `Ok(None)` means help was asked for. Accepts `--flag value` and
+/// `--flag=value`; a flag given twice is an error rather than silently last-wins.
+fn parse(argv: &[String]) -> Result<Option<Args>, Fail> {
+    let mut a = Args::default();
+    let (mut q, mut k, mut v, mut out) = (None, None, None, None);
+    let mut seen: Vec<String> = Vec::new();
+    let mut it = argv.iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        if flag == "-h" || flag == "--help" {
+            return Ok(None);
+        }
+        if !flag.starts_with('-') {
+            return Err(Fail::Usage(format!("unexpected argument {arg:?}")));
+        }
+        if seen.iter().any(|s| s == flag) {
+            return Err(Fail::Usage(format!("{flag} given more than once")));
+        }
+        seen.push(flag.to_string());
+        let switch = |on: &mut bool| match &inline {
+            Some(_) => Err(Fail::Usage(format!("{flag} takes no value"))),
+            None => {
+                *on = true;
+                Ok(())
+            }
+        };
+        let mut value = || match &inline {
+            Some(v) => Ok(v.clone()),
+            None => it
+                .next()
+                .cloned()
+                .ok_or_else(|| Fail::Usage(format!("{flag} needs a value"))),
+        };
+        let file = |s: String| Some(PathBuf::from(s));
+        match flag {
+            "--q" => q = file(value()?),
+            "--k" => k = file(value()?),
+            "--v" => v = file(value()?),
+            "--tau" => a.tau = file(value()?),
+            "--alpha" => a.alpha = file(value()?),
+            "--gate" => a.gate = file(value()?),
+            "--kv-len" => a.kv_len = file(value()?),
+            "--f0" => a.f0 = file(value()?),
+            "--out" => out = file(value()?),
+            "--lse" => a.lse = file(value()?),
+            "--f-out" => a.f_out = file(value()?),
+            "--causal" => switch(&mut a.options.causal)?,
+            "--f16" => switch(&mut a.f16)?,
+            "--check" => switch(&mut a.check)?,
+            "--selective" => a.options.selective = Some(number(flag, &value()?)?),
+            "--start" => a.options.start = Some(number(flag, &value()?)?),
+            "--scale" => a.options.scale = Some(number(flag, &value()?)?),
+            "--path" => {
+                a.options.path = match value()?.as_str() {
+                    "auto" => KernelPath::Auto,
+                    "scalar" => KernelPath::Scalar,
+                    "coop" => KernelPath::Coop,
+                    other => {
+                        return Err(Fail::Usage(format!(
+                            "--path {other:?}: expected auto, scalar or coop"
+                        )))
+                    }
+                }
+            }
+            _ => return Err(Fail::Usage(format!("unknown flag {flag}"))),
+        }
+    }
+    let need = |p: Option<PathBuf>, flag: &str| {
+        p.ok_or_else(|| Fail::Usage(format!("missing required flag {flag}")))
+    };
+    a.q = need(q, "--q")?;
+    a.k = need(k, "--k")?;
+    a.v = need(v, "--v")?;
+    a.out = need(out, "--out")?;
+    Ok(Some(a))
+}
+
+fn number<T: std::str::FromStr>(flag: &str, s: &str) -> Result<T, Fail> {
+    s.parse()
+        .map_err(|_| Fail::Usage(format!("{flag} {s:?}: not a valid number")))
+}
+
+// ---- Files -------------------------------------------------------------------------------------
+
+/// `--q q.npy` as it appears in messages.
+fn name(flag: &str, path: &Path) -> String {
+    format!("--{flag} {}", path.display())
+}
+
+/// numpy's way of writing a shape: `(2, 3)`, `(4,)`, `()`.
+fn tuple<T: fmt::Display>(dims: &[T]) -> String {
+    let parts: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+    match parts.len() {
+        1 => format!("({},)", parts[0]),
+        _ => format!("({})", parts.join(", ")),
+    }
+}
+
+fn npy_fail(flag: &str, path: &Path, e: NpyError) -> Fail {
+    match e {
+        // The I/O message already starts with the path.
+        NpyError::Io { .. } => Fail::Run(format!("--{flag} {e}")),
+        e => Fail::Run(format!("{}: {e}", name(flag, path))),
+    }
+}
+
+fn load(flag: &str, path: &Path) -> Result<NpyArray, Fail> {
+    npy::read(path).map_err(|e| npy_fail(flag, path, e))
+}
+
+/// An f32 tensor of exactly `dims` (f16 files are widened, which is exact).
+fn load_f32(flag: &str, path: &Path, dims: &[u64]) -> Result<Vec<f32>, Fail> {
+    let arr = load(flag, path)?;
+    check_dims(flag, path, &arr.shape, dims, "")?;
+    arr.into_f32().map_err(|e| npy_fail(flag, path, e))
+}
+
+fn check_dims(flag: &str, path: &Path, got: &[usize], want: &[u64], why: &str) -> Result<(), Fail> {
+    if got.len() == want.len() && got.iter().zip(want).all(|(&g, &w)| g as u64 == w) {
+        return Ok(());
+    }
+    Err(Fail::Run(format!(
+        "{}: shape {}, expected {}{why}",
+        name(flag, path),
+        tuple(got),
+        tuple(want)
+    )))
+}
+
+fn dim(flag: &str, path: &Path, x: usize) -> Result<u32, Fail> {
+    u32::try_from(x).map_err(|_| {
+        Fail::Run(format!(
+            "{}: dimension {x} exceeds {}",
+            name(flag, path),
+            u32::MAX
+        ))
+    })
+}
+
+fn save(flag: &str, path: &Path, dims: &[u64], data: &[f32]) -> Result<(), Fail> {
+    let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+    npy::write_f32(path, &dims, data).map_err(|e| npy_fail(flag, path, e))
+}
+
+/// Reads every input and checks the shapes against each other and the options. Nothing touches
+/// the GPU until this has passed.
+fn load_inputs(a: &Args) -> Result<(Spec, HostInputs), Fail> {
+    // Q fixes B, Hq, Nq and D; K fixes Hkv and Nk; everything else is checked against them.
+    let q = load("q", &a.q)?;
+    if q.shape.len() != 4 {
+        return Err(Fail::Run(format!(
+            "{}: shape {}, expected 4 dimensions [B, Hq, Nq, D]",
+            name("q", &a.q),
+            tuple(&q.shape)
+        )));
+    }
+    let k = load("k", &a.k)?;
+    if k.shape.len() != 4 || k.shape[0] != q.shape[0] || k.shape[3] != q.shape[3] {
+        let want = [
+            q.shape[0].to_string(),
+            "Hkv".into(),
+            "Nk".into(),
+            q.shape[3].to_string(),
+        ];
+        return Err(Fail::Run(format!(
+            "{}: shape {}, expected {} (B and D as in --q {})",
+            name("k", &a.k),
+            tuple(&k.shape),
+            tuple(&want),
+            tuple(&q.shape)
+        )));
+    }
+    let shape = Shape {
+        batch: dim("q", &a.q, q.shape[0])?,
+        q_heads: dim("q", &a.q, q.shape[1])?,
+        kv_heads: dim("k", &a.k, k.shape[1])?,
+        q_len: dim("q", &a.q, q.shape[2])?,
+        k_len: dim("k", &a.k, k.shape[2])?,
+        head_dim: dim("q", &a.q, q.shape[3])?,
+    };
+    let present = Present {
+        tau: a.tau.is_some(),
+        alpha: a.alpha.is_some(),
+        gate: a.gate.is_some(),
+        kv_len: a.kv_len.is_some(),
+        f0: a.f0.is_some(),
+        // LSE is always computed: --check compares it even when it is not written.
+        lse: true,
+        f_out: a.f_out.is_some(),
+    };
+    let spec = Spec {
+        shape,
+        options: a.options,
+        present,
+    };
+    // Options and sizes before reading the rest: a call that cannot run fails fast.
+    spec.validate().map_err(|e| call_fail(&e))?;
+
+    let q = q.into_f32().map_err(|e| npy_fail("q", &a.q, e))?;
+    let k = k.into_f32().map_err(|e| npy_fail("k", &a.k, e))?;
+    let v = load_f32("v", &a.v, &shape.kv_dims())?;
+    let opt = |flag: &str, p: &Option<PathBuf>, dims: Vec<u64>| {
+        p.as_deref().map(|p| load_f32(flag, p, &dims)).transpose()
+    };
+    let tau = opt("tau", &a.tau, shape.row_dims())?;
+    let alpha = opt("alpha", &a.alpha, shape.alpha_dims())?;
+    let gate = opt("gate", &a.gate, shape.gate_dims())?;
+    let f0 = opt("f0", &a.f0, shape.f_dims())?;
+    let kv_len = match &a.kv_len {
+        Some(p) => {
+            let arr = load("kv-len", p)?;
+            check_dims("kv-len", p, &arr.shape, &shape.kv_len_dims(), "")?;
+            let l = arr
+                .into_u32_lossless()
+                .map_err(|e| npy_fail("kv-len", p, e))?;
+            check_kv_len(&l, &shape)
+                .map_err(|e| Fail::Run(format!("{}: {e}", name("kv-len", p))))?;
+            Some(l)
+        }
+        None => None,
+    };
+    Ok((
+        spec,
+        HostInputs {
+            q,
+            k,
+            v,
+            tau,
+            alpha,
+            gate,
+            kv_len,
+            f0,
+        },
+    ))
+}
+
+/// An invalid call, named by the flag that asks for it where there is one.
+fn call_fail(e: &Error) -> Fail {
+    let flag = match e {
+        Error::SelectiveNeedsCausal | Error::SelectionHeadOutOfRange { .. } => "--selective: ",
+        Error::BadScale { .. } => "--scale: ",
+        Error::StartOutOfRange { .. } => "--start: ",
+        Error::HeadsNotMultiple { .. } => "--q/--k heads: ",
+        Error::HeadDimUnsupported { .. } => "--q head dim: ",
+        Error::InputWithoutUse { what: "F0", .. } => "--f0: ",
+        Error::InputWithoutUse { what: "F_out", .. } => "--f-out: ",
+        Error::FeatureMissing { .. } => "--f16: ",
+        Error::PathUnavailable { .. } => "--path: ",
+        _ => "",
+    };
+    match e {
+        Error::Gpu(_) => Fail::Run(e.to_string()),
+        _ => Fail::Run(format!("invalid call: {flag}{e}")),
+    }
+}
+
+// ---- Run ---------------------------------------------------------------------------------------
+
+fn run(a: &Args) -> Result<(), Fail> {
+    let (spec, host) = load_inputs(a)?;
+    let shape = spec.shape;
+
+    let ctx = Context::new().map_err(|e| Fail::Run(format!("no GPU: {e}")))?;
+    eprintln!("adapter: {}", ctx.describe());
+    let elem = if a.f16 { DType::F16 } else { DType::F32 };
+    if a.f16 && !ctx.capabilities().f16 {
+        return Err(Fail::Run(
+            "--f16: the adapter does not have the SHADER_F16 feature".into(),
+        ));
+    }
+    let gpu = |e: Error| Fail::Run(format!("GPU: {e}"));
+    let dev = DeviceInputs::upload(&ctx, &shape, &host, elem).map_err(gpu)?;
+    let o = ctx.empty(&shape.q_dims(), elem).map_err(gpu)?;
+    let lse = ctx.empty(&shape.row_dims(), DType::F32).map_err(gpu)?;
+    let f_out = match a.f_out {
+        Some(_) => Some(ctx.empty(&shape.f_dims(), DType::F32).map_err(gpu)?),
+        None => None,
+    };
+    // Poisoned, so that anything the kernels leave unwritten shows as NaN.
+    for t in [Some(&o), Some(&lse), f_out.as_ref()].into_iter().flatten() {
+        ctx.poison(t);
+    }
+    let mut outs = Outputs::new(&o).lse(&lse);
+    if let Some(f) = &f_out {
+        outs = outs.f_out(f);
+    }
+    ctx.attention(&dev.inputs(), &spec.options, &outs)
+        .map_err(|e| call_fail(&e))?;
+    let got_o = ctx.download(&o).map_err(gpu)?;
+    let got_lse = ctx.download(&lse).map_err(gpu)?;
+    let got_f = f_out
+        .as_ref()
+        .map(|f| ctx.download(f))
+        .transpose()
+        .map_err(gpu)?;
+
+    save("out", &a.out, &shape.q_dims(), &got_o)?;
+    if let Some(p) = &a.lse {
+        save("lse", p, &shape.row_dims(), &got_lse)?;
+    }
+    if let (Some(p), Some(f)) = (&a.f_out, &got_f) {
+        save("f-out", p, &shape.f_dims(), f)?;
+    }
+    eprintln!(
+        "attend: B={} Hq={} Hkv={} Nq={} Nk={} D={} {} -> {}",
+        shape.batch,
+        shape.q_heads,
+        shape.kv_heads,
+        shape.q_len,
+        shape.k_len,
+        shape.head_dim,
+        if a.f16 { "f16" } else { "f32" },
+        a.out.display()
+    );
+
+    if a.check {
+        check(a, &spec, host, &got_o, &got_lse, got_f.as_deref())?;
+    }
+    Ok(())
+}
+
+/// Runs the f64 reference and compares; fails when a norm-wise error is over its bound.
+fn check(
+    a: &Args,
+    spec: &Spec,
+    mut host: HostInputs,
+    o: &[f32],
+    lse: &[f32],
+    f_out: Option<&[f32]>,
+) -> Result<(), Fail> {
+    if a.f16 {
+        // The kernels see f16-rounded Q, K and V; so does the reference.
+        host.q = round_f16(&host.q);
+        host.k = round_f16(&host.k);
+        host.v = round_f16(&host.v);
+    }
+    let mut spec = *spec;
+    spec.present.f_out = spec.options.selective.is_some();
+    let want: HostOutputs =
+        reference::attention(&spec, &host).map_err(|e| Fail::Run(format!("reference: {e}")))?;
+    let o_tol = if a.f16 { F16_NORM_TOL } else { F32_NORM_TOL };
+    let mut rows = vec![("O", compare(o, &want.o, ELEM_TOL, ELEM_TOL), o_tol)];
+    rows.push((
+        "LSE",
+        compare(lse, &want.lse, ELEM_TOL, ELEM_TOL),
+        F32_NORM_TOL,
+    ));
+    if let Some(f) = f_out {
+        rows.push((
+            "F_out",
+            compare(f, &want.f_out, ELEM_TOL, ELEM_TOL),
+            F32_NORM_TOL,
+        ));
+    }
+    let mut failed = Vec::new();
+    for (what, c, tol) in &rows {
+        let Cmp {
+            max_abs,
+            at,
+            rel_norm,
+            nan,
+            ..
+        } = *c;
+        let ok = rel_norm <= *tol && nan == 0 && max_abs.is_finite();
+        println!(
+            "check {what}: max abs error {max_abs:.3e} at {at}, norm-wise relative {rel_norm:.3e} (bound {tol:.0e}), NaN {nan}: {}",
+            if ok { "ok" } else { "FAILED" }
+        );
+        if !ok {
+            failed.push(*what);
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Fail::Run(format!(
+            "--check failed for {} against the f64 reference",
+            failed.join(", ")
+        )))
+    }
+}

@@ -1,0 +1,385 @@
+//! Tests of the `attend` example (examples/attend.rs), run as a user would: `.npy` files in, the
+//! program run through `cargo run --release --example attend`, `.npy` files and exit status out.
+//!
+//! Cargo reuses the example when it is already built (`cargo test` builds examples); otherwise the
+//! first test to get the build lock builds it once. The GPU run uses the adapter `Context::new`
+//! picks (SELATTN_ADAPTER and WGPU_BACKEND are passed through): this tests the command line, the
+//! kernels are tested on every adapter elsewhere.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use selattn::npy;
+use selattn::reference;
+use selattn::testing::{compare, random_inputs, Controls, Rng};
+use selattn::{Options, Shape, Spec};
+
+/// A fresh directory for one test's files, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("selattn-attend-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a temp dir");
+        TempDir(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    /// Writes an f32 array and returns its path as an argument.
+    fn f32(&self, name: &str, shape: &[u64], data: &[f32]) -> String {
+        let p = self.path(name);
+        let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        npy::write_f32(&p, &shape, data).expect("writing a fixture");
+        arg(&p)
+    }
+    /// Writes an array of another dtype: numpy's header for `descr`, then `data` as given.
+    fn raw(&self, name: &str, descr: &str, shape: &[usize], data: &[u8]) -> String {
+        let n: usize = shape.iter().product();
+        // The f32 header has the same length as any other three-character descr's.
+        let mut bytes = npy::to_bytes_f32(shape, &vec![0.0; n]).expect("header");
+        bytes.truncate(bytes.len() - 4 * n);
+        let at = bytes
+            .windows(5)
+            .position(|w| w == b"'<f4'")
+            .expect("descr in header");
+        bytes[at + 1..at + 4].copy_from_slice(descr.as_bytes());
+        bytes.extend_from_slice(data);
+        let p = self.path(name);
+        std::fs::write(&p, bytes).expect("writing a fixture");
+        arg(&p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn arg(p: &Path) -> String {
+    p.to_str().expect("temp path is UTF-8").to_string()
+}
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn attend(args: &[String]) -> Run {
+    let out = Command::new(env!("CARGO"))
+        .args(["run", "--release", "--quiet", "--example", "attend", "--"])
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("running cargo");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Asserts a failure before any GPU work: the exit status, and exactly one line on stderr that
+/// contains every one of `needles`.
+fn assert_fails(case: &str, r: &Run, code: i32, needles: &[&str]) {
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        r.code,
+        Some(code),
+        "{case}: exit status; stderr:\n{}",
+        r.stderr
+    );
+    assert_eq!(
+        lines.len(),
+        1,
+        "{case}: expected one line on stderr, got:\n{}",
+        r.stderr
+    );
+    assert!(
+        lines[0].starts_with("attend: "),
+        "{case}: stderr {:?}",
+        lines[0]
+    );
+    for n in needles {
+        assert!(
+            lines[0].contains(n),
+            "{case}: {:?} does not name {n:?}",
+            lines[0]
+        );
+    }
+    assert!(
+        !r.stderr.contains("panicked"),
+        "{case}: panicked:\n{}",
+        r.stderr
+    );
+}
+
+/// A small valid Q, K, V set; returns the arguments naming them.
+fn qkv(dir: &TempDir, shape: &Shape) -> Vec<String> {
+    let x = random_inputs(shape, Controls::default(), 3);
+    vec![
+        "--q".into(),
+        dir.f32("q.npy", &shape.q_dims(), &x.q),
+        "--k".into(),
+        dir.f32("k.npy", &shape.kv_dims(), &x.k),
+        "--v".into(),
+        dir.f32("v.npy", &shape.kv_dims(), &x.v),
+    ]
+}
+
+fn small() -> Shape {
+    Shape::new(1, 2, 5, 8)
+}
+
+/// Every input and option at once, f32, causal and selective: the outputs read back must match
+/// the f64 reference computed here, and `--check` must agree.
+#[test]
+fn f32_causal_selective_every_option_matches_reference() {
+    let dir = TempDir::new("every-option");
+    // GQA, Nq < Nk, lengths that are no tile multiple, start inside the keys.
+    let shape = Shape::new(2, 4, 12, 16).with_kv_heads(2).with_q_len(7);
+    let mut x = random_inputs(&shape, Controls::ALL, 11);
+    x.f0 = Some(Rng::new(12).range(0.0, 2.0, (shape.batch * shape.k_len) as usize));
+    let kv_len = x.kv_len.clone().expect("kv_len");
+    let options = Options::causal().selective(1).scale(0.3).start(4);
+    let spec = Spec {
+        shape,
+        options,
+        present: x.present(true),
+    };
+    let want = reference::attention(&spec, &x).expect("reference");
+
+    let mut args = vec![
+        "--q".into(),
+        dir.f32("q.npy", &shape.q_dims(), &x.q),
+        "--k".into(),
+        dir.f32("k.npy", &shape.kv_dims(), &x.k),
+        "--v".into(),
+        dir.f32("v.npy", &shape.kv_dims(), &x.v),
+        "--tau".into(),
+        dir.f32("tau.npy", &shape.row_dims(), x.tau.as_deref().expect("tau")),
+        "--alpha".into(),
+        dir.f32(
+            "alpha.npy",
+            &shape.alpha_dims(),
+            x.alpha.as_deref().expect("alpha"),
+        ),
+        "--gate".into(),
+        dir.f32(
+            "gate.npy",
+            &shape.gate_dims(),
+            x.gate.as_deref().expect("gate"),
+        ),
+        "--f0".into(),
+        dir.f32("f0.npy", &shape.f_dims(), x.f0.as_deref().expect("f0")),
+        // int32, as `np.array(.., dtype=np.int32)` saves it.
+        "--kv-len".into(),
+        dir.raw(
+            "kv_len.npy",
+            "<i4",
+            &[shape.batch as usize],
+            &kv_len
+                .iter()
+                .flat_map(|&l| (l as i32).to_le_bytes())
+                .collect::<Vec<u8>>(),
+        ),
+    ];
+    let (o, lse, f_out) = (dir.path("o.npy"), dir.path("lse.npy"), dir.path("f.npy"));
+    for a in [
+        "--causal",
+        "--selective",
+        "1",
+        "--scale",
+        "0.3",
+        "--start",
+        "4",
+        "--path",
+        "auto",
+        "--check",
+        "--out",
+        &arg(&o),
+        "--lse",
+        &arg(&lse),
+        "--f-out",
+        &arg(&f_out),
+    ] {
+        args.push(a.to_string());
+    }
+    let r = attend(&args);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "attend failed:\n{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("adapter: "),
+        "adapter not named:\n{}",
+        r.stderr
+    );
+    for what in ["check O:", "check LSE:", "check F_out:"] {
+        assert!(
+            r.stdout
+                .lines()
+                .any(|l| l.starts_with(what) && l.ends_with(": ok")),
+            "--check did not report {what} ok:\n{}",
+            r.stdout
+        );
+    }
+
+    for (name, path, dims, reference) in [
+        ("O", &o, shape.q_dims(), &want.o),
+        ("LSE", &lse, shape.row_dims(), &want.lse),
+        ("F_out", &f_out, shape.f_dims(), &want.f_out),
+    ] {
+        let arr = npy::read(path).expect("reading an output");
+        let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+        assert_eq!(arr.shape, dims, "{name}: shape");
+        assert_eq!(arr.dtype(), npy::NpyDtype::F32, "{name}: dtype");
+        let got = arr.into_f32().expect("f32");
+        let c = compare(&got, reference, 1e-5, 1e-5);
+        assert!(
+            c.bad == 0 && c.rel_norm < 1e-5,
+            "{name} {shape:?}: max abs {:.3e} at {}, norm-wise {:.3e}, {} bad, {} NaN",
+            c.max_abs,
+            c.at,
+            c.rel_norm,
+            c.bad,
+            c.nan
+        );
+    }
+}
+
+#[test]
+fn garbage_file_is_named() {
+    let dir = TempDir::new("garbage");
+    let mut args = qkv(&dir, &small());
+    let junk = dir.path("junk.npy");
+    std::fs::write(&junk, b"\x00\x01 this is not numpy").expect("write");
+    args[5] = arg(&junk);
+    args.extend(["--out".into(), arg(&dir.path("o.npy"))]);
+    let r = attend(&args);
+    assert_fails(
+        "garbage --v",
+        &r,
+        1,
+        &["--v", "junk.npy", "not a .npy file"],
+    );
+    assert!(!dir.path("o.npy").exists(), "output written after an error");
+}
+
+#[test]
+fn float64_file_is_refused() {
+    let dir = TempDir::new("float64");
+    let shape = small();
+    let mut args = qkv(&dir, &shape);
+    let x = random_inputs(&shape, Controls::default(), 3);
+    let dims: Vec<usize> = shape.q_dims().iter().map(|&d| d as usize).collect();
+    let bytes: Vec<u8> = x.q.iter().flat_map(|&v| (v as f64).to_le_bytes()).collect();
+    args[1] = dir.raw("q64.npy", "<f8", &dims, &bytes);
+    args.extend(["--out".into(), arg(&dir.path("o.npy"))]);
+    let r = attend(&args);
+    assert_fails("float64 --q", &r, 1, &["--q", "q64.npy", "<f8"]);
+}
+
+#[test]
+fn int_tensor_is_refused() {
+    let dir = TempDir::new("int-tau");
+    let shape = small();
+    let mut args = qkv(&dir, &shape);
+    let n = (shape.batch * shape.q_heads * shape.q_len) as usize;
+    let tau = dir.raw(
+        "tau_i4.npy",
+        "<i4",
+        &[1, 2, 5],
+        &vec![1i32; n]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    );
+    args.extend(["--tau".into(), tau, "--out".into(), arg(&dir.path("o.npy"))]);
+    let r = attend(&args);
+    assert_fails("int32 --tau", &r, 1, &["--tau", "tau_i4.npy", "i32"]);
+}
+
+#[test]
+fn wrong_head_dim_in_k_is_refused() {
+    let dir = TempDir::new("k-dim");
+    let shape = small();
+    let mut args = qkv(&dir, &shape);
+    let bad = Shape::new(1, 2, 5, 16);
+    let x = random_inputs(&bad, Controls::default(), 4);
+    args[3] = dir.f32("k16.npy", &bad.kv_dims(), &x.k);
+    args.extend(["--out".into(), arg(&dir.path("o.npy"))]);
+    let r = attend(&args);
+    assert_fails(
+        "K with D=16 against Q with D=8",
+        &r,
+        1,
+        &["--k", "k16.npy", "(1, 2, 5, 16)"],
+    );
+}
+
+#[test]
+fn wrong_gate_shape_is_refused() {
+    let dir = TempDir::new("gate-shape");
+    let shape = small();
+    let mut args = qkv(&dir, &shape);
+    let gate = dir.f32("gate.npy", &[1, 2, 4], &[0.5; 8]);
+    args.extend([
+        "--gate".into(),
+        gate,
+        "--out".into(),
+        arg(&dir.path("o.npy")),
+    ]);
+    let r = attend(&args);
+    assert_fails(
+        "gate [1,2,4] for Nk=5",
+        &r,
+        1,
+        &["--gate", "(1, 2, 4)", "(1, 2, 5)"],
+    );
+}
+
+#[test]
+fn missing_q_is_a_usage_error() {
+    let dir = TempDir::new("missing-q");
+    let mut args = qkv(&dir, &small());
+    args.drain(0..2);
+    args.extend(["--out".into(), arg(&dir.path("o.npy"))]);
+    let r = attend(&args);
+    assert_fails("no --q", &r, 2, &["--q", "missing"]);
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    let dir = TempDir::new("unknown-flag");
+    let mut args = qkv(&dir, &small());
+    args.extend(["--out".into(), arg(&dir.path("o.npy")), "--casual".into()]);
+    let r = attend(&args);
+    assert_fails("--casual", &r, 2, &["unknown flag --casual"]);
+}
+
+#[test]
+fn selective_without_causal_is_refused() {
+    let dir = TempDir::new("selective-noncausal");
+    let mut args = qkv(&dir, &small());
+    args.extend([
+        "--selective".into(),
+        "0".into(),
+        "--out".into(),
+        arg(&dir.path("o.npy")),
+    ]);
+    let r = attend(&args);
+    assert_fails(
+        "--selective without --causal",
+        &r,
+        1,
+        &["--selective", "causal"],
+    );
+}
