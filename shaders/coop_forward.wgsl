@@ -43,6 +43,7 @@ override WRITE_LSE: bool = false;
 
 override WG: u32 = (BR / 16u) * SGS;
 override LPR: u32 = SGS / 16u;   // lanes per row in the softmax
+override CHUNK: u32 = BR / (WG / BC);   // rows per thread in the selective column prefix
 override D8: u32 = D / 8u;
 override DP: u32 = D + 8u;     // padded f16 row stride of staged K/V/Q (bank conflicts)
 override SP: u32 = BC + 4u;    // padded f32 row stride of S
@@ -54,6 +55,7 @@ var<workgroup> kbuf: array<f16, max(BR, BC) * DP>;   // Q staging (BR rows), the
 var<workgroup> sbuf: array<f32, BR * SP>;
 var<workgroup> pbuf: array<f16, BR * PP>;
 var<workgroup> fsel: array<f32, select(4u, BR * SP, SELECTIVE)>;
+var<workgroup> ctot: array<f32, select(4u, WG, SELECTIVE)>;   // column totals per row chunk
 var<workgroup> row_m: array<f32, BR>;
 var<workgroup> row_l: array<f32, BR>;
 var<workgroup> row_c: array<f32, BR>;
@@ -205,22 +207,36 @@ fn coop_forward(
             workgroupBarrier();
         }
         // 3. Selective: F = C + exclusive column prefix of S_sel inside the tile, log2-scaled.
+        //    Two levels so every thread works: WG / BC row chunks per column; chunk totals first,
+        //    then each chunk walks its rows from C plus the totals of the chunks above it.
         if SELECTIVE {
-            for (var c = tid; c < BC; c += WG) {
-                let j = kt + c;
-                var run = 0.0;
-                if j < p.k_len {
-                    run = fcarry[(b * p.n_qtiles + qt) * p.k_len + j] * LOG2E;
+            let c = tid % BC;
+            let chunk = tid / BC;
+            let r0 = chunk * CHUNK;
+            let j = kt + c;
+            var tot = 0.0;
+            for (var r = r0; r < r0 + CHUNK; r++) {
+                let pos = p.start + row0 + r;
+                if row0 + r < p.q_len && j > 0u && j < pos && pos < valid {
+                    tot += max(fsel[r * SP + c] * (p.scale * LOG2E), 0.0);
                 }
-                for (var r = 0u; r < BR; r++) {
-                    let i = row0 + r;
-                    let pos = p.start + i;
-                    let e = r * SP + c;
-                    let s = fsel[e];
-                    fsel[e] = run;
-                    if i < p.q_len && j > 0u && j < pos && pos < valid {
-                        run += max(s * (p.scale * LOG2E), 0.0);
-                    }
+            }
+            ctot[chunk * BC + c] = tot;
+            workgroupBarrier();
+            var run = 0.0;
+            if j < p.k_len {
+                run = fcarry[(b * p.n_qtiles + qt) * p.k_len + j] * LOG2E;
+            }
+            for (var q2 = 0u; q2 < chunk; q2++) {
+                run += ctot[q2 * BC + c];
+            }
+            for (var r = r0; r < r0 + CHUNK; r++) {
+                let pos = p.start + row0 + r;
+                let e = r * SP + c;
+                let s = fsel[e];
+                fsel[e] = run;
+                if row0 + r < p.q_len && j > 0u && j < pos && pos < valid {
+                    run += max(s * (p.scale * LOG2E), 0.0);
                 }
             }
             workgroupBarrier();

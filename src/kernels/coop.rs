@@ -69,7 +69,12 @@ impl CoopConfig {
         let sbuf = br * (bc + 4) * 4;
         let pbuf = br * (bc + 8) * 2;
         let sel = if self.selective { sbuf } else { 16 };
-        kbuf + sbuf + pbuf + sel + 4 * br * 4 + 16
+        let ctot = if self.selective {
+            4 * self.threads() as u64
+        } else {
+            16
+        };
+        kbuf + sbuf + pbuf + sel + ctot + 4 * br * 4 + 16
     }
 
     /// The coop configuration for a scalar-path configuration, if this adapter can run it.
@@ -110,6 +115,11 @@ impl CoopConfig {
                 selective: f.selective,
                 lse: f.lse,
             };
+            // The selective column prefix splits BR rows over WG / BC chunks.
+            let wg = c.threads();
+            if !wg.is_multiple_of(bc) || !br.is_multiple_of(wg / bc) {
+                continue;
+            }
             if c.workgroup_bytes() <= caps.workgroup_memory as u64 {
                 return Ok(c);
             }
