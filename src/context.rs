@@ -104,8 +104,38 @@ impl Capabilities {
     }
 }
 
+/// The OpenGL (or OpenGL ES) version a GL adapter's driver reports, e.g. `(3, 3, false)` for
+/// "3.3.0 NVIDIA 580.159.04" or `(3, 1, true)` for "OpenGL ES 3.1 Mesa ...".
+fn gl_version(driver_info: &str) -> Option<(u32, u32, bool)> {
+    let es = driver_info.contains("OpenGL ES");
+    let text = driver_info.trim_start_matches("OpenGL ES").trim_start();
+    let mut nums = text
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<u32>().ok());
+    Some((nums.next()??, nums.next()??, es))
+}
+
 /// Why an adapter cannot run our kernels, or `None` if it can.
 pub fn unusable_reason(adapter: &wgpu::Adapter) -> Option<String> {
+    let info = adapter.get_info();
+    if info.backend == wgpu::Backend::Gl {
+        // wgpu may report compute support for a GL context that has none (the H100's is an
+        // OpenGL 3.3 context; requesting a device there fails). Compute needs GL 4.3 / ES 3.1.
+        if let Some((major, minor, es)) = gl_version(&info.driver_info) {
+            let needed = if es { (3, 1) } else { (4, 3) };
+            if (major, minor) < needed {
+                return Some(format!(
+                    "{} (Gl, {}): OpenGL{} {major}.{minor} has no compute shaders ({}.{} needed)",
+                    info.name,
+                    info.driver_info,
+                    if es { " ES" } else { "" },
+                    needed.0,
+                    needed.1
+                ));
+            }
+        }
+    }
     let down = adapter.get_downlevel_capabilities();
     if !down.flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS) {
         let info = adapter.get_info();
@@ -389,5 +419,21 @@ impl Context {
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
             .map_err(|e| Error::Gpu(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gl_version;
+
+    #[test]
+    fn gl_versions_from_driver_info() {
+        assert_eq!(gl_version("3.3.0 NVIDIA 580.159.04"), Some((3, 3, false)));
+        assert_eq!(
+            gl_version("4.5 (Core Profile) Mesa 22.3.6"),
+            Some((4, 5, false))
+        );
+        assert_eq!(gl_version("OpenGL ES 3.1 Mesa 23.0"), Some((3, 1, true)));
+        assert_eq!(gl_version("no version here"), None);
     }
 }
