@@ -279,16 +279,17 @@ fn coop_forward(
             }
             var sum = 0.0;
             for (var c = part; c < BC; c += LPR) {
-                var pr = f16(0.0);
+                var pf = 0.0;
                 if c < ncol {
                     var z = sbuf[r * SP + c] * rf;
                     if SELECTIVE {
                         z -= fsel[r * SP + c];
                     }
-                    pr = f16(exp2(z - m_new));
+                    pf = exp2(z - m_new);
                 }
-                pbuf[r * PP + c] = pr;
-                sum += f32(pr);
+                // P goes to the MMA as f16; the row sum (hence LSE) keeps f32 precision.
+                pbuf[r * PP + c] = f16(pf);
+                sum += pf;
             }
             for (var x = 1u; x < LPR; x <<= 1u) {
                 sum += subgroupShuffleXor(sum, x);
