@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release --example decode -- [--prompt 64] [--len 256] [--batch 2] [--heads 8]
 //!     [--kv-heads 2] [--dim 64] [--queries 1] [--budget N] [--f16] [--selective]
-//!     [--splits N] [--check 8] [--json PATH]
+//!     [--splits N] [--check 8] [--json PATH] [--no-prune]
 //! ```
 //!
 //! Each sequence is first filled with `--prompt` tokens (K and V appended without attention),
@@ -37,6 +37,7 @@ struct Args {
     splits: Option<u32>,
     check: u32,
     json: Option<String>,
+    no_prune: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -54,6 +55,7 @@ fn parse() -> Result<Args> {
         splits: None,
         check: 8,
         json: None,
+        no_prune: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,6 +78,7 @@ fn parse() -> Result<Args> {
             "--f16" => a.f16 = true,
             "--selective" => a.selective = true,
             "--json" => a.json = it.next(),
+            "--no-prune" => a.no_prune = true,
             other => return Err(Error::Io(format!("unknown flag {other}"))),
         }
     }
@@ -355,7 +358,12 @@ fn main() -> Result<()> {
     let total = a.prompt + a.len * a.queries;
     let budget = a.budget.unwrap_or((total / 4).max(3));
     let mut rows = vec![];
-    for b in [None, Some(budget)] {
+    let runs: &[Option<u32>] = if a.no_prune {
+        &[None]
+    } else {
+        &[None, Some(budget)]
+    };
+    for &b in runs {
         let r = run(&ctx, &a, b)?;
         println!(
             "budget {:>8}: final length {:>7}, memory {:>8.2} MiB allocated, {:>8.2} MiB in use, \
