@@ -44,6 +44,8 @@ override WRITE_LSE: bool = false;
 override WG: u32 = (BR / 16u) * SGS;
 override LPR: u32 = SGS / 16u;   // lanes per row in the softmax
 override CHUNK: u32 = BR / (WG / BC);   // rows per thread in the selective column prefix
+override NLD: u32 = (BC * D8 + WG - 1u) / WG;   // 16-byte loads per thread per tile, <= MAX_LD
+const MAX_LD: u32 = 8u;
 override D8: u32 = D / 8u;
 override DP: u32 = D + 8u;     // padded f16 row stride of staged K/V/Q (bank conflicts)
 override SP: u32 = BC + 4u;    // padded f32 row stride of S
@@ -98,6 +100,16 @@ fn put8(at: u32, w: vec4<u32>, g: f32) {
     kbuf[at + 5u] = f16(c.y);
     kbuf[at + 6u] = f16(d.x);
     kbuf[at + 7u] = f16(d.y);
+}
+
+// Element e of the K tile starting at key kt (16 bytes of row kt + e / D8), zero past kend or
+// past the tile.
+fn load_k(b: u32, hk: u32, kt: u32, kend: u32, e: u32) -> vec4<u32> {
+    let j = kt + e / D8;
+    if e < BC * D8 && j < kend {
+        return k[((b * p.kv_heads + hk) * p.k_len + j) * D8 + e % D8];
+    }
+    return vec4<u32>(0u);
 }
 
 // K rows [kt, kt + BC) of KV head `hk` into kbuf, zero at and past kend.
@@ -184,10 +196,24 @@ fn coop_forward(
         kend = min(kend, p.start + min(row0 + BR, p.q_len));
     }
 
+    // K and V tiles are loaded into registers ahead of use (K one tile early, V before the
+    // softmax), so global-load latency overlaps the softmax instead of stalling at a barrier.
+    var kpre: array<vec4<u32>, MAX_LD>;
+    var vpre: array<vec4<u32>, MAX_LD>;
+    var gpre: array<f32, MAX_LD>;
+    for (var x = 0u; x < NLD; x++) {
+        kpre[x] = load_k(b, hk, 0u, kend, tid + x * WG);
+    }
+
     for (var kt = 0u; kt < kend; kt += BC) {
         workgroupBarrier();
-        // 1. K tile, zero past kend; 2. S = Q K^T for this subgroup's 16 rows (raw dots).
-        stage_k(b, hk, kt, kend, tid);
+        // 1. K tile (prefetched), zero past kend; 2. S = Q K^T for this subgroup's 16 rows.
+        for (var x = 0u; x < NLD; x++) {
+            let e = tid + x * WG;
+            if e < BC * D8 {
+                put8((e / D8) * DP + (e % D8) * 8u, kpre[x], 1.0);
+            }
+        }
         workgroupBarrier();
         for (var cb = 0u; cb < BC; cb += 16u) {
             let koff = cb * DP;
@@ -240,6 +266,23 @@ fn coop_forward(
                 }
             }
             workgroupBarrier();
+        }
+        // Loads for this tile's V and the next tile's K, consumed after the softmax.
+        for (var x = 0u; x < NLD; x++) {
+            let e = tid + x * WG;
+            let j = kt + e / D8;
+            var w = vec4<u32>(0u);
+            var g = 1.0;
+            if e < BC * D8 && j < kend {
+                let hj = (b * p.kv_heads + hk) * p.k_len + j;
+                w = v[hj * D8 + e % D8];
+                if HAS_GATE {
+                    g = gate[hj];
+                }
+            }
+            vpre[x] = w;
+            gpre[x] = g;
+            kpre[x] = load_k(b, hk, kt + BC, kend, e);
         }
         // 4. Lazy online softmax. Each subgroup takes its own 16 rows, LPR = SGS / 16 lanes per row
         //    on interleaved columns, combined with subgroup shuffles (partners are lanes of one
@@ -304,19 +347,11 @@ fn coop_forward(
                 }
             }
         }
-        for (var e = tid; e < BC * D8; e += WG) {
-            let c = e / D8;
-            let j = kt + c;
-            var w = vec4<u32>(0u);
-            var g = 1.0;
-            if j < kend {
-                let hj = (b * p.kv_heads + hk) * p.k_len + j;
-                w = v[hj * D8 + e % D8];
-                if HAS_GATE {
-                    g = gate[hj];
-                }
+        for (var x = 0u; x < NLD; x++) {
+            let e = tid + x * WG;
+            if e < BC * D8 {
+                put8((e / D8) * DP + (e % D8) * 8u, vpre[x], gpre[x]);
             }
-            put8(c * DP + (e % D8) * 8u, w, g);
         }
         // 5. Rare: rescale O rows whose max moved, through workgroup memory.
         let need = workgroupUniformLoad(&rescale[0]);

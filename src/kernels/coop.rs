@@ -120,6 +120,10 @@ impl CoopConfig {
             if !wg.is_multiple_of(bc) || !br.is_multiple_of(wg / bc) {
                 continue;
             }
+            // Tile loads per thread must fit the shader's prefetch registers (MAX_LD = 8).
+            if (bc * f.d / 8).div_ceil(wg) > 8 {
+                continue;
+            }
             if c.workgroup_bytes() <= caps.workgroup_memory as u64 {
                 return Ok(c);
             }
