@@ -267,19 +267,37 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
 /// Whether two runs of the same kernel, one built with naga's bounds checks and one without,
 /// agree. On software adapters (lavapipe, llvmpipe) they must agree bit for bit. A hardware
 /// driver compiles the two modules separately and may contract `a * b + c` into a fused
-/// multiply-add in one and not the other, so there up to 4 ulp are allowed (measured on an H100:
-/// 1-ulp differences in F_out's sums, O and LSE identical).
+/// multiply-add in one and not the other; measured on an H100: 1 ulp in the forward kernel's
+/// F_out, up to 1.6e-5 relative on small elements of the decode kernel's O (sums with
+/// cancellation). There every element must agree within 1e-5 of the output's largest
+/// magnitude: far below any error an out-of-bounds read (which the checks would clamp) causes.
 pub fn same_up_to_contraction(ctx: &Context, a: &[f32], b: &[f32]) -> bool {
-    let exact = ctx.capabilities().info.device_type == wgpu::DeviceType::Cpu;
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| {
-            if x.to_bits() == y.to_bits() {
-                return true;
-            }
-            !exact
-                && x.is_finite()
-                && y.is_finite()
-                && x.signum() == y.signum()
-                && (x.to_bits() as i64 - y.to_bits() as i64).abs() <= 4
-        })
+    if a.len() != b.len() {
+        return false;
+    }
+    let scale = a
+        .iter()
+        .chain(b)
+        .filter(|x| x.is_finite())
+        .fold(0.0f32, |m, x| m.max(x.abs())) as f64;
+    let mut worst = 0.0f64;
+    let mut exact = true;
+    for (x, y) in a.iter().zip(b) {
+        if x.to_bits() == y.to_bits() {
+            continue;
+        }
+        exact = false;
+        if !(x.is_finite() && y.is_finite()) {
+            return false;
+        }
+        worst = worst.max((*x as f64 - *y as f64).abs());
+    }
+    if exact {
+        return true;
+    }
+    eprintln!(
+        "[{}] checked vs unchecked: largest difference {worst:.2e} (output scale {scale:.2e})",
+        ctx.describe()
+    );
+    ctx.capabilities().info.device_type != wgpu::DeviceType::Cpu && worst <= 1e-5 * scale
 }
