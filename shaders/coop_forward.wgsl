@@ -112,20 +112,6 @@ fn load_k(b: u32, hk: u32, kt: u32, kend: u32, e: u32) -> vec4<u32> {
     return vec4<u32>(0u);
 }
 
-// K rows [kt, kt + BC) of KV head `hk` into kbuf, zero at and past kend.
-fn stage_k(b: u32, hk: u32, kt: u32, kend: u32, tid: u32) {
-    for (var e = tid; e < BC * D8; e += WG) {
-        let c = e / D8;
-        let j = kt + c;
-        let c8 = e % D8;
-        var w = vec4<u32>(0u);
-        if j < kend {
-            w = k[((b * p.kv_heads + hk) * p.k_len + j) * D8 + c8];
-        }
-        put8(c * DP + c8 * 8u, w, 1.0);
-    }
-}
-
 @compute @workgroup_size(WG)
 fn coop_forward(
     @builtin(local_invocation_index) tid: u32,
@@ -201,8 +187,12 @@ fn coop_forward(
     var kpre: array<vec4<u32>, MAX_LD>;
     var vpre: array<vec4<u32>, MAX_LD>;
     var gpre: array<f32, MAX_LD>;
+    var spre: array<vec4<u32>, MAX_LD>;   // the selection head's K, when selective
     for (var x = 0u; x < NLD; x++) {
         kpre[x] = load_k(b, hk, 0u, kend, tid + x * WG);
+        if SELECTIVE {
+            spre[x] = load_k(b, sel_kv, 0u, kend, tid + x * WG);
+        }
     }
 
     for (var kt = 0u; kt < kend; kt += BC) {
@@ -223,7 +213,12 @@ fn coop_forward(
         workgroupBarrier();
         // The selection head's S tile, through the same staging buffer.
         if SELECTIVE {
-            stage_k(b, sel_kv, kt, kend, tid);
+            for (var x = 0u; x < NLD; x++) {
+                let e = tid + x * WG;
+                if e < BC * D8 {
+                    put8((e / D8) * DP + (e % D8) * 8u, spre[x], 1.0);
+                }
+            }
             workgroupBarrier();
             for (var cb = 0u; cb < BC; cb += 16u) {
                 let koff = cb * DP;
@@ -283,6 +278,9 @@ fn coop_forward(
             vpre[x] = w;
             gpre[x] = g;
             kpre[x] = load_k(b, hk, kt + BC, kend, e);
+            if SELECTIVE {
+                spre[x] = load_k(b, sel_kv, kt + BC, kend, e);
+            }
         }
         // 4. Lazy online softmax. Each subgroup takes its own 16 rows, LPR = SGS / 16 lanes per row
         //    on interleaved columns, combined with subgroup shuffles (partners are lanes of one
