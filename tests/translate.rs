@@ -468,13 +468,13 @@ fn covering_set_has_every_tile_switch_and_head_dim() {
                 })
                 .collect();
             let switches: [(&str, Switch); 7] = [
-                ("causal", |c| c.causal),
-                ("tau", |c| c.tau),
-                ("alpha", |c| c.alpha),
-                ("gate", |c| c.gate),
-                ("kv_len", |c| c.kv_len),
-                ("selective", |c| c.selective),
-                ("lse", |c| c.lse),
+                ("causal", |c| c.features.causal),
+                ("tau", |c| c.features.tau),
+                ("alpha", |c| c.features.alpha),
+                ("gate", |c| c.features.gate),
+                ("kv_len", |c| c.features.kv_len),
+                ("selective", |c| c.features.selective),
+                ("lse", |c| c.features.lse),
             ];
             for (name, get) in switches {
                 assert!(

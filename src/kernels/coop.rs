@@ -4,8 +4,8 @@
 
 use std::fmt::Write;
 
-use super::flag;
 use super::forward::ForwardConfig;
+use super::Features;
 use crate::context::Capabilities;
 
 /// Subgroups per workgroup; each owns 16 query rows, so BR = 16 × this.
@@ -24,20 +24,8 @@ pub struct CoopConfig {
     pub bc: u32,
     /// The adapter's fixed subgroup size.
     pub sgs: u32,
-    /// Causal masking.
-    pub causal: bool,
-    /// Per-query temperature.
-    pub tau: bool,
-    /// Positional temperature.
-    pub alpha: bool,
-    /// Value gate.
-    pub gate: bool,
-    /// kv_len.
-    pub kv_len: bool,
-    /// Selective masking.
-    pub selective: bool,
-    /// Write LSE.
-    pub lse: bool,
+    /// Operator features.
+    pub features: Features,
 }
 
 impl CoopConfig {
@@ -47,14 +35,10 @@ impl CoopConfig {
             ("BR", self.br as f64),
             ("BC", self.bc as f64),
             ("SGS", self.sgs as f64),
-            ("CAUSAL", flag(self.causal)),
-            ("HAS_TAU", flag(self.tau)),
-            ("HAS_ALPHA", flag(self.alpha)),
-            ("HAS_GATE", flag(self.gate)),
-            ("HAS_KVLEN", flag(self.kv_len)),
-            ("SELECTIVE", flag(self.selective)),
-            ("WRITE_LSE", flag(self.lse)),
         ]
+        .into_iter()
+        .chain(self.features.constants())
+        .collect()
     }
 
     /// Threads per workgroup.
@@ -68,8 +52,8 @@ impl CoopConfig {
         let kbuf = br.max(bc) * (d + 8) * 2;
         let sbuf = br * (bc + 4) * 4;
         let pbuf = br * (bc + 8) * 2;
-        let sel = if self.selective { sbuf } else { 16 };
-        let ctot = if self.selective {
+        let sel = if self.features.selective { sbuf } else { 16 };
+        let ctot = if self.features.selective {
             4 * self.threads() as u64
         } else {
             16
@@ -107,13 +91,7 @@ impl CoopConfig {
                 br,
                 bc,
                 sgs,
-                causal: f.causal,
-                tau: f.tau,
-                alpha: f.alpha,
-                gate: f.gate,
-                kv_len: f.kv_len,
-                selective: f.selective,
-                lse: f.lse,
+                features: f.features,
             };
             // The selective column prefix splits BR rows over WG / BC chunks.
             let wg = c.threads();
@@ -134,7 +112,7 @@ impl CoopConfig {
     /// The WGSL for this configuration: the template with its fragments unrolled for D.
     pub fn wgsl(&self, template: &str) -> String {
         let n = self.d / 16;
-        let sel = self.selective;
+        let sel = self.features.selective;
         let mut sscomp = String::new();
         let mut odecl = String::new();
         let mut qdecl = String::new();

@@ -2,7 +2,7 @@
 
 use super::coop::CoopConfig;
 use super::selective::{ColsumConfig, ScanConfig};
-use super::{flag, Kernel, KernelKey, Params};
+use super::{Features, Kernel, KernelKey, Params};
 use crate::context::Capabilities;
 use crate::spec::{Path, Resolved};
 use crate::{DType, Error, Result};
@@ -20,37 +20,20 @@ pub struct ForwardConfig {
     /// owning 4 query rows x 4 keys of S and 4 query rows x `dn` vec4 columns of O;
     /// `bc / 4 * dn >= d / 4`.
     pub dn: u32,
-    /// Causal masking.
-    pub causal: bool,
-    /// Per-query temperature.
-    pub tau: bool,
-    /// Positional temperature.
-    pub alpha: bool,
-    /// Value gate.
-    pub gate: bool,
-    /// kv_len.
-    pub kv_len: bool,
-    /// Selective masking.
-    pub selective: bool,
-    /// Write LSE.
-    pub lse: bool,
+    /// Operator features.
+    pub features: Features,
 }
 
 impl ForwardConfig {
     pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
-        vec![
+        let mut c = vec![
             ("D", self.d as f64),
             ("BR", self.br as f64),
             ("BC", self.bc as f64),
             ("DN", self.dn as f64),
-            ("CAUSAL", flag(self.causal)),
-            ("HAS_TAU", flag(self.tau)),
-            ("HAS_ALPHA", flag(self.alpha)),
-            ("HAS_GATE", flag(self.gate)),
-            ("HAS_KVLEN", flag(self.kv_len)),
-            ("SELECTIVE", flag(self.selective)),
-            ("WRITE_LSE", flag(self.lse)),
-        ]
+        ];
+        c.extend(self.features.constants());
+        c
     }
 
     /// Threads per workgroup.
@@ -65,7 +48,11 @@ impl ForwardConfig {
         // Row strides in f32: Q D, K/V tile 4 * (tx * dn + 1), P tile bc + 1.
         let ks = 4 * (tx * self.dn as u64 + 1);
         let base = br * 4 * d4 + bc * ks + br * (bc + 1) + 2 * br * tx;
-        let sel = if self.selective { br * 4 * d4 } else { 4 };
+        let sel = if self.features.selective {
+            br * 4 * d4
+        } else {
+            4
+        };
         4 * (base + sel)
     }
 }
@@ -79,12 +66,7 @@ const MAX_THREADS: u32 = 256;
 ///
 /// Each thread owns 4 query rows; `tx` threads share a row (4 * `tx` keys per tile, `tx * dn` vec4
 /// output columns), `ty` threads share a key column (4 * `ty` query rows per workgroup).
-pub fn choose_tiles(
-    caps: &Capabilities,
-    d: u32,
-    selective: bool,
-    base: ForwardConfig,
-) -> Result<ForwardConfig> {
+pub fn choose_tiles(caps: &Capabilities, d: u32, features: Features) -> Result<ForwardConfig> {
     let d4 = d.div_ceil(4);
     let max_threads = caps.max_invocations.min(MAX_THREADS);
     // Threads along a row and output vec4 columns per thread.
@@ -98,8 +80,7 @@ pub fn choose_tiles(
         br: 4 * ty,
         bc: 4 * tx,
         dn,
-        selective,
-        ..base
+        features,
     };
     // Among the tiles that fit: accumulators that stay in registers (dn <= 8) first, then no
     // padded output columns, then the most threads, then the most query rows (fewer K/V reloads).
@@ -152,11 +133,7 @@ impl Plan {
     pub fn new(caps: &Capabilities, r: &Resolved, elem: DType) -> Result<Plan> {
         let s = r.shape;
         let pr = r.present;
-        let base = ForwardConfig {
-            d: s.head_dim,
-            br: 4,
-            bc: 4,
-            dn: 1,
+        let features = Features {
             causal: r.options.causal,
             tau: pr.tau,
             alpha: pr.alpha,
@@ -165,7 +142,7 @@ impl Plan {
             selective: r.selective(),
             lse: pr.lse,
         };
-        let forward = choose_tiles(caps, s.head_dim, r.selective(), base)?;
+        let forward = choose_tiles(caps, s.head_dim, features)?;
         // Cooperative matrices take f16 operands: only f16 storage runs there, so f32 results
         // keep f32 accuracy.
         let coop_for = |f: &ForwardConfig| {

@@ -74,6 +74,40 @@ impl Source {
     }
 }
 
+/// The operator features a forward kernel is specialised for. The scalar and the
+/// cooperative-matrix kernels share them (and the `override` names in their shaders).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Features {
+    /// Causal masking.
+    pub causal: bool,
+    /// Per-query temperature.
+    pub tau: bool,
+    /// Positional temperature.
+    pub alpha: bool,
+    /// Value gate.
+    pub gate: bool,
+    /// kv_len.
+    pub kv_len: bool,
+    /// Selective masking.
+    pub selective: bool,
+    /// Write LSE.
+    pub lse: bool,
+}
+
+impl Features {
+    pub(crate) fn constants(&self) -> [(&'static str, f64); 7] {
+        [
+            ("CAUSAL", flag(self.causal)),
+            ("HAS_TAU", flag(self.tau)),
+            ("HAS_ALPHA", flag(self.alpha)),
+            ("HAS_GATE", flag(self.gate)),
+            ("HAS_KVLEN", flag(self.kv_len)),
+            ("SELECTIVE", flag(self.selective)),
+            ("WRITE_LSE", flag(self.lse)),
+        ]
+    }
+}
+
 /// Which kernel and with which specialisation constants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
