@@ -3,14 +3,18 @@
 // One workgroup per (query tile of BR rows, query head, batch); BR = 16 x (subgroups per workgroup)
 // and each subgroup owns 16 query rows. The subgroup size is the adapter's fixed, reported size
 // (the planner only picks this path when subgroup_min_size == subgroup_max_size), passed in as SGS.
-// Per key tile of BC keys:
-//   1. K (and the selection head's K) staged in workgroup memory, zero past the valid keys;
-//   2. S = Q K^T per subgroup with 16x16x16 MMAs, stored (f32) to workgroup memory;
-//   3. (selective) column prefix of the selection head's S, added to the carried C;
-//   4. per row: z = S * scale * t * log2(e) - F, masked; lazy online softmax: the running max only
-//      moves when a tile's max exceeds it by more than 8 (log2 units), so O is rescaled (a round
-//      trip through workgroup memory) rarely, never per tile; P written as f16 (values <= 2^8);
-//   5. V (gated) staged; O += P V with MMAs.
+// Q fragments (and the selection head's) are loaded once and stay in registers. Per key tile of
+// BC keys:
+//   1. K (prefetched into registers during the previous tile) staged in workgroup memory, zero
+//      past the valid keys; S = Q K^T per subgroup with 16x16x16 MMAs, stored (f32);
+//   2. (selective) the selection head's K tile (also prefetched) and S tile; column prefix of its
+//      relu'd logits over the tile's rows, added to the carried C;
+//   3. loads for this tile's V and the next tile's K are issued, then the softmax runs while they
+//      are in flight: per row z = S * scale * t * log2(e) - F over the allowed prefix of keys;
+//      lazy online softmax: the running max only moves when a tile's max exceeds it by more than
+//      8 (log2 units), so O is rescaled (a round trip through workgroup memory) rarely; P written
+//      as f16 (values <= 2^8), row sums kept in f32;
+//   4. V (gated) stored to workgroup memory; O += P V with MMAs.
 // A WGSL cooperative matrix has no per-element access, hence the round trips through memory.
 // Bounds: global reads are guarded by q_len / valid-key checks during staging; cooperative loads
 // and stores touch workgroup memory only, at offsets < the arrays' override-sized lengths.
