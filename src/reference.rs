@@ -89,7 +89,20 @@ impl HostInputs {
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f64 {
+/// Temperature of one query row: `tau[row]` (or 1) plus `alpha[h]·ln(pos + 1)` (when alpha is
+/// given). Shared with the KV-cache reference.
+pub(crate) fn temperature(
+    tau: Option<&[f32]>,
+    alpha: Option<&[f32]>,
+    row: usize,
+    h: usize,
+    pos: usize,
+) -> f64 {
+    let t = tau.map_or(1.0, |t| t[row] as f64);
+    t + alpha.map_or(0.0, |a| a[h] as f64 * ((pos + 1) as f64).ln())
+}
+
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
@@ -180,15 +193,13 @@ pub fn attention(spec: &Spec, x: &HostInputs) -> Result<HostOutputs> {
             let hk = h / group;
             for i in 0..nq {
                 // 1. temperature of this row
-                let tau = x
-                    .tau
-                    .as_ref()
-                    .map_or(1.0, |t| t[(b * hq + h) * nq + i] as f64);
-                let pos_term = x
-                    .alpha
-                    .as_ref()
-                    .map_or(0.0, |a| a[h] as f64 * ((pos(i) + 1) as f64).ln());
-                let t = tau + pos_term;
+                let t = temperature(
+                    x.tau.as_deref(),
+                    x.alpha.as_deref(),
+                    (b * hq + h) * nq + i,
+                    h,
+                    pos(i),
+                );
                 // 2. logits z_ij over allowed keys
                 let z: Vec<Option<f64>> = (0..nk)
                     .map(|j| {

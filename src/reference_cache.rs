@@ -7,6 +7,7 @@
 //! queries attend (DESIGN.md §1 over the occupied slots, by absolute position), then F is updated.
 
 use crate::cache::KvCacheConfig;
+use crate::reference::{dot, temperature};
 use crate::{Error, Result};
 
 /// One occupied slot.
@@ -80,10 +81,6 @@ pub struct RefCache {
     pub cfg: KvCacheConfig,
     /// Sequences.
     pub seqs: Vec<RefSeq>,
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
 impl RefCache {
@@ -219,15 +216,13 @@ impl RefCache {
                 let hk = h / group;
                 for i in 0..n {
                     // 3. temperature
-                    let tau = x
-                        .tau
-                        .as_ref()
-                        .map_or(1.0, |t| t[(b * hq + h) * n + i] as f64);
-                    let pt = x
-                        .alpha
-                        .as_ref()
-                        .map_or(0.0, |a| a[h] as f64 * ((pos(i) + 1) as f64).ln());
-                    let temp = tau + pt;
+                    let temp = temperature(
+                        x.tau.as_deref(),
+                        x.alpha.as_deref(),
+                        (b * hq + h) * n + i,
+                        h,
+                        pos(i) as usize,
+                    );
                     // 4. logits over occupied slots at or before the query's position
                     let z: Vec<Option<f64>> = seq
                         .slots
