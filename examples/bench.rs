@@ -21,6 +21,7 @@
 //! A configuration the device cannot run (f16 without SHADER_F16, a path it lacks, a size over a
 //! limit) becomes a row carrying the error, not a crash.
 
+use selattn::testing::json_string;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -734,22 +735,6 @@ fn print_row(r: &Row) {
 // ---------------------------------------------------------------------------------------------
 // JSON (written by hand: the crate takes no serde dependency)
 
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
 fn json_num(x: f64) -> String {
     if x.is_finite() {
         format!("{x}")
@@ -766,23 +751,23 @@ fn json_rows(ctx: &Context, timer: &str, rows: &[Row]) -> String {
         let mut o = format!(
             "{{\"adapter\":{},\"backend\":{},\"driver\":{},\"driver_info\":{},\"timer\":{},\
              \"shape\":[{},{},{},{},{},{}],\"variant\":{},\"causal\":{},\"dtype\":{},\"path\":{},\"path_used\":{}",
-            json_str(&i.name),
-            json_str(&format!("{:?}", i.backend)),
-            json_str(&i.driver),
-            json_str(&i.driver_info),
-            json_str(timer),
+            json_string(&i.name),
+            json_string(&format!("{:?}", i.backend)),
+            json_string(&i.driver),
+            json_string(&i.driver_info),
+            json_string(timer),
             s.batch,
             s.q_heads,
             s.kv_heads,
             s.q_len,
             s.k_len,
             s.head_dim,
-            json_str(r.variant.name()),
+            json_string(r.variant.name()),
             r.causal,
-            json_str(dtype_name(r.dtype)),
-            json_str(path_name(r.path)),
+            json_string(dtype_name(r.dtype)),
+            json_string(path_name(r.path)),
             r.path_used
-                .map_or("null".into(), |p| json_str(path_name(p))),
+                .map_or("null".into(), |p| json_string(path_name(p))),
         );
         match &r.result {
             Ok(m) => {
@@ -806,7 +791,7 @@ fn json_rows(ctx: &Context, timer: &str, rows: &[Row]) -> String {
                 );
             }
             Err(e) => {
-                let _ = write!(o, ",\"error\":{}}}", json_str(e));
+                let _ = write!(o, ",\"error\":{}}}", json_string(e));
             }
         }
         out.push_str("  ");

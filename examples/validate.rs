@@ -16,6 +16,7 @@
 //! runs on the same f16-rounded Q/K/V; O's norm-wise error must be under 5e-3 and at most twice
 //! the error of the reference itself rounded to f16; LSE and F_out (always f32) as for f32.
 
+use selattn::testing::json_string;
 use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
@@ -465,23 +466,6 @@ fn describe_adapter(a: &wgpu::Adapter, why: &Option<String>) -> String {
     s
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
 fn json_num(x: f64) -> String {
     if x.is_finite() {
         format!("{x:e}")
@@ -507,8 +491,8 @@ fn json_cmp(c: &Option<Cmp>) -> String {
 
 fn write_json(path: &str, header: &str, adapters: &[String], rows: &[Row]) -> std::io::Result<()> {
     let mut s = String::from("{\n");
-    let _ = writeln!(s, "\"machine\": {},", json_str(header));
-    let list: Vec<String> = adapters.iter().map(|a| json_str(a)).collect();
+    let _ = writeln!(s, "\"machine\": {},", json_string(header));
+    let list: Vec<String> = adapters.iter().map(|a| json_string(a)).collect();
     let _ = writeln!(s, "\"adapters\": [{}],", list.join(", "));
     let _ = writeln!(
         s,
@@ -525,18 +509,18 @@ fn write_json(path: &str, header: &str, adapters: &[String], rows: &[Row]) -> st
             "{{\"adapter\":{},\"backend\":{},\"driver\":{},\"dtype\":\"{:?}\",\"variant\":{},\
              \"case\":{},\"kernel\":{},\"o\":{},\"lse\":{},\"f_out\":{},\"f16_baseline\":{},\
              \"error\":{},\"pass\":{},\"seconds\":{}}}{}",
-            json_str(&r.adapter),
-            json_str(&r.backend),
-            json_str(&r.driver),
+            json_string(&r.adapter),
+            json_string(&r.backend),
+            json_string(&r.driver),
             r.dtype,
-            json_str(&r.variant),
-            json_str(&r.case),
-            json_str(&r.kernel),
+            json_string(&r.variant),
+            json_string(&r.case),
+            json_string(&r.kernel),
             json_cmp(&r.o),
             json_cmp(&r.lse),
             json_cmp(&r.f_out),
             r.baseline.map_or("null".into(), json_num),
-            r.error.as_deref().map_or("null".into(), json_str),
+            r.error.as_deref().map_or("null".into(), json_string),
             r.pass,
             json_num(r.seconds),
             if n + 1 < rows.len() { "," } else { "" }
