@@ -6,7 +6,8 @@
 //         F[j] += sum over all k of S_kj, so the state stays what a full prefill would produce.
 // attend: flash-decoding. One workgroup per (slot split, KV head and row block, sequence); the
 //         rows are the group's query heads times the step's queries, so K and V are read once per
-//         KV head. Online softmax over the split; writes unnormalised partial (o, m, l).
+//         KV head (GQA), in 16-byte loads. Online softmax over the split; writes one unnormalised
+//         partial (o, m, l) per row.
 // merge:  one workgroup per query row: combines the splits, writes O and LSE.
 //
 // Bounds: the host checks every tensor against the cache's shape, len_after <= capacity and
@@ -37,7 +38,6 @@ struct DecodeParams {
 @group(0) @binding(1) var<storage, read> step: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> q: array<vec4<elem>>;       // [B, Hq, n, D]
 @group(0) @binding(3) var<storage, read> kc: array<vec4<elem>>;      // [B, Hkv, C, D]
-@group(0) @binding(4) var<storage, read> vc: array<vec4<elem>>;      // [B, Hkv, C, D]
 @group(0) @binding(5) var<storage, read> gc: array<f32>;             // [B, Hkv, C]
 @group(0) @binding(6) var<storage, read> pc: array<u32>;             // [B, C]
 @group(0) @binding(7) var<storage, read> tau: array<f32>;            // [B, Hq, n]
@@ -52,7 +52,6 @@ override D: u32 = 8u;
 override WG: u32 = 64u;
 override RB: u32 = 1u;        // query rows per workgroup
 override BC: u32 = 8u;        // slots per tile
-override APT: u32 = 1u;       // accumulators per thread: ceil(RB * D4 / WG) <= MAX_APT
 override HAS_TAU: bool = false;
 override HAS_ALPHA: bool = false;
 override HAS_GATE: bool = false;
@@ -61,7 +60,6 @@ override WRITE_LSE: bool = false;
 override D4: u32 = D / 4u;
 
 const MAX_N: u32 = 8u;
-const MAX_APT: u32 = 16u;
 
 // ---------------------------------------------------------------------------------------------
 // score
@@ -105,14 +103,53 @@ fn score(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: v
 
 // ---------------------------------------------------------------------------------------------
 // attend
+//
+// K and V are read as 16-byte chunks (`kraw`, `vraw`: DC chunks per slot row; a chunk is 4 f32
+// or 8 f16, CV = 1 or 2 vec4<f32> once unpacked), straight from the cache into registers, with
+// every load of a tile issued before its first use. Per tile of BC slots, two barriers:
+//   QK: thread (c, dp) = (tid / DP, tid % DP) dots chunks dp, dp + DP, ... of slot c with every
+//       query row of the block (queries in workgroup memory, f32); partial sums to `sdot`.
+//   P:  item (r, g): row r, slot subset g (KPS slots): logits, the subset's running max, the
+//       probabilities (`ps`). The running max is kept per (row, subset) in two parities.
+//   PV: thread (x, g) = (tid % DC, tid / DC) accumulates chunk x of every row over the slots of
+//       subset g: O is rescaled by its subset's correction, then += p * gate * V.
+// At the end of the split the KS subsets are merged in workgroup memory (exactly as the merge
+// kernel merges splits) and one partial (o, m, l) per row is written.
+
+const MAX_KCH: u32 = 8u;      // chunks per thread in QK: ceil(DC / DP)
+const MAX_KPS: u32 = 8u;      // slots per subset in PV
+const MAX_ACC: u32 = 16u;     // RB * CV
+const MAX_RB: u32 = 16u;
+
+override DC: u32 = 2u;        // 16-byte chunks per slot row: D * size(elem) / 16
+override CV: u32 = 1u;        // vec4<f32> per chunk: 1 (f32) or 2 (f16)
+override DP: u32 = 1u;        // threads per slot in QK (BC * DP = WG)
+override KCH: u32 = 2u;       // ceil(DC / DP)
+override KS: u32 = 1u;        // slot subsets in PV: WG / DC (threads tid >= KS * DC idle in PV)
+override KPS: u32 = 1u;       // slots per subset: ceil(BC / KS)
+
+@group(0) @binding(14) var<storage, read> kraw: array<vec4<u32>>;   // [B, Hkv, C, DC]
+@group(0) @binding(15) var<storage, read> vraw: array<vec4<u32>>;   // [B, Hkv, C, DC]
 
 var<workgroup> qs: array<vec4<f32>, RB * D4>;    // query rows, pre-scaled (log2 domain)
-var<workgroup> kvs: array<vec4<f32>, BC * D4>;   // K tile, then gated V tile
-var<workgroup> sp: array<f32, RB * BC>;          // logits, then probabilities
-var<workgroup> kpos: array<u32, BC>;
-var<workgroup> row_m: array<f32, RB>;
-var<workgroup> row_l: array<f32, RB>;
-var<workgroup> row_c: array<f32, RB>;
+var<workgroup> sdot: array<f32, RB * WG>;        // QK partial sums [r][c * DP + dp]
+var<workgroup> ps: array<f32, RB * BC>;          // probabilities of the tile [r][c]
+var<workgroup> rowm: array<f32, 2u * RB * KS>;   // running max [parity][r][g]
+var<workgroup> red: array<vec4<f32>, WG>;        // end of split: subset reduction
+var<workgroup> lred: array<f32, RB * KS>;
+
+// The first (or only) vec4 of a chunk.
+fn chunk_lo(u: vec4<u32>) -> vec4<f32> {
+    if CV == 1u {
+        return bitcast<vec4<f32>>(u);
+    }
+    return vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y));
+}
+
+// The second vec4 of an f16 chunk.
+fn chunk_hi(u: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(u.z), unpack2x16float(u.w));
+}
 
 // Row rr of a KV head's block: query head hk * group + rr / n, query rr % n.
 fn row_head(hk: u32, rr: u32) -> u32 {
@@ -128,6 +165,7 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     let st = step[b];
     let j0 = s * p.split_len;
     let j1 = min(j0 + p.split_len, st.w);
+    let head = (b * p.kv_heads + hk) * p.capacity;   // slot row of slot 0 of this KV head
 
     for (var e = tid; e < RB * D4; e += WG) {
         let r = e / D4;
@@ -147,123 +185,184 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
         }
         qs[e] = x;
     }
-    for (var r = tid; r < RB; r += WG) {
-        row_m[r] = MASKED;
-        row_l[r] = 0.0;
+    for (var e = tid; e < 2u * RB * KS; e += WG) {
+        rowm[e] = MASKED;
     }
-    var acc: array<vec4<f32>, MAX_APT>;
-    for (var a = 0u; a < MAX_APT; a++) {
+    var acc: array<vec4<f32>, MAX_ACC>;
+    for (var a = 0u; a < MAX_ACC; a++) {
         acc[a] = vec4<f32>(0.0);
     }
+    var lsum: array<f32, MAX_RB>;
+    for (var r = 0u; r < MAX_RB; r++) {
+        lsum[r] = 0.0;
+    }
+    let qc = tid / DP;   // QK: slot of the tile
+    let qd = tid % DP;   //     part of the head dim
+    let vx = tid % DC;   // PV: chunk
+    let vg = tid / DC;   //     slot subset (idle when >= KS)
+    var par = 0u;
+    workgroupBarrier();
 
     for (var kt = j0; kt < j1; kt += BC) {
-        workgroupBarrier();
-        for (var e = tid; e < BC * D4; e += WG) {
-            let j = kt + e / D4;
-            var x = vec4<f32>(0.0);
-            if j < j1 {
-                x = vec4<f32>(kc[((b * p.kv_heads + hk) * p.capacity + j) * D4 + e % D4]);
+        // Every load of the tile first: K chunks for QK, V chunks for PV.
+        var kr: array<vec4<u32>, MAX_KCH>;
+        let jq = kt + qc;
+        for (var k = 0u; k < KCH; k++) {
+            let ch = qd + k * DP;
+            var u = vec4<u32>(0u);
+            if jq < j1 && ch < DC {
+                u = kraw[(head + jq) * DC + ch];
             }
-            kvs[e] = x;
+            kr[k] = u;
         }
-        for (var c = tid; c < BC; c += WG) {
-            let j = kt + c;
-            var pj = 0xffffffffu;
-            if j < j1 {
-                pj = pc[b * p.capacity + j];
+        var vr: array<vec4<u32>, MAX_KPS>;
+        for (var k = 0u; k < KPS; k++) {
+            let c = vg * KPS + k;
+            var u = vec4<u32>(0u);
+            if vg < KS && c < BC && kt + c < j1 {
+                u = vraw[(head + kt + c) * DC + vx];
             }
-            kpos[c] = pj;
+            vr[k] = u;
         }
-        workgroupBarrier();
-        // Logits (log2 domain), masked to slots at or before the query's position.
-        for (var e = tid; e < RB * BC; e += WG) {
-            let r = e / BC;
-            let c = e % BC;
-            let rr = rb * RB + r;
-            let i = rr % p.n;
-            let j = kt + c;
-            var sv = MASKED;
-            if rr < p.rows && j < j1 && kpos[c] <= st.y + i {
-                var d4 = vec4<f32>(0.0);
-                for (var x = 0u; x < D4; x++) {
-                    d4 += qs[r * D4 + x] * kvs[c * D4 + x];
-                }
-                sv = d4.x + d4.y + d4.z + d4.w;
-                if SELECTIVE {
-                    sv -= fq[(b * p.n + i) * p.capacity + j] * LOG2E;
+        // QK partial sums.
+        for (var r = 0u; r < RB; r++) {
+            var d = 0.0;
+            for (var k = 0u; k < KCH; k++) {
+                let ch = qd + k * DP;
+                if ch < DC {
+                    d += dot(qs[r * D4 + ch * CV], chunk_lo(kr[k]));
+                    if CV == 2u {
+                        d += dot(qs[r * D4 + ch * CV + 1u], chunk_hi(kr[k]));
+                    }
                 }
             }
-            sp[e] = sv;
+            sdot[r * WG + tid] = d;
         }
         workgroupBarrier();
-        // Online softmax, one row per thread.
-        for (var r = tid; r < RB; r += WG) {
-            let m_old = row_m[r];
-            var mx = m_old;
-            for (var c = 0u; c < BC; c++) {
-                mx = max(mx, sp[r * BC + c]);
-            }
-            var sum = 0.0;
-            for (var c = 0u; c < BC; c++) {
-                let sv = sp[r * BC + c];
-                var pr = 0.0;
-                if sv > MASKED_HALF {
-                    pr = exp2(sv - mx);
+        // Logits (log2 domain), masked to slots at or before the query's position; running max
+        // per (row, subset); probabilities.
+        let m_at = par * RB * KS;          // running max before this tile
+        let m_to = (1u - par) * RB * KS;   // and after it
+        for (var e = tid; e < RB * KS; e += WG) {
+            let r = e / KS;
+            let g = e % KS;
+            let i = (rb * RB + r) % p.n;
+            var m = rowm[m_at + e];
+            var z: array<f32, MAX_KPS>;
+            for (var k = 0u; k < KPS; k++) {
+                let c = g * KPS + k;
+                let j = kt + c;
+                var sv = MASKED;
+                if c < BC && j < j1 {
+                    if pc[b * p.capacity + j] <= st.y + i {
+                        sv = 0.0;
+                        for (var dp = 0u; dp < DP; dp++) {
+                            sv += sdot[r * WG + c * DP + dp];
+                        }
+                        if SELECTIVE {
+                            sv -= fq[(b * p.n + i) * p.capacity + j] * LOG2E;
+                        }
+                    }
                 }
-                sp[r * BC + c] = pr;
-                sum += pr;
+                z[k] = sv;
+                m = max(m, sv);
             }
-            let corr = select(1.0, exp2(m_old - mx), m_old > MASKED_HALF);
-            row_c[r] = corr;
-            row_m[r] = mx;
-            row_l[r] = row_l[r] * corr + sum;
-        }
-        for (var e = tid; e < BC * D4; e += WG) {
-            let j = kt + e / D4;
-            var x = vec4<f32>(0.0);
-            if j < j1 {
-                let hj = (b * p.kv_heads + hk) * p.capacity + j;
-                x = vec4<f32>(vc[hj * D4 + e % D4]);
-                if HAS_GATE {
-                    x *= gc[hj];
+            for (var k = 0u; k < KPS; k++) {
+                let c = g * KPS + k;
+                if c < BC {
+                    var pr = 0.0;
+                    if z[k] > MASKED_HALF {
+                        pr = exp2(z[k] - m);
+                    }
+                    ps[r * BC + c] = pr;
                 }
             }
-            kvs[e] = x;
+            rowm[m_to + e] = m;
         }
         workgroupBarrier();
-        // O = O * corr + P V; thread owns outputs tid + a * WG of the RB x D4 block.
-        for (var a = 0u; a < APT; a++) {
-            let e = tid + a * WG;
-            if e < RB * D4 {
-                let r = e / D4;
-                let x = e % D4;
-                var v4 = acc[a] * row_c[r];
-                for (var c = 0u; c < BC; c++) {
-                    v4 += sp[r * BC + c] * kvs[c * D4 + x];
+        // O = O * corr + P (gate V) over the thread's subset.
+        if vg < KS {
+            for (var r = 0u; r < RB; r++) {
+                let m_old = rowm[m_at + r * KS + vg];
+                let corr = select(1.0, exp2(m_old - rowm[m_to + r * KS + vg]), m_old > MASKED_HALF);
+                lsum[r] *= corr;
+                for (var cv = 0u; cv < CV; cv++) {
+                    acc[r * CV + cv] *= corr;
                 }
-                acc[a] = v4;
+            }
+            for (var k = 0u; k < KPS; k++) {
+                let c = vg * KPS + k;
+                if c < BC {
+                    var gt = 1.0;
+                    if HAS_GATE && kt + c < j1 {
+                        gt = gc[head + kt + c];
+                    }
+                    let v0 = chunk_lo(vr[k]);
+                    var v1 = vec4<f32>(0.0);
+                    if CV == 2u {
+                        v1 = chunk_hi(vr[k]);
+                    }
+                    for (var r = 0u; r < RB; r++) {
+                        let pr = ps[r * BC + c];
+                        lsum[r] += pr;
+                        acc[r * CV] += (pr * gt) * v0;
+                        if CV == 2u {
+                            acc[r * CV + 1u] += (pr * gt) * v1;
+                        }
+                    }
+                }
             }
         }
+        par = 1u - par;
     }
     workgroupBarrier();
 
-    // Partials: row index ((b * Hq + h) * n + i) * splits + s.
-    for (var a = 0u; a < APT; a++) {
-        let e = tid + a * WG;
-        let r = e / D4;
-        let rr = rb * RB + r;
-        if e < RB * D4 && rr < p.rows {
-            let h = row_head(hk, rr);
-            let idx = ((b * p.q_heads + h) * p.n + rr % p.n) * p.splits + s;
-            part[idx * D4 + e % D4] = acc[a];
+    // Merge the subsets: rescale each to the row's max, then sum in workgroup memory.
+    let fin = par * RB * KS;
+    if vg < KS {
+        for (var r = 0u; r < RB; r++) {
+            var mrow = MASKED;
+            for (var g = 0u; g < KS; g++) {
+                mrow = max(mrow, rowm[fin + r * KS + g]);
+            }
+            let mine = rowm[fin + r * KS + vg];
+            let sc = select(0.0, exp2(mine - mrow), mine > MASKED_HALF);
+            lsum[r] *= sc;
+            for (var cv = 0u; cv < CV; cv++) {
+                acc[r * CV + cv] *= sc;
+            }
+            if vx == 0u {
+                lred[r * KS + vg] = lsum[r];
+            }
         }
     }
-    for (var r = tid; r < RB; r += WG) {
+    for (var r = 0u; r < RB; r++) {
         let rr = rb * RB + r;
-        if rr < p.rows {
-            let h = row_head(hk, rr);
-            let idx = ((b * p.q_heads + h) * p.n + rr % p.n) * p.splits + s;
-            part[p.ml_base + idx] = vec4<f32>(row_m[r], row_l[r], 0.0, 0.0);
+        for (var cv = 0u; cv < CV; cv++) {
+            if vg < KS {
+                red[tid] = acc[r * CV + cv];
+            }
+            workgroupBarrier();
+            if tid < DC && rr < p.rows {
+                var sum = vec4<f32>(0.0);
+                for (var g = 0u; g < KS; g++) {
+                    sum += red[g * DC + tid];
+                }
+                let h = row_head(hk, rr);
+                // Partials: row index ((b * Hq + h) * n + i) * splits + s.
+                let idx = ((b * p.q_heads + h) * p.n + rr % p.n) * p.splits + s;
+                part[idx * D4 + tid * CV + cv] = sum;
+                if tid == 0u && cv == 0u {
+                    var mrow = MASKED;
+                    var l = 0.0;
+                    for (var g = 0u; g < KS; g++) {
+                        mrow = max(mrow, rowm[fin + r * KS + g]);
+                        l += lred[r * KS + g];
+                    }
+                    part[p.ml_base + idx] = vec4<f32>(mrow, l, 0.0, 0.0);
+                }
+            }
+            workgroupBarrier();
         }
     }
 }

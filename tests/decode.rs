@@ -940,9 +940,9 @@ fn decode_shaders_translate_to_every_backend() {
         }));
         kernels.push(Kernel::DecodeAttend(AttendConfig {
             d: 128,
-            wg: 64,
-            rb: 8,
-            bc: 16,
+            wg: if flags { 256 } else { 64 },
+            rb: if flags { 4 } else { 16 },
+            half: flags,
             tau: flags,
             alpha: flags,
             gate: flags,

@@ -7,8 +7,6 @@ use crate::{Error, Result};
 
 /// Most queries (new tokens) per sequence in one decode step.
 pub const MAX_QUERIES: u32 = 8;
-/// Accumulators per thread in the attend kernel, at most (`MAX_APT` in the shader).
-const MAX_APT: u32 = 16;
 
 /// Specialisation of the append kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -49,17 +47,19 @@ impl ScoreConfig {
     }
 }
 
-/// Specialisation of the split-KV attention kernel.
+/// Specialisation of the split-KV attention kernel. K and V are read in 16-byte chunks; the
+/// thread layout (see `shaders/decode.wgsl`) follows from the head dim, the element size and
+/// the workgroup size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AttendConfig {
     /// Head dim.
     pub d: u32,
-    /// Threads per workgroup.
+    /// Threads per workgroup, a power of two of at least [`AttendConfig::chunks`].
     pub wg: u32,
     /// Query rows per workgroup.
     pub rb: u32,
-    /// Slots per tile.
-    pub bc: u32,
+    /// K and V are f16 (8 per chunk; else f32, 4 per chunk).
+    pub half: bool,
     /// Per-query temperature.
     pub tau: bool,
     /// Positional temperature.
@@ -70,10 +70,66 @@ pub struct AttendConfig {
     pub selective: bool,
 }
 
+/// Chunks per thread in the QK phase, at most (`MAX_KCH` in the shader).
+const MAX_KCH: u32 = 8;
+/// Slots per subset in the PV phase, at most (`MAX_KPS`).
+const MAX_KPS: u32 = 8;
+/// Accumulator vec4 per thread, at most (`MAX_ACC`): rows times vec4 per chunk.
+const MAX_ACC: u32 = 16;
+
 impl AttendConfig {
-    /// Accumulators per thread.
-    pub fn apt(&self) -> u32 {
-        (self.rb * self.d / 4).div_ceil(self.wg)
+    /// 16-byte chunks per slot row.
+    pub fn chunks(&self) -> u32 {
+        if self.half {
+            self.d / 8
+        } else {
+            self.d / 4
+        }
+    }
+    /// vec4<f32> per chunk once unpacked.
+    pub fn cv(&self) -> u32 {
+        if self.half {
+            2
+        } else {
+            1
+        }
+    }
+    /// Threads per slot in the QK phase: a power of two, at least 4 (at most the chunks), so
+    /// that each thread holds at most `MAX_KCH` chunks.
+    pub fn dp(&self) -> u32 {
+        let dc = self.chunks();
+        dc.div_ceil(MAX_KCH)
+            .next_power_of_two()
+            .max(4)
+            .min(prev_pow2(dc.max(1)))
+            .min(self.wg)
+    }
+    /// Slots per tile.
+    pub fn bc(&self) -> u32 {
+        self.wg / self.dp()
+    }
+    /// Slot subsets of the PV phase.
+    pub fn ks(&self) -> u32 {
+        (self.wg / self.chunks()).max(1)
+    }
+    /// Slots per subset.
+    pub fn kps(&self) -> u32 {
+        self.bc().div_ceil(self.ks())
+    }
+    /// Chunks per thread in the QK phase.
+    pub fn kch(&self) -> u32 {
+        self.chunks().div_ceil(self.dp())
+    }
+
+    /// Whether the per-thread register arrays of the shader hold this configuration.
+    pub fn fits_registers(&self) -> bool {
+        self.wg >= self.chunks()
+            && self.wg.is_power_of_two()
+            && self.dp() <= self.chunks()
+            && self.kch() <= MAX_KCH
+            && self.kps() <= MAX_KPS
+            && self.rb * self.cv() <= MAX_ACC
+            && self.rb >= 1
     }
 
     pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
@@ -81,8 +137,13 @@ impl AttendConfig {
             ("D", self.d as f64),
             ("WG", self.wg as f64),
             ("RB", self.rb as f64),
-            ("BC", self.bc as f64),
-            ("APT", self.apt() as f64),
+            ("BC", self.bc() as f64),
+            ("DC", self.chunks() as f64),
+            ("CV", self.cv() as f64),
+            ("DP", self.dp() as f64),
+            ("KCH", self.kch() as f64),
+            ("KS", self.ks() as f64),
+            ("KPS", self.kps() as f64),
             ("HAS_TAU", flag(self.tau)),
             ("HAS_ALPHA", flag(self.alpha)),
             ("HAS_GATE", flag(self.gate)),
@@ -93,8 +154,14 @@ impl AttendConfig {
     /// Workgroup memory in bytes, as declared in the shader (the score pass's `qsel` included,
     /// since naga may keep every module-scope workgroup variable).
     pub fn workgroup_bytes(&self) -> u64 {
-        let (rb, bc, d) = (self.rb as u64, self.bc as u64, self.d as u64);
-        4 * (rb * d + bc * d + rb * bc + bc + 3 * rb + MAX_QUERIES as u64 * d)
+        let (rb, bc, d, wg, ks) = (
+            self.rb as u64,
+            self.bc() as u64,
+            self.d as u64,
+            self.wg as u64,
+            self.ks() as u64,
+        );
+        4 * (rb * d + rb * wg + rb * bc + 3 * rb * ks + 4 * wg + MAX_QUERIES as u64 * d)
     }
 }
 
@@ -233,6 +300,7 @@ pub struct DecodeShape {
 pub fn plan(
     caps: &Capabilities,
     s: DecodeShape,
+    half: bool,
     scale: f32,
     selective: Option<u32>,
     tau: bool,
@@ -244,22 +312,25 @@ pub fn plan(
     let group = s.q_heads / s.kv_heads;
     let rows = group * s.n;
     let d4 = s.head_dim / 4;
-    let wg = caps.max_invocations.min(64);
+    // The largest power-of-two workgroup up to 256 the device allows.
+    let wg_max = prev_pow2(caps.max_invocations.clamp(1, 256));
     let mut chosen = None;
-    'outer: for rb in [16u32, 8, 4, 2, 1] {
-        let rb = rb.min(rows);
-        for bc in [32u32, 16, 8, 4] {
+    'outer: for wg in [256u32, 128, 64, 32] {
+        if wg > wg_max {
+            continue;
+        }
+        for rb in [16u32, 8, 4, 2, 1] {
             let cfg = AttendConfig {
                 d: s.head_dim,
                 wg,
-                rb,
-                bc,
+                rb: rb.min(rows),
+                half,
                 tau,
                 alpha,
                 gate,
                 selective: selective.is_some(),
             };
-            if cfg.apt() <= MAX_APT && cfg.workgroup_bytes() <= caps.workgroup_memory as u64 {
+            if cfg.fits_registers() && cfg.workgroup_bytes() <= caps.workgroup_memory as u64 {
                 chosen = Some(cfg);
                 break 'outer;
             }
@@ -270,15 +341,23 @@ pub fn plan(
         bytes: 4 * (2 * s.head_dim as u64 + (MAX_QUERIES as u64) * s.head_dim as u64 + 8),
         limit: caps.workgroup_memory as u64,
     })?;
+    let wg = prev_pow2(caps.max_invocations.clamp(1, 64));
     let n_rblocks = rows.div_ceil(attend.rb);
     let max_len = s.max_len.max(1);
-    let tiles = max_len.div_ceil(attend.bc);
-    // Enough workgroups to fill a large GPU, each split at least one tile, and at most 256
-    // splits so the partials stay small.
+    let bc = attend.bc();
+    let tiles = max_len.div_ceil(bc);
+    // Enough workgroups to fill the device (a discrete GPU wants many in flight to hide memory
+    // latency; a CPU adapter runs a few at a time), each split at least one tile, and at most
+    // 256 splits so the partials stay small. Large batches fill the device by themselves.
     let per_split = s.batch * s.kv_heads * n_rblocks;
-    let want = splits.unwrap_or_else(|| 1024u32.div_ceil(per_split.max(1)));
+    let target = match caps.info.device_type {
+        wgpu::DeviceType::Cpu => 32u32,
+        wgpu::DeviceType::IntegratedGpu => 256,
+        _ => 1024,
+    };
+    let want = splits.unwrap_or_else(|| target.div_ceil(per_split.max(1)));
     let want = want.clamp(1, 256).min(tiles);
-    let split_len = max_len.div_ceil(want).div_ceil(attend.bc) * attend.bc;
+    let split_len = max_len.div_ceil(want).div_ceil(bc) * bc;
     let n_splits = max_len.div_ceil(split_len);
     let max = caps.max_workgroups_per_dim;
     for (what, n) in [
@@ -343,4 +422,13 @@ pub fn plan(
         });
     }
     Ok(plan)
+}
+
+/// The largest power of two at most `x` (x >= 1).
+fn prev_pow2(x: u32) -> u32 {
+    if x.is_power_of_two() {
+        x
+    } else {
+        x.next_power_of_two() / 2
+    }
 }
