@@ -106,48 +106,47 @@ fn score(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: v
 //
 // K and V are read as 16-byte chunks (`kraw`, `vraw`: DC chunks per slot row; a chunk is 4 f32
 // or 8 f16, CV = 1 or 2 vec4<f32> once unpacked), straight from the cache into registers, with
-// every load of a tile issued before its first use. Per tile of BC slots, two barriers:
+// every load of a tile (K, V, gates, positions) issued before its first use. Per tile of BC
+// slots, two barriers:
 //   QK: thread (c, dp) = (tid / DP, tid % DP) dots chunks dp, dp + DP, ... of slot c with every
 //       query row of the block (queries in workgroup memory, f32); partial sums to `sdot`.
-//   P:  item (r, g): row r, slot subset g (KPS slots): logits, the subset's running max, the
-//       probabilities (`ps`). The running max is kept per (row, subset) in two parities.
+//   P:  item (r, g): row r, slot subset g (slots g, g + KS, ...): logits, the subset's running
+//       max, the probabilities (`ps`). The running max is kept per (row, subset), two parities.
 //   PV: thread (x, g) = (tid % DC, tid / DC) accumulates chunk x of every row over the slots of
 //       subset g: O is rescaled by its subset's correction, then += p * gate * V.
 // At the end of the split the KS subsets are merged in workgroup memory (exactly as the merge
 // kernel merges splits) and one partial (o, m, l) per row is written.
-
-const MAX_KCH: u32 = 8u;      // chunks per thread in QK: ceil(DC / DP)
-const MAX_KPS: u32 = 8u;      // slots per subset in PV
-const MAX_ACC: u32 = 16u;     // RB * CV
-const MAX_RB: u32 = 16u;
+//
+// Per-thread registers are named variables, not arrays: the Rust side unrolls every
+// `//@unroll NAME COUNT` ... `//@end` block COUNT times with `{NAME}` replaced by 0, 1, ...
+// (a run-time-indexed array would live in local memory on NVIDIA).
 
 override DC: u32 = 2u;        // 16-byte chunks per slot row: D * size(elem) / 16
 override CV: u32 = 1u;        // vec4<f32> per chunk: 1 (f32) or 2 (f16)
 override DP: u32 = 1u;        // threads per slot in QK (BC * DP = WG)
-override KCH: u32 = 2u;       // ceil(DC / DP)
 override KS: u32 = 1u;        // slot subsets in PV: WG / DC (threads tid >= KS * DC idle in PV)
-override KPS: u32 = 1u;       // slots per subset: ceil(BC / KS)
+override BCP: u32 = BC + 8u;  // padded row of `sdot` (no bank conflicts in QK's stores)
 
 @group(0) @binding(14) var<storage, read> kraw: array<vec4<u32>>;   // [B, Hkv, C, DC]
 @group(0) @binding(15) var<storage, read> vraw: array<vec4<u32>>;   // [B, Hkv, C, DC]
 
-var<workgroup> qs: array<vec4<f32>, RB * D4>;    // query rows, pre-scaled (log2 domain)
-var<workgroup> sdot: array<f32, RB * WG>;        // QK partial sums [r][c * DP + dp]
-var<workgroup> ps: array<f32, RB * BC>;          // probabilities of the tile [r][c]
-var<workgroup> rowm: array<f32, 2u * RB * KS>;   // running max [parity][r][g]
-var<workgroup> red: array<vec4<f32>, WG>;        // end of split: subset reduction
+var<workgroup> qs: array<vec4<f32>, RB * D4>;      // query rows, pre-scaled (log2 domain)
+var<workgroup> sdot: array<f32, RB * DP * BCP>;    // QK partial sums [r][dp][c]
+var<workgroup> ps: array<f32, RB * BC>;            // probabilities of the tile [r][c]
+var<workgroup> kpos: array<u32, BC>;               // positions of the tile's slots
+var<workgroup> rowm: array<f32, 2u * RB * KS>;     // running max [parity][r][g]
+var<workgroup> red: array<vec4<f32>, WG>;          // end of split: subset reduction
 var<workgroup> lred: array<f32, RB * KS>;
 
-// The first (or only) vec4 of a chunk.
-fn chunk_lo(u: vec4<u32>) -> vec4<f32> {
+// Part `which` (0 or 1) of a chunk as f32: the chunk itself (f32), or its first or last four
+// f16 (little-endian pairs: element 2i in the low half of word i).
+fn chunk_part(u: vec4<u32>, which: u32) -> vec4<f32> {
     if CV == 1u {
         return bitcast<vec4<f32>>(u);
     }
-    return vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y));
-}
-
-// The second vec4 of an f16 chunk.
-fn chunk_hi(u: vec4<u32>) -> vec4<f32> {
+    if which == 0u {
+        return vec4<f32>(unpack2x16float(u.x), unpack2x16float(u.y));
+    }
     return vec4<f32>(unpack2x16float(u.z), unpack2x16float(u.w));
 }
 
@@ -188,14 +187,12 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     for (var e = tid; e < 2u * RB * KS; e += WG) {
         rowm[e] = MASKED;
     }
-    var acc: array<vec4<f32>, MAX_ACC>;
-    for (var a = 0u; a < MAX_ACC; a++) {
-        acc[a] = vec4<f32>(0.0);
-    }
-    var lsum: array<f32, MAX_RB>;
-    for (var r = 0u; r < MAX_RB; r++) {
-        lsum[r] = 0.0;
-    }
+    //@unroll r RB
+    var lsum{r} = 0.0;
+    //@unroll cv CV
+    var acc{r}_{cv} = vec4<f32>(0.0);
+    //@end
+    //@end
     let qc = tid / DP;   // QK: slot of the tile
     let qd = tid % DP;   //     part of the head dim
     let vx = tid % DC;   // PV: chunk
@@ -205,38 +202,49 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
 
     for (var kt = j0; kt < j1; kt += BC) {
         // Every load of the tile first: K chunks for QK, V chunks for PV.
-        var kr: array<vec4<u32>, MAX_KCH>;
         let jq = kt + qc;
-        for (var k = 0u; k < KCH; k++) {
-            let ch = qd + k * DP;
-            var u = vec4<u32>(0u);
-            if jq < j1 && ch < DC {
-                u = kraw[(head + jq) * DC + ch];
-            }
-            kr[k] = u;
+        //@unroll k KCH
+        let ch{k} = qd + {k}u * DP;
+        var kr{k} = vec4<u32>(0u);
+        if jq < j1 && ch{k} < DC {
+            kr{k} = kraw[(head + jq) * DC + ch{k}];
         }
-        var vr: array<vec4<u32>, MAX_KPS>;
-        for (var k = 0u; k < KPS; k++) {
-            let c = vg * KPS + k;
-            var u = vec4<u32>(0u);
-            if vg < KS && c < BC && kt + c < j1 {
-                u = vraw[(head + kt + c) * DC + vx];
+        //@end
+        //@unroll k KPS
+        let c{k} = {k}u * KS + vg;
+        var vr{k} = vec4<u32>(0u);
+        var gt{k} = 1.0;
+        if vg < KS && c{k} < BC && kt + c{k} < j1 {
+            vr{k} = vraw[(head + kt + c{k}) * DC + vx];
+            if HAS_GATE {
+                gt{k} = gc[head + kt + c{k}];
             }
-            vr[k] = u;
+        }
+        //@end
+        // The slot's position, for the mask (to workgroup memory with the QK sums).
+        var kp = 0xffffffffu;
+        if qd == 0u && jq < j1 {
+            kp = pc[b * p.capacity + jq];
         }
         // QK partial sums.
-        for (var r = 0u; r < RB; r++) {
-            var d = 0.0;
-            for (var k = 0u; k < KCH; k++) {
-                let ch = qd + k * DP;
-                if ch < DC {
-                    d += dot(qs[r * D4 + ch * CV], chunk_lo(kr[k]));
-                    if CV == 2u {
-                        d += dot(qs[r * D4 + ch * CV + 1u], chunk_hi(kr[k]));
-                    }
-                }
-            }
-            sdot[r * WG + tid] = d;
+        //@unroll r RB
+        var d{r} = 0.0;
+        //@end
+        //@unroll k KCH
+        if ch{k} < DC {
+            //@unroll cv CV
+            let kv{k}_{cv} = chunk_part(kr{k}, {cv}u);
+            //@unroll r RB
+            d{r} += dot(qs[{r}u * D4 + ch{k} * CV + {cv}u], kv{k}_{cv});
+            //@end
+            //@end
+        }
+        //@end
+        //@unroll r RB
+        sdot[({r}u * DP + qd) * BCP + qc] = d{r};
+        //@end
+        if qd == 0u {
+            kpos[qc] = kp;
         }
         workgroupBarrier();
         // Logits (log2 domain), masked to slots at or before the query's position; running max
@@ -248,70 +256,60 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             let g = e % KS;
             let i = (rb * RB + r) % p.n;
             var m = rowm[m_at + e];
-            var z: array<f32, MAX_KPS>;
-            for (var k = 0u; k < KPS; k++) {
-                let c = g * KPS + k;
-                let j = kt + c;
-                var sv = MASKED;
-                if c < BC && j < j1 {
-                    if pc[b * p.capacity + j] <= st.y + i {
-                        sv = 0.0;
-                        for (var dp = 0u; dp < DP; dp++) {
-                            sv += sdot[r * WG + c * DP + dp];
-                        }
-                        if SELECTIVE {
-                            sv -= fq[(b * p.n + i) * p.capacity + j] * LOG2E;
-                        }
+            //@unroll k KPS
+            let cz{k} = {k}u * KS + g;
+            var z{k} = MASKED;
+            if cz{k} < BC && kt + cz{k} < j1 {
+                let j = kt + cz{k};
+                if kpos[cz{k}] <= st.y + i {
+                    var sv = 0.0;
+                    for (var dp = 0u; dp < DP; dp++) {
+                        sv += sdot[(r * DP + dp) * BCP + cz{k}];
                     }
-                }
-                z[k] = sv;
-                m = max(m, sv);
-            }
-            for (var k = 0u; k < KPS; k++) {
-                let c = g * KPS + k;
-                if c < BC {
-                    var pr = 0.0;
-                    if z[k] > MASKED_HALF {
-                        pr = exp2(z[k] - m);
+                    if SELECTIVE {
+                        sv -= fq[(b * p.n + i) * p.capacity + j] * LOG2E;
                     }
-                    ps[r * BC + c] = pr;
+                    z{k} = sv;
                 }
             }
+            m = max(m, z{k});
+            //@end
+            //@unroll k KPS
+            if cz{k} < BC {
+                var pr = 0.0;
+                if z{k} > MASKED_HALF {
+                    pr = exp2(z{k} - m);
+                }
+                ps[r * BC + cz{k}] = pr;
+            }
+            //@end
             rowm[m_to + e] = m;
         }
         workgroupBarrier();
         // O = O * corr + P (gate V) over the thread's subset.
         if vg < KS {
-            for (var r = 0u; r < RB; r++) {
-                let m_old = rowm[m_at + r * KS + vg];
-                let corr = select(1.0, exp2(m_old - rowm[m_to + r * KS + vg]), m_old > MASKED_HALF);
-                lsum[r] *= corr;
-                for (var cv = 0u; cv < CV; cv++) {
-                    acc[r * CV + cv] *= corr;
-                }
+            //@unroll r RB
+            let m_old{r} = rowm[m_at + {r}u * KS + vg];
+            let corr{r} = select(1.0, exp2(m_old{r} - rowm[m_to + {r}u * KS + vg]), m_old{r} > MASKED_HALF);
+            lsum{r} *= corr{r};
+            //@unroll cv CV
+            acc{r}_{cv} *= corr{r};
+            //@end
+            //@end
+            //@unroll k KPS
+            if c{k} < BC {
+                //@unroll cv CV
+                let v{k}_{cv} = chunk_part(vr{k}, {cv}u);
+                //@end
+                //@unroll r RB
+                let p{k}_{r} = ps[{r}u * BC + c{k}];
+                lsum{r} += p{k}_{r};
+                //@unroll cv CV
+                acc{r}_{cv} += (p{k}_{r} * gt{k}) * v{k}_{cv};
+                //@end
+                //@end
             }
-            for (var k = 0u; k < KPS; k++) {
-                let c = vg * KPS + k;
-                if c < BC {
-                    var gt = 1.0;
-                    if HAS_GATE && kt + c < j1 {
-                        gt = gc[head + kt + c];
-                    }
-                    let v0 = chunk_lo(vr[k]);
-                    var v1 = vec4<f32>(0.0);
-                    if CV == 2u {
-                        v1 = chunk_hi(vr[k]);
-                    }
-                    for (var r = 0u; r < RB; r++) {
-                        let pr = ps[r * BC + c];
-                        lsum[r] += pr;
-                        acc[r * CV] += (pr * gt) * v0;
-                        if CV == 2u {
-                            acc[r * CV + 1u] += (pr * gt) * v1;
-                        }
-                    }
-                }
-            }
+            //@end
         }
         par = 1u - par;
     }
@@ -320,51 +318,51 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     // Merge the subsets: rescale each to the row's max, then sum in workgroup memory.
     let fin = par * RB * KS;
     if vg < KS {
-        for (var r = 0u; r < RB; r++) {
+        //@unroll r RB
+        var mrow{r} = MASKED;
+        for (var g = 0u; g < KS; g++) {
+            mrow{r} = max(mrow{r}, rowm[fin + {r}u * KS + g]);
+        }
+        let mine{r} = rowm[fin + {r}u * KS + vg];
+        let sc{r} = select(0.0, exp2(mine{r} - mrow{r}), mine{r} > MASKED_HALF);
+        lsum{r} *= sc{r};
+        //@unroll cv CV
+        acc{r}_{cv} *= sc{r};
+        //@end
+        if vx == 0u {
+            lred[{r}u * KS + vg] = lsum{r};
+        }
+        //@end
+    }
+    //@unroll r RB
+    //@unroll cv CV
+    if vg < KS {
+        red[tid] = acc{r}_{cv};
+    }
+    workgroupBarrier();
+    if tid < DC && rb * RB + {r}u < p.rows {
+        let rr = rb * RB + {r}u;
+        var sum = vec4<f32>(0.0);
+        for (var g = 0u; g < KS; g++) {
+            sum += red[g * DC + tid];
+        }
+        let h = row_head(hk, rr);
+        // Partials: row index ((b * Hq + h) * n + i) * splits + s.
+        let idx = ((b * p.q_heads + h) * p.n + rr % p.n) * p.splits + s;
+        part[idx * D4 + tid * CV + {cv}u] = sum;
+        if tid == 0u && {cv}u == 0u {
             var mrow = MASKED;
+            var l = 0.0;
             for (var g = 0u; g < KS; g++) {
-                mrow = max(mrow, rowm[fin + r * KS + g]);
+                mrow = max(mrow, rowm[fin + {r}u * KS + g]);
+                l += lred[{r}u * KS + g];
             }
-            let mine = rowm[fin + r * KS + vg];
-            let sc = select(0.0, exp2(mine - mrow), mine > MASKED_HALF);
-            lsum[r] *= sc;
-            for (var cv = 0u; cv < CV; cv++) {
-                acc[r * CV + cv] *= sc;
-            }
-            if vx == 0u {
-                lred[r * KS + vg] = lsum[r];
-            }
+            part[p.ml_base + idx] = vec4<f32>(mrow, l, 0.0, 0.0);
         }
     }
-    for (var r = 0u; r < RB; r++) {
-        let rr = rb * RB + r;
-        for (var cv = 0u; cv < CV; cv++) {
-            if vg < KS {
-                red[tid] = acc[r * CV + cv];
-            }
-            workgroupBarrier();
-            if tid < DC && rr < p.rows {
-                var sum = vec4<f32>(0.0);
-                for (var g = 0u; g < KS; g++) {
-                    sum += red[g * DC + tid];
-                }
-                let h = row_head(hk, rr);
-                // Partials: row index ((b * Hq + h) * n + i) * splits + s.
-                let idx = ((b * p.q_heads + h) * p.n + rr % p.n) * p.splits + s;
-                part[idx * D4 + tid * CV + cv] = sum;
-                if tid == 0u && cv == 0u {
-                    var mrow = MASKED;
-                    var l = 0.0;
-                    for (var g = 0u; g < KS; g++) {
-                        mrow = max(mrow, rowm[fin + r * KS + g]);
-                        l += lred[r * KS + g];
-                    }
-                    part[p.ml_base + idx] = vec4<f32>(mrow, l, 0.0, 0.0);
-                }
-            }
-            workgroupBarrier();
-        }
-    }
+    workgroupBarrier();
+    //@end
+    //@end
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ pub mod cache;
 mod context;
 mod error;
 pub mod kernels;
+pub mod merge;
 pub mod npy;
 pub mod reference;
 pub mod reference_cache;
@@ -25,6 +26,7 @@ pub use context::{
 };
 pub use error::{Error, Result};
 pub use kernels::forward::Plan;
+pub use merge::{merge_partials, merge_partials_reference, Partial};
 pub use spec::{Options, Path, Present, Shape, Spec};
 pub use tensor::Tensor;
 

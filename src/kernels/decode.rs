@@ -121,6 +121,17 @@ impl AttendConfig {
         self.chunks().div_ceil(self.dp())
     }
 
+    /// Repeat counts of the shader's `//@unroll` blocks.
+    pub(crate) fn unroll(&self, name: &str) -> Option<u32> {
+        match name {
+            "RB" => Some(self.rb),
+            "CV" => Some(self.cv()),
+            "KCH" => Some(self.kch()),
+            "KPS" => Some(self.kps()),
+            _ => None,
+        }
+    }
+
     /// Whether the per-thread register arrays of the shader hold this configuration.
     pub fn fits_registers(&self) -> bool {
         self.wg >= self.chunks()
@@ -141,9 +152,7 @@ impl AttendConfig {
             ("DC", self.chunks() as f64),
             ("CV", self.cv() as f64),
             ("DP", self.dp() as f64),
-            ("KCH", self.kch() as f64),
             ("KS", self.ks() as f64),
-            ("KPS", self.kps() as f64),
             ("HAS_TAU", flag(self.tau)),
             ("HAS_ALPHA", flag(self.alpha)),
             ("HAS_GATE", flag(self.gate)),
@@ -161,7 +170,8 @@ impl AttendConfig {
             self.wg as u64,
             self.ks() as u64,
         );
-        4 * (rb * d + rb * wg + rb * bc + 3 * rb * ks + 4 * wg + MAX_QUERIES as u64 * d)
+        let dp = self.dp() as u64;
+        4 * (rb * d + rb * dp * (bc + 8) + rb * bc + bc + 3 * rb * ks + 4 * wg + MAX_QUERIES as u64 * d)
     }
 }
 
@@ -431,4 +441,53 @@ fn prev_pow2(x: u32) -> u32 {
     } else {
         x.next_power_of_two() / 2
     }
+}
+
+/// Expands `//@unroll NAME COUNT` ... `//@end` blocks (nested, one per line) of a WGSL text:
+/// the body repeated COUNT times (`count(COUNT)`) with `{NAME}` replaced by 0, 1, ...
+pub(crate) fn unroll(text: &str, count: &dyn Fn(&str) -> Option<u32>) -> Result<String> {
+    let bad = |why: String| Error::Gpu(format!("decode shader template: {why}"));
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = String::with_capacity(text.len() * 2);
+    let mut i = 0;
+    while i < lines.len() {
+        let t = lines[i].trim_start();
+        if let Some(rest) = t.strip_prefix("//@unroll ") {
+            let mut it = rest.split_whitespace();
+            let (Some(name), Some(n)) = (it.next(), it.next()) else {
+                return Err(bad(format!("line {}: //@unroll NAME COUNT", i + 1)));
+            };
+            let reps = count(n).ok_or_else(|| bad(format!("unknown count {n}")))?;
+            let mut depth = 1;
+            let mut j = i + 1;
+            while j < lines.len() {
+                let u = lines[j].trim_start();
+                if u.starts_with("//@unroll ") {
+                    depth += 1;
+                } else if u.starts_with("//@end") {
+                    depth -= 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                j += 1;
+            }
+            if depth != 0 {
+                return Err(bad(format!("line {}: no //@end", i + 1)));
+            }
+            let body = unroll(&lines[i + 1..j].join("\n"), count)?;
+            let key = format!("{{{name}}}");
+            for r in 0..reps {
+                out.push_str(&body.replace(&key, &r.to_string()));
+            }
+            i = j + 1;
+        } else if t.starts_with("//@end") {
+            return Err(bad(format!("line {}: //@end without //@unroll", i + 1)));
+        } else {
+            out.push_str(lines[i]);
+            out.push('\n');
+            i += 1;
+        }
+    }
+    Ok(out)
 }

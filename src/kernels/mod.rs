@@ -27,18 +27,21 @@ pub enum Source {
     Cache,
     /// `shaders/decode.wgsl`.
     Decode,
+    /// `shaders/merge.wgsl`.
+    Merge,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 5] = [
+    pub const ALL: [Source; 6] = [
         Source::Forward,
         Source::Selective,
         Source::CoopForward,
         Source::Cache,
         Source::Decode,
+        Source::Merge,
     ];
 
     fn body(self) -> &'static str {
@@ -48,11 +51,20 @@ impl Source {
             Source::CoopForward => include_str!("../../shaders/coop_forward.wgsl"),
             Source::Cache => include_str!("../../shaders/cache.wgsl"),
             Source::Decode => include_str!("../../shaders/decode.wgsl"),
+            Source::Merge => include_str!("../../shaders/merge.wgsl"),
         }
     }
 
-    /// The full WGSL text for an element type: prelude, shared helpers, family body.
+    /// The full WGSL text for an element type: prelude, shared helpers, family body (with the
+    /// decode kernel's `//@unroll` blocks expanded for its smallest configuration).
     pub fn text(self, elem: DType) -> Result<String> {
+        match self {
+            Source::Decode => self.text_of(elem, &decode::unroll(self.body(), &|_| Some(1))?),
+            _ => self.text_of(elem, self.body()),
+        }
+    }
+
+    fn text_of(self, elem: DType, body: &str) -> Result<String> {
         let prelude = match (self, elem) {
             (Source::CoopForward, _) => {
                 // naga's uniformity analysis is coarser than WGSL's and flags cooperative
@@ -70,7 +82,7 @@ impl Source {
                 })
             }
         };
-        Ok(format!("{prelude}{COMMON}\n{}", self.body()))
+        Ok(format!("{prelude}{COMMON}\n{body}"))
     }
 }
 
@@ -127,6 +139,8 @@ pub enum Kernel {
     DecodeAttend(decode::AttendConfig),
     /// Decode: merge of the splits.
     DecodeMerge(decode::MergeConfig),
+    /// Merge of partial results over disjoint key ranges, one pair at a time.
+    MergePair(crate::merge::MergePairConfig),
 }
 
 /// One pipeline variant: kernel, specialisation and storage element type.
@@ -149,15 +163,19 @@ impl KernelKey {
             Kernel::DecodeScore(_) | Kernel::DecodeAttend(_) | Kernel::DecodeMerge(_) => {
                 Source::Decode
             }
+            Kernel::MergePair(_) => Source::Merge,
         }
     }
 
     /// The complete WGSL of this variant, as given to the device (before constants).
     pub fn wgsl(&self) -> Result<String> {
-        let text = self.source().text(self.elem)?;
+        let source = self.source();
         Ok(match self.kernel {
-            Kernel::CoopForward(c) => c.wgsl(&text),
-            _ => text,
+            Kernel::CoopForward(c) => c.wgsl(&source.text(self.elem)?),
+            Kernel::DecodeAttend(c) => {
+                source.text_of(self.elem, &decode::unroll(source.body(), &|n| c.unroll(n))?)?
+            }
+            _ => source.text(self.elem)?,
         })
     }
 
@@ -172,6 +190,7 @@ impl KernelKey {
             Kernel::DecodeScore(_) => "score",
             Kernel::DecodeAttend(_) => "attend",
             Kernel::DecodeMerge(_) => "merge",
+            Kernel::MergePair(_) => "merge_pair",
         }
     }
 
@@ -186,6 +205,7 @@ impl KernelKey {
             Kernel::DecodeScore(c) => c.constants(),
             Kernel::DecodeAttend(c) => c.constants(),
             Kernel::DecodeMerge(c) => c.constants(),
+            Kernel::MergePair(c) => c.constants(),
         }
     }
 }
