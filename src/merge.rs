@@ -209,7 +209,10 @@ pub fn encode_merge_partials(
         label: Some("selattn merge partials"),
         timestamp_writes: None,
     });
-    for (k, b) in std::iter::once(second).chain(parts.iter().skip(2)).enumerate() {
+    for (k, b) in std::iter::once(second)
+        .chain(parts.iter().skip(2))
+        .enumerate()
+    {
         let cfg = MergePairConfig {
             wg,
             first: k == 0,

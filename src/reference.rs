@@ -108,6 +108,19 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
 
 /// Runs the operator of DESIGN.md §1 on the CPU in f64.
 pub fn attention(spec: &Spec, x: &HostInputs) -> Result<HostOutputs> {
+    attention_keys(spec, x, 0..usize::MAX)
+}
+
+/// The operator of DESIGN.md §1 restricted to the keys `keys` (a key shard): O and LSE are those
+/// of the softmax over the allowed keys in the range only (O = 0, LSE = -inf for a row with
+/// none there); everything else — positions, masks, temperature, the selective state F built
+/// from every key's scores, F_out — is exactly as in [`attention`]. Merging the shards of a
+/// partition of the keys ([`crate::merge_partials_reference`]) gives [`attention`]'s O and LSE.
+pub fn attention_keys(
+    spec: &Spec,
+    x: &HostInputs,
+    keys: std::ops::Range<usize>,
+) -> Result<HostOutputs> {
     let r = spec.validate()?;
     x.check(&r)?;
     // The oracle must never silently run with other inputs than the spec says.
@@ -152,7 +165,8 @@ pub fn attention(spec: &Spec, x: &HostInputs) -> Result<HostOutputs> {
     for b in 0..bn {
         let valid = x.kv_len.as_ref().map_or(nk, |l| l[b] as usize);
         let pos = |i: usize| start + i;
-        let allowed = |i: usize, j: usize| j < valid && (!causal || j <= pos(i));
+        let allowed =
+            |i: usize, j: usize| j < valid && (!causal || j <= pos(i)) && keys.contains(&j);
 
         // Selective masking: S[k][j] from the selection head, then F[i][j] as a prefix over rows.
         let f = r.options.selective.map(|sel| {

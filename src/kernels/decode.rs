@@ -171,7 +171,13 @@ impl AttendConfig {
             self.ks() as u64,
         );
         let dp = self.dp() as u64;
-        4 * (rb * d + rb * dp * (bc + 8) + rb * bc + bc + 3 * rb * ks + 4 * wg + MAX_QUERIES as u64 * d)
+        4 * (rb * d
+            + rb * dp * (bc + 8)
+            + rb * bc
+            + bc
+            + 3 * rb * ks
+            + 4 * wg
+            + MAX_QUERIES as u64 * d)
     }
 }
 
@@ -356,16 +362,24 @@ pub fn plan(
     let max_len = s.max_len.max(1);
     let bc = attend.bc();
     let tiles = max_len.div_ceil(bc);
-    // Enough workgroups to fill the device (a discrete GPU wants many in flight to hide memory
-    // latency; a CPU adapter runs a few at a time), each split at least one tile, and at most
-    // 256 splits so the partials stay small. Large batches fill the device by themselves.
+    // Splits: enough workgroups to fill the device (a discrete GPU wants a few per
+    // multiprocessor; a CPU adapter runs a few at a time), and no more: each split ends with a
+    // reduction and a partial, so long splits are cheaper. On the H200 (2026-11-29, B1 x 131072,
+    // f16 D128, 8 KV heads) 256 workgroups of 4096 slots read 2426 GB/s, 1024 of 1024 slots
+    // 1787. So: about `target` workgroups, but splits of at least 4096 slots when the context is
+    // long; at least one tile each, at most 256 splits (the partials stay small). Large batches
+    // fill the device by themselves.
     let per_split = s.batch * s.kv_heads * n_rblocks;
     let target = match caps.info.device_type {
         wgpu::DeviceType::Cpu => 32u32,
-        wgpu::DeviceType::IntegratedGpu => 256,
-        _ => 1024,
+        wgpu::DeviceType::IntegratedGpu => 64,
+        _ => 256,
     };
-    let want = splits.unwrap_or_else(|| target.div_ceil(per_split.max(1)));
+    let want = splits.unwrap_or_else(|| {
+        target
+            .div_ceil(per_split.max(1))
+            .max(max_len.div_ceil(4096))
+    });
     let want = want.clamp(1, 256).min(tiles);
     let split_len = max_len.div_ceil(want).div_ceil(bc) * bc;
     let n_splits = max_len.div_ceil(split_len);
