@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release --example decode -- [--prompt 64] [--len 256] [--batch 2] [--heads 8]
 //!     [--kv-heads 2] [--dim 64] [--queries 1] [--budget N] [--f16] [--selective]
-//!     [--splits N] [--check 8] [--json PATH] [--no-prune]
+//!     [--splits N] [--threads N] [--check 8] [--json PATH] [--no-prune]
 //! ```
 //!
 //! Each sequence is first filled with `--prompt` tokens (K and V appended without attention),
@@ -35,6 +35,7 @@ struct Args {
     f16: bool,
     selective: bool,
     splits: Option<u32>,
+    threads: Option<u32>,
     check: u32,
     json: Option<String>,
     no_prune: bool,
@@ -53,6 +54,7 @@ fn parse() -> Result<Args> {
         f16: false,
         selective: false,
         splits: None,
+        threads: None,
         check: 8,
         json: None,
         no_prune: false,
@@ -74,6 +76,7 @@ fn parse() -> Result<Args> {
             "--queries" => a.queries = num("--queries")?,
             "--budget" => a.budget = Some(num("--budget")?),
             "--splits" => a.splits = Some(num("--splits")?),
+            "--threads" => a.threads = Some(num("--threads")?),
             "--check" => a.check = num("--check")?,
             "--f16" => a.f16 = true,
             "--selective" => a.selective = true,
@@ -223,6 +226,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
         opts = opts.selective(0);
     }
     opts.splits = a.splits;
+    opts.threads = a.threads;
 
     // 3. Checked steps first (each waits for the GPU), then timed steps.
     let mut max_err = 0.0f64;

@@ -239,6 +239,9 @@ pub struct DecodeOptions {
     pub selective: Option<u32>,
     /// Number of slot splits (flash-decoding); chosen from the shape when `None`.
     pub splits: Option<u32>,
+    /// Threads per workgroup of the attention kernel (a power of two from 32 to 256, within
+    /// the device's limit; for tuning); chosen from the device when `None`.
+    pub threads: Option<u32>,
 }
 
 impl DecodeOptions {
@@ -259,6 +262,11 @@ impl DecodeOptions {
     /// Split the slots in `n` parts.
     pub fn splits(mut self, n: u32) -> Self {
         self.splits = Some(n);
+        self
+    }
+    /// Run the attention kernel with `n` threads per workgroup.
+    pub fn threads(mut self, n: u32) -> Self {
+        self.threads = Some(n);
         self
     }
 }
@@ -862,6 +870,7 @@ impl KvCache {
             c.gate,
             outputs.lse.is_some(),
             options.splits,
+            options.threads,
         )?;
         Ok((plan, counts))
     }

@@ -26,6 +26,7 @@ struct Case {
     prefill: Vec<u32>,
     steps: Vec<u32>,
     splits: Option<u32>,
+    threads: Option<u32>,
 }
 
 impl Case {
@@ -45,6 +46,7 @@ impl Case {
             prefill: vec![5, 9],
             steps: vec![1, 1, 3, 1, 8, 2, 1],
             splits: None,
+            threads: None,
         }
     }
     fn all(mut self) -> Case {
@@ -68,7 +70,7 @@ impl Case {
             f.push(format!("sel{s}"));
         }
         format!(
-            "B{} Hq{} Hkv{} D{} C{} budget {:?} {:?} [{}] prefill {:?} steps {:?} splits {:?}",
+            "B{} Hq{} Hkv{} D{} C{} budget {:?} {:?} [{}] prefill {:?} steps {:?} splits {:?} threads {:?}",
             self.batch,
             self.q_heads,
             self.kv_heads,
@@ -79,7 +81,8 @@ impl Case {
             f.join("+"),
             self.prefill,
             self.steps,
-            self.splits
+            self.splits,
+            self.threads
         )
     }
     fn config(&self) -> KvCacheConfig {
@@ -215,6 +218,7 @@ fn run_case(ctx: &Context, c: &Case, seed: u64) -> (Vec<String>, Vec<Vec<f32>>) 
     let mut opts = DecodeOptions::new();
     opts.selective = c.selective;
     opts.splits = c.splits;
+    opts.threads = c.threads;
     for (si, &n) in c.steps.iter().enumerate() {
         let nn = n as usize;
         let t = tokens(&mut rng, c, nn, false);
@@ -344,6 +348,16 @@ fn decode_matches_reference_without_pruning() {
                 selective: Some(3),
                 ..Case::new(4, 1, 32).all()
             },
+            // Smaller workgroups than the device's choice: other thread layouts, more splits.
+            Case {
+                threads: Some(32),
+                selective: Some(2),
+                ..Case::new(4, 1, 64).all()
+            },
+            Case {
+                threads: Some(64),
+                ..Case::new(8, 2, 40).all()
+            },
             Case {
                 batch: 3,
                 prefill: vec![1, 4, 0],
@@ -410,6 +424,11 @@ fn decode_matches_reference_f16() {
                 selective: Some(0),
                 ..Case::new(4, 1, 64).all()
             }),
+            f16(Case {
+                threads: Some(32),
+                ..Case::new(8, 2, 128).all()
+            }),
+            f16(Case::new(2, 1, 8)),
         ],
         300,
     );
@@ -618,6 +637,30 @@ fn bad_input_gets_typed_errors() {
             ctx.upload(&[2, h, n, d], &vec![0.5; (2 * h * n * d) as usize])
                 .unwrap()
         };
+        // Threads per workgroup not a power of two, or out of range: nothing recorded.
+        {
+            let (k1, v1, q1) = (kv(2, 1, 16), kv(2, 1, 16), kv(4, 1, 16));
+            let o1 = ctx.empty(&[2, 4, 1, 16], DType::F32).unwrap();
+            for t in [0, 48, 16, 1024] {
+                let e = cache
+                    .step(
+                        ctx,
+                        &Step::new(&q1, &k1, &v1),
+                        &DecodeOptions::new().threads(t),
+                        &Outputs::new(&o1),
+                    )
+                    .unwrap_err();
+                assert!(
+                    matches!(e, Error::TooLarge { .. }),
+                    "[{name}] threads {t}: {e:?}"
+                );
+                assert_eq!(
+                    cache.lens(),
+                    &[0, 0],
+                    "[{name}] a failed step changed the cache"
+                );
+            }
+        }
         // Past capacity without a budget: 6 + 3 > 8, nothing recorded.
         let (k6, v6) = (kv(2, 6, 16), kv(2, 6, 16));
         cache.append(ctx, &Tokens::new(&k6, &v6), None).unwrap();

@@ -324,6 +324,7 @@ pub fn plan(
     gate: bool,
     lse: bool,
     splits: Option<u32>,
+    threads: Option<u32>,
 ) -> Result<DecodePlan> {
     let group = s.q_heads / s.kv_heads;
     let rows = group * s.n;
@@ -331,8 +332,17 @@ pub fn plan(
     // The largest power-of-two workgroup up to 256 the device allows.
     let wg_max = prev_pow2(caps.max_invocations.clamp(1, 256));
     let mut chosen = None;
+    if let Some(t) = threads {
+        if !t.is_power_of_two() || !(32..=wg_max.max(32)).contains(&t) {
+            return Err(Error::TooLarge {
+                what: "decode threads per workgroup (a power of two from 32 to the device limit)",
+                bytes: t as u64,
+                limit: wg_max as u64,
+            });
+        }
+    }
     'outer: for wg in [256u32, 128, 64, 32] {
-        if wg > wg_max {
+        if wg > wg_max || threads.is_some_and(|t| t != wg) {
             continue;
         }
         for rb in [16u32, 8, 4, 2, 1] {
