@@ -11,13 +11,10 @@ mod context;
 mod error;
 pub mod kernels;
 pub mod merge;
-pub mod npy;
 pub mod reference;
 pub mod reference_cache;
 pub mod spec;
 mod tensor;
-pub mod testing;
-pub mod variants;
 
 pub use attention::{Inputs, Output, Outputs};
 pub use cache::{CacheState, DecodeOptions, KvCache, KvCacheConfig, Step, Tokens};
