@@ -130,6 +130,8 @@ pub struct Plan {
 }
 
 impl Plan {
+    // Long on purpose: path choice, tiles, dispatch limits and the selective passes depend on
+    // each other in this order; every size the unchecked kernels rely on is checked in one place.
     /// Builds the plan; every size the kernels will use is checked here.
     pub fn new(caps: &Capabilities, r: &Resolved, elem: DType) -> Result<Plan> {
         let s = r.shape;
