@@ -85,7 +85,12 @@ impl CoopConfig {
         if br / 16 * sgs > caps.max_invocations {
             return Err("workgroup too large for the adapter");
         }
-        for bc in [64, 32, 16] {
+        let order: [u32; 3] = if option_env!("SELATTN_EXP_BC32").is_some() && f.d > 64 {
+            [32, 64, 16]
+        } else {
+            [64, 32, 16]
+        };
+        for bc in order {
             let c = CoopConfig {
                 d: f.d,
                 br,
