@@ -13,8 +13,7 @@
 //      are in flight: per row z = S * scale * t * log2(e) - F over the allowed prefix of keys;
 //      lazy online softmax: the running max only moves when a tile's max exceeds it by more than
 //      8 (log2 units), so O is rescaled (a round trip through workgroup memory) rarely; P written
-//      as f16 (values <= 2^8) in the same pass that finds the tile's max, and written again only
-//      when the max moved; row sums kept in f32;
+//      as f16 (values <= 2^8), row sums kept in f32;
 //   4. V (gated) stored to workgroup memory; O += P V with MMAs.
 // A WGSL cooperative matrix has no per-element access, hence the round trips through memory.
 // Bounds: global reads are guarded by q_len / valid-key checks during staging; cooperative loads
@@ -303,13 +302,26 @@ fn coop_forward(
                 ncol = lim - kt;
             }
             let rf = row_f[r];
-            let m_old = row_m[r];
-            // One pass in the common case: P is written against the row's current max while
-            // the tile's max is found; only when that max moved (the first tile of the row, or
-            // a jump of more than RESCALE_AT) is P written again against the new max. The
-            // exponent is clamped so the speculative P stays finite and inside f16.
-            let spec = m_old > MASKED_HALF;
             var mx = MASKED;
+            for (var c = part; c < ncol; c += LPR) {
+                var z = sbuf[r * SP + c] * rf;
+                if SELECTIVE {
+                    z -= fsel[r * SP + c];
+                }
+                mx = max(mx, z);
+            }
+            for (var x = 1u; x < LPR; x <<= 1u) {
+                mx = max(mx, subgroupShuffleXor(mx, x));
+            }
+            let m_old = row_m[r];
+            var m_new = m_old;
+            var corr = 1.0;
+            if m_old <= MASKED_HALF {
+                m_new = mx;          // nothing accumulated yet: no rescale needed
+            } else if mx > m_old + RESCALE_AT {
+                m_new = mx;
+                corr = exp2(m_old - mx);
+            }
             var sum = 0.0;
             for (var c = part; c < BC; c += LPR) {
                 var pf = 0.0;
@@ -318,42 +330,11 @@ fn coop_forward(
                     if SELECTIVE {
                         z -= fsel[r * SP + c];
                     }
-                    mx = max(mx, z);
-                    if spec {
-                        pf = exp2(min(z - m_old, RESCALE_AT));
-                    }
+                    pf = exp2(z - m_new);
                 }
-                if spec {
-                    pbuf[r * PP + c] = f16(pf);
-                    sum += pf;
-                }
-            }
-            for (var x = 1u; x < LPR; x <<= 1u) {
-                mx = max(mx, subgroupShuffleXor(mx, x));
-            }
-            var m_new = m_old;
-            var corr = 1.0;
-            if !spec {
-                m_new = mx;          // nothing accumulated yet: no rescale needed
-            } else if mx > m_old + RESCALE_AT {
-                m_new = mx;
-                corr = exp2(m_old - mx);
-            }
-            if !spec || m_new != m_old {
-                sum = 0.0;
-                for (var c = part; c < BC; c += LPR) {
-                    var pf = 0.0;
-                    if c < ncol {
-                        var z = sbuf[r * SP + c] * rf;
-                        if SELECTIVE {
-                            z -= fsel[r * SP + c];
-                        }
-                        pf = exp2(z - m_new);
-                    }
-                    // P goes to the MMA as f16; the row sum (hence LSE) keeps f32 precision.
-                    pbuf[r * PP + c] = f16(pf);
-                    sum += pf;
-                }
+                // P goes to the MMA as f16; the row sum (hence LSE) keeps f32 precision.
+                pbuf[r * PP + c] = f16(pf);
+                sum += pf;
             }
             for (var x = 1u; x < LPR; x <<= 1u) {
                 sum += subgroupShuffleXor(sum, x);
