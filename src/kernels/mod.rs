@@ -7,12 +7,11 @@
 pub mod coop;
 pub mod decode;
 pub mod forward;
+pub(crate) mod gpu;
 pub mod selective;
 
+pub use crate::device::STORAGE_BUFFERS_NEEDED;
 use crate::{DType, Error, Result};
-
-/// Storage buffers the widest kernel binds at once (the forward kernel).
-pub const STORAGE_BUFFERS_NEEDED: u32 = 10;
 
 /// Shader source files, loaded with `include_str!`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -23,6 +22,8 @@ pub enum Source {
     Selective,
     /// `shaders/coop_forward.wgsl` (a template: fragments unrolled per head dim).
     CoopForward,
+    /// `shaders/coop_colsum.wgsl` (a template like `CoopForward`).
+    CoopColsum,
     /// `shaders/cache.wgsl`.
     Cache,
     /// `shaders/decode.wgsl`.
@@ -39,6 +40,7 @@ impl Source {
         Source::Forward,
         Source::Selective,
         Source::CoopForward,
+        Source::CoopColsum,
         Source::Cache,
         Source::Decode,
         Source::Merge,
@@ -49,6 +51,7 @@ impl Source {
             Source::Forward => include_str!("../../shaders/forward.wgsl"),
             Source::Selective => include_str!("../../shaders/selective.wgsl"),
             Source::CoopForward => include_str!("../../shaders/coop_forward.wgsl"),
+            Source::CoopColsum => include_str!("../../shaders/coop_colsum.wgsl"),
             Source::Cache => include_str!("../../shaders/cache.wgsl"),
             Source::Decode => include_str!("../../shaders/decode.wgsl"),
             Source::Merge => include_str!("../../shaders/merge.wgsl"),
@@ -66,7 +69,7 @@ impl Source {
 
     fn text_of(self, elem: DType, body: &str) -> Result<String> {
         let prelude = match (self, elem) {
-            (Source::CoopForward, _) => {
+            (Source::CoopForward | Source::CoopColsum, _) => {
                 // naga's uniformity analysis is coarser than WGSL's and flags cooperative
                 // operations after any loop bounded by the invocation index; the kernel keeps
                 // every cooperative operation in workgroup-uniform control flow.
@@ -157,6 +160,7 @@ impl KernelKey {
     pub fn source(&self) -> Source {
         match self.kernel {
             Kernel::Forward(_) => Source::Forward,
+            Kernel::SelColsum(c) if c.coop_sgs > 0 => Source::CoopColsum,
             Kernel::SelColsum(_) | Kernel::SelScan(_) => Source::Selective,
             Kernel::CoopForward(_) => Source::CoopForward,
             Kernel::CacheAppend(_) => Source::Cache,
@@ -172,6 +176,7 @@ impl KernelKey {
         let source = self.source();
         Ok(match self.kernel {
             Kernel::CoopForward(c) => c.wgsl(&source.text(self.elem)?),
+            Kernel::SelColsum(c) => c.wgsl(&source.text(self.elem)?),
             Kernel::DecodeAttend(c) => {
                 source.text_of(self.elem, &decode::unroll(source.body(), &|n| c.unroll(n))?)?
             }
@@ -183,6 +188,7 @@ impl KernelKey {
     pub fn entry(&self) -> &'static str {
         match self.kernel {
             Kernel::Forward(_) => "forward",
+            Kernel::SelColsum(c) if c.coop_sgs > 0 => "coop_colsum",
             Kernel::SelColsum(_) => "colsum",
             Kernel::SelScan(_) => "scan",
             Kernel::CoopForward(_) => "coop_forward",
@@ -246,30 +252,4 @@ pub struct Params {
     pub _pad0: u32,
     /// Padding to 16 bytes.
     pub _pad1: u32,
-}
-
-/// Binding of a tensor's own bytes (not its whole buffer, which may be larger than a binding
-/// may be), or of `dummy` when the tensor is absent.
-pub(crate) fn tensor_entry<'a>(
-    binding: u32,
-    t: Option<&'a crate::Tensor>,
-    dummy: &'a wgpu::Buffer,
-) -> wgpu::BindGroupEntry<'a> {
-    let resource = match t {
-        Some(t) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: t.buffer(),
-            offset: 0,
-            size: wgpu::BufferSize::new((t.bytes().div_ceil(4) * 4).min(t.buffer().size())),
-        }),
-        None => dummy.as_entire_binding(),
-    };
-    wgpu::BindGroupEntry { binding, resource }
-}
-
-/// Storage binding at `binding` for a whole buffer.
-pub(crate) fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
-    wgpu::BindGroupEntry {
-        binding,
-        resource: buffer.as_entire_binding(),
-    }
 }
