@@ -12,7 +12,8 @@
 //! [`merge_partials`] does it on the GPU (the decode kernel merges its own splits the same
 //! way); [`merge_partials_reference`] is the f64 reference.
 
-use crate::kernels::{tensor_entry, Kernel, KernelKey};
+use crate::kernels::gpu::{submit, tensor_entry};
+use crate::kernels::{Kernel, KernelKey};
 use crate::{Context, DType, Error, Outputs, Result, Tensor};
 
 /// One partial result: O `[..., D]` (f32 or f16, normalised as attention returns it) and its
@@ -84,18 +85,9 @@ fn check_like(what: &'static str, t: &Tensor, shape: &[u64], dtype: DType) -> Re
 /// dimension; at least one partial. With one partial, it is copied. Records and submits the
 /// work; outputs must not alias any input.
 pub fn merge_partials(ctx: &Context, parts: &[Partial], out: &Outputs) -> Result<()> {
-    let mut enc = ctx
-        .device
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("selattn merge partials"),
-        });
-    let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-    encode_merge_partials(ctx, &mut enc, parts, out)?;
-    ctx.queue.submit([enc.finish()]);
-    if let Some(e) = pollster::block_on(scope.pop()) {
-        return Err(Error::Gpu(e.to_string()));
-    }
-    Ok(())
+    submit(&ctx.device, &ctx.queue, "selattn merge partials", |enc| {
+        encode_merge_partials(ctx, enc, parts, out)
+    })
 }
 
 /// [`merge_partials`] recorded into an encoder the application owns (no submit).
@@ -168,6 +160,7 @@ pub fn encode_merge_partials(
         });
     }
     let caps = ctx.capabilities();
+    let gpu = ctx.gpu();
     let wg = caps.max_invocations.clamp(1, 64);
     let groups = (rows as u32).div_ceil(wg);
     let max = caps.max_workgroups_per_dim.max(1);
@@ -186,14 +179,7 @@ pub fn encode_merge_partials(
         groups_x: gx,
         neg_inf_bits: f32::NEG_INFINITY.to_bits(),
     };
-    let ubuf = wgpu::util::DeviceExt::create_buffer_init(
-        &ctx.device,
-        &wgpu::util::BufferInitDescriptor {
-            label: Some("selattn merge params"),
-            contents: bytemuck::bytes_of(&params),
-            usage: wgpu::BufferUsages::UNIFORM,
-        },
-    );
+    let ubuf = gpu.uniform("selattn merge params", bytemuck::bytes_of(&params));
     // The LSE accumulator: the caller's, or scratch.
     let scratch;
     let lse_out = match out.lse {
@@ -218,32 +204,37 @@ pub fn encode_merge_partials(
             first: k == 0,
             single: parts.len() == 1,
         };
-        let pipe = ctx.pipeline(&KernelKey {
+        let key = KernelKey {
             kernel: Kernel::MergePair(cfg),
             elem,
-        })?;
+        };
         let a = if k == 0 { Some(first) } else { None };
-        let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("selattn merge partials"),
-            layout: &pipe.get_bind_group_layout(0),
-            entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: ubuf.as_entire_binding(),
-                },
-                tensor_entry(1, a.map(|p| p.o), &ctx.dummy_in),
-                tensor_entry(2, a.map(|p| p.lse), &ctx.dummy_in),
-                tensor_entry(3, Some(b.o), &ctx.dummy_in),
-                tensor_entry(4, Some(b.lse), &ctx.dummy_in),
-                tensor_entry(5, Some(out.o), &ctx.dummy_out),
-                tensor_entry(6, Some(lse_out), &ctx.dummy_out),
-            ],
-        });
-        pass.set_pipeline(&pipe);
-        pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(gx, gy, 1);
+        let entries = [
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: ubuf.as_entire_binding(),
+            },
+            tensor_entry(1, a.map(|p| tb(p.o)), gpu.dummy_in),
+            tensor_entry(2, a.map(|p| tb(p.lse)), gpu.dummy_in),
+            tensor_entry(3, Some(tb(b.o)), gpu.dummy_in),
+            tensor_entry(4, Some(tb(b.lse)), gpu.dummy_in),
+            tensor_entry(5, Some(tb(out.o)), gpu.dummy_out),
+            tensor_entry(6, Some(tb(lse_out)), gpu.dummy_out),
+        ];
+        gpu.dispatch(
+            &mut pass,
+            "selattn merge partials",
+            key,
+            &entries,
+            [gx, gy, 1],
+        )?;
     }
     Ok(())
+}
+
+/// A tensor as `tensor_entry` binds it: its buffer and its own bytes.
+fn tb(t: &Tensor) -> (&wgpu::Buffer, u64) {
+    (t.buffer(), t.bytes())
 }
 
 /// The f64 reference of [`merge_partials`]: partials as (O `[rows * d]`, LSE `[rows]`), merged

@@ -606,7 +606,7 @@ fn prev_pow2(x: u32) -> u32 {
 /// Expands `//@unroll NAME COUNT` ... `//@end` blocks (nested, one per line) of a WGSL text:
 /// the body repeated COUNT times (`count(COUNT)`) with `{NAME}` replaced by 0, 1, ...
 pub(crate) fn unroll(text: &str, count: &dyn Fn(&str) -> Option<u32>) -> Result<String> {
-    let bad = |why: String| Error::Gpu(format!("decode shader template: {why}"));
+    let bad = |why: String| Error::gpu_msg(format!("decode shader template: {why}"));
     let lines: Vec<&str> = text.lines().collect();
     let mut out = String::with_capacity(text.len() * 2);
     let mut i = 0;

@@ -36,7 +36,7 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 6] = [
+    pub const ALL: [Source; 7] = [
         Source::Forward,
         Source::Selective,
         Source::CoopForward,
