@@ -34,6 +34,7 @@ use selattn::{Context, DType, Error, Inputs, Options, Outputs, Path, Shape, Spec
 const USAGE: &str = "\
 usage: bench [options]
   --shape B,H,N,D | B,Hq,Hkv,Nq,Nk,D   repeatable; default: 4,16,4096,64  4,16,4096,128  1,16,16384,64
+                                      4,32,8,4096,4096,128 (GQA)
   --variant plain|temp|gate|selective|full|all   repeatable (default all)
              plain: no controls; temp: tau + alpha; gate: value gate;
              selective: selective masking (selection head 0); full: tau + alpha + gate + selective
@@ -221,6 +222,7 @@ fn parse_args() -> Result<Args, String> {
             Shape::new(4, 16, 4096, 64),
             Shape::new(4, 16, 4096, 128),
             Shape::new(1, 16, 16384, 64),
+            parse_shape("4,32,8,4096,4096,128")?,
         ];
     }
     a.warmup = warmup.unwrap_or(a.warmup);
