@@ -415,7 +415,7 @@ fn check_small(
         }
     }
     let dev = Device::upload(ctx, &small, &x, dtype)?;
-    ctx.poison(&dev.o);
+    ctx.poison(&dev.o)?;
     let inputs = dev.inputs(v);
     ctx.attention(&inputs, opts, &dev.outputs())?;
     let got = ctx.download(&dev.o)?;
@@ -500,12 +500,12 @@ fn time_gpu(
         });
         ctx.sync()?;
         rx.recv()
-            .map_err(|e| Error::Gpu(e.to_string()))?
-            .map_err(|e| Error::Gpu(e.to_string()))?;
+            .map_err(|e| Error::gpu(e.to_string()))?
+            .map_err(|e| Error::gpu(e.to_string()))?;
         let ticks: Vec<u64> = {
             let view = slice
                 .get_mapped_range()
-                .map_err(|e| Error::Gpu(e.to_string()))?;
+                .map_err(|e| Error::gpu(e.to_string()))?;
             bytemuck::pod_collect_to_vec(&view)
         };
         read.unmap();
@@ -626,10 +626,10 @@ fn measure(
         }
     }
     if let Some(e) = pollster::block_on(val.pop()) {
-        return Err(Error::Gpu(e.to_string()));
+        return Err(Error::gpu(e.to_string()));
     }
     if let Some(e) = pollster::block_on(oom.pop()) {
-        return Err(Error::Gpu(e.to_string()));
+        return Err(Error::gpu(e.to_string()));
     }
     let finite = ctx.download(&dev.lse)?.iter().all(|x| x.is_finite());
 
@@ -866,9 +866,7 @@ fn main() {
             let before = UNCAPTURED.load(Ordering::SeqCst);
             let mut dev = Device::upload(&ctx, shape, &x, dtype);
             if dev.is_ok() && UNCAPTURED.load(Ordering::SeqCst) != before {
-                dev = Err(Error::Gpu(
-                    "uploading the inputs failed (see stderr)".into(),
-                ));
+                dev = Err(Error::gpu("uploading the inputs failed (see stderr)"));
             }
             for &variant in &a.variants {
                 for &causal in &a.causal {

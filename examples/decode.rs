@@ -310,7 +310,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
             enc.resolve_query_set(qs, 0..2 * n_ts, &resolve, 0);
             ctx.queue.submit([enc.finish()]);
             // Timestamps are u64: read them as 2 u32 words each.
-            let t = Tensor::from_buffer(resolve, &[4 * n_ts as u64], DType::U32)?;
+            let t = Tensor::from_buffer(ctx, resolve, &[4 * n_ts as u64], DType::U32)?;
             let raw: Vec<u64> = bytemuck::pod_collect_to_vec(&ctx.download_bytes(&t)?);
             let period = ctx.queue.get_timestamp_period() as f64;
             let ns: f64 = raw
@@ -390,7 +390,7 @@ fn main() -> Result<()> {
         );
         let tol = if a.f16 { 1e-2 } else { 1e-4 };
         if r.checked_steps > 0 && (r.max_err.is_nan() || r.max_err > tol) {
-            return Err(Error::Gpu(format!(
+            return Err(Error::gpu(format!(
                 "decode disagrees with the reference: max error {:.3e}",
                 r.max_err
             )));

@@ -168,6 +168,23 @@ impl Context {
     /// Validates a call against its tensors and this device, and plans it. This is where every
     /// size the unchecked shaders rely on is verified (see `spec`'s module docs).
     pub fn plan(&self, inputs: &Inputs, options: &Options, outputs: &Outputs) -> Result<Plan> {
+        for (what, t) in [
+            ("q", Some(inputs.q)),
+            ("k", Some(inputs.k)),
+            ("v", Some(inputs.v)),
+            ("tau", inputs.tau),
+            ("alpha", inputs.alpha),
+            ("gate", inputs.gate),
+            ("kv_len", inputs.kv_len),
+            ("f0", inputs.f0),
+            ("o", Some(outputs.o)),
+            ("lse", outputs.lse),
+            ("f_out", outputs.f_out),
+        ] {
+            if let Some(t) = t {
+                self.owns(what, t)?;
+            }
+        }
         let shape = inputs.shape()?;
         let present = Present {
             tau: inputs.tau.is_some(),
@@ -270,18 +287,17 @@ impl Context {
     /// Runs one attention call and submits it. Returns once the work is queued; read results with
     /// [`Context::download`] (which waits) or call [`Context::sync`].
     pub fn attention(&self, inputs: &Inputs, options: &Options, outputs: &Outputs) -> Result<()> {
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("selattn attention"),
-            });
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        self.encode_attention(&mut enc, inputs, options, outputs)?;
-        self.queue.submit([enc.finish()]);
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(e.to_string()));
-        }
-        Ok(())
+        let plan = self.plan(inputs, options, outputs)?;
+        self.scoped("attention", || {
+            let mut enc = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("selattn attention"),
+                });
+            self.encode_plan(&mut enc, &plan, inputs, outputs, None)?;
+            self.queue.submit([enc.finish()]);
+            Ok(())
+        })
     }
 
     /// Allocates O, LSE (and F_out with selective masking) and runs the call.
@@ -305,7 +321,7 @@ impl Context {
         let mut guard = self
             .scratch
             .lock()
-            .map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
+            .map_err(|_| Error::gpu("scratch lock poisoned"))?;
         if let Some(b) = guard.as_ref() {
             if b.size() >= bytes {
                 return Ok(b.clone());
@@ -330,7 +346,9 @@ impl Context {
         outputs: &Outputs,
     ) -> Result<()> {
         let plan = self.plan(inputs, options, outputs)?;
-        self.encode_plan(encoder, &plan, inputs, outputs, None)
+        self.scoped("recording attention", || {
+            self.encode_plan(encoder, &plan, inputs, outputs, None)
+        })
     }
 
     /// Like [`Context::encode_attention`], with GPU timestamps written at the beginning and end
@@ -349,7 +367,9 @@ impl Context {
             });
         }
         let plan = self.plan(inputs, options, outputs)?;
-        self.encode_plan(encoder, &plan, inputs, outputs, Some(timestamps))
+        self.scoped("recording attention", || {
+            self.encode_plan(encoder, &plan, inputs, outputs, Some(timestamps))
+        })
     }
 
     pub(crate) fn encode_plan(

@@ -24,7 +24,7 @@
 use crate::kernels::decode::{
     self, AppendConfig, CacheParams, DecodePlan, DecodeShape, MAX_QUERIES,
 };
-use crate::kernels::{entry, Kernel, KernelKey};
+use crate::kernels::{entry, tensor_entry, Kernel, KernelKey};
 use crate::spec::SUPPORTED_HEAD_DIMS;
 use crate::{Context, DType, Error, Outputs, Result, Tensor};
 
@@ -125,14 +125,22 @@ impl KvCacheConfig {
 
     /// Bytes of the cache's own buffers: K, V, gate, F and positions.
     pub fn bytes(&self) -> u64 {
-        let slots = self.batch as u64 * self.capacity as u64;
-        let kv = 2 * slots * self.kv_heads as u64 * self.head_dim as u64 * self.dtype.size();
+        // Saturating: sizes past u64 are refused when the cache is made.
+        let m = |xs: &[u64]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x));
+        let slots = m(&[self.batch as u64, self.capacity as u64]);
+        let kv = m(&[
+            2,
+            slots,
+            self.kv_heads as u64,
+            self.head_dim as u64,
+            self.dtype.size(),
+        ]);
         let gate = if self.gate {
-            slots * self.kv_heads as u64 * 4
+            m(&[slots, self.kv_heads as u64, 4])
         } else {
             0
         };
-        kv + gate + slots * 8
+        kv.saturating_add(gate).saturating_add(m(&[slots, 8]))
     }
 }
 
@@ -315,6 +323,16 @@ impl KvCache {
     /// Allocates a cache. Nothing is initialised on the GPU: a slot is only read once written.
     pub fn new(ctx: &Context, cfg: KvCacheConfig) -> Result<Self> {
         cfg.validate()?;
+        // The append kernel runs one workgroup per sequence: refuse what cannot be dispatched
+        // now rather than at the first append.
+        let max = ctx.capabilities().max_workgroups_per_dim;
+        if cfg.batch > max {
+            return Err(Error::TooLarge {
+                what: "sequences per dispatch (cache batch)",
+                bytes: cfg.batch as u64,
+                limit: max as u64,
+            });
+        }
         let (b, h, c, d) = (
             cfg.batch as u64,
             cfg.kv_heads as u64,
@@ -572,10 +590,10 @@ impl KvCache {
             entries: &[
                 entry(0, &params),
                 entry(1, step_buf),
-                entry(2, t.k.buffer()),
-                entry(3, t.v.buffer()),
-                entry(4, t.gate.map_or(din, |g| g.buffer())),
-                entry(5, t.f.map_or(din, |f| f.buffer())),
+                tensor_entry(2, Some(t.k), din),
+                tensor_entry(3, Some(t.v), din),
+                tensor_entry(4, t.gate, din),
+                tensor_entry(5, t.f, din),
                 entry(6, self.k.buffer()),
                 entry(7, self.v.buffer()),
                 entry(8, self.gate.as_ref().map_or(&ctx.dummy_out, |g| g.buffer())),
@@ -594,21 +612,26 @@ impl KvCache {
     /// grow by different amounts. Over the budget, tokens are evicted one by one as each new
     /// token is written. Submits the work.
     pub fn append(&mut self, ctx: &Context, tokens: &Tokens, counts: Option<&[u32]>) -> Result<()> {
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("selattn cache append"),
-            });
-        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        self.encode_append(ctx, &mut enc, tokens, counts)?;
-        ctx.queue.submit([enc.finish()]);
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(e.to_string()));
+        let saved = self.host_state();
+        let r = ctx.scoped("cache append", || {
+            let mut enc = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("selattn cache append"),
+                });
+            self.encode_append(ctx, &mut enc, tokens, counts)?;
+            ctx.queue.submit([enc.finish()]);
+            Ok(())
+        });
+        if r.is_err() {
+            self.restore(saved);
         }
-        Ok(())
+        r
     }
 
-    /// [`KvCache::append`] recorded into an encoder the application owns (no submit).
+    /// [`KvCache::append`] recorded into an encoder the application owns (no submit). The
+    /// cache's host state advances when the call returns `Ok`; if the application's submit of
+    /// the encoder then fails, the cache no longer matches its slots: [`KvCache::reset`] it.
     pub fn encode_append(
         &mut self,
         ctx: &Context,
@@ -616,18 +639,57 @@ impl KvCache {
         tokens: &Tokens,
         counts: Option<&[u32]>,
     ) -> Result<()> {
+        self.check_owner(
+            ctx,
+            &[
+                ("k", Some(tokens.k)),
+                ("v", Some(tokens.v)),
+                ("gate", tokens.gate),
+                ("f", tokens.f),
+            ],
+        )?;
         self.check_no_alias(&[Some(tokens.k), Some(tokens.v), tokens.gate, tokens.f])?;
         let (n, counts) = self.check_tokens(tokens, counts)?;
+        check_bindings(
+            ctx,
+            &[Some(tokens.k), Some(tokens.v), tokens.gate, tokens.f],
+        )?;
         let (info, lens, ev) = self.plan_append(&counts);
-        let step_buf = storage(ctx, bytemuck::cast_slice(&info));
-        {
+        ctx.scoped("recording a cache append", || {
+            let step_buf = storage(ctx, bytemuck::cast_slice(&info));
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("selattn cache append"),
                 timestamp_writes: None,
             });
-            self.encode_append_pass(ctx, &mut pass, tokens, n, &step_buf)?;
-        }
+            self.encode_append_pass(ctx, &mut pass, tokens, n, &step_buf)
+        })?;
         self.commit(&counts, lens, ev);
+        Ok(())
+    }
+
+    /// Host state a failed call restores: next positions, lengths, evictions.
+    fn host_state(&self) -> (Vec<u64>, Vec<u32>, Vec<u64>) {
+        (
+            self.next_pos.clone(),
+            self.len.clone(),
+            self.evictions.clone(),
+        )
+    }
+
+    fn restore(&mut self, (next_pos, len, evictions): (Vec<u64>, Vec<u32>, Vec<u64>)) {
+        self.next_pos = next_pos;
+        self.len = len;
+        self.evictions = evictions;
+    }
+
+    /// Checks that the cache and every tensor of a call live on `ctx`'s device.
+    fn check_owner(&self, ctx: &Context, ts: &[(&'static str, Option<&Tensor>)]) -> Result<()> {
+        ctx.owns("cache", &self.k)?;
+        for (what, t) in ts {
+            if let Some(t) = t {
+                ctx.owns(what, t)?;
+            }
+        }
         Ok(())
     }
 
@@ -657,18 +719,21 @@ impl KvCache {
         options: &DecodeOptions,
         outputs: &Outputs,
     ) -> Result<()> {
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("selattn decode"),
-            });
-        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        self.encode_step(ctx, &mut enc, step, options, outputs, None)?;
-        ctx.queue.submit([enc.finish()]);
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(e.to_string()));
+        let saved = self.host_state();
+        let r = ctx.scoped("decode step", || {
+            let mut enc = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("selattn decode"),
+                });
+            self.encode_step(ctx, &mut enc, step, options, outputs, None)?;
+            ctx.queue.submit([enc.finish()]);
+            Ok(())
+        });
+        if r.is_err() {
+            self.restore(saved);
         }
-        Ok(())
+        r
     }
 
     /// Plans a step without recording it: validates every tensor against the cache.
@@ -689,6 +754,20 @@ impl KvCache {
         options: &DecodeOptions,
         outputs: &Outputs,
     ) -> Result<(DecodePlan, Vec<u32>)> {
+        self.check_owner(
+            ctx,
+            &[
+                ("q", Some(step.q)),
+                ("k", Some(step.k)),
+                ("v", Some(step.v)),
+                ("gate", step.gate),
+                ("tau", step.tau),
+                ("alpha", step.alpha),
+                ("o", Some(outputs.o)),
+                ("lse", outputs.lse),
+                ("f_out", outputs.f_out),
+            ],
+        )?;
         let c = &self.cfg;
         if c.dtype == DType::F16 && !ctx.capabilities().f16 {
             return Err(Error::FeatureMissing {
@@ -843,6 +922,19 @@ impl KvCache {
                 });
             }
         }
+        check_bindings(
+            ctx,
+            &[
+                Some(step.q),
+                Some(step.k),
+                Some(step.v),
+                step.gate,
+                step.tau,
+                step.alpha,
+                Some(outputs.o),
+                outputs.lse,
+            ],
+        )?;
         let plan = decode::plan(
             ctx.capabilities(),
             DecodeShape {
@@ -882,6 +974,25 @@ impl KvCache {
             });
         }
         let (plan, counts) = self.validate_step(ctx, step, options, outputs)?;
+        let (lens, ev) = ctx.scoped("recording a decode step", || {
+            self.record_step(ctx, encoder, step, outputs, &plan, &counts, timestamps)
+        })?;
+        self.commit(&counts, lens, ev);
+        Ok(())
+    }
+
+    /// Records a validated step; returns the lengths and evictions to commit.
+    #[allow(clippy::too_many_arguments)]
+    fn record_step(
+        &mut self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        step: &Step,
+        outputs: &Outputs,
+        plan: &DecodePlan,
+        counts: &[u32],
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<(Vec<u32>, Vec<u64>)> {
         let p = plan.params;
         let part = grow(
             ctx,
@@ -893,7 +1004,7 @@ impl KvCache {
             Some(_) => grow(ctx, &mut self.fq, plan.fq_bytes(), "selattn decode F rows"),
             None => ctx.dummy_out.clone(),
         };
-        let (info, lens, ev) = self.plan_append(&counts);
+        let (info, lens, ev) = self.plan_append(counts);
         let step_buf = storage(ctx, bytemuck::cast_slice(&info));
         let params = uniform(ctx, bytemuck::bytes_of(&p));
         let tokens = Tokens {
@@ -923,7 +1034,7 @@ impl KvCache {
                     entries: &[
                         entry(0, &params),
                         entry(1, &step_buf),
-                        entry(2, step.q.buffer()),
+                        tensor_entry(2, Some(step.q), din),
                         entry(3, self.k.buffer()),
                         entry(6, self.pos.buffer()),
                         entry(9, self.f.buffer()),
@@ -946,13 +1057,13 @@ impl KvCache {
                 entries: &[
                     entry(0, &params),
                     entry(1, &step_buf),
-                    entry(2, step.q.buffer()),
+                    tensor_entry(2, Some(step.q), din),
                     entry(3, self.k.buffer()),
                     entry(4, self.v.buffer()),
                     entry(5, self.gate.as_ref().map_or(din, |g| g.buffer())),
                     entry(6, self.pos.buffer()),
-                    entry(7, step.tau.map_or(din, |t| t.buffer())),
-                    entry(8, step.alpha.map_or(din, |t| t.buffer())),
+                    tensor_entry(7, step.tau, din),
+                    tensor_entry(8, step.alpha, din),
                     entry(10, &fq),
                     entry(11, &part),
                 ],
@@ -971,17 +1082,31 @@ impl KvCache {
                 entries: &[
                     entry(0, &params),
                     entry(11, &part),
-                    entry(12, outputs.o.buffer()),
-                    entry(13, outputs.lse.map_or(&ctx.dummy_out, |t| t.buffer())),
+                    tensor_entry(12, Some(outputs.o), din),
+                    tensor_entry(13, outputs.lse, &ctx.dummy_out),
                 ],
             });
             pass.set_pipeline(&pipe);
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(p.q_heads * p.n, p.batch, 1);
         }
-        self.commit(&counts, lens, ev);
-        Ok(())
+        Ok((lens, ev))
     }
+}
+
+/// Checks that each tensor's bytes fit one storage binding (they are bound as their own bytes).
+fn check_bindings(ctx: &Context, ts: &[Option<&Tensor>]) -> Result<()> {
+    let limit = ctx.capabilities().max_storage_binding;
+    for t in ts.iter().flatten() {
+        if t.bytes() > limit {
+            return Err(Error::TooLarge {
+                what: "tensor bound to a decode kernel",
+                bytes: t.bytes(),
+                limit,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Threads of the append kernel: the largest power of two up to 256 the device allows (its

@@ -223,10 +223,30 @@ pub fn best_adapter() -> Result<wgpu::Adapter> {
 /// A pipeline with its bind group layout.
 pub(crate) type Pipeline = Arc<wgpu::ComputePipeline>;
 
+/// The identity of the device a [`Context`] runs on. Every [`crate::Tensor`] and
+/// [`crate::KvCache`] carries the one of the context that made it, and every call rejects a
+/// tensor with another identity ([`Error::ForeignTensor`]).
+///
+/// wgpu cannot tell devices of different `wgpu::Instance`s apart (their handles compare by an
+/// index that each instance counts from zero), so the identity is ours: one per
+/// [`Context::new`], [`Context::from_adapter`] and [`Context::from_device`], shared by
+/// [`Context::from_device_shared`] and [`Context::with_bounds_checks`].
+#[derive(Clone, Debug)]
+pub struct DeviceToken(Arc<wgpu::Device>);
+
+impl PartialEq for DeviceToken {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for DeviceToken {}
+
 /// Adapter, device, queue, capabilities and compiled pipelines.
 pub struct Context {
     /// The device.
     pub device: wgpu::Device,
+    token: DeviceToken,
     /// Its queue.
     pub queue: wgpu::Queue,
     caps: Capabilities,
@@ -309,6 +329,62 @@ impl Context {
         Ok(Self::build(device, queue, info, cooperative_matrix))
     }
 
+    /// Like [`Context::from_device`], for a device that `other` already wraps: the two contexts
+    /// share tensors and caches (each keeps its own pipeline cache). The device must be the one
+    /// `other` runs on; that is checked as far as wgpu can tell (devices of different wgpu
+    /// instances may compare equal, so passing one of those is the caller's error).
+    pub fn from_device_shared(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+        cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
+        other: &Context,
+    ) -> Result<Self> {
+        if device != other.device || queue != other.queue {
+            return Err(Error::RequestDevice(
+                "from_device_shared: the device or queue is not the one the other context runs on"
+                    .into(),
+            ));
+        }
+        let mut c = Self::from_device(device, queue, info, cooperative_matrix)?;
+        c.token = other.token.clone();
+        Ok(c)
+    }
+
+    /// The identity of this context's device (see [`DeviceToken`]).
+    pub fn device_token(&self) -> &DeviceToken {
+        &self.token
+    }
+
+    /// Checks that a tensor was made on this context's device.
+    pub(crate) fn owns(&self, tensor: &'static str, t: &crate::Tensor) -> Result<()> {
+        if t.device_token() != &self.token {
+            return Err(Error::ForeignTensor { tensor });
+        }
+        Ok(())
+    }
+
+    /// Runs `f`, which records or submits GPU work, inside out-of-memory, internal and
+    /// validation error scopes: whatever wgpu reports comes back as [`Error::Gpu`] with wgpu's
+    /// error as its source, instead of reaching wgpu's default handler (which panics). The one
+    /// place where selattn's GPU work is watched.
+    pub(crate) fn scoped<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let r = f();
+        let v = pollster::block_on(validation.pop());
+        let i = pollster::block_on(internal.pop());
+        let o = pollster::block_on(oom.pop());
+        match v.or(i).or(o) {
+            Some(e) => Err(Error::Gpu {
+                what: what.to_string(),
+                source: Some(crate::error::GpuError(Arc::new(e))),
+            }),
+            None => r,
+        }
+    }
+
     fn build(
         device: wgpu::Device,
         queue: wgpu::Queue,
@@ -326,7 +402,9 @@ impl Context {
         };
         let dummy_in = dummy("selattn dummy input");
         let dummy_out = dummy("selattn dummy output");
+        let token = DeviceToken(Arc::new(device.clone()));
         Context {
+            token,
             device,
             queue,
             caps,
@@ -404,7 +482,10 @@ impl Context {
                 cache: None,
             });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(format!("building {label}: {e}")));
+            return Err(Error::Gpu {
+                what: format!("building {label}"),
+                source: Some(crate::error::GpuError(Arc::new(e))),
+            });
         }
         let p = Arc::new(pipeline);
         if let Ok(mut map) = self.pipelines.write() {
@@ -418,7 +499,7 @@ impl Context {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
-            .map_err(|e| Error::Gpu(e.to_string()))
+            .map_err(|e| Error::gpu(format!("waiting for the device: {e}")))
     }
 }
 

@@ -133,8 +133,20 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
-    /// The GPU reported an error while running or reading back.
-    Gpu(String),
+    /// The GPU reported an error while recording, running or reading back. `source` is wgpu's
+    /// own error where wgpu reported one (see [`std::error::Error::source`]).
+    Gpu {
+        /// What was being done, and what went wrong.
+        what: String,
+        /// wgpu's error, if the failure came from wgpu's validation or allocation.
+        source: Option<GpuError>,
+    },
+    /// A tensor or cache was made on another device than the context it is used with (each
+    /// [`crate::Context::new`] has its own device; see [`crate::Context::from_device_shared`]).
+    ForeignTensor {
+        /// Which tensor.
+        tensor: &'static str,
+    },
     /// A file could not be read or written (examples and npy I/O).
     Io(String),
     /// Appending would put more tokens in a sequence than the cache has slots, and the cache has
@@ -185,10 +197,15 @@ impl fmt::Display for Error {
         match self {
             Error::NoAdapter { reasons } => {
                 write!(f, "no adapter can run selattn's compute kernels")?;
-                for r in reasons {
-                    write!(f, "; {r}")?;
+                if reasons.is_empty() {
+                    write!(f, "; wgpu saw no adapter at all")?;
+                } else {
+                    write!(f, "; adapters seen:")?;
                 }
-                Ok(())
+                for r in reasons {
+                    write!(f, "\n  {r}")?;
+                }
+                write!(f, "\n{NO_ADAPTER_HINT}")
             }
             Error::RequestDevice(e) => write!(f, "requesting a device failed: {e}"),
             Error::ZeroSize { what } => write!(f, "{what} must be at least 1"),
@@ -258,7 +275,14 @@ impl fmt::Display for Error {
                 if *given { "given" } else { "not given" }
             ),
             Error::BadBuffer { why } => write!(f, "buffer cannot be used: {why}"),
-            Error::Gpu(e) => write!(f, "GPU error: {e}"),
+            Error::Gpu { what, source } => match source {
+                Some(s) => write!(f, "GPU error: {what}: {s}"),
+                None => write!(f, "GPU error: {what}"),
+            },
+            Error::ForeignTensor { tensor } => write!(
+                f,
+                "{tensor} lives on another device than this context's (made by another Context)"
+            ),
             Error::Io(e) => write!(f, "{e}"),
             Error::CacheFull {
                 batch,
@@ -288,7 +312,49 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+/// How to get an adapter, printed with [`Error::NoAdapter`].
+pub const NO_ADAPTER_HINT: &str =
+    "to get one: use a GPU with a Vulkan, Metal, DX12 or OpenGL 4.3 driver; \
+on Linux without a GPU install Mesa's software drivers (`apt-get install mesa-vulkan-drivers`, \
+which provides lavapipe); `WGPU_BACKEND` and `SELATTN_ADAPTER` must not exclude every adapter";
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Gpu {
+                source: Some(s), ..
+            } => Some(s.0.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl Error {
+    /// A GPU failure without a wgpu error behind it (a lost device, a failed mapping).
+    pub fn gpu(what: impl Into<String>) -> Self {
+        Error::Gpu {
+            what: what.into(),
+            source: None,
+        }
+    }
+}
+
+/// A wgpu error carried by [`Error::Gpu`], shared so that [`Error`] stays `Clone`. Two compare
+/// equal when their messages do.
+#[derive(Clone, Debug)]
+pub struct GpuError(pub std::sync::Arc<wgpu::Error>);
+
+impl PartialEq for GpuError {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl fmt::Display for GpuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -21,9 +21,10 @@ pub mod variants;
 pub use attention::{Inputs, Output, Outputs};
 pub use cache::{CacheState, DecodeOptions, KvCache, KvCacheConfig, Step, Tokens};
 pub use context::{
-    adapters, best_adapter, instance, unusable_reason, Capabilities, Context, ADAPTER_ENV,
+    adapters, best_adapter, instance, unusable_reason, Capabilities, Context, DeviceToken,
+    ADAPTER_ENV,
 };
-pub use error::{Error, Result};
+pub use error::{Error, GpuError, Result, NO_ADAPTER_HINT};
 pub use kernels::forward::Plan;
 pub use spec::{Options, Path, Present, Shape, Spec};
 pub use tensor::Tensor;

@@ -275,23 +275,29 @@ pub fn plan(
     let tiles = max_len.div_ceil(attend.bc);
     // Enough workgroups to fill a large GPU, each split at least one tile, and at most 256
     // splits so the partials stay small.
-    let per_split = s.batch * s.kv_heads * n_rblocks;
-    let want = splits.unwrap_or_else(|| 1024u32.div_ceil(per_split.max(1)));
+    let per_split = s.batch as u64 * s.kv_heads as u64 * n_rblocks as u64;
+    let want = splits.unwrap_or_else(|| 1024u64.div_ceil(per_split.max(1)) as u32);
     let want = want.clamp(1, 256).min(tiles);
     let split_len = max_len.div_ceil(want).div_ceil(attend.bc) * attend.bc;
     let n_splits = max_len.div_ceil(split_len);
     let max = caps.max_workgroups_per_dim;
     for (what, n) in [
-        ("slot splits per dispatch", n_splits),
-        ("KV heads x row blocks per dispatch", s.kv_heads * n_rblocks),
-        ("batch per dispatch", s.batch),
-        ("query rows per sequence per dispatch", s.q_heads * s.n),
-        ("slot groups per dispatch", s.capacity.div_ceil(wg)),
+        ("slot splits per dispatch", n_splits as u64),
+        (
+            "KV heads x row blocks per dispatch",
+            s.kv_heads as u64 * n_rblocks as u64,
+        ),
+        ("batch per dispatch", s.batch as u64),
+        (
+            "query rows per sequence per dispatch",
+            s.q_heads as u64 * s.n as u64,
+        ),
+        ("slot groups per dispatch", s.capacity.div_ceil(wg) as u64),
     ] {
-        if n > max {
+        if n > max as u64 {
             return Err(Error::TooLarge {
                 what,
-                bytes: n as u64,
+                bytes: n,
                 limit: max as u64,
             });
         }
