@@ -25,19 +25,16 @@ impl DType {
     }
 }
 
-/// Bytes of `shape` elements of `dtype`, or why there is no such tensor.
-fn data_bytes(shape: &[u64], dtype: DType) -> Result<u64> {
-    let bytes = checked_numel(shape)
-        .and_then(|n| n.checked_mul(dtype.size()))
-        .and_then(|b| b.checked_add(3)) // rounded up to whole words below
-        .ok_or_else(|| Error::BadBuffer {
-            why: format!("shape {shape:?} of {dtype:?} has more bytes than a u64 counts"),
-        })?
-        - 3;
-    if bytes == 0 {
+/// Bytes of `shape` elements of `dtype`; `overflow` is the error when they (rounded up to whole
+/// words) do not fit in a u64.
+fn data_bytes(shape: &[u64], dtype: DType, overflow: impl FnOnce() -> Error) -> Result<u64> {
+    if shape.contains(&0) {
         return Err(Error::ZeroSize { what: "tensor" });
     }
-    Ok(bytes)
+    checked_numel(shape)
+        .and_then(|n| n.checked_mul(dtype.size()))
+        .filter(|b| b.checked_add(3).is_some()) // rounded up to whole words when bound
+        .ok_or_else(overflow)
 }
 
 impl Tensor {
@@ -57,7 +54,9 @@ impl Tensor {
                 why: format!("usage {:?} lacks STORAGE", buffer.usage()),
             });
         }
-        let need = data_bytes(shape, dtype)?;
+        let need = data_bytes(shape, dtype, || Error::BadBuffer {
+            why: format!("shape {shape:?} of {dtype:?} has more bytes than a u64 counts"),
+        })?;
         let words = need.div_ceil(4) * 4;
         if buffer.size() < words {
             return Err(Error::BadBuffer {
@@ -106,21 +105,27 @@ const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_DST);
 
 impl Context {
-    fn check_size(&self, what: &'static str, bytes: u64) -> Result<()> {
+    /// Bytes of a tensor this context may allocate: at most one storage binding.
+    fn tensor_bytes(&self, shape: &[u64], dtype: DType) -> Result<u64> {
         let limit = self
             .capabilities()
             .max_storage_binding
             .min(self.capabilities().max_buffer);
+        let too_large = |bytes| Error::TooLarge {
+            what: "tensor",
+            bytes,
+            limit,
+        };
+        let bytes = data_bytes(shape, dtype, || too_large(u64::MAX))?;
         if bytes > limit {
-            return Err(Error::TooLarge { what, bytes, limit });
+            return Err(too_large(bytes));
         }
-        Ok(())
+        Ok(bytes)
     }
 
     /// A new, uninitialised tensor.
     pub fn empty(&self, shape: &[u64], dtype: DType) -> Result<Tensor> {
-        let bytes = data_bytes(shape, dtype)?;
-        self.check_size("tensor", bytes)?;
+        let bytes = self.tensor_bytes(shape, dtype)?;
         if dtype == DType::F16 && !self.capabilities().f16 {
             return Err(Error::FeatureMissing {
                 feature: "SHADER_F16",
@@ -149,7 +154,7 @@ impl Context {
     }
 
     fn upload_bytes(&self, shape: &[u64], dtype: DType, data: &[u8]) -> Result<Tensor> {
-        let need = data_bytes(shape, dtype)?;
+        let need = self.tensor_bytes(shape, dtype)?;
         if data.len() as u64 != need {
             return Err(Error::LengthMismatch {
                 what: "upload",
