@@ -10,13 +10,10 @@ pub mod cache;
 mod context;
 mod error;
 pub mod kernels;
-pub mod npy;
 pub mod reference;
 pub mod reference_cache;
 pub mod spec;
 mod tensor;
-pub mod testing;
-pub mod variants;
 
 pub use attention::{Inputs, Output, Outputs};
 pub use cache::{CacheState, DecodeOptions, KvCache, KvCacheConfig, Step, Tokens};
