@@ -360,7 +360,7 @@ fn huge_logits_stay_finite() {
                 }
                 let xe = match elem {
                     DType::F16 => HostInputs {
-                        v: selattn::testing::round_f16(&x.v),
+                        v: selattn_tools::testing::round_f16(&x.v),
                         ..x.clone()
                     },
                     _ => x.clone(),

@@ -173,9 +173,9 @@ impl World<'_> {
             x.f0 = Some(rr.range(0.0, 1.0, (shape.batch * shape.k_len) as usize));
         }
         if f16 {
-            x.q = selattn::testing::round_f16(&x.q);
-            x.k = selattn::testing::round_f16(&x.k);
-            x.v = selattn::testing::round_f16(&x.v);
+            x.q = selattn_tools::testing::round_f16(&x.q);
+            x.k = selattn_tools::testing::round_f16(&x.k);
+            x.v = selattn_tools::testing::round_f16(&x.v);
         }
         let ctx = self.ctx;
         let foreign = |i: usize| matches!(spoil, Spoil::Foreign(j) if j == i);
