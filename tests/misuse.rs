@@ -87,7 +87,7 @@ impl World<'_> {
     fn attention(&mut self) {
         let r = &mut self.rng;
         let mut shape = Shape::new(1 + r.below(2), 1 + r.below(2), 1 + r.below(9), 8);
-        shape.kv_heads = if shape.q_heads % 2 == 0 && r.below(2) == 0 {
+        shape.kv_heads = if shape.q_heads.is_multiple_of(2) && r.below(2) == 0 {
             1
         } else {
             shape.q_heads
@@ -512,10 +512,10 @@ impl World<'_> {
             self.counts.calls += 1;
             let res = cw.cache.append(ctx, &tk, c_arg);
             if spoiled || would_fill {
-                if self.expect_err(res, &format!("append spoil {spoil}")) {
-                    if cw.host_state() != before {
-                        self.counts.fail("failed append moved the cache".into());
-                    }
+                if self.expect_err(res, &format!("append spoil {spoil}"))
+                    && cw.host_state() != before
+                {
+                    self.counts.fail("failed append moved the cache".into());
                 }
             } else {
                 self.counts.gpu_calls += 1;
