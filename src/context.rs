@@ -312,6 +312,8 @@ impl Context {
     /// came from (`adapter.get_info()`); capabilities are read from the device's own features
     /// and limits, so kernels stay within what the application requested.
     /// `cooperative_matrix` is `adapter.cooperative_matrix_properties()` (or empty).
+    /// The context gets a device identity of its own ([`DeviceToken`]): a second context over
+    /// the same device that should share tensors is made with [`Context::from_device_shared`].
     pub fn from_device(
         device: wgpu::Device,
         queue: wgpu::Queue,
