@@ -2,7 +2,8 @@
 //! element types, options, tensors of another device, odd and destroyed buffers, cache steps,
 //! appends and resets. Each call must either return a typed error and change nothing (cache
 //! lengths, positions and slots; outputs left as they were), or succeed with the reference's
-//! result. Prints the counts. `SELATTN_MISUSE_CALLS` sets the number of calls per adapter.
+//! result. Prints the counts. `SELATTN_MISUSE_CALLS` sets the number of calls per adapter
+//! (default 20000, and at most 45 s per adapter so CI time stays bounded).
 
 mod common;
 
@@ -60,6 +61,7 @@ enum Spoil {
     AliasOut,
     Foreign(usize),
     Destroyed,
+    ForceCoopF32,
 }
 
 fn pick<T: Copy>(rng: &mut Rng, xs: &[T]) -> T {
@@ -116,7 +118,9 @@ impl World<'_> {
             opts = opts.scale(0.05 + r.uniform() as f32);
         }
         let f16 = self.ctx.capabilities().f16 && !selective && !tau && r.below(6) == 0;
-        let elem = if f16 { DType::F16 } else { DType::F32 };
+        // Valid calls sometimes read Q from an application's buffer larger than the tensor.
+        let big_q = r.below(6) == 0;
+        let mut elem = if f16 { DType::F16 } else { DType::F32 };
         let spoil = match r.below(16) {
             0..=4 => Spoil::None,
             5 => Spoil::ShapeOf(r.below(8) as usize),
@@ -129,8 +133,9 @@ impl World<'_> {
             12 => Spoil::SelectionHead,
             13 => Spoil::F0WithoutSelective,
             14 => Spoil::AliasOut,
-            _ => match r.below(2) {
+            _ => match r.below(3) {
                 0 => Spoil::Foreign(r.below(8) as usize),
+                1 => Spoil::ForceCoopF32,
                 _ => Spoil::Destroyed,
             },
         };
@@ -149,6 +154,11 @@ impl World<'_> {
             Spoil::SelectiveNotCausal => {
                 opts.causal = false;
                 opts.selective = Some(0);
+            }
+            // The cooperative path takes f16 only.
+            Spoil::ForceCoopF32 => {
+                opts = opts.path(selattn::Path::Coop);
+                elem = DType::F32;
             }
             Spoil::SelectionHead => {
                 opts.causal = true;
@@ -218,7 +228,22 @@ impl World<'_> {
                 dt => w.up(c, &d, &data, dt),
             }
         };
-        let q = make(self, 0, dims_of(0), &x.q, elem);
+        let mut q = make(self, 0, dims_of(0), &x.q, elem);
+        if big_q && spoil == Spoil::None {
+            let bytes = q.bytes().div_ceil(4) * 4;
+            let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("application buffer"),
+                size: bytes + 256,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            enc.copy_buffer_to_buffer(q.buffer(), 0, &buf, 0, bytes);
+            ctx.queue.submit([enc.finish()]);
+            q = Tensor::from_buffer(ctx, buf, q.shape(), q.dtype()).unwrap();
+        }
         let k = make(self, 1, dims_of(1), &x.k, elem);
         let v = make(self, 2, dims_of(2), &x.v, elem);
         let opt = |w: &World, i: usize, d: Vec<u64>, data: &Option<Vec<f32>>| {
@@ -419,6 +444,12 @@ impl CacheWorld {
                 let want: Vec<u64> = seq.slots.iter().map(|s| s.pos).collect();
                 if got != want {
                     return Err(format!("seq {b} slot positions {got:?} vs {want:?}"));
+                }
+                let f: Vec<f32> = (0..seq.slots.len()).map(|j| st.f[b * cap + j]).collect();
+                let rf: Vec<f64> = seq.slots.iter().map(|s| s.f).collect();
+                let c = compare(&f, &rf, 1e-4, 1e-4);
+                if c.bad > 0 {
+                    return Err(format!("seq {b} selective state {c:?}"));
                 }
             }
         }
@@ -642,7 +673,7 @@ fn randomized_misuse() {
     let calls: u64 = std::env::var("SELATTN_MISUSE_CALLS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5000);
+        .unwrap_or(20000);
     let budget = Duration::from_secs(45);
     let mut all_failures = vec![];
     // Another device: a context of its own over the default adapter.
