@@ -244,7 +244,7 @@ fn failed_cache_calls_change_nothing() {
     for c in contexts() {
         let max = c.capabilities().max_workgroups_per_dim;
         let e = KvCache::new(c, KvCacheConfig::new(max + 1, 1, 8, 4)).unwrap_err();
-        assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
+        assert!(matches!(e, Error::DispatchTooLarge { .. }), "{e:?}");
 
         let (b, h, d) = (2usize, 2usize, 8usize);
         let cfg = KvCacheConfig::new(b as u32, h as u32, d as u32, 16);
