@@ -328,6 +328,29 @@ impl Error {
     }
 }
 
+/// How to get an adapter, printed with [`Error::NoAdapter`].
+pub const NO_ADAPTER_HINT: &str = "to get one: use a GPU with a Vulkan, Metal, DX12 or OpenGL 4.3 \
+driver; on Linux without a GPU install Mesa's software drivers (`apt-get install \
+mesa-vulkan-drivers`, which provides lavapipe); `WGPU_BACKEND` and `SELATTN_ADAPTER` must not \
+exclude every adapter";
+
+/// [`Error::NoAdapter`]'s message: every adapter seen and why it is unusable, and the hint.
+fn no_adapter(reasons: &[String]) -> String {
+    let mut s = String::from("no adapter can run selattn's compute kernels");
+    if reasons.is_empty() {
+        s.push_str("; wgpu saw no adapter at all");
+    } else {
+        s.push_str("; adapters seen:");
+    }
+    for r in reasons {
+        s.push_str("\n  ");
+        s.push_str(r);
+    }
+    s.push('\n');
+    s.push_str(NO_ADAPTER_HINT);
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::Error;
@@ -359,27 +382,4 @@ mod tests {
         };
         assert_eq!(e.to_string(), "q has shape [2, 3], expected 4 dimensions");
     }
-}
-
-/// How to get an adapter, printed with [`Error::NoAdapter`].
-pub const NO_ADAPTER_HINT: &str = "to get one: use a GPU with a Vulkan, Metal, DX12 or OpenGL 4.3 \
-driver; on Linux without a GPU install Mesa's software drivers (`apt-get install \
-mesa-vulkan-drivers`, which provides lavapipe); `WGPU_BACKEND` and `SELATTN_ADAPTER` must not \
-exclude every adapter";
-
-/// [`Error::NoAdapter`]'s message: every adapter seen and why it is unusable, and the hint.
-fn no_adapter(reasons: &[String]) -> String {
-    let mut s = String::from("no adapter can run selattn's compute kernels");
-    if reasons.is_empty() {
-        s.push_str("; wgpu saw no adapter at all");
-    } else {
-        s.push_str("; adapters seen:");
-    }
-    for r in reasons {
-        s.push_str("\n  ");
-        s.push_str(r);
-    }
-    s.push('\n');
-    s.push_str(NO_ADAPTER_HINT);
-    s
 }
