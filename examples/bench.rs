@@ -410,7 +410,7 @@ fn check_small(
         }
     }
     let dev = Device::upload(ctx, &small, &x, dtype)?;
-    ctx.poison(&dev.o);
+    ctx.poison(&dev.o)?;
     let inputs = dev.inputs(v);
     ctx.attention(&inputs, opts, &dev.outputs())?;
     let got = ctx.download(&dev.o)?;

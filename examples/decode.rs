@@ -279,7 +279,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
             enc.resolve_query_set(qs, 0..2 * n_ts, &resolve, 0);
             ctx.queue.submit([enc.finish()]);
             // Timestamps are u64: read them as 2 u32 words each.
-            let t = Tensor::from_buffer(resolve, &[4 * n_ts as u64], DType::U32)?;
+            let t = Tensor::from_buffer(ctx, resolve, &[4 * n_ts as u64], DType::U32)?;
             let raw: Vec<u64> = bytemuck::pod_collect_to_vec(&ctx.download_bytes(&t)?);
             let period = ctx.queue.get_timestamp_period() as f64;
             let ns: f64 = raw

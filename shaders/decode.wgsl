@@ -61,6 +61,15 @@ override WRITE_LSE: bool = false;
 override D4: u32 = D / 4u;
 
 const MAX_N: u32 = 8u;
+// Masked logits: the lowest finite f32, so no allowed logit is ever below a masked one; whether
+// a slot is allowed is tracked separately, never read off the logit's value.
+const LOWEST: f32 = -3.40282347e38;
+
+// exp(s - m) for s <= m, computed from halves so that s - m cannot overflow, and clamped where
+// the result is 0 in f32 anyway: finite for every finite s and m.
+fn exp_shifted(s: f32, m: f32) -> f32 {
+    return exp2(max(0.5 * s - 0.5 * m, -128.0) * (2.0 * LOG2E));
+}
 const MAX_APT: u32 = 16u;
 
 // ---------------------------------------------------------------------------------------------
@@ -106,7 +115,7 @@ fn score(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: v
 // ---------------------------------------------------------------------------------------------
 // attend
 
-var<workgroup> qs: array<vec4<f32>, RB * D4>;    // query rows, pre-scaled (log2 domain)
+var<workgroup> qs: array<vec4<f32>, RB * D4>;    // query rows, pre-scaled
 var<workgroup> kvs: array<vec4<f32>, BC * D4>;   // K tile, then gated V tile
 var<workgroup> sp: array<f32, RB * BC>;          // logits, then probabilities
 var<workgroup> kpos: array<u32, BC>;
@@ -143,12 +152,13 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             if HAS_ALPHA {
                 t = temperature(t, alpha[h], st.y + i);
             }
-            x = vec4<f32>(q[((b * p.q_heads + h) * p.n + i) * D4 + e % D4]) * row_factor_of(p.scale, t);
+            // Natural-log domain (not `row_factor_of`): log2 e only on differences from the max.
+            x = vec4<f32>(q[((b * p.q_heads + h) * p.n + i) * D4 + e % D4]) * (p.scale * t);
         }
         qs[e] = x;
     }
     for (var r = tid; r < RB; r += WG) {
-        row_m[r] = MASKED;
+        row_m[r] = LOWEST;
         row_l[r] = 0.0;
     }
     var acc: array<vec4<f32>, MAX_APT>;
@@ -175,14 +185,14 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             kpos[c] = pj;
         }
         workgroupBarrier();
-        // Logits (log2 domain), masked to slots at or before the query's position.
+        // Logits, masked to slots at or before the query's position.
         for (var e = tid; e < RB * BC; e += WG) {
             let r = e / BC;
             let c = e % BC;
             let rr = rb * RB + r;
             let i = rr % p.n;
             let j = kt + c;
-            var sv = MASKED;
+            var sv = LOWEST;
             if rr < p.rows && j < j1 && kpos[c] <= st.y + i {
                 var d4 = vec4<f32>(0.0);
                 for (var x = 0u; x < D4; x++) {
@@ -190,7 +200,7 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
                 }
                 sv = d4.x + d4.y + d4.z + d4.w;
                 if SELECTIVE {
-                    sv -= fq[(b * p.n + i) * p.capacity + j] * LOG2E;
+                    sv -= fq[(b * p.n + i) * p.capacity + j];
                 }
             }
             sp[e] = sv;
@@ -198,6 +208,8 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
         workgroupBarrier();
         // Online softmax, one row per thread.
         for (var r = tid; r < RB; r += WG) {
+            let rr = rb * RB + r;
+            let i = rr % p.n;
             let m_old = row_m[r];
             var mx = m_old;
             for (var c = 0u; c < BC; c++) {
@@ -207,13 +219,13 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             for (var c = 0u; c < BC; c++) {
                 let sv = sp[r * BC + c];
                 var pr = 0.0;
-                if sv > MASKED_HALF {
-                    pr = exp2(sv - mx);
+                if rr < p.rows && kt + c < j1 && kpos[c] <= st.y + i {
+                    pr = exp_shifted(sv, mx);
                 }
                 sp[r * BC + c] = pr;
                 sum += pr;
             }
-            let corr = select(1.0, exp2(m_old - mx), m_old > MASKED_HALF);
+            let corr = exp_shifted(m_old, mx);
             row_c[r] = corr;
             row_m[r] = mx;
             row_l[r] = row_l[r] * corr + sum;
@@ -275,30 +287,26 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
 fn merge(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let row = wg.y * (p.q_heads * p.n) + wg.x;   // (b * Hq + h) * n + i
     let first = row * p.splits;
-    var mx = MASKED;
+    var mx = LOWEST;
     for (var s = 0u; s < p.splits; s++) {
         mx = max(mx, part[p.ml_base + first + s].x);
     }
     var l = 0.0;
     for (var s = 0u; s < p.splits; s++) {
+        // A split with no allowed slot has l = 0 and a zero accumulator.
         let ml = part[p.ml_base + first + s];
-        if ml.x > MASKED_HALF {
-            l += ml.y * exp2(ml.x - mx);
-        }
+        l += ml.y * exp_shifted(ml.x, mx);
     }
     // A row with no allowed slot: zeros and LSE = -inf.
     let inv = select(0.0, 1.0 / l, l > 0.0);
     for (var x = tid; x < D4; x += WG) {
         var acc = vec4<f32>(0.0);
         for (var s = 0u; s < p.splits; s++) {
-            let m = part[p.ml_base + first + s].x;
-            if m > MASKED_HALF {
-                acc += part[(first + s) * D4 + x] * exp2(m - mx);
-            }
+            acc += part[(first + s) * D4 + x] * exp_shifted(part[p.ml_base + first + s].x, mx);
         }
         o[row * D4 + x] = vec4<elem>(acc * inv);
     }
     if WRITE_LSE && tid == 0u {
-        lse[row] = select(neg_inf(), (mx + log2(l)) * LN2, l > 0.0);
+        lse[row] = select(neg_inf(), mx + log(l), l > 0.0);
     }
 }

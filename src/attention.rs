@@ -170,6 +170,23 @@ impl Context {
     // Long on purpose: one flat list of checks in the order their errors are reported (shape,
     // then every tensor, then limits, then aliasing); the safety boundary reads best in one place.
     pub fn plan(&self, inputs: &Inputs, options: &Options, outputs: &Outputs) -> Result<Plan> {
+        for (what, t) in [
+            ("q", Some(inputs.q)),
+            ("k", Some(inputs.k)),
+            ("v", Some(inputs.v)),
+            ("tau", inputs.tau),
+            ("alpha", inputs.alpha),
+            ("gate", inputs.gate),
+            ("kv_len", inputs.kv_len),
+            ("f0", inputs.f0),
+            ("o", Some(outputs.o)),
+            ("lse", outputs.lse),
+            ("f_out", outputs.f_out),
+        ] {
+            if let Some(t) = t {
+                self.owns(what, t)?;
+            }
+        }
         let shape = inputs.shape()?;
         let present = Present {
             tau: inputs.tau.is_some(),
@@ -272,8 +289,9 @@ impl Context {
     /// Runs one attention call and submits it. Returns once the work is queued; read results with
     /// [`Context::download`] (which waits) or call [`Context::sync`].
     pub fn attention(&self, inputs: &Inputs, options: &Options, outputs: &Outputs) -> Result<()> {
+        let plan = self.plan(inputs, options, outputs)?;
         submit(&self.device, &self.queue, "selattn attention", |enc| {
-            self.encode_attention(enc, inputs, options, outputs)
+            self.encode_plan(enc, &plan, inputs, outputs, None)
         })
     }
 
@@ -323,7 +341,9 @@ impl Context {
         outputs: &Outputs,
     ) -> Result<()> {
         let plan = self.plan(inputs, options, outputs)?;
-        self.encode_plan(encoder, &plan, inputs, outputs, None)
+        self.scoped("recording attention", || {
+            self.encode_plan(encoder, &plan, inputs, outputs, None)
+        })
     }
 
     /// Like [`Context::encode_attention`], with GPU timestamps written at the beginning and end
@@ -342,7 +362,9 @@ impl Context {
             });
         }
         let plan = self.plan(inputs, options, outputs)?;
-        self.encode_plan(encoder, &plan, inputs, outputs, Some(timestamps))
+        self.scoped("recording attention", || {
+            self.encode_plan(encoder, &plan, inputs, outputs, Some(timestamps))
+        })
     }
 
     pub(crate) fn encode_plan(

@@ -5,17 +5,37 @@
 //! ([`crate::device`]) and requests a device, [`Context::from_device`] wraps a device an
 //! application already owns.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::device::{best_adapter, unusable_reason, Capabilities, STORAGE_BUFFERS_NEEDED};
 use crate::error::GpuSource;
 use crate::kernels::gpu::{Gpu, Pipelines};
 use crate::{Error, Result};
 
+/// The identity of the device a [`Context`] runs on. Every [`crate::Tensor`] and
+/// [`crate::KvCache`] carries the one of the context that made it, and every call rejects a
+/// tensor with another identity ([`Error::ForeignTensor`]).
+///
+/// wgpu cannot tell devices of different `wgpu::Instance`s apart (their handles compare by an
+/// index that each instance counts from zero), so the identity is ours: one per
+/// [`Context::new`], [`Context::from_adapter`] and [`Context::from_device`], shared by
+/// [`Context::from_device_shared`] and [`Context::with_bounds_checks`].
+#[derive(Clone, Debug)]
+pub struct DeviceToken(Arc<wgpu::Device>);
+
+impl PartialEq for DeviceToken {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for DeviceToken {}
+
 /// Adapter, device, queue, capabilities and compiled pipelines.
 pub struct Context {
     /// The device.
     pub device: wgpu::Device,
+    token: DeviceToken,
     /// Its queue.
     pub queue: wgpu::Queue,
     caps: Capabilities,
@@ -81,6 +101,8 @@ impl Context {
     /// came from (`adapter.get_info()`); capabilities are read from the device's own features
     /// and limits, so kernels stay within what the application requested.
     /// `cooperative_matrix` is `adapter.cooperative_matrix_properties()` (or empty).
+    /// The context gets a device identity of its own ([`DeviceToken`]): a second context over
+    /// the same device that should share tensors is made with [`Context::from_device_shared`].
     pub fn from_device(
         device: wgpu::Device,
         queue: wgpu::Queue,
@@ -96,6 +118,44 @@ impl Context {
             });
         }
         Ok(Self::build(device, queue, info, cooperative_matrix))
+    }
+
+    /// Like [`Context::from_device`], for a device that `other` already wraps: the two contexts
+    /// share tensors and caches (each keeps its own pipeline cache). The device must be the one
+    /// `other` runs on; that is checked as far as wgpu can tell (devices of different wgpu
+    /// instances may compare equal, so passing one of those is the caller's error).
+    pub fn from_device_shared(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+        cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
+        other: &Context,
+    ) -> Result<Self> {
+        if device != other.device || queue != other.queue {
+            return Err(Error::NotSameDevice);
+        }
+        let mut c = Self::from_device(device, queue, info, cooperative_matrix)?;
+        c.token = other.token.clone();
+        Ok(c)
+    }
+
+    /// The identity of this context's device (see [`DeviceToken`]).
+    pub fn device_token(&self) -> &DeviceToken {
+        &self.token
+    }
+
+    /// Checks that a tensor was made on this context's device.
+    pub(crate) fn owns(&self, tensor: &'static str, t: &crate::Tensor) -> Result<()> {
+        if t.device_token() != &self.token {
+            return Err(Error::ForeignTensor { tensor });
+        }
+        Ok(())
+    }
+
+    /// Runs `f`, which records or submits GPU work, under error scopes (see
+    /// [`crate::kernels::gpu::scoped`]).
+    pub(crate) fn scoped<T>(&self, during: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        crate::kernels::gpu::scoped(&self.device, during, f)
     }
 
     fn build(
@@ -115,7 +175,9 @@ impl Context {
         };
         let dummy_in = dummy("selattn dummy input");
         let dummy_out = dummy("selattn dummy output");
+        let token = DeviceToken(Arc::new(device.clone()));
         Context {
+            token,
             device,
             queue,
             caps,

@@ -65,10 +65,10 @@ mod tensor;
 
 pub use attention::{Inputs, Output, Outputs};
 pub use cache::{CacheState, DecodeOptions, KvCache, KvCacheConfig, Step, Tokens};
-pub use context::Context;
+pub use context::{Context, DeviceToken};
 pub use device::{adapters, best_adapter, instance, unusable_reason, Capabilities, ADAPTER_ENV};
 pub use dtype::DType;
-pub use error::{Error, GpuSource, Result};
+pub use error::{Error, GpuSource, Result, NO_ADAPTER_HINT};
 pub use kernels::forward::Plan;
 pub use spec::{Options, Path, Present, Role, Shape, Spec};
 pub use tensor::Tensor;

@@ -234,8 +234,8 @@ fn run_case(ctx: &Context, c: &Case, seed: u64) -> (Vec<String>, Vec<Vec<f32>>) 
         let alpha = x.alpha.as_ref().map(|v| ctx.upload(&[hq], v).unwrap());
         let o = ctx.empty(&[b, hq, n as u64, d], c.dtype).unwrap();
         let lse = ctx.empty(&[b, hq, n as u64], DType::F32).unwrap();
-        ctx.poison(&o);
-        ctx.poison(&lse);
+        ctx.poison(&o).unwrap();
+        ctx.poison(&lse).unwrap();
         let positions = cache.positions().to_vec();
         let mut step = Step::new(&q, &g.k, &g.v).positions(&positions);
         if let Some(x) = &g.gate {
@@ -535,8 +535,8 @@ fn prefill_then_decode_equals_full_prefill() {
                 let lse = ctx
                     .empty(&[bn as u64, hq as u64, n as u64], DType::F32)
                     .unwrap();
-                ctx.poison(&o);
-                ctx.poison(&lse);
+                ctx.poison(&o).unwrap();
+                ctx.poison(&lse).unwrap();
                 let step = Step::new(&q, &k, &v).gate(&g).tau(&t).alpha(&ap);
                 cache
                     .step(

@@ -2,7 +2,7 @@
 //! split-KV attention and merge (`shaders/decode.wgsl`).
 
 use super::flag;
-use super::gpu::{entry, Gpu};
+use super::gpu::{entry, tensor_entry, Gpu};
 use super::{Kernel, KernelKey};
 use crate::device::Capabilities;
 use crate::DType;
@@ -280,23 +280,30 @@ pub fn plan(
     let tiles = max_len.div_ceil(attend.bc);
     // Enough workgroups to fill a large GPU, each split at least one tile, and at most 256
     // splits so the partials stay small.
-    let per_split = s.batch * s.kv_heads * n_rblocks;
-    let want = splits.unwrap_or_else(|| 1024u32.div_ceil(per_split.max(1)));
+    let per_split = s.batch as u64 * s.kv_heads as u64 * n_rblocks as u64;
+    let want = splits.unwrap_or_else(|| 1024u64.div_ceil(per_split.max(1)) as u32);
     let want = want.clamp(1, 256).min(tiles);
     let split_len = max_len.div_ceil(want).div_ceil(attend.bc) * attend.bc;
     let n_splits = max_len.div_ceil(split_len);
     let max = caps.max_workgroups_per_dim;
+    // In u64: the products may pass u32 for sizes the dispatch limit then refuses.
     for (what, n) in [
-        ("slot splits per dispatch", n_splits),
-        ("KV heads x row blocks per dispatch", s.kv_heads * n_rblocks),
-        ("batch per dispatch", s.batch),
-        ("query rows per sequence per dispatch", s.q_heads * s.n),
-        ("slot groups per dispatch", s.capacity.div_ceil(wg)),
+        ("slot splits per dispatch", n_splits as u64),
+        (
+            "KV heads x row blocks per dispatch",
+            s.kv_heads as u64 * n_rblocks as u64,
+        ),
+        ("batch per dispatch", s.batch as u64),
+        (
+            "query rows per sequence per dispatch",
+            s.q_heads as u64 * s.n as u64,
+        ),
+        ("slot groups per dispatch", s.capacity.div_ceil(wg) as u64),
     ] {
-        if n > max {
+        if n > max as u64 {
             return Err(Error::DispatchTooLarge {
                 what,
-                workgroups: n as u64,
+                workgroups: n,
                 limit: max as u64,
             });
         }
@@ -359,12 +366,13 @@ pub(crate) struct CacheBuffers<'a> {
     pub pos: &'a wgpu::Buffer,
 }
 
-/// New tokens for the append kernel; `step` holds each sequence's slot plan.
+/// New tokens for the append kernel, each `(buffer, bytes)` (bound as its own bytes: an
+/// application's buffer may be larger than a binding); `step` holds each sequence's slot plan.
 pub(crate) struct TokenBuffers<'a> {
-    pub k: &'a wgpu::Buffer,
-    pub v: &'a wgpu::Buffer,
-    pub gate: Option<&'a wgpu::Buffer>,
-    pub f: Option<&'a wgpu::Buffer>,
+    pub k: (&'a wgpu::Buffer, u64),
+    pub v: (&'a wgpu::Buffer, u64),
+    pub gate: Option<(&'a wgpu::Buffer, u64)>,
+    pub f: Option<(&'a wgpu::Buffer, u64)>,
     pub step: &'a wgpu::Buffer,
 }
 
@@ -387,10 +395,10 @@ pub(crate) fn encode_append(
     let entries = [
         entry(0, &uniform),
         entry(1, t.step),
-        entry(2, t.k),
-        entry(3, t.v),
-        entry(4, t.gate.unwrap_or(din)),
-        entry(5, t.f.unwrap_or(din)),
+        tensor_entry(2, Some(t.k), din),
+        tensor_entry(3, Some(t.v), din),
+        tensor_entry(4, t.gate, din),
+        tensor_entry(5, t.f, din),
         entry(6, c.k),
         entry(7, c.v),
         entry(8, c.gate.unwrap_or(gpu.dummy_out)),
@@ -401,13 +409,14 @@ pub(crate) fn encode_append(
     gpu.dispatch(pass, "selattn cache append", key, &entries, groups)
 }
 
-/// A decode step's query-side buffers and its scratch.
+/// A decode step's query-side tensors, each `(buffer, bytes)` (bound as its own bytes), and its
+/// scratch.
 pub(crate) struct StepBuffers<'a> {
-    pub q: &'a wgpu::Buffer,
-    pub tau: Option<&'a wgpu::Buffer>,
-    pub alpha: Option<&'a wgpu::Buffer>,
-    pub o: &'a wgpu::Buffer,
-    pub lse: Option<&'a wgpu::Buffer>,
+    pub q: (&'a wgpu::Buffer, u64),
+    pub tau: Option<(&'a wgpu::Buffer, u64)>,
+    pub alpha: Option<(&'a wgpu::Buffer, u64)>,
+    pub o: (&'a wgpu::Buffer, u64),
+    pub lse: Option<(&'a wgpu::Buffer, u64)>,
     /// Each sequence's slot plan (written by the append).
     pub step: &'a wgpu::Buffer,
     /// Per-query F rows (selective masking; a dummy otherwise).
@@ -439,7 +448,7 @@ pub(crate) fn encode_step(
         let entries = [
             entry(0, &params),
             entry(1, s.step),
-            entry(2, s.q),
+            tensor_entry(2, Some(s.q), din),
             entry(3, c.k),
             entry(6, c.pos),
             entry(9, c.f),
@@ -455,13 +464,13 @@ pub(crate) fn encode_step(
     let entries = [
         entry(0, &params),
         entry(1, s.step),
-        entry(2, s.q),
+        tensor_entry(2, Some(s.q), din),
         entry(3, c.k),
         entry(4, c.v),
         entry(5, c.gate.unwrap_or(din)),
         entry(6, c.pos),
-        entry(7, s.tau.unwrap_or(din)),
-        entry(8, s.alpha.unwrap_or(din)),
+        tensor_entry(7, s.tau, din),
+        tensor_entry(8, s.alpha, din),
         entry(10, s.fq),
         entry(11, s.part),
     ];
@@ -474,8 +483,8 @@ pub(crate) fn encode_step(
     let entries = [
         entry(0, &params),
         entry(11, s.part),
-        entry(12, s.o),
-        entry(13, s.lse.unwrap_or(gpu.dummy_out)),
+        tensor_entry(12, Some(s.o), din),
+        tensor_entry(13, s.lse, gpu.dummy_out),
     ];
     let groups = [p.q_heads * p.n, p.batch, 1];
     gpu.dispatch(pass, "selattn decode merge", key, &entries, groups)

@@ -157,28 +157,43 @@ impl Gpu<'_> {
     }
 }
 
-/// Records work with `record` into a new encoder and submits it, all under a validation error
-/// scope: a wgpu validation error comes back as [`Error::Gpu`] (with it as the source) instead of reaching wgpu's
-/// default handler (which panics).
+/// Runs `f`, which records or submits GPU work, inside out-of-memory, internal and validation
+/// error scopes: whatever wgpu reports comes back as [`Error::Gpu`] with wgpu's error as its
+/// source, instead of reaching wgpu's default handler (which panics). The one place where
+/// selattn's GPU work is watched; a wgpu error wins over `f`'s own result.
+pub(crate) fn scoped<T>(
+    device: &wgpu::Device,
+    during: &str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let r = f();
+    let v = pollster::block_on(validation.pop());
+    let i = pollster::block_on(internal.pop());
+    let o = pollster::block_on(oom.pop());
+    match v.or(i).or(o) {
+        Some(e) => Err(Error::gpu(during, e)),
+        None => r,
+    }
+}
+
+/// Records work with `record` into a new encoder and submits it, all under [`scoped`]'s error
+/// scopes (nothing is submitted when recording fails).
 pub(crate) fn submit(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     label: &str,
     record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
 ) -> Result<()> {
-    let mut enc =
-        device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
-    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let recorded = record(&mut enc);
-    if recorded.is_ok() {
+    scoped(device, &format!("running {label}"), || {
+        let mut enc =
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+        record(&mut enc)?;
         queue.submit([enc.finish()]);
-    }
-    let popped = pollster::block_on(scope.pop());
-    recorded?;
-    if let Some(e) = popped {
-        return Err(Error::gpu(format!("running {label}"), e));
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Binding of a tensor's own bytes, `(buffer, bytes)` (not its whole buffer, which may be
