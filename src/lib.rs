@@ -12,6 +12,7 @@ mod error;
 pub mod kernels;
 pub mod npy;
 pub mod reference;
+pub mod reference_backward;
 pub mod reference_cache;
 pub mod spec;
 mod tensor;
