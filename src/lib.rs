@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 mod attention;
+mod backward;
 pub mod cache;
 mod context;
 mod error;
@@ -20,11 +21,13 @@ pub mod testing;
 pub mod variants;
 
 pub use attention::{Inputs, Output, Outputs};
+pub use backward::{Grads, Upstream};
 pub use cache::{CacheState, DecodeOptions, KvCache, KvCacheConfig, Step, Tokens};
 pub use context::{
     adapters, best_adapter, instance, unusable_reason, Capabilities, Context, ADAPTER_ENV,
 };
 pub use error::{Error, Result};
+pub use kernels::backward::BackwardPlan;
 pub use kernels::forward::Plan;
 pub use spec::{Options, Path, Present, Shape, Spec};
 pub use tensor::Tensor;

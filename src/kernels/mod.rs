@@ -4,6 +4,7 @@
 //! pipeline variant; it is the pipeline cache key and the wgpu label, so a validation error or a
 //! trace names the variant.
 
+pub mod backward;
 pub mod coop;
 pub mod decode;
 pub mod forward;
@@ -27,18 +28,21 @@ pub enum Source {
     Cache,
     /// `shaders/decode.wgsl`.
     Decode,
+    /// `shaders/backward.wgsl`.
+    Backward,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 5] = [
+    pub const ALL: [Source; 6] = [
         Source::Forward,
         Source::Selective,
         Source::CoopForward,
         Source::Cache,
         Source::Decode,
+        Source::Backward,
     ];
 
     fn body(self) -> &'static str {
@@ -48,6 +52,7 @@ impl Source {
             Source::CoopForward => include_str!("../../shaders/coop_forward.wgsl"),
             Source::Cache => include_str!("../../shaders/cache.wgsl"),
             Source::Decode => include_str!("../../shaders/decode.wgsl"),
+            Source::Backward => include_str!("../../shaders/backward.wgsl"),
         }
     }
 
@@ -127,6 +132,8 @@ pub enum Kernel {
     DecodeAttend(decode::AttendConfig),
     /// Decode: merge of the splits.
     DecodeMerge(decode::MergeConfig),
+    /// One entry point of the backward pass.
+    Backward(backward::BackwardConfig),
 }
 
 /// One pipeline variant: kernel, specialisation and storage element type.
@@ -149,6 +156,7 @@ impl KernelKey {
             Kernel::DecodeScore(_) | Kernel::DecodeAttend(_) | Kernel::DecodeMerge(_) => {
                 Source::Decode
             }
+            Kernel::Backward(_) => Source::Backward,
         }
     }
 
@@ -172,6 +180,7 @@ impl KernelKey {
             Kernel::DecodeScore(_) => "score",
             Kernel::DecodeAttend(_) => "attend",
             Kernel::DecodeMerge(_) => "merge",
+            Kernel::Backward(c) => c.entry.name(),
         }
     }
 
@@ -186,6 +195,7 @@ impl KernelKey {
             Kernel::DecodeScore(c) => c.constants(),
             Kernel::DecodeAttend(c) => c.constants(),
             Kernel::DecodeMerge(c) => c.constants(),
+            Kernel::Backward(c) => c.constants(),
         }
     }
 }
