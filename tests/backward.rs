@@ -314,6 +314,9 @@ fn check_grads(name: &str, g: &GpuGrads, r: &HostGrads, want: Wanted, tol: f64) 
         if !on {
             continue;
         }
+        // dalpha sums B·Nq values of dt of either sign: its f32 rounding is relative to the
+        // summands, which can be several times the sum.
+        let tol = if what == "dalpha" { 10.0 * tol } else { tol };
         let scale = exp.iter().fold(0.0f64, |m, x| m.max(x.abs()));
         let c = compare(got, exp, 20.0 * tol * scale, 20.0 * tol);
         eprintln!(
@@ -465,8 +468,8 @@ fn all_bits_f(g: &GpuGrads) -> Vec<f32> {
 }
 
 /// f16 storage of Q, K, V, O, dO, dQ, dK, dV: against the reference on the f16-rounded inputs,
-/// norm-wise error under 5e-3 and no worse than twice the f16 rounding of the exact gradient
-/// (with a floor of 1e-4: O and dO are stored in f16 too, which moves Delta).
+/// norm-wise error under 5e-3 and, for the f16 gradients, no worse than twice the f16 rounding
+/// of the exact gradient (with a floor of 1e-3: O is stored in f16 too, which moves Delta).
 #[test]
 fn f16_storage() {
     let all = cases();
@@ -506,7 +509,13 @@ fn f16_storage() {
                 let rounded: Vec<f32> = exp.iter().map(|&v| v as f32).collect();
                 let floor = compare(&selattn::testing::round_f16(&rounded), exp, 0.0, 0.0).rel_norm;
                 let cmp = compare(got, exp, 0.0, 0.0);
-                let limit = (2.0 * floor).clamp(1e-3, 5e-3);
+                // dtau and dgate are stored in f32: their error comes from the f16 inputs
+                // (O and dO among them, through Delta), bounded by DESIGN.md §4's 5e-3.
+                let limit = if what == "dtau" || what == "dgate" {
+                    5e-3
+                } else {
+                    (2.0 * floor).clamp(1e-3, 5e-3)
+                };
                 eprintln!(
                     "{name} {what}: rel {:.2e} (f16 rounding {floor:.2e}, limit {limit:.2e})",
                     cmp.rel_norm
@@ -524,7 +533,8 @@ fn f16_storage() {
 #[test]
 fn invalid_calls_return_typed_errors() {
     let ctx = &contexts()[0];
-    let s = Shape::new(1, 2, 9, 8);
+    // Nq != Nk, so Q-shaped and K-shaped tensors differ.
+    let s = Shape::new(1, 2, 9, 8).with_q_len(5);
     let x = random_inputs(&s, Controls::default(), 1);
     let g = Gpu::upload(ctx, &s, &x, DType::F32);
     let t = |dims: Vec<u64>| ctx.empty(&dims, DType::F32).unwrap();
@@ -554,7 +564,7 @@ fn invalid_calls_return_typed_errors() {
         matches!(e, Error::ShapeMismatch { tensor: "dq", .. }),
         "{e:?}"
     );
-    let dq_u32 = ctx.upload_u32(&s.q_dims(), &vec![0; 9 * 16]).unwrap();
+    let dq_u32 = ctx.upload_u32(&s.q_dims(), &[0; 80]).unwrap();
     let e = run(&causal, &up, &Grads::new().dq(&dq_u32)).unwrap_err();
     assert!(
         matches!(e, Error::DTypeMismatch { tensor: "dq", .. }),
