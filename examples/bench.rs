@@ -159,6 +159,7 @@ fn parse_args() -> Result<Args, String> {
         wall: false,
         check: true,
         json: None,
+        backward: false,
     };
     let mut quick = false;
     let (mut warmup, mut iters) = (None, None);
@@ -876,6 +877,9 @@ fn main() {
         a.budget
     );
     println!("TFLOP/s counts 4*B*Hq*Nq*Nk*D, halved when causal; GB/s counts Q,K,V,O,LSE and the variant's inputs once");
+    if a.backward {
+        println!("--backward: each row is a forward and a backward call timed together by wall clock; TFLOP/s counts 3.5x the forward");
+    }
     println!("{HEADER}");
 
     let mut rows = Vec::new();
