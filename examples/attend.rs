@@ -15,11 +15,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use selattn::npy::{self, NpyArray, NpyError};
 use selattn::reference::{self, HostInputs, HostOutputs};
 use selattn::spec::check_kv_len;
-use selattn::testing::{compare, round_f16, Cmp, DeviceInputs};
 use selattn::{Context, DType, Error, Options, Outputs, Path as KernelPath, Present, Shape, Spec};
+use selattn_tools::npy::{self, NpyArray, NpyError};
+use selattn_tools::testing::{compare, round_f16, Cmp, DeviceInputs};
 
 const USAGE: &str = "\
 usage: attend --q Q.npy --k K.npy --v V.npy --out O.npy [options]

@@ -27,7 +27,7 @@
 //! A configuration the device cannot run (f16 without SHADER_F16, a path it lacks, a size over a
 //! limit) becomes a row carrying the error, not a crash.
 
-use selattn::testing::json_string;
+use selattn_tools::testing::json_string;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -249,19 +249,15 @@ fn parse_args() -> Result<Args, String> {
 // ---------------------------------------------------------------------------------------------
 // Inputs
 
-/// splitmix64 with Box-Muller normals: seeded and reproducible.
-struct Rng(u64);
+/// Box-Muller normals in pairs (cos and sin) from the shared seeded generator.
+struct Rng(selattn_tools::testing::Rng);
 
 impl Rng {
     fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        Rng(selattn_tools::testing::Rng::new(seed))
     }
     fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        self.0.uniform()
     }
     fn normals(&mut self, n: usize) -> Vec<f32> {
         let mut v = Vec::with_capacity(n + 1);

@@ -88,24 +88,13 @@ fn parse() -> Result<Args> {
     Ok(a)
 }
 
-/// splitmix64 normals: reproducible synthetic projections.
-struct Rng(u64);
+/// Reproducible synthetic projections from the shared seeded generator.
+struct Rng(selattn_tools::testing::Rng);
 impl Rng {
-    fn normal(&mut self) -> f32 {
-        let mut u = || {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        };
-        let (u1, u2) = (u().max(1e-300), u());
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
     fn normals(&mut self, n: usize, f16: bool) -> Vec<f32> {
         (0..n)
             .map(|_| {
-                let x = self.normal();
+                let x = self.0.normal();
                 if f16 {
                     half::f16::from_f32(x).to_f32()
                 } else {
@@ -163,7 +152,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
         a.dim as u64,
         a.queries as u64,
     );
-    let mut rng = Rng(7);
+    let mut rng = Rng(selattn_tools::testing::Rng::from_state(7));
     let check = a.check > 0 && (total as u64) * b * hq * d <= 1 << 24;
     let mut reference = if check {
         Some(RefCache::new(cfg)?)

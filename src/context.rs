@@ -77,7 +77,7 @@ impl Capabilities {
     /// Capabilities of a device that is not there: `limits`, `features`, a fixed subgroup size
     /// and cooperative matrix configurations as an adapter would report them, named `name`.
     /// Used to enumerate the pipeline variants the planner chooses on devices other than the
-    /// ones at hand ([`crate::variants`]).
+    /// ones at hand (the tooling crate's `variants` module).
     pub fn synthetic(
         name: &str,
         features: wgpu::Features,

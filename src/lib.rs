@@ -11,14 +11,11 @@ pub mod cache;
 mod context;
 mod error;
 pub mod kernels;
-pub mod npy;
 pub mod reference;
 pub mod reference_backward;
 pub mod reference_cache;
 pub mod spec;
 mod tensor;
-pub mod testing;
-pub mod variants;
 
 pub use attention::{Inputs, Output, Outputs};
 pub use backward::{Grads, Upstream};

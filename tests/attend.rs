@@ -9,10 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use selattn::npy;
 use selattn::reference;
-use selattn::testing::{compare, random_inputs, Controls, Rng};
 use selattn::{Options, Shape, Spec};
+use selattn_tools::npy;
+use selattn_tools::testing::{compare, random_inputs, Controls, Rng};
 
 /// A fresh directory for one test's files, removed when dropped.
 struct TempDir(PathBuf);

@@ -489,12 +489,12 @@ fn f16_storage() {
                 shape: c.shape,
                 opts: c.opts,
                 x: c.x.clone(),
-                d_o: selattn::testing::round_f16(&c.d_o),
+                d_o: selattn_tools::testing::round_f16(&c.d_o),
                 df_out: c.df_out.clone(),
             };
-            c16.x.q = selattn::testing::round_f16(&c.x.q);
-            c16.x.k = selattn::testing::round_f16(&c.x.k);
-            c16.x.v = selattn::testing::round_f16(&c.x.v);
+            c16.x.q = selattn_tools::testing::round_f16(&c.x.q);
+            c16.x.k = selattn_tools::testing::round_f16(&c.x.k);
+            c16.x.v = selattn_tools::testing::round_f16(&c.x.v);
             let r = reference(&c16);
             let g = run_gpu_backward(ctx, &c16, DType::F16, want_all(c));
             ran += 1;
@@ -507,7 +507,8 @@ fn f16_storage() {
                 ("dgate", &g.dgate, &r.dgate),
             ] {
                 let rounded: Vec<f32> = exp.iter().map(|&v| v as f32).collect();
-                let floor = compare(&selattn::testing::round_f16(&rounded), exp, 0.0, 0.0).rel_norm;
+                let floor =
+                    compare(&selattn_tools::testing::round_f16(&rounded), exp, 0.0, 0.0).rel_norm;
                 let cmp = compare(got, exp, 0.0, 0.0);
                 // dtau and dgate are stored in f32: their error comes from the f16 inputs
                 // (O and dO among them, through Delta), bounded by DESIGN.md §4's 5e-3.

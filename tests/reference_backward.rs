@@ -10,8 +10,8 @@
 
 use selattn::reference::{attention, HostInputs};
 use selattn::reference_backward::{backward, HostGrads};
-use selattn::testing::{random_inputs, Controls, Rng};
 use selattn::{Options, Shape, Spec};
+use selattn_tools::testing::{random_inputs, Controls, Rng};
 
 fn spec(s: &Shape, o: &Options, x: &HostInputs) -> Spec {
     Spec {
