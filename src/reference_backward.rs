@@ -179,14 +179,14 @@ pub fn backward(
 
         if let Some(sel) = sel {
             let dfo = |j: usize| df_out.map_or(0.0, |f| f[b * nk + j] as f64);
-            for j in 0..nk {
-                g.df0[b * nk + j] = dfo(j) + (0..nq).map(|i| df[i][j]).sum::<f64>();
+            for (j, d) in g.df0[b * nk..(b + 1) * nk].iter_mut().enumerate() {
+                *d = dfo(j) + df.iter().map(|row| row[j]).sum::<f64>();
             }
             let sel_kv = sel / group;
-            for k in 0..nq {
-                for j in 0..nk {
+            for (k, urow) in s_pre.iter().enumerate() {
+                for (j, &u) in urow.iter().enumerate() {
                     // S_kj exists only for 0 < j < p_k < kv_len (u is None elsewhere).
-                    let Some(u) = s_pre[k][j] else { continue };
+                    let Some(u) = u else { continue };
                     let ds = dfo(j)
                         + (0..nq)
                             .filter(|&i| pos(i) > pos(k))

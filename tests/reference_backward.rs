@@ -264,7 +264,11 @@ fn gradients_match_central_differences() {
                 c.name
             );
             checked += 1;
-            if !(err <= 1e-6 * mag + 1e-13) || mag == 0.0 && gr.iter().any(|&g| g != 0.0) {
+            // NaN must fail too, hence `is_nan`.
+            if err.is_nan()
+                || err > 1e-6 * mag + 1e-13
+                || mag == 0.0 && gr.iter().any(|&g| g != 0.0)
+            {
                 failures.push(format!("{}: d{name} err {err:.3e} of {mag:.3e}", c.name));
             }
         }
