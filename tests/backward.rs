@@ -669,3 +669,132 @@ fn scratch_bytes_bound() {
         }
     }
 }
+
+/// Rows `[lo, hi)` of the middle axis of `[outer, n, inner]`.
+fn rows<T: Copy>(x: &[T], outer: usize, n: usize, inner: usize, lo: usize, hi: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(outer * (hi - lo) * inner);
+    for o in 0..outer {
+        v.extend_from_slice(&x[(o * n + lo) * inner..(o * n + hi) * inner]);
+    }
+    v
+}
+
+/// Adds `[outer, m, inner]` into rows `[lo, lo + m)` of `[outer, n, inner]`.
+fn add_rows(dst: &mut [f64], src: &[f32], outer: usize, n: usize, inner: usize, lo: usize) {
+    let m = src.len() / (outer * inner);
+    for o in 0..outer {
+        for (d, s) in dst[(o * n + lo) * inner..(o * n + lo + m) * inner]
+            .iter_mut()
+            .zip(&src[o * m * inner..(o + 1) * m * inner])
+        {
+            *d += *s as f64;
+        }
+    }
+}
+
+/// The chunk rule on the GPU: a sequence run forward in chunks (F_out of one chunk as F0 of the
+/// next), then backward last chunk first (dF0 of one chunk, first keys, as dF_out of the one
+/// before) gives the whole sequence's gradients (the reference backward of the whole run).
+#[test]
+fn chunked_backward_equals_whole() {
+    let (b, hq, hkv, n, d) = (2usize, 4usize, 2usize, 40usize, 32usize);
+    let shape = Shape::new(2, 4, 40, 32).with_kv_heads(2);
+    let opts = Options::causal().selective(3);
+    let whole = bcase(
+        "chunked",
+        shape,
+        opts,
+        Controls::ALL,
+        true,
+        true,
+        Some(vec![40, 23]),
+        77,
+    );
+    let r = reference(&whole);
+    let bounds = [0usize, 17, 18, 40];
+    let chunks: Vec<(usize, usize)> = bounds.windows(2).map(|w| (w[0], w[1])).collect();
+    let x = &whole.x;
+    let mut failures = vec![];
+    for ctx in contexts() {
+        // Forward, threading F through the GPU's own F_out.
+        let mut parts = vec![];
+        let mut prev_f: Option<Vec<f32>> = None;
+        for &(s, e) in &chunks {
+            let cs = Shape {
+                q_len: (e - s) as u32,
+                k_len: e as u32,
+                ..shape
+            };
+            let mut f0 = rows(x.f0.as_ref().unwrap(), b, n, 1, 0, e);
+            if let Some(pf) = &prev_f {
+                let pe = pf.len() / b;
+                for bb in 0..b {
+                    f0[bb * e..bb * e + pe].copy_from_slice(&pf[bb * pe..(bb + 1) * pe]);
+                }
+            }
+            let cx = HostInputs {
+                q: rows(&x.q, b * hq, n, d, s, e),
+                k: rows(&x.k, b * hkv, n, d, 0, e),
+                v: rows(&x.v, b * hkv, n, d, 0, e),
+                tau: x.tau.as_ref().map(|t| rows(t, b * hq, n, 1, s, e)),
+                alpha: x.alpha.clone(),
+                gate: x.gate.as_ref().map(|g| rows(g, b * hkv, n, 1, 0, e)),
+                kv_len: x
+                    .kv_len
+                    .as_ref()
+                    .map(|l| l.iter().map(|&l| l.min(e as u32)).collect()),
+                f0: Some(f0),
+            };
+            let co = opts.start(s as u32);
+            prev_f = Some(run_gpu(ctx, &cs, &cx, &co, DType::F32).f_out);
+            parts.push((cs, co, cx));
+        }
+        // Backward, last chunk first.
+        let mut acc = HostGrads {
+            dq: vec![0.0; r.dq.len()],
+            dk: vec![0.0; r.dk.len()],
+            dv: vec![0.0; r.dv.len()],
+            dtau: vec![0.0; r.dtau.len()],
+            dalpha: vec![0.0; hq],
+            dgate: vec![0.0; r.dgate.len()],
+            df0: vec![0.0; r.df0.len()],
+        };
+        let mut df_out = whole.df_out.clone().unwrap();
+        for (ci, &(s, e)) in chunks.iter().enumerate().rev() {
+            let (cs, co, cx) = &parts[ci];
+            let c = BCase {
+                name: format!("chunk {s}..{e}"),
+                shape: *cs,
+                opts: *co,
+                x: cx.clone(),
+                d_o: rows(&whole.d_o, b * hq, n, d, s, e),
+                df_out: Some(df_out.clone()),
+            };
+            let g = run_gpu_backward(ctx, &c, DType::F32, want_all(&c));
+            add_rows(&mut acc.dq, &g.dq, b * hq, n, d, s);
+            add_rows(&mut acc.dtau, &g.dtau, b * hq, n, 1, s);
+            add_rows(&mut acc.dk, &g.dk, b * hkv, n, d, 0);
+            add_rows(&mut acc.dv, &g.dv, b * hkv, n, d, 0);
+            add_rows(&mut acc.dgate, &g.dgate, b * hkv, n, 1, 0);
+            for (a, v) in acc.dalpha.iter_mut().zip(&g.dalpha) {
+                *a += *v as f64;
+            }
+            let pe = if ci == 0 { 0 } else { chunks[ci - 1].1 };
+            add_rows(&mut acc.df0, &rows(&g.df0, b, e, 1, pe, e), b, n, 1, pe);
+            df_out = rows(&g.df0, b, e, 1, 0, pe);
+        }
+        let as32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        let got = GpuGrads {
+            dq: as32(&acc.dq),
+            dk: as32(&acc.dk),
+            dv: as32(&acc.dv),
+            dtau: as32(&acc.dtau),
+            dalpha: as32(&acc.dalpha),
+            dgate: as32(&acc.dgate),
+            df0: as32(&acc.df0),
+        };
+        let name = format!("[{}] chunks {chunks:?}", ctx.describe());
+        failures.extend(check_grads(&name, &got, &r, want_all(&whole), TOL));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
