@@ -3,6 +3,8 @@
 //! FlashAttention-style attention (online softmax over key tiles, never an Nq×Nk matrix in
 //! memory) with per-query temperature, positional temperature, value gating and selective
 //! masking, written in WGSL for wgpu, with an exact f64 CPU reference in [`reference`].
+//! Gradients of every input come from [`Context::backward`] (P recomputed from the forward's
+//! LSE, deterministic), checked against the f64 reference backward in [`reference_backward`].
 #![warn(missing_docs)]
 
 mod attention;
