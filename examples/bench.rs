@@ -315,14 +315,13 @@ impl Device {
             DType::F16 => ctx.upload_f16(&dims, data),
             _ => ctx.upload(&dims, data),
         };
-        let none = || Error::Io("host inputs lack a control".into());
         Ok(Device {
             q: up(s.q_dims(), &x.q)?,
             k: up(s.kv_dims(), &x.k)?,
             v: up(s.kv_dims(), &x.v)?,
-            tau: ctx.upload(&s.row_dims(), x.tau.as_deref().ok_or_else(none)?)?,
-            alpha: ctx.upload(&s.alpha_dims(), x.alpha.as_deref().ok_or_else(none)?)?,
-            gate: ctx.upload(&s.gate_dims(), x.gate.as_deref().ok_or_else(none)?)?,
+            tau: ctx.upload(&s.row_dims(), x.tau.as_deref().unwrap_or_default())?,
+            alpha: ctx.upload(&s.alpha_dims(), x.alpha.as_deref().unwrap_or_default())?,
+            gate: ctx.upload(&s.gate_dims(), x.gate.as_deref().unwrap_or_default())?,
             o: ctx.empty(&s.q_dims(), dtype)?,
             lse: ctx.empty(&s.row_dims(), DType::F32)?,
         })
@@ -506,12 +505,12 @@ fn time_gpu(
         });
         ctx.sync()?;
         rx.recv()
-            .map_err(|e| Error::Gpu(e.to_string()))?
-            .map_err(|e| Error::Gpu(e.to_string()))?;
+            .map_err(|e| Error::gpu("waiting for timestamps", e))?
+            .map_err(|e| Error::gpu("mapping timestamps", e))?;
         let ticks: Vec<u64> = {
             let view = slice
                 .get_mapped_range()
-                .map_err(|e| Error::Gpu(e.to_string()))?;
+                .map_err(|e| Error::gpu("reading timestamps", e))?;
             bytemuck::pod_collect_to_vec(&view)
         };
         read.unmap();
@@ -637,10 +636,10 @@ fn measure(
         }
     }
     if let Some(e) = pollster::block_on(val.pop()) {
-        return Err(Error::Gpu(e.to_string()));
+        return Err(Error::gpu("timing the call", e));
     }
     if let Some(e) = pollster::block_on(oom.pop()) {
-        return Err(Error::Gpu(e.to_string()));
+        return Err(Error::gpu("timing the call", e));
     }
     let finite = ctx.download(&dev.lse)?.iter().all(|x| x.is_finite());
 
@@ -885,9 +884,7 @@ fn main() {
             let before = UNCAPTURED.load(Ordering::SeqCst);
             let mut dev = Device::upload(&ctx, shape, &x, dtype);
             if dev.is_ok() && UNCAPTURED.load(Ordering::SeqCst) != before {
-                dev = Err(Error::Gpu(
-                    "uploading the inputs failed (see stderr)".into(),
-                ));
+                dev = Err(Error::gpu_msg("uploading the inputs (see stderr)"));
             }
             for &variant in &a.variants {
                 for &causal in &a.causal {
@@ -1116,10 +1113,10 @@ fn measure_backward(
         times.push(once()?);
     }
     if let Some(e) = pollster::block_on(val.pop()) {
-        return Err(Error::Gpu(e.to_string()));
+        return Err(Error::gpu("timing forward + backward", e));
     }
     if let Some(e) = pollster::block_on(oom.pop()) {
-        return Err(Error::Gpu(e.to_string()));
+        return Err(Error::gpu("timing forward + backward", e));
     }
     let finite = ctx.download(&g.dq)?.iter().all(|x| x.is_finite());
     let runs = times.len();

@@ -2,7 +2,8 @@
 
 use crate::attention::check;
 use crate::kernels::backward::{BackwardPlan, Entry, Wanted};
-use crate::kernels::{entry, tensor_entry, Kernel};
+use crate::kernels::gpu::{entry, submit, tensor_entry};
+use crate::kernels::Kernel;
 use crate::spec::Options;
 use crate::{Context, DType, Error, Inputs, Outputs, Result, Tensor};
 
@@ -233,22 +234,9 @@ impl Context {
         up: &Upstream,
         grads: &Grads,
     ) -> Result<()> {
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("selattn backward"),
-            });
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let recorded = self.encode_backward(&mut enc, inputs, options, up, grads);
-        if recorded.is_ok() {
-            self.queue.submit([enc.finish()]);
-        }
-        let popped = pollster::block_on(scope.pop());
-        recorded?;
-        if let Some(e) = popped {
-            return Err(Error::Gpu(e.to_string()));
-        }
-        Ok(())
+        submit(&self.device, &self.queue, "selattn backward", |enc| {
+            self.encode_backward(enc, inputs, options, up, grads)
+        })
     }
 
     /// Records one backward call into an encoder the application owns (no submit).
@@ -274,22 +262,13 @@ impl Context {
     ) -> Result<()> {
         let s = plan.resolved.shape;
         // Pipelines first: a failure to build one records nothing.
+        let gpu = self.gpu();
         let mut pipes = Vec::new();
         for key in plan.keys() {
-            pipes.push((key, self.pipeline(&key)?));
+            pipes.push((key, gpu.pipeline(&key)?));
         }
-        let uniform = |label, bytes: &[u8]| {
-            wgpu::util::DeviceExt::create_buffer_init(
-                &self.device,
-                &wgpu::util::BufferInitDescriptor {
-                    label: Some(label),
-                    contents: bytes,
-                    usage: wgpu::BufferUsages::UNIFORM,
-                },
-            )
-        };
-        let params = uniform("selattn backward params", bytemuck::bytes_of(&plan.params));
-        let layout = uniform("selattn backward layout", bytemuck::bytes_of(&plan.layout));
+        let params = gpu.uniform("selattn backward params", bytemuck::bytes_of(&plan.params));
+        let layout = gpu.uniform("selattn backward layout", bytemuck::bytes_of(&plan.layout));
         let buffer = |label, floats: u64| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -305,7 +284,7 @@ impl Context {
         let dummies: Vec<wgpu::Buffer> = (0..4)
             .map(|_| buffer("selattn backward placeholder", 4))
             .collect();
-        let din = &self.dummy_in;
+        let din = gpu.dummy_in;
         let lin_groups = |n: u64| {
             let g = n.div_ceil(64).max(1);
             let x = g.min(self.capabilities().max_workgroups_per_dim as u64);
@@ -322,9 +301,9 @@ impl Context {
                 Kernel::SelColsum(c) => (
                     vec![
                         entry(0, &params),
-                        tensor_entry(1, Some(inputs.q), din),
-                        tensor_entry(2, Some(inputs.k), din),
-                        tensor_entry(3, inputs.kv_len, din),
+                        tensor_entry(1, Some(bound(inputs.q)), din),
+                        tensor_entry(2, Some(bound(inputs.k)), din),
+                        tensor_entry(3, inputs.kv_len.map(bound), din),
                         entry(5, &carry),
                     ],
                     (s.k_len.div_ceil(c.bc), plan.params.n_qtiles, s.batch),
@@ -332,7 +311,7 @@ impl Context {
                 Kernel::SelScan(c) => (
                     vec![
                         entry(0, &params),
-                        tensor_entry(4, inputs.f0, din),
+                        tensor_entry(4, inputs.f0.map(bound), din),
                         entry(5, &carry),
                         entry(6, &dummies[0]),
                     ],
@@ -342,10 +321,10 @@ impl Context {
                     let mut e = vec![entry(0, &params), entry(1, &layout), entry(6, &ws)];
                     let tiled = |e: &mut Vec<_>| {
                         e.extend([
-                            tensor_entry(2, Some(inputs.q), din),
-                            tensor_entry(3, Some(inputs.k), din),
-                            tensor_entry(4, Some(inputs.v), din),
-                            tensor_entry(5, Some(up.d_o), din),
+                            tensor_entry(2, Some(bound(inputs.q)), din),
+                            tensor_entry(3, Some(bound(inputs.k)), din),
+                            tensor_entry(4, Some(bound(inputs.v)), din),
+                            tensor_entry(5, Some(bound(up.d_o)), din),
                             entry(
                                 7,
                                 if plan.selective.is_some() {
@@ -359,48 +338,48 @@ impl Context {
                     let groups = match c.entry {
                         Entry::Prep => {
                             e.extend([
-                                tensor_entry(5, Some(up.d_o), din),
-                                tensor_entry(10, Some(up.o), din),
-                                tensor_entry(11, Some(up.lse), din),
-                                tensor_entry(12, inputs.tau, din),
-                                tensor_entry(13, inputs.alpha, din),
-                                tensor_entry(14, inputs.gate, din),
-                                tensor_entry(15, inputs.kv_len, din),
+                                tensor_entry(5, Some(bound(up.d_o)), din),
+                                tensor_entry(10, Some(bound(up.o)), din),
+                                tensor_entry(11, Some(bound(up.lse)), din),
+                                tensor_entry(12, inputs.tau.map(bound), din),
+                                tensor_entry(13, inputs.alpha.map(bound), din),
+                                tensor_entry(14, inputs.gate.map(bound), din),
+                                tensor_entry(15, inputs.kv_len.map(bound), din),
                             ]);
                             let (x, y) = lin_groups(plan.layout.n_lin as u64);
                             (x, y, 1)
                         }
                         Entry::Dkv => {
                             tiled(&mut e);
-                            e.push(tensor_entry(8, grads.dk, &dummies[0]));
-                            e.push(tensor_entry(9, grads.dv, &dummies[1]));
+                            e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
+                            e.push(tensor_entry(9, grads.dv.map(bound), &dummies[1]));
                             (plan.n_ktiles, s.kv_heads, s.batch)
                         }
                         Entry::Dq => {
                             tiled(&mut e);
-                            e.push(tensor_entry(8, grads.dq, &dummies[0]));
+                            e.push(tensor_entry(8, grads.dq.map(bound), &dummies[0]));
                             (plan.params.n_qtiles, s.q_heads, s.batch)
                         }
                         Entry::Fscan => {
-                            e.push(tensor_entry(16, up.df_out, din));
+                            e.push(tensor_entry(16, up.df_out.map(bound), din));
                             (s.k_len.div_ceil(64), s.batch, 1)
                         }
                         Entry::Selq => {
                             tiled(&mut e);
-                            e.push(tensor_entry(8, grads.dq, &dummies[0]));
+                            e.push(tensor_entry(8, grads.dq.map(bound), &dummies[0]));
                             (plan.params.n_qtiles, 1, s.batch)
                         }
                         Entry::Selk => {
                             tiled(&mut e);
-                            e.push(tensor_entry(8, grads.dk, &dummies[0]));
+                            e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
                             (plan.n_ktiles, 1, s.batch)
                         }
                         Entry::Finish => {
                             e.extend([
-                                tensor_entry(17, grads.dtau, &dummies[0]),
-                                tensor_entry(18, grads.dalpha, &dummies[1]),
-                                tensor_entry(19, grads.dgate, &dummies[2]),
-                                tensor_entry(20, grads.df0, &dummies[3]),
+                                tensor_entry(17, grads.dtau.map(bound), &dummies[0]),
+                                tensor_entry(18, grads.dalpha.map(bound), &dummies[1]),
+                                tensor_entry(19, grads.dgate.map(bound), &dummies[2]),
+                                tensor_entry(20, grads.df0.map(bound), &dummies[3]),
                             ]);
                             let (x, y) = lin_groups(plan.layout.n_lin as u64);
                             (x, y, 1)
@@ -409,8 +388,8 @@ impl Context {
                     (e, groups)
                 }
                 _ => {
-                    return Err(Error::Gpu(format!(
-                        "the backward plan named a foreign kernel {key:?}"
+                    return Err(Error::gpu_msg(format!(
+                        "encoding the backward pass: the plan named a foreign kernel {key:?}"
                     )))
                 }
             };
@@ -425,4 +404,9 @@ impl Context {
         }
         Ok(())
     }
+}
+
+/// A tensor's buffer with the bytes a kernel binds of it.
+fn bound(t: &Tensor) -> (&wgpu::Buffer, u64) {
+    (t.buffer(), t.bytes())
 }

@@ -983,7 +983,10 @@ fn invalid_calls_return_typed_errors() {
     );
     assert!(matches!(
         call(s, Options::new().start(u32::MAX / 2), &x),
-        Some(Error::TooLarge { .. })
+        Some(Error::CountTooLarge {
+            what: "query positions (start + Nq)",
+            ..
+        })
     ));
     assert_eq!(
         call(s, Options::new().selective(0), &x),

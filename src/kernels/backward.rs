@@ -8,7 +8,7 @@
 
 use super::selective::{ColsumConfig, ScanConfig};
 use super::{Features, Kernel, KernelKey, Params};
-use crate::context::Capabilities;
+use crate::device::Capabilities;
 use crate::spec::Resolved;
 use crate::{DType, Error, Result};
 
@@ -242,9 +242,9 @@ impl BackwardPlan {
         let selective = r.selective();
         if pr.kv_len && s.k_len >= 1 << 24 {
             // Valid key counts travel through the f32 workspace.
-            return Err(Error::TooLarge {
+            return Err(Error::CountTooLarge {
                 what: "keys with kv_len in the backward pass",
-                bytes: s.k_len as u64,
+                count: s.k_len as u64,
                 limit: (1 << 24) - 1,
             });
         }
@@ -276,9 +276,9 @@ impl BackwardPlan {
             ),
         ] {
             if n > max as u64 {
-                return Err(Error::TooLarge {
+                return Err(Error::DispatchTooLarge {
                     what,
-                    bytes: n,
+                    workgroups: n,
                     limit: max as u64,
                 });
             }
@@ -353,9 +353,9 @@ impl BackwardPlan {
                     limit: caps.workgroup_memory as u64,
                 })?;
             if s.k_len.div_ceil(colsum.bc) > max {
-                return Err(Error::TooLarge {
+                return Err(Error::DispatchTooLarge {
                     what: "key tiles per dispatch",
-                    bytes: s.k_len.div_ceil(colsum.bc) as u64,
+                    workgroups: s.k_len.div_ceil(colsum.bc) as u64,
                     limit: max as u64,
                 });
             }
