@@ -115,7 +115,7 @@ fn hsum(x: vec4<f32>) -> f32 {
 
 fn valid_keys(b: u32) -> u32 {
     if HAS_KVLEN {
-        return min(u32(ws[w.valid + b]), p.k_len);
+        return valid_key_count(u32(ws[w.valid + b]), p.k_len);
     }
     return p.k_len;
 }
@@ -137,16 +137,17 @@ fn allowed(i: u32, j: u32, valid: u32) -> bool {
     return ok;
 }
 
-// t_i = tau (or 1) + alpha[h] ln(p_i + 1).
-fn temperature(b: u32, h: u32, i: u32) -> f32 {
+// t_i = tau (or 1) + alpha[h] ln(p_i + 1), the shared formula of common.wgsl.
+fn row_temperature(b: u32, h: u32, i: u32) -> f32 {
     var t = 1.0;
     if HAS_TAU {
         t = ws[w.tau + (b * p.q_heads + h) * p.q_len + i];
     }
+    var a = 0.0;
     if HAS_ALPHA {
-        t += ws[w.alpha + h] * log(f32(p.start + i + 1u));
+        a = ws[w.alpha + h];
     }
-    return t;
+    return temperature(t, a, p.start + i);
 }
 
 // scale * q_sel_i . k_sel_j straight from global memory (the selection head's raw logit).
@@ -163,7 +164,7 @@ fn sel_logit(b: u32, i: u32, j: u32) -> f32 {
 // Whether S_ij of the selection head exists: 0 < j < p_i < valid.
 fn sel_live(i: u32, j: u32, valid: u32) -> bool {
     let pos = p.start + i;
-    return i < p.q_len && j > 0u && j < pos && pos < valid;
+    return i < p.q_len && selective_counts(j, pos) && pos < valid;
 }
 
 // Rows of query tile qt of head h: LSE, Delta, t; Q (raw) and dO tiles.
@@ -177,7 +178,7 @@ fn load_rows(tid: u32, b: u32, h: u32, row0: u32) {
             let row = (b * p.q_heads + h) * p.q_len + i;
             l = ws[w.lse + row];
             d = ws[w.delta + row];
-            t = temperature(b, h, i);
+            t = row_temperature(b, h, i);
         }
         rl[r] = l;
         rd[r] = d;
@@ -320,7 +321,7 @@ fn prep(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wg: ve
         ws[w.gate + e] = gate[e];
     }
     if HAS_KVLEN && e < p.batch {
-        ws[w.valid + e] = f32(min(kv_len[e], p.k_len));
+        ws[w.valid + e] = f32(valid_key_count(kv_len[e], p.k_len));
     }
     if HAS_ALPHA && e < p.q_heads {
         ws[w.alpha + e] = alpha[e];

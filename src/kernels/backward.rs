@@ -345,6 +345,7 @@ impl BackwardPlan {
                     bc,
                     wg: cwg,
                     kv_len: pr.kv_len,
+                    coop_sgs: 0,
                 })
                 .find(|c| c.workgroup_bytes() <= caps.workgroup_memory as u64)
                 .ok_or(Error::TooLarge {
