@@ -146,7 +146,12 @@ pub struct Output {
     pub f_out: Option<Tensor>,
 }
 
-fn check(tensor: &'static str, t: &Tensor, expected: Vec<u64>, dtype: DType) -> Result<()> {
+pub(crate) fn check(
+    tensor: &'static str,
+    t: &Tensor,
+    expected: Vec<u64>,
+    dtype: DType,
+) -> Result<()> {
     if t.shape() != expected.as_slice() {
         return Err(Error::ShapeMismatch {
             tensor,

@@ -4,6 +4,7 @@
 //! pipeline variant; it is the pipeline cache key and the wgpu label, so a validation error or a
 //! trace names the variant.
 
+pub mod backward;
 pub mod coop;
 pub mod decode;
 pub mod forward;
@@ -28,19 +29,22 @@ pub enum Source {
     Cache,
     /// `shaders/decode.wgsl`.
     Decode,
+    /// `shaders/backward.wgsl`.
+    Backward,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 6] = [
+    pub const ALL: [Source; 7] = [
         Source::Forward,
         Source::Selective,
         Source::CoopForward,
         Source::CoopColsum,
         Source::Cache,
         Source::Decode,
+        Source::Backward,
     ];
 
     fn body(self) -> &'static str {
@@ -51,6 +55,7 @@ impl Source {
             Source::CoopColsum => include_str!("../../shaders/coop_colsum.wgsl"),
             Source::Cache => include_str!("../../shaders/cache.wgsl"),
             Source::Decode => include_str!("../../shaders/decode.wgsl"),
+            Source::Backward => include_str!("../../shaders/backward.wgsl"),
         }
     }
 
@@ -130,6 +135,8 @@ pub enum Kernel {
     DecodeAttend(decode::AttendConfig),
     /// Decode: merge of the splits.
     DecodeMerge(decode::MergeConfig),
+    /// One entry point of the backward pass.
+    Backward(backward::BackwardConfig),
 }
 
 /// One pipeline variant: kernel, specialisation and storage element type.
@@ -153,6 +160,7 @@ impl KernelKey {
             Kernel::DecodeScore(_) | Kernel::DecodeAttend(_) | Kernel::DecodeMerge(_) => {
                 Source::Decode
             }
+            Kernel::Backward(_) => Source::Backward,
         }
     }
 
@@ -178,6 +186,7 @@ impl KernelKey {
             Kernel::DecodeScore(_) => "score",
             Kernel::DecodeAttend(_) => "attend",
             Kernel::DecodeMerge(_) => "merge",
+            Kernel::Backward(c) => c.entry.name(),
         }
     }
 
@@ -192,6 +201,7 @@ impl KernelKey {
             Kernel::DecodeScore(c) => c.constants(),
             Kernel::DecodeAttend(c) => c.constants(),
             Kernel::DecodeMerge(c) => c.constants(),
+            Kernel::Backward(c) => c.constants(),
         }
     }
 }

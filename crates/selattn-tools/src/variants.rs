@@ -25,6 +25,7 @@
 
 use std::collections::HashSet;
 
+use selattn::kernels::backward::{BackwardPlan, Wanted};
 use selattn::kernels::forward::Plan;
 use selattn::kernels::KernelKey;
 use selattn::spec::{Options, Path, Present, Shape, Spec};
@@ -69,6 +70,10 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "attention, cooperative-matrix path (coop forward, selective colsum, scan)",
         variants: coop_attention_variants,
+    },
+    Family {
+        name: "backward, scalar path (prep, dkv, dq, fscan, selq, selk, finish, selective colsum, scan)",
+        variants: backward_variants,
     },
 ];
 
@@ -298,6 +303,40 @@ fn planned_variants(
                 continue;
             };
             let Ok(plan) = Plan::new(caps, &resolved, elem) else {
+                continue;
+            };
+            out.extend(plan.keys());
+        }
+    }
+    out
+}
+
+/// The backward call's kernels (every gradient asked for, dF_out given with selective
+/// masking). Its keys depend on the head dim, the device, the element type and the operator
+/// switches, not on which gradients are asked for (those are run-time flags). With
+/// [`Coverage::Covering`] each head dim gets the two extremes (non-causal with nothing optional;
+/// causal selective with everything), which name every entry point and tile; the covering
+/// switch set at [`FULL_PRODUCT_HEAD_DIMS`] toggles each switch.
+pub fn backward_variants(caps: &Capabilities, elem: DType, coverage: Coverage) -> Vec<KernelKey> {
+    let all = Switches::all();
+    let covering = Switches::covering();
+    let extremes = [covering[0], covering[5]];
+    let mut out = Vec::new();
+    for d in head_dims() {
+        let switches: &[Switches] = match coverage {
+            Coverage::Full => &all,
+            Coverage::Covering if FULL_PRODUCT_HEAD_DIMS.contains(&d) => &covering,
+            Coverage::Covering => &extremes,
+        };
+        for s in switches {
+            let Ok(resolved) = s.spec(d, Path::Scalar).validate() else {
+                continue;
+            };
+            let wanted = Wanted {
+                df_out: s.selective,
+                ..Wanted::all(s.selective)
+            };
+            let Ok(plan) = BackwardPlan::new(caps, &resolved, elem, wanted) else {
                 continue;
             };
             out.extend(plan.keys());
