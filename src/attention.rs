@@ -275,10 +275,10 @@ impl Context {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("selattn attention"),
             });
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scope = crate::async_api::Scope::push(&self.device);
         self.encode_attention(&mut enc, inputs, options, outputs)?;
         self.queue.submit([enc.finish()]);
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = scope.pop() {
             return Err(Error::Gpu(e.to_string()));
         }
         Ok(())

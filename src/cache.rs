@@ -599,10 +599,10 @@ impl KvCache {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("selattn cache append"),
             });
-        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scope = crate::async_api::Scope::push(&ctx.device);
         self.encode_append(ctx, &mut enc, tokens, counts)?;
         ctx.queue.submit([enc.finish()]);
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = scope.pop() {
             return Err(Error::Gpu(e.to_string()));
         }
         Ok(())
@@ -662,10 +662,10 @@ impl KvCache {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("selattn decode"),
             });
-        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scope = crate::async_api::Scope::push(&ctx.device);
         self.encode_step(ctx, &mut enc, step, options, outputs, None)?;
         ctx.queue.submit([enc.finish()]);
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = scope.pop() {
             return Err(Error::Gpu(e.to_string()));
         }
         Ok(())
@@ -986,7 +986,7 @@ impl KvCache {
 
 /// Threads of the append kernel: the largest power of two up to 256 the device allows (its
 /// reduction is a tree).
-fn append_threads(max_invocations: u32) -> u32 {
+pub(crate) fn append_threads(max_invocations: u32) -> u32 {
     let m = max_invocations.clamp(1, 256);
     if m.is_power_of_two() {
         m

@@ -167,6 +167,8 @@ pub fn instance() -> wgpu::Instance {
 }
 
 /// Every adapter wgpu sees, each with `None` if it can run our kernels or the reason it cannot.
+/// Blocks; not on wasm (see [`crate::adapters_async`]).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn adapters() -> Vec<(wgpu::Adapter, Option<String>)> {
     let inst = instance();
     pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()))
@@ -190,11 +192,20 @@ fn type_rank(t: wgpu::DeviceType) -> u32 {
 
 /// Picks the best adapter that can run compute: discrete > integrated > virtual > software,
 /// Vulkan/Metal/DX12 before GL at equal rank. `SELATTN_ADAPTER` filters by name.
+/// Blocks; not on wasm (see [`Context::new_async`]).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn best_adapter() -> Result<wgpu::Adapter> {
+    choose_adapter(adapters())
+}
+
+/// The choice [`best_adapter`] makes among `adapters` (as [`adapters`] lists them).
+pub(crate) fn choose_adapter(
+    adapters: Vec<(wgpu::Adapter, Option<String>)>,
+) -> Result<wgpu::Adapter> {
     let filter = std::env::var(ADAPTER_ENV).ok().map(|s| s.to_lowercase());
     let mut reasons = Vec::new();
     let mut ok = Vec::new();
-    for (a, why) in adapters() {
+    for (a, why) in adapters {
         let info = a.get_info();
         if let Some(f) = &filter {
             if !info.name.to_lowercase().contains(f.as_str()) {
@@ -218,6 +229,37 @@ pub fn best_adapter() -> Result<wgpu::Adapter> {
         )
     });
     ok.into_iter().next().ok_or(Error::NoAdapter { reasons })
+}
+
+/// The device [`Context::from_adapter`] requests on `adapter`: every limit the adapter has and
+/// the features selattn can use; an error if the adapter cannot run the kernels.
+pub(crate) fn device_request(adapter: &wgpu::Adapter) -> Result<wgpu::DeviceDescriptor<'static>> {
+    if let Some(why) = unusable_reason(adapter) {
+        return Err(Error::NoAdapter { reasons: vec![why] });
+    }
+    let wanted = wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP
+        | wgpu::Features::TIMESTAMP_QUERY
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+        | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+    let features = adapter.features() & wanted;
+    let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+        // SAFETY: cooperative matrices are experimental in wgpu 30; we only use the
+        // configurations the adapter reports, and every kernel using them has a tested
+        // scalar fallback.
+        unsafe { wgpu::ExperimentalFeatures::enabled() }
+    } else {
+        wgpu::ExperimentalFeatures::disabled()
+    };
+    Ok(wgpu::DeviceDescriptor {
+        label: Some("selattn"),
+        required_features: features,
+        required_limits: adapter.limits(),
+        experimental_features: experimental,
+        memory_hints: wgpu::MemoryHints::Performance,
+        trace: wgpu::Trace::Off,
+    })
 }
 
 /// A pipeline with its bind group layout.
@@ -249,6 +291,8 @@ impl std::fmt::Debug for Context {
 
 impl Context {
     /// Picks the best adapter (see [`best_adapter`]) and requests a device with its limits.
+    /// Blocks; not on wasm (see [`Context::new_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new() -> Result<Self> {
         let adapter = best_adapter()?;
         Self::from_adapter(&adapter)
@@ -256,34 +300,12 @@ impl Context {
 
     /// Requests a device on `adapter` with every limit the adapter has and the features selattn
     /// can use (f16, subgroups, timestamps, cooperative matrices).
+    /// Blocks; not on wasm (see [`Context::from_adapter_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
-        if let Some(why) = unusable_reason(adapter) {
-            return Err(Error::NoAdapter { reasons: vec![why] });
-        }
-        let wanted = wgpu::Features::SHADER_F16
-            | wgpu::Features::SUBGROUP
-            | wgpu::Features::TIMESTAMP_QUERY
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
-            | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
-        let features = adapter.features() & wanted;
-        let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
-            // SAFETY: cooperative matrices are experimental in wgpu 30; we only use the
-            // configurations the adapter reports, and every kernel using them has a tested
-            // scalar fallback.
-            unsafe { wgpu::ExperimentalFeatures::enabled() }
-        } else {
-            wgpu::ExperimentalFeatures::disabled()
-        };
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("selattn"),
-            required_features: features,
-            required_limits: adapter.limits(),
-            experimental_features: experimental,
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| Error::RequestDevice(e.to_string()))?;
+        let desc = device_request(adapter)?;
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+            .map_err(|e| Error::RequestDevice(e.to_string()))?;
         let coop = adapter.cooperative_matrix_properties();
         Ok(Self::build(device, queue, adapter.get_info(), coop))
     }
@@ -309,7 +331,7 @@ impl Context {
         Ok(Self::build(device, queue, info, cooperative_matrix))
     }
 
-    fn build(
+    pub(crate) fn build(
         device: wgpu::Device,
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
@@ -374,7 +396,7 @@ impl Context {
         }
         let label = format!("{key:?}");
         let source = key.wgsl()?;
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scope = crate::async_api::Scope::push(&self.device);
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(&label),
             source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -403,7 +425,7 @@ impl Context {
                 },
                 cache: None,
             });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = scope.pop() {
             return Err(Error::Gpu(format!("building {label}: {e}")));
         }
         let p = Arc::new(pipeline);

@@ -5,6 +5,7 @@
 //! masking, written in WGSL for wgpu, with an exact f64 CPU reference in [`reference`].
 #![warn(missing_docs)]
 
+mod async_api;
 mod attention;
 pub mod cache;
 mod context;
@@ -18,11 +19,12 @@ mod tensor;
 pub mod testing;
 pub mod variants;
 
+pub use async_api::adapters_async;
 pub use attention::{Inputs, Output, Outputs};
 pub use cache::{CacheState, DecodeOptions, KvCache, KvCacheConfig, Step, Tokens};
-pub use context::{
-    adapters, best_adapter, instance, unusable_reason, Capabilities, Context, ADAPTER_ENV,
-};
+#[cfg(not(target_arch = "wasm32"))]
+pub use context::{adapters, best_adapter};
+pub use context::{instance, unusable_reason, Capabilities, Context, ADAPTER_ENV};
 pub use error::{Error, Result};
 pub use kernels::forward::Plan;
 pub use spec::{Options, Path, Present, Shape, Spec};
