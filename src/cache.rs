@@ -405,12 +405,23 @@ impl KvCache {
         }
     }
 
-    /// Reads the slots back. Waits for the GPU.
+    /// Reads the slots back. Waits for the GPU; not on wasm (see
+    /// [`KvCache::download_state_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn download_state(&self, ctx: &Context) -> Result<CacheState> {
         Ok(CacheState {
             len: self.len.clone(),
             pos: ctx.download_u32(&self.pos)?,
             f: ctx.download(&self.f)?,
+        })
+    }
+
+    /// [`KvCache::download_state`] without blocking (also on wasm).
+    pub async fn download_state_async(&self, ctx: &Context) -> Result<CacheState> {
+        Ok(CacheState {
+            len: self.len.clone(),
+            pos: ctx.download_u32_async(&self.pos).await?,
+            f: ctx.download_async(&self.f).await?,
         })
     }
 

@@ -329,7 +329,7 @@ pub fn decode_variants(caps: &Capabilities, elem: DType) -> Vec<KernelKey> {
         for (gate, f) in [(false, false), (true, false), (false, true), (true, true)] {
             out.push(key(Kernel::CacheAppend(AppendConfig { d, wg, gate, f })));
         }
-        for (group, n) in [(1, 1), (1, 2), (4, 1), (1, 8), (4, 8)] {
+        for (group, n) in [(1, 1), (1, 2), (4, 8)] {
             let shape = DecodeShape {
                 batch: 1,
                 q_heads: group,

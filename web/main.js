@@ -39,15 +39,31 @@ async function run() {
   $("run").disabled = true; $("save").disabled = true;
   document.body.dataset.verdict = "";
   $("validation").tBodies[0].innerHTML = ""; $("bench").tBodies[0].innerHTML = "";
-  const quick = $("quick").checked;
-  report = { selattn: version(), userAgent: navigator.userAgent, date: new Date().toISOString(), quick };
+  // ?level=0 is the smoke test CI runs; otherwise the checkbox picks quick (1) or full (2).
+  const level = params.has("level") ? Number(params.get("level")) : $("quick").checked ? 1 : 2;
+  report = { selattn: version(), userAgent: navigator.userAgent, date: new Date().toISOString(), level };
   try {
     if (!navigator.gpu) throw new Error("this browser has no WebGPU (navigator.gpu is undefined)");
     $("verdict").textContent = "requesting a WebGPU device…";
+    // What the browser itself says about its adapter (wgpu's AdapterInfo is mostly empty on
+    // the web), then what selattn's context sees.
+    const a = await navigator.gpu.requestAdapter();
+    if (!a) throw new Error("navigator.gpu.requestAdapter() returned no adapter");
+    const info = a.info || {};
+    const limits = {};
+    for (const k of ["maxComputeWorkgroupStorageSize", "maxComputeInvocationsPerWorkgroup",
+      "maxStorageBuffersPerShaderStage", "maxStorageBufferBindingSize", "maxBufferSize",
+      "maxComputeWorkgroupsPerDimension"]) limits[k] = a.limits[k];
+    report.browser_adapter = {
+      vendor: info.vendor, architecture: info.architecture, device: info.device,
+      description: info.description, subgroupMinSize: info.subgroupMinSize,
+      subgroupMaxSize: info.subgroupMaxSize, features: [...a.features].sort(), limits,
+    };
     report.adapter = JSON.parse(await adapter_json());
-    $("adapter").textContent = JSON.stringify(report.adapter, null, 2);
+    $("adapter").textContent = "browser: " + JSON.stringify(report.browser_adapter, null, 2) +
+      "\nselattn: " + JSON.stringify(report.adapter, null, 2);
     $("verdict").textContent = "validating…";
-    const rows = JSON.parse(await validate(quick, (s) => validationRow(JSON.parse(s))));
+    const rows = JSON.parse(await validate(level, (s) => validationRow(JSON.parse(s))));
     report.validation = rows;
     const failed = rows.filter((r) => !r.pass).length;
     if (params.get("bench") !== "0") {
