@@ -22,25 +22,20 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throug
 use selattn::reference::{self, HostInputs};
 use selattn::{Context, Inputs, Options, Outputs, Shape, Spec, Tensor};
 
-/// splitmix64: seeded, reproducible.
-struct Rng(u64);
+/// Timing inputs from the shared seeded generator.
+struct Rng(selattn_tools::testing::Rng);
 
 impl Rng {
-    fn uniform(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
-    }
     /// Approximately standard normal (sum of 4 uniforms, rescaled): plenty for timing inputs.
     fn normals(&mut self, n: usize) -> Vec<f32> {
         (0..n)
-            .map(|_| (0..4).map(|_| self.uniform()).sum::<f32>() * 1.732 - 3.464)
+            .map(|_| (0..4).map(|_| self.0.uniform_f32()).sum::<f32>() * 1.732 - 3.464)
             .collect()
     }
     fn range(&mut self, lo: f32, hi: f32, n: usize) -> Vec<f32> {
-        (0..n).map(|_| lo + (hi - lo) * self.uniform()).collect()
+        (0..n)
+            .map(|_| lo + (hi - lo) * self.0.uniform_f32())
+            .collect()
     }
 }
 
@@ -50,7 +45,7 @@ fn count(d: Vec<u64>) -> usize {
 
 /// Inputs with every control: tau in [0.5, 1.5), alpha in [0, 0.1), gate in (0, 1).
 fn host_inputs(s: &Shape, with_controls: bool) -> HostInputs {
-    let mut r = Rng(42);
+    let mut r = Rng(selattn_tools::testing::Rng::from_state(42));
     HostInputs {
         q: r.normals(count(s.q_dims())),
         k: r.normals(count(s.kv_dims())),

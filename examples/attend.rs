@@ -10,16 +10,26 @@
 //! `examples/attend_check.py` drives it from NumPy. Errors are one line on stderr; the exit status
 //! is 2 for a usage error (unknown or missing flag, unparsable value) and 1 for anything else
 //! (unreadable file, wrong dtype or shape, an invalid call, no GPU, a failed `--check`).
+//!
+//! It never loses a file: an output path that names an input or another output (compared as
+//! canonical paths, so `./q.npy` is `q.npy`) is refused before anything is read; each `.npy`
+//! header is checked before its data is read; outputs are written to temporary files beside
+//! their targets and renamed into place only once everything (including `--check`) succeeded,
+//! so a failed run leaves every existing file as it was.
+//!
+//! The command line is parsed by hand rather than with clap: its contract (tested in
+//! `tests/attend.rs`) is a one-line error naming the flag, which clap's multi-line usage errors
+//! do not give.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use selattn::npy::{self, NpyArray, NpyError};
 use selattn::reference::{self, HostInputs, HostOutputs};
 use selattn::spec::check_kv_len;
-use selattn::testing::{compare, round_f16, Cmp, DeviceInputs};
 use selattn::{Context, DType, Error, Options, Outputs, Path as KernelPath, Present, Shape, Spec};
+use selattn_tools::npy::{self, NpyArray, NpyError};
+use selattn_tools::testing::{compare, round_f16, Cmp, DeviceInputs};
 
 const USAGE: &str = "\
 usage: attend --q Q.npy --k K.npy --v V.npy --out O.npy [options]
@@ -267,9 +277,138 @@ fn dim(flag: &str, path: &Path, x: usize) -> Result<u32, Fail> {
     })
 }
 
-fn save(flag: &str, path: &Path, dims: &[u64], data: &[f32]) -> Result<(), Fail> {
-    let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
-    npy::write_f32(path, &dims, data).map_err(|e| npy_fail(flag, path, e))
+/// Outputs written to temporary files beside their targets, renamed into place by
+/// [`Staged::commit`]; dropped without it, the temporary files are removed and no target is
+/// touched.
+#[derive(Default)]
+struct Staged {
+    /// (flag, temporary file, target)
+    files: Vec<(&'static str, PathBuf, PathBuf)>,
+}
+
+impl Staged {
+    fn save(
+        &mut self,
+        flag: &'static str,
+        path: &Path,
+        dims: &[u64],
+        data: &[f32],
+    ) -> Result<(), Fail> {
+        let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = path.with_file_name(format!(".{name}.attend-{}.tmp", std::process::id()));
+        // Pushed before writing, so a partly written file is removed too.
+        self.files.push((flag, tmp.clone(), path.to_path_buf()));
+        npy::write_f32(&tmp, &dims, data).map_err(|e| npy_fail(flag, path, e))
+    }
+
+    /// Renames every temporary file onto its target. A rename within one directory replaces the
+    /// target atomically, so each target holds either its old contents or the new ones.
+    fn commit(mut self) -> Result<(), Fail> {
+        for (flag, tmp, target) in std::mem::take(&mut self.files) {
+            std::fs::rename(&tmp, &target).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                Fail::Run(format!("{}: {e}", name(flag, &target)))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for (_, tmp, _) in &self.files {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// A path as the file system resolves it: the canonical path of the file if it exists, else the
+/// canonical path of its directory joined with its name (an output not written yet).
+fn resolve(flag: &str, path: &Path) -> Result<PathBuf, Fail> {
+    if let Ok(p) = path.canonicalize() {
+        return Ok(p);
+    }
+    let file = path
+        .file_name()
+        .ok_or_else(|| Fail::Run(format!("{}: not a file name", name(flag, path))))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = dir.canonicalize().map_err(|e| {
+        Fail::Run(format!(
+            "{}: directory {}: {e}",
+            name(flag, path),
+            dir.display()
+        ))
+    })?;
+    Ok(dir.join(file))
+}
+
+/// Refuses outputs that name an input or another output (by canonical path, and for files that
+/// exist also by device and inode, which catches hard links), before anything is read.
+fn check_paths(a: &Args) -> Result<(), Fail> {
+    let inputs: Vec<(&str, &PathBuf)> = [
+        ("q", Some(&a.q)),
+        ("k", Some(&a.k)),
+        ("v", Some(&a.v)),
+        ("tau", a.tau.as_ref()),
+        ("alpha", a.alpha.as_ref()),
+        ("gate", a.gate.as_ref()),
+        ("kv-len", a.kv_len.as_ref()),
+        ("f0", a.f0.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(f, p)| p.map(|p| (f, p)))
+    .collect();
+    let outputs: Vec<(&str, &PathBuf)> = [
+        ("out", Some(&a.out)),
+        ("lse", a.lse.as_ref()),
+        ("f-out", a.f_out.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(f, p)| p.map(|p| (f, p)))
+    .collect();
+    let mut seen: Vec<(&str, &PathBuf, PathBuf)> = Vec::new();
+    for &(flag, path) in &inputs {
+        // An input that does not resolve is reported when it is read.
+        if let Ok(p) = path.canonicalize() {
+            seen.push((flag, path, p));
+        }
+    }
+    for &(flag, path) in &outputs {
+        let p = resolve(flag, path)?;
+        if p.is_dir() {
+            return Err(Fail::Run(format!("{}: is a directory", name(flag, path))));
+        }
+        for (other, other_path, q) in &seen {
+            if *q == p || same_file(q, &p) {
+                return Err(Fail::Run(format!(
+                    "{} names the same file as {}: refusing to overwrite it",
+                    name(flag, path),
+                    name(other, other_path)
+                )));
+            }
+        }
+        seen.push((flag, path, p));
+    }
+    Ok(())
+}
+
+/// Whether two existing paths are one file (hard links included).
+#[cfg(unix)]
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &Path, _: &Path) -> bool {
+    false
 }
 
 /// Reads every input and checks the shapes against each other and the options. Nothing touches
@@ -379,7 +518,7 @@ fn call_fail(e: &Error) -> Fail {
         _ => "",
     };
     match e {
-        Error::Gpu(_) => Fail::Run(e.to_string()),
+        Error::Gpu { .. } => Fail::Run(e.to_string()),
         _ => Fail::Run(format!("invalid call: {flag}{e}")),
     }
 }
@@ -387,6 +526,7 @@ fn call_fail(e: &Error) -> Fail {
 // ---- Run ---------------------------------------------------------------------------------------
 
 fn run(a: &Args) -> Result<(), Fail> {
+    check_paths(a)?;
     let (spec, host) = load_inputs(a)?;
     let shape = spec.shape;
 
@@ -424,13 +564,18 @@ fn run(a: &Args) -> Result<(), Fail> {
         .transpose()
         .map_err(gpu)?;
 
-    save("out", &a.out, &shape.q_dims(), &got_o)?;
+    if a.check {
+        check(a, &spec, host, &got_o, &got_lse, got_f.as_deref())?;
+    }
+    let mut staged = Staged::default();
+    staged.save("out", &a.out, &shape.q_dims(), &got_o)?;
     if let Some(p) = &a.lse {
-        save("lse", p, &shape.row_dims(), &got_lse)?;
+        staged.save("lse", p, &shape.row_dims(), &got_lse)?;
     }
     if let (Some(p), Some(f)) = (&a.f_out, &got_f) {
-        save("f-out", p, &shape.f_dims(), f)?;
+        staged.save("f-out", p, &shape.f_dims(), f)?;
     }
+    staged.commit()?;
     eprintln!(
         "attend: B={} Hq={} Hkv={} Nq={} Nk={} D={} {} -> {}",
         shape.batch,
@@ -442,10 +587,6 @@ fn run(a: &Args) -> Result<(), Fail> {
         if a.f16 { "f16" } else { "f32" },
         a.out.display()
     );
-
-    if a.check {
-        check(a, &spec, host, &got_o, &got_lse, got_f.as_deref())?;
-    }
     Ok(())
 }
 

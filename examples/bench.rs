@@ -21,7 +21,7 @@
 //! A configuration the device cannot run (f16 without SHADER_F16, a path it lacks, a size over a
 //! limit) becomes a row carrying the error, not a crash.
 
-use selattn::testing::json_string;
+use selattn_tools::testing::json_string;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -239,19 +239,15 @@ fn parse_args() -> Result<Args, String> {
 // ---------------------------------------------------------------------------------------------
 // Inputs
 
-/// splitmix64 with Box-Muller normals: seeded and reproducible.
-struct Rng(u64);
+/// Box-Muller normals in pairs (cos and sin) from the shared seeded generator.
+struct Rng(selattn_tools::testing::Rng);
 
 impl Rng {
     fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        Rng(selattn_tools::testing::Rng::new(seed))
     }
     fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        self.0.uniform()
     }
     fn normals(&mut self, n: usize) -> Vec<f32> {
         let mut v = Vec::with_capacity(n + 1);
@@ -309,14 +305,13 @@ impl Device {
             DType::F16 => ctx.upload_f16(&dims, data),
             _ => ctx.upload(&dims, data),
         };
-        let none = || Error::Io("host inputs lack a control".into());
         Ok(Device {
             q: up(s.q_dims(), &x.q)?,
             k: up(s.kv_dims(), &x.k)?,
             v: up(s.kv_dims(), &x.v)?,
-            tau: ctx.upload(&s.row_dims(), x.tau.as_deref().ok_or_else(none)?)?,
-            alpha: ctx.upload(&s.alpha_dims(), x.alpha.as_deref().ok_or_else(none)?)?,
-            gate: ctx.upload(&s.gate_dims(), x.gate.as_deref().ok_or_else(none)?)?,
+            tau: ctx.upload(&s.row_dims(), x.tau.as_deref().unwrap_or_default())?,
+            alpha: ctx.upload(&s.alpha_dims(), x.alpha.as_deref().unwrap_or_default())?,
+            gate: ctx.upload(&s.gate_dims(), x.gate.as_deref().unwrap_or_default())?,
             o: ctx.empty(&s.q_dims(), dtype)?,
             lse: ctx.empty(&s.row_dims(), DType::F32)?,
         })
@@ -500,12 +495,12 @@ fn time_gpu(
         });
         ctx.sync()?;
         rx.recv()
-            .map_err(|e| Error::Gpu(e.to_string()))?
-            .map_err(|e| Error::Gpu(e.to_string()))?;
+            .map_err(|e| Error::gpu("waiting for timestamps", e))?
+            .map_err(|e| Error::gpu("mapping timestamps", e))?;
         let ticks: Vec<u64> = {
             let view = slice
                 .get_mapped_range()
-                .map_err(|e| Error::Gpu(e.to_string()))?;
+                .map_err(|e| Error::gpu("reading timestamps", e))?;
             bytemuck::pod_collect_to_vec(&view)
         };
         read.unmap();
@@ -626,10 +621,10 @@ fn measure(
         }
     }
     if let Some(e) = pollster::block_on(val.pop()) {
-        return Err(Error::Gpu(e.to_string()));
+        return Err(Error::gpu("timing the call", e));
     }
     if let Some(e) = pollster::block_on(oom.pop()) {
-        return Err(Error::Gpu(e.to_string()));
+        return Err(Error::gpu("timing the call", e));
     }
     let finite = ctx.download(&dev.lse)?.iter().all(|x| x.is_finite());
 
@@ -866,9 +861,7 @@ fn main() {
             let before = UNCAPTURED.load(Ordering::SeqCst);
             let mut dev = Device::upload(&ctx, shape, &x, dtype);
             if dev.is_ok() && UNCAPTURED.load(Ordering::SeqCst) != before {
-                dev = Err(Error::Gpu(
-                    "uploading the inputs failed (see stderr)".into(),
-                ));
+                dev = Err(Error::gpu_msg("uploading the inputs (see stderr)"));
             }
             for &variant in &a.variants {
                 for &causal in &a.causal {

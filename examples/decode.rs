@@ -18,94 +18,63 @@ use std::time::Instant;
 
 use selattn::reference_cache::{HostQueries, HostTokens, RefCache};
 use selattn::{
-    Context, DType, DecodeOptions, Error, KvCache, KvCacheConfig, Outputs, Result, Step, Tensor,
-    Tokens,
+    Context, DType, DecodeOptions, KvCache, KvCacheConfig, Outputs, Result, Step, Tensor, Tokens,
 };
 
-#[derive(Clone, Debug)]
+/// Decode steps over a KV cache, with and without context pruning, checked against the reference.
+#[derive(Clone, Debug, clap::Parser)]
 struct Args {
+    /// Prompt tokens appended before the first step (at least 1).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     prompt: u32,
+    /// Decode steps.
+    #[arg(long, default_value_t = 256)]
     len: u32,
+    /// Sequences.
+    #[arg(long, default_value_t = 2)]
     batch: u32,
+    /// Query heads.
+    #[arg(long, default_value_t = 8)]
     heads: u32,
+    /// KV heads.
+    #[arg(long, default_value_t = 2)]
     kv_heads: u32,
+    /// Head dim.
+    #[arg(long, default_value_t = 64)]
     dim: u32,
+    /// Queries per sequence per step.
+    #[arg(long, default_value_t = 1)]
     queries: u32,
+    /// Pruning budget in slots (default: a quarter of the final length, at least 3).
+    #[arg(long)]
     budget: Option<u32>,
+    /// Store K, V, queries and outputs as f16.
+    #[arg(long)]
     f16: bool,
+    /// Selective masking (selection head 0).
+    #[arg(long)]
     selective: bool,
+    /// Slot splits of the attend kernel.
+    #[arg(long)]
     splits: Option<u32>,
+    /// Steps checked against the reference.
+    #[arg(long, default_value_t = 8)]
     check: u32,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
     json: Option<String>,
+    /// Only the run without a budget.
+    #[arg(long)]
     no_prune: bool,
 }
 
-fn parse() -> Result<Args> {
-    let mut a = Args {
-        prompt: 64,
-        len: 256,
-        batch: 2,
-        heads: 8,
-        kv_heads: 2,
-        dim: 64,
-        queries: 1,
-        budget: None,
-        f16: false,
-        selective: false,
-        splits: None,
-        check: 8,
-        json: None,
-        no_prune: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut num = |what: &str| -> Result<u32> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| Error::Io(format!("{what} needs a number")))
-        };
-        match flag.as_str() {
-            "--prompt" => a.prompt = num("--prompt")?,
-            "--len" => a.len = num("--len")?,
-            "--batch" => a.batch = num("--batch")?,
-            "--heads" => a.heads = num("--heads")?,
-            "--kv-heads" => a.kv_heads = num("--kv-heads")?,
-            "--dim" => a.dim = num("--dim")?,
-            "--queries" => a.queries = num("--queries")?,
-            "--budget" => a.budget = Some(num("--budget")?),
-            "--splits" => a.splits = Some(num("--splits")?),
-            "--check" => a.check = num("--check")?,
-            "--f16" => a.f16 = true,
-            "--selective" => a.selective = true,
-            "--json" => a.json = it.next(),
-            "--no-prune" => a.no_prune = true,
-            other => return Err(Error::Io(format!("unknown flag {other}"))),
-        }
-    }
-    if a.prompt == 0 {
-        return Err(Error::Io("--prompt must be at least 1".into()));
-    }
-    Ok(a)
-}
-
-/// splitmix64 normals: reproducible synthetic projections.
-struct Rng(u64);
+/// Reproducible synthetic projections from the shared seeded generator.
+struct Rng(selattn_tools::testing::Rng);
 impl Rng {
-    fn normal(&mut self) -> f32 {
-        let mut u = || {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        };
-        let (u1, u2) = (u().max(1e-300), u());
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
     fn normals(&mut self, n: usize, f16: bool) -> Vec<f32> {
         (0..n)
             .map(|_| {
-                let x = self.normal();
+                let x = self.0.normal();
                 if f16 {
                     half::f16::from_f32(x).to_f32()
                 } else {
@@ -163,7 +132,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
         a.dim as u64,
         a.queries as u64,
     );
-    let mut rng = Rng(7);
+    let mut rng = Rng(selattn_tools::testing::Rng::from_state(7));
     let check = a.check > 0 && (total as u64) * b * hq * d <= 1 << 24;
     let mut reference = if check {
         Some(RefCache::new(cfg)?)
@@ -339,8 +308,8 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     })
 }
 
-fn main() -> Result<()> {
-    let a = parse()?;
+fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let a = <Args as clap::Parser>::parse();
     let ctx = Context::new()?;
     println!("adapter: {}", ctx.describe());
     println!(
@@ -390,51 +359,48 @@ fn main() -> Result<()> {
         );
         let tol = if a.f16 { 1e-2 } else { 1e-4 };
         if r.checked_steps > 0 && (r.max_err.is_nan() || r.max_err > tol) {
-            return Err(Error::Gpu(format!(
+            return Err(format!(
                 "decode disagrees with the reference: max error {:.3e}",
                 r.max_err
-            )));
+            )
+            .into());
         }
         rows.push(r);
     }
     if let Some(path) = &a.json {
-        let items: Vec<String> = rows
+        let runs: Vec<serde_json::Value> = rows
             .iter()
             .map(|r| {
-                format!(
-                    "{{\"budget\":{},\"final_len\":{},\"bytes_allocated\":{},\"bytes_in_use\":{},\
-                     \"evictions\":{},\"tokens_per_s\":{},\"ms_per_step_wall\":{},\
-                     \"ms_per_step_gpu\":{},\"kv_gb_per_s\":{},\"checked_steps\":{},\"max_err\":{}}}",
-                    r.budget.map_or("null".into(), |x| x.to_string()),
-                    r.final_len,
-                    r.bytes_allocated,
-                    r.bytes_in_use,
-                    r.evictions,
-                    r.tokens_per_s,
-                    r.ms_per_step_wall,
-                    r.ms_per_step_gpu.map_or("null".into(), |x| x.to_string()),
-                    r.kv_gb_per_s.map_or("null".into(), |x| x.to_string()),
-                    r.checked_steps,
-                    r.max_err
-                )
+                serde_json::json!({
+                    "budget": r.budget,
+                    "final_len": r.final_len,
+                    "bytes_allocated": r.bytes_allocated,
+                    "bytes_in_use": r.bytes_in_use,
+                    "evictions": r.evictions,
+                    "tokens_per_s": r.tokens_per_s,
+                    "ms_per_step_wall": r.ms_per_step_wall,
+                    "ms_per_step_gpu": r.ms_per_step_gpu,
+                    "kv_gb_per_s": r.kv_gb_per_s,
+                    "checked_steps": r.checked_steps,
+                    "max_err": r.max_err,
+                })
             })
             .collect();
-        let json = format!(
-            "{{\"adapter\":{:?},\"batch\":{},\"heads\":{},\"kv_heads\":{},\"dim\":{},\"prompt\":{},\
-             \"len\":{},\"queries\":{},\"f16\":{},\"selective\":{},\"runs\":[{}]}}\n",
-            ctx.describe(),
-            a.batch,
-            a.heads,
-            a.kv_heads,
-            a.dim,
-            a.prompt,
-            a.len,
-            a.queries,
-            a.f16,
-            a.selective,
-            items.join(",")
-        );
-        std::fs::write(path, json).map_err(|e| Error::Io(format!("{path}: {e}")))?;
+        let json = serde_json::json!({
+            "adapter": ctx.describe(),
+            "batch": a.batch,
+            "heads": a.heads,
+            "kv_heads": a.kv_heads,
+            "dim": a.dim,
+            "prompt": a.prompt,
+            "len": a.len,
+            "queries": a.queries,
+            "f16": a.f16,
+            "selective": a.selective,
+            "runs": runs,
+        });
+        let json = format!("{json}\n");
+        std::fs::write(path, json).map_err(|e| format!("{path}: {e}"))?;
         println!("wrote {path}");
     }
     Ok(())

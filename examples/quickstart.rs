@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use selattn::reference::{self, HostInputs};
 use selattn::{Context, Inputs, Options, Outputs, Shape, Spec};
+use selattn_tools::testing::{compare, Rng};
 
 fn main() {
     if let Err(e) = run() {
@@ -15,22 +16,9 @@ fn main() {
     }
 }
 
-/// Seeded normal numbers (splitmix64 + Box-Muller), so every run sees the same inputs.
+/// Seeded normal numbers, so every run sees the same inputs.
 fn normals(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed;
-    let mut next = move || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| {
-            let (u1, u2) = (next().max(1e-300), next());
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-        })
-        .collect()
+    Rng::from_state(seed).normals(n)
 }
 
 fn run() -> selattn::Result<()> {
@@ -90,18 +78,8 @@ fn run() -> selattn::Result<()> {
         present: host.present(false),
     };
     let want = reference::attention(&spec, &host)?;
-    let (mut max_err, mut num, mut den) = (0.0f64, 0.0, 0.0);
-    for (&g, &r) in got.iter().zip(&want.o) {
-        let e = (g as f64 - r).abs();
-        max_err = if e.is_nan() {
-            f64::INFINITY
-        } else {
-            max_err.max(e)
-        };
-        num += e * e;
-        den += r * r;
-    }
-    let rel = (num / den).sqrt();
+    let cmp = compare(&got, &want.o, 0.0, 0.0);
+    let (max_err, rel) = (cmp.max_abs, cmp.rel_norm);
     let flops = 4.0 * 8.0 * 1024.0 * 1024.0 * 64.0 / 2.0;
     println!(
         "causal attention B=1 H=8 N=1024 D=64 with tau, alpha, gate: {ms:.2} ms ({:.1} GFLOP/s, wall clock)",
@@ -110,7 +88,8 @@ fn run() -> selattn::Result<()> {
     println!(
         "against the f64 reference: max abs error {max_err:.2e}, norm-wise relative {rel:.2e}"
     );
-    if rel.is_nan() || rel >= 1e-5 {
+    // NaN or a mismatched infinity anywhere fails too (compare leaves them out of the norm).
+    if cmp.nan > 0 || max_err.is_infinite() || rel.is_nan() || rel >= 1e-5 {
         println!("FAILED: error above 1e-5");
         std::process::exit(1);
     }

@@ -21,8 +21,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use selattn::kernels::{Kernel, KernelKey};
-use selattn::testing::json_string;
-use selattn::{variants, DType};
+use selattn::DType;
+use selattn_tools::testing::json_string;
+use selattn_tools::variants;
 
 /// Workgroup memory and invocations a variant needs.
 fn needs(key: &KernelKey) -> (u64, u32) {

@@ -16,14 +16,14 @@
 //! runs on the same f16-rounded Q/K/V; O's norm-wise error must be under 5e-3 and at most twice
 //! the error of the reference itself rounded to f16; LSE and F_out (always f32) as for f32.
 
-use selattn::testing::json_string;
+use selattn_tools::testing::json_string;
 use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
 use selattn::reference::{self, HostInputs, HostOutputs};
-use selattn::testing::{compare, random_inputs, round_f16, Cmp, Controls, DeviceInputs};
 use selattn::{Context, DType, Error, Options, Outputs, Path, Shape, Spec};
+use selattn_tools::testing::{compare, random_inputs, round_f16, Cmp, Controls, DeviceInputs};
 
 /// f32: every element within this, absolute plus relative. Measured over the full set on
 /// llvmpipe (Vulkan and GL): max abs error O 9.9e-7, LSE 8.5e-7, F_out 2.9e-6; norm-wise at

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 
 use crate::cache::{DecodeOptions, KvCache, Step, Tokens};
-use crate::context::{choose_adapter, device_request, instance, unusable_reason, Context};
+use crate::context::{device_request, Context};
+use crate::device::{choose_adapter, instance, unusable_reason};
+use crate::error::GpuSource;
 use crate::{Error, Inputs, Options, Outputs, Result, Tensor};
 
 /// An error scope that is waited for off wasm and not pushed at all on wasm (where waiting is
@@ -46,6 +48,19 @@ impl Scope {
         }
         #[cfg(not(target_arch = "wasm32"))]
         pollster::block_on(self.guard.pop())
+    }
+}
+
+/// [`Error::Gpu`] for a wgpu error popped from a scope. Off wasm the wgpu error is kept as the
+/// source; on wasm it is not `Send` (it holds a JavaScript value), so its text is kept instead.
+pub(crate) fn scope_error(during: impl Into<String>, e: wgpu::Error) -> Error {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        Error::gpu(during, e)
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        Error::gpu_msg(format!("{}: {e}", during.into()))
     }
 }
 
@@ -82,7 +97,9 @@ impl<T> Future for Oneshot<T> {
                     Poll::Pending
                 }
             },
-            Err(_) => Poll::Ready(Err(Error::Gpu("callback state poisoned".into()))),
+            Err(_) => Poll::Ready(Err(Error::gpu_msg(
+                "waiting for a GPU callback (its state was poisoned)",
+            ))),
         }
     }
 }
@@ -114,7 +131,7 @@ impl Context {
         let (device, queue) = adapter
             .request_device(&desc)
             .await
-            .map_err(|e| Error::RequestDevice(e.to_string()))?;
+            .map_err(|e| Error::RequestDevice(GpuSource::new(e)))?;
         let coop = adapter.cooperative_matrix_properties();
         Ok(Self::build(device, queue, adapter.get_info(), coop))
     }
@@ -131,7 +148,7 @@ impl Context {
         let e = scope.pop().await;
         r?;
         match e {
-            Some(e) => Err(Error::Gpu(e.to_string())),
+            Some(e) => Err(scope_error("running selattn attention", e)),
             None => Ok(()),
         }
     }
@@ -163,13 +180,14 @@ impl Context {
         let staging = self.readback(t);
         let slice = staging.slice(..);
         let (rx, tx) = Oneshot::new();
-        slice.map_async(wgpu::MapMode::Read, move |r| tx(r));
+        slice.map_async(wgpu::MapMode::Read, tx);
         #[cfg(not(target_arch = "wasm32"))]
         self.sync()?;
-        rx.await?.map_err(|e| Error::Gpu(e.to_string()))?;
+        rx.await?
+            .map_err(|e| Error::gpu("mapping a readback buffer", e))?;
         let view = slice
             .get_mapped_range()
-            .map_err(|e| Error::Gpu(e.to_string()))?;
+            .map_err(|e| Error::gpu("reading a mapped readback buffer", e))?;
         let mut out = view.to_vec();
         drop(view);
         staging.unmap();
@@ -191,7 +209,7 @@ impl KvCache {
         let e = scope.pop().await;
         r?;
         match e {
-            Some(e) => Err(Error::Gpu(e.to_string())),
+            Some(e) => Err(scope_error("running selattn cache append", e)),
             None => Ok(()),
         }
     }
@@ -209,7 +227,7 @@ impl KvCache {
         let e = scope.pop().await;
         r?;
         match e {
-            Some(e) => Err(Error::Gpu(e.to_string())),
+            Some(e) => Err(scope_error("running selattn decode", e)),
             None => Ok(()),
         }
     }

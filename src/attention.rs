@@ -1,8 +1,8 @@
 //! The public entry point: one attention call on GPU tensors.
 
-use crate::kernels::forward::Plan;
-use crate::kernels::{entry, tensor_entry, Kernel, KernelKey};
-use crate::spec::{Options, Present, Resolved, Shape, Spec};
+use crate::kernels::forward::{self, Plan};
+use crate::kernels::gpu::submit;
+use crate::spec::{Options, Present, Shape, Spec};
 use crate::{Context, DType, Error, Result, Tensor};
 
 /// The input tensors of one call. Q, K, V share one element type (f32, or f16 with SHADER_F16);
@@ -72,23 +72,23 @@ impl<'a> Inputs<'a> {
         let q = self.q.shape();
         let k = self.k.shape();
         if q.len() != 4 {
-            return Err(Error::ShapeMismatch {
+            return Err(Error::RankMismatch {
                 tensor: "q",
-                expected: vec![0, 0, 0, 0],
+                rank: 4,
                 got: q.to_vec(),
             });
         }
         if k.len() != 4 {
-            return Err(Error::ShapeMismatch {
+            return Err(Error::RankMismatch {
                 tensor: "k",
-                expected: vec![q[0], 0, 0, q[3]],
+                rank: 4,
                 got: k.to_vec(),
             });
         }
         let u = |x: u64, what| {
-            u32::try_from(x).map_err(|_| Error::TooLarge {
+            u32::try_from(x).map_err(|_| Error::CountTooLarge {
                 what,
-                bytes: x,
+                count: x,
                 limit: u32::MAX as u64,
             })
         };
@@ -270,18 +270,9 @@ impl Context {
     /// Runs one attention call and submits it. Returns once the work is queued; read results with
     /// [`Context::download`] (which waits) or call [`Context::sync`].
     pub fn attention(&self, inputs: &Inputs, options: &Options, outputs: &Outputs) -> Result<()> {
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("selattn attention"),
-            });
-        let scope = crate::async_api::Scope::push(&self.device);
-        self.encode_attention(&mut enc, inputs, options, outputs)?;
-        self.queue.submit([enc.finish()]);
-        if let Some(e) = scope.pop() {
-            return Err(Error::Gpu(e.to_string()));
-        }
-        Ok(())
+        submit(&self.device, &self.queue, "selattn attention", |enc| {
+            self.encode_attention(enc, inputs, options, outputs)
+        })
     }
 
     /// Allocates O, LSE (and F_out with selective masking) and runs the call.
@@ -305,7 +296,7 @@ impl Context {
         let mut guard = self
             .scratch
             .lock()
-            .map_err(|_| Error::Gpu("scratch lock poisoned".into()))?;
+            .map_err(|_| Error::gpu_msg("locking the selective scratch (poisoned by a panic)"))?;
         if let Some(b) = guard.as_ref() {
             if b.size() >= bytes {
                 return Ok(b.clone());
@@ -360,86 +351,28 @@ impl Context {
         outputs: &Outputs,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
-        let r: &Resolved = &plan.resolved;
-        let s = r.shape;
-        let params = wgpu::util::DeviceExt::create_buffer_init(
-            &self.device,
-            &wgpu::util::BufferInitDescriptor {
-                label: Some("selattn params"),
-                contents: bytemuck::bytes_of(&plan.params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            },
-        );
-        let dummy = &self.dummy_in;
         let scratch = match plan.selective {
             Some(_) => self.scratch(plan.scratch_bytes())?,
-            None => self.dummy_in.clone(),
+            None => self.gpu().dummy_in.clone(),
         };
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("selattn attention"),
-            timestamp_writes: timestamps,
-        });
-        if let Some((colsum, scan)) = plan.selective {
-            let key = KernelKey {
-                kernel: Kernel::SelColsum(colsum),
-                elem: plan.elem,
-            };
-            let pipe = self.pipeline(&key)?;
-            let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("selattn colsum"),
-                layout: &pipe.get_bind_group_layout(0),
-                entries: &[
-                    entry(0, &params),
-                    tensor_entry(1, Some(inputs.q), dummy),
-                    tensor_entry(2, Some(inputs.k), dummy),
-                    tensor_entry(3, inputs.kv_len, dummy),
-                    entry(5, &scratch),
-                ],
-            });
-            pass.set_pipeline(&pipe);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(s.k_len.div_ceil(colsum.bc), plan.params.n_qtiles, s.batch);
-
-            let key = KernelKey {
-                kernel: Kernel::SelScan(scan),
-                elem: plan.elem,
-            };
-            let pipe = self.pipeline(&key)?;
-            let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("selattn scan"),
-                layout: &pipe.get_bind_group_layout(0),
-                entries: &[
-                    entry(0, &params),
-                    tensor_entry(4, inputs.f0, dummy),
-                    entry(5, &scratch),
-                    tensor_entry(6, outputs.f_out, &self.dummy_out),
-                ],
-            });
-            pass.set_pipeline(&pipe);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(s.k_len.div_ceil(scan.wg), s.batch, 1);
-        }
-        let pipe = self.pipeline(&plan.forward_key())?;
-        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("selattn forward"),
-            layout: &pipe.get_bind_group_layout(0),
-            entries: &[
-                entry(0, &params),
-                tensor_entry(1, Some(inputs.q), dummy),
-                tensor_entry(2, Some(inputs.k), dummy),
-                tensor_entry(3, Some(inputs.v), dummy),
-                tensor_entry(4, inputs.tau, dummy),
-                tensor_entry(5, inputs.alpha, dummy),
-                tensor_entry(6, inputs.gate, dummy),
-                tensor_entry(7, inputs.kv_len, dummy),
-                entry(8, &scratch),
-                tensor_entry(9, Some(outputs.o), dummy),
-                tensor_entry(10, outputs.lse, &self.dummy_out),
-            ],
-        });
-        pass.set_pipeline(&pipe);
-        pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(plan.params.n_qtiles, s.q_heads, s.batch);
-        Ok(())
+        let buffers = forward::Buffers {
+            q: bound(inputs.q),
+            k: bound(inputs.k),
+            v: bound(inputs.v),
+            tau: inputs.tau.map(bound),
+            alpha: inputs.alpha.map(bound),
+            gate: inputs.gate.map(bound),
+            kv_len: inputs.kv_len.map(bound),
+            f0: inputs.f0.map(bound),
+            o: bound(outputs.o),
+            lse: outputs.lse.map(bound),
+            f_out: outputs.f_out.map(bound),
+        };
+        forward::encode(&self.gpu(), encoder, plan, &buffers, &scratch, timestamps)
     }
+}
+
+/// A tensor's buffer with the bytes a kernel binds of it.
+fn bound(t: &Tensor) -> (&wgpu::Buffer, u64) {
+    (t.buffer(), t.bytes())
 }

@@ -24,7 +24,7 @@
 use crate::kernels::decode::{
     self, AppendConfig, CacheParams, DecodePlan, DecodeShape, MAX_QUERIES,
 };
-use crate::kernels::{entry, Kernel, KernelKey};
+use crate::kernels::gpu::submit;
 use crate::spec::SUPPORTED_HEAD_DIMS;
 use crate::{Context, DType, Error, Outputs, Result, Tensor};
 
@@ -275,6 +275,29 @@ pub struct CacheState {
 }
 
 /// A KV cache on the GPU. See the module docs.
+///
+/// One decode step over a pruned cache (runs on any adapter, software ones included):
+///
+/// ```
+/// use selattn::{Context, DType, DecodeOptions, KvCache, KvCacheConfig, Outputs, Step};
+///
+/// # fn main() -> selattn::Result<()> {
+/// let ctx = Context::new()?;
+/// // 1 sequence, 2 KV heads, head dim 8, 64 slots, pruned to at most 32.
+/// let mut cache = KvCache::new(&ctx, KvCacheConfig::new(1, 2, 8, 64).budget(32))?;
+/// // A step with 4 query heads and 1 new token per sequence.
+/// let q = ctx.upload(&[1, 4, 1, 8], &[0.5; 32])?;
+/// let k = ctx.upload(&[1, 2, 1, 8], &[0.25; 16])?;
+/// let v = ctx.upload(&[1, 2, 1, 8], &[1.0; 16])?;
+/// let o = ctx.empty(&[1, 4, 1, 8], DType::F32)?;
+/// let step = Step::new(&q, &k, &v);
+/// cache.step(&ctx, &step, &DecodeOptions::new(), &Outputs::new(&o))?;
+/// assert_eq!(cache.lens(), &[1]);
+/// // The only key is the new token, so every query gets its value.
+/// assert!(ctx.download(&o)?.iter().all(|&x| (x - 1.0).abs() < 1e-6));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct KvCache {
     cfg: KvCacheConfig,
@@ -429,9 +452,9 @@ impl KvCache {
         let c = &self.cfg;
         let ks = t.k.shape();
         if ks.len() != 4 {
-            return Err(Error::ShapeMismatch {
+            return Err(Error::RankMismatch {
                 tensor: "k",
-                expected: vec![c.batch as u64, c.kv_heads as u64, 0, c.head_dim as u64],
+                rank: 4,
                 got: ks.to_vec(),
             });
         }
@@ -448,9 +471,9 @@ impl KvCache {
                 });
             }
         }
-        let n = u32::try_from(ks[2]).map_err(|_| Error::TooLarge {
+        let n = u32::try_from(ks[2]).map_err(|_| Error::CountTooLarge {
             what: "tokens per append",
-            bytes: ks[2],
+            count: ks[2],
             limit: u32::MAX as u64,
         })?;
         if n == 0 {
@@ -513,9 +536,9 @@ impl KvCache {
                 });
             }
             if self.next_pos[b] + cnt as u64 + MAX_QUERIES as u64 > MAX_POSITION {
-                return Err(Error::TooLarge {
+                return Err(Error::CountTooLarge {
                     what: "token position",
-                    bytes: self.next_pos[b] + cnt as u64,
+                    count: self.next_pos[b] + cnt as u64,
                     limit: MAX_POSITION,
                 });
             }
@@ -548,6 +571,18 @@ impl KvCache {
         self.len = lens;
     }
 
+    /// The cache's own buffers, for the kernels.
+    fn buffers(&self) -> decode::CacheBuffers<'_> {
+        decode::CacheBuffers {
+            k: self.k.buffer(),
+            v: self.v.buffer(),
+            gate: self.gate.as_ref().map(|g| g.buffer()),
+            f: self.f.buffer(),
+            pos: self.pos.buffer(),
+        }
+    }
+
+    /// Records the append of `t` (`n` tokens per sequence, slot plan in `step_buf`).
     fn encode_append_pass(
         &self,
         ctx: &Context,
@@ -565,39 +600,21 @@ impl KvCache {
             n,
             ..Default::default()
         };
-        let params = uniform(ctx, bytemuck::bytes_of(&params));
-        let key = KernelKey {
-            kernel: Kernel::CacheAppend(AppendConfig {
-                d: c.head_dim,
-                wg: append_threads(ctx.capabilities().max_invocations),
-                gate: c.gate,
-                f: t.f.is_some(),
-            }),
-            elem: c.dtype,
+        let cfg = AppendConfig {
+            d: c.head_dim,
+            wg: append_threads(ctx.capabilities().max_invocations),
+            gate: c.gate,
+            f: t.f.is_some(),
         };
-        let pipe = ctx.pipeline(&key)?;
-        let din = &ctx.dummy_in;
-        let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("selattn cache append"),
-            layout: &pipe.get_bind_group_layout(0),
-            entries: &[
-                entry(0, &params),
-                entry(1, step_buf),
-                entry(2, t.k.buffer()),
-                entry(3, t.v.buffer()),
-                entry(4, t.gate.map_or(din, |g| g.buffer())),
-                entry(5, t.f.map_or(din, |f| f.buffer())),
-                entry(6, self.k.buffer()),
-                entry(7, self.v.buffer()),
-                entry(8, self.gate.as_ref().map_or(&ctx.dummy_out, |g| g.buffer())),
-                entry(9, self.f.buffer()),
-                entry(10, self.pos.buffer()),
-            ],
-        });
-        pass.set_pipeline(&pipe);
-        pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(c.batch, 1, 1);
-        Ok(())
+        let tokens = decode::TokenBuffers {
+            k: t.k.buffer(),
+            v: t.v.buffer(),
+            gate: t.gate.map(|g| g.buffer()),
+            f: t.f.map(|f| f.buffer()),
+            step: step_buf,
+        };
+        let gpu = ctx.gpu();
+        decode::encode_append(&gpu, pass, cfg, c.dtype, &params, &tokens, &self.buffers())
     }
 
     /// Appends tokens without attention (a prefill's K and V, with its F_out as `f` for exact
@@ -605,18 +622,9 @@ impl KvCache {
     /// grow by different amounts. Over the budget, tokens are evicted one by one as each new
     /// token is written. Submits the work.
     pub fn append(&mut self, ctx: &Context, tokens: &Tokens, counts: Option<&[u32]>) -> Result<()> {
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("selattn cache append"),
-            });
-        let scope = crate::async_api::Scope::push(&ctx.device);
-        self.encode_append(ctx, &mut enc, tokens, counts)?;
-        ctx.queue.submit([enc.finish()]);
-        if let Some(e) = scope.pop() {
-            return Err(Error::Gpu(e.to_string()));
-        }
-        Ok(())
+        submit(&ctx.device, &ctx.queue, "selattn cache append", |enc| {
+            self.encode_append(ctx, enc, tokens, counts)
+        })
     }
 
     /// [`KvCache::append`] recorded into an encoder the application owns (no submit).
@@ -630,7 +638,9 @@ impl KvCache {
         self.check_no_alias(&[Some(tokens.k), Some(tokens.v), tokens.gate, tokens.f])?;
         let (n, counts) = self.check_tokens(tokens, counts)?;
         let (info, lens, ev) = self.plan_append(&counts);
-        let step_buf = storage(ctx, bytemuck::cast_slice(&info));
+        let step_buf = ctx
+            .gpu()
+            .storage("selattn cache step", bytemuck::cast_slice(&info));
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("selattn cache append"),
@@ -668,18 +678,9 @@ impl KvCache {
         options: &DecodeOptions,
         outputs: &Outputs,
     ) -> Result<()> {
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("selattn decode"),
-            });
-        let scope = crate::async_api::Scope::push(&ctx.device);
-        self.encode_step(ctx, &mut enc, step, options, outputs, None)?;
-        ctx.queue.submit([enc.finish()]);
-        if let Some(e) = scope.pop() {
-            return Err(Error::Gpu(e.to_string()));
-        }
-        Ok(())
+        submit(&ctx.device, &ctx.queue, "selattn decode", |enc| {
+            self.encode_step(ctx, enc, step, options, outputs, None)
+        })
     }
 
     /// Plans a step without recording it: validates every tensor against the cache.
@@ -708,9 +709,9 @@ impl KvCache {
         }
         let qs = step.q.shape();
         if qs.len() != 4 {
-            return Err(Error::ShapeMismatch {
+            return Err(Error::RankMismatch {
                 tensor: "q",
-                expected: vec![c.batch as u64, 0, 0, c.head_dim as u64],
+                rank: 4,
                 got: qs.to_vec(),
             });
         }
@@ -738,15 +739,9 @@ impl KvCache {
             });
         }
         if n == 0 || n > MAX_QUERIES {
-            return Err(Error::ShapeMismatch {
-                tensor: "q (1 to 8 queries per sequence)",
-                expected: vec![
-                    c.batch as u64,
-                    hq as u64,
-                    MAX_QUERIES as u64,
-                    c.head_dim as u64,
-                ],
-                got: qs.to_vec(),
+            return Err(Error::QueriesPerStep {
+                got: qs[2],
+                max: MAX_QUERIES,
             });
         }
         check("q", step.q, qs.to_vec(), c.dtype)?;
@@ -894,101 +889,40 @@ impl KvCache {
         }
         let (plan, counts) = self.validate_step(ctx, step, options, outputs)?;
         let p = plan.params;
-        let part = grow(
-            ctx,
-            &mut self.part,
-            plan.part_bytes(),
-            "selattn decode partials",
-        );
+        let gpu = ctx.gpu();
+        let part = gpu.grow(&mut self.part, plan.part_bytes(), "selattn decode partials");
         let fq = match plan.score {
-            Some(_) => grow(ctx, &mut self.fq, plan.fq_bytes(), "selattn decode F rows"),
-            None => ctx.dummy_out.clone(),
+            Some(_) => gpu.grow(&mut self.fq, plan.fq_bytes(), "selattn decode F rows"),
+            None => gpu.dummy_out.clone(),
         };
         let (info, lens, ev) = self.plan_append(&counts);
-        let step_buf = storage(ctx, bytemuck::cast_slice(&info));
-        let params = uniform(ctx, bytemuck::bytes_of(&p));
+        let step_buf = gpu.storage("selattn cache step", bytemuck::cast_slice(&info));
         let tokens = Tokens {
             k: step.k,
             v: step.v,
             gate: step.gate,
             f: None,
         };
-        let din = &ctx.dummy_in;
-        let elem = self.cfg.dtype;
+        let buffers = decode::StepBuffers {
+            q: step.q.buffer(),
+            tau: step.tau.map(|t| t.buffer()),
+            alpha: step.alpha.map(|t| t.buffer()),
+            o: outputs.o.buffer(),
+            lse: outputs.lse.map(|t| t.buffer()),
+            step: &step_buf,
+            fq: &fq,
+            part: &part,
+        };
+        let max_len = lens.iter().copied().max().unwrap_or(1);
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("selattn decode"),
                 timestamp_writes: timestamps,
             });
-            // 1. Append (and evict) the step's tokens.
+            // Append (and evict) the step's tokens, then score, attend and merge.
             self.encode_append_pass(ctx, &mut pass, &tokens, p.n, &step_buf)?;
-            // 2. Selective scores of the step's queries; F state updated in place.
-            if let Some(sc) = plan.score {
-                let pipe = ctx.pipeline(&KernelKey {
-                    kernel: Kernel::DecodeScore(sc),
-                    elem,
-                })?;
-                let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("selattn decode score"),
-                    layout: &pipe.get_bind_group_layout(0),
-                    entries: &[
-                        entry(0, &params),
-                        entry(1, &step_buf),
-                        entry(2, step.q.buffer()),
-                        entry(3, self.k.buffer()),
-                        entry(6, self.pos.buffer()),
-                        entry(9, self.f.buffer()),
-                        entry(10, &fq),
-                    ],
-                });
-                pass.set_pipeline(&pipe);
-                pass.set_bind_group(0, &bg, &[]);
-                let max_len = lens.iter().copied().max().unwrap_or(1);
-                pass.dispatch_workgroups(max_len.div_ceil(sc.wg), self.cfg.batch, 1);
-            }
-            // 3. Split-KV attention.
-            let pipe = ctx.pipeline(&KernelKey {
-                kernel: Kernel::DecodeAttend(plan.attend),
-                elem,
-            })?;
-            let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("selattn decode attend"),
-                layout: &pipe.get_bind_group_layout(0),
-                entries: &[
-                    entry(0, &params),
-                    entry(1, &step_buf),
-                    entry(2, step.q.buffer()),
-                    entry(3, self.k.buffer()),
-                    entry(4, self.v.buffer()),
-                    entry(5, self.gate.as_ref().map_or(din, |g| g.buffer())),
-                    entry(6, self.pos.buffer()),
-                    entry(7, step.tau.map_or(din, |t| t.buffer())),
-                    entry(8, step.alpha.map_or(din, |t| t.buffer())),
-                    entry(10, &fq),
-                    entry(11, &part),
-                ],
-            });
-            pass.set_pipeline(&pipe);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(p.splits, p.kv_heads * p.n_rblocks, p.batch);
-            // 4. Merge.
-            let pipe = ctx.pipeline(&KernelKey {
-                kernel: Kernel::DecodeMerge(plan.merge),
-                elem,
-            })?;
-            let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("selattn decode merge"),
-                layout: &pipe.get_bind_group_layout(0),
-                entries: &[
-                    entry(0, &params),
-                    entry(11, &part),
-                    entry(12, outputs.o.buffer()),
-                    entry(13, outputs.lse.map_or(&ctx.dummy_out, |t| t.buffer())),
-                ],
-            });
-            pass.set_pipeline(&pipe);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(p.q_heads * p.n, p.batch, 1);
+            let (elem, cache) = (self.cfg.dtype, self.buffers());
+            decode::encode_step(&gpu, &mut pass, &plan, elem, max_len, &buffers, &cache)?;
         }
         self.commit(&counts, lens, ev);
         Ok(())
@@ -997,49 +931,11 @@ impl KvCache {
 
 /// Threads of the append kernel: the largest power of two up to 256 the device allows (its
 /// reduction is a tree).
-pub(crate) fn append_threads(max_invocations: u32) -> u32 {
+pub fn append_threads(max_invocations: u32) -> u32 {
     let m = max_invocations.clamp(1, 256);
     if m.is_power_of_two() {
         m
     } else {
         m.next_power_of_two() / 2
     }
-}
-
-fn uniform(ctx: &Context, bytes: &[u8]) -> wgpu::Buffer {
-    wgpu::util::DeviceExt::create_buffer_init(
-        &ctx.device,
-        &wgpu::util::BufferInitDescriptor {
-            label: Some("selattn cache params"),
-            contents: bytes,
-            usage: wgpu::BufferUsages::UNIFORM,
-        },
-    )
-}
-
-fn storage(ctx: &Context, bytes: &[u8]) -> wgpu::Buffer {
-    wgpu::util::DeviceExt::create_buffer_init(
-        &ctx.device,
-        &wgpu::util::BufferInitDescriptor {
-            label: Some("selattn cache step"),
-            contents: bytes,
-            usage: wgpu::BufferUsages::STORAGE,
-        },
-    )
-}
-
-fn grow(ctx: &Context, slot: &mut Option<wgpu::Buffer>, bytes: u64, label: &str) -> wgpu::Buffer {
-    if let Some(b) = slot.as_ref() {
-        if b.size() >= bytes {
-            return b.clone();
-        }
-    }
-    let b = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size: bytes.max(16).div_ceil(16) * 16,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
-    *slot = Some(b.clone());
-    b
 }

@@ -1,24 +1,61 @@
-//! The one error type of the crate. Every variant carries the numbers that made the call invalid.
+//! The one error type of the crate. Every variant carries the numbers that made the call invalid;
+//! errors wgpu reports are kept as the [`std::error::Error::source`] of [`Error::Gpu`] and
+//! [`Error::RequestDevice`].
 
-use std::fmt;
+use std::sync::Arc;
+
+/// An error wgpu reported (or one from waiting on the device): the
+/// [`source`](std::error::Error::source) of [`Error::Gpu`] and [`Error::RequestDevice`]. Shared,
+/// so that [`Error`] stays `Clone`; two are equal when they are the same error or read the same.
+#[derive(Clone, Debug)]
+pub struct GpuSource(Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl GpuSource {
+    /// Wraps `e`.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        GpuSource(Arc::new(e))
+    }
+}
+
+impl std::fmt::Display for GpuSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for GpuSource {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for GpuSource {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
 
 /// Everything that can go wrong in a call into selattn.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// No adapter that can run compute shaders was found (or none matched the filter).
+    #[error("no adapter can run selattn's compute kernels{}", reasons.iter().map(|r| format!("; {r}")).collect::<String>())]
     NoAdapter {
         /// Why each adapter that was seen was rejected.
         reasons: Vec<String>,
     },
     /// Requesting a device from the adapter failed.
-    RequestDevice(String),
+    #[error("requesting a device failed: {0}")]
+    RequestDevice(#[source] GpuSource),
     /// A size is zero where at least one is required.
+    #[error("{what} must be at least 1")]
     ZeroSize {
         /// Which size.
         what: &'static str,
     },
     /// The head dimension is not one the kernels support.
+    #[error("head dim {got} is not supported (supported: {supported})")]
     HeadDimUnsupported {
         /// The head dimension given.
         got: u32,
@@ -26,6 +63,7 @@ pub enum Error {
         supported: &'static str,
     },
     /// The number of query heads is not a multiple of the number of KV heads.
+    #[error("query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")]
     HeadsNotMultiple {
         /// Query heads.
         q_heads: u32,
@@ -33,6 +71,7 @@ pub enum Error {
         kv_heads: u32,
     },
     /// A tensor has the wrong shape.
+    #[error("{tensor} has shape {got:?}, expected {expected:?}")]
     ShapeMismatch {
         /// Which tensor.
         tensor: &'static str,
@@ -42,6 +81,7 @@ pub enum Error {
         got: Vec<u64>,
     },
     /// A tensor has the wrong element type.
+    #[error("{tensor} has element type {got:?}, expected {expected:?}")]
     DTypeMismatch {
         /// Which tensor.
         tensor: &'static str,
@@ -51,6 +91,7 @@ pub enum Error {
         got: crate::DType,
     },
     /// A host slice has the wrong number of elements.
+    #[error("{what} has {got} elements, expected {expected}")]
     LengthMismatch {
         /// Which input.
         what: &'static str,
@@ -60,6 +101,7 @@ pub enum Error {
         got: u64,
     },
     /// A per-batch valid key count exceeds the number of keys.
+    #[error("kv_len[{batch}] = {kv_len} exceeds the number of keys ({keys})")]
     KvLenTooLarge {
         /// Batch element.
         batch: u32,
@@ -69,6 +111,9 @@ pub enum Error {
         keys: u32,
     },
     /// Causal attention needs every query position inside the keys: start + Nq <= Nk.
+    #[error(
+        "causal attention needs start + Nq <= Nk, got start {start} + Nq {queries} > Nk {keys}"
+    )]
     StartOutOfRange {
         /// Position of the first query.
         start: u32,
@@ -78,13 +123,16 @@ pub enum Error {
         keys: u32,
     },
     /// The softmax scale must be finite and positive.
+    #[error("scale must be finite and positive, got {scale}")]
     BadScale {
         /// The scale given.
         scale: f32,
     },
     /// Selective masking is defined for causal attention only.
+    #[error("selective masking is defined for causal attention only")]
     SelectiveNeedsCausal,
     /// The selection head does not exist.
+    #[error("selection head {head} does not exist (there are {q_heads} query heads)")]
     SelectionHeadOutOfRange {
         /// The head asked for.
         head: u32,
@@ -92,6 +140,7 @@ pub enum Error {
         q_heads: u32,
     },
     /// An input is present that the call cannot use (for example F0 without selective masking).
+    #[error("{what} given but {why}")]
     InputWithoutUse {
         /// Which input.
         what: &'static str,
@@ -99,6 +148,7 @@ pub enum Error {
         why: &'static str,
     },
     /// A buffer would exceed what the device allows.
+    #[error("{what} needs {bytes} bytes, over the device's limit of {limit}")]
     TooLarge {
         /// Which buffer.
         what: &'static str,
@@ -108,11 +158,13 @@ pub enum Error {
         limit: u64,
     },
     /// The device does not have a feature this call needs.
+    #[error("the device does not have the {feature} feature")]
     FeatureMissing {
         /// The feature.
         feature: &'static str,
     },
     /// A kernel path was forced that cannot run this call on this device.
+    #[error("the {path} kernel path cannot run this call: {why}")]
     PathUnavailable {
         /// The path asked for.
         path: &'static str,
@@ -120,6 +172,7 @@ pub enum Error {
         why: &'static str,
     },
     /// A spec says an optional input is present (or absent) and the inputs disagree.
+    #[error("the spec says {what} is {}, but it was {}", if *said { "present" } else { "absent" }, if *given { "given" } else { "not given" })]
     PresenceMismatch {
         /// Which input.
         what: &'static str,
@@ -129,16 +182,73 @@ pub enum Error {
         given: bool,
     },
     /// A user buffer cannot be used as a tensor.
+    #[error("buffer cannot be used: {why}")]
     BadBuffer {
         /// What is wrong with it.
         why: String,
     },
-    /// The GPU reported an error while running or reading back.
-    Gpu(String),
-    /// A file could not be read or written (examples and npy I/O).
-    Io(String),
+    /// The GPU reported an error while building a pipeline, running or reading back; wgpu's own
+    /// error, when there is one, is the [`source`](std::error::Error::source).
+    #[error("GPU error while {during}{}", source.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+    Gpu {
+        /// What selattn was doing.
+        during: String,
+        /// The error wgpu reported.
+        #[source]
+        source: Option<GpuSource>,
+    },
+    /// A tensor has the wrong number of dimensions.
+    #[error("{tensor} has shape {got:?}, expected {rank} dimensions")]
+    RankMismatch {
+        /// Which tensor.
+        tensor: &'static str,
+        /// Dimensions it must have.
+        rank: usize,
+        /// The shape it has.
+        got: Vec<u64>,
+    },
+    /// A count (not bytes) is over what selattn or the device can handle: tokens, positions,
+    /// heads.
+    #[error("{what} is {count}, over the limit of {limit}")]
+    CountTooLarge {
+        /// What is counted.
+        what: &'static str,
+        /// The count.
+        count: u64,
+        /// The largest allowed.
+        limit: u64,
+    },
+    /// A dispatch would need more workgroups in one dimension than the device allows.
+    #[error("{what} needs {workgroups} workgroups in one dispatch dimension, over the device's limit of {limit}")]
+    DispatchTooLarge {
+        /// Which dimension of which dispatch.
+        what: &'static str,
+        /// Workgroups needed.
+        workgroups: u64,
+        /// The device's per-dimension limit.
+        limit: u64,
+    },
+    /// The device's limit on some resource is below what the kernels need.
+    #[error("the device allows {limit} {what}, selattn needs {needed}")]
+    DeviceLimit {
+        /// Which limit.
+        what: &'static str,
+        /// What the kernels need.
+        needed: u64,
+        /// The device's limit.
+        limit: u64,
+    },
+    /// A decode step has a number of queries per sequence outside 1..=max.
+    #[error("a decode step takes 1 to {max} queries per sequence, got {got}")]
+    QueriesPerStep {
+        /// Queries per sequence given.
+        got: u64,
+        /// The most a step takes.
+        max: u32,
+    },
     /// Appending would put more tokens in a sequence than the cache has slots, and the cache has
     /// no budget to prune down to.
+    #[error("sequence {batch} holds {len} tokens; adding {adding} exceeds the capacity of {capacity} slots and the cache has no budget")]
     CacheFull {
         /// Sequence.
         batch: u32,
@@ -151,6 +261,7 @@ pub enum Error {
     },
     /// A pruning budget below the smallest that leaves a token to evict (the first token and
     /// the newest are never evicted), or above the capacity.
+    #[error("budget {budget} is outside {min}..={max} (the first and the newest token are never evicted)")]
     BadBudget {
         /// The budget given.
         budget: u32,
@@ -160,6 +271,7 @@ pub enum Error {
         max: u32,
     },
     /// A tensor does not match the cache it is used with.
+    #[error("{what} is {got}, but the cache has {cache}")]
     CacheMismatch {
         /// Which size.
         what: &'static str,
@@ -170,6 +282,7 @@ pub enum Error {
     },
     /// A call names a position for a sequence that is not where the cache is: the caller's view
     /// of the cache is stale (for example after a reset).
+    #[error("sequence {batch}: the call expects the next token at position {expected}, the cache is at {cache} (stale view of the cache?)")]
     StalePosition {
         /// Sequence.
         batch: u32,
@@ -180,115 +293,59 @@ pub enum Error {
     },
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::NoAdapter { reasons } => {
-                write!(f, "no adapter can run selattn's compute kernels")?;
-                for r in reasons {
-                    write!(f, "; {r}")?;
-                }
-                Ok(())
-            }
-            Error::RequestDevice(e) => write!(f, "requesting a device failed: {e}"),
-            Error::ZeroSize { what } => write!(f, "{what} must be at least 1"),
-            Error::HeadDimUnsupported { got, supported } => {
-                write!(f, "head dim {got} is not supported (supported: {supported})")
-            }
-            Error::HeadsNotMultiple { q_heads, kv_heads } => write!(
-                f,
-                "query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})"
-            ),
-            Error::ShapeMismatch {
-                tensor,
-                expected,
-                got,
-            } => write!(f, "{tensor} has shape {got:?}, expected {expected:?}"),
-            Error::DTypeMismatch {
-                tensor,
-                expected,
-                got,
-            } => write!(f, "{tensor} has element type {got:?}, expected {expected:?}"),
-            Error::LengthMismatch {
-                what,
-                expected,
-                got,
-            } => write!(f, "{what} has {got} elements, expected {expected}"),
-            Error::KvLenTooLarge {
-                batch,
-                kv_len,
-                keys,
-            } => write!(
-                f,
-                "kv_len[{batch}] = {kv_len} exceeds the number of keys ({keys})"
-            ),
-            Error::StartOutOfRange {
-                start,
-                queries,
-                keys,
-            } => write!(
-                f,
-                "causal attention needs start + Nq <= Nk, got start {start} + Nq {queries} > Nk {keys}"
-            ),
-            Error::BadScale { scale } => {
-                write!(f, "scale must be finite and positive, got {scale}")
-            }
-            Error::SelectiveNeedsCausal => {
-                write!(f, "selective masking is defined for causal attention only")
-            }
-            Error::SelectionHeadOutOfRange { head, q_heads } => write!(
-                f,
-                "selection head {head} does not exist (there are {q_heads} query heads)"
-            ),
-            Error::InputWithoutUse { what, why } => write!(f, "{what} given but {why}"),
-            Error::TooLarge { what, bytes, limit } => write!(
-                f,
-                "{what} needs {bytes} bytes, over the device's limit of {limit}"
-            ),
-            Error::FeatureMissing { feature } => {
-                write!(f, "the device does not have the {feature} feature")
-            }
-            Error::PathUnavailable { path, why } => {
-                write!(f, "the {path} kernel path cannot run this call: {why}")
-            }
-            Error::PresenceMismatch { what, said, given } => write!(
-                f,
-                "the spec says {what} is {}, but it was {}",
-                if *said { "present" } else { "absent" },
-                if *given { "given" } else { "not given" }
-            ),
-            Error::BadBuffer { why } => write!(f, "buffer cannot be used: {why}"),
-            Error::Gpu(e) => write!(f, "GPU error: {e}"),
-            Error::Io(e) => write!(f, "{e}"),
-            Error::CacheFull {
-                batch,
-                len,
-                adding,
-                capacity,
-            } => write!(
-                f,
-                "sequence {batch} holds {len} tokens; adding {adding} exceeds the capacity of {capacity} slots and the cache has no budget"
-            ),
-            Error::BadBudget { budget, min, max } => write!(
-                f,
-                "budget {budget} is outside {min}..={max} (the first and the newest token are never evicted)"
-            ),
-            Error::CacheMismatch { what, cache, got } => {
-                write!(f, "{what} is {got}, but the cache has {cache}")
-            }
-            Error::StalePosition {
-                batch,
-                cache,
-                expected,
-            } => write!(
-                f,
-                "sequence {batch}: the call expects the next token at position {expected}, the cache is at {cache} (stale view of the cache?)"
-            ),
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// [`Error::Gpu`] while `during`, with wgpu's (or any) error as its source.
+    pub fn gpu(
+        during: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Gpu {
+            during: during.into(),
+            source: Some(GpuSource::new(source)),
+        }
+    }
+
+    /// [`Error::Gpu`] while `during`, with no underlying error.
+    pub fn gpu_msg(during: impl Into<String>) -> Self {
+        Error::Gpu {
+            during: during.into(),
+            source: None,
         }
     }
 }
 
-impl std::error::Error for Error {}
+#[cfg(test)]
+mod tests {
+    use super::Error;
+    use std::error::Error as _;
 
-/// Shorthand for results of this crate.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+    #[test]
+    fn messages_name_their_numbers_and_keep_sources() {
+        let e = Error::DeviceLimit {
+            what: "storage buffers per shader stage",
+            needed: 10,
+            limit: 8,
+        };
+        assert_eq!(
+            e.to_string(),
+            "the device allows 8 storage buffers per shader stage, selattn needs 10"
+        );
+        let io = std::io::Error::other("lost");
+        let e = Error::gpu("running selattn attention", io);
+        assert_eq!(
+            e.to_string(),
+            "GPU error while running selattn attention: lost"
+        );
+        assert_eq!(e.source().map(|s| s.to_string()).as_deref(), Some("lost"));
+        assert!(Error::gpu_msg("x").source().is_none());
+        let e = Error::RankMismatch {
+            tensor: "q",
+            rank: 4,
+            got: vec![2, 3],
+        };
+        assert_eq!(e.to_string(), "q has shape [2, 3], expected 4 dimensions");
+    }
+}

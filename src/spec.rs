@@ -28,6 +28,34 @@ pub struct Shape {
     pub head_dim: u32,
 }
 
+/// The role of a tensor in a call; with a [`Shape`] it fixes the tensor's dims
+/// ([`Shape::dims`]), so a tensor can be uploaded by role ([`crate::Context::upload_as`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Queries `[B, Hq, Nq, D]`.
+    Q,
+    /// Keys `[B, Hkv, Nk, D]`.
+    K,
+    /// Values `[B, Hkv, Nk, D]`.
+    V,
+    /// Per-query temperature `[B, Hq, Nq]`.
+    Tau,
+    /// Positional-temperature coefficient `[Hq]`.
+    Alpha,
+    /// Per-key value gate `[B, Hkv, Nk]`.
+    Gate,
+    /// Valid keys per batch element `[B]` (u32).
+    KvLen,
+    /// Selective state carried in `[B, Nk]`.
+    F0,
+    /// Output `[B, Hq, Nq, D]`.
+    O,
+    /// Log-sum-exp per row `[B, Hq, Nq]`.
+    Lse,
+    /// Selective state carried out `[B, Nk]`.
+    FOut,
+}
+
 impl Shape {
     /// Self-attention shape: `Hq = Hkv = heads`, `Nq = Nk = len`.
     pub fn new(batch: u32, heads: u32, len: u32, head_dim: u32) -> Self {
@@ -56,6 +84,19 @@ impl Shape {
     /// Query heads per KV head.
     pub fn group(&self) -> u32 {
         self.q_heads / self.kv_heads.max(1)
+    }
+
+    /// Dims of the tensor with role `role` in a call of this shape.
+    pub fn dims(&self, role: Role) -> Vec<u64> {
+        match role {
+            Role::Q | Role::O => self.q_dims(),
+            Role::K | Role::V => self.kv_dims(),
+            Role::Tau | Role::Lse => self.row_dims(),
+            Role::Alpha => self.alpha_dims(),
+            Role::Gate => self.gate_dims(),
+            Role::KvLen => self.kv_len_dims(),
+            Role::F0 | Role::FOut => self.f_dims(),
+        }
     }
 
     /// Shape of Q.
@@ -260,9 +301,9 @@ impl Spec {
         };
         // Positions are formed as start + i in u32 arithmetic on the GPU: keep them in range.
         if (start as u64) + (s.q_len as u64) > u32::MAX as u64 / 2 {
-            return Err(Error::TooLarge {
+            return Err(Error::CountTooLarge {
                 what: "query positions (start + Nq)",
-                bytes: start as u64 + s.q_len as u64,
+                count: start as u64 + s.q_len as u64,
                 limit: u32::MAX as u64 / 2,
             });
         }

@@ -1,6 +1,6 @@
 //! GPU tensors: a buffer, a shape and an element type.
 
-use crate::spec::numel;
+use crate::spec::{numel, Role, Shape};
 use crate::{Context, DType, Error, Result};
 
 /// A dense, row-major tensor in a GPU buffer. The buffer may be one the application owns
@@ -10,16 +10,6 @@ pub struct Tensor {
     buffer: wgpu::Buffer,
     shape: Vec<u64>,
     dtype: DType,
-}
-
-impl DType {
-    /// Bytes per element.
-    pub fn size(self) -> u64 {
-        match self {
-            DType::F32 | DType::U32 => 4,
-            DType::F16 => 2,
-        }
-    }
 }
 
 impl Tensor {
@@ -158,6 +148,42 @@ impl Context {
         self.upload_bytes(shape, DType::U32, bytemuck::cast_slice(data))
     }
 
+    /// Uploads f32 data as the tensor with role `role` in a call of shape `shape` (its dims come
+    /// from [`Shape::dims`]). `kv_len` holds u32: upload it with [`Context::upload_u32`].
+    ///
+    /// ```
+    /// use selattn::{Context, Role, Shape};
+    /// # fn main() -> selattn::Result<()> {
+    /// let ctx = Context::new()?;
+    /// let s = Shape::new(1, 2, 4, 8); // B, H, N, D
+    /// let q = ctx.upload_as(&s, Role::Q, &[0.5; 64])?;
+    /// assert_eq!(q.shape(), [1, 2, 4, 8]);
+    /// assert!(ctx.upload_as(&s, Role::Q, &[0.5; 63]).is_err()); // wrong length: typed error
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn upload_as(&self, shape: &Shape, role: Role, data: &[f32]) -> Result<Tensor> {
+        if role == Role::KvLen {
+            return Err(Error::DTypeMismatch {
+                tensor: "kv_len",
+                expected: DType::U32,
+                got: DType::F32,
+            });
+        }
+        self.upload(&shape.dims(role), data)
+    }
+
+    /// An f32 tensor (contents undefined) for role `role` in a call of shape `shape`; for an
+    /// output, or an input filled by the application.
+    pub fn empty_as(&self, shape: &Shape, role: Role) -> Result<Tensor> {
+        let dtype = if role == Role::KvLen {
+            DType::U32
+        } else {
+            DType::F32
+        };
+        self.empty(&shape.dims(role), dtype)
+    }
+
     /// Fills a tensor with NaN (f32/f16) or 0xFFFFFFFF (u32), to poison outputs in tests.
     pub fn poison(&self, t: &Tensor) {
         let n = (t.buffer.size() / 4) as usize;
@@ -191,11 +217,11 @@ impl Context {
         });
         self.sync()?;
         rx.recv()
-            .map_err(|e| Error::Gpu(e.to_string()))?
-            .map_err(|e| Error::Gpu(e.to_string()))?;
+            .map_err(|e| Error::gpu("waiting for a download", e))?
+            .map_err(|e| Error::gpu("mapping a download", e))?;
         let view = slice
             .get_mapped_range()
-            .map_err(|e| Error::Gpu(e.to_string()))?;
+            .map_err(|e| Error::gpu("reading a download", e))?;
         let mut out = view.to_vec();
         drop(view);
         staging.unmap();

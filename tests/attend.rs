@@ -9,10 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use selattn::npy;
 use selattn::reference;
-use selattn::testing::{compare, random_inputs, Controls, Rng};
 use selattn::{Options, Shape, Spec};
+use selattn_tools::npy;
+use selattn_tools::testing::{compare, random_inputs, Controls, Rng};
 
 /// A fresh directory for one test's files, removed when dropped.
 struct TempDir(PathBuf);
@@ -382,4 +382,144 @@ fn selective_without_causal_is_refused() {
         1,
         &["--selective", "causal"],
     );
+}
+
+// ---- Hostile paths and files: one line, exit 1, no existing file touched -----------------------
+
+/// An existing output holding `SENTINEL`, to check that a failed run leaves it as it was.
+const SENTINEL: &[u8] = b"an existing file that a failed run must not touch";
+
+fn sentinel(dir: &TempDir, name: &str) -> PathBuf {
+    let p = dir.path(name);
+    std::fs::write(&p, SENTINEL).expect("writing a sentinel");
+    p
+}
+
+/// Every file of `dir` except those named in `keep` is gone (no temporary file left behind).
+fn only_files(dir: &TempDir, keep: &[&str]) {
+    let mut names: Vec<String> = std::fs::read_dir(&dir.0)
+        .expect("listing the temp dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = keep.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(names, want, "files left in the directory");
+}
+
+#[test]
+fn out_naming_an_input_is_refused() {
+    let dir = TempDir::new("out-is-q");
+    let args0 = qkv(&dir, &small());
+    let q_before = std::fs::read(dir.path("q.npy")).expect("read q");
+    // The same file spelled differently: `dir/./q.npy`.
+    let spelled = format!("{}/./q.npy", dir.0.display());
+    let mut args = args0.clone();
+    args.extend(["--out".into(), spelled]);
+    let r = attend(&args);
+    assert_fails("--out naming --q", &r, 1, &["--out", "--q", "same file"]);
+    assert_eq!(std::fs::read(dir.path("q.npy")).expect("read q"), q_before);
+
+    // A hard link to K is the same file too.
+    std::fs::hard_link(dir.path("k.npy"), dir.path("k-link.npy")).expect("hard link");
+    let mut args = args0;
+    args.extend(["--out".into(), arg(&dir.path("k-link.npy"))]);
+    let r = attend(&args);
+    assert_fails(
+        "--out a hard link to --k",
+        &r,
+        1,
+        &["--out", "--k", "same file"],
+    );
+    only_files(&dir, &["q.npy", "k.npy", "v.npy", "k-link.npy"]);
+}
+
+#[test]
+fn two_outputs_naming_one_file_are_refused() {
+    let dir = TempDir::new("lse-is-out");
+    let mut args = qkv(&dir, &small());
+    let o = sentinel(&dir, "o.npy");
+    args.extend([
+        "--out".into(),
+        arg(&o),
+        "--lse".into(),
+        format!(
+            "{}/../{}/o.npy",
+            dir.0.display(),
+            dir.0.file_name().unwrap().to_string_lossy()
+        ),
+    ]);
+    let r = attend(&args);
+    assert_fails(
+        "--lse naming --out",
+        &r,
+        1,
+        &["--lse", "--out", "same file"],
+    );
+    assert_eq!(std::fs::read(&o).expect("read o"), SENTINEL);
+}
+
+#[test]
+fn endless_device_is_refused_by_its_first_bytes() {
+    let dir = TempDir::new("urandom");
+    let mut args = qkv(&dir, &small());
+    args[1] = "/dev/urandom".into();
+    let o = sentinel(&dir, "o.npy");
+    args.extend(["--out".into(), arg(&o)]);
+    let r = attend(&args);
+    assert_fails(
+        "--q /dev/urandom",
+        &r,
+        1,
+        &["--q", "/dev/urandom", "not a .npy file"],
+    );
+    assert_eq!(std::fs::read(&o).expect("read o"), SENTINEL);
+}
+
+#[test]
+fn header_promising_more_than_the_file_holds_is_refused() {
+    let dir = TempDir::new("huge-header");
+    let mut args = qkv(&dir, &small());
+    // A header for 64 GiB of f32 and 16 bytes of data: refused from the file's size, before
+    // anything is sized from the header.
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 1073741824, 8), }\n";
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0u8; 16]);
+    std::fs::write(dir.path("huge.npy"), &bytes).expect("write");
+    args[1] = arg(&dir.path("huge.npy"));
+    let o = sentinel(&dir, "o.npy");
+    args.extend(["--out".into(), arg(&o)]);
+    let r = attend(&args);
+    assert_fails(
+        "--q with a 64 GiB header",
+        &r,
+        1,
+        &["--q", "huge.npy", "truncated"],
+    );
+    assert_eq!(std::fs::read(&o).expect("read o"), SENTINEL);
+}
+
+/// The LSE cannot be written (its temporary name is too long for the file system) after O was:
+/// O's target keeps its old contents and no temporary file is left.
+#[test]
+fn failed_write_of_a_later_output_leaves_earlier_ones_untouched() {
+    let dir = TempDir::new("late-failure");
+    let mut args = qkv(&dir, &small());
+    let o = sentinel(&dir, "o.npy");
+    // 250 bytes is a valid name; with the temporary prefix and suffix it is over 255.
+    let long = format!("{}.npy", "l".repeat(246));
+    args.extend([
+        "--out".into(),
+        arg(&o),
+        "--lse".into(),
+        arg(&dir.path(&long)),
+    ]);
+    let r = attend(&args);
+    assert_eq!(r.code, Some(1), "exit status; stderr:\n{}", r.stderr);
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("attend: --lse"), "stderr:\n{}", r.stderr);
+    assert_eq!(std::fs::read(&o).expect("read o"), SENTINEL);
+    only_files(&dir, &["q.npy", "k.npy", "v.npy", "o.npy"]);
 }

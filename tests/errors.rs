@@ -200,13 +200,13 @@ fn shape_mismatch() {
     let q3 = f32t(&[2, 4, 80]);
     let err = plan_err(&Inputs { q: &q3, ..ins }, &sel(), &outs);
     assert!(
-        matches!(&err, Error::ShapeMismatch { tensor: "q", got, .. } if got == &[2, 4, 80]),
+        matches!(&err, Error::RankMismatch { tensor: "q", rank: 4, got } if got == &[2, 4, 80]),
         "{err:?}"
     );
     let k3 = f32t(&[2, 2, 112]);
     let err = plan_err(&Inputs { k: &k3, ..ins }, &sel(), &outs);
     assert!(
-        matches!(&err, Error::ShapeMismatch { tensor: "k", got, .. } if got == &[2, 2, 112]),
+        matches!(&err, Error::RankMismatch { tensor: "k", rank: 4, got } if got == &[2, 2, 112]),
         "{err:?}"
     );
     // K with another batch or head dim than Q.
@@ -508,7 +508,7 @@ fn start_out_of_range() {
         &Outputs::new(&s.o),
     );
     assert!(
-        matches!(e, Error::TooLarge { what: "query positions (start + Nq)", bytes, .. } if bytes == huge as u64 + 5),
+        matches!(e, Error::CountTooLarge { what: "query positions (start + Nq)", count, .. } if count == huge as u64 + 5),
         "{e:?}"
     );
 }
@@ -624,7 +624,7 @@ fn too_large() {
     small.max_workgroups_per_dim = 3;
     let e = Plan::new(&small, &r, DType::F32).unwrap_err();
     assert!(
-        matches!(e, Error::TooLarge { what: "query tiles per dispatch", limit: 3, bytes } if bytes > 3),
+        matches!(e, Error::DispatchTooLarge { what: "query tiles per dispatch", limit: 3, workgroups } if workgroups > 3),
         "{e:?}"
     );
 
@@ -676,7 +676,7 @@ fn too_large() {
     let have = device.limits().max_storage_buffers_per_shader_stage as u64;
     let e = Context::from_device(device, queue, a.get_info(), vec![]).unwrap_err();
     assert!(
-        matches!(e, Error::TooLarge { bytes: 10, limit, .. } if limit == have),
+        matches!(e, Error::DeviceLimit { what: "storage buffers per shader stage", needed: 10, limit } if limit == have),
         "{e:?}"
     );
 }

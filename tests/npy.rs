@@ -1,4 +1,4 @@
-//! Tests of `selattn::npy` against files numpy wrote, hand-made headers and broken files.
+//! Tests of `selattn_tools::npy` against files numpy wrote, hand-made headers and broken files.
 //!
 //! The reference files below were written once with numpy 2.4.6 (`f` an `io.BytesIO`) and pasted
 //! in as byte strings, so these tests need no Python. Each is laid out as preamble, header (the
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::f16;
-use selattn::npy::{self, NpyArray, NpyData, NpyDtype, NpyError, Part};
+use selattn_tools::npy::{self, NpyArray, NpyData, NpyDtype, NpyError, Part};
 
 /// Records the largest single allocation made by this test binary, so that a test can show a
 /// hostile header was refused before anything was sized from it.

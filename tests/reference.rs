@@ -19,25 +19,21 @@ use selattn::{Error, Options, Shape, Spec};
 // Seeded random inputs
 // ---------------------------------------------------------------------------------------------
 
-/// splitmix64 with Box-Muller normals: tiny, deterministic, no dependency.
-struct Rng(u64);
+/// Box-Muller normals in f64 from the shared seeded generator (state = seed, uniforms in (0, 1]).
+struct Rng(selattn_tools::testing::Rng);
 
 impl Rng {
     fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(selattn_tools::testing::Rng::from_state(seed))
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in (0, 1]: never 0, so `ln` in Box-Muller stays finite.
     fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+        self.0.uniform_open()
     }
 
     fn normal(&mut self) -> f64 {
@@ -987,7 +983,10 @@ fn invalid_calls_return_typed_errors() {
     );
     assert!(matches!(
         call(s, Options::new().start(u32::MAX / 2), &x),
-        Some(Error::TooLarge { .. })
+        Some(Error::CountTooLarge {
+            what: "query positions (start + Nq)",
+            ..
+        })
     ));
     assert_eq!(
         call(s, Options::new().selective(0), &x),

@@ -1,4 +1,4 @@
-//! Every pipeline variant (see `selattn::variants`), with the exact `override` constants used at
+//! Every pipeline variant (see `selattn_tools::variants`), with the exact `override` constants used at
 //! run time, translated by naga to SPIR-V (Vulkan), MSL (Metal), HLSL (DX12) and GLSL (GL), so
 //! the Metal and DX12 code paths are at least compiled in every run. SPIR-V is checked with
 //! `spirv-val` and GLSL with `glslangValidator` when installed (a missing tool skips only its
@@ -17,8 +17,8 @@ use std::time::Instant;
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use selattn::kernels::{Kernel, KernelKey};
-use selattn::variants::{self, Switches};
 use selattn::DType;
+use selattn_tools::variants::{self, Switches};
 
 /// The SPIR-V version naga writes and the environment spirv-val checks it against: Vulkan 1.1
 /// (SPIR-V 1.3), the oldest wgpu's Vulkan backend writes beyond 1.0 for.

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use super::forward::ForwardConfig;
 use super::Features;
-use crate::context::Capabilities;
+use crate::device::Capabilities;
 
 /// Subgroups per workgroup; each owns 16 query rows, so BR = 16 × this.
 pub const SUBGROUPS: u32 = 4;

@@ -2,7 +2,10 @@
 //! split-KV attention and merge (`shaders/decode.wgsl`).
 
 use super::flag;
-use crate::context::Capabilities;
+use super::gpu::{entry, Gpu};
+use super::{Kernel, KernelKey};
+use crate::device::Capabilities;
+use crate::DType;
 use crate::{Error, Result};
 
 /// Most queries (new tokens) per sequence in one decode step.
@@ -289,9 +292,9 @@ pub fn plan(
         ("slot groups per dispatch", s.capacity.div_ceil(wg)),
     ] {
         if n > max {
-            return Err(Error::TooLarge {
+            return Err(Error::DispatchTooLarge {
                 what,
-                bytes: n as u64,
+                workgroups: n as u64,
                 limit: max as u64,
             });
         }
@@ -343,4 +346,135 @@ pub fn plan(
         });
     }
     Ok(plan)
+}
+
+/// A KV cache's own buffers, as the append and decode kernels bind them.
+pub(crate) struct CacheBuffers<'a> {
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    pub gate: Option<&'a wgpu::Buffer>,
+    pub f: &'a wgpu::Buffer,
+    pub pos: &'a wgpu::Buffer,
+}
+
+/// New tokens for the append kernel; `step` holds each sequence's slot plan.
+pub(crate) struct TokenBuffers<'a> {
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    pub gate: Option<&'a wgpu::Buffer>,
+    pub f: Option<&'a wgpu::Buffer>,
+    pub step: &'a wgpu::Buffer,
+}
+
+/// Records the append kernel (write and evict) for `params.batch` sequences into `pass`.
+pub(crate) fn encode_append(
+    gpu: &Gpu<'_>,
+    pass: &mut wgpu::ComputePass<'_>,
+    cfg: AppendConfig,
+    elem: DType,
+    params: &CacheParams,
+    t: &TokenBuffers<'_>,
+    c: &CacheBuffers<'_>,
+) -> Result<()> {
+    let uniform = gpu.uniform("selattn cache params", bytemuck::bytes_of(params));
+    let key = KernelKey {
+        kernel: Kernel::CacheAppend(cfg),
+        elem,
+    };
+    let din = gpu.dummy_in;
+    let entries = [
+        entry(0, &uniform),
+        entry(1, t.step),
+        entry(2, t.k),
+        entry(3, t.v),
+        entry(4, t.gate.unwrap_or(din)),
+        entry(5, t.f.unwrap_or(din)),
+        entry(6, c.k),
+        entry(7, c.v),
+        entry(8, c.gate.unwrap_or(gpu.dummy_out)),
+        entry(9, c.f),
+        entry(10, c.pos),
+    ];
+    let groups = [params.batch, 1, 1];
+    gpu.dispatch(pass, "selattn cache append", key, &entries, groups)
+}
+
+/// A decode step's query-side buffers and its scratch.
+pub(crate) struct StepBuffers<'a> {
+    pub q: &'a wgpu::Buffer,
+    pub tau: Option<&'a wgpu::Buffer>,
+    pub alpha: Option<&'a wgpu::Buffer>,
+    pub o: &'a wgpu::Buffer,
+    pub lse: Option<&'a wgpu::Buffer>,
+    /// Each sequence's slot plan (written by the append).
+    pub step: &'a wgpu::Buffer,
+    /// Per-query F rows (selective masking; a dummy otherwise).
+    pub fq: &'a wgpu::Buffer,
+    /// Partial (o, m, l) per split.
+    pub part: &'a wgpu::Buffer,
+}
+
+/// Records the kernels of a decode step after its append: the selective score pass (F state
+/// updated in place), split-KV attention and the merge. `max_len` is the longest sequence
+/// after the append.
+pub(crate) fn encode_step(
+    gpu: &Gpu<'_>,
+    pass: &mut wgpu::ComputePass<'_>,
+    plan: &DecodePlan,
+    elem: DType,
+    max_len: u32,
+    s: &StepBuffers<'_>,
+    c: &CacheBuffers<'_>,
+) -> Result<()> {
+    let p = plan.params;
+    let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&p));
+    let din = gpu.dummy_in;
+    if let Some(sc) = plan.score {
+        let key = KernelKey {
+            kernel: Kernel::DecodeScore(sc),
+            elem,
+        };
+        let entries = [
+            entry(0, &params),
+            entry(1, s.step),
+            entry(2, s.q),
+            entry(3, c.k),
+            entry(6, c.pos),
+            entry(9, c.f),
+            entry(10, s.fq),
+        ];
+        let groups = [max_len.div_ceil(sc.wg), p.batch, 1];
+        gpu.dispatch(pass, "selattn decode score", key, &entries, groups)?;
+    }
+    let key = KernelKey {
+        kernel: Kernel::DecodeAttend(plan.attend),
+        elem,
+    };
+    let entries = [
+        entry(0, &params),
+        entry(1, s.step),
+        entry(2, s.q),
+        entry(3, c.k),
+        entry(4, c.v),
+        entry(5, c.gate.unwrap_or(din)),
+        entry(6, c.pos),
+        entry(7, s.tau.unwrap_or(din)),
+        entry(8, s.alpha.unwrap_or(din)),
+        entry(10, s.fq),
+        entry(11, s.part),
+    ];
+    let groups = [p.splits, p.kv_heads * p.n_rblocks, p.batch];
+    gpu.dispatch(pass, "selattn decode attend", key, &entries, groups)?;
+    let key = KernelKey {
+        kernel: Kernel::DecodeMerge(plan.merge),
+        elem,
+    };
+    let entries = [
+        entry(0, &params),
+        entry(11, s.part),
+        entry(12, s.o),
+        entry(13, s.lse.unwrap_or(gpu.dummy_out)),
+    ];
+    let groups = [p.q_heads * p.n, p.batch, 1];
+    gpu.dispatch(pass, "selattn decode merge", key, &entries, groups)
 }

@@ -1,9 +1,10 @@
 //! The fused forward kernel (`shaders/forward.wgsl`) and the plan of one attention call.
 
 use super::coop::CoopConfig;
+use super::gpu::{entry, tensor_entry, Gpu};
 use super::selective::{ColsumConfig, ScanConfig};
 use super::{Features, Kernel, KernelKey, Params};
-use crate::context::Capabilities;
+use crate::device::Capabilities;
 use crate::spec::{Path, Resolved};
 use crate::{DType, Error, Result};
 
@@ -171,9 +172,9 @@ impl Plan {
             ("batch per dispatch", s.batch),
         ] {
             if n > max {
-                return Err(Error::TooLarge {
+                return Err(Error::DispatchTooLarge {
                     what,
-                    bytes: n as u64,
+                    workgroups: n as u64,
                     limit: max as u64,
                 });
             }
@@ -200,9 +201,9 @@ impl Plan {
                 ("key groups per dispatch", s.k_len.div_ceil(wg)),
             ] {
                 if n > max {
-                    return Err(Error::TooLarge {
+                    return Err(Error::DispatchTooLarge {
                         what,
-                        bytes: n as u64,
+                        workgroups: n as u64,
                         limit: max as u64,
                     });
                 }
@@ -284,4 +285,89 @@ impl Plan {
         keys.push(self.forward_key());
         keys
     }
+}
+
+/// The buffers of one call, each with the bytes it binds (see [`tensor_entry`]); absent
+/// optional tensors are `None` and get the dummy binding.
+pub(crate) struct Buffers<'a> {
+    pub q: (&'a wgpu::Buffer, u64),
+    pub k: (&'a wgpu::Buffer, u64),
+    pub v: (&'a wgpu::Buffer, u64),
+    pub tau: Option<(&'a wgpu::Buffer, u64)>,
+    pub alpha: Option<(&'a wgpu::Buffer, u64)>,
+    pub gate: Option<(&'a wgpu::Buffer, u64)>,
+    pub kv_len: Option<(&'a wgpu::Buffer, u64)>,
+    pub f0: Option<(&'a wgpu::Buffer, u64)>,
+    pub o: (&'a wgpu::Buffer, u64),
+    pub lse: Option<(&'a wgpu::Buffer, u64)>,
+    pub f_out: Option<(&'a wgpu::Buffer, u64)>,
+}
+
+/// Records a validated `plan` into one compute pass of `encoder`: with selective masking the
+/// column sums and the scan first (into `scratch`), then the forward (or cooperative-matrix)
+/// kernel.
+pub(crate) fn encode(
+    gpu: &Gpu<'_>,
+    encoder: &mut wgpu::CommandEncoder,
+    plan: &Plan,
+    b: &Buffers<'_>,
+    scratch: &wgpu::Buffer,
+    timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+) -> Result<()> {
+    let s = plan.resolved.shape;
+    let params = gpu.uniform("selattn params", bytemuck::bytes_of(&plan.params));
+    let (dummy, dummy_out) = (gpu.dummy_in, gpu.dummy_out);
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("selattn attention"),
+        timestamp_writes: timestamps,
+    });
+    if let Some((colsum, scan)) = plan.selective {
+        let key = KernelKey {
+            kernel: Kernel::SelColsum(colsum),
+            elem: plan.elem,
+        };
+        let entries = [
+            entry(0, &params),
+            tensor_entry(1, Some(b.q), dummy),
+            tensor_entry(2, Some(b.k), dummy),
+            tensor_entry(3, b.kv_len, dummy),
+            entry(5, scratch),
+        ];
+        let groups = [s.k_len.div_ceil(colsum.bc), plan.params.n_qtiles, s.batch];
+        gpu.dispatch(&mut pass, "selattn colsum", key, &entries, groups)?;
+
+        let key = KernelKey {
+            kernel: Kernel::SelScan(scan),
+            elem: plan.elem,
+        };
+        let entries = [
+            entry(0, &params),
+            tensor_entry(4, b.f0, dummy),
+            entry(5, scratch),
+            tensor_entry(6, b.f_out, dummy_out),
+        ];
+        let groups = [s.k_len.div_ceil(scan.wg), s.batch, 1];
+        gpu.dispatch(&mut pass, "selattn scan", key, &entries, groups)?;
+    }
+    let entries = [
+        entry(0, &params),
+        tensor_entry(1, Some(b.q), dummy),
+        tensor_entry(2, Some(b.k), dummy),
+        tensor_entry(3, Some(b.v), dummy),
+        tensor_entry(4, b.tau, dummy),
+        tensor_entry(5, b.alpha, dummy),
+        tensor_entry(6, b.gate, dummy),
+        tensor_entry(7, b.kv_len, dummy),
+        entry(8, scratch),
+        tensor_entry(9, Some(b.o), dummy),
+        tensor_entry(10, b.lse, dummy_out),
+    ];
+    let groups = [plan.params.n_qtiles, s.q_heads, s.batch];
+    gpu.dispatch(
+        &mut pass,
+        "selattn forward",
+        plan.forward_key(),
+        &entries,
+        groups,
+    )
 }

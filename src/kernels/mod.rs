@@ -7,12 +7,11 @@
 pub mod coop;
 pub mod decode;
 pub mod forward;
+pub(crate) mod gpu;
 pub mod selective;
 
+pub use crate::device::STORAGE_BUFFERS_NEEDED;
 use crate::{DType, Error, Result};
-
-/// Storage buffers the widest kernel binds at once (the forward kernel).
-pub const STORAGE_BUFFERS_NEEDED: u32 = 10;
 
 /// Shader source files, loaded with `include_str!`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -226,30 +225,4 @@ pub struct Params {
     pub _pad0: u32,
     /// Padding to 16 bytes.
     pub _pad1: u32,
-}
-
-/// Binding of a tensor's own bytes (not its whole buffer, which may be larger than a binding
-/// may be), or of `dummy` when the tensor is absent.
-pub(crate) fn tensor_entry<'a>(
-    binding: u32,
-    t: Option<&'a crate::Tensor>,
-    dummy: &'a wgpu::Buffer,
-) -> wgpu::BindGroupEntry<'a> {
-    let resource = match t {
-        Some(t) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: t.buffer(),
-            offset: 0,
-            size: wgpu::BufferSize::new((t.bytes().div_ceil(4) * 4).min(t.buffer().size())),
-        }),
-        None => dummy.as_entire_binding(),
-    };
-    wgpu::BindGroupEntry { binding, resource }
-}
-
-/// Storage binding at `binding` for a whole buffer.
-pub(crate) fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
-    wgpu::BindGroupEntry {
-        binding,
-        resource: buffer.as_entire_binding(),
-    }
 }

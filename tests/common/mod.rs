@@ -9,7 +9,7 @@ use selattn::{Context, DType, Inputs, Options, Outputs, Shape, Spec, Tensor};
 
 // Not every test binary uses every helper.
 #[allow(unused_imports)]
-pub use selattn::testing::{compare, random_inputs, Cmp, Controls, Rng};
+pub use selattn_tools::testing::{compare, random_inputs, Cmp, Controls, Rng};
 
 /// Every adapter that can run compute, one context each, built once per test binary.
 pub fn contexts() -> &'static [Context] {

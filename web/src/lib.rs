@@ -10,10 +10,10 @@ use std::fmt::Write as _;
 use std::rc::Rc;
 
 use selattn::reference::{self, HostInputs, HostOutputs};
-use selattn::testing::{
+use selattn::{Context, DType, Error, Options, Outputs, Path, Shape, Spec};
+use selattn_tools::testing::{
     compare, json_string, random_inputs, round_f16, Cmp, Controls, DeviceInputs,
 };
-use selattn::{Context, DType, Error, Options, Outputs, Path, Shape, Spec};
 use wasm_bindgen::prelude::*;
 
 /// f32: every element within this, absolute plus relative (as `examples/validate`).

@@ -4,8 +4,8 @@
 //!
 //! `web/ci/browser-tests.sh` runs them.
 
-use selattn::testing::Controls;
 use selattn::{DType, Path, Shape};
+use selattn_tools::testing::Controls;
 use selattn_web::{context, run_one, Case, Row, Variant};
 use wasm_bindgen_test::*;
 

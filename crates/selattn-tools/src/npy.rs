@@ -409,18 +409,82 @@ impl fmt::Display for NpyError {
 impl std::error::Error for NpyError {}
 
 /// Reads a `.npy` file. See [`parse`] for what is accepted.
+///
+/// The header is read and checked first, and the data's size checked against the file's before
+/// anything is sized from the header: a hostile header cannot make this allocate more than the
+/// file holds, and a device that never ends (`/dev/urandom`) is refused by its first bytes.
 pub fn read(path: impl AsRef<Path>) -> Result<NpyArray, NpyError> {
+    use std::io::Read as _;
     let path = path.as_ref();
-    // The buffer is sized by the file system, not by the header.
-    let bytes = std::fs::read(path).map_err(|e| NpyError::io(path, &e))?;
-    parse(&bytes)
+    let io = |e: std::io::Error| NpyError::io(path, &e);
+    let file = std::fs::File::open(path).map_err(io)?;
+    let regular_len = file
+        .metadata()
+        .map_err(io)
+        .map(|m| m.is_file().then_some(m.len()))?;
+    let mut r = std::io::BufReader::new(file);
+    // The longest preamble (version 2.0 and 3.0) is 12 bytes.
+    let mut head = read_at_most(&mut r, 12).map_err(io)?;
+    let (header_start, header_len) = preamble(&head)?;
+    let data_start = header_start + header_len;
+    if head.len() < data_start {
+        let more = read_at_most(&mut r, data_start - head.len()).map_err(io)?;
+        head.extend_from_slice(&more);
+    }
+    if head.len() < data_start {
+        return Err(truncated(
+            Part::Header,
+            header_len,
+            head.len() - header_start,
+        ));
+    }
+    let (dtype, shape, data_bytes) =
+        interpret_header(Parser::parse(&head[header_start..data_start])?)?;
+    let mut data = head.split_off(data_start);
+    if let Some(len) = regular_len {
+        let have = len.saturating_sub(data_start as u64);
+        if have < data_bytes as u64 {
+            return Err(truncated(Part::Data, data_bytes, have as usize));
+        }
+        if have > data_bytes as u64 {
+            return Err(NpyError::TrailingBytes {
+                data_bytes: data_bytes as u64,
+                extra: have - data_bytes as u64,
+            });
+        }
+    }
+    // Not a regular file (a pipe, a device): read what comes, never more than the header's size
+    // plus one byte to tell whether anything trails.
+    let want = (data_bytes as u64 + 1).saturating_sub(data.len() as u64);
+    r.take(want).read_to_end(&mut data).map_err(io)?;
+    if data.len() < data_bytes {
+        return Err(truncated(Part::Data, data_bytes, data.len()));
+    }
+    if data.len() > data_bytes {
+        return Err(NpyError::TrailingBytes {
+            data_bytes: data_bytes as u64,
+            extra: (data.len() - data_bytes) as u64,
+        });
+    }
+    Ok(NpyArray {
+        shape,
+        data: decode_data(dtype, &data),
+    })
 }
 
-/// Parses the bytes of a `.npy` file: format version 1.0, 2.0 or 3.0, a C-order array of one of
-/// the [`NpyDtype`]s, and nothing after the data.
-pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
-    // Preamble: magic, major and minor version, then the header length as a little-endian u16
-    // (version 1.0) or u32 (2.0 and 3.0, which differ only in the header's text encoding).
+/// Up to `n` bytes from `r`: fewer only at the end of the stream.
+fn read_at_most(r: &mut impl std::io::Read, n: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut buf = Vec::with_capacity(n);
+    r.take(n as u64).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Checks the preamble at the start of `bytes` (magic, version, header length) and returns where
+/// the header starts and how long it is.
+fn preamble(bytes: &[u8]) -> Result<(usize, usize), NpyError> {
+    // Magic, major and minor version, then the header length as a little-endian u16 (version
+    // 1.0) or u32 (2.0 and 3.0, which differ only in the header's text encoding).
     let magic_len = bytes.len().min(MAGIC.len());
     if bytes[..magic_len] != MAGIC[..magic_len] {
         return Err(NpyError::BadMagic {
@@ -451,7 +515,26 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
         });
     }
     // Fits in usize: it is at most MAX_HEADER_LEN.
-    let header_len = header_len as usize;
+    Ok((header_start, header_len as usize))
+}
+
+/// Elements of `dtype` from exactly their little-endian bytes.
+fn decode_data(dtype: NpyDtype, data: &[u8]) -> NpyData {
+    match dtype {
+        NpyDtype::F32 => NpyData::F32(decode(data, f32::from_le_bytes)),
+        NpyDtype::F16 => NpyData::F16(decode(data, |b| {
+            half::f16::from_bits(u16::from_le_bytes(b))
+        })),
+        NpyDtype::I32 => NpyData::I32(decode(data, i32::from_le_bytes)),
+        NpyDtype::I64 => NpyData::I64(decode(data, i64::from_le_bytes)),
+        NpyDtype::U32 => NpyData::U32(decode(data, u32::from_le_bytes)),
+    }
+}
+
+/// Parses the bytes of a `.npy` file: format version 1.0, 2.0 or 3.0, a C-order array of one of
+/// the [`NpyDtype`]s, and nothing after the data.
+pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
+    let (header_start, header_len) = preamble(bytes)?;
     let after_preamble = &bytes[header_start..];
     if after_preamble.len() < header_len {
         return Err(truncated(Part::Header, header_len, after_preamble.len()));
@@ -470,16 +553,10 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
             extra: (data.len() - data_bytes) as u64,
         });
     }
-    let data = match dtype {
-        NpyDtype::F32 => NpyData::F32(decode(data, f32::from_le_bytes)),
-        NpyDtype::F16 => NpyData::F16(decode(data, |b| {
-            half::f16::from_bits(u16::from_le_bytes(b))
-        })),
-        NpyDtype::I32 => NpyData::I32(decode(data, i32::from_le_bytes)),
-        NpyDtype::I64 => NpyData::I64(decode(data, i64::from_le_bytes)),
-        NpyDtype::U32 => NpyData::U32(decode(data, u32::from_le_bytes)),
-    };
-    Ok(NpyArray { shape, data })
+    Ok(NpyArray {
+        shape,
+        data: decode_data(dtype, data),
+    })
 }
 
 /// Writes f32 data of the given shape as a `.npy` file (format 1.0), exactly as `np.save` does.

@@ -2,7 +2,7 @@
 //!
 //! A variant is a [`KernelKey`]: kernel family, specialisation constants, entry point and
 //! element type. Which keys exist is decided by the planner ([`Plan::new`] and
-//! [`choose_tiles`](crate::kernels::forward::choose_tiles)) from the call (head dim, options, inputs present) and the device
+//! [`choose_tiles`](selattn::kernels::forward::choose_tiles)) from the call (head dim, options, inputs present) and the device
 //! (workgroup memory, invocations). This module does not restate those rules: it builds a
 //! [`Spec`] for every call that differs in something a kernel is specialised on, plans it on a
 //! set of [`reference_devices`], and collects the keys the plans name.
@@ -25,11 +25,11 @@
 
 use std::collections::HashSet;
 
-use crate::context::Capabilities;
-use crate::kernels::forward::Plan;
-use crate::kernels::KernelKey;
-use crate::spec::{Options, Path, Present, Shape, Spec};
-use crate::DType;
+use selattn::kernels::forward::Plan;
+use selattn::kernels::KernelKey;
+use selattn::spec::{Options, Path, Present, Shape, Spec};
+use selattn::Capabilities;
+use selattn::DType;
 
 /// How many switch combinations to enumerate (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -106,7 +106,7 @@ pub fn reference_devices() -> Vec<Capabilities> {
                 max_compute_workgroup_storage_size: memory,
                 max_compute_invocations_per_workgroup: invocations,
                 max_compute_workgroup_size_x: invocations,
-                max_storage_buffers_per_shader_stage: crate::kernels::STORAGE_BUFFERS_NEEDED,
+                max_storage_buffers_per_shader_stage: selattn::kernels::STORAGE_BUFFERS_NEEDED,
                 ..wgpu::Limits::defaults()
             };
             let mut features = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
@@ -307,17 +307,17 @@ fn planned_variants(
 }
 
 /// The KV-cache kernels (append, decode score, attend, merge) a device can create for an element
-/// type, planned by [`decode::plan`](crate::kernels::decode::plan) over every head dim and a
+/// type, planned by [`decode::plan`](selattn::kernels::decode::plan) over every head dim and a
 /// few row counts per workgroup (queries per step × GQA group) and switch combinations:
 /// every switch on and off, every `rb` the planner can choose. Not part of [`FAMILIES`] (the
 /// translation tests do not translate these yet); [`decode_cache_variants`] collects them over
 /// the reference devices.
 pub fn decode_variants(caps: &Capabilities, elem: DType) -> Vec<KernelKey> {
-    use crate::kernels::decode::{self, AppendConfig, DecodeShape};
-    use crate::kernels::Kernel;
+    use selattn::kernels::decode::{self, AppendConfig, DecodeShape};
+    use selattn::kernels::Kernel;
     let mut out = Vec::new();
     let key = |kernel| KernelKey { kernel, elem };
-    let wg = crate::cache::append_threads(caps.max_invocations);
+    let wg = selattn::cache::append_threads(caps.max_invocations);
     // (tau, alpha, gate, lse, selective)
     let switches = [
         (false, false, false, false, false),

@@ -2,17 +2,23 @@
 //! `examples/validate.rs`: a seeded RNG, seeded random inputs, and an element-wise comparison
 //! that reports the max error, where it is, and the norm-wise relative error (DESIGN.md §4).
 
-use crate::reference::HostInputs;
-use crate::spec::Shape;
+use selattn::reference::HostInputs;
+use selattn::spec::Shape;
 
-/// splitmix64: small, seeded, reproducible on every platform.
+/// splitmix64: small, seeded, reproducible on every platform. The only copy of the generator in
+/// the project: tests, examples and benches all draw from it, and its stream never changes (a
+/// test's inputs are fixed by its seed).
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
 
 impl Rng {
-    /// A generator for `seed`.
+    /// A generator for `seed` (the state starts at `seed ^ 0x9E3779B97F4A7C15`).
     pub fn new(seed: u64) -> Self {
         Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    /// A generator whose state starts at exactly `state` (no mixing of the seed).
+    pub fn from_state(state: u64) -> Self {
+        Rng(state)
     }
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
@@ -25,6 +31,14 @@ impl Rng {
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in (0, 1]: never 0, so a logarithm of it stays finite.
+    pub fn uniform_open(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [0, 1) with 24 random bits, as an f32.
+    pub fn uniform_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
     /// Standard normal (Box-Muller).
     pub fn normal(&mut self) -> f32 {
@@ -191,33 +205,33 @@ pub fn compare(gpu: &[f32], reference: &[f64], atol: f64, rtol: f64) -> Cmp {
 #[derive(Debug)]
 pub struct DeviceInputs {
     /// Q.
-    pub q: crate::Tensor,
+    pub q: selattn::Tensor,
     /// K.
-    pub k: crate::Tensor,
+    pub k: selattn::Tensor,
     /// V.
-    pub v: crate::Tensor,
+    pub v: selattn::Tensor,
     /// tau.
-    pub tau: Option<crate::Tensor>,
+    pub tau: Option<selattn::Tensor>,
     /// alpha.
-    pub alpha: Option<crate::Tensor>,
+    pub alpha: Option<selattn::Tensor>,
     /// gate.
-    pub gate: Option<crate::Tensor>,
+    pub gate: Option<selattn::Tensor>,
     /// kv_len.
-    pub kv_len: Option<crate::Tensor>,
+    pub kv_len: Option<selattn::Tensor>,
     /// F0.
-    pub f0: Option<crate::Tensor>,
+    pub f0: Option<selattn::Tensor>,
 }
 
 impl DeviceInputs {
     /// Uploads `x` for `shape`; Q, K and V are stored as `elem` (f16 rounds to nearest).
     pub fn upload(
-        ctx: &crate::Context,
+        ctx: &selattn::Context,
         shape: &Shape,
         x: &HostInputs,
-        elem: crate::DType,
-    ) -> crate::Result<Self> {
+        elem: selattn::DType,
+    ) -> selattn::Result<Self> {
         let qkv = |dims: Vec<u64>, d: &[f32]| match elem {
-            crate::DType::F16 => ctx.upload_f16(&dims, d),
+            selattn::DType::F16 => ctx.upload_f16(&dims, d),
             _ => ctx.upload(&dims, d),
         };
         let opt = |dims: Vec<u64>, d: &Option<Vec<f32>>| {
@@ -240,8 +254,8 @@ impl DeviceInputs {
     }
 
     /// The call's inputs.
-    pub fn inputs(&self) -> crate::Inputs<'_> {
-        crate::Inputs {
+    pub fn inputs(&self) -> selattn::Inputs<'_> {
+        selattn::Inputs {
             q: &self.q,
             k: &self.k,
             v: &self.v,
