@@ -21,8 +21,6 @@
 //! A configuration the device cannot run (f16 without SHADER_F16, a path it lacks, a size over a
 //! limit) becomes a row carrying the error, not a crash.
 
-use selattn_tools::testing::json_string;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +34,7 @@ use selattn::{Context, DType, Error, Inputs, Options, Outputs, Path, Shape, Spec
 const USAGE: &str = "\
 usage: bench [options]
   --shape B,H,N,D | B,Hq,Hkv,Nq,Nk,D   repeatable; default: 4,16,4096,64  4,16,4096,128  1,16,16384,64
+                                      4,32,8,4096,4096,128 (GQA)
   --variant plain|temp|gate|selective|full|all   repeatable (default all)
              plain: no controls; temp: tau + alpha; gate: value gate;
              selective: selective masking (selection head 0); full: tau + alpha + gate + selective
@@ -223,6 +222,7 @@ fn parse_args() -> Result<Args, String> {
             Shape::new(4, 16, 4096, 64),
             Shape::new(4, 16, 4096, 128),
             Shape::new(1, 16, 16384, 64),
+            parse_shape("4,32,8,4096,4096,128")?,
         ];
     }
     a.warmup = warmup.unwrap_or(a.warmup);
@@ -728,73 +728,60 @@ fn print_row(r: &Row) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// JSON (written by hand: the crate takes no serde dependency)
+// JSON
 
-fn json_num(x: f64) -> String {
+/// A number for the report; JSON has no infinity or NaN, so those are null.
+fn json_num(x: f64) -> serde_json::Value {
     if x.is_finite() {
-        format!("{x}")
+        serde_json::json!(x)
     } else {
-        "null".into()
+        serde_json::Value::Null
     }
 }
 
 fn json_rows(ctx: &Context, timer: &str, rows: &[Row]) -> String {
     let i = &ctx.capabilities().info;
-    let mut out = String::from("[\n");
-    for (n, r) in rows.iter().enumerate() {
-        let s = r.shape;
-        let mut o = format!(
-            "{{\"adapter\":{},\"backend\":{},\"driver\":{},\"driver_info\":{},\"timer\":{},\
-             \"shape\":[{},{},{},{},{},{}],\"variant\":{},\"causal\":{},\"dtype\":{},\"path\":{},\"path_used\":{}",
-            json_string(&i.name),
-            json_string(&format!("{:?}", i.backend)),
-            json_string(&i.driver),
-            json_string(&i.driver_info),
-            json_string(timer),
-            s.batch,
-            s.q_heads,
-            s.kv_heads,
-            s.q_len,
-            s.k_len,
-            s.head_dim,
-            json_string(r.variant.name()),
-            r.causal,
-            json_string(dtype_name(r.dtype)),
-            json_string(path_name(r.path)),
-            r.path_used
-                .map_or("null".into(), |p| json_string(path_name(p))),
-        );
-        match &r.result {
-            Ok(m) => {
-                let _ = write!(
-                    o,
-                    ",\"ms\":{},\"min_ms\":{},\"runs\":{},\"tflops\":{},\"gbps\":{},\"flops\":{},\
-                     \"bytes\":{},\"scratch_bytes\":{},\"alloc_bytes\":{},\"check_rel_err\":{},\
-                     \"check_ok\":{},\"lse_finite\":{},\"error\":null}}",
-                    json_num(m.ms),
-                    json_num(m.min_ms),
-                    m.runs,
-                    json_num(m.tflops),
-                    json_num(m.gbps),
-                    json_num(m.flops),
-                    m.bytes,
-                    m.scratch,
-                    m.alloc,
-                    m.check.map_or("null".into(), json_num),
-                    m.check_ok,
-                    m.finite
-                );
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let s = r.shape;
+            let mut o = serde_json::json!({
+                "adapter": i.name,
+                "backend": format!("{:?}", i.backend),
+                "driver": i.driver,
+                "driver_info": i.driver_info,
+                "timer": timer,
+                "shape": [s.batch, s.q_heads, s.kv_heads, s.q_len, s.k_len, s.head_dim],
+                "variant": r.variant.name(),
+                "causal": r.causal,
+                "dtype": dtype_name(r.dtype),
+                "path": path_name(r.path),
+                "path_used": r.path_used.map(path_name),
+                "error": r.result.as_ref().err(),
+            });
+            if let Ok(m) = &r.result {
+                let measured = serde_json::json!({
+                    "ms": json_num(m.ms),
+                    "min_ms": json_num(m.min_ms),
+                    "runs": m.runs,
+                    "tflops": json_num(m.tflops),
+                    "gbps": json_num(m.gbps),
+                    "flops": json_num(m.flops),
+                    "bytes": m.bytes,
+                    "scratch_bytes": m.scratch,
+                    "alloc_bytes": m.alloc,
+                    "check_rel_err": m.check.map(json_num),
+                    "check_ok": m.check_ok,
+                    "lse_finite": m.finite,
+                });
+                if let (Some(o), serde_json::Value::Object(m)) = (o.as_object_mut(), measured) {
+                    o.extend(m);
+                }
             }
-            Err(e) => {
-                let _ = write!(o, ",\"error\":{}}}", json_string(e));
-            }
-        }
-        out.push_str("  ");
-        out.push_str(&o);
-        out.push_str(if n + 1 < rows.len() { ",\n" } else { "\n" });
-    }
-    out.push_str("]\n");
-    out
+            o
+        })
+        .collect();
+    format!("{:#}\n", serde_json::Value::Array(rows))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ use std::path::PathBuf;
 
 use selattn::kernels::{Kernel, KernelKey};
 use selattn::DType;
-use selattn_tools::testing::json_string;
 use selattn_tools::variants;
 
 /// Workgroup memory and invocations a variant needs.
@@ -109,4 +108,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dir.display()
     );
     Ok(())
+}
+
+/// A JSON string literal for `s`.
+fn json_string(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
 }

@@ -41,3 +41,35 @@ fn lse_bits(m: f32, l: f32) -> u32 {
 fn inv_or_zero(l: f32) -> f32 {
     return select(0.0, 1.0 / max(l, 1.0e-30), l > 0.0);
 }
+
+// ---- The operator's formulas (DESIGN.md §1), written once for every kernel family ----------
+// A kernel reads its optional inputs itself (it alone knows whether they are bound) and passes
+// the values in.
+
+// Keys a batch element attends to: its kv_len, clamped to Nk.
+fn valid_key_count(kv_len: u32, k_len: u32) -> u32 {
+    return min(kv_len, k_len);
+}
+
+// Temperature of the query at absolute position `pos` with positional coefficient `alpha`:
+// t = tau + alpha * ln(pos + 1) (`tau` is 1 without a per-query temperature).
+fn temperature(tau: f32, alpha: f32, pos: u32) -> f32 {
+    return tau + alpha * log(f32(pos + 1u));
+}
+
+// What a query's logits are multiplied by so that exp2 gives the softmax: scale * t * log2(e).
+fn row_factor_of(scale: f32, t: f32) -> f32 {
+    return scale * t * LOG2E;
+}
+
+// Selective masking: the selection head's score of the key at `key_pos` counts against the
+// queries after the one at `query_pos` when 0 < key_pos < query_pos (the first token and the
+// query itself are never masked).
+fn selective_counts(key_pos: u32, query_pos: u32) -> bool {
+    return key_pos > 0u && key_pos < query_pos;
+}
+
+// `selective_counts` for four keys at once.
+fn selective_counts4(key_pos: vec4<u32>, query_pos: u32) -> vec4<bool> {
+    return (key_pos > vec4<u32>(0u)) & (key_pos < vec4<u32>(query_pos));
+}

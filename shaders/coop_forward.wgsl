@@ -7,8 +7,9 @@
 // BC keys:
 //   1. K (prefetched into registers during the previous tile) staged in workgroup memory, zero
 //      past the valid keys; S = Q K^T per subgroup with 16x16x16 MMAs, stored (f32);
-//   2. (selective) the selection head's K tile (also prefetched) and S tile; column prefix of its
-//      relu'd logits over the tile's rows, added to the carried C;
+//   2. (selective) the selection head's K tile (also prefetched; staged beside K when kbuf has
+//      room for both) and S tile; column prefix of its relu'd logits over the tile's rows, added
+//      to the carried C;
 //   3. loads for this tile's V and the next tile's K are issued, then the softmax runs while they
 //      are in flight: per row z = S * scale * t * log2(e) - F over the allowed prefix of keys;
 //      lazy online softmax: the running max only moves when a tile's max exceeds it by more than
@@ -53,6 +54,9 @@ const MAX_LD: u32 = 8u;
 override D8: u32 = D / 8u;
 override DP: u32 = D + 8u;     // padded f16 row stride of staged K/V/Q (bank conflicts)
 override SP: u32 = BC + 4u;    // padded f32 row stride of S
+// Selective with room for two key tiles in kbuf (BC <= BR / 2): K and the selection head's K
+// are staged together, two barriers fewer per tile.
+override PAIR: bool = SELECTIVE && 2u * BC <= max(BR, BC);
 override PP: u32 = BC + 8u;    // padded f16 row stride of P
 // Lazy rescale threshold in log2 units: P stays <= 2^8, far inside f16 range.
 const RESCALE_AT: f32 = 8.0;
@@ -201,11 +205,15 @@ fn coop_forward(
 
     for (var kt = 0u; kt < kend; kt += BC) {
         workgroupBarrier();
-        // 1. K tile (prefetched), zero past kend; 2. S = Q K^T for this subgroup's 16 rows.
+        // 1. K tile (prefetched), zero past kend, and with PAIR the selection head's K tile in
+        //    the rows after it; 2. S = Q K^T for this subgroup's 16 rows (and S_sel).
         for (var x = 0u; x < NLD; x++) {
             let e = tid + x * WG;
             if e < BC * D8 {
                 put8((e / D8) * DP + (e % D8) * 8u, kpre[x], 1.0);
+                if PAIR {
+                    put8((BC + e / D8) * DP + (e % D8) * 8u, spre[x], 1.0);
+                }
             }
         }
         workgroupBarrier();
@@ -214,23 +222,26 @@ fn coop_forward(
             let soff = rb0 * SP + cb;
 {{SCOMP}}
         }
-        workgroupBarrier();
-        // The selection head's S tile, through the same staging buffer.
+        // The selection head's S tile: from the rows after K (PAIR), or through the same rows
+        // once every subgroup is done with K.
         if SELECTIVE {
-            for (var x = 0u; x < NLD; x++) {
-                let e = tid + x * WG;
-                if e < BC * D8 {
-                    put8((e / D8) * DP + (e % D8) * 8u, spre[x], 1.0);
+            if !PAIR {
+                workgroupBarrier();
+                for (var x = 0u; x < NLD; x++) {
+                    let e = tid + x * WG;
+                    if e < BC * D8 {
+                        put8((e / D8) * DP + (e % D8) * 8u, spre[x], 1.0);
+                    }
                 }
+                workgroupBarrier();
             }
-            workgroupBarrier();
             for (var cb = 0u; cb < BC; cb += 16u) {
-                let koff = cb * DP;
+                let koff = cb * DP + select(0u, BC * DP, PAIR);
                 let soff = rb0 * SP + cb;
 {{SSCOMP}}
             }
-            workgroupBarrier();
         }
+        workgroupBarrier();
         // 3. Selective: F = C + exclusive column prefix of S_sel inside the tile, log2-scaled.
         //    Two levels so every thread works: WG / BC row chunks per column; chunk totals first,
         //    then each chunk walks its rows from C plus the totals of the chunks above it.

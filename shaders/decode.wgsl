@@ -96,7 +96,7 @@ fn score(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: v
     var f = fs[b * p.capacity + j];
     for (var i = 0u; i < p.n; i++) {
         fq[(b * p.n + i) * p.capacity + j] = f;
-        if i < st.z && pj > 0u && pj < st.y + i {
+        if i < st.z && selective_counts(pj, st.y + i) {
             f += max(dots[i], 0.0);
         }
     }
@@ -141,9 +141,9 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
                 t = tau[(b * p.q_heads + h) * p.n + i];
             }
             if HAS_ALPHA {
-                t += alpha[h] * log(f32(st.y + i + 1u));
+                t = temperature(t, alpha[h], st.y + i);
             }
-            x = vec4<f32>(q[((b * p.q_heads + h) * p.n + i) * D4 + e % D4]) * (p.scale * t * LOG2E);
+            x = vec4<f32>(q[((b * p.q_heads + h) * p.n + i) * D4 + e % D4]) * row_factor_of(p.scale, t);
         }
         qs[e] = x;
     }

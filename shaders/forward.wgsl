@@ -62,7 +62,7 @@ var<workgroup> qsel: array<vec4<f32>, select(1u, BR * D4, SELECTIVE)>;
 
 fn valid_keys(b: u32) -> u32 {
     if HAS_KVLEN {
-        return min(kv_len[b], p.k_len);
+        return valid_key_count(kv_len[b], p.k_len);
     }
     return p.k_len;
 }
@@ -74,9 +74,9 @@ fn row_factor(b: u32, h: u32, i: u32) -> f32 {
         t = (tau[(b * p.q_heads + h) * p.q_len + i]);
     }
     if HAS_ALPHA {
-        t += alpha[h] * log(f32(p.start + i + 1u));
+        t = temperature(t, alpha[h], p.start + i);
     }
-    return p.scale * t * LOG2E;
+    return row_factor_of(p.scale, t);
 }
 
 // Dot products of one (scaled) query vec4 with the same vec4 of the thread's 4 keys.
@@ -96,7 +96,7 @@ fn mask_row(s: vec4<f32>, i: u32, j4: vec4<u32>, valid: u32) -> vec4<f32> {
 // S_ij of the selection head for row i and keys j4 (0 outside 0 < j < p_i, p_i < valid).
 fn sel_row(s: vec4<f32>, i: u32, j4: vec4<u32>, valid: u32) -> vec4<f32> {
     let pos = p.start + i;
-    let ok = (j4 > vec4<u32>(0u)) & (j4 < vec4<u32>(pos)) & vec4<bool>(i < p.q_len && pos < valid);
+    let ok = selective_counts4(j4, pos) & vec4<bool>(i < p.q_len && pos < valid);
     return select(vec4<f32>(0.0), max(s, vec4<f32>(0.0)), ok);
 }
 

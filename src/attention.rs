@@ -167,6 +167,8 @@ fn check(tensor: &'static str, t: &Tensor, expected: Vec<u64>, dtype: DType) -> 
 impl Context {
     /// Validates a call against its tensors and this device, and plans it. This is where every
     /// size the unchecked shaders rely on is verified (see `spec`'s module docs).
+    // Long on purpose: one flat list of checks in the order their errors are reported (shape,
+    // then every tensor, then limits, then aliasing); the safety boundary reads best in one place.
     pub fn plan(&self, inputs: &Inputs, options: &Options, outputs: &Outputs) -> Result<Plan> {
         let shape = inputs.shape()?;
         let present = Present {

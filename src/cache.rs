@@ -448,6 +448,9 @@ impl KvCache {
         })
     }
 
+    /// Checks new tokens (and per-sequence counts) against the cache before anything changes;
+    /// returns the token stride and the count per sequence.
+    // Long on purpose: a flat list of checks in the order their errors are reported.
     fn check_tokens(&self, t: &Tokens, counts: Option<&[u32]>) -> Result<(u32, Vec<u32>)> {
         let c = &self.cfg;
         let ks = t.k.shape();
@@ -707,6 +710,49 @@ impl KvCache {
                 feature: "SHADER_F16",
             });
         }
+        let (hq, n) = self.check_step_q(step)?;
+        let counts = self.check_step_tensors(step, outputs, hq, n)?;
+        let scale = match options.scale {
+            Some(x) if !(x.is_finite() && x > 0.0) => return Err(Error::BadScale { scale: x }),
+            Some(x) => x,
+            None => 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        if let Some(h) = options.selective {
+            if h >= hq {
+                return Err(Error::SelectionHeadOutOfRange {
+                    head: h,
+                    q_heads: hq,
+                });
+            }
+        }
+        let (_, lens, _) = self.plan_append(&counts);
+        let max_len = lens.iter().copied().max().unwrap_or(1);
+        self.check_step_aliases(step, outputs)?;
+        let plan = decode::plan(
+            ctx.capabilities(),
+            DecodeShape {
+                batch: c.batch,
+                q_heads: hq,
+                kv_heads: c.kv_heads,
+                head_dim: c.head_dim,
+                n,
+                capacity: c.capacity,
+                max_len,
+            },
+            scale,
+            options.selective,
+            step.tau.is_some(),
+            step.alpha.is_some(),
+            c.gate,
+            outputs.lse.is_some(),
+            options.splits,
+        )?;
+        Ok((plan, counts))
+    }
+
+    /// Checks a step's queries against the cache; returns (query heads, queries per sequence).
+    fn check_step_q(&self, step: &Step) -> Result<(u32, u32)> {
+        let c = &self.cfg;
         let qs = step.q.shape();
         if qs.len() != 4 {
             return Err(Error::RankMismatch {
@@ -745,6 +791,20 @@ impl KvCache {
             });
         }
         check("q", step.q, qs.to_vec(), c.dtype)?;
+        Ok((hq, n))
+    }
+
+    /// Checks a step's new tokens, temperatures, outputs and positions against the cache and
+    /// the queries; returns the tokens appended per sequence.
+    fn check_step_tensors(
+        &self,
+        step: &Step,
+        outputs: &Outputs,
+        hq: u32,
+        n: u32,
+    ) -> Result<Vec<u32>> {
+        let c = &self.cfg;
+        let qs = step.q.shape();
         let kv = vec![
             c.batch as u64,
             c.kv_heads as u64,
@@ -809,21 +869,11 @@ impl KvCache {
                 }
             }
         }
-        let scale = match options.scale {
-            Some(x) if !(x.is_finite() && x > 0.0) => return Err(Error::BadScale { scale: x }),
-            Some(x) => x,
-            None => 1.0 / (c.head_dim as f32).sqrt(),
-        };
-        if let Some(h) = options.selective {
-            if h >= hq {
-                return Err(Error::SelectionHeadOutOfRange {
-                    head: h,
-                    q_heads: hq,
-                });
-            }
-        }
-        let (_, lens, _) = self.plan_append(&counts);
-        let max_len = lens.iter().copied().max().unwrap_or(1);
+        Ok(counts)
+    }
+
+    /// No output may alias an input, the cache's own buffers, or another output.
+    fn check_step_aliases(&self, step: &Step, outputs: &Outputs) -> Result<()> {
         let ins = [
             Some(step.q),
             Some(step.k),
@@ -849,26 +899,7 @@ impl KvCache {
                 });
             }
         }
-        let plan = decode::plan(
-            ctx.capabilities(),
-            DecodeShape {
-                batch: c.batch,
-                q_heads: hq,
-                kv_heads: c.kv_heads,
-                head_dim: c.head_dim,
-                n,
-                capacity: c.capacity,
-                max_len,
-            },
-            scale,
-            options.selective,
-            step.tau.is_some(),
-            step.alpha.is_some(),
-            c.gate,
-            outputs.lse.is_some(),
-            options.splits,
-        )?;
-        Ok((plan, counts))
+        Ok(())
     }
 
     /// Records one decode step into an encoder the application owns (no submit), optionally

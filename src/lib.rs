@@ -2,7 +2,7 @@
 //!
 //! FlashAttention-style attention (online softmax over key tiles, never an Nq×Nk matrix in
 //! memory) with per-query temperature, positional temperature, value gating and selective
-//! masking, written in WGSL for wgpu, with an exact f64 CPU reference in [`reference`].
+//! masking, written in WGSL for wgpu, with an exact f64 CPU reference in [`reference`](mod@reference).
 //!
 //! One causal, selective attention call with a per-query temperature, checked against the
 //! reference (runs on any adapter, software ones included):
@@ -48,7 +48,7 @@
 //! Layout: [`device`] picks an adapter and describes what it can do; [`Context`] owns the
 //! device, queue and pipeline cache; [`Context::attention`] validates a call ([`Spec`]) and hands
 //! a [`Plan`] to the kernel family in [`kernels`] that encodes it; [`KvCache`] holds a KV cache
-//! for decode steps. [`reference`] and [`reference_cache`] are the f64 oracles.
+//! for decode steps. [`reference`](mod@reference) and [`reference_cache`] are the f64 oracles.
 #![deny(missing_docs)]
 
 mod async_api;

@@ -106,6 +106,8 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
+// Long on purpose: the oracle is written as the formulas of DESIGN.md §1, pass by pass, so it
+// can be read against them line for line (house style: no cleverness in the reference).
 /// Runs the operator of DESIGN.md §1 on the CPU in f64.
 pub fn attention(spec: &Spec, x: &HostInputs) -> Result<HostOutputs> {
     let r = spec.validate()?;

@@ -169,6 +169,8 @@ impl RefCache {
         Ok(())
     }
 
+    // Long on purpose: append, attend and the F update of one step, written as the formulas in
+    // the order the GPU step performs them.
     /// One decode step: appends the n new tokens of every sequence, runs their n queries over
     /// the occupied slots, then adds the step's selective scores to F.
     pub fn step(

@@ -263,6 +263,7 @@ pub struct Resolved {
 }
 
 impl Spec {
+    // Long on purpose: one flat list of checks in the order their errors are reported.
     /// Checks every size and option; see the module docs for why this is the safety boundary.
     pub fn validate(&self) -> Result<Resolved> {
         let s = self.shape;

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
-use selattn::kernels::{Kernel, KernelKey};
+use selattn::kernels::{Kernel, KernelKey, Source};
 use selattn::DType;
 use selattn_tools::variants::{self, Switches};
 
@@ -123,7 +123,7 @@ fn translate(
     // Production shaders are built without bounds checks (naga's default policies are
     // `Unchecked`), so that is what is translated here.
 
-    let coop = matches!(key.kernel, Kernel::CoopForward(_));
+    let coop = matches!(key.source(), Source::CoopForward | Source::CoopColsum);
     let (spv_version, spv_env, msl_version) = if coop {
         (COOP_SPV_VERSION, COOP_SPV_ENV, COOP_MSL_VERSION)
     } else {

@@ -85,6 +85,8 @@ impl CoopConfig {
         if br / 16 * sgs > caps.max_invocations {
             return Err("workgroup too large for the adapter");
         }
+        // Widest key tile that fits. Measured on the H200 (2026-11-29): BC = 32 at D = 128
+        // (fewer prefetch registers, twice the tiles) is 14% slower than 64.
         for bc in [64, 32, 16] {
             let c = CoopConfig {
                 d: f.d,

@@ -231,6 +231,8 @@ pub struct DecodeShape {
     pub max_len: u32,
 }
 
+// Long on purpose: tile choice, split choice and every size the unchecked kernels rely on, in
+// the order they depend on each other; splitting it would pass the intermediate sizes around.
 /// Plans a decode step: tiles within workgroup memory, the number of splits, sizes checked.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(

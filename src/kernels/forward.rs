@@ -130,6 +130,8 @@ pub struct Plan {
 }
 
 impl Plan {
+    // Long on purpose: path choice, tiles, dispatch limits and the selective passes depend on
+    // each other in this order; every size the unchecked kernels rely on is checked in one place.
     /// Builds the plan; every size the kernels will use is checked here.
     pub fn new(caps: &Capabilities, r: &Resolved, elem: DType) -> Result<Plan> {
         let s = r.shape;
@@ -181,16 +183,20 @@ impl Plan {
         }
         let selective = if r.selective() {
             let wg = caps.max_invocations.min(64);
-            let colsum = [32u32, 16, 8, 4, 2, 1]
+            let memory = caps.workgroup_memory as u64;
+            let coop_colsum =
+                coop.and_then(|c| ColsumConfig::coop(s.head_dim, br, c.sgs, pr.kv_len, memory));
+            let colsum = coop_colsum
                 .into_iter()
-                .map(|bc| ColsumConfig {
+                .chain([32u32, 16, 8, 4, 2, 1].into_iter().map(|bc| ColsumConfig {
                     d: s.head_dim,
                     br,
                     bc,
                     wg,
                     kv_len: pr.kv_len,
-                })
-                .find(|c| c.workgroup_bytes() <= caps.workgroup_memory as u64)
+                    coop_sgs: 0,
+                }))
+                .find(|c| c.workgroup_bytes() <= memory)
                 .ok_or(Error::TooLarge {
                     what: "workgroup memory for the selective column sums",
                     bytes: 4 * (br as u64 + 1) * s.head_dim as u64,

@@ -22,6 +22,8 @@ pub enum Source {
     Selective,
     /// `shaders/coop_forward.wgsl` (a template: fragments unrolled per head dim).
     CoopForward,
+    /// `shaders/coop_colsum.wgsl` (a template like `CoopForward`).
+    CoopColsum,
     /// `shaders/cache.wgsl`.
     Cache,
     /// `shaders/decode.wgsl`.
@@ -32,10 +34,11 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 5] = [
+    pub const ALL: [Source; 6] = [
         Source::Forward,
         Source::Selective,
         Source::CoopForward,
+        Source::CoopColsum,
         Source::Cache,
         Source::Decode,
     ];
@@ -45,6 +48,7 @@ impl Source {
             Source::Forward => include_str!("../../shaders/forward.wgsl"),
             Source::Selective => include_str!("../../shaders/selective.wgsl"),
             Source::CoopForward => include_str!("../../shaders/coop_forward.wgsl"),
+            Source::CoopColsum => include_str!("../../shaders/coop_colsum.wgsl"),
             Source::Cache => include_str!("../../shaders/cache.wgsl"),
             Source::Decode => include_str!("../../shaders/decode.wgsl"),
         }
@@ -53,7 +57,7 @@ impl Source {
     /// The full WGSL text for an element type: prelude, shared helpers, family body.
     pub fn text(self, elem: DType) -> Result<String> {
         let prelude = match (self, elem) {
-            (Source::CoopForward, _) => {
+            (Source::CoopForward | Source::CoopColsum, _) => {
                 // naga's uniformity analysis is coarser than WGSL's and flags cooperative
                 // operations after any loop bounded by the invocation index; the kernel keeps
                 // every cooperative operation in workgroup-uniform control flow.
@@ -142,6 +146,7 @@ impl KernelKey {
     pub fn source(&self) -> Source {
         match self.kernel {
             Kernel::Forward(_) => Source::Forward,
+            Kernel::SelColsum(c) if c.coop_sgs > 0 => Source::CoopColsum,
             Kernel::SelColsum(_) | Kernel::SelScan(_) => Source::Selective,
             Kernel::CoopForward(_) => Source::CoopForward,
             Kernel::CacheAppend(_) => Source::Cache,
@@ -156,6 +161,7 @@ impl KernelKey {
         let text = self.source().text(self.elem)?;
         Ok(match self.kernel {
             Kernel::CoopForward(c) => c.wgsl(&text),
+            Kernel::SelColsum(c) => c.wgsl(&text),
             _ => text,
         })
     }
@@ -164,6 +170,7 @@ impl KernelKey {
     pub fn entry(&self) -> &'static str {
         match self.kernel {
             Kernel::Forward(_) => "forward",
+            Kernel::SelColsum(c) if c.coop_sgs > 0 => "coop_colsum",
             Kernel::SelColsum(_) => "colsum",
             Kernel::SelScan(_) => "scan",
             Kernel::CoopForward(_) => "coop_forward",

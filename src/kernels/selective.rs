@@ -1,4 +1,7 @@
-//! Selective masking passes 1 and 2 (`shaders/selective.wgsl`).
+//! Selective masking passes 1 and 2 (`shaders/selective.wgsl`), and pass 1 on cooperative
+//! matrices (`shaders/coop_colsum.wgsl`) where the forward kernel runs on them.
+
+use std::fmt::Write;
 
 use super::flag;
 
@@ -15,24 +18,82 @@ pub struct ColsumConfig {
     pub wg: u32,
     /// kv_len given.
     pub kv_len: bool,
+    /// 0: the scalar kernel. Otherwise the cooperative-matrix kernel for this fixed subgroup
+    /// size (16 rows per subgroup, `wg = br / 16 * coop_sgs`).
+    pub coop_sgs: u32,
 }
 
 impl ColsumConfig {
     pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
-        vec![
+        let mut c = vec![
             ("D", self.d as f64),
             ("BR", self.br as f64),
             ("BC", self.bc as f64),
             ("WG", self.wg as f64),
             ("HAS_KVLEN", flag(self.kv_len)),
-        ]
+        ];
+        if self.coop_sgs > 0 {
+            c.push(("SGS", self.coop_sgs as f64));
+        }
+        c
     }
 
-    /// Workgroup memory in bytes.
+    /// Workgroup memory in bytes, as declared in the shader.
     pub fn workgroup_bytes(&self) -> u64 {
-        4 * (self.br as u64 * self.d as u64
-            + self.bc as u64 * self.d as u64
-            + self.br as u64 * self.bc as u64)
+        let (br, bc, d) = (self.br as u64, self.bc as u64, self.d as u64);
+        if self.coop_sgs > 0 {
+            br.max(bc) * (d + 8) * 2 + br * (bc + 4) * 4
+        } else {
+            4 * (br * d + bc * d + br * bc)
+        }
+    }
+
+    /// The cooperative-matrix configuration of pass 1 for a cooperative-matrix forward kernel
+    /// with `br` rows per query tile and subgroup size `sgs`, if it fits in `memory` bytes.
+    pub fn coop(d: u32, br: u32, sgs: u32, kv_len: bool, memory: u64) -> Option<ColsumConfig> {
+        [64, 32, 16]
+            .into_iter()
+            .map(|bc| ColsumConfig {
+                d,
+                br,
+                bc,
+                wg: br / 16 * sgs,
+                kv_len,
+                coop_sgs: sgs,
+            })
+            .find(|c| c.workgroup_bytes() <= memory)
+    }
+
+    /// The WGSL of the cooperative-matrix kernel: the template with its fragments unrolled for
+    /// D. The scalar kernel's text is returned unchanged.
+    pub fn wgsl(&self, template: &str) -> String {
+        if self.coop_sgs == 0 {
+            return template.to_string();
+        }
+        let n = self.d / 16;
+        let (mut qdecl, mut qload) = (String::new(), String::new());
+        let mut scomp = String::new();
+        for d in 0..n {
+            let _ = writeln!(qdecl, "        var qf{d} = coop_mat16x16<f16, A>();");
+            let _ = writeln!(
+                qload,
+                "        let qi{d} = qoff + {o}u;\n        qf{d} = coopLoadT<coop_mat16x16<f16, A>>(&stage[qi{d}], DP);",
+                o = d * 16
+            );
+        }
+        let _ = writeln!(scomp, "            var acc = coop_mat16x16<f32, C>();");
+        for d in 0..n {
+            let _ = writeln!(
+                scomp,
+                "            let ki{d} = koff + {o}u;\n            acc = coopMultiplyAdd(qf{d}, coopLoad<coop_mat16x16<f16, B>>(&stage[ki{d}], DP), acc);",
+                o = d * 16
+            );
+        }
+        let _ = writeln!(scomp, "            coopStoreT(acc, &sbuf[soff], SP);");
+        template
+            .replace("{{QDECL}}", &qdecl)
+            .replace("{{QLOAD}}", &qload)
+            .replace("{{SCOMP}}", &scomp)
     }
 }
 

@@ -11,9 +11,7 @@ use std::rc::Rc;
 
 use selattn::reference::{self, HostInputs, HostOutputs};
 use selattn::{Context, DType, Error, Options, Outputs, Path, Shape, Spec};
-use selattn_tools::testing::{
-    compare, json_string, random_inputs, round_f16, Cmp, Controls, DeviceInputs,
-};
+use selattn_tools::testing::{compare, random_inputs, round_f16, Cmp, Controls, DeviceInputs};
 use wasm_bindgen::prelude::*;
 
 /// f32: every element within this, absolute plus relative (as `examples/validate`).
@@ -597,4 +595,9 @@ pub fn version() -> String {
     let mut s = String::new();
     let _ = write!(s, "selattn {}", env!("CARGO_PKG_VERSION"));
     s
+}
+
+/// A JSON string literal for `s`.
+fn json_string(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
 }

@@ -1,0 +1,115 @@
+// Selective pass 1 on cooperative matrices (the `colsum` of `selective.wgsl`, same contract and
+// bindings): T[b, I, j] = sum over rows k of query tile I of S_kj, S_kj = relu(scale q_sel_k .
+// k_sel_j) for 0 < j < p_k (and p_k inside the valid prefix). One workgroup per (key tile of BC
+// keys, query tile of BR rows, b); BR = 16 x subgroups, each subgroup owns 16 rows.
+//   1. the selection head's Q rows are staged (zeros past q_len) and loaded as A fragments;
+//   2. the K tile is staged (zeros past Nk) in the same buffer and S = Q K^T with 16x16x16 MMAs
+//      (loading B operands straight from global memory measured 2x slower on the H200);
+//   3. S (f32) stored to workgroup memory; each column's masked relu sum over the BR rows is
+//      written to the scratch.
+// Key tiles that no row of the query tile can reach (kt + 1 >= the tile's last position + 1)
+// only write zeros. Fragments per head dim are unrolled by the Rust generator (`{{...}}`).
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<vec4<u32>>;   // f16 x 8
+@group(0) @binding(2) var<storage, read> k: array<vec4<u32>>;   // f16 x 8
+@group(0) @binding(3) var<storage, read> kv_len: array<u32>;
+@group(0) @binding(5) var<storage, read_write> scratch: array<f32>;   // [B, n_qtiles, Nk]
+
+override D: u32 = 64u;
+override BR: u32 = 64u;
+override BC: u32 = 64u;
+override SGS: u32 = 32u;       // the adapter's fixed subgroup size
+override HAS_KVLEN: bool = false;
+override WG: u32 = (BR / 16u) * SGS;
+override D8: u32 = D / 8u;
+override DP: u32 = D + 8u;     // padded f16 row stride (bank conflicts)
+override SP: u32 = BC + 4u;    // padded f32 row stride of S
+
+// Every workgroup variable is a multiple of 16 bytes (NVIDIA, see coop_forward.wgsl).
+var<workgroup> stage: array<f16, max(BR, BC) * DP>;   // Q rows, then a partial K tile
+var<workgroup> sbuf: array<f32, BR * SP>;
+
+// Stores 8 f16 (one 16-byte global word) at stage[at..at+8] (f16 -> f32 -> f16 is exact).
+fn put8(at: u32, w: vec4<u32>) {
+    let a = unpack2x16float(w.x);
+    let b = unpack2x16float(w.y);
+    let c = unpack2x16float(w.z);
+    let d = unpack2x16float(w.w);
+    stage[at] = f16(a.x);
+    stage[at + 1u] = f16(a.y);
+    stage[at + 2u] = f16(b.x);
+    stage[at + 3u] = f16(b.y);
+    stage[at + 4u] = f16(c.x);
+    stage[at + 5u] = f16(c.y);
+    stage[at + 6u] = f16(d.x);
+    stage[at + 7u] = f16(d.y);
+}
+
+@compute @workgroup_size(WG)
+fn coop_colsum(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+) {
+    let kt = wg.x * BC;
+    let qt = wg.y;
+    let b = wg.z;
+    let row0 = qt * BR;
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    var valid = p.k_len;
+    if HAS_KVLEN {
+        valid = min(kv_len[b], p.k_len);
+    }
+    // Largest position + 1 of a contributing row: keys at or past it get nothing from this tile.
+    let pend = min(p.start + min(row0 + BR, p.q_len), valid);
+    let work = kt + 1u < pend;
+    let rb0 = sg * 16u;
+    if work {
+{{QDECL}}
+        for (var e = tid; e < BR * D8; e += WG) {
+            let i = row0 + e / D8;
+            var w = vec4<u32>(0u);
+            if i < p.q_len {
+                w = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, w);
+        }
+        workgroupBarrier();
+        let qoff = rb0 * DP;
+{{QLOAD}}
+        // Every subgroup has its Q fragments: the staging buffer takes the K tile.
+        workgroupBarrier();
+        for (var e = tid; e < BC * D8; e += WG) {
+            let j = kt + e / D8;
+            var w = vec4<u32>(0u);
+            if j < p.k_len {
+                w = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, w);
+        }
+        workgroupBarrier();
+        for (var cb = 0u; cb < BC; cb += 16u) {
+            let koff = cb * DP;
+            let soff = rb0 * SP + cb;
+{{SCOMP}}
+        }
+        workgroupBarrier();
+    }
+    for (var c = tid; c < BC; c += WG) {
+        let j = kt + c;
+        if j < p.k_len {
+            var sum = 0.0;
+            if work {
+                for (var r = 0u; r < BR; r++) {
+                    let pos = p.start + row0 + r;
+                    if row0 + r < p.q_len && j > 0u && j < pos && pos < valid {
+                        sum += max(sbuf[r * SP + c] * p.scale, 0.0);
+                    }
+                }
+            }
+            scratch[(b * p.n_qtiles + qt) * p.k_len + j] = sum;
+        }
+    }
+}
