@@ -24,8 +24,27 @@ const LN2: f32 = 0.6931471805599453;
 const MASKED: f32 = -1.0e30;
 const MASKED_HALF: f32 = -5.0e29;
 
-fn neg_inf() -> f32 {
-    return bitcast<f32>(0xff800000u);
+// No shader holds an infinite or NaN float, at compile time or at run time: Tint (Chrome) rejects
+// an infinite constant, and WGSL lets implementations assume every float is finite. The LSE of
+// a row with no allowed key is -inf by contract, so LSE buffers are bound as `array<u32>` and
+// that value is written as its bit pattern.
+const NEG_INF_BITS: u32 = 0xff800000u;
+
+// The bits of LSE = (m + log2(l)) * ln 2 for a row with running max `m` (log2 units) and sum
+// `l`, or of -inf when `l` is 0 (nothing allowed). `l` is clamped first so that no branch of
+// the select computes log2(0).
+fn lse_bits(m: f32, l: f32) -> u32 {
+    return select(NEG_INF_BITS, bitcast<u32>((m + log2(max(l, 1.0e-30))) * LN2), l > 0.0);
+}
+
+// The same for a row max kept in natural-log units (the forward and decode kernels).
+fn lse_bits_ln(m: f32, l: f32) -> u32 {
+    return select(NEG_INF_BITS, bitcast<u32>(m + log(max(l, 1.0e-30))), l > 0.0);
+}
+
+// 1 / l, or 0 when `l` is 0 (a row with nothing allowed), without ever dividing by 0.
+fn inv_or_zero(l: f32) -> f32 {
+    return select(0.0, 1.0 / max(l, 1.0e-30), l > 0.0);
 }
 
 // ---- The operator's formulas (DESIGN.md §1), written once for every kernel family ----------

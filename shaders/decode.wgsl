@@ -46,7 +46,7 @@ struct DecodeParams {
 @group(0) @binding(10) var<storage, read_write> fq: array<f32>;      // [B, n, C]
 @group(0) @binding(11) var<storage, read_write> part: array<vec4<f32>>;
 @group(0) @binding(12) var<storage, read_write> o: array<vec4<elem>>; // [B, Hq, n, D]
-@group(0) @binding(13) var<storage, read_write> lse: array<f32>;     // [B, Hq, n]
+@group(0) @binding(13) var<storage, read_write> lse: array<u32>;     // [B, Hq, n], f32 bits
 
 override D: u32 = 8u;
 override WG: u32 = 64u;
@@ -298,7 +298,7 @@ fn merge(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: v
         l += ml.y * exp_shifted(ml.x, mx);
     }
     // A row with no allowed slot: zeros and LSE = -inf.
-    let inv = select(0.0, 1.0 / l, l > 0.0);
+    let inv = inv_or_zero(l);
     for (var x = tid; x < D4; x += WG) {
         var acc = vec4<f32>(0.0);
         for (var s = 0u; s < p.splits; s++) {
@@ -307,6 +307,6 @@ fn merge(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: v
         o[row * D4 + x] = vec4<elem>(acc * inv);
     }
     if WRITE_LSE && tid == 0u {
-        lse[row] = select(neg_inf(), mx + log(l), l > 0.0);
+        lse[row] = lse_bits_ln(mx, l);
     }
 }

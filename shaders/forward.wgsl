@@ -29,7 +29,7 @@
 @group(0) @binding(7) var<storage, read> kv_len: array<u32>;
 @group(0) @binding(8) var<storage, read> fcarry: array<f32>;   // C [B, n_qtiles, Nk]
 @group(0) @binding(9) var<storage, read_write> o: array<vec4<elem>>;
-@group(0) @binding(10) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(10) var<storage, read_write> lse: array<u32>;   // f32 bits (see lse_bits)
 
 override D: u32;              // head dim, multiple of 8
 override BR: u32;             // query rows per workgroup = 4 * TY
@@ -374,7 +374,7 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
     }
 
     // 7. Normalise and store; rows with no allowed key give zeros and LSE = -inf.
-    let inv = select(vec4<f32>(0.0), vec4<f32>(1.0) / l_run, l_run > vec4<f32>(0.0));
+    let inv = vec4<f32>(inv_or_zero(l_run.x), inv_or_zero(l_run.y), inv_or_zero(l_run.z), inv_or_zero(l_run.w));
     for (var dn = 0u; dn < DN; dn++) {
         let x = tx + dn * TX;
         if x < D4 {
@@ -394,11 +394,10 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
         }
     }
     if WRITE_LSE && tx == 0u {
-        let lse4 = select(vec4<f32>(neg_inf()), m_run + log(l_run), l_run > vec4<f32>(0.0));
         let hb = (b * p.q_heads + h) * p.q_len;
         for (var m = 0u; m < 4u; m++) {
             if i4[m] < p.q_len {
-                lse[hb + i4[m]] = lse4[m];
+                lse[hb + i4[m]] = lse_bits_ln(m_run[m], l_run[m]);
             }
         }
     }

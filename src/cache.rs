@@ -446,12 +446,23 @@ impl KvCache {
         }
     }
 
-    /// Reads the slots back. Waits for the GPU.
+    /// Reads the slots back. Waits for the GPU; not on wasm (see
+    /// [`KvCache::download_state_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn download_state(&self, ctx: &Context) -> Result<CacheState> {
         Ok(CacheState {
             len: self.len.clone(),
             pos: ctx.download_u32(&self.pos)?,
             f: ctx.download(&self.f)?,
+        })
+    }
+
+    /// [`KvCache::download_state`] without blocking (also on wasm).
+    pub async fn download_state_async(&self, ctx: &Context) -> Result<CacheState> {
+        Ok(CacheState {
+            len: self.len.clone(),
+            pos: ctx.download_u32_async(&self.pos).await?,
+            f: ctx.download_async(&self.f).await?,
         })
     }
 
@@ -1085,7 +1096,7 @@ fn check_bindings(ctx: &Context, ts: &[Option<&Tensor>]) -> Result<()> {
 
 /// Threads of the append kernel: the largest power of two up to 256 the device allows (its
 /// reduction is a tree).
-fn append_threads(max_invocations: u32) -> u32 {
+pub fn append_threads(max_invocations: u32) -> u32 {
     let m = max_invocations.clamp(1, 256);
     if m.is_power_of_two() {
         m

@@ -7,7 +7,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::device::{best_adapter, unusable_reason, Capabilities, STORAGE_BUFFERS_NEEDED};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::device::best_adapter;
+use crate::device::{unusable_reason, Capabilities, STORAGE_BUFFERS_NEEDED};
+#[cfg(not(target_arch = "wasm32"))]
 use crate::error::GpuSource;
 use crate::kernels::gpu::{Gpu, Pipelines};
 use crate::{Error, Result};
@@ -56,8 +59,41 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// The device [`Context::from_adapter`] requests on `adapter`: every limit the adapter has and
+/// the features selattn can use; an error if the adapter cannot run the kernels.
+pub(crate) fn device_request(adapter: &wgpu::Adapter) -> Result<wgpu::DeviceDescriptor<'static>> {
+    if let Some(why) = unusable_reason(adapter) {
+        return Err(Error::NoAdapter { reasons: vec![why] });
+    }
+    let wanted = wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP
+        | wgpu::Features::TIMESTAMP_QUERY
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+        | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+    let features = adapter.features() & wanted;
+    let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+        // SAFETY: cooperative matrices are experimental in wgpu 30; we only use the
+        // configurations the adapter reports, and every kernel using them has a tested
+        // scalar fallback.
+        unsafe { wgpu::ExperimentalFeatures::enabled() }
+    } else {
+        wgpu::ExperimentalFeatures::disabled()
+    };
+    Ok(wgpu::DeviceDescriptor {
+        label: Some("selattn"),
+        required_features: features,
+        required_limits: adapter.limits(),
+        experimental_features: experimental,
+        memory_hints: wgpu::MemoryHints::Performance,
+        trace: wgpu::Trace::Off,
+    })
+}
+
 impl Context {
     /// Picks the best adapter (see [`best_adapter`]) and requests a device with its limits.
+    /// Blocks; not on wasm (see [`Context::new_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new() -> Result<Self> {
         let adapter = best_adapter()?;
         Self::from_adapter(&adapter)
@@ -65,34 +101,12 @@ impl Context {
 
     /// Requests a device on `adapter` with every limit the adapter has and the features selattn
     /// can use (f16, subgroups, timestamps, cooperative matrices).
+    /// Blocks; not on wasm (see [`Context::from_adapter_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
-        if let Some(why) = unusable_reason(adapter) {
-            return Err(Error::NoAdapter { reasons: vec![why] });
-        }
-        let wanted = wgpu::Features::SHADER_F16
-            | wgpu::Features::SUBGROUP
-            | wgpu::Features::TIMESTAMP_QUERY
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
-            | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
-        let features = adapter.features() & wanted;
-        let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
-            // SAFETY: cooperative matrices are experimental in wgpu 30; we only use the
-            // configurations the adapter reports, and every kernel using them has a tested
-            // scalar fallback.
-            unsafe { wgpu::ExperimentalFeatures::enabled() }
-        } else {
-            wgpu::ExperimentalFeatures::disabled()
-        };
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("selattn"),
-            required_features: features,
-            required_limits: adapter.limits(),
-            experimental_features: experimental,
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| Error::RequestDevice(GpuSource::new(e)))?;
+        let desc = device_request(adapter)?;
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+            .map_err(|e| Error::RequestDevice(GpuSource::new(e)))?;
         let coop = adapter.cooperative_matrix_properties();
         Ok(Self::build(device, queue, adapter.get_info(), coop))
     }
@@ -158,7 +172,7 @@ impl Context {
         crate::kernels::gpu::scoped(&self.device, during, f)
     }
 
-    fn build(
+    pub(crate) fn build(
         device: wgpu::Device,
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,

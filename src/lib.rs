@@ -54,6 +54,7 @@
 //! for decode steps. [`reference`](mod@reference) and [`reference_cache`] are the f64 oracles.
 #![deny(missing_docs)]
 
+mod async_api;
 mod attention;
 mod backward;
 pub mod cache;
@@ -68,11 +69,14 @@ pub mod reference_cache;
 pub mod spec;
 mod tensor;
 
+pub use async_api::adapters_async;
 pub use attention::{Inputs, Output, Outputs};
 pub use backward::{Grads, Upstream};
 pub use cache::{CacheState, DecodeOptions, KvCache, KvCacheConfig, Step, Tokens};
 pub use context::{Context, DeviceToken};
-pub use device::{adapters, best_adapter, instance, unusable_reason, Capabilities, ADAPTER_ENV};
+#[cfg(not(target_arch = "wasm32"))]
+pub use device::{adapters, best_adapter};
+pub use device::{instance, unusable_reason, Capabilities, ADAPTER_ENV};
 pub use dtype::DType;
 pub use error::{Error, GpuSource, Result, NO_ADAPTER_HINT};
 

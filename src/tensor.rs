@@ -237,28 +237,23 @@ impl Context {
         })
     }
 
-    /// Reads a tensor back as f32 (f16 is widened). Waits for the GPU.
+    /// Reads a tensor back as f32 (f16 is widened). Waits for the GPU; not on wasm (see
+    /// [`Context::download_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn download(&self, t: &Tensor) -> Result<Vec<f32>> {
         let bytes = self.download_bytes(t)?;
-        Ok(match t.dtype {
-            DType::F32 => bytemuck::pod_collect_to_vec(&bytes),
-            DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&bytes)
-                .into_iter()
-                .map(f32::from)
-                .collect(),
-            DType::U32 => bytemuck::pod_collect_to_vec::<u8, u32>(&bytes)
-                .into_iter()
-                .map(|x| x as f32)
-                .collect(),
-        })
+        Ok(widen(t.dtype, &bytes))
     }
 
-    /// Reads a u32 tensor back.
+    /// Reads a u32 tensor back. Not on wasm (see [`Context::download_u32_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn download_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
         Ok(bytemuck::pod_collect_to_vec(&self.download_bytes(t)?))
     }
 
-    /// Reads a tensor's bytes back. Waits for the GPU. Needs COPY_SRC usage.
+    /// Reads a tensor's bytes back. Waits for the GPU. Needs COPY_SRC usage. Not on wasm (see
+    /// [`Context::download_bytes_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn download_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
         self.owns("tensor", t)?;
         if !t.buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
@@ -299,5 +294,43 @@ impl Context {
         staging.unmap();
         out.truncate(t.bytes() as usize);
         Ok(out)
+    }
+
+    /// A mappable copy of `t`'s bytes (rounded up to 4), with the copy submitted.
+    pub(crate) fn readback(&self, t: &Tensor) -> Result<wgpu::Buffer> {
+        self.owns("tensor", t)?;
+        if !t.buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+            return Err(Error::BadBuffer {
+                why: format!("usage {:?} lacks COPY_SRC (download)", t.buffer.usage()),
+            });
+        }
+        let size = t.bytes().div_ceil(4) * 4;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("selattn readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        Ok(staging)
+    }
+}
+
+/// A tensor's bytes as f32: f16 widened, u32 converted.
+pub(crate) fn widen(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytemuck::pod_collect_to_vec(bytes),
+        DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(bytes)
+            .into_iter()
+            .map(f32::from)
+            .collect(),
+        DType::U32 => bytemuck::pod_collect_to_vec::<u8, u32>(bytes)
+            .into_iter()
+            .map(|x| x as f32)
+            .collect(),
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use super::KernelKey;
-use crate::{Error, Result};
+use crate::Result;
 
 /// A compiled pipeline (its bind group layout is derived from the shader).
 pub(crate) type Pipeline = Arc<wgpu::ComputePipeline>;
@@ -33,7 +33,7 @@ impl Pipelines {
         }
         let label = format!("{key:?}");
         let source = key.wgsl()?;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scope = crate::async_api::Scope::push(device);
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(&label),
             source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -60,8 +60,11 @@ impl Pipelines {
             },
             cache: None,
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::gpu(format!("building {label}"), e));
+        if let Some(e) = scope.pop() {
+            return Err(crate::async_api::scope_error(
+                format!("building {label}"),
+                e,
+            ));
         }
         let p = Arc::new(pipeline);
         if let Ok(mut map) = self.map.write() {
@@ -166,16 +169,25 @@ pub(crate) fn scoped<T>(
     during: &str,
     f: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
-    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
-    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let r = f();
-    let v = pollster::block_on(validation.pop());
-    let i = pollster::block_on(internal.pop());
-    let o = pollster::block_on(oom.pop());
-    match v.or(i).or(o) {
-        Some(e) => Err(Error::gpu(during, e)),
-        None => r,
+    // On wasm nothing may block: no scope is pushed (the `_async` calls report errors there).
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = (device, during);
+        f()
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let r = f();
+        let v = pollster::block_on(validation.pop());
+        let i = pollster::block_on(internal.pop());
+        let o = pollster::block_on(oom.pop());
+        match v.or(i).or(o) {
+            Some(e) => Err(crate::Error::gpu(during, e)),
+            None => r,
+        }
     }
 }
 

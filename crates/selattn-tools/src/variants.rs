@@ -344,3 +344,70 @@ pub fn backward_variants(caps: &Capabilities, elem: DType, coverage: Coverage) -
     }
     out
 }
+
+/// The KV-cache kernels (append, decode score, attend, merge) a device can create for an element
+/// type, planned by [`decode::plan`](selattn::kernels::decode::plan) over every head dim and a
+/// few row counts per workgroup (queries per step × GQA group) and switch combinations:
+/// every switch on and off, every `rb` the planner can choose. Not part of [`FAMILIES`] (the
+/// translation tests do not translate these yet); [`decode_cache_variants`] collects them over
+/// the reference devices.
+pub fn decode_variants(caps: &Capabilities, elem: DType) -> Vec<KernelKey> {
+    use selattn::kernels::decode::{self, AppendConfig, DecodeShape};
+    use selattn::kernels::Kernel;
+    let mut out = Vec::new();
+    let key = |kernel| KernelKey { kernel, elem };
+    let wg = selattn::cache::append_threads(caps.max_invocations);
+    // (tau, alpha, gate, lse, selective)
+    let switches = [
+        (false, false, false, false, false),
+        (true, true, true, true, false),
+        (false, false, false, false, true),
+        (true, true, true, true, true),
+    ];
+    for d in head_dims() {
+        for (gate, f) in [(false, false), (true, false), (false, true), (true, true)] {
+            out.push(key(Kernel::CacheAppend(AppendConfig { d, wg, gate, f })));
+        }
+        for (group, n) in [(1, 1), (1, 2), (4, 8)] {
+            let shape = DecodeShape {
+                batch: 1,
+                q_heads: group,
+                kv_heads: 1,
+                head_dim: d,
+                n,
+                capacity: 64,
+                max_len: 64,
+            };
+            for (tau, alpha, gate, lse, sel) in switches {
+                let selective = sel.then_some(0);
+                let Ok(plan) =
+                    decode::plan(caps, shape, 1.0, selective, tau, alpha, gate, lse, None)
+                else {
+                    continue;
+                };
+                if let Some(s) = plan.score {
+                    out.push(key(Kernel::DecodeScore(s)));
+                }
+                out.push(key(Kernel::DecodeAttend(plan.attend)));
+                out.push(key(Kernel::DecodeMerge(plan.merge)));
+            }
+        }
+    }
+    out
+}
+
+/// [`decode_variants`] on every reference device and element type, each once.
+pub fn decode_cache_variants() -> Vec<KernelKey> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for caps in &reference_devices() {
+        for elem in ELEMENT_TYPES {
+            for key in decode_variants(caps, elem) {
+                if seen.insert(key) {
+                    out.push(key);
+                }
+            }
+        }
+    }
+    out
+}
