@@ -30,6 +30,12 @@ const MASKED_HALF: f32 = -5.0e29;
 // that value is written as its bit pattern.
 const NEG_INF_BITS: u32 = 0xff800000u;
 
+// Masked logits in the forward and decode kernels: the lowest finite f32 (-FLT_MAX, written in
+// hex so that the literal is exact: Tint rejects a decimal that rounds from beyond the f32
+// range), so no allowed logit is ever below a masked one; whether a key is allowed is tracked
+// separately, never read off the logit's value.
+const LOWEST: f32 = -0x1.fffffep+127f;
+
 // The bits of LSE = (m + log2(l)) * ln 2 for a row with running max `m` (log2 units) and sum
 // `l`, or of -inf when `l` is 0 (nothing allowed). `l` is clamped first so that no branch of
 // the select computes log2(0).

@@ -61,10 +61,6 @@ override WRITE_LSE: bool = false;
 override D4: u32 = D / 4u;
 
 const MAX_N: u32 = 8u;
-// Masked logits: the lowest finite f32, so no allowed logit is ever below a masked one; whether
-// a slot is allowed is tracked separately, never read off the logit's value.
-const LOWEST: f32 = -3.40282347e38;
-
 // exp(s - m) for s <= m, computed from halves so that s - m cannot overflow, and clamped where
 // the result is 0 in f32 anyway: finite for every finite s and m.
 fn exp_shifted(s: f32, m: f32) -> f32 {

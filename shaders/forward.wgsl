@@ -52,10 +52,6 @@ override KS: u32 = D4P + 1u;  // K/V tile row stride in vec4: +1 so the TX strid
 override PS: u32 = BC + 1u;   // P tile row stride: +1 so the TY rows of a subgroup hit distinct banks
 
 const MAX_DN: u32 = 16u;
-// Masked logits: the lowest finite f32, so no allowed logit is ever below a masked one; whether
-// a key is allowed is tracked separately (`allowed`), never read off the logit's value.
-const LOWEST: f32 = -3.40282347e38;
-
 // exp(s - m) for s <= m, computed from halves so that s - m cannot overflow, and clamped where
 // the result is 0 in f32 anyway: finite for every finite s and m.
 fn exp_shifted(s: vec4<f32>, m: vec4<f32>) -> vec4<f32> {
