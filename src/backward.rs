@@ -229,6 +229,45 @@ impl Context {
 
     /// Runs one backward call and submits it: writes the gradients `grads` asks for. `inputs`
     /// and `options` are the forward's; `up` carries its O and LSE and the upstream gradients.
+    ///
+    /// A training step: forward (keeping LSE), backward for dQ and dtau only, checked against
+    /// the f64 reference backward (runs on any adapter, software ones included):
+    ///
+    /// ```
+    /// use selattn::reference::HostInputs;
+    /// use selattn::{reference_backward, Context, Grads, Inputs, Options, Role, Shape, Spec, Upstream};
+    ///
+    /// # fn main() -> selattn::Result<()> {
+    /// let ctx = Context::new()?;
+    /// let shape = Shape::new(1, 2, 8, 8); // B, H, N, D
+    /// let n = |r: Role| shape.dims(r).iter().product::<u64>() as usize;
+    /// let data = |len: usize, m: usize| (0..len).map(|i| ((i * m % 11) as f32 - 5.0) / 5.0).collect();
+    /// let x = HostInputs {
+    ///     q: data(n(Role::Q), 3),
+    ///     k: data(n(Role::K), 5),
+    ///     v: data(n(Role::V), 7),
+    ///     tau: Some(vec![0.8; n(Role::Tau)]),
+    ///     ..HostInputs::default()
+    /// };
+    /// let d_o: Vec<f32> = data(n(Role::Q), 2);
+    /// let up = |r: Role, d: &[f32]| ctx.upload_as(&shape, r, d);
+    /// let (q, k, v, tau) = (up(Role::Q, &x.q)?, up(Role::K, &x.k)?, up(Role::V, &x.v)?, up(Role::Tau, x.tau.as_deref().unwrap_or_default())?);
+    /// let inputs = Inputs::new(&q, &k, &v).tau(&tau);
+    /// let options = Options::causal();
+    /// let out = ctx.attention_alloc(&inputs, &options)?; // O and LSE
+    /// let g_o = up(Role::Q, &d_o)?;
+    /// let dq = ctx.empty_as(&shape, Role::Q)?;
+    /// let dtau = ctx.empty_as(&shape, Role::Tau)?;
+    /// ctx.backward(&inputs, &options, &Upstream::new(&out.o, &out.lse, &g_o), &Grads::new().dq(&dq).dtau(&dtau))?;
+    ///
+    /// let spec = Spec { shape, options, present: x.present(false) };
+    /// let want = reference_backward::backward(&spec, &x, &d_o, None)?;
+    /// let close = |got: Vec<f32>, want: &[f64]| got.iter().zip(want).all(|(g, w)| (*g as f64 - w).abs() < 1e-4);
+    /// assert!(close(ctx.download(&dq)?, &want.dq));
+    /// assert!(close(ctx.download(&dtau)?, &want.dtau));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn backward(
         &self,
         inputs: &Inputs,
