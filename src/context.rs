@@ -23,8 +23,16 @@ use crate::{Error, Result};
 /// index that each instance counts from zero), so the identity is ours: one per
 /// [`Context::new`], [`Context::from_adapter`] and [`Context::from_device`], shared by
 /// [`Context::from_device_shared`] and [`Context::with_bounds_checks`].
+///
+/// The identity is the address of a shared allocation that lives as long as any context, tensor
+/// or cache holding it, so it is never reused while it can still be compared. It holds nothing
+/// else (no device handle: on wasm a `wgpu::Device` is neither `Send` nor `Sync`).
 #[derive(Clone, Debug)]
-pub struct DeviceToken(Arc<wgpu::Device>);
+pub struct DeviceToken(Arc<Identity>);
+
+/// What a [`DeviceToken`] points to: nothing but an address.
+#[derive(Debug)]
+struct Identity;
 
 impl PartialEq for DeviceToken {
     fn eq(&self, other: &Self) -> bool {
@@ -189,7 +197,7 @@ impl Context {
         };
         let dummy_in = dummy("selattn dummy input");
         let dummy_out = dummy("selattn dummy output");
-        let token = DeviceToken(Arc::new(device.clone()));
+        let token = DeviceToken(Arc::new(Identity));
         Context {
             token,
             device,
