@@ -317,7 +317,7 @@ async fn run_gpu(
     let lse = ctx.empty(&shape.row_dims(), DType::F32)?;
     let f_out = ctx.empty(&shape.f_dims(), DType::F32)?;
     for t in [&o, &lse, &f_out] {
-        ctx.poison(t);
+        ctx.poison(t)?;
     }
     let mut outs = Outputs::new(&o).lse(&lse);
     if opts.selective.is_some() {
