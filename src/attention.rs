@@ -3,6 +3,7 @@
 use crate::kernels::forward::{self, Plan};
 use crate::kernels::gpu::submit;
 use crate::spec::{Options, Present, Shape, Spec};
+use crate::tensor::{check_binding_sizes, check_no_alias};
 use crate::{Context, DType, Error, Result, Tensor};
 
 /// The input tensors of one call. Q, K, V share one element type (f32, or f16 with SHADER_F16);
@@ -237,22 +238,15 @@ impl Context {
         opt("lse", outputs.lse, shape.row_dims(), DType::F32)?;
         opt("f_out", outputs.f_out, shape.f_dims(), DType::F32)?;
         let limit = self.capabilities().max_storage_binding;
-        for (what, t) in [
-            ("q", Some(inputs.q)),
-            ("k", Some(inputs.k)),
-            ("v", Some(inputs.v)),
-            ("o", Some(outputs.o)),
-        ] {
-            if let Some(t) = t {
-                if t.bytes() > limit {
-                    return Err(Error::TooLarge {
-                        what,
-                        bytes: t.bytes(),
-                        limit,
-                    });
-                }
-            }
-        }
+        check_binding_sizes(
+            limit,
+            &[
+                ("q", Some(inputs.q)),
+                ("k", Some(inputs.k)),
+                ("v", Some(inputs.v)),
+                ("o", Some(outputs.o)),
+            ],
+        )?;
         // Outputs must not alias inputs or each other: the GPU would race on them.
         let ins = [
             Some(inputs.q),
@@ -265,19 +259,11 @@ impl Context {
             inputs.f0,
         ];
         let outs = [Some(outputs.o), outputs.lse, outputs.f_out];
-        for (n, out) in outs.iter().enumerate() {
-            let Some(out) = out else { continue };
-            let clash = ins.iter().flatten().any(|t| t.buffer() == out.buffer())
-                || outs[n + 1..]
-                    .iter()
-                    .flatten()
-                    .any(|t| t.buffer() == out.buffer());
-            if clash {
-                return Err(Error::BadBuffer {
-                    why: "an output buffer aliases another input or output".into(),
-                });
-            }
-        }
+        check_no_alias(
+            &ins,
+            &outs,
+            "an output buffer aliases another input or output",
+        )?;
         Plan::new(self.capabilities(), &r, elem)
     }
 

@@ -5,6 +5,7 @@ use crate::kernels::backward::{BackwardPlan, Entry, Wanted};
 use crate::kernels::gpu::{entry, submit, tensor_entry};
 use crate::kernels::Kernel;
 use crate::spec::Options;
+use crate::tensor::{check_binding_sizes, check_no_alias};
 use crate::{Context, DType, Error, Inputs, Outputs, Result, Tensor};
 
 /// What flows into the backward pass: the forward's O and LSE (from the same inputs and options)
@@ -149,22 +150,15 @@ impl Context {
         opt("dgate", grads.dgate, s.gate_dims(), DType::F32)?;
         opt("df0", grads.df0, s.f_dims(), DType::F32)?;
         let limit = self.capabilities().max_storage_binding;
-        for (what, t) in [
-            ("dO", Some(up.d_o)),
-            ("dq", grads.dq),
-            ("dk", grads.dk),
-            ("dv", grads.dv),
-        ] {
-            if let Some(t) = t {
-                if t.bytes() > limit {
-                    return Err(Error::TooLarge {
-                        what,
-                        bytes: t.bytes(),
-                        limit,
-                    });
-                }
-            }
-        }
+        check_binding_sizes(
+            limit,
+            &[
+                ("dO", Some(up.d_o)),
+                ("dq", grads.dq),
+                ("dk", grads.dk),
+                ("dv", grads.dv),
+            ],
+        )?;
         let ins = [
             Some(inputs.q),
             Some(inputs.k),
@@ -188,19 +182,11 @@ impl Context {
             grads.dgate,
             grads.df0,
         ];
-        for (n, out) in outs.iter().enumerate() {
-            let Some(out) = out else { continue };
-            let clash = ins.iter().flatten().any(|t| t.buffer() == out.buffer())
-                || outs[n + 1..]
-                    .iter()
-                    .flatten()
-                    .any(|t| t.buffer() == out.buffer());
-            if clash {
-                return Err(Error::BadBuffer {
-                    why: "a gradient buffer aliases an input or another gradient".into(),
-                });
-            }
-        }
+        check_no_alias(
+            &ins,
+            &outs,
+            "a gradient buffer aliases an input or another gradient",
+        )?;
         let wanted = Wanted {
             dq: grads.dq.is_some(),
             dk: grads.dk.is_some(),

@@ -334,3 +334,39 @@ pub(crate) fn widen(dtype: DType, bytes: &[u8]) -> Vec<f32> {
             .collect(),
     }
 }
+
+/// Refuses any present tensor whose bytes exceed one storage binding (`limit`), naming it.
+pub(crate) fn check_binding_sizes(
+    limit: u64,
+    tensors: &[(&'static str, Option<&Tensor>)],
+) -> Result<()> {
+    for &(what, t) in tensors {
+        if let Some(t) = t {
+            if t.bytes() > limit {
+                return Err(Error::TooLarge {
+                    what,
+                    bytes: t.bytes(),
+                    limit,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses outputs that share a buffer with an input or with another output: the GPU would race
+/// on them. `why` is the error's text.
+pub(crate) fn check_no_alias(
+    ins: &[Option<&Tensor>],
+    outs: &[Option<&Tensor>],
+    why: &str,
+) -> Result<()> {
+    for (n, out) in outs.iter().enumerate() {
+        let Some(out) = out else { continue };
+        let same = |t: &&Tensor| t.buffer() == out.buffer();
+        if ins.iter().flatten().any(same) || outs[n + 1..].iter().flatten().any(same) {
+            return Err(Error::BadBuffer { why: why.into() });
+        }
+    }
+    Ok(())
+}
