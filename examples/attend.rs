@@ -548,7 +548,7 @@ fn run(a: &Args) -> Result<(), Fail> {
     };
     // Poisoned, so that anything the kernels leave unwritten shows as NaN.
     for t in [Some(&o), Some(&lse), f_out.as_ref()].into_iter().flatten() {
-        ctx.poison(t);
+        ctx.poison(t).map_err(gpu)?;
     }
     let mut outs = Outputs::new(&o).lse(&lse);
     if let Some(f) = &f_out {

@@ -4,6 +4,7 @@
 //! cargo run --release --example bench                      # the peer script's shapes, every variant
 //! cargo run --release --example bench -- --quick           # tiny shapes: software adapters, CI smoke
 //! cargo run --release --example bench -- --shape 4,16,4096,128 --variant full --dtype f16 --json out.json
+//! cargo run --release --example bench -- --backward --variant plain --variant full --causal yes
 //! ```
 //!
 //! For each shape × dtype × variant × causal × path it
@@ -18,11 +19,14 @@
 //! FLOPs are `4·B·Hq·Nq·Nk·D`, halved when causal — the same count as the PyTorch peer script, no
 //! credit for the selective passes. Bytes are Q, K, V read once, O and LSE written once, plus the
 //! optional inputs the variant uses (tau, alpha, gate); the selective scratch is not counted.
+//! With `--backward` each row times a forward and a backward call recorded together (every
+//! gradient of the variant's inputs: dQ, dK, dV, and dtau, dalpha, dgate, dF0 where the variant
+//! has them), wall clock around a submission of both, FLOPs counted as 3.5× the forward's (the
+//! peer script's `--backward` count); the check compares every gradient with the f64 reference
+//! backward at a small slice of the shape.
 //! A configuration the device cannot run (f16 without SHADER_F16, a path it lacks, a size over a
 //! limit) becomes a row carrying the error, not a crash.
 
-use selattn_tools::testing::json_string;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,7 +54,8 @@ usage: bench [options]
   --no-check                  skip the small-shape check against the CPU reference
   --adapter NAME              use the adapter whose name contains NAME (same as SELATTN_ADAPTER)
   --json PATH                 also write the rows as a JSON array
-  --quick                     tiny shapes, 1 warm-up, 3 runs: software adapters and CI smoke tests";
+  --quick                     tiny shapes, 1 warm-up, 3 runs: software adapters and CI smoke tests
+  --backward                  time forward + backward (all gradients; FLOPs 3.5x the forward's)";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Variant {
@@ -117,6 +122,7 @@ struct Args {
     wall: bool,
     check: bool,
     json: Option<String>,
+    backward: bool,
 }
 
 fn parse_shape(s: &str) -> Result<Shape, String> {
@@ -152,6 +158,7 @@ fn parse_args() -> Result<Args, String> {
         wall: false,
         check: true,
         json: None,
+        backward: false,
     };
     let mut quick = false;
     let (mut warmup, mut iters) = (None, None);
@@ -202,6 +209,7 @@ fn parse_args() -> Result<Args, String> {
             "--wall" => a.wall = true,
             "--no-check" => a.check = false,
             "--quick" => quick = true,
+            "--backward" => a.backward = true,
             "--json" => a.json = Some(value()?),
             // Context::new reads the filter from the environment; setting it here, before any
             // thread exists, is the same as the user setting it.
@@ -412,7 +420,7 @@ fn check_small(
         }
     }
     let dev = Device::upload(ctx, &small, &x, dtype)?;
-    ctx.poison(&dev.o);
+    ctx.poison(&dev.o)?;
     let inputs = dev.inputs(v);
     ctx.attention(&inputs, opts, &dev.outputs())?;
     let got = ctx.download(&dev.o)?;
@@ -534,6 +542,8 @@ fn time_wall(
 // Rows
 
 struct Row {
+    /// Forward and backward timed together.
+    backward: bool,
     shape: Shape,
     variant: Variant,
     causal: bool,
@@ -590,6 +600,9 @@ fn measure(
     let outputs = dev.outputs();
     let plan = ctx.plan(&inputs, &opts, &outputs)?;
     row.path_used = Some(plan.path);
+    if a.backward {
+        return measure_backward(ctx, a, dev, row, plan.scratch_bytes());
+    }
     let scratch = plan.scratch_bytes();
 
     let (check, check_ok) = if a.check {
@@ -702,7 +715,11 @@ fn print_row(r: &Row) {
     let head = format!(
         "{:21} {:9} {:6} {:5} {:11}",
         shape_text(&r.shape),
-        r.variant.name(),
+        if r.backward {
+            format!("{}+bwd", r.variant.name())
+        } else {
+            r.variant.name().to_string()
+        },
         if r.causal { "yes" } else { "no" },
         dtype_name(r.dtype),
         path
@@ -730,73 +747,61 @@ fn print_row(r: &Row) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// JSON (written by hand: the crate takes no serde dependency)
+// JSON
 
-fn json_num(x: f64) -> String {
+/// A number for the report; JSON has no infinity or NaN, so those are null.
+fn json_num(x: f64) -> serde_json::Value {
     if x.is_finite() {
-        format!("{x}")
+        serde_json::json!(x)
     } else {
-        "null".into()
+        serde_json::Value::Null
     }
 }
 
 fn json_rows(ctx: &Context, timer: &str, rows: &[Row]) -> String {
     let i = &ctx.capabilities().info;
-    let mut out = String::from("[\n");
-    for (n, r) in rows.iter().enumerate() {
-        let s = r.shape;
-        let mut o = format!(
-            "{{\"adapter\":{},\"backend\":{},\"driver\":{},\"driver_info\":{},\"timer\":{},\
-             \"shape\":[{},{},{},{},{},{}],\"variant\":{},\"causal\":{},\"dtype\":{},\"path\":{},\"path_used\":{}",
-            json_string(&i.name),
-            json_string(&format!("{:?}", i.backend)),
-            json_string(&i.driver),
-            json_string(&i.driver_info),
-            json_string(timer),
-            s.batch,
-            s.q_heads,
-            s.kv_heads,
-            s.q_len,
-            s.k_len,
-            s.head_dim,
-            json_string(r.variant.name()),
-            r.causal,
-            json_string(dtype_name(r.dtype)),
-            json_string(path_name(r.path)),
-            r.path_used
-                .map_or("null".into(), |p| json_string(path_name(p))),
-        );
-        match &r.result {
-            Ok(m) => {
-                let _ = write!(
-                    o,
-                    ",\"ms\":{},\"min_ms\":{},\"runs\":{},\"tflops\":{},\"gbps\":{},\"flops\":{},\
-                     \"bytes\":{},\"scratch_bytes\":{},\"alloc_bytes\":{},\"check_rel_err\":{},\
-                     \"check_ok\":{},\"lse_finite\":{},\"error\":null}}",
-                    json_num(m.ms),
-                    json_num(m.min_ms),
-                    m.runs,
-                    json_num(m.tflops),
-                    json_num(m.gbps),
-                    json_num(m.flops),
-                    m.bytes,
-                    m.scratch,
-                    m.alloc,
-                    m.check.map_or("null".into(), json_num),
-                    m.check_ok,
-                    m.finite
-                );
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let s = r.shape;
+            let mut o = serde_json::json!({
+                "adapter": i.name,
+                "backend": format!("{:?}", i.backend),
+                "driver": i.driver,
+                "driver_info": i.driver_info,
+                "timer": if r.backward { "wall-clock" } else { timer },
+                "pass": if r.backward { "fwd+bwd" } else { "fwd" },
+                "shape": [s.batch, s.q_heads, s.kv_heads, s.q_len, s.k_len, s.head_dim],
+                "variant": r.variant.name(),
+                "causal": r.causal,
+                "dtype": dtype_name(r.dtype),
+                "path": path_name(r.path),
+                "path_used": r.path_used.map(path_name),
+                "error": r.result.as_ref().err(),
+            });
+            if let Ok(m) = &r.result {
+                let measured = serde_json::json!({
+                    "ms": json_num(m.ms),
+                    "min_ms": json_num(m.min_ms),
+                    "runs": m.runs,
+                    "tflops": json_num(m.tflops),
+                    "gbps": json_num(m.gbps),
+                    "flops": json_num(m.flops),
+                    "bytes": m.bytes,
+                    "scratch_bytes": m.scratch,
+                    "alloc_bytes": m.alloc,
+                    "check_rel_err": m.check.map(json_num),
+                    "check_ok": m.check_ok,
+                    "lse_finite": m.finite,
+                });
+                if let (Some(o), serde_json::Value::Object(m)) = (o.as_object_mut(), measured) {
+                    o.extend(m);
+                }
             }
-            Err(e) => {
-                let _ = write!(o, ",\"error\":{}}}", json_string(e));
-            }
-        }
-        out.push_str("  ");
-        out.push_str(&o);
-        out.push_str(if n + 1 < rows.len() { ",\n" } else { "\n" });
-    }
-    out.push_str("]\n");
-    out
+            o
+        })
+        .collect();
+    format!("{:#}\n", serde_json::Value::Array(rows))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -854,6 +859,9 @@ fn main() {
         a.budget
     );
     println!("TFLOP/s counts 4*B*Hq*Nq*Nk*D, halved when causal; GB/s counts Q,K,V,O,LSE and the variant's inputs once");
+    if a.backward {
+        println!("--backward: each row is a forward and a backward call timed together by wall clock; TFLOP/s counts 3.5x the forward");
+    }
     println!("{HEADER}");
 
     let mut rows = Vec::new();
@@ -872,6 +880,7 @@ fn main() {
                     }
                     for &path in &a.paths {
                         let mut row = Row {
+                            backward: a.backward,
                             shape: *shape,
                             variant,
                             causal,
@@ -913,4 +922,207 @@ fn main() {
         eprintln!("bench: {bad} rows failed the reference check or gave non-finite LSE");
         std::process::exit(1);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward + backward
+
+/// Gradient tensors of one variant: dQ, dK, dV always, the rest where the variant has the input.
+struct GradTensors {
+    d_o: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    dtau: Option<Tensor>,
+    dalpha: Option<Tensor>,
+    dgate: Option<Tensor>,
+    df0: Option<Tensor>,
+}
+
+impl GradTensors {
+    fn new(
+        ctx: &Context,
+        s: &Shape,
+        v: Variant,
+        dtype: DType,
+        d_o: &[f32],
+    ) -> selattn::Result<Self> {
+        let f32t = |on: bool, dims: Vec<u64>| on.then(|| ctx.empty(&dims, DType::F32)).transpose();
+        Ok(GradTensors {
+            d_o: match dtype {
+                DType::F16 => ctx.upload_f16(&s.q_dims(), d_o)?,
+                _ => ctx.upload(&s.q_dims(), d_o)?,
+            },
+            dq: ctx.empty(&s.q_dims(), dtype)?,
+            dk: ctx.empty(&s.kv_dims(), dtype)?,
+            dv: ctx.empty(&s.kv_dims(), dtype)?,
+            dtau: f32t(v.temperature(), s.row_dims())?,
+            dalpha: f32t(v.temperature(), s.alpha_dims())?,
+            dgate: f32t(v.gate(), s.gate_dims())?,
+            df0: f32t(v.selective(), s.f_dims())?,
+        })
+    }
+
+    fn grads(&self) -> selattn::Grads<'_> {
+        selattn::Grads {
+            dq: Some(&self.dq),
+            dk: Some(&self.dk),
+            dv: Some(&self.dv),
+            dtau: self.dtau.as_ref(),
+            dalpha: self.dalpha.as_ref(),
+            dgate: self.dgate.as_ref(),
+            df0: self.df0.as_ref(),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        let opt = |t: &Option<Tensor>| t.as_ref().map_or(0, |t| t.bytes());
+        self.d_o.bytes()
+            + self.dq.bytes()
+            + self.dk.bytes()
+            + self.dv.bytes()
+            + opt(&self.dtau)
+            + opt(&self.dalpha)
+            + opt(&self.dgate)
+            + opt(&self.df0)
+    }
+}
+
+/// Largest norm-wise relative error over the gradients, against the f64 reference backward on
+/// a small slice of the shape.
+fn check_small_backward(
+    ctx: &Context,
+    s: &Shape,
+    v: Variant,
+    opts: &Options,
+    dtype: DType,
+) -> Result<f64, Error> {
+    let small = small_shape(s);
+    let mut x = host_inputs(&small, 7);
+    let mut d_o = Rng::new(8).normals(count(small.q_dims()));
+    if dtype == DType::F16 {
+        for t in [&mut x.q, &mut x.k, &mut x.v, &mut d_o] {
+            t.iter_mut()
+                .for_each(|e| *e = half::f16::from_f32(*e).to_f32());
+        }
+    }
+    let dev = Device::upload(ctx, &small, &x, dtype)?;
+    let g = GradTensors::new(ctx, &small, v, dtype, &d_o)?;
+    let inputs = dev.inputs(v);
+    ctx.attention(&inputs, opts, &dev.outputs())?;
+    let up = selattn::Upstream::new(&dev.o, &dev.lse, &g.d_o);
+    ctx.backward(&inputs, opts, &up, &g.grads())?;
+    if !v.temperature() {
+        x.tau = None;
+        x.alpha = None;
+    }
+    if !v.gate() {
+        x.gate = None;
+    }
+    let spec = Spec {
+        shape: small,
+        options: *opts,
+        present: x.present(v.selective()),
+    };
+    let want = selattn::reference_backward::backward(&spec, &x, &d_o, None)?;
+    let mut worst = 0.0f64;
+    for (t, r) in [
+        (Some(&g.dq), &want.dq),
+        (Some(&g.dk), &want.dk),
+        (Some(&g.dv), &want.dv),
+        (g.dtau.as_ref(), &want.dtau),
+        (g.dalpha.as_ref(), &want.dalpha),
+        (g.dgate.as_ref(), &want.dgate),
+        (g.df0.as_ref(), &want.df0),
+    ] {
+        let Some(t) = t else { continue };
+        let got = ctx.download(t)?;
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (&a, &b) in got.iter().zip(r) {
+            let a = a as f64;
+            let e = if a.is_finite() { a - b } else { f64::INFINITY };
+            num += e * e;
+            den += b * b;
+        }
+        worst = worst.max((num / den.max(f64::MIN_POSITIVE)).sqrt());
+    }
+    Ok(worst)
+}
+
+/// One forward + backward row: wall clock around one submission of both calls.
+fn measure_backward(
+    ctx: &Context,
+    a: &Args,
+    dev: &Device,
+    row: &mut Row,
+    fwd_scratch: u64,
+) -> selattn::Result<Measured> {
+    let s = row.shape;
+    let opts = options(row.variant, row.causal, row.path);
+    let inputs = dev.inputs(row.variant);
+    let outputs = dev.outputs();
+    let d_o = Rng::new(99).normals(count(s.q_dims()));
+    let g = GradTensors::new(ctx, &s, row.variant, row.dtype, &d_o)?;
+    let up = selattn::Upstream::new(&dev.o, &dev.lse, &g.d_o);
+    let grads = g.grads();
+    let scratch = fwd_scratch + ctx.backward_scratch_bytes(&inputs, &opts, &up, &grads)?;
+    let (check, check_ok) = if a.check {
+        let e = check_small_backward(ctx, &s, row.variant, &opts, row.dtype)?;
+        let tol = match row.dtype {
+            DType::F16 => 1e-2,
+            _ => 1e-4,
+        };
+        (Some(e), e <= tol)
+    } else {
+        (None, true)
+    };
+    let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let val = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let once = || -> selattn::Result<f64> {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        ctx.encode_attention(&mut enc, &inputs, &opts, &outputs)?;
+        ctx.encode_backward(&mut enc, &inputs, &opts, &up, &grads)?;
+        let cmd = enc.finish();
+        let t = Instant::now();
+        ctx.queue.submit([cmd]);
+        ctx.sync()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    for _ in 0..a.warmup.max(1) {
+        if once()? * 1e-3 > a.budget / 2.0 {
+            break;
+        }
+    }
+    let budget = Duration::from_secs_f64(a.budget);
+    let started = Instant::now();
+    let mut times = Vec::new();
+    while (times.len() as u32) < a.iters && (times.len() < 3 || started.elapsed() <= budget) {
+        times.push(once()?);
+    }
+    if let Some(e) = pollster::block_on(val.pop()) {
+        return Err(Error::gpu("timing forward + backward", e));
+    }
+    if let Some(e) = pollster::block_on(oom.pop()) {
+        return Err(Error::gpu("timing forward + backward", e));
+    }
+    let finite = ctx.download(&g.dq)?.iter().all(|x| x.is_finite());
+    let runs = times.len();
+    let min_ms = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let ms = median(&mut times);
+    let fl = 3.5 * flops(&s, row.causal);
+    let bytes = moved_bytes(&inputs, &outputs) + g.bytes();
+    Ok(Measured {
+        ms,
+        min_ms,
+        runs,
+        tflops: fl / (ms * 1e-3) / 1e12,
+        gbps: bytes as f64 / (ms * 1e-3) / 1e9,
+        flops: fl,
+        bytes,
+        scratch,
+        alloc: bytes + scratch,
+        check,
+        check_ok,
+        finite,
+    })
 }

@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release --example decode -- [--prompt 64] [--len 256] [--batch 2] [--heads 8]
 //!     [--kv-heads 2] [--dim 64] [--queries 1] [--budget N] [--f16] [--selective]
-//!     [--splits N] [--threads N] [--check 8] [--json PATH] [--no-prune]
+//!     [--splits N] [--threads N] [--rows N] [--check 8] [--json PATH] [--no-prune]
 //! ```
 //!
 //! Each sequence is first filled with `--prompt` tokens (K and V appended without attention),
@@ -60,6 +60,9 @@ struct Args {
     /// Threads per workgroup of the attend kernel (tuning).
     #[arg(long)]
     threads: Option<u32>,
+    /// Query rows per workgroup of the attend kernel, at most (tuning).
+    #[arg(long)]
+    rows: Option<u32>,
     /// Steps checked against the reference.
     #[arg(long, default_value_t = 8)]
     check: u32,
@@ -103,8 +106,9 @@ struct Report {
     bytes_allocated: u64,
     bytes_in_use: u64,
     evictions: u64,
-    tokens_per_s: f64,
-    ms_per_step_wall: f64,
+    /// None when every step was a checked one (`--len` <= `--check`): nothing was timed.
+    tokens_per_s: Option<f64>,
+    ms_per_step_wall: Option<f64>,
     ms_per_step_gpu: Option<f64>,
     kv_gb_per_s: Option<f64>,
     checked_steps: u32,
@@ -196,6 +200,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     }
     opts.splits = a.splits;
     opts.threads = a.threads;
+    opts.rows = a.rows;
 
     // 3. Checked steps first (each waits for the GPU), then timed steps.
     let mut max_err = 0.0f64;
@@ -210,7 +215,8 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     let timed_steps = a.len - n_check;
     let timed = ctx.capabilities().timestamps;
     let n_ts = timed_steps.min(1024);
-    let qs = timed.then(|| {
+    // No query set when no step is timed (wgpu refuses an empty one).
+    let qs = (timed && n_ts > 0).then(|| {
         ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("decode timestamps"),
             ty: wgpu::QueryType::Timestamp,
@@ -283,7 +289,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
             enc.resolve_query_set(qs, 0..2 * n_ts, &resolve, 0);
             ctx.queue.submit([enc.finish()]);
             // Timestamps are u64: read them as 2 u32 words each.
-            let t = Tensor::from_buffer(resolve, &[4 * n_ts as u64], DType::U32)?;
+            let t = Tensor::from_buffer(ctx, resolve, &[4 * n_ts as u64], DType::U32)?;
             let raw: Vec<u64> = bytemuck::pod_collect_to_vec(&ctx.download_bytes(&t)?);
             let period = ctx.queue.get_timestamp_period() as f64;
             let ns: f64 = raw
@@ -301,8 +307,9 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
         bytes_allocated: cache.bytes(),
         bytes_in_use: cache.bytes_in_use(),
         evictions: cache.evictions().iter().sum(),
-        tokens_per_s: (timed_steps as f64 * a.queries as f64 * a.batch as f64) / wall,
-        ms_per_step_wall: wall * 1e3 / timed_steps.max(1) as f64,
+        tokens_per_s: (timed_steps > 0)
+            .then(|| (timed_steps as f64 * a.queries as f64 * a.batch as f64) / wall),
+        ms_per_step_wall: (timed_steps > 0).then(|| wall * 1e3 / timed_steps as f64),
         ms_per_step_gpu: gpu_s.map(|g| g * 1e3 / n_ts.max(1) as f64),
         kv_gb_per_s: gpu_s
             .filter(|&g| g > 0.0)
@@ -340,14 +347,16 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         let r = run(&ctx, &a, b)?;
         println!(
             "budget {:>8}: final length {:>7}, memory {:>8.2} MiB allocated, {:>8.2} MiB in use, \
-             evictions {:>8}, {:>9.1} tokens/s, {:.3} ms/step wall{}{}{}",
+             evictions {:>8}, {}{}{}{}",
             b.map_or("none".into(), |x| x.to_string()),
             r.final_len,
             r.bytes_allocated as f64 / 1048576.0,
             r.bytes_in_use as f64 / 1048576.0,
             r.evictions,
-            r.tokens_per_s,
-            r.ms_per_step_wall,
+            match (r.tokens_per_s, r.ms_per_step_wall) {
+                (Some(t), Some(w)) => format!("{t:>9.1} tokens/s, {w:.3} ms/step wall"),
+                _ => "no timed steps (--len <= --check)".to_string(),
+            },
             r.ms_per_step_gpu
                 .map_or(String::new(), |g| format!(", {g:.3} ms/step GPU")),
             r.kv_gb_per_s

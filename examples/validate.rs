@@ -16,7 +16,6 @@
 //! runs on the same f16-rounded Q/K/V; O's norm-wise error must be under 5e-3 and at most twice
 //! the error of the reference itself rounded to f16; LSE and F_out (always f32) as for f32.
 
-use selattn_tools::testing::json_string;
 use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
@@ -280,7 +279,7 @@ fn run_gpu(
     let lse = ctx.empty(&shape.row_dims(), DType::F32)?;
     let f_out = ctx.empty(&shape.f_dims(), DType::F32)?;
     for t in [&o, &lse, &f_out] {
-        ctx.poison(t);
+        ctx.poison(t)?;
     }
     let mut outs = Outputs::new(&o).lse(&lse);
     if opts.selective.is_some() {
@@ -466,74 +465,66 @@ fn describe_adapter(a: &wgpu::Adapter, why: &Option<String>) -> String {
     s
 }
 
-fn json_num(x: f64) -> String {
+/// A number for the report; JSON has no infinity or NaN, so those become a string saying which.
+fn json_num(x: f64) -> serde_json::Value {
     if x.is_finite() {
-        format!("{x:e}")
+        serde_json::json!(x)
     } else {
-        // JSON has no infinity: a string says what it was.
-        format!("\"{x}\"")
+        serde_json::json!(x.to_string())
     }
 }
 
-fn json_cmp(c: &Option<Cmp>) -> String {
+fn json_cmp(c: &Option<Cmp>) -> serde_json::Value {
     match c {
-        None => "null".into(),
-        Some(c) => format!(
-            "{{\"max_abs\":{},\"at\":{},\"rel_norm\":{},\"bad\":{},\"nan\":{}}}",
-            json_num(c.max_abs),
-            c.at,
-            json_num(c.rel_norm),
-            c.bad,
-            c.nan
-        ),
+        None => serde_json::Value::Null,
+        Some(c) => serde_json::json!({
+            "max_abs": json_num(c.max_abs),
+            "at": c.at,
+            "rel_norm": json_num(c.rel_norm),
+            "bad": c.bad,
+            "nan": c.nan,
+        }),
     }
 }
 
 fn write_json(path: &str, header: &str, adapters: &[String], rows: &[Row]) -> std::io::Result<()> {
-    let mut s = String::from("{\n");
-    let _ = writeln!(s, "\"machine\": {},", json_string(header));
-    let list: Vec<String> = adapters.iter().map(|a| json_string(a)).collect();
-    let _ = writeln!(s, "\"adapters\": [{}],", list.join(", "));
-    let _ = writeln!(
-        s,
-        "\"tolerances\": {{\"f32_elem\":{},\"f32_norm\":{},\"f16_elem\":{},\"f16_norm\":{}}},",
-        json_num(F32_ELEM_TOL),
-        json_num(F32_NORM_TOL),
-        json_num(F16_ELEM_TOL),
-        json_num(F16_NORM_TOL)
-    );
-    s.push_str("\"results\": [\n");
-    for (n, r) in rows.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "{{\"adapter\":{},\"backend\":{},\"driver\":{},\"dtype\":\"{:?}\",\"variant\":{},\
-             \"case\":{},\"kernel\":{},\"o\":{},\"lse\":{},\"f_out\":{},\"f16_baseline\":{},\
-             \"error\":{},\"pass\":{},\"seconds\":{}}}{}",
-            json_string(&r.adapter),
-            json_string(&r.backend),
-            json_string(&r.driver),
-            r.dtype,
-            json_string(&r.variant),
-            json_string(&r.case),
-            json_string(&r.kernel),
-            json_cmp(&r.o),
-            json_cmp(&r.lse),
-            json_cmp(&r.f_out),
-            r.baseline.map_or("null".into(), json_num),
-            r.error.as_deref().map_or("null".into(), json_string),
-            r.pass,
-            json_num(r.seconds),
-            if n + 1 < rows.len() { "," } else { "" }
-        );
-    }
-    let failed = rows.iter().filter(|r| !r.pass).count();
-    let _ = write!(
-        s,
-        "],\n\"summary\": {{\"runs\":{},\"failed\":{}}}\n}}\n",
-        rows.len(),
-        failed
-    );
-    std::fs::write(path, s)
+    let results: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "adapter": r.adapter,
+                "backend": r.backend,
+                "driver": r.driver,
+                "dtype": format!("{:?}", r.dtype),
+                "variant": r.variant,
+                "case": r.case,
+                "kernel": r.kernel,
+                "o": json_cmp(&r.o),
+                "lse": json_cmp(&r.lse),
+                "f_out": json_cmp(&r.f_out),
+                "f16_baseline": r.baseline.map(json_num),
+                "error": r.error,
+                "pass": r.pass,
+                "seconds": json_num(r.seconds),
+            })
+        })
+        .collect();
+    let report = serde_json::json!({
+        "machine": header,
+        "adapters": adapters,
+        "tolerances": {
+            "f32_elem": F32_ELEM_TOL,
+            "f32_norm": F32_NORM_TOL,
+            "f16_elem": F16_ELEM_TOL,
+            "f16_norm": F16_NORM_TOL,
+        },
+        "results": results,
+        "summary": {
+            "runs": rows.len(),
+            "failed": rows.iter().filter(|r| !r.pass).count(),
+        },
+    });
+    std::fs::write(path, format!("{report:#}\n"))
 }
 
 fn main() {

@@ -32,7 +32,7 @@
 @group(0) @binding(7) var<storage, read> kv_len: array<u32>;
 @group(0) @binding(8) var<storage, read> fcarry: array<f32>;    // C [B, n_qtiles, Nk]
 @group(0) @binding(9) var<storage, read_write> o: array<u32>;   // f16 x 2
-@group(0) @binding(10) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(10) var<storage, read_write> lse: array<u32>;   // f32 bits (see lse_bits)
 
 override D: u32 = 64u;
 override BR: u32 = 64u;
@@ -392,7 +392,7 @@ fn coop_forward(
             let i = row0 + r;
             if i < p.q_len {
                 let l = row_l[r];
-                lse[(b * p.q_heads + h) * p.q_len + i] = select(neg_inf(), (row_m[r] + log2(l)) * LN2, l > 0.0);
+                lse[(b * p.q_heads + h) * p.q_len + i] = lse_bits(row_m[r], l);
             }
         }
     }

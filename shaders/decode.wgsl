@@ -46,7 +46,7 @@ struct DecodeParams {
 @group(0) @binding(10) var<storage, read_write> fq: array<f32>;      // [B, n, C]
 @group(0) @binding(11) var<storage, read_write> part: array<vec4<f32>>;
 @group(0) @binding(12) var<storage, read_write> o: array<vec4<elem>>; // [B, Hq, n, D]
-@group(0) @binding(13) var<storage, read_write> lse: array<f32>;     // [B, Hq, n]
+@group(0) @binding(13) var<storage, read_write> lse: array<u32>;     // [B, Hq, n], f32 bits
 
 override D: u32 = 8u;
 override WG: u32 = 64u;
@@ -60,6 +60,16 @@ override WRITE_LSE: bool = false;
 override D4: u32 = D / 4u;
 
 const MAX_N: u32 = 8u;
+
+// Logits are kept in natural units (query rows scaled by scale * t, no log2 e): log2 e is applied
+// only to differences from a row max, through `exp_shifted`, so huge logits stay finite.
+// Whether a slot is allowed is tracked beside its logit, never read off the logit's value.
+
+// exp(s - m) for s <= m, computed from halves so that s - m cannot overflow, and clamped where
+// the result is 0 in f32 anyway: finite for every finite s and m.
+fn exp_shifted(s: f32, m: f32) -> f32 {
+    return exp2(max(0.5 * s - 0.5 * m, -128.0) * (2.0 * LOG2E));
+}
 
 // ---------------------------------------------------------------------------------------------
 // score
@@ -94,7 +104,7 @@ fn score(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: v
     var f = fs[b * p.capacity + j];
     for (var i = 0u; i < p.n; i++) {
         fq[(b * p.n + i) * p.capacity + j] = f;
-        if i < st.z && pj > 0u && pj < st.y + i {
+        if i < st.z && selective_counts(pj, st.y + i) {
             f += max(dots[i], 0.0);
         }
     }
@@ -130,7 +140,7 @@ override BCP: u32 = BC + 8u;  // padded row of `sdot` (no bank conflicts in QK's
 @group(0) @binding(14) var<storage, read> kraw: array<vec4<u32>>;   // [B, Hkv, C, DC]
 @group(0) @binding(15) var<storage, read> vraw: array<vec4<u32>>;   // [B, Hkv, C, DC]
 
-var<workgroup> qs: array<vec4<f32>, RB * D4>;      // query rows, pre-scaled (log2 domain)
+var<workgroup> qs: array<vec4<f32>, RB * D4>;      // query rows, pre-scaled (natural units)
 var<workgroup> sdot: array<f32, RB * DP * BCP>;    // QK partial sums [r][dp][c]
 var<workgroup> ps: array<f32, RB * BC>;            // probabilities of the tile [r][c]
 var<workgroup> kpos: array<u32, BC>;               // positions of the tile's slots
@@ -178,14 +188,15 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
                 t = tau[(b * p.q_heads + h) * p.n + i];
             }
             if HAS_ALPHA {
-                t += alpha[h] * log(f32(st.y + i + 1u));
+                t = temperature(t, alpha[h], st.y + i);
             }
-            x = vec4<f32>(q[((b * p.q_heads + h) * p.n + i) * D4 + e % D4]) * (p.scale * t * LOG2E);
+            // Natural units (not `row_factor_of`): log2 e only on differences from the max.
+            x = vec4<f32>(q[((b * p.q_heads + h) * p.n + i) * D4 + e % D4]) * (p.scale * t);
         }
         qs[e] = x;
     }
     for (var e = tid; e < 2u * RB * KS; e += WG) {
-        rowm[e] = MASKED;
+        rowm[e] = LOWEST;
     }
     //@unroll r RB
     var lsum{r} = 0.0;
@@ -247,7 +258,7 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             kpos[qc] = kp;
         }
         workgroupBarrier();
-        // Logits (log2 domain), masked to slots at or before the query's position; running max
+        // Logits (natural units), masked to slots at or before the query's position; running max
         // per (row, subset); probabilities.
         let m_at = par * RB * KS;          // running max before this tile
         let m_to = (1u - par) * RB * KS;   // and after it
@@ -258,7 +269,8 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             var m = rowm[m_at + e];
             //@unroll k KPS
             let cz{k} = {k}u * KS + g;
-            var z{k} = MASKED;
+            var z{k} = LOWEST;
+            var ok{k} = false;
             if cz{k} < BC && kt + cz{k} < j1 {
                 let j = kt + cz{k};
                 if kpos[cz{k}] <= st.y + i {
@@ -267,9 +279,10 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
                         sv += sdot[(r * DP + dp) * BCP + cz{k}];
                     }
                     if SELECTIVE {
-                        sv -= fq[(b * p.n + i) * p.capacity + j] * LOG2E;
+                        sv -= fq[(b * p.n + i) * p.capacity + j];
                     }
                     z{k} = sv;
+                    ok{k} = true;
                 }
             }
             m = max(m, z{k});
@@ -277,8 +290,8 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             //@unroll k KPS
             if cz{k} < BC {
                 var pr = 0.0;
-                if z{k} > MASKED_HALF {
-                    pr = exp2(z{k} - m);
+                if ok{k} {
+                    pr = exp_shifted(z{k}, m);
                 }
                 ps[r * BC + cz{k}] = pr;
             }
@@ -290,7 +303,7 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
         if vg < KS {
             //@unroll r RB
             let m_old{r} = rowm[m_at + {r}u * KS + vg];
-            let corr{r} = select(1.0, exp2(m_old{r} - rowm[m_to + {r}u * KS + vg]), m_old{r} > MASKED_HALF);
+            let corr{r} = exp_shifted(m_old{r}, rowm[m_to + {r}u * KS + vg]);
             lsum{r} *= corr{r};
             //@unroll cv CV
             acc{r}_{cv} *= corr{r};
@@ -319,12 +332,13 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     let fin = par * RB * KS;
     if vg < KS {
         //@unroll r RB
-        var mrow{r} = MASKED;
+        var mrow{r} = LOWEST;
         for (var g = 0u; g < KS; g++) {
             mrow{r} = max(mrow{r}, rowm[fin + {r}u * KS + g]);
         }
         let mine{r} = rowm[fin + {r}u * KS + vg];
-        let sc{r} = select(0.0, exp2(mine{r} - mrow{r}), mine{r} > MASKED_HALF);
+        // A subset with no allowed slot has lsum = 0 and a zero accumulator.
+        let sc{r} = exp_shifted(mine{r}, mrow{r});
         lsum{r} *= sc{r};
         //@unroll cv CV
         acc{r}_{cv} *= sc{r};
@@ -351,7 +365,7 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
         let idx = ((b * p.q_heads + h) * p.n + rr % p.n) * p.splits + s;
         part[idx * D4 + tid * CV + {cv}u] = sum;
         if tid == 0u && {cv}u == 0u {
-            var mrow = MASKED;
+            var mrow = LOWEST;
             var l = 0.0;
             for (var g = 0u; g < KS; g++) {
                 mrow = max(mrow, rowm[fin + {r}u * KS + g]);
@@ -372,30 +386,26 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
 fn merge(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let row = wg.y * (p.q_heads * p.n) + wg.x;   // (b * Hq + h) * n + i
     let first = row * p.splits;
-    var mx = MASKED;
+    var mx = LOWEST;
     for (var s = 0u; s < p.splits; s++) {
         mx = max(mx, part[p.ml_base + first + s].x);
     }
     var l = 0.0;
     for (var s = 0u; s < p.splits; s++) {
+        // A split with no allowed slot has l = 0 and a zero accumulator.
         let ml = part[p.ml_base + first + s];
-        if ml.x > MASKED_HALF {
-            l += ml.y * exp2(ml.x - mx);
-        }
+        l += ml.y * exp_shifted(ml.x, mx);
     }
     // A row with no allowed slot: zeros and LSE = -inf.
-    let inv = select(0.0, 1.0 / l, l > 0.0);
+    let inv = inv_or_zero(l);
     for (var x = tid; x < D4; x += WG) {
         var acc = vec4<f32>(0.0);
         for (var s = 0u; s < p.splits; s++) {
-            let m = part[p.ml_base + first + s].x;
-            if m > MASKED_HALF {
-                acc += part[(first + s) * D4 + x] * exp2(m - mx);
-            }
+            acc += part[(first + s) * D4 + x] * exp_shifted(part[p.ml_base + first + s].x, mx);
         }
         o[row * D4 + x] = vec4<elem>(acc * inv);
     }
     if WRITE_LSE && tid == 0u {
-        lse[row] = select(neg_inf(), (mx + log2(l)) * LN2, l > 0.0);
+        lse[row] = lse_bits_ln(mx, l);
     }
 }

@@ -10,8 +10,9 @@
 // Row max and row sum of a key tile are reduced across the TX threads of a row through
 // workgroup memory (no subgroup operations: the path must run on every adapter), so every
 // thread of a row holds the same running max m and sum l in registers.
-// Per key tile of BC keys: S (Q pre-scaled by scale * t_i * log2 e), optional selective term
-// subtracted, online softmax in the exp2 domain, O = O * corr + P (gate * V). Three barriers per
+// Per key tile of BC keys: S (Q pre-scaled by scale * t_i), optional selective term
+// subtracted, online softmax (log2 e applied only to differences from the row max, so a logit
+// near the f32 limit stays finite), O = O * corr + P (gate * V). Three barriers per
 // key tile (six with selective masking, whose K tile passes through the same workgroup buffer
 // first). Never an Nq x Nk matrix.
 // Bounds: every global index below is < the element count of its binding for any Params that
@@ -28,7 +29,7 @@
 @group(0) @binding(7) var<storage, read> kv_len: array<u32>;
 @group(0) @binding(8) var<storage, read> fcarry: array<f32>;   // C [B, n_qtiles, Nk]
 @group(0) @binding(9) var<storage, read_write> o: array<vec4<elem>>;
-@group(0) @binding(10) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(10) var<storage, read_write> lse: array<u32>;   // f32 bits (see lse_bits)
 
 override D: u32;              // head dim, multiple of 8
 override BR: u32;             // query rows per workgroup = 4 * TY
@@ -51,32 +52,39 @@ override KS: u32 = D4P + 1u;  // K/V tile row stride in vec4: +1 so the TX strid
 override PS: u32 = BC + 1u;   // P tile row stride: +1 so the TY rows of a subgroup hit distinct banks
 
 const MAX_DN: u32 = 16u;
+// exp(s - m) for s <= m, computed from halves so that s - m cannot overflow, and clamped where
+// the result is 0 in f32 anyway: finite for every finite s and m.
+fn exp_shifted(s: vec4<f32>, m: vec4<f32>) -> vec4<f32> {
+    return exp2(max(0.5 * s - 0.5 * m, vec4<f32>(-128.0)) * (2.0 * LOG2E));
+}
 
 var<workgroup> qs: array<vec4<f32>, BR * D4>;     // Q tile, scaled
 var<workgroup> kvs: array<vec4<f32>, BC * KS>;    // K tile, then gated V tile
 var<workgroup> sp: array<f32, BR * PS>;           // selective F, then probabilities
 var<workgroup> redm: array<f32, BR * TX>;         // partial row maxima
 var<workgroup> redl: array<f32, BR * TX>;         // partial row sums
-// Selective masking: the selection head's Q tile (scaled by log2 e); its K tile goes through kvs.
+// Selective masking: the selection head's Q tile (scaled); its K tile goes through kvs.
 var<workgroup> qsel: array<vec4<f32>, select(1u, BR * D4, SELECTIVE)>;
 
 fn valid_keys(b: u32) -> u32 {
     if HAS_KVLEN {
-        return min(kv_len[b], p.k_len);
+        return valid_key_count(kv_len[b], p.k_len);
     }
     return p.k_len;
 }
 
-// scale * t_i * log2(e), t_i = tau (or 1) + alpha[h] * ln(p_i + 1).
+// scale * t_i, t_i = tau (or 1) + alpha[h] * ln(p_i + 1).
 fn row_factor(b: u32, h: u32, i: u32) -> f32 {
     var t = 1.0;
     if HAS_TAU {
         t = (tau[(b * p.q_heads + h) * p.q_len + i]);
     }
     if HAS_ALPHA {
-        t += alpha[h] * log(f32(p.start + i + 1u));
+        t = temperature(t, alpha[h], p.start + i);
     }
-    return p.scale * t * LOG2E;
+    // Natural-log domain (not `row_factor_of`, which folds in log2 e): log2 e is applied only
+    // to differences from the row max, so logits near the f32 limit stay finite.
+    return p.scale * t;
 }
 
 // Dot products of one (scaled) query vec4 with the same vec4 of the thread's 4 keys.
@@ -84,19 +92,19 @@ fn dot4(a: vec4<f32>, k0: vec4<f32>, k1: vec4<f32>, k2: vec4<f32>, k3: vec4<f32>
     return vec4<f32>(dot(a, k0), dot(a, k1), dot(a, k2), dot(a, k3));
 }
 
-// Allowed keys of query row i among keys j4 (as the masked-logit sentinel where not).
-fn mask_row(s: vec4<f32>, i: u32, j4: vec4<u32>, valid: u32) -> vec4<f32> {
+// Allowed keys of query row i among keys j4.
+fn allowed(i: u32, j4: vec4<u32>, valid: u32) -> vec4<bool> {
     var ok = (j4 < vec4<u32>(valid)) & vec4<bool>(i < p.q_len);
     if CAUSAL {
         ok = ok & (j4 <= vec4<u32>(p.start + i));
     }
-    return select(vec4<f32>(MASKED), s, ok);
+    return ok;
 }
 
 // S_ij of the selection head for row i and keys j4 (0 outside 0 < j < p_i, p_i < valid).
 fn sel_row(s: vec4<f32>, i: u32, j4: vec4<u32>, valid: u32) -> vec4<f32> {
     let pos = p.start + i;
-    let ok = (j4 > vec4<u32>(0u)) & (j4 < vec4<u32>(pos)) & vec4<bool>(i < p.q_len && pos < valid);
+    let ok = selective_counts4(j4, pos) & vec4<bool>(i < p.q_len && pos < valid);
     return select(vec4<f32>(0.0), max(s, vec4<f32>(0.0)), ok);
 }
 
@@ -207,7 +215,7 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
         if i < p.q_len {
             x = vec4<f32>(q[((b * p.q_heads + h) * p.q_len + i) * D4 + e % D4]) * row_factor(b, h, i);
             if SELECTIVE {
-                xs = vec4<f32>(q[((b * p.q_heads + sel) * p.q_len + i) * D4 + e % D4]) * (p.scale * LOG2E);
+                xs = vec4<f32>(q[((b * p.q_heads + sel) * p.q_len + i) * D4 + e % D4]) * p.scale;
             }
         }
         qs[e] = x;
@@ -225,7 +233,7 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
     let i4 = vec4<u32>(row0) + vec4<u32>(r0, r1, r2, r3);
     let c4 = vec4<u32>(tx, tx + TX, tx + 2u * TX, tx + 3u * TX);   // the thread's keys, < BC
 
-    var m_run = vec4<f32>(MASKED);   // running max per row (component m = row r_m)
+    var m_run = vec4<f32>(LOWEST);   // running max per row (component m = row r_m)
     var l_run = vec4<f32>(0.0);
     var a0: array<vec4<f32>, MAX_DN>;
     var a1: array<vec4<f32>, MAX_DN>;
@@ -267,7 +275,7 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
                 let j = kt + c;
                 var run = 0.0;
                 if j < p.k_len {
-                    run = fcarry[(b * p.n_qtiles + qt) * p.k_len + j] * LOG2E;
+                    run = fcarry[(b * p.n_qtiles + qt) * p.k_len + j];
                 }
                 for (var r = 0u; r < BR; r++) {
                     let e = r * PS + c;   // < BR * PS
@@ -286,18 +294,22 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
         // 3. K tile; every read of the previous content of kvs came before a barrier above.
         load_k(tid, b * p.kv_heads + hk, kt, kend);
         workgroupBarrier();
-        // 4. Logits (log2 domain), 4 rows x 4 keys per thread, masked, selective F subtracted.
+        // 4. Logits, 4 rows x 4 keys per thread, masked, selective F subtracted.
         let s = tile_logits(false, r0, r1, r2, r3, c4);
-        var s0 = mask_row(s[0], i4.x, j4, valid);
-        var s1 = mask_row(s[1], i4.y, j4, valid);
-        var s2 = mask_row(s[2], i4.z, j4, valid);
-        var s3 = mask_row(s[3], i4.w, j4, valid);
+        let ok0 = allowed(i4.x, j4, valid);
+        let ok1 = allowed(i4.y, j4, valid);
+        let ok2 = allowed(i4.z, j4, valid);
+        let ok3 = allowed(i4.w, j4, valid);
+        let low = vec4<f32>(LOWEST);
+        var s0 = select(low, s[0], ok0);
+        var s1 = select(low, s[1], ok1);
+        var s2 = select(low, s[2], ok2);
+        var s3 = select(low, s[3], ok3);
         if SELECTIVE {
-            let lim = vec4<f32>(MASKED_HALF);
-            s0 -= select(vec4<f32>(0.0), f0, s0 > lim);
-            s1 -= select(vec4<f32>(0.0), f1, s1 > lim);
-            s2 -= select(vec4<f32>(0.0), f2, s2 > lim);
-            s3 -= select(vec4<f32>(0.0), f3, s3 > lim);
+            s0 = select(low, s0 - f0, ok0);
+            s1 = select(low, s1 - f1, ok1);
+            s2 = select(low, s2 - f2, ok2);
+            s3 = select(low, s3 - f3, ok3);
         }
         // 5. Online softmax: partial maxima, reduced over the TX threads of each row.
         redm[r0 * TX + tx] = hmax(s0);
@@ -321,12 +333,11 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
             kvs[c * KS + x] = vx;
         }
         let mx = vec4<f32>(row_max(r0, m_run.x), row_max(r1, m_run.y), row_max(r2, m_run.z), row_max(r3, m_run.w));
-        let lim = vec4<f32>(MASKED_HALF);
-        // Masked logits give exactly 0; while nothing was allowed yet, m stays MASKED.
-        let p0 = select(vec4<f32>(0.0), exp2(s0 - mx.x), s0 > lim);
-        let p1 = select(vec4<f32>(0.0), exp2(s1 - mx.y), s1 > lim);
-        let p2 = select(vec4<f32>(0.0), exp2(s2 - mx.z), s2 > lim);
-        let p3 = select(vec4<f32>(0.0), exp2(s3 - mx.w), s3 > lim);
+        // Masked keys give exactly 0; while nothing was allowed yet, m stays LOWEST.
+        let p0 = select(vec4<f32>(0.0), exp_shifted(s0, vec4<f32>(mx.x)), ok0);
+        let p1 = select(vec4<f32>(0.0), exp_shifted(s1, vec4<f32>(mx.y)), ok1);
+        let p2 = select(vec4<f32>(0.0), exp_shifted(s2, vec4<f32>(mx.z)), ok2);
+        let p3 = select(vec4<f32>(0.0), exp_shifted(s3, vec4<f32>(mx.w)), ok3);
         sp_store(r0, tx, p0);
         sp_store(r1, tx, p1);
         sp_store(r2, tx, p2);
@@ -335,7 +346,7 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
         redl[r1 * TX + tx] = hsum(p1);
         redl[r2 * TX + tx] = hsum(p2);
         redl[r3 * TX + tx] = hsum(p3);
-        let corr = select(vec4<f32>(1.0), exp2(m_run - mx), m_run > lim);
+        let corr = exp_shifted(m_run, mx);
         m_run = mx;
         workgroupBarrier();
         l_run = l_run * corr + vec4<f32>(row_sum(r0), row_sum(r1), row_sum(r2), row_sum(r3));
@@ -359,7 +370,7 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
     }
 
     // 7. Normalise and store; rows with no allowed key give zeros and LSE = -inf.
-    let inv = select(vec4<f32>(0.0), vec4<f32>(1.0) / l_run, l_run > vec4<f32>(0.0));
+    let inv = vec4<f32>(inv_or_zero(l_run.x), inv_or_zero(l_run.y), inv_or_zero(l_run.z), inv_or_zero(l_run.w));
     for (var dn = 0u; dn < DN; dn++) {
         let x = tx + dn * TX;
         if x < D4 {
@@ -379,11 +390,10 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
         }
     }
     if WRITE_LSE && tx == 0u {
-        let lse4 = select(vec4<f32>(neg_inf()), (m_run + log2(l_run)) * LN2, l_run > vec4<f32>(0.0));
         let hb = (b * p.q_heads + h) * p.q_len;
         for (var m = 0u; m < 4u; m++) {
             if i4[m] < p.q_len {
-                lse[hb + i4[m]] = lse4[m];
+                lse[hb + i4[m]] = lse_bits_ln(m_run[m], l_run[m]);
             }
         }
     }

@@ -2,9 +2,10 @@
 // the same combination the decode kernel applies to its splits).
 //
 // A partial is (O, LSE) of attention over one key range: O normalised, LSE = ln sum exp(z) over
-// the range (-inf, or anything not above -1e30, for a row with no allowed key there). Two
-// partials a and b of the same row merge as
-//   m = max(la, lb), wa = exp(la - m), wb = exp(lb - m)
+// the range (-inf, or anything not above -1e30, for a row with no allowed key there). LSE is
+// bound as `array<u32>` (f32 bits) so that no float in the shader is ever infinite (Tint): an
+// LSE whose exponent bits are all ones counts as empty. Two partials a and b of the same row merge as
+//   m = max(la, lb), wa = exp(la - m), wb = exp(lb - m)   (from halves: la - m cannot overflow)
 //   O = (wa Oa + wb Ob) / (wa + wb),  LSE = m + ln(wa + wb)
 // which is exactly attention over the union of the ranges. More partials are folded in one at a
 // time into the output (FIRST: out = merge(a, b); else out = merge(out, b)).
@@ -22,15 +23,25 @@ struct MergeParams {
 
 @group(0) @binding(0) var<uniform> mp: MergeParams;
 @group(0) @binding(1) var<storage, read> a_o: array<vec4<elem>>;
-@group(0) @binding(2) var<storage, read> a_lse: array<f32>;
+@group(0) @binding(2) var<storage, read> a_lse: array<u32>;
 @group(0) @binding(3) var<storage, read> b_o: array<vec4<elem>>;
-@group(0) @binding(4) var<storage, read> b_lse: array<f32>;
+@group(0) @binding(4) var<storage, read> b_lse: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out_o: array<vec4<elem>>;
-@group(0) @binding(6) var<storage, read_write> out_lse: array<f32>;
+@group(0) @binding(6) var<storage, read_write> out_lse: array<u32>;
 
 override WG: u32 = 64u;
 override FIRST: bool = true;
 override SINGLE: bool = false;   // one partial: b is ignored (out = a)
+
+// Whether an LSE (as bits) belongs to a partial with an allowed key: finite and above -1e30.
+fn has_keys(bits: u32) -> bool {
+    return (bits & 0x7f800000u) != 0x7f800000u && bitcast<f32>(bits) > MASKED_HALF;
+}
+
+// exp(x - m) for x <= m, from halves (x - m cannot overflow), finite for finite x and m.
+fn exp_below(x: f32, m: f32) -> f32 {
+    return exp(max(0.5 * x - 0.5 * m, -64.0) * 2.0);
+}
 
 @compute @workgroup_size(WG)
 fn merge_pair(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
@@ -38,15 +49,18 @@ fn merge_pair(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) 
     if row >= mp.rows {
         return;
     }
-    var la: f32;
+    var la_bits: u32;
     if FIRST {
-        la = a_lse[row];
+        la_bits = a_lse[row];
     } else {
-        la = out_lse[row];
+        la_bits = out_lse[row];
     }
-    let lb = b_lse[row];
-    let ha = la > MASKED_HALF;
-    let hb = lb > MASKED_HALF && !SINGLE;
+    let lb_bits = b_lse[row];
+    let ha = has_keys(la_bits);
+    let hb = has_keys(lb_bits) && !SINGLE;
+    // Only finite values are ever read as floats.
+    let la = bitcast<f32>(select(0u, la_bits, ha));
+    let lb = bitcast<f32>(select(0u, lb_bits, hb));
     var m = 0.0;
     if ha && hb {
         m = max(la, lb);
@@ -55,8 +69,8 @@ fn merge_pair(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) 
     } else if hb {
         m = lb;
     }
-    let wa = select(0.0, exp(la - m), ha);
-    let wb = select(0.0, exp(lb - m), hb);
+    let wa = select(0.0, exp_below(la, m), ha);
+    let wb = select(0.0, exp_below(lb, m), hb);
     let w = wa + wb;
     let inv = select(0.0, 1.0 / w, w > 0.0);
     for (var x = 0u; x < mp.d4; x++) {
@@ -72,5 +86,5 @@ fn merge_pair(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) 
         let z = vec4<f32>(0.0);
         out_o[e] = vec4<elem>((select(z, wa * oa, ha) + select(z, wb * ob, hb)) * inv);
     }
-    out_lse[row] = select(bitcast<f32>(mp.neg_inf_bits), m + log(w), w > 0.0);
+    out_lse[row] = select(mp.neg_inf_bits, bitcast<u32>(m + log(max(w, 1.0e-30))), w > 0.0);
 }

@@ -3,6 +3,7 @@
 use crate::kernels::forward::{self, Plan};
 use crate::kernels::gpu::submit;
 use crate::spec::{Options, Present, Shape, Spec};
+use crate::tensor::{check_binding_sizes, check_no_alias};
 use crate::{Context, DType, Error, Result, Tensor};
 
 /// The input tensors of one call. Q, K, V share one element type (f32, or f16 with SHADER_F16);
@@ -146,7 +147,12 @@ pub struct Output {
     pub f_out: Option<Tensor>,
 }
 
-fn check(tensor: &'static str, t: &Tensor, expected: Vec<u64>, dtype: DType) -> Result<()> {
+pub(crate) fn check(
+    tensor: &'static str,
+    t: &Tensor,
+    expected: Vec<u64>,
+    dtype: DType,
+) -> Result<()> {
     if t.shape() != expected.as_slice() {
         return Err(Error::ShapeMismatch {
             tensor,
@@ -170,6 +176,23 @@ impl Context {
     // Long on purpose: one flat list of checks in the order their errors are reported (shape,
     // then every tensor, then limits, then aliasing); the safety boundary reads best in one place.
     pub fn plan(&self, inputs: &Inputs, options: &Options, outputs: &Outputs) -> Result<Plan> {
+        for (what, t) in [
+            ("q", Some(inputs.q)),
+            ("k", Some(inputs.k)),
+            ("v", Some(inputs.v)),
+            ("tau", inputs.tau),
+            ("alpha", inputs.alpha),
+            ("gate", inputs.gate),
+            ("kv_len", inputs.kv_len),
+            ("f0", inputs.f0),
+            ("o", Some(outputs.o)),
+            ("lse", outputs.lse),
+            ("f_out", outputs.f_out),
+        ] {
+            if let Some(t) = t {
+                self.owns(what, t)?;
+            }
+        }
         let shape = inputs.shape()?;
         let present = Present {
             tau: inputs.tau.is_some(),
@@ -215,22 +238,15 @@ impl Context {
         opt("lse", outputs.lse, shape.row_dims(), DType::F32)?;
         opt("f_out", outputs.f_out, shape.f_dims(), DType::F32)?;
         let limit = self.capabilities().max_storage_binding;
-        for (what, t) in [
-            ("q", Some(inputs.q)),
-            ("k", Some(inputs.k)),
-            ("v", Some(inputs.v)),
-            ("o", Some(outputs.o)),
-        ] {
-            if let Some(t) = t {
-                if t.bytes() > limit {
-                    return Err(Error::TooLarge {
-                        what,
-                        bytes: t.bytes(),
-                        limit,
-                    });
-                }
-            }
-        }
+        check_binding_sizes(
+            limit,
+            &[
+                ("q", Some(inputs.q)),
+                ("k", Some(inputs.k)),
+                ("v", Some(inputs.v)),
+                ("o", Some(outputs.o)),
+            ],
+        )?;
         // Outputs must not alias inputs or each other: the GPU would race on them.
         let ins = [
             Some(inputs.q),
@@ -243,19 +259,11 @@ impl Context {
             inputs.f0,
         ];
         let outs = [Some(outputs.o), outputs.lse, outputs.f_out];
-        for (n, out) in outs.iter().enumerate() {
-            let Some(out) = out else { continue };
-            let clash = ins.iter().flatten().any(|t| t.buffer() == out.buffer())
-                || outs[n + 1..]
-                    .iter()
-                    .flatten()
-                    .any(|t| t.buffer() == out.buffer());
-            if clash {
-                return Err(Error::BadBuffer {
-                    why: "an output buffer aliases another input or output".into(),
-                });
-            }
-        }
+        check_no_alias(
+            &ins,
+            &outs,
+            "an output buffer aliases another input or output",
+        )?;
         Plan::new(self.capabilities(), &r, elem)
     }
 
@@ -272,8 +280,9 @@ impl Context {
     /// Runs one attention call and submits it. Returns once the work is queued; read results with
     /// [`Context::download`] (which waits) or call [`Context::sync`].
     pub fn attention(&self, inputs: &Inputs, options: &Options, outputs: &Outputs) -> Result<()> {
+        let plan = self.plan(inputs, options, outputs)?;
         submit(&self.device, &self.queue, "selattn attention", |enc| {
-            self.encode_attention(enc, inputs, options, outputs)
+            self.encode_plan(enc, &plan, inputs, outputs, None)
         })
     }
 
@@ -323,7 +332,9 @@ impl Context {
         outputs: &Outputs,
     ) -> Result<()> {
         let plan = self.plan(inputs, options, outputs)?;
-        self.encode_plan(encoder, &plan, inputs, outputs, None)
+        self.scoped("recording attention", || {
+            self.encode_plan(encoder, &plan, inputs, outputs, None)
+        })
     }
 
     /// Like [`Context::encode_attention`], with GPU timestamps written at the beginning and end
@@ -342,7 +353,9 @@ impl Context {
             });
         }
         let plan = self.plan(inputs, options, outputs)?;
-        self.encode_plan(encoder, &plan, inputs, outputs, Some(timestamps))
+        self.scoped("recording attention", || {
+            self.encode_plan(encoder, &plan, inputs, outputs, Some(timestamps))
+        })
     }
 
     pub(crate) fn encode_plan(

@@ -125,14 +125,22 @@ impl KvCacheConfig {
 
     /// Bytes of the cache's own buffers: K, V, gate, F and positions.
     pub fn bytes(&self) -> u64 {
-        let slots = self.batch as u64 * self.capacity as u64;
-        let kv = 2 * slots * self.kv_heads as u64 * self.head_dim as u64 * self.dtype.size();
+        // Saturating: sizes past u64 are refused when the cache is made.
+        let m = |xs: &[u64]| xs.iter().fold(1u64, |a, &x| a.saturating_mul(x));
+        let slots = m(&[self.batch as u64, self.capacity as u64]);
+        let kv = m(&[
+            2,
+            slots,
+            self.kv_heads as u64,
+            self.head_dim as u64,
+            self.dtype.size(),
+        ]);
         let gate = if self.gate {
-            slots * self.kv_heads as u64 * 4
+            m(&[slots, self.kv_heads as u64, 4])
         } else {
             0
         };
-        kv + gate + slots * 8
+        kv.saturating_add(gate).saturating_add(m(&[slots, 8]))
     }
 }
 
@@ -242,6 +250,10 @@ pub struct DecodeOptions {
     /// Threads per workgroup of the attention kernel (a power of two from 32 to 256, within
     /// the device's limit; for tuning); chosen from the device when `None`.
     pub threads: Option<u32>,
+    /// Query rows (query heads of a KV head's group times queries) per workgroup of the
+    /// attention kernel, a power of two up to 16 (for tuning and tests; the planner may take
+    /// fewer); chosen from the device when `None`.
+    pub rows: Option<u32>,
 }
 
 impl DecodeOptions {
@@ -267,6 +279,11 @@ impl DecodeOptions {
     /// Run the attention kernel with `n` threads per workgroup.
     pub fn threads(mut self, n: u32) -> Self {
         self.threads = Some(n);
+        self
+    }
+    /// Run the attention kernel with at most `n` query rows per workgroup.
+    pub fn rows(mut self, n: u32) -> Self {
+        self.rows = Some(n);
         self
     }
 }
@@ -346,6 +363,16 @@ impl KvCache {
     /// Allocates a cache. Nothing is initialised on the GPU: a slot is only read once written.
     pub fn new(ctx: &Context, cfg: KvCacheConfig) -> Result<Self> {
         cfg.validate()?;
+        // The append kernel runs one workgroup per sequence: refuse what cannot be dispatched
+        // now rather than at the first append.
+        let max = ctx.capabilities().max_workgroups_per_dim;
+        if cfg.batch > max {
+            return Err(Error::DispatchTooLarge {
+                what: "sequences per dispatch (cache batch)",
+                workgroups: cfg.batch as u64,
+                limit: max as u64,
+            });
+        }
         let (b, h, c, d) = (
             cfg.batch as u64,
             cfg.kv_heads as u64,
@@ -436,12 +463,23 @@ impl KvCache {
         }
     }
 
-    /// Reads the slots back. Waits for the GPU.
+    /// Reads the slots back. Waits for the GPU; not on wasm (see
+    /// [`KvCache::download_state_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn download_state(&self, ctx: &Context) -> Result<CacheState> {
         Ok(CacheState {
             len: self.len.clone(),
             pos: ctx.download_u32(&self.pos)?,
             f: ctx.download(&self.f)?,
+        })
+    }
+
+    /// [`KvCache::download_state`] without blocking (also on wasm).
+    pub async fn download_state_async(&self, ctx: &Context) -> Result<CacheState> {
+        Ok(CacheState {
+            len: self.len.clone(),
+            pos: ctx.download_u32_async(&self.pos).await?,
+            f: ctx.download_async(&self.f).await?,
         })
     }
 
@@ -607,10 +645,10 @@ impl KvCache {
             f: t.f.is_some(),
         };
         let tokens = decode::TokenBuffers {
-            k: t.k.buffer(),
-            v: t.v.buffer(),
-            gate: t.gate.map(|g| g.buffer()),
-            f: t.f.map(|f| f.buffer()),
+            k: bound(t.k),
+            v: bound(t.v),
+            gate: t.gate.map(bound),
+            f: t.f.map(bound),
             step: step_buf,
         };
         let gpu = ctx.gpu();
@@ -622,12 +660,19 @@ impl KvCache {
     /// grow by different amounts. Over the budget, tokens are evicted one by one as each new
     /// token is written. Submits the work.
     pub fn append(&mut self, ctx: &Context, tokens: &Tokens, counts: Option<&[u32]>) -> Result<()> {
-        submit(&ctx.device, &ctx.queue, "selattn cache append", |enc| {
+        let saved = self.host_state();
+        let r = submit(&ctx.device, &ctx.queue, "selattn cache append", |enc| {
             self.encode_append(ctx, enc, tokens, counts)
-        })
+        });
+        if r.is_err() {
+            self.restore(saved);
+        }
+        r
     }
 
-    /// [`KvCache::append`] recorded into an encoder the application owns (no submit).
+    /// [`KvCache::append`] recorded into an encoder the application owns (no submit). The
+    /// cache's host state advances when the call returns `Ok`; if the application's submit of
+    /// the encoder then fails, the cache no longer matches its slots: [`KvCache::reset`] it.
     pub fn encode_append(
         &mut self,
         ctx: &Context,
@@ -635,20 +680,59 @@ impl KvCache {
         tokens: &Tokens,
         counts: Option<&[u32]>,
     ) -> Result<()> {
+        self.check_owner(
+            ctx,
+            &[
+                ("k", Some(tokens.k)),
+                ("v", Some(tokens.v)),
+                ("gate", tokens.gate),
+                ("f", tokens.f),
+            ],
+        )?;
         self.check_no_alias(&[Some(tokens.k), Some(tokens.v), tokens.gate, tokens.f])?;
         let (n, counts) = self.check_tokens(tokens, counts)?;
+        check_bindings(
+            ctx,
+            &[Some(tokens.k), Some(tokens.v), tokens.gate, tokens.f],
+        )?;
         let (info, lens, ev) = self.plan_append(&counts);
-        let step_buf = ctx
-            .gpu()
-            .storage("selattn cache step", bytemuck::cast_slice(&info));
-        {
+        ctx.scoped("recording a cache append", || {
+            let step_buf = ctx
+                .gpu()
+                .storage("selattn cache step", bytemuck::cast_slice(&info));
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("selattn cache append"),
                 timestamp_writes: None,
             });
-            self.encode_append_pass(ctx, &mut pass, tokens, n, &step_buf)?;
-        }
+            self.encode_append_pass(ctx, &mut pass, tokens, n, &step_buf)
+        })?;
         self.commit(&counts, lens, ev);
+        Ok(())
+    }
+
+    /// Host state a failed call restores: next positions, lengths, evictions.
+    fn host_state(&self) -> (Vec<u64>, Vec<u32>, Vec<u64>) {
+        (
+            self.next_pos.clone(),
+            self.len.clone(),
+            self.evictions.clone(),
+        )
+    }
+
+    fn restore(&mut self, (next_pos, len, evictions): (Vec<u64>, Vec<u32>, Vec<u64>)) {
+        self.next_pos = next_pos;
+        self.len = len;
+        self.evictions = evictions;
+    }
+
+    /// Checks that the cache and every tensor of a call live on `ctx`'s device.
+    fn check_owner(&self, ctx: &Context, ts: &[(&'static str, Option<&Tensor>)]) -> Result<()> {
+        ctx.owns("cache", &self.k)?;
+        for (what, t) in ts {
+            if let Some(t) = t {
+                ctx.owns(what, t)?;
+            }
+        }
         Ok(())
     }
 
@@ -678,9 +762,14 @@ impl KvCache {
         options: &DecodeOptions,
         outputs: &Outputs,
     ) -> Result<()> {
-        submit(&ctx.device, &ctx.queue, "selattn decode", |enc| {
+        let saved = self.host_state();
+        let r = submit(&ctx.device, &ctx.queue, "selattn decode", |enc| {
             self.encode_step(ctx, enc, step, options, outputs, None)
-        })
+        });
+        if r.is_err() {
+            self.restore(saved);
+        }
+        r
     }
 
     /// Plans a step without recording it: validates every tensor against the cache.
@@ -701,6 +790,20 @@ impl KvCache {
         options: &DecodeOptions,
         outputs: &Outputs,
     ) -> Result<(DecodePlan, Vec<u32>)> {
+        self.check_owner(
+            ctx,
+            &[
+                ("q", Some(step.q)),
+                ("k", Some(step.k)),
+                ("v", Some(step.v)),
+                ("gate", step.gate),
+                ("tau", step.tau),
+                ("alpha", step.alpha),
+                ("o", Some(outputs.o)),
+                ("lse", outputs.lse),
+                ("f_out", outputs.f_out),
+            ],
+        )?;
         let c = &self.cfg;
         if c.dtype == DType::F16 && !ctx.capabilities().f16 {
             return Err(Error::FeatureMissing {
@@ -725,6 +828,19 @@ impl KvCache {
         let (_, lens, _) = self.plan_append(&counts);
         let max_len = lens.iter().copied().max().unwrap_or(1);
         self.check_step_aliases(step, outputs)?;
+        check_bindings(
+            ctx,
+            &[
+                Some(step.q),
+                Some(step.k),
+                Some(step.v),
+                step.gate,
+                step.tau,
+                step.alpha,
+                Some(outputs.o),
+                outputs.lse,
+            ],
+        )?;
         let plan = decode::plan(
             ctx.capabilities(),
             DecodeShape {
@@ -745,6 +861,7 @@ impl KvCache {
             outputs.lse.is_some(),
             options.splits,
             options.threads,
+            options.rows,
         )?;
         Ok((plan, counts))
     }
@@ -918,6 +1035,25 @@ impl KvCache {
             });
         }
         let (plan, counts) = self.validate_step(ctx, step, options, outputs)?;
+        let (lens, ev) = ctx.scoped("recording a decode step", || {
+            self.record_step(ctx, encoder, step, outputs, &plan, &counts, timestamps)
+        })?;
+        self.commit(&counts, lens, ev);
+        Ok(())
+    }
+
+    /// Records a validated step; returns the lengths and evictions to commit.
+    #[allow(clippy::too_many_arguments)]
+    fn record_step(
+        &mut self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        step: &Step,
+        outputs: &Outputs,
+        plan: &DecodePlan,
+        counts: &[u32],
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<(Vec<u32>, Vec<u64>)> {
         let p = plan.params;
         let gpu = ctx.gpu();
         let part = gpu.grow(&mut self.part, plan.part_bytes(), "selattn decode partials");
@@ -925,7 +1061,7 @@ impl KvCache {
             Some(_) => gpu.grow(&mut self.fq, plan.fq_bytes(), "selattn decode F rows"),
             None => gpu.dummy_out.clone(),
         };
-        let (info, lens, ev) = self.plan_append(&counts);
+        let (info, lens, ev) = self.plan_append(counts);
         let step_buf = gpu.storage("selattn cache step", bytemuck::cast_slice(&info));
         let tokens = Tokens {
             k: step.k,
@@ -934,11 +1070,11 @@ impl KvCache {
             f: None,
         };
         let buffers = decode::StepBuffers {
-            q: step.q.buffer(),
-            tau: step.tau.map(|t| t.buffer()),
-            alpha: step.alpha.map(|t| t.buffer()),
-            o: outputs.o.buffer(),
-            lse: outputs.lse.map(|t| t.buffer()),
+            q: bound(step.q),
+            tau: step.tau.map(bound),
+            alpha: step.alpha.map(bound),
+            o: bound(outputs.o),
+            lse: outputs.lse.map(bound),
             step: &step_buf,
             fq: &fq,
             part: &part,
@@ -952,16 +1088,35 @@ impl KvCache {
             // Append (and evict) the step's tokens, then score, attend and merge.
             self.encode_append_pass(ctx, &mut pass, &tokens, p.n, &step_buf)?;
             let (elem, cache) = (self.cfg.dtype, self.buffers());
-            decode::encode_step(&gpu, &mut pass, &plan, elem, max_len, &buffers, &cache)?;
+            decode::encode_step(&gpu, &mut pass, plan, elem, max_len, &buffers, &cache)?;
         }
-        self.commit(&counts, lens, ev);
-        Ok(())
+        Ok((lens, ev))
     }
+}
+
+/// A tensor as the kernels bind it: its buffer and its own bytes.
+fn bound(t: &Tensor) -> (&wgpu::Buffer, u64) {
+    (t.buffer(), t.bytes())
+}
+
+/// Checks that each tensor's bytes fit one storage binding (they are bound as their own bytes).
+fn check_bindings(ctx: &Context, ts: &[Option<&Tensor>]) -> Result<()> {
+    let limit = ctx.capabilities().max_storage_binding;
+    for t in ts.iter().flatten() {
+        if t.bytes() > limit {
+            return Err(Error::TooLarge {
+                what: "tensor bound to a decode kernel",
+                bytes: t.bytes(),
+                limit,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Threads of the append kernel: the largest power of two up to 256 the device allows (its
 /// reduction is a tree).
-fn append_threads(max_invocations: u32) -> u32 {
+pub fn append_threads(max_invocations: u32) -> u32 {
     let m = max_invocations.clamp(1, 256);
     if m.is_power_of_two() {
         m

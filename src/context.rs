@@ -5,17 +5,48 @@
 //! ([`crate::device`]) and requests a device, [`Context::from_device`] wraps a device an
 //! application already owns.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use crate::device::{best_adapter, unusable_reason, Capabilities, STORAGE_BUFFERS_NEEDED};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::device::best_adapter;
+use crate::device::{unusable_reason, Capabilities, STORAGE_BUFFERS_NEEDED};
+#[cfg(not(target_arch = "wasm32"))]
 use crate::error::GpuSource;
 use crate::kernels::gpu::{Gpu, Pipelines};
 use crate::{Error, Result};
+
+/// The identity of the device a [`Context`] runs on. Every [`crate::Tensor`] and
+/// [`crate::KvCache`] carries the one of the context that made it, and every call rejects a
+/// tensor with another identity ([`Error::ForeignTensor`]).
+///
+/// wgpu cannot tell devices of different `wgpu::Instance`s apart (their handles compare by an
+/// index that each instance counts from zero), so the identity is ours: one per
+/// [`Context::new`], [`Context::from_adapter`] and [`Context::from_device`], shared by
+/// [`Context::from_device_shared`] and [`Context::with_bounds_checks`].
+///
+/// The identity is the address of a shared allocation that lives as long as any context, tensor
+/// or cache holding it, so it is never reused while it can still be compared. It holds nothing
+/// else (no device handle: on wasm a `wgpu::Device` is neither `Send` nor `Sync`).
+#[derive(Clone, Debug)]
+pub struct DeviceToken(Arc<Identity>);
+
+/// What a [`DeviceToken`] points to: nothing but an address.
+#[derive(Debug)]
+struct Identity;
+
+impl PartialEq for DeviceToken {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for DeviceToken {}
 
 /// Adapter, device, queue, capabilities and compiled pipelines.
 pub struct Context {
     /// The device.
     pub device: wgpu::Device,
+    token: DeviceToken,
     /// Its queue.
     pub queue: wgpu::Queue,
     caps: Capabilities,
@@ -36,8 +67,41 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// The device [`Context::from_adapter`] requests on `adapter`: every limit the adapter has and
+/// the features selattn can use; an error if the adapter cannot run the kernels.
+pub(crate) fn device_request(adapter: &wgpu::Adapter) -> Result<wgpu::DeviceDescriptor<'static>> {
+    if let Some(why) = unusable_reason(adapter) {
+        return Err(Error::NoAdapter { reasons: vec![why] });
+    }
+    let wanted = wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP
+        | wgpu::Features::TIMESTAMP_QUERY
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+        | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+    let features = adapter.features() & wanted;
+    let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+        // SAFETY: cooperative matrices are experimental in wgpu 30; we only use the
+        // configurations the adapter reports, and every kernel using them has a tested
+        // scalar fallback.
+        unsafe { wgpu::ExperimentalFeatures::enabled() }
+    } else {
+        wgpu::ExperimentalFeatures::disabled()
+    };
+    Ok(wgpu::DeviceDescriptor {
+        label: Some("selattn"),
+        required_features: features,
+        required_limits: adapter.limits(),
+        experimental_features: experimental,
+        memory_hints: wgpu::MemoryHints::Performance,
+        trace: wgpu::Trace::Off,
+    })
+}
+
 impl Context {
     /// Picks the best adapter (see [`best_adapter`]) and requests a device with its limits.
+    /// Blocks; not on wasm (see [`Context::new_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new() -> Result<Self> {
         let adapter = best_adapter()?;
         Self::from_adapter(&adapter)
@@ -45,34 +109,12 @@ impl Context {
 
     /// Requests a device on `adapter` with every limit the adapter has and the features selattn
     /// can use (f16, subgroups, timestamps, cooperative matrices).
+    /// Blocks; not on wasm (see [`Context::from_adapter_async`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
-        if let Some(why) = unusable_reason(adapter) {
-            return Err(Error::NoAdapter { reasons: vec![why] });
-        }
-        let wanted = wgpu::Features::SHADER_F16
-            | wgpu::Features::SUBGROUP
-            | wgpu::Features::TIMESTAMP_QUERY
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
-            | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
-        let features = adapter.features() & wanted;
-        let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
-            // SAFETY: cooperative matrices are experimental in wgpu 30; we only use the
-            // configurations the adapter reports, and every kernel using them has a tested
-            // scalar fallback.
-            unsafe { wgpu::ExperimentalFeatures::enabled() }
-        } else {
-            wgpu::ExperimentalFeatures::disabled()
-        };
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("selattn"),
-            required_features: features,
-            required_limits: adapter.limits(),
-            experimental_features: experimental,
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| Error::RequestDevice(GpuSource::new(e)))?;
+        let desc = device_request(adapter)?;
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+            .map_err(|e| Error::RequestDevice(GpuSource::new(e)))?;
         let coop = adapter.cooperative_matrix_properties();
         Ok(Self::build(device, queue, adapter.get_info(), coop))
     }
@@ -81,6 +123,8 @@ impl Context {
     /// came from (`adapter.get_info()`); capabilities are read from the device's own features
     /// and limits, so kernels stay within what the application requested.
     /// `cooperative_matrix` is `adapter.cooperative_matrix_properties()` (or empty).
+    /// The context gets a device identity of its own ([`DeviceToken`]): a second context over
+    /// the same device that should share tensors is made with [`Context::from_device_shared`].
     pub fn from_device(
         device: wgpu::Device,
         queue: wgpu::Queue,
@@ -98,7 +142,45 @@ impl Context {
         Ok(Self::build(device, queue, info, cooperative_matrix))
     }
 
-    fn build(
+    /// Like [`Context::from_device`], for a device that `other` already wraps: the two contexts
+    /// share tensors and caches (each keeps its own pipeline cache). The device must be the one
+    /// `other` runs on; that is checked as far as wgpu can tell (devices of different wgpu
+    /// instances may compare equal, so passing one of those is the caller's error).
+    pub fn from_device_shared(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+        cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
+        other: &Context,
+    ) -> Result<Self> {
+        if device != other.device || queue != other.queue {
+            return Err(Error::NotSameDevice);
+        }
+        let mut c = Self::from_device(device, queue, info, cooperative_matrix)?;
+        c.token = other.token.clone();
+        Ok(c)
+    }
+
+    /// The identity of this context's device (see [`DeviceToken`]).
+    pub fn device_token(&self) -> &DeviceToken {
+        &self.token
+    }
+
+    /// Checks that a tensor was made on this context's device.
+    pub(crate) fn owns(&self, tensor: &'static str, t: &crate::Tensor) -> Result<()> {
+        if t.device_token() != &self.token {
+            return Err(Error::ForeignTensor { tensor });
+        }
+        Ok(())
+    }
+
+    /// Runs `f`, which records or submits GPU work, under error scopes (see
+    /// [`crate::kernels::gpu::scoped`]).
+    pub(crate) fn scoped<T>(&self, during: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        crate::kernels::gpu::scoped(&self.device, during, f)
+    }
+
+    pub(crate) fn build(
         device: wgpu::Device,
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
@@ -115,7 +197,9 @@ impl Context {
         };
         let dummy_in = dummy("selattn dummy input");
         let dummy_out = dummy("selattn dummy output");
+        let token = DeviceToken(Arc::new(Identity));
         Context {
+            token,
             device,
             queue,
             caps,

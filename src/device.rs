@@ -162,6 +162,8 @@ pub fn instance() -> wgpu::Instance {
 }
 
 /// Every adapter wgpu sees, each with `None` if it can run our kernels or the reason it cannot.
+/// Blocks; not on wasm (see [`crate::adapters_async`]).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn adapters() -> Vec<(wgpu::Adapter, Option<String>)> {
     let inst = instance();
     pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()))
@@ -185,11 +187,20 @@ fn type_rank(t: wgpu::DeviceType) -> u32 {
 
 /// Picks the best adapter that can run compute: discrete > integrated > virtual > software,
 /// Vulkan/Metal/DX12 before GL at equal rank. `SELATTN_ADAPTER` filters by name.
+/// Blocks; not on wasm (see [`crate::Context::new_async`]).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn best_adapter() -> Result<wgpu::Adapter> {
+    choose_adapter(adapters())
+}
+
+/// The choice [`best_adapter`] makes among `adapters` (as [`adapters`] lists them).
+pub(crate) fn choose_adapter(
+    adapters: Vec<(wgpu::Adapter, Option<String>)>,
+) -> Result<wgpu::Adapter> {
     let filter = std::env::var(ADAPTER_ENV).ok().map(|s| s.to_lowercase());
     let mut reasons = Vec::new();
     let mut ok = Vec::new();
-    for (a, why) in adapters() {
+    for (a, why) in adapters {
         let info = a.get_info();
         if let Some(f) = &filter {
             if !info.name.to_lowercase().contains(f.as_str()) {

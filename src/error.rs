@@ -40,11 +40,22 @@ impl PartialEq for GpuSource {
 #[non_exhaustive]
 pub enum Error {
     /// No adapter that can run compute shaders was found (or none matched the filter).
-    #[error("no adapter can run selattn's compute kernels{}", reasons.iter().map(|r| format!("; {r}")).collect::<String>())]
+    #[error("{}", no_adapter(reasons))]
     NoAdapter {
         /// Why each adapter that was seen was rejected.
         reasons: Vec<String>,
     },
+    /// A tensor or cache was made on another device than the context it is used with (each
+    /// [`crate::Context::new`] has its own device; see [`crate::Context::from_device_shared`]).
+    #[error("{tensor} lives on another device than this context's (made by another Context)")]
+    ForeignTensor {
+        /// Which tensor (`cache` for a KV cache).
+        tensor: &'static str,
+    },
+    /// [`crate::Context::from_device_shared`] was given a device or queue other than the one
+    /// the other context runs on.
+    #[error("the device or queue is not the one the other context runs on")]
+    NotSameDevice,
     /// Requesting a device from the adapter failed.
     #[error("requesting a device failed: {0}")]
     RequestDevice(#[source] GpuSource),
@@ -315,6 +326,29 @@ impl Error {
             source: None,
         }
     }
+}
+
+/// How to get an adapter, printed with [`Error::NoAdapter`].
+pub const NO_ADAPTER_HINT: &str = "to get one: use a GPU with a Vulkan, Metal, DX12 or OpenGL 4.3 \
+driver; on Linux without a GPU install Mesa's software drivers (`apt-get install \
+mesa-vulkan-drivers`, which provides lavapipe); `WGPU_BACKEND` and `SELATTN_ADAPTER` must not \
+exclude every adapter";
+
+/// [`Error::NoAdapter`]'s message: every adapter seen and why it is unusable, and the hint.
+fn no_adapter(reasons: &[String]) -> String {
+    let mut s = String::from("no adapter can run selattn's compute kernels");
+    if reasons.is_empty() {
+        s.push_str("; wgpu saw no adapter at all");
+    } else {
+        s.push_str("; adapters seen:");
+    }
+    for r in reasons {
+        s.push_str("\n  ");
+        s.push_str(r);
+    }
+    s.push('\n');
+    s.push_str(NO_ADAPTER_HINT);
+    s
 }
 
 #[cfg(test)]

@@ -3,6 +3,9 @@
 //! FlashAttention-style attention (online softmax over key tiles, never an Nq×Nk matrix in
 //! memory) with per-query temperature, positional temperature, value gating and selective
 //! masking, written in WGSL for wgpu, with an exact f64 CPU reference in [`reference`](mod@reference).
+//! Gradients of every input come from [`Context::backward`] (P recomputed from the forward's
+//! LSE, deterministic), checked against the f64 reference backward in
+//! [`reference_backward`](mod@reference_backward).
 //!
 //! One causal, selective attention call with a per-query temperature, checked against the
 //! reference (runs on any adapter, software ones included):
@@ -51,7 +54,9 @@
 //! for decode steps. [`reference`](mod@reference) and [`reference_cache`] are the f64 oracles.
 #![deny(missing_docs)]
 
+mod async_api;
 mod attention;
+mod backward;
 pub mod cache;
 mod context;
 pub mod device;
@@ -60,16 +65,23 @@ mod error;
 pub mod kernels;
 pub mod merge;
 pub mod reference;
+pub mod reference_backward;
 pub mod reference_cache;
 pub mod spec;
 mod tensor;
 
+pub use async_api::adapters_async;
 pub use attention::{Inputs, Output, Outputs};
+pub use backward::{Grads, Upstream};
 pub use cache::{CacheState, DecodeOptions, KvCache, KvCacheConfig, Step, Tokens};
-pub use context::Context;
-pub use device::{adapters, best_adapter, instance, unusable_reason, Capabilities, ADAPTER_ENV};
+pub use context::{Context, DeviceToken};
+#[cfg(not(target_arch = "wasm32"))]
+pub use device::{adapters, best_adapter};
+pub use device::{instance, unusable_reason, Capabilities, ADAPTER_ENV};
 pub use dtype::DType;
-pub use error::{Error, GpuSource, Result};
+pub use error::{Error, GpuSource, Result, NO_ADAPTER_HINT};
+
+pub use kernels::backward::BackwardPlan;
 pub use kernels::forward::Plan;
 pub use merge::{merge_partials, merge_partials_reference, Partial};
 pub use spec::{Options, Path, Present, Role, Shape, Spec};

@@ -133,9 +133,15 @@ fn dims(d: &[u32]) -> Vec<u64> {
     d.iter().map(|&x| x as u64).collect()
 }
 
-/// Number of elements of a shape.
+/// Number of elements of a shape (saturating at `u64::MAX`; tensors are made only with shapes
+/// whose count fits, see [`checked_numel`]).
 pub fn numel(dims: &[u64]) -> u64 {
-    dims.iter().product()
+    dims.iter().fold(1u64, |acc, &d| acc.saturating_mul(d))
+}
+
+/// Number of elements of a shape, `None` when the product overflows u64.
+pub fn checked_numel(dims: &[u64]) -> Option<u64> {
+    dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
 }
 
 /// Which optional inputs a call carries and which optional outputs it wants.

@@ -156,7 +156,7 @@ fn cooperative_matrix_primitives() {
         };
         let (ab, bb) = (mk(&a), mk(&b));
         let out = ctx.empty(&[1792], selattn::DType::F32).unwrap();
-        ctx.poison(&out);
+        ctx.poison(&out).unwrap();
         let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &pipe.get_bind_group_layout(0),

@@ -27,6 +27,7 @@ struct Case {
     steps: Vec<u32>,
     splits: Option<u32>,
     threads: Option<u32>,
+    rows: Option<u32>,
 }
 
 impl Case {
@@ -47,6 +48,7 @@ impl Case {
             steps: vec![1, 1, 3, 1, 8, 2, 1],
             splits: None,
             threads: None,
+            rows: None,
         }
     }
     fn all(mut self) -> Case {
@@ -70,7 +72,7 @@ impl Case {
             f.push(format!("sel{s}"));
         }
         format!(
-            "B{} Hq{} Hkv{} D{} C{} budget {:?} {:?} [{}] prefill {:?} steps {:?} splits {:?} threads {:?}",
+            "B{} Hq{} Hkv{} D{} C{} budget {:?} {:?} [{}] prefill {:?} steps {:?} splits {:?} threads {:?} rows {:?}",
             self.batch,
             self.q_heads,
             self.kv_heads,
@@ -82,7 +84,8 @@ impl Case {
             self.prefill,
             self.steps,
             self.splits,
-            self.threads
+            self.threads,
+            self.rows
         )
     }
     fn config(&self) -> KvCacheConfig {
@@ -219,6 +222,7 @@ fn run_case(ctx: &Context, c: &Case, seed: u64) -> (Vec<String>, Vec<Vec<f32>>) 
     opts.selective = c.selective;
     opts.splits = c.splits;
     opts.threads = c.threads;
+    opts.rows = c.rows;
     for (si, &n) in c.steps.iter().enumerate() {
         let nn = n as usize;
         let t = tokens(&mut rng, c, nn, false);
@@ -238,8 +242,8 @@ fn run_case(ctx: &Context, c: &Case, seed: u64) -> (Vec<String>, Vec<Vec<f32>>) 
         let alpha = x.alpha.as_ref().map(|v| ctx.upload(&[hq], v).unwrap());
         let o = ctx.empty(&[b, hq, n as u64, d], c.dtype).unwrap();
         let lse = ctx.empty(&[b, hq, n as u64], DType::F32).unwrap();
-        ctx.poison(&o);
-        ctx.poison(&lse);
+        ctx.poison(&o).unwrap();
+        ctx.poison(&lse).unwrap();
         let positions = cache.positions().to_vec();
         let mut step = Step::new(&q, &g.k, &g.v).positions(&positions);
         if let Some(x) = &g.gate {
@@ -358,6 +362,13 @@ fn decode_matches_reference_without_pruning() {
                 threads: Some(64),
                 ..Case::new(8, 2, 40).all()
             },
+            // Many query rows per workgroup (CPU adapters default to 2; GPUs take up to 16),
+            // at a small head dim so the unrolled kernel compiles fast on lavapipe.
+            Case {
+                rows: Some(16),
+                selective: Some(5),
+                ..Case::new(8, 1, 8).all()
+            },
             Case {
                 batch: 3,
                 prefill: vec![1, 4, 0],
@@ -429,6 +440,12 @@ fn decode_matches_reference_f16() {
                 ..Case::new(8, 2, 128).all()
             }),
             f16(Case::new(2, 1, 8)),
+            f16(Case {
+                rows: Some(8),
+                budget: Some(9),
+                selective: Some(2),
+                ..Case::new(4, 1, 16).all()
+            }),
         ],
         300,
     );
@@ -554,8 +571,8 @@ fn prefill_then_decode_equals_full_prefill() {
                 let lse = ctx
                     .empty(&[bn as u64, hq as u64, n as u64], DType::F32)
                     .unwrap();
-                ctx.poison(&o);
-                ctx.poison(&lse);
+                ctx.poison(&o).unwrap();
+                ctx.poison(&lse).unwrap();
                 let step = Step::new(&q, &k, &v).gate(&g).tau(&t).alpha(&ap);
                 cache
                     .step(

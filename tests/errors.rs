@@ -135,7 +135,7 @@ fn zero_size() {
     let e = ctx().upload(&[0], &[]).unwrap_err();
     assert!(matches!(e, Error::ZeroSize { what: "tensor" }), "{e:?}");
     let buf = ctx().empty(&[4], DType::F32).unwrap().buffer().clone();
-    let e = Tensor::from_buffer(buf, &[4, 0], DType::F32).unwrap_err();
+    let e = Tensor::from_buffer(ctx(), buf, &[4, 0], DType::F32).unwrap_err();
     assert!(matches!(e, Error::ZeroSize { what: "tensor" }), "{e:?}");
 }
 
@@ -344,7 +344,7 @@ fn dtype_mismatch() {
     );
     check(err, "lse", DType::F32, DType::U32);
     // K in f16 while Q is f32 (a view of an f32 buffer: no f16 support needed to build it).
-    let k16 = Tensor::from_buffer(s.k.buffer().clone(), &shape.kv_dims(), DType::F16).unwrap();
+    let k16 = Tensor::from_buffer(c, s.k.buffer().clone(), &shape.kv_dims(), DType::F16).unwrap();
     let err = plan_err(&Inputs { k: &k16, ..ins }, &sel(), &outs);
     check(err, "k", DType::F32, DType::F16);
 }
@@ -648,8 +648,8 @@ fn too_large() {
             mapped_at_creation: false,
         });
         let dims = [1, 1, rows, 8];
-        let q = Tensor::from_buffer(big.clone(), &dims, DType::F32).unwrap();
-        let o = Tensor::from_buffer(big, &dims, DType::F32).unwrap();
+        let q = Tensor::from_buffer(c, big.clone(), &dims, DType::F32).unwrap();
+        let o = Tensor::from_buffer(c, big, &dims, DType::F32).unwrap();
         let k = c.empty(&[1, 1, 3, 8], DType::F32).unwrap();
         let e = c
             .plan(&Inputs::new(&q, &k, &k), &Options::new(), &Outputs::new(&o))
@@ -711,8 +711,9 @@ fn feature_missing() {
                 ),
                 "{e:?}"
             );
-            let view =
-                |t: &Tensor, d: Vec<u64>| Tensor::from_buffer(t.buffer().clone(), &d, DType::F16);
+            let view = |t: &Tensor, d: Vec<u64>| {
+                Tensor::from_buffer(c, t.buffer().clone(), &d, DType::F16)
+            };
             let (q, k, v, o) = (
                 view(&s.q, shape.q_dims()).unwrap(),
                 view(&s.k, shape.kv_dims()).unwrap(),
@@ -803,7 +804,7 @@ fn bad_buffer() {
     let e = plan_err(&ins, &sel(), &Outputs { o: &s.q, ..outs });
     assert!(is_bad(&e), "{e:?}");
     // LSE in the same buffer as O (a view of O's buffer with LSE's shape).
-    let lse = Tensor::from_buffer(s.o.buffer().clone(), &shape.row_dims(), DType::F32).unwrap();
+    let lse = Tensor::from_buffer(c, s.o.buffer().clone(), &shape.row_dims(), DType::F32).unwrap();
     let e = plan_err(
         &ins,
         &sel(),
@@ -824,7 +825,7 @@ fn bad_buffer() {
     );
     assert!(is_bad(&e), "{e:?}");
     // F_out over the gate's buffer.
-    let f_out = Tensor::from_buffer(s.gate.buffer().clone(), &shape.f_dims(), DType::F32);
+    let f_out = Tensor::from_buffer(c, s.gate.buffer().clone(), &shape.f_dims(), DType::F32);
     let f_out = f_out.unwrap();
     let e = plan_err(
         &ins,
@@ -843,11 +844,11 @@ fn bad_buffer() {
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
-    let e = Tensor::from_buffer(mapped, &[4], DType::F32).unwrap_err();
+    let e = Tensor::from_buffer(c, mapped, &[4], DType::F32).unwrap_err();
     assert!(is_bad(&e), "{e:?}");
-    let e = Tensor::from_buffer(s.q.buffer().clone(), &[1000], DType::F32).unwrap_err();
+    let e = Tensor::from_buffer(c, s.q.buffer().clone(), &[1000], DType::F32).unwrap_err();
     assert!(is_bad(&e), "{e:?}");
-    let e = Tensor::from_buffer(s.q.buffer().clone(), &[u64::MAX, 2], DType::F32).unwrap_err();
+    let e = Tensor::from_buffer(c, s.q.buffer().clone(), &[u64::MAX, 2], DType::F32).unwrap_err();
     assert!(is_bad(&e), "{e:?}");
 }
 
@@ -922,11 +923,11 @@ fn user_buffer_larger_than_a_binding() {
         mapped_at_creation: false,
     });
     c.queue.write_buffer(&big, 0, bytemuck::cast_slice(&x.q));
-    let q = Tensor::from_buffer(big, &shape.q_dims(), DType::F32).unwrap();
+    let q = Tensor::from_buffer(c, big, &shape.q_dims(), DType::F32).unwrap();
     let k = c.upload(&shape.kv_dims(), &x.k).unwrap();
     let v = c.upload(&shape.kv_dims(), &x.v).unwrap();
     let o = c.empty(&shape.q_dims(), DType::F32).unwrap();
-    c.poison(&o);
+    c.poison(&o).unwrap();
     let res = c.attention(&Inputs::new(&q, &k, &v), &Options::new(), &Outputs::new(&o));
     assert!(res.is_ok(), "{res:?}");
     let got = c.download(&o).unwrap();

@@ -83,9 +83,9 @@ fn f16_storage_matches_reference_on_every_path() {
                 let o = ctx.empty(&shape.q_dims(), DType::F16).unwrap();
                 let lse = ctx.empty(&shape.row_dims(), DType::F32).unwrap();
                 let f_out = ctx.empty(&shape.f_dims(), DType::F32).unwrap();
-                ctx.poison(&o);
-                ctx.poison(&lse);
-                ctx.poison(&f_out);
+                ctx.poison(&o).unwrap();
+                ctx.poison(&lse).unwrap();
+                ctx.poison(&f_out).unwrap();
                 let mut outs = selattn::Outputs::new(&o).lse(&lse);
                 if opts.selective.is_some() {
                     outs = outs.f_out(&f_out);

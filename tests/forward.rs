@@ -234,7 +234,7 @@ fn without_optional_outputs() {
             let x = random_inputs(&shape, Controls::ALL, 600);
             let g = Gpu::upload(ctx, &shape, &x, DType::F32);
             let o = ctx.empty(&shape.q_dims(), DType::F32).unwrap();
-            ctx.poison(&o);
+            ctx.poison(&o).unwrap();
             ctx.attention(&g.inputs(), &opts, &Outputs::new(&o))
                 .unwrap();
             let got = ctx.download(&o).unwrap();

@@ -125,8 +125,8 @@ fn gpu_merge_of_shards_equals_one_call() {
                         tensors.iter().map(|(o, lse)| Partial { o, lse }).collect();
                     let o = ctx.empty(&shape.q_dims(), elem).unwrap();
                     let lse = ctx.empty(&shape.row_dims(), DType::F32).unwrap();
-                    ctx.poison(&o);
-                    ctx.poison(&lse);
+                    ctx.poison(&o).unwrap();
+                    ctx.poison(&lse).unwrap();
                     merge_partials(ctx, &parts, &Outputs::new(&o).lse(&lse)).unwrap();
                     let go = ctx.download(&o).unwrap();
                     let gl = ctx.download(&lse).unwrap();
@@ -187,8 +187,8 @@ fn gpu_attention_shards_merged_equal_reference() {
                 let g = Gpu::upload(ctx, &sshape, &sx, DType::F32);
                 let o = ctx.empty(&sshape.q_dims(), DType::F32).unwrap();
                 let lse = ctx.empty(&sshape.row_dims(), DType::F32).unwrap();
-                ctx.poison(&o);
-                ctx.poison(&lse);
+                ctx.poison(&o).unwrap();
+                ctx.poison(&lse).unwrap();
                 ctx.attention(&g.inputs(), &opts, &Outputs::new(&o).lse(&lse))
                     .unwrap();
                 held.push((o, lse));
@@ -196,8 +196,8 @@ fn gpu_attention_shards_merged_equal_reference() {
             let parts: Vec<Partial> = held.iter().map(|(o, lse)| Partial { o, lse }).collect();
             let o = ctx.empty(&shape.q_dims(), DType::F32).unwrap();
             let lse = ctx.empty(&shape.row_dims(), DType::F32).unwrap();
-            ctx.poison(&o);
-            ctx.poison(&lse);
+            ctx.poison(&o).unwrap();
+            ctx.poison(&lse).unwrap();
             merge_partials(ctx, &parts, &Outputs::new(&o).lse(&lse)).unwrap();
             let co = compare(&ctx.download(&o).unwrap(), &full.o, 2e-5, 2e-5);
             let cl = compare(&ctx.download(&lse).unwrap(), &full.lse, 2e-5, 2e-5);
@@ -224,8 +224,8 @@ fn one_partial_is_copied_and_bad_input_gets_typed_errors() {
         let l1 = ctx.upload(&[2, 3], &lv).unwrap();
         let o = ctx.empty(&[2, 3, 8], DType::F32).unwrap();
         let lse = ctx.empty(&[2, 3], DType::F32).unwrap();
-        ctx.poison(&o);
-        ctx.poison(&lse);
+        ctx.poison(&o).unwrap();
+        ctx.poison(&lse).unwrap();
         let one = [Partial { o: &o1, lse: &l1 }];
         merge_partials(ctx, &one, &Outputs::new(&o).lse(&lse)).unwrap();
         let go = ctx.download(&o).unwrap();

@@ -1,5 +1,6 @@
 //! `kernels::Params` matches its WGSL mirror in `shaders/common.wgsl` field for field, as naga
-//! lays it out (the uniform of the forward, coop and selective kernels).
+//! lays it out (the uniform of the forward, coop, selective and backward kernels), and
+//! `kernels::backward::Layout` its mirror in `shaders/backward.wgsl`.
 
 use selattn::kernels::{Params, Source};
 use selattn::DType;
@@ -21,7 +22,7 @@ fn params_match_wgsl_layout() {
         ("_pad0", offset_of!(Params, _pad0)),
         ("_pad1", offset_of!(Params, _pad1)),
     ];
-    for src in [Source::Forward, Source::Selective] {
+    for src in [Source::Forward, Source::Selective, Source::Backward] {
         let text = src.text(DType::F32).unwrap();
         let module = naga::front::wgsl::parse_str(&text).unwrap();
         let (_, ty) = module
@@ -40,4 +41,44 @@ fn params_match_wgsl_layout() {
         let want: Vec<(String, usize)> = want.iter().map(|(n, o)| (n.to_string(), *o)).collect();
         assert_eq!(got, want, "{src:?}: fields");
     }
+}
+
+#[test]
+fn backward_layout_matches_wgsl_layout() {
+    use selattn::kernels::backward::Layout;
+    let want = [
+        ("lse", offset_of!(Layout, lse)),
+        ("delta", offset_of!(Layout, delta)),
+        ("tau", offset_of!(Layout, tau)),
+        ("alpha", offset_of!(Layout, alpha)),
+        ("gate", offset_of!(Layout, gate)),
+        ("valid", offset_of!(Layout, valid)),
+        ("g", offset_of!(Layout, g)),
+        ("dt", offset_of!(Layout, dt)),
+        ("dgate", offset_of!(Layout, dgate)),
+        ("df0", offset_of!(Layout, df0)),
+        ("dqb", offset_of!(Layout, dqb)),
+        ("dkb", offset_of!(Layout, dkb)),
+        ("flags", offset_of!(Layout, flags)),
+        ("n_lin", offset_of!(Layout, n_lin)),
+        ("_pad0", offset_of!(Layout, _pad0)),
+        ("_pad1", offset_of!(Layout, _pad1)),
+    ];
+    let text = Source::Backward.text(DType::F32).unwrap();
+    let module = naga::front::wgsl::parse_str(&text).unwrap();
+    let (_, ty) = module
+        .types
+        .iter()
+        .find(|(_, t)| t.name.as_deref() == Some("Layout"))
+        .expect("Layout in backward.wgsl");
+    let naga::TypeInner::Struct { members, span } = &ty.inner else {
+        panic!("Layout is not a struct");
+    };
+    assert_eq!(*span as usize, size_of::<Layout>(), "size");
+    let got: Vec<(String, usize)> = members
+        .iter()
+        .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
+        .collect();
+    let want: Vec<(String, usize)> = want.iter().map(|(n, o)| (n.to_string(), *o)).collect();
+    assert_eq!(got, want, "fields");
 }

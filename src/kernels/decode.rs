@@ -2,7 +2,7 @@
 //! split-KV attention and merge (`shaders/decode.wgsl`).
 
 use super::flag;
-use super::gpu::{entry, Gpu};
+use super::gpu::{entry, tensor_entry, Gpu};
 use super::{Kernel, KernelKey};
 use crate::device::Capabilities;
 use crate::DType;
@@ -330,6 +330,7 @@ pub fn plan(
     lse: bool,
     splits: Option<u32>,
     threads: Option<u32>,
+    rows_per_wg: Option<u32>,
 ) -> Result<DecodePlan> {
     let group = s.q_heads / s.kv_heads;
     let rows = group * s.n;
@@ -346,11 +347,30 @@ pub fn plan(
             });
         }
     }
+    if let Some(r) = rows_per_wg {
+        if !r.is_power_of_two() || r > 16 {
+            return Err(Error::TooLarge {
+                what: "decode query rows per workgroup (a power of two from 1 to 16)",
+                bytes: r as u64,
+                limit: 16,
+            });
+        }
+    }
+    // Rows per workgroup: as many as fit (each K/V tile is read once for all of them), except on
+    // CPU adapters, where the kernel's unrolled per-row code costs minutes of LLVM compile time
+    // per variant (lavapipe, 2026-11-29: 200 s for 8 rows at D64 f16) and buys nothing.
+    let rb_max = rows_per_wg.unwrap_or(match caps.info.device_type {
+        wgpu::DeviceType::Cpu => 2,
+        _ => 16,
+    });
     'outer: for wg in [256u32, 128, 64, 32] {
         if wg > wg_max || threads.is_some_and(|t| t != wg) {
             continue;
         }
         for rb in [16u32, 8, 4, 2, 1] {
+            if rb > rb_max {
+                continue;
+            }
             let cfg = AttendConfig {
                 d: s.head_dim,
                 wg,
@@ -384,32 +404,39 @@ pub fn plan(
     // 1787. So: about `target` workgroups, but splits of at least 4096 slots when the context is
     // long; at least one tile each, at most 256 splits (the partials stay small). Large batches
     // fill the device by themselves.
-    let per_split = s.batch * s.kv_heads * n_rblocks;
+    let per_split = s.batch as u64 * s.kv_heads as u64 * n_rblocks as u64;
     let target = match caps.info.device_type {
-        wgpu::DeviceType::Cpu => 32u32,
+        wgpu::DeviceType::Cpu => 32u64,
         wgpu::DeviceType::IntegratedGpu => 64,
         _ => 256,
     };
     let want = splits.unwrap_or_else(|| {
         target
             .div_ceil(per_split.max(1))
-            .max(max_len.div_ceil(4096))
+            .max(max_len.div_ceil(4096) as u64) as u32
     });
     let want = want.clamp(1, 256).min(tiles);
     let split_len = max_len.div_ceil(want).div_ceil(bc) * bc;
     let n_splits = max_len.div_ceil(split_len);
     let max = caps.max_workgroups_per_dim;
+    // In u64: the products may pass u32 for sizes the dispatch limit then refuses.
     for (what, n) in [
-        ("slot splits per dispatch", n_splits),
-        ("KV heads x row blocks per dispatch", s.kv_heads * n_rblocks),
-        ("batch per dispatch", s.batch),
-        ("query rows per sequence per dispatch", s.q_heads * s.n),
-        ("slot groups per dispatch", s.capacity.div_ceil(wg)),
+        ("slot splits per dispatch", n_splits as u64),
+        (
+            "KV heads x row blocks per dispatch",
+            s.kv_heads as u64 * n_rblocks as u64,
+        ),
+        ("batch per dispatch", s.batch as u64),
+        (
+            "query rows per sequence per dispatch",
+            s.q_heads as u64 * s.n as u64,
+        ),
+        ("slot groups per dispatch", s.capacity.div_ceil(wg) as u64),
     ] {
-        if n > max {
+        if n > max as u64 {
             return Err(Error::DispatchTooLarge {
                 what,
-                workgroups: n as u64,
+                workgroups: n,
                 limit: max as u64,
             });
         }
@@ -472,12 +499,13 @@ pub(crate) struct CacheBuffers<'a> {
     pub pos: &'a wgpu::Buffer,
 }
 
-/// New tokens for the append kernel; `step` holds each sequence's slot plan.
+/// New tokens for the append kernel, each `(buffer, bytes)` (bound as its own bytes: an
+/// application's buffer may be larger than a binding); `step` holds each sequence's slot plan.
 pub(crate) struct TokenBuffers<'a> {
-    pub k: &'a wgpu::Buffer,
-    pub v: &'a wgpu::Buffer,
-    pub gate: Option<&'a wgpu::Buffer>,
-    pub f: Option<&'a wgpu::Buffer>,
+    pub k: (&'a wgpu::Buffer, u64),
+    pub v: (&'a wgpu::Buffer, u64),
+    pub gate: Option<(&'a wgpu::Buffer, u64)>,
+    pub f: Option<(&'a wgpu::Buffer, u64)>,
     pub step: &'a wgpu::Buffer,
 }
 
@@ -500,10 +528,10 @@ pub(crate) fn encode_append(
     let entries = [
         entry(0, &uniform),
         entry(1, t.step),
-        entry(2, t.k),
-        entry(3, t.v),
-        entry(4, t.gate.unwrap_or(din)),
-        entry(5, t.f.unwrap_or(din)),
+        tensor_entry(2, Some(t.k), din),
+        tensor_entry(3, Some(t.v), din),
+        tensor_entry(4, t.gate, din),
+        tensor_entry(5, t.f, din),
         entry(6, c.k),
         entry(7, c.v),
         entry(8, c.gate.unwrap_or(gpu.dummy_out)),
@@ -514,13 +542,14 @@ pub(crate) fn encode_append(
     gpu.dispatch(pass, "selattn cache append", key, &entries, groups)
 }
 
-/// A decode step's query-side buffers and its scratch.
+/// A decode step's query-side tensors, each `(buffer, bytes)` (bound as its own bytes), and its
+/// scratch.
 pub(crate) struct StepBuffers<'a> {
-    pub q: &'a wgpu::Buffer,
-    pub tau: Option<&'a wgpu::Buffer>,
-    pub alpha: Option<&'a wgpu::Buffer>,
-    pub o: &'a wgpu::Buffer,
-    pub lse: Option<&'a wgpu::Buffer>,
+    pub q: (&'a wgpu::Buffer, u64),
+    pub tau: Option<(&'a wgpu::Buffer, u64)>,
+    pub alpha: Option<(&'a wgpu::Buffer, u64)>,
+    pub o: (&'a wgpu::Buffer, u64),
+    pub lse: Option<(&'a wgpu::Buffer, u64)>,
     /// Each sequence's slot plan (written by the append).
     pub step: &'a wgpu::Buffer,
     /// Per-query F rows (selective masking; a dummy otherwise).
@@ -552,7 +581,7 @@ pub(crate) fn encode_step(
         let entries = [
             entry(0, &params),
             entry(1, s.step),
-            entry(2, s.q),
+            tensor_entry(2, Some(s.q), din),
             entry(3, c.k),
             entry(6, c.pos),
             entry(9, c.f),
@@ -568,13 +597,13 @@ pub(crate) fn encode_step(
     let entries = [
         entry(0, &params),
         entry(1, s.step),
-        entry(2, s.q),
+        tensor_entry(2, Some(s.q), din),
         entry(14, c.k),
         entry(15, c.v),
         entry(5, c.gate.unwrap_or(din)),
         entry(6, c.pos),
-        entry(7, s.tau.unwrap_or(din)),
-        entry(8, s.alpha.unwrap_or(din)),
+        tensor_entry(7, s.tau, din),
+        tensor_entry(8, s.alpha, din),
         entry(10, s.fq),
         entry(11, s.part),
     ];
@@ -587,8 +616,8 @@ pub(crate) fn encode_step(
     let entries = [
         entry(0, &params),
         entry(11, s.part),
-        entry(12, s.o),
-        entry(13, s.lse.unwrap_or(gpu.dummy_out)),
+        tensor_entry(12, Some(s.o), din),
+        tensor_entry(13, s.lse, gpu.dummy_out),
     ];
     let groups = [p.q_heads * p.n, p.batch, 1];
     gpu.dispatch(pass, "selattn decode merge", key, &entries, groups)

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use super::KernelKey;
-use crate::{Error, Result};
+use crate::Result;
 
 /// A compiled pipeline (its bind group layout is derived from the shader).
 pub(crate) type Pipeline = Arc<wgpu::ComputePipeline>;
@@ -33,7 +33,7 @@ impl Pipelines {
         }
         let label = format!("{key:?}");
         let source = key.wgsl()?;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scope = crate::async_api::Scope::push(device);
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(&label),
             source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -60,8 +60,11 @@ impl Pipelines {
             },
             cache: None,
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::gpu(format!("building {label}"), e));
+        if let Some(e) = scope.pop() {
+            return Err(crate::async_api::scope_error(
+                format!("building {label}"),
+                e,
+            ));
         }
         let p = Arc::new(pipeline);
         if let Ok(mut map) = self.map.write() {
@@ -157,28 +160,52 @@ impl Gpu<'_> {
     }
 }
 
-/// Records work with `record` into a new encoder and submits it, all under a validation error
-/// scope: a wgpu validation error comes back as [`Error::Gpu`] (with it as the source) instead of reaching wgpu's
-/// default handler (which panics).
+/// Runs `f`, which records or submits GPU work, inside out-of-memory, internal and validation
+/// error scopes: whatever wgpu reports comes back as [`Error::Gpu`] with wgpu's error as its
+/// source, instead of reaching wgpu's default handler (which panics). The one place where
+/// selattn's GPU work is watched; a wgpu error wins over `f`'s own result.
+pub(crate) fn scoped<T>(
+    device: &wgpu::Device,
+    during: &str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    // On wasm nothing may block: no scope is pushed (the `_async` calls report errors there).
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = (device, during);
+        f()
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let r = f();
+        let v = pollster::block_on(validation.pop());
+        let i = pollster::block_on(internal.pop());
+        let o = pollster::block_on(oom.pop());
+        match v.or(i).or(o) {
+            Some(e) => Err(crate::Error::gpu(during, e)),
+            None => r,
+        }
+    }
+}
+
+/// Records work with `record` into a new encoder and submits it, all under [`scoped`]'s error
+/// scopes (nothing is submitted when recording fails).
 pub(crate) fn submit(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     label: &str,
     record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
 ) -> Result<()> {
-    let mut enc =
-        device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
-    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let recorded = record(&mut enc);
-    if recorded.is_ok() {
+    scoped(device, &format!("running {label}"), || {
+        let mut enc =
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+        record(&mut enc)?;
         queue.submit([enc.finish()]);
-    }
-    let popped = pollster::block_on(scope.pop());
-    recorded?;
-    if let Some(e) = popped {
-        return Err(Error::gpu(format!("running {label}"), e));
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Binding of a tensor's own bytes, `(buffer, bytes)` (not its whole buffer, which may be

@@ -4,6 +4,7 @@
 //! pipeline variant; it is the pipeline cache key and the wgpu label, so a validation error or a
 //! trace names the variant.
 
+pub mod backward;
 pub mod coop;
 pub mod decode;
 pub mod forward;
@@ -30,13 +31,15 @@ pub enum Source {
     Decode,
     /// `shaders/merge.wgsl`.
     Merge,
+    /// `shaders/backward.wgsl`.
+    Backward,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 7] = [
+    pub const ALL: [Source; 8] = [
         Source::Forward,
         Source::Selective,
         Source::CoopForward,
@@ -44,6 +47,7 @@ impl Source {
         Source::Cache,
         Source::Decode,
         Source::Merge,
+        Source::Backward,
     ];
 
     fn body(self) -> &'static str {
@@ -55,6 +59,7 @@ impl Source {
             Source::Cache => include_str!("../../shaders/cache.wgsl"),
             Source::Decode => include_str!("../../shaders/decode.wgsl"),
             Source::Merge => include_str!("../../shaders/merge.wgsl"),
+            Source::Backward => include_str!("../../shaders/backward.wgsl"),
         }
     }
 
@@ -144,6 +149,8 @@ pub enum Kernel {
     DecodeMerge(decode::MergeConfig),
     /// Merge of partial results over disjoint key ranges, one pair at a time.
     MergePair(crate::merge::MergePairConfig),
+    /// One entry point of the backward pass.
+    Backward(backward::BackwardConfig),
 }
 
 /// One pipeline variant: kernel, specialisation and storage element type.
@@ -168,6 +175,7 @@ impl KernelKey {
                 Source::Decode
             }
             Kernel::MergePair(_) => Source::Merge,
+            Kernel::Backward(_) => Source::Backward,
         }
     }
 
@@ -197,6 +205,7 @@ impl KernelKey {
             Kernel::DecodeAttend(_) => "attend",
             Kernel::DecodeMerge(_) => "merge",
             Kernel::MergePair(_) => "merge_pair",
+            Kernel::Backward(c) => c.entry.name(),
         }
     }
 
@@ -212,6 +221,7 @@ impl KernelKey {
             Kernel::DecodeAttend(c) => c.constants(),
             Kernel::DecodeMerge(c) => c.constants(),
             Kernel::MergePair(c) => c.constants(),
+            Kernel::Backward(c) => c.constants(),
         }
     }
 }

@@ -112,9 +112,9 @@ pub fn run_gpu(
     let o = ctx.empty(&shape.q_dims(), elem).unwrap();
     let lse = ctx.empty(&shape.row_dims(), DType::F32).unwrap();
     let f_out = ctx.empty(&shape.f_dims(), DType::F32).unwrap();
-    ctx.poison(&o);
-    ctx.poison(&lse);
-    ctx.poison(&f_out);
+    ctx.poison(&o).unwrap();
+    ctx.poison(&lse).unwrap();
+    ctx.poison(&f_out).unwrap();
     let mut outs = Outputs::new(&o).lse(&lse);
     if opts.selective.is_some() {
         outs = outs.f_out(&f_out);

@@ -267,23 +267,3 @@ impl DeviceInputs {
         }
     }
 }
-
-/// A JSON string literal for `s` (the examples write their reports by hand: the crate takes no
-/// serde dependency).
-pub fn json_string(s: &str) -> String {
-    use std::fmt::Write as _;
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}

@@ -25,6 +25,7 @@
 
 use std::collections::HashSet;
 
+use selattn::kernels::backward::{BackwardPlan, Wanted};
 use selattn::kernels::forward::Plan;
 use selattn::kernels::KernelKey;
 use selattn::spec::{Options, Path, Present, Shape, Spec};
@@ -69,6 +70,10 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "attention, cooperative-matrix path (coop forward, selective colsum, scan)",
         variants: coop_attention_variants,
+    },
+    Family {
+        name: "backward, scalar path (prep, dkv, dq, fscan, selq, selk, finish, selective colsum, scan)",
+        variants: backward_variants,
     },
 ];
 
@@ -301,6 +306,123 @@ fn planned_variants(
                 continue;
             };
             out.extend(plan.keys());
+        }
+    }
+    out
+}
+
+/// The backward call's kernels (every gradient asked for, dF_out given with selective
+/// masking). Its keys depend on the head dim, the device, the element type and the operator
+/// switches, not on which gradients are asked for (those are run-time flags). With
+/// [`Coverage::Covering`] each head dim gets the two extremes (non-causal with nothing optional;
+/// causal selective with everything), which name every entry point and tile; the covering
+/// switch set at [`FULL_PRODUCT_HEAD_DIMS`] toggles each switch.
+pub fn backward_variants(caps: &Capabilities, elem: DType, coverage: Coverage) -> Vec<KernelKey> {
+    let all = Switches::all();
+    let covering = Switches::covering();
+    let extremes = [covering[0], covering[5]];
+    let mut out = Vec::new();
+    for d in head_dims() {
+        let switches: &[Switches] = match coverage {
+            Coverage::Full => &all,
+            Coverage::Covering if FULL_PRODUCT_HEAD_DIMS.contains(&d) => &covering,
+            Coverage::Covering => &extremes,
+        };
+        for s in switches {
+            let Ok(resolved) = s.spec(d, Path::Scalar).validate() else {
+                continue;
+            };
+            let wanted = Wanted {
+                df_out: s.selective,
+                ..Wanted::all(s.selective)
+            };
+            let Ok(plan) = BackwardPlan::new(caps, &resolved, elem, wanted) else {
+                continue;
+            };
+            out.extend(plan.keys());
+        }
+    }
+    out
+}
+
+/// The KV-cache kernels (append, decode score, attend, merge) a device can create for an element
+/// type, planned by [`decode::plan`](selattn::kernels::decode::plan) over every head dim and a
+/// few row counts per workgroup (queries per step × GQA group) and switch combinations:
+/// every switch on and off, every `rb` the planner can choose. Not part of [`FAMILIES`] (the
+/// translation tests do not translate these yet); [`decode_cache_variants`] collects them over
+/// the reference devices.
+pub fn decode_variants(caps: &Capabilities, elem: DType) -> Vec<KernelKey> {
+    use selattn::kernels::decode::{self, AppendConfig, DecodeShape};
+    use selattn::kernels::Kernel;
+    let mut out = Vec::new();
+    let key = |kernel| KernelKey { kernel, elem };
+    let wg = selattn::cache::append_threads(caps.max_invocations);
+    // (tau, alpha, gate, lse, selective)
+    let switches = [
+        (false, false, false, false, false),
+        (true, true, true, true, false),
+        (false, false, false, false, true),
+        (true, true, true, true, true),
+    ];
+    for d in head_dims() {
+        for (gate, f) in [(false, false), (true, false), (false, true), (true, true)] {
+            out.push(key(Kernel::CacheAppend(AppendConfig { d, wg, gate, f })));
+        }
+        for (group, n) in [(1, 1), (1, 2), (4, 8)] {
+            let shape = DecodeShape {
+                batch: 1,
+                q_heads: group,
+                kv_heads: 1,
+                head_dim: d,
+                n,
+                capacity: 64,
+                max_len: 64,
+            };
+            for (tau, alpha, gate, lse, sel) in switches {
+                let selective = sel.then_some(0);
+                let Ok(plan) = decode::plan(
+                    caps,
+                    shape,
+                    elem == DType::F16,
+                    1.0,
+                    selective,
+                    tau,
+                    alpha,
+                    gate,
+                    lse,
+                    None,
+                    None,
+                    None,
+                ) else {
+                    continue;
+                };
+                if let Some(s) = plan.score {
+                    out.push(key(Kernel::DecodeScore(s)));
+                }
+                out.push(key(Kernel::DecodeAttend(plan.attend)));
+                out.push(key(Kernel::DecodeMerge(plan.merge)));
+            }
+        }
+    }
+    // merge_partials (shaders/merge.wgsl): every fold kind.
+    for (first, single) in [(true, false), (false, false), (true, true)] {
+        let c = selattn::merge::MergePairConfig { wg, first, single };
+        out.push(key(Kernel::MergePair(c)));
+    }
+    out
+}
+
+/// [`decode_variants`] on every reference device and element type, each once.
+pub fn decode_cache_variants() -> Vec<KernelKey> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for caps in &reference_devices() {
+        for elem in ELEMENT_TYPES {
+            for key in decode_variants(caps, elem) {
+                if seen.insert(key) {
+                    out.push(key);
+                }
+            }
         }
     }
     out

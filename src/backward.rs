@@ -1,0 +1,439 @@
+//! The backward call: gradients of one attention call on GPU tensors (DESIGN.md §1b).
+
+use crate::attention::check;
+use crate::kernels::backward::{BackwardPlan, Entry, Wanted};
+use crate::kernels::gpu::{entry, submit, tensor_entry};
+use crate::kernels::Kernel;
+use crate::spec::Options;
+use crate::tensor::{check_binding_sizes, check_no_alias};
+use crate::{Context, DType, Error, Inputs, Outputs, Result, Tensor};
+
+/// What flows into the backward pass: the forward's O and LSE (from the same inputs and options)
+/// and the gradient of the loss with respect to O (and to F_out, when a later chunk used it).
+#[derive(Clone, Copy, Debug)]
+pub struct Upstream<'a> {
+    /// The forward's O `[B, Hq, Nq, D]`, the element type of Q.
+    pub o: &'a Tensor,
+    /// The forward's LSE `[B, Hq, Nq]`, f32.
+    pub lse: &'a Tensor,
+    /// dO `[B, Hq, Nq, D]`, the element type of Q.
+    pub d_o: &'a Tensor,
+    /// dF_out `[B, Nk]`, f32 (selective masking only; zero where absent).
+    pub df_out: Option<&'a Tensor>,
+}
+
+impl<'a> Upstream<'a> {
+    /// O, LSE and dO; no dF_out.
+    pub fn new(o: &'a Tensor, lse: &'a Tensor, d_o: &'a Tensor) -> Self {
+        Upstream {
+            o,
+            lse,
+            d_o,
+            df_out: None,
+        }
+    }
+    /// With the gradient of F_out.
+    pub fn df_out(mut self, t: &'a Tensor) -> Self {
+        self.df_out = Some(t);
+        self
+    }
+}
+
+/// The gradients a backward call writes; each is optional, and only what is asked for is
+/// computed (a caller training only tau and the gate pays for no dQ, dK or dV stores).
+/// dQ, dK, dV have the element type of Q; the others are f32. A gradient of an absent optional
+/// input is the derivative at its default (tau = 1, alpha = 0, gate = 1, F0 = 0).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Grads<'a> {
+    /// dQ `[B, Hq, Nq, D]`.
+    pub dq: Option<&'a Tensor>,
+    /// dK `[B, Hkv, Nk, D]`.
+    pub dk: Option<&'a Tensor>,
+    /// dV `[B, Hkv, Nk, D]`.
+    pub dv: Option<&'a Tensor>,
+    /// dtau `[B, Hq, Nq]`.
+    pub dtau: Option<&'a Tensor>,
+    /// dalpha `[Hq]`.
+    pub dalpha: Option<&'a Tensor>,
+    /// dgate `[B, Hkv, Nk]`.
+    pub dgate: Option<&'a Tensor>,
+    /// dF0 `[B, Nk]` (selective masking only): pass it as the previous chunk's dF_out.
+    pub df0: Option<&'a Tensor>,
+}
+
+impl<'a> Grads<'a> {
+    /// No gradient yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Also dQ.
+    pub fn dq(mut self, t: &'a Tensor) -> Self {
+        self.dq = Some(t);
+        self
+    }
+    /// Also dK.
+    pub fn dk(mut self, t: &'a Tensor) -> Self {
+        self.dk = Some(t);
+        self
+    }
+    /// Also dV.
+    pub fn dv(mut self, t: &'a Tensor) -> Self {
+        self.dv = Some(t);
+        self
+    }
+    /// Also dtau.
+    pub fn dtau(mut self, t: &'a Tensor) -> Self {
+        self.dtau = Some(t);
+        self
+    }
+    /// Also dalpha.
+    pub fn dalpha(mut self, t: &'a Tensor) -> Self {
+        self.dalpha = Some(t);
+        self
+    }
+    /// Also dgate.
+    pub fn dgate(mut self, t: &'a Tensor) -> Self {
+        self.dgate = Some(t);
+        self
+    }
+    /// Also dF0.
+    pub fn df0(mut self, t: &'a Tensor) -> Self {
+        self.df0 = Some(t);
+        self
+    }
+}
+
+impl Context {
+    /// Validates a backward call against its tensors and this device, and plans it. Every size
+    /// the unchecked shaders rely on is verified here (see `spec`'s module docs): the forward's
+    /// checks of the inputs, O and LSE, then dO, dF_out and every gradient's shape and type, and
+    /// that no gradient aliases an input or another gradient.
+    pub fn backward_plan(
+        &self,
+        inputs: &Inputs,
+        options: &Options,
+        up: &Upstream,
+        grads: &Grads,
+    ) -> Result<BackwardPlan> {
+        let fwd = self.plan(inputs, options, &Outputs::new(up.o).lse(up.lse))?;
+        let r = fwd.resolved;
+        let s = r.shape;
+        let elem = fwd.elem;
+        let selective = r.selective();
+        self.owns("dO", up.d_o)?;
+        check("dO", up.d_o, s.q_dims(), elem)?;
+        if let Some(t) = up.df_out {
+            self.owns("dF_out", t)?;
+            if !selective {
+                return Err(Error::InputWithoutUse {
+                    what: "dF_out",
+                    why: "selective masking is off",
+                });
+            }
+            check("dF_out", t, s.f_dims(), DType::F32)?;
+        }
+        if grads.df0.is_some() && !selective {
+            return Err(Error::InputWithoutUse {
+                what: "dF0",
+                why: "selective masking is off",
+            });
+        }
+        let opt = |name, t: Option<&Tensor>, dims: Vec<u64>, dt| match t {
+            Some(t) => self.owns(name, t).and_then(|_| check(name, t, dims, dt)),
+            None => Ok(()),
+        };
+        opt("dq", grads.dq, s.q_dims(), elem)?;
+        opt("dk", grads.dk, s.kv_dims(), elem)?;
+        opt("dv", grads.dv, s.kv_dims(), elem)?;
+        opt("dtau", grads.dtau, s.row_dims(), DType::F32)?;
+        opt("dalpha", grads.dalpha, s.alpha_dims(), DType::F32)?;
+        opt("dgate", grads.dgate, s.gate_dims(), DType::F32)?;
+        opt("df0", grads.df0, s.f_dims(), DType::F32)?;
+        let limit = self.capabilities().max_storage_binding;
+        check_binding_sizes(
+            limit,
+            &[
+                ("dO", Some(up.d_o)),
+                ("dq", grads.dq),
+                ("dk", grads.dk),
+                ("dv", grads.dv),
+            ],
+        )?;
+        let ins = [
+            Some(inputs.q),
+            Some(inputs.k),
+            Some(inputs.v),
+            inputs.tau,
+            inputs.alpha,
+            inputs.gate,
+            inputs.kv_len,
+            inputs.f0,
+            Some(up.o),
+            Some(up.lse),
+            Some(up.d_o),
+            up.df_out,
+        ];
+        let outs = [
+            grads.dq,
+            grads.dk,
+            grads.dv,
+            grads.dtau,
+            grads.dalpha,
+            grads.dgate,
+            grads.df0,
+        ];
+        check_no_alias(
+            &ins,
+            &outs,
+            "a gradient buffer aliases an input or another gradient",
+        )?;
+        let wanted = Wanted {
+            dq: grads.dq.is_some(),
+            dk: grads.dk.is_some(),
+            dv: grads.dv.is_some(),
+            dgate: grads.dgate.is_some(),
+            dtau: grads.dtau.is_some(),
+            dalpha: grads.dalpha.is_some(),
+            df0: grads.df0.is_some(),
+            df_out: up.df_out.is_some(),
+        };
+        BackwardPlan::new(self.capabilities(), &r, elem, wanted)
+    }
+
+    /// Scratch bytes a backward call would allocate (see [`BackwardPlan::scratch_bytes`]).
+    pub fn backward_scratch_bytes(
+        &self,
+        inputs: &Inputs,
+        options: &Options,
+        up: &Upstream,
+        grads: &Grads,
+    ) -> Result<u64> {
+        Ok(self
+            .backward_plan(inputs, options, up, grads)?
+            .scratch_bytes())
+    }
+
+    /// Runs one backward call and submits it: writes the gradients `grads` asks for. `inputs`
+    /// and `options` are the forward's; `up` carries its O and LSE and the upstream gradients.
+    ///
+    /// A training step: forward (keeping LSE), backward for dQ and dtau only, checked against
+    /// the f64 reference backward (runs on any adapter, software ones included):
+    ///
+    /// ```
+    /// use selattn::reference::HostInputs;
+    /// use selattn::{reference_backward, Context, Grads, Inputs, Options, Role, Shape, Spec, Upstream};
+    ///
+    /// # fn main() -> selattn::Result<()> {
+    /// let ctx = Context::new()?;
+    /// let shape = Shape::new(1, 2, 8, 8); // B, H, N, D
+    /// let n = |r: Role| shape.dims(r).iter().product::<u64>() as usize;
+    /// let data = |len: usize, m: usize| (0..len).map(|i| ((i * m % 11) as f32 - 5.0) / 5.0).collect();
+    /// let x = HostInputs {
+    ///     q: data(n(Role::Q), 3),
+    ///     k: data(n(Role::K), 5),
+    ///     v: data(n(Role::V), 7),
+    ///     tau: Some(vec![0.8; n(Role::Tau)]),
+    ///     ..HostInputs::default()
+    /// };
+    /// let d_o: Vec<f32> = data(n(Role::Q), 2);
+    /// let up = |r: Role, d: &[f32]| ctx.upload_as(&shape, r, d);
+    /// let (q, k, v, tau) = (up(Role::Q, &x.q)?, up(Role::K, &x.k)?, up(Role::V, &x.v)?, up(Role::Tau, x.tau.as_deref().unwrap_or_default())?);
+    /// let inputs = Inputs::new(&q, &k, &v).tau(&tau);
+    /// let options = Options::causal();
+    /// let out = ctx.attention_alloc(&inputs, &options)?; // O and LSE
+    /// let g_o = up(Role::Q, &d_o)?;
+    /// let dq = ctx.empty_as(&shape, Role::Q)?;
+    /// let dtau = ctx.empty_as(&shape, Role::Tau)?;
+    /// ctx.backward(&inputs, &options, &Upstream::new(&out.o, &out.lse, &g_o), &Grads::new().dq(&dq).dtau(&dtau))?;
+    ///
+    /// let spec = Spec { shape, options, present: x.present(false) };
+    /// let want = reference_backward::backward(&spec, &x, &d_o, None)?;
+    /// let close = |got: Vec<f32>, want: &[f64]| got.iter().zip(want).all(|(g, w)| (*g as f64 - w).abs() < 1e-4);
+    /// assert!(close(ctx.download(&dq)?, &want.dq));
+    /// assert!(close(ctx.download(&dtau)?, &want.dtau));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn backward(
+        &self,
+        inputs: &Inputs,
+        options: &Options,
+        up: &Upstream,
+        grads: &Grads,
+    ) -> Result<()> {
+        submit(&self.device, &self.queue, "selattn backward", |enc| {
+            self.encode_backward(enc, inputs, options, up, grads)
+        })
+    }
+
+    /// Records one backward call into an encoder the application owns (no submit).
+    pub fn encode_backward(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &Inputs,
+        options: &Options,
+        up: &Upstream,
+        grads: &Grads,
+    ) -> Result<()> {
+        let plan = self.backward_plan(inputs, options, up, grads)?;
+        self.encode_backward_plan(encoder, &plan, inputs, up, grads)
+    }
+
+    fn encode_backward_plan(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        plan: &BackwardPlan,
+        inputs: &Inputs,
+        up: &Upstream,
+        grads: &Grads,
+    ) -> Result<()> {
+        let s = plan.resolved.shape;
+        // Pipelines first: a failure to build one records nothing.
+        let gpu = self.gpu();
+        let mut pipes = Vec::new();
+        for key in plan.keys() {
+            pipes.push((key, gpu.pipeline(&key)?));
+        }
+        let params = gpu.uniform("selattn backward params", bytemuck::bytes_of(&plan.params));
+        let layout = gpu.uniform("selattn backward layout", bytemuck::bytes_of(&plan.layout));
+        let buffer = |label, floats: u64| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: (4 * floats).max(16),
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let ws = buffer("selattn backward workspace", plan.ws_floats);
+        let carry = buffer("selattn backward selective C", plan.c_floats());
+        // Distinct placeholders for absent writable bindings (two bindings of one buffer in a
+        // dispatch may not both be writable).
+        let dummies: Vec<wgpu::Buffer> = (0..4)
+            .map(|_| buffer("selattn backward placeholder", 4))
+            .collect();
+        let din = gpu.dummy_in;
+        let lin_groups = |n: u64| {
+            let g = n.div_ceil(64).max(1);
+            let x = g.min(self.capabilities().max_workgroups_per_dim as u64);
+            (x as u32, g.div_ceil(x) as u32)
+        };
+
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("selattn backward"),
+            timestamp_writes: None,
+        });
+        for (key, pipe) in &pipes {
+            let bgl = pipe.get_bind_group_layout(0);
+            let (entries, groups): (Vec<wgpu::BindGroupEntry>, (u32, u32, u32)) = match key.kernel {
+                Kernel::SelColsum(c) => (
+                    vec![
+                        entry(0, &params),
+                        tensor_entry(1, Some(bound(inputs.q)), din),
+                        tensor_entry(2, Some(bound(inputs.k)), din),
+                        tensor_entry(3, inputs.kv_len.map(bound), din),
+                        entry(5, &carry),
+                    ],
+                    (s.k_len.div_ceil(c.bc), plan.params.n_qtiles, s.batch),
+                ),
+                Kernel::SelScan(c) => (
+                    vec![
+                        entry(0, &params),
+                        tensor_entry(4, inputs.f0.map(bound), din),
+                        entry(5, &carry),
+                        entry(6, &dummies[0]),
+                    ],
+                    (s.k_len.div_ceil(c.wg), s.batch, 1),
+                ),
+                Kernel::Backward(c) => {
+                    let mut e = vec![entry(0, &params), entry(1, &layout), entry(6, &ws)];
+                    let tiled = |e: &mut Vec<_>| {
+                        e.extend([
+                            tensor_entry(2, Some(bound(inputs.q)), din),
+                            tensor_entry(3, Some(bound(inputs.k)), din),
+                            tensor_entry(4, Some(bound(inputs.v)), din),
+                            tensor_entry(5, Some(bound(up.d_o)), din),
+                            entry(
+                                7,
+                                if plan.selective.is_some() {
+                                    &carry
+                                } else {
+                                    din
+                                },
+                            ),
+                        ]);
+                    };
+                    let groups = match c.entry {
+                        Entry::Prep => {
+                            e.extend([
+                                tensor_entry(5, Some(bound(up.d_o)), din),
+                                tensor_entry(10, Some(bound(up.o)), din),
+                                tensor_entry(11, Some(bound(up.lse)), din),
+                                tensor_entry(12, inputs.tau.map(bound), din),
+                                tensor_entry(13, inputs.alpha.map(bound), din),
+                                tensor_entry(14, inputs.gate.map(bound), din),
+                                tensor_entry(15, inputs.kv_len.map(bound), din),
+                            ]);
+                            let (x, y) = lin_groups(plan.layout.n_lin as u64);
+                            (x, y, 1)
+                        }
+                        Entry::Dkv => {
+                            tiled(&mut e);
+                            e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
+                            e.push(tensor_entry(9, grads.dv.map(bound), &dummies[1]));
+                            (plan.n_ktiles, s.kv_heads, s.batch)
+                        }
+                        Entry::Dq => {
+                            tiled(&mut e);
+                            e.push(tensor_entry(8, grads.dq.map(bound), &dummies[0]));
+                            (plan.params.n_qtiles, s.q_heads, s.batch)
+                        }
+                        Entry::Fscan => {
+                            e.push(tensor_entry(16, up.df_out.map(bound), din));
+                            (s.k_len.div_ceil(64), s.batch, 1)
+                        }
+                        Entry::Selq => {
+                            tiled(&mut e);
+                            e.push(tensor_entry(8, grads.dq.map(bound), &dummies[0]));
+                            (plan.params.n_qtiles, 1, s.batch)
+                        }
+                        Entry::Selk => {
+                            tiled(&mut e);
+                            e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
+                            (plan.n_ktiles, 1, s.batch)
+                        }
+                        Entry::Finish => {
+                            e.extend([
+                                tensor_entry(17, grads.dtau.map(bound), &dummies[0]),
+                                tensor_entry(18, grads.dalpha.map(bound), &dummies[1]),
+                                tensor_entry(19, grads.dgate.map(bound), &dummies[2]),
+                                tensor_entry(20, grads.df0.map(bound), &dummies[3]),
+                            ]);
+                            let (x, y) = lin_groups(plan.layout.n_lin as u64);
+                            (x, y, 1)
+                        }
+                    };
+                    (e, groups)
+                }
+                _ => {
+                    return Err(Error::gpu_msg(format!(
+                        "encoding the backward pass: the plan named a foreign kernel {key:?}"
+                    )))
+                }
+            };
+            let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&format!("{key:?}")),
+                layout: &bgl,
+                entries: &entries,
+            });
+            pass.set_pipeline(pipe);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        }
+        Ok(())
+    }
+}
+
+/// A tensor's buffer with the bytes a kernel binds of it.
+fn bound(t: &Tensor) -> (&wgpu::Buffer, u64) {
+    (t.buffer(), t.bytes())
+}

@@ -1,0 +1,495 @@
+//! The backward kernels (`shaders/backward.wgsl`, scalar path) and the plan of one backward call.
+//!
+//! FlashAttention-2's split: a dK/dV/dgate pass over query tiles per key tile and a dQ/dtau pass
+//! over key tiles per query tile, both recomputing P from the forward's LSE; a preprocessing pass
+//! for Delta = dot(dO, O); with selective masking, tiled passes for dF0 and the selection head's
+//! extra gradients (column sums per query tile, a suffix scan, an in-tile suffix). Every element
+//! has exactly one writer and every sum runs in a fixed order, so repeat runs are bit-identical.
+
+use super::selective::{ColsumConfig, ScanConfig};
+use super::{Features, Kernel, KernelKey, Params};
+use crate::device::Capabilities;
+use crate::spec::Resolved;
+use crate::{DType, Error, Result};
+
+/// One entry point of the backward shader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Entry {
+    /// Copies of the small inputs into the workspace, and Delta.
+    Prep,
+    /// dK, dV, dgate (and the selective column sums of dz).
+    Dkv,
+    /// dQ and dt.
+    Dq,
+    /// Selective: suffix scan of the column sums over query tiles, dF0.
+    Fscan,
+    /// Selective: the selection head's dQ term.
+    Selq,
+    /// Selective: the selection KV head's dK term.
+    Selk,
+    /// dtau, dalpha, dgate, dF0 out of the workspace.
+    Finish,
+}
+
+impl Entry {
+    /// The WGSL entry point.
+    pub fn name(self) -> &'static str {
+        match self {
+            Entry::Prep => "prep",
+            Entry::Dkv => "dkv",
+            Entry::Dq => "dq",
+            Entry::Fscan => "fscan",
+            Entry::Selq => "selq",
+            Entry::Selk => "selk",
+            Entry::Finish => "finish",
+        }
+    }
+}
+
+/// Specialisation of one backward entry point. Entries that do not depend on a field have it
+/// at a fixed value, so equal kernels share one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackwardConfig {
+    /// Entry point.
+    pub entry: Entry,
+    /// Head dim.
+    pub d: u32,
+    /// Query rows per tile.
+    pub br: u32,
+    /// Keys per tile.
+    pub bc: u32,
+    /// Threads per workgroup of the tiled entries.
+    pub wg: u32,
+    /// Operator features (`lse` unused).
+    pub features: Features,
+}
+
+impl BackwardConfig {
+    pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
+        let mut c = vec![
+            ("D", self.d as f64),
+            ("BR", self.br as f64),
+            ("BC", self.bc as f64),
+            ("WG", self.wg as f64),
+        ];
+        c.extend(self.features.constants());
+        c
+    }
+
+    /// Workgroup memory in bytes of the tiled entries, as declared in the shader.
+    pub fn workgroup_bytes(&self) -> u64 {
+        tile_bytes(self.d, self.br, self.bc, self.features.selective)
+    }
+}
+
+fn tile_bytes(d: u32, br: u32, bc: u32, selective: bool) -> u64 {
+    let (d, br, bc) = (d as u64, br as u64, bc as u64);
+    let sel = if selective { 2 * br * bc } else { 2 };
+    // Q, dO, K, V tiles; P, dz, x (and F, dS) tiles; row and key values; two accumulators.
+    4 * (2 * br * d + 2 * bc * d + 3 * br * bc + sel + 3 * br + bc + 1 + 2 * br.max(bc) * d)
+}
+
+/// Threads per workgroup we use at most.
+const MAX_THREADS: u32 = 256;
+
+/// Square tiles (BR = BC) and threads for head dim `d` within the device's limits: the largest
+/// tile whose workgroup memory fits, with 4 to 8 tile elements per thread.
+pub fn choose_tiles(caps: &Capabilities, d: u32, selective: bool) -> Result<(u32, u32, u32)> {
+    let max_threads = caps.max_invocations.min(MAX_THREADS);
+    for t in [32u32, 16, 8, 4, 2, 1] {
+        if tile_bytes(d, t, t, selective) > caps.workgroup_memory as u64 {
+            continue;
+        }
+        let wg = (t * t / 4).clamp(64, max_threads.max(t));
+        if wg <= max_threads {
+            return Ok((t, t, wg));
+        }
+    }
+    Err(Error::TooLarge {
+        what: "workgroup memory for the smallest backward tile",
+        bytes: tile_bytes(d, 1, 1, selective),
+        limit: caps.workgroup_memory as u64,
+    })
+}
+
+/// Which gradients a call computes (and whether dF_out is given).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Wanted {
+    /// dQ.
+    pub dq: bool,
+    /// dK.
+    pub dk: bool,
+    /// dV.
+    pub dv: bool,
+    /// dgate.
+    pub dgate: bool,
+    /// dtau.
+    pub dtau: bool,
+    /// dalpha.
+    pub dalpha: bool,
+    /// dF0.
+    pub df0: bool,
+    /// dF_out is given (else it is zero).
+    pub df_out: bool,
+}
+
+impl Wanted {
+    /// Every gradient.
+    pub fn all(selective: bool) -> Wanted {
+        Wanted {
+            dq: true,
+            dk: true,
+            dv: true,
+            dgate: true,
+            dtau: true,
+            dalpha: true,
+            df0: selective,
+            df_out: false,
+        }
+    }
+
+    fn flags(&self) -> u32 {
+        [
+            self.dq,
+            self.dk,
+            self.dv,
+            self.dgate,
+            self.dtau,
+            self.dalpha,
+            self.df0,
+            self.df_out,
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| (b as u32) << i)
+        .sum()
+    }
+}
+
+/// Offsets (in f32 elements) of the workspace regions, mirrored by `struct Layout` in
+/// `shaders/backward.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Layout {
+    /// LSE rows.
+    pub lse: u32,
+    /// Delta rows.
+    pub delta: u32,
+    /// tau rows.
+    pub tau: u32,
+    /// alpha.
+    pub alpha: u32,
+    /// gate.
+    pub gate: u32,
+    /// Valid key counts.
+    pub valid: u32,
+    /// Selective column sums G, then E.
+    pub g: u32,
+    /// dt rows.
+    pub dt: u32,
+    /// dgate.
+    pub dgate: u32,
+    /// dF0.
+    pub df0: u32,
+    /// The selection head's dQ before its selective term.
+    pub dqb: u32,
+    /// The selection KV head's dK before its selective term.
+    pub dkb: u32,
+    /// Gradients wanted, bit per [`Wanted`] field in declaration order.
+    pub flags: u32,
+    /// Elements of the per-element passes.
+    pub n_lin: u32,
+    /// Padding to 16 bytes.
+    pub _pad0: u32,
+    /// Padding to 16 bytes.
+    pub _pad1: u32,
+}
+
+/// Everything decided about one backward call before any GPU work.
+#[derive(Clone, Copy, Debug)]
+pub struct BackwardPlan {
+    /// The validated call.
+    pub resolved: Resolved,
+    /// Storage element type of Q, K, V, O, dO, dQ, dK, dV.
+    pub elem: DType,
+    /// Query rows per tile.
+    pub br: u32,
+    /// Keys per tile.
+    pub bc: u32,
+    /// Threads per workgroup of the tiled entries.
+    pub wg: u32,
+    /// Operator features.
+    pub features: Features,
+    /// The forward's selective passes that rebuild C with this plan's BR.
+    pub selective: Option<(ColsumConfig, ScanConfig)>,
+    /// Gradients computed.
+    pub wanted: Wanted,
+    /// Uniform parameters (`n_qtiles` with this plan's BR).
+    pub params: Params,
+    /// Workspace layout.
+    pub layout: Layout,
+    /// Workspace elements (f32).
+    pub ws_floats: u64,
+    /// Key tiles.
+    pub n_ktiles: u32,
+}
+
+impl BackwardPlan {
+    /// Builds the plan; every size the kernels will use is checked here.
+    pub fn new(caps: &Capabilities, r: &Resolved, elem: DType, wanted: Wanted) -> Result<Self> {
+        let s = r.shape;
+        let pr = r.present;
+        let selective = r.selective();
+        if pr.kv_len && s.k_len >= 1 << 24 {
+            // Valid key counts travel through the f32 workspace.
+            return Err(Error::CountTooLarge {
+                what: "keys with kv_len in the backward pass",
+                count: s.k_len as u64,
+                limit: (1 << 24) - 1,
+            });
+        }
+        let features = Features {
+            causal: r.options.causal,
+            tau: pr.tau,
+            alpha: pr.alpha,
+            gate: pr.gate,
+            kv_len: pr.kv_len,
+            selective,
+            lse: false,
+        };
+        let (br, bc, wg) = choose_tiles(caps, s.head_dim, selective)?;
+        let n_qtiles = s.q_len.div_ceil(br);
+        let n_ktiles = s.k_len.div_ceil(bc);
+        let max = caps.max_workgroups_per_dim;
+        let rows = s.batch as u64 * s.q_heads as u64 * s.q_len as u64;
+        let keys = s.batch as u64 * s.kv_heads as u64 * s.k_len as u64;
+        let n_lin = rows.max(keys).max(s.q_heads as u64);
+        for (what, n) in [
+            ("query tiles per dispatch", n_qtiles as u64),
+            ("key tiles per dispatch", n_ktiles as u64),
+            ("query heads per dispatch", s.q_heads as u64),
+            ("batch per dispatch", s.batch as u64),
+            ("key groups per dispatch", s.k_len.div_ceil(64) as u64),
+            (
+                "element groups per dispatch",
+                n_lin.div_ceil(64).div_ceil(max as u64),
+            ),
+        ] {
+            if n > max as u64 {
+                return Err(Error::DispatchTooLarge {
+                    what,
+                    workgroups: n,
+                    limit: max as u64,
+                });
+            }
+        }
+        // Workspace regions, each present only when a kernel reads or writes it.
+        let mut at = 0u64;
+        let mut region = |n: u64, on: bool| {
+            let o = at;
+            if on {
+                at += n;
+            }
+            o
+        };
+        let (b, hq, hkv, nq, nk, d) = (
+            s.batch as u64,
+            s.q_heads as u64,
+            s.kv_heads as u64,
+            s.q_len as u64,
+            s.k_len as u64,
+            s.head_dim as u64,
+        );
+        let mut layout = Layout {
+            lse: region(rows, true) as u32,
+            delta: region(rows, true) as u32,
+            tau: region(rows, pr.tau) as u32,
+            alpha: region(hq, pr.alpha) as u32,
+            gate: region(keys, pr.gate) as u32,
+            valid: region(b, pr.kv_len) as u32,
+            g: region(b * hkv * n_qtiles as u64 * nk, selective) as u32,
+            dt: region(rows, true) as u32,
+            dgate: region(keys, wanted.dgate) as u32,
+            df0: region(b * nk, selective) as u32,
+            dqb: region(b * nq * d, selective && wanted.dq) as u32,
+            dkb: region(b * nk * d, selective && wanted.dk) as u32,
+            flags: wanted.flags(),
+            n_lin: n_lin as u32,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let ws_floats = at;
+        let limit = caps.max_storage_binding.min(caps.max_buffer);
+        if 4 * ws_floats > limit || n_lin > u32::MAX as u64 {
+            return Err(Error::TooLarge {
+                what: "backward workspace",
+                bytes: 4 * ws_floats,
+                limit,
+            });
+        }
+        if 4 * b * n_qtiles as u64 * nk > limit {
+            return Err(Error::TooLarge {
+                what: "selective scratch",
+                bytes: 4 * b * n_qtiles as u64 * nk,
+                limit,
+            });
+        }
+        layout.n_lin = n_lin as u32;
+        let sel_passes = if selective {
+            let cwg = caps.max_invocations.min(64);
+            let colsum = [32u32, 16, 8, 4, 2, 1]
+                .into_iter()
+                .map(|bc| ColsumConfig {
+                    d: s.head_dim,
+                    br,
+                    bc,
+                    wg: cwg,
+                    kv_len: pr.kv_len,
+                    coop_sgs: 0,
+                })
+                .find(|c| c.workgroup_bytes() <= caps.workgroup_memory as u64)
+                .ok_or(Error::TooLarge {
+                    what: "workgroup memory for the selective column sums",
+                    bytes: 4 * (br as u64 + 1) * d,
+                    limit: caps.workgroup_memory as u64,
+                })?;
+            if s.k_len.div_ceil(colsum.bc) > max {
+                return Err(Error::DispatchTooLarge {
+                    what: "key tiles per dispatch",
+                    workgroups: s.k_len.div_ceil(colsum.bc) as u64,
+                    limit: max as u64,
+                });
+            }
+            let scan = ScanConfig {
+                wg: cwg,
+                f0: pr.f0,
+                f_out: false,
+            };
+            Some((colsum, scan))
+        } else {
+            None
+        };
+        Ok(BackwardPlan {
+            resolved: *r,
+            elem,
+            br,
+            bc,
+            wg,
+            features,
+            selective: sel_passes,
+            wanted,
+            params: Params {
+                batch: s.batch,
+                q_heads: s.q_heads,
+                kv_heads: s.kv_heads,
+                q_len: s.q_len,
+                k_len: s.k_len,
+                group: s.group(),
+                start: r.start,
+                sel_head: r.options.selective.unwrap_or(0),
+                scale: r.scale,
+                n_qtiles,
+                _pad0: 0,
+                _pad1: 0,
+            },
+            layout,
+            ws_floats,
+            n_ktiles,
+        })
+    }
+
+    /// Bytes of scratch memory this call allocates: the workspace (rows, keys, and with selective
+    /// masking `B * Hkv * ceil(Nq / BR) * Nk` column sums plus the selection head's dQ and dK
+    /// rows) and, with selective masking, C (`B * ceil(Nq / BR) * Nk`). Never Nq x Nk.
+    pub fn scratch_bytes(&self) -> u64 {
+        4 * (self.ws_floats + self.c_floats())
+    }
+
+    /// Elements of the selective C buffer (0 without selective masking).
+    pub fn c_floats(&self) -> u64 {
+        if self.selective.is_some() {
+            self.params.batch as u64 * self.params.n_qtiles as u64 * self.params.k_len as u64
+        } else {
+            0
+        }
+    }
+
+    /// Whether `entry` is dispatched for this call.
+    pub fn runs(&self, entry: Entry) -> bool {
+        let w = self.wanted;
+        let sel = self.selective.is_some();
+        let fscan = sel && (w.dq || w.dk || w.df0);
+        match entry {
+            Entry::Prep => w.dq || w.dk || w.dv || w.dgate || w.dtau || w.dalpha || w.df0,
+            Entry::Dkv => w.dk || w.dv || w.dgate || fscan,
+            Entry::Dq => w.dq || w.dtau || w.dalpha,
+            Entry::Fscan => fscan,
+            Entry::Selq => sel && w.dq,
+            Entry::Selk => sel && w.dk,
+            Entry::Finish => w.dtau || w.dalpha || w.dgate || w.df0,
+        }
+    }
+
+    /// The key of one entry point.
+    pub fn key(&self, entry: Entry) -> KernelKey {
+        let tiled = !matches!(entry, Entry::Prep | Entry::Fscan | Entry::Finish);
+        let features = match entry {
+            Entry::Fscan | Entry::Finish => Features::default(),
+            Entry::Prep => Features {
+                tau: self.features.tau,
+                alpha: self.features.alpha,
+                gate: self.features.gate,
+                kv_len: self.features.kv_len,
+                ..Features::default()
+            },
+            _ => self.features,
+        };
+        KernelKey {
+            kernel: Kernel::Backward(BackwardConfig {
+                entry,
+                d: if matches!(entry, Entry::Fscan | Entry::Finish) {
+                    8
+                } else {
+                    self.resolved.shape.head_dim
+                },
+                br: if tiled { self.br } else { 1 },
+                bc: if tiled { self.bc } else { 1 },
+                wg: if tiled { self.wg } else { 64 },
+                features,
+            }),
+            elem: self.elem,
+        }
+    }
+
+    /// Every pipeline this call dispatches, in dispatch order.
+    pub fn keys(&self) -> Vec<KernelKey> {
+        let mut keys = vec![];
+        let push = |e: Entry, keys: &mut Vec<KernelKey>| {
+            if self.runs(e) {
+                keys.push(self.key(e));
+            }
+        };
+        push(Entry::Prep, &mut keys);
+        if let Some((colsum, scan)) = self.selective {
+            if self.runs(Entry::Dkv) || self.runs(Entry::Dq) {
+                for kernel in [Kernel::SelColsum(colsum), Kernel::SelScan(scan)] {
+                    keys.push(KernelKey {
+                        kernel,
+                        elem: self.elem,
+                    });
+                }
+            }
+        }
+        for e in [
+            Entry::Dkv,
+            Entry::Dq,
+            Entry::Fscan,
+            Entry::Selq,
+            Entry::Selk,
+            Entry::Finish,
+        ] {
+            push(e, &mut keys);
+        }
+        keys
+    }
+}

@@ -1,0 +1,443 @@
+//! Tests of the f64 reference backward (`selattn::reference_backward::backward`), DESIGN.md §1b.
+//!
+//! The gradients are checked two independent ways:
+//! * directional central differences of the f64 forward: for a random direction u of one input X,
+//!   `L(X + εu) - L(X - εu)` must equal `<dL/dX, X₊ - X₋>` where `L = sum(dO·O) + sum(dF_out·F_out)`
+//!   and X₊, X₋ are the perturbed inputs as f32 (the difference is taken of the f32 values actually
+//!   used, so f32 rounding of the perturbation cancels; what remains is O(ε³) and O(ε·ulp));
+//! * the chunk rule: a sequence run backward in chunks, last to first, each chunk's dF0 fed to the
+//!   chunk before as its dF_out, gives the gradients of the whole run.
+
+use selattn::reference::{attention, HostInputs};
+use selattn::reference_backward::{backward, HostGrads};
+use selattn::{Options, Shape, Spec};
+use selattn_tools::testing::{random_inputs, Controls, Rng};
+
+fn spec(s: &Shape, o: &Options, x: &HostInputs) -> Spec {
+    Spec {
+        shape: *s,
+        options: *o,
+        present: x.present(o.selective.is_some()),
+    }
+}
+
+/// `sum(dO·O) + sum(dF_out·F_out)` in f64.
+fn loss(s: &Shape, o: &Options, x: &HostInputs, d_o: &[f32], df_out: Option<&[f32]>) -> f64 {
+    let out = attention(&spec(s, o, x), x).unwrap();
+    let mut l: f64 = out.o.iter().zip(d_o).map(|(a, &b)| a * b as f64).sum();
+    if let Some(df) = df_out {
+        l += out
+            .f_out
+            .iter()
+            .zip(df)
+            .map(|(a, &b)| a * b as f64)
+            .sum::<f64>();
+    }
+    l
+}
+
+/// The inputs that can be differentiated, by name.
+const FIELDS: [&str; 7] = ["q", "k", "v", "tau", "alpha", "gate", "f0"];
+
+fn field<'a>(x: &'a mut HostInputs, name: &str) -> Option<&'a mut Vec<f32>> {
+    match name {
+        "q" => Some(&mut x.q),
+        "k" => Some(&mut x.k),
+        "v" => Some(&mut x.v),
+        "tau" => x.tau.as_mut(),
+        "alpha" => x.alpha.as_mut(),
+        "gate" => x.gate.as_mut(),
+        "f0" => x.f0.as_mut(),
+        _ => None,
+    }
+}
+
+fn grad<'a>(g: &'a HostGrads, name: &str) -> &'a [f64] {
+    match name {
+        "q" => &g.dq,
+        "k" => &g.dk,
+        "v" => &g.dv,
+        "tau" => &g.dtau,
+        "alpha" => &g.dalpha,
+        "gate" => &g.dgate,
+        "f0" => &g.df0,
+        _ => &[],
+    }
+}
+
+struct Case {
+    name: &'static str,
+    shape: Shape,
+    opts: Options,
+    x: HostInputs,
+    d_o: Vec<f32>,
+    df_out: Option<Vec<f32>>,
+}
+
+fn case(
+    name: &'static str,
+    shape: Shape,
+    opts: Options,
+    c: Controls,
+    f0: bool,
+    df_out: bool,
+    seed: u64,
+) -> Case {
+    let mut x = random_inputs(&shape, c, seed);
+    let mut rng = Rng::new(seed + 7777);
+    let nf = (shape.batch * shape.k_len) as usize;
+    if f0 {
+        x.f0 = Some(rng.range(0.0, 2.0, nf));
+    }
+    let d_o = rng.normals((shape.batch * shape.q_heads * shape.q_len * shape.head_dim) as usize);
+    let df_out = df_out.then(|| rng.normals(nf));
+    Case {
+        name,
+        shape,
+        opts,
+        x,
+        d_o,
+        df_out,
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let all = Controls::ALL;
+    let none = Controls::default();
+    let no_kvlen = Controls {
+        kv_len: false,
+        ..Controls::ALL
+    };
+    let sel = |h| Options::causal().selective(h);
+    let mut v = vec![
+        case(
+            "full plain",
+            Shape::new(1, 2, 5, 8),
+            Options::new(),
+            none,
+            false,
+            false,
+            1,
+        ),
+        case(
+            "full, every control, GQA 2:1, Nq < Nk",
+            Shape::new(2, 4, 9, 8).with_kv_heads(2).with_q_len(6),
+            Options::new(),
+            all,
+            false,
+            false,
+            2,
+        ),
+        case(
+            "causal, start in the middle, scale",
+            Shape::new(2, 2, 11, 16).with_q_len(4),
+            Options::causal().start(3).scale(0.4),
+            no_kvlen,
+            false,
+            false,
+            3,
+        ),
+        case(
+            "causal, every control",
+            Shape::new(2, 3, 7, 8),
+            Options::causal(),
+            all,
+            false,
+            false,
+            4,
+        ),
+        case(
+            "selective head 0",
+            Shape::new(1, 2, 9, 8),
+            sel(0),
+            none,
+            false,
+            true,
+            5,
+        ),
+        case(
+            "selective head 3, GQA 2:1, F0, dF_out, every control",
+            Shape::new(2, 4, 10, 8).with_kv_heads(2),
+            sel(3),
+            all,
+            true,
+            true,
+            6,
+        ),
+        case(
+            "selective head 1, start, F0, no dF_out",
+            Shape::new(1, 2, 12, 8).with_q_len(5),
+            sel(1).start(4),
+            no_kvlen,
+            true,
+            false,
+            7,
+        ),
+        case(
+            "selective MQA head 2, Nq < Nk default start",
+            Shape::new(1, 3, 11, 16).with_kv_heads(1).with_q_len(7),
+            sel(2),
+            all,
+            true,
+            true,
+            8,
+        ),
+    ];
+    // Rows with no allowed key (kv_len 0 in batch 1) and padding with selective masking.
+    let mut c = case(
+        "selective, kv_len [6, 0]",
+        Shape::new(2, 2, 9, 8),
+        sel(1),
+        all,
+        true,
+        true,
+        9,
+    );
+    c.x.kv_len = Some(vec![6, 0]);
+    v.push(c);
+    let mut c = case(
+        "full, kv_len [0, 4]",
+        Shape::new(2, 2, 5, 8),
+        Options::new(),
+        all,
+        false,
+        false,
+        10,
+    );
+    c.x.kv_len = Some(vec![0, 4]);
+    v.push(c);
+    v
+}
+
+#[test]
+fn gradients_match_central_differences() {
+    let eps = 1e-5f64;
+    let mut failures = vec![];
+    let mut checked = 0;
+    for c in cases() {
+        let g = backward(
+            &spec(&c.shape, &c.opts, &c.x),
+            &c.x,
+            &c.d_o,
+            c.df_out.as_deref(),
+        )
+        .unwrap();
+        for (n, name) in FIELDS.iter().enumerate() {
+            let mut xp = c.x.clone();
+            let mut xm = c.x.clone();
+            let Some(base) = field(&mut c.x.clone(), name).cloned() else {
+                continue;
+            };
+            let mut rng = Rng::new(100 + n as u64);
+            let u = rng.normals(base.len());
+            let plus: Vec<f32> = base
+                .iter()
+                .zip(&u)
+                .map(|(&b, &u)| (b as f64 + eps * u as f64) as f32)
+                .collect();
+            let minus: Vec<f32> = base
+                .iter()
+                .zip(&u)
+                .map(|(&b, &u)| (b as f64 - eps * u as f64) as f32)
+                .collect();
+            *field(&mut xp, name).unwrap() = plus.clone();
+            *field(&mut xm, name).unwrap() = minus.clone();
+            let lp = loss(&c.shape, &c.opts, &xp, &c.d_o, c.df_out.as_deref());
+            let lm = loss(&c.shape, &c.opts, &xm, &c.d_o, c.df_out.as_deref());
+            let gr = grad(&g, name);
+            assert_eq!(gr.len(), base.len(), "{}: d{name} length", c.name);
+            let want: f64 = gr
+                .iter()
+                .zip(plus.iter().zip(&minus))
+                .map(|(g, (&p, &m))| g * (p as f64 - m as f64))
+                .sum();
+            let got = lp - lm;
+            // Scale of the terms: sum |g| |Δ|, so cancellation in the dot product cannot hide an error.
+            let mag: f64 = gr
+                .iter()
+                .zip(plus.iter().zip(&minus))
+                .map(|(g, (&p, &m))| (g * (p as f64 - m as f64)).abs())
+                .sum();
+            let err = (got - want).abs();
+            eprintln!(
+                "{}: d{name} finite difference {got:.6e}, gradient {want:.6e}, |err| {err:.2e} (scale {mag:.2e})",
+                c.name
+            );
+            checked += 1;
+            // NaN must fail too, hence `is_nan`.
+            if err.is_nan()
+                || err > 1e-6 * mag + 1e-13
+                || mag == 0.0 && gr.iter().any(|&g| g != 0.0)
+            {
+                failures.push(format!("{}: d{name} err {err:.3e} of {mag:.3e}", c.name));
+            }
+        }
+    }
+    assert!(checked >= 40, "only {checked} directional checks ran");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn rows_without_allowed_keys_give_zero_gradients() {
+    // kv_len 0 in batch 1: no row of batch 1 has an allowed key.
+    let shape = Shape::new(2, 2, 6, 8);
+    let mut c = case(
+        "",
+        shape,
+        Options::causal().selective(1),
+        Controls::ALL,
+        true,
+        true,
+        21,
+    );
+    c.x.kv_len = Some(vec![4, 0]);
+    let g = backward(
+        &spec(&shape, &c.opts, &c.x),
+        &c.x,
+        &c.d_o,
+        c.df_out.as_deref(),
+    )
+    .unwrap();
+    let (hq, nq, nk, d) = (2usize, 6usize, 6usize, 8usize);
+    let half = |v: &[f64], n: usize| v[v.len() / 2..].iter().all(|&x| x == 0.0) && v.len() == 2 * n;
+    assert!(half(&g.dq, hq * nq * d), "dq of batch 1");
+    assert!(half(&g.dk, hq * nk * d), "dk of batch 1");
+    assert!(half(&g.dv, hq * nk * d), "dv of batch 1");
+    assert!(half(&g.dtau, hq * nq), "dtau of batch 1");
+    assert!(half(&g.dgate, hq * nk), "dgate of batch 1");
+    // dF0 of batch 1 is dF_out passed straight through (no row adds to F there).
+    let dfo = c.df_out.unwrap();
+    for j in 0..nk {
+        assert_eq!(g.df0[nk + j], dfo[nk + j] as f64, "dF0 of batch 1, key {j}");
+    }
+    // Batch 0 has gradients.
+    assert!(g.dq[..hq * nq * d].iter().any(|&x| x != 0.0));
+    assert!(g.dq.iter().chain(&g.dk).chain(&g.dv).all(|x| x.is_finite()));
+}
+
+/// Rows `[lo, hi)` of the middle axis of `[outer, n, inner]`.
+fn rows<T: Copy>(x: &[T], outer: usize, n: usize, inner: usize, lo: usize, hi: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(outer * (hi - lo) * inner);
+    for o in 0..outer {
+        v.extend_from_slice(&x[(o * n + lo) * inner..(o * n + hi) * inner]);
+    }
+    v
+}
+
+/// Adds `[outer, m, inner]` into rows `[lo, lo + m)` of `[outer, n, inner]`.
+fn add_rows(dst: &mut [f64], src: &[f64], outer: usize, n: usize, inner: usize, lo: usize) {
+    let m = src.len() / (outer * inner);
+    for o in 0..outer {
+        for (d, s) in dst[(o * n + lo) * inner..(o * n + lo + m) * inner]
+            .iter_mut()
+            .zip(&src[o * m * inner..(o + 1) * m * inner])
+        {
+            *d += s;
+        }
+    }
+}
+
+/// Chunked backward equals the backward of the whole: chunks run forward first to first, threading
+/// F_out into the next F0, then backward last to first, each passing its dF0 (first keys) to the
+/// chunk before as dF_out; dK, dV, dgate, dalpha add up over chunks, dQ and dtau are per chunk, and
+/// dF0 of a key comes from the first chunk that sees it.
+#[test]
+fn chunked_backward_equals_whole() {
+    let (b, hq, hkv, n, d) = (2usize, 4usize, 2usize, 13usize, 8usize);
+    let shape = Shape::new(b as u32, hq as u32, n as u32, d as u32).with_kv_heads(hkv as u32);
+    let opts = Options::causal().selective(3);
+    let c = case("", shape, opts, Controls::ALL, true, true, 31);
+    let mut x = c.x.clone();
+    x.kv_len = Some(vec![13, 8]);
+    let whole = backward(&spec(&shape, &opts, &x), &x, &c.d_o, c.df_out.as_deref()).unwrap();
+    for bounds in [vec![0, 5, 6, 13], vec![0, 1, 7, 10, 13]] {
+        let chunks: Vec<(usize, usize)> = bounds.windows(2).map(|w| (w[0], w[1])).collect();
+        // Forward: each chunk's inputs, F0 threaded through in f64 (kept in f32 inputs: F values
+        // here are sums of a few relu'd logits, the f32 rounding is part of the tolerance).
+        let mut inputs = vec![];
+        let mut prev_f: Option<Vec<f32>> = None;
+        for &(s, e) in &chunks {
+            let cs = Shape {
+                q_len: (e - s) as u32,
+                k_len: e as u32,
+                ..shape
+            };
+            let mut f0 = rows(x.f0.as_ref().unwrap(), b, n, 1, 0, e);
+            if let Some(pf) = &prev_f {
+                let pe = pf.len() / b;
+                for bb in 0..b {
+                    f0[bb * e..bb * e + pe].copy_from_slice(&pf[bb * pe..(bb + 1) * pe]);
+                }
+            }
+            let cx = HostInputs {
+                q: rows(&x.q, b * hq, n, d, s, e),
+                k: rows(&x.k, b * hkv, n, d, 0, e),
+                v: rows(&x.v, b * hkv, n, d, 0, e),
+                tau: x.tau.as_ref().map(|t| rows(t, b * hq, n, 1, s, e)),
+                alpha: x.alpha.clone(),
+                gate: x.gate.as_ref().map(|g| rows(g, b * hkv, n, 1, 0, e)),
+                kv_len: x
+                    .kv_len
+                    .as_ref()
+                    .map(|l| l.iter().map(|&l| l.min(e as u32)).collect()),
+                f0: Some(f0),
+            };
+            let co = opts.start(s as u32);
+            let out = attention(&spec(&cs, &co, &cx), &cx).unwrap();
+            prev_f = Some(out.f_out.iter().map(|&v| v as f32).collect());
+            inputs.push((cs, co, cx));
+        }
+        // Backward, last chunk first.
+        let mut acc = HostGrads {
+            dq: vec![0.0; whole.dq.len()],
+            dk: vec![0.0; whole.dk.len()],
+            dv: vec![0.0; whole.dv.len()],
+            dtau: vec![0.0; whole.dtau.len()],
+            dalpha: vec![0.0; hq],
+            dgate: vec![0.0; whole.dgate.len()],
+            df0: vec![0.0; whole.df0.len()],
+        };
+        let mut df_out: Vec<f32> = c.df_out.clone().unwrap();
+        for (ci, &(s, e)) in chunks.iter().enumerate().rev() {
+            let (cs, co, cx) = &inputs[ci];
+            let d_o = rows(&c.d_o, b * hq, n, d, s, e);
+            let g = backward(&spec(cs, co, cx), cx, &d_o, Some(&df_out)).unwrap();
+            add_rows(&mut acc.dq, &g.dq, b * hq, n, d, s);
+            add_rows(&mut acc.dtau, &g.dtau, b * hq, n, 1, s);
+            add_rows(&mut acc.dk, &g.dk, b * hkv, n, d, 0);
+            add_rows(&mut acc.dv, &g.dv, b * hkv, n, d, 0);
+            add_rows(&mut acc.dgate, &g.dgate, b * hkv, n, 1, 0);
+            for (a, x) in acc.dalpha.iter_mut().zip(&g.dalpha) {
+                *a += x;
+            }
+            // Keys the previous chunk saw get their gradient through its F_out; the rest belong
+            // to the whole run's F0.
+            let pe = if ci == 0 { 0 } else { chunks[ci - 1].1 };
+            let prev: Vec<f64> = rows(&g.df0, b, e, 1, 0, pe);
+            let own: Vec<f64> = rows(&g.df0, b, e, 1, pe, e);
+            add_rows(&mut acc.df0, &own, b, n, 1, pe);
+            df_out = prev.iter().map(|&v| v as f32).collect();
+        }
+        for (what, got, want) in [
+            ("dq", &acc.dq, &whole.dq),
+            ("dk", &acc.dk, &whole.dk),
+            ("dv", &acc.dv, &whole.dv),
+            ("dtau", &acc.dtau, &whole.dtau),
+            ("dalpha", &acc.dalpha, &whole.dalpha),
+            ("dgate", &acc.dgate, &whole.dgate),
+            ("df0", &acc.df0, &whole.df0),
+        ] {
+            let (mut num, mut den, mut worst) = (0.0f64, 0.0f64, 0.0f64);
+            for (a, w) in got.iter().zip(want.iter()) {
+                num += (a - w) * (a - w);
+                den += w * w;
+                worst = worst.max((a - w).abs());
+            }
+            let rel = (num / den).sqrt();
+            eprintln!("chunks {chunks:?}: {what} max err {worst:.2e}, rel {rel:.2e}");
+            assert!(den > 0.0, "{what} is all zero");
+            // F and dF_out pass between chunks as f32: relative error of order 1e-7.
+            assert!(rel < 1e-6, "chunks {chunks:?}: {what} rel {rel:.3e}");
+        }
+    }
+}
