@@ -273,7 +273,8 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             var ok{k} = false;
             if cz{k} < BC && kt + cz{k} < j1 {
                 let j = kt + cz{k};
-                if kpos[cz{k}] <= st.y + i {
+                // Only the sequence's first st.z queries run (the others get O = 0, LSE = -inf).
+                if i < st.z && kpos[cz{k}] <= st.y + i {
                     var sv = 0.0;
                     for (var dp = 0u; dp < DP; dp++) {
                         sv += sdot[(r * DP + dp) * BCP + cz{k}];

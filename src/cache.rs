@@ -201,6 +201,10 @@ pub struct Step<'a> {
     /// The position the caller expects the first new token of each sequence at; a mismatch is
     /// [`Error::StalePosition`].
     pub positions: Option<&'a [u64]>,
+    /// New tokens (and queries) per sequence, each at most n; all n when `None`. Sequence b
+    /// appends its first `counts[b]` tokens and runs its first `counts[b]` queries; its other
+    /// query rows get O = 0 and LSE = -inf. 0 leaves a sequence idle for the step.
+    pub counts: Option<&'a [u32]>,
 }
 
 impl<'a> Step<'a> {
@@ -214,6 +218,7 @@ impl<'a> Step<'a> {
             tau: None,
             alpha: None,
             positions: None,
+            counts: None,
         }
     }
     /// With a value gate for the new tokens.
@@ -234,6 +239,11 @@ impl<'a> Step<'a> {
     /// Checking that each sequence is where the caller thinks it is.
     pub fn positions(mut self, p: &'a [u64]) -> Self {
         self.positions = Some(p);
+        self
+    }
+    /// With `counts[b]` new tokens and queries for sequence b (0: idle this step).
+    pub fn counts(mut self, c: &'a [u32]) -> Self {
+        self.counts = Some(c);
         self
     }
 }
@@ -334,6 +344,9 @@ pub struct KvCache {
     next_pos: Vec<u64>,
     len: Vec<u32>,
     evictions: Vec<u64>,
+    /// Per sequence: 1 + the position of the last query whose selective scores went into F
+    /// (0: none since the reset). Truncating below it would leave those scores in F.
+    f_touched: Vec<u64>,
     part: Option<wgpu::Buffer>,
     fq: Option<wgpu::Buffer>,
 }
@@ -393,6 +406,7 @@ impl KvCache {
             next_pos: vec![0; cfg.batch as usize],
             len: vec![0; cfg.batch as usize],
             evictions: vec![0; cfg.batch as usize],
+            f_touched: vec![0; cfg.batch as usize],
             part: None,
             fq: None,
             cfg,
@@ -460,7 +474,48 @@ impl KvCache {
             self.next_pos[b] = 0;
             self.len[b] = 0;
             self.evictions[b] = 0;
+            self.f_touched[b] = 0;
         }
+    }
+
+    /// Truncates sequence `batch` back to its first `len` tokens (positions `0..len`), as if
+    /// the later ones had never been appended: speculative decoding rejecting draft tokens. No
+    /// GPU work. Exact, so refused with [`Error::CannotTruncate`] (nothing changed) when a
+    /// removed token evicted another (the sequence reached its budget or capacity limit since
+    /// its reset: evicted tokens are gone), or a removed query ran with selective masking (its
+    /// scores are in the kept tokens' F). A `len` equal to the current position does nothing.
+    pub fn truncate_sequence(&mut self, batch: u32, len: u64) -> Result<()> {
+        let b = batch as usize;
+        if b >= self.len.len() {
+            return Err(Error::LengthMismatch {
+                what: "sequence index (batch)",
+                expected: self.len.len() as u64,
+                got: batch as u64,
+            });
+        }
+        let why = if len > self.next_pos[b] {
+            Some("that is past the sequence's end")
+        } else if len == self.next_pos[b] {
+            return Ok(());
+        } else if self.evictions[b] > 0 {
+            Some("tokens were evicted since the sequence's reset (pruning keeps no copy)")
+        } else if self.f_touched[b] > len {
+            Some("a removed query added its selective scores to F")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(Error::CannotTruncate {
+                batch,
+                to: len,
+                why,
+            });
+        }
+        // No eviction since the reset: slot j holds position j, so the first `len` slots are
+        // exactly the kept tokens, with their F as it was when position `len` was next.
+        self.next_pos[b] = len;
+        self.len[b] = len as u32;
+        Ok(())
     }
 
     /// Reads the slots back. Waits for the GPU; not on wasm (see
@@ -706,23 +761,33 @@ impl KvCache {
             });
             self.encode_append_pass(ctx, &mut pass, tokens, n, &step_buf)
         })?;
+        if tokens.f.is_some() {
+            // A prefill's F_out holds the scores of its queries up to its last token.
+            for (b, &cnt) in counts.iter().enumerate() {
+                if cnt > 0 {
+                    self.f_touched[b] = self.next_pos[b] + cnt as u64;
+                }
+            }
+        }
         self.commit(&counts, lens, ev);
         Ok(())
     }
 
-    /// Host state a failed call restores: next positions, lengths, evictions.
-    fn host_state(&self) -> (Vec<u64>, Vec<u32>, Vec<u64>) {
+    /// Host state a failed call restores: next positions, lengths, evictions, F marks.
+    fn host_state(&self) -> HostState {
         (
             self.next_pos.clone(),
             self.len.clone(),
             self.evictions.clone(),
+            self.f_touched.clone(),
         )
     }
 
-    fn restore(&mut self, (next_pos, len, evictions): (Vec<u64>, Vec<u32>, Vec<u64>)) {
+    fn restore(&mut self, (next_pos, len, evictions, f_touched): HostState) {
         self.next_pos = next_pos;
         self.len = len;
         self.evictions = evictions;
+        self.f_touched = f_touched;
     }
 
     /// Checks that the cache and every tensor of a call live on `ctx`'s device.
@@ -949,7 +1014,7 @@ impl KvCache {
             gate: step.gate,
             f: None,
         };
-        let (_, counts) = self.check_tokens(&tokens, None)?;
+        let (_, counts) = self.check_tokens(&tokens, step.counts)?;
         let rows = vec![c.batch as u64, hq as u64, n as u64];
         if let Some(t) = step.tau {
             check("tau", t, rows.clone(), DType::F32)?;
@@ -1038,6 +1103,14 @@ impl KvCache {
         let (lens, ev) = ctx.scoped("recording a decode step", || {
             self.record_step(ctx, encoder, step, outputs, &plan, &counts, timestamps)
         })?;
+        if plan.score.is_some() {
+            // Queries next_pos .. next_pos + count added their scores to F.
+            for (b, &cnt) in counts.iter().enumerate() {
+                if cnt > 0 {
+                    self.f_touched[b] = self.next_pos[b] + cnt as u64;
+                }
+            }
+        }
         self.commit(&counts, lens, ev);
         Ok(())
     }
@@ -1093,6 +1166,9 @@ impl KvCache {
         Ok((lens, ev))
     }
 }
+
+/// What a failed call restores (see [`KvCache::restore`]).
+type HostState = (Vec<u64>, Vec<u32>, Vec<u64>, Vec<u64>);
 
 /// A tensor as the kernels bind it: its buffer and its own bytes.
 fn bound(t: &Tensor) -> (&wgpu::Buffer, u64) {

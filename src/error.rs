@@ -302,6 +302,18 @@ pub enum Error {
         /// The position the call expected.
         expected: u64,
     },
+    /// A sequence cannot be truncated back to the given length exactly: a removed token
+    /// evicted another (pruning), a removed query added its selective scores to the state of
+    /// the kept tokens, or the length is past the sequence's end. Nothing was changed.
+    #[error("sequence {batch} cannot be truncated to {to} tokens: {why}")]
+    CannotTruncate {
+        /// Sequence.
+        batch: u32,
+        /// The length asked for.
+        to: u64,
+        /// Why not.
+        why: &'static str,
+    },
 }
 
 /// Shorthand for results of this crate.

@@ -118,6 +118,14 @@ impl RefCache {
         best
     }
 
+    /// Truncates sequence `b` back to its tokens at positions `0..len` (the slots of later
+    /// tokens are dropped; F of the kept ones is left as it is).
+    pub fn truncate(&mut self, b: usize, len: u64) {
+        let seq = &mut self.seqs[b];
+        seq.slots.retain(|s| s.pos < len);
+        seq.next_pos = seq.next_pos.min(len);
+    }
+
     /// Appends `counts[b]` tokens (all n when `None`) to each sequence, one at a time, evicting
     /// over the limit.
     pub fn append(&mut self, t: &HostTokens, counts: Option<&[u32]>) -> Result<()> {
@@ -180,6 +188,19 @@ impl RefCache {
         scale: Option<f32>,
         selective: Option<u32>,
     ) -> Result<StepOut> {
+        self.step_counts(x, t, None, scale, selective)
+    }
+
+    /// [`RefCache::step`] with `counts[b]` new tokens and queries for sequence b (all n when
+    /// `None`); the other query rows of the sequence get O = 0 and LSE = -inf.
+    pub fn step_counts(
+        &mut self,
+        x: &HostQueries,
+        t: &HostTokens,
+        counts: Option<&[u32]>,
+        scale: Option<f32>,
+        selective: Option<u32>,
+    ) -> Result<StepOut> {
         let (bn, hkv, d) = (
             self.cfg.batch as usize,
             self.cfg.kv_heads as usize,
@@ -190,7 +211,7 @@ impl RefCache {
         let scale = scale.unwrap_or(1.0 / (d as f32).sqrt()) as f64;
         let starts: Vec<u64> = self.seqs.iter().map(|s| s.next_pos).collect();
         // 1. append
-        self.append(t, None)?;
+        self.append(t, counts)?;
         let mut out = StepOut {
             o: vec![0.0; bn * hq * n * d],
             lse: vec![f64::NEG_INFINITY; bn * hq * n],
@@ -198,8 +219,10 @@ impl RefCache {
         let q_row = |b: usize, h: usize, i: usize| &x.q[((b * hq + h) * n + i) * d..][..d];
         for (b, seq) in self.seqs.iter_mut().enumerate() {
             let pos = |i: usize| starts[b] + i as u64;
+            // Queries past the sequence's count do not run.
+            let cnt = counts.map_or(n, |c| c[b] as usize);
             // 2. S[k][j] = relu(scale q_sel_k . k_sel_j) for 0 < pos_j < p_k
-            let s_mat: Vec<Vec<f64>> = (0..n)
+            let s_mat: Vec<Vec<f64>> = (0..cnt)
                 .map(|k| {
                     seq.slots
                         .iter()
@@ -216,7 +239,7 @@ impl RefCache {
                 .collect();
             for h in 0..hq {
                 let hk = h / group;
-                for i in 0..n {
+                for i in 0..cnt {
                     // 3. temperature
                     let temp = temperature(
                         x.tau.as_deref(),
@@ -263,7 +286,7 @@ impl RefCache {
             }
             // 6. F += every query's score
             for (j, sl) in seq.slots.iter_mut().enumerate() {
-                sl.f += (0..n).map(|k| s_mat[k][j]).sum::<f64>();
+                sl.f += (0..cnt).map(|k| s_mat[k][j]).sum::<f64>();
             }
         }
         Ok(out)

@@ -186,6 +186,111 @@ fn check_state(st: &CacheState, r: &RefCache, cap: usize, msgs: &mut Vec<String>
     }
 }
 
+/// One decode step of `n` tokens (`counts` per sequence, all n when `None`) on the GPU cache and
+/// the reference, compared (O, LSE, slots, evictions); false when the GPU refused the step.
+#[allow(clippy::too_many_arguments)]
+fn one_step(
+    ctx: &Context,
+    c: &Case,
+    cache: &mut KvCache,
+    r: &mut RefCache,
+    rng: &mut Rng,
+    (si, n, counts, selective): (usize, u32, Option<Vec<u32>>, Option<u32>),
+    msgs: &mut Vec<String>,
+    outs: &mut Vec<Vec<f32>>,
+) -> bool {
+    let cap = c.capacity as usize;
+    let (b, hq, d) = (c.batch as u64, c.q_heads as u64, c.dim as u64);
+    let nn = n as usize;
+    let t = tokens(rng, c, nn, false);
+    let rows = (b * hq) as usize * nn;
+    let x = HostQueries {
+        q_heads: hq as usize,
+        q: stored(rng.normals(rows * d as usize), c.dtype),
+        tau: c.tau.then(|| rng.range(0.5, 1.5, rows)),
+        alpha: c.alpha.then(|| rng.range(0.0, 0.3, hq as usize)),
+    };
+    let g = upload_tokens(ctx, c, &t);
+    let q = up(ctx, &[b, hq, n as u64, d], &x.q, c.dtype);
+    let tau = x
+        .tau
+        .as_ref()
+        .map(|v| ctx.upload(&[b, hq, n as u64], v).unwrap());
+    let alpha = x.alpha.as_ref().map(|v| ctx.upload(&[hq], v).unwrap());
+    let o = ctx.empty(&[b, hq, n as u64, d], c.dtype).unwrap();
+    let lse = ctx.empty(&[b, hq, n as u64], DType::F32).unwrap();
+    ctx.poison(&o).unwrap();
+    ctx.poison(&lse).unwrap();
+    let positions = cache.positions().to_vec();
+    let mut step = Step::new(&q, &g.k, &g.v).positions(&positions);
+    if let Some(cs) = &counts {
+        step = step.counts(cs);
+    }
+    if let Some(x) = &g.gate {
+        step = step.gate(x);
+    }
+    if let Some(x) = &tau {
+        step = step.tau(x);
+    }
+    if let Some(x) = &alpha {
+        step = step.alpha(x);
+    }
+    let mut opts = DecodeOptions::new();
+    opts.selective = selective;
+    opts.splits = c.splits;
+    opts.threads = c.threads;
+    opts.rows = c.rows;
+    if let Err(e) = cache.step(ctx, &step, &opts, &Outputs::new(&o).lse(&lse)) {
+        msgs.push(format!("step {si}: {e}"));
+        return false;
+    }
+    let ro = r
+        .step_counts(&x, &t, counts.as_deref(), None, selective)
+        .unwrap();
+    let go = ctx.download(&o).unwrap();
+    let gl = ctx.download(&lse).unwrap();
+    let tl = tol(c.dtype);
+    let co = compare(&go, &ro.o, tl, tl);
+    let cl = compare(&gl, &ro.lse, 1e-4, 1e-4);
+    if co.bad > 0 || co.rel_norm > tl {
+        msgs.push(format!("step {si} (n {n}): O {co:?}"));
+    }
+    if c.dtype == DType::F16 {
+        // No worse than twice the error of the reference rounded to f16.
+        let rounded: Vec<f32> =
+            ro.o.iter()
+                .map(|&v| half::f16::from_f64(v).to_f32())
+                .collect();
+        let cr = compare(&rounded, &ro.o, 1.0, 1.0);
+        if co.rel_norm > 2.0 * cr.rel_norm.max(1e-4) {
+            msgs.push(format!(
+                "step {si}: f16 O rel {:.2e} > 2 x rounding {:.2e}",
+                co.rel_norm, cr.rel_norm
+            ));
+        }
+    }
+    if cl.bad > 0 {
+        msgs.push(format!("step {si} (n {n}): LSE {cl:?}"));
+    }
+    check_state(
+        &cache.download_state(ctx).unwrap(),
+        &r,
+        cap,
+        msgs,
+        &format!("step {si}"),
+    );
+    let ev: Vec<u64> = r.seqs.iter().map(|s| s.evictions).collect();
+    if cache.evictions() != ev.as_slice() {
+        msgs.push(format!(
+            "step {si}: evictions {:?} vs ref {ev:?}",
+            cache.evictions()
+        ));
+    }
+    outs.push(go);
+    outs.push(gl);
+    true
+}
+
 /// Runs a case on the GPU and the reference, step by step; returns failure lines and the
 /// step outputs (for bitwise comparisons between runs).
 fn run_case(ctx: &Context, c: &Case, seed: u64) -> (Vec<String>, Vec<Vec<f32>>) {
@@ -196,7 +301,6 @@ fn run_case(ctx: &Context, c: &Case, seed: u64) -> (Vec<String>, Vec<Vec<f32>>) 
     let mut cache = KvCache::new(ctx, cfg).unwrap();
     let mut r = RefCache::new(cfg).unwrap();
     let cap = c.capacity as usize;
-    let (b, hq, d) = (c.batch as u64, c.q_heads as u64, c.dim as u64);
 
     let n0 = *c.prefill.iter().max().unwrap() as usize;
     let t = tokens(&mut rng, c, n0, c.selective.is_some());
@@ -218,89 +322,20 @@ fn run_case(ctx: &Context, c: &Case, seed: u64) -> (Vec<String>, Vec<Vec<f32>>) 
         "prefill",
     );
 
-    let mut opts = DecodeOptions::new();
-    opts.selective = c.selective;
-    opts.splits = c.splits;
-    opts.threads = c.threads;
-    opts.rows = c.rows;
     for (si, &n) in c.steps.iter().enumerate() {
-        let nn = n as usize;
-        let t = tokens(&mut rng, c, nn, false);
-        let rows = (b * hq) as usize * nn;
-        let x = HostQueries {
-            q_heads: hq as usize,
-            q: stored(rng.normals(rows * d as usize), c.dtype),
-            tau: c.tau.then(|| rng.range(0.5, 1.5, rows)),
-            alpha: c.alpha.then(|| rng.range(0.0, 0.3, hq as usize)),
-        };
-        let g = upload_tokens(ctx, c, &t);
-        let q = up(ctx, &[b, hq, n as u64, d], &x.q, c.dtype);
-        let tau = x
-            .tau
-            .as_ref()
-            .map(|v| ctx.upload(&[b, hq, n as u64], v).unwrap());
-        let alpha = x.alpha.as_ref().map(|v| ctx.upload(&[hq], v).unwrap());
-        let o = ctx.empty(&[b, hq, n as u64, d], c.dtype).unwrap();
-        let lse = ctx.empty(&[b, hq, n as u64], DType::F32).unwrap();
-        ctx.poison(&o).unwrap();
-        ctx.poison(&lse).unwrap();
-        let positions = cache.positions().to_vec();
-        let mut step = Step::new(&q, &g.k, &g.v).positions(&positions);
-        if let Some(x) = &g.gate {
-            step = step.gate(x);
-        }
-        if let Some(x) = &tau {
-            step = step.tau(x);
-        }
-        if let Some(x) = &alpha {
-            step = step.alpha(x);
-        }
-        if let Err(e) = cache.step(ctx, &step, &opts, &Outputs::new(&o).lse(&lse)) {
-            msgs.push(format!("step {si}: {e}"));
+        let sel = c.selective;
+        if !one_step(
+            ctx,
+            c,
+            &mut cache,
+            &mut r,
+            &mut rng,
+            (si, n, None, sel),
+            &mut msgs,
+            &mut outs,
+        ) {
             return (msgs, outs);
         }
-        let ro = r.step(&x, &t, None, c.selective).unwrap();
-        let go = ctx.download(&o).unwrap();
-        let gl = ctx.download(&lse).unwrap();
-        let tl = tol(c.dtype);
-        let co = compare(&go, &ro.o, tl, tl);
-        let cl = compare(&gl, &ro.lse, 1e-4, 1e-4);
-        if co.bad > 0 || co.rel_norm > tl {
-            msgs.push(format!("step {si} (n {n}): O {co:?}"));
-        }
-        if c.dtype == DType::F16 {
-            // No worse than twice the error of the reference rounded to f16.
-            let rounded: Vec<f32> =
-                ro.o.iter()
-                    .map(|&v| half::f16::from_f64(v).to_f32())
-                    .collect();
-            let cr = compare(&rounded, &ro.o, 1.0, 1.0);
-            if co.rel_norm > 2.0 * cr.rel_norm.max(1e-4) {
-                msgs.push(format!(
-                    "step {si}: f16 O rel {:.2e} > 2 x rounding {:.2e}",
-                    co.rel_norm, cr.rel_norm
-                ));
-            }
-        }
-        if cl.bad > 0 {
-            msgs.push(format!("step {si} (n {n}): LSE {cl:?}"));
-        }
-        check_state(
-            &cache.download_state(ctx).unwrap(),
-            &r,
-            cap,
-            &mut msgs,
-            &format!("step {si}"),
-        );
-        let ev: Vec<u64> = r.seqs.iter().map(|s| s.evictions).collect();
-        if cache.evictions() != ev.as_slice() {
-            msgs.push(format!(
-                "step {si}: evictions {:?} vs ref {ev:?}",
-                cache.evictions()
-            ));
-        }
-        outs.push(go);
-        outs.push(gl);
     }
     (msgs, outs)
 }
@@ -448,6 +483,186 @@ fn decode_matches_reference_f16() {
             }),
         ],
         300,
+    );
+}
+
+/// A serving loop's operations.
+enum Op {
+    /// A step of n tokens, with per-sequence counts, with or without selective masking.
+    Step(u32, Option<Vec<u32>>, bool),
+    /// Reset one sequence (remove it; it restarts empty, as a new one).
+    Reset(u32),
+    /// Truncate a sequence by this many tokens (speculative decoding rejects them), or (None)
+    /// to one past its end (always refused).
+    Truncate(u32, Option<u64>),
+}
+
+/// Per-sequence counts (0: idle), resets, truncation (exact, or refused with nothing changed)
+/// and pruning, step by step against the reference; returns (truncations done, refused).
+fn run_serving(ctx: &Context, c: &Case, ops: &[Op], seed: u64) -> (u32, u32) {
+    let mut rng = Rng::new(seed);
+    let (mut msgs, mut outs) = (vec![], vec![]);
+    let cfg = c.config();
+    let mut cache = KvCache::new(ctx, cfg).unwrap();
+    let mut r = RefCache::new(cfg).unwrap();
+    let cap = c.capacity as usize;
+    let n0 = *c.prefill.iter().max().unwrap() as usize;
+    let t = tokens(&mut rng, c, n0, false);
+    let g = upload_tokens(ctx, c, &t);
+    let mut tk = Tokens::new(&g.k, &g.v);
+    if let Some(x) = &g.gate {
+        tk = tk.gate(x);
+    }
+    cache.append(ctx, &tk, Some(&c.prefill)).unwrap();
+    r.append(&t, Some(&c.prefill)).unwrap();
+    // 1 + the position of the last query that ran with selective masking, per sequence.
+    let mut touched = vec![0u64; c.batch as usize];
+    let (mut done, mut refused) = (0, 0);
+    for (si, op) in ops.iter().enumerate() {
+        match op {
+            Op::Step(n, counts, sel) => {
+                let selective = sel.then_some(c.selective.unwrap_or(0));
+                if selective.is_some() {
+                    for (b, seq) in r.seqs.iter().enumerate() {
+                        let cnt = counts.as_ref().map_or(*n, |cs| cs[b]) as u64;
+                        if cnt > 0 {
+                            touched[b] = seq.next_pos + cnt;
+                        }
+                    }
+                }
+                let step = (si, *n, counts.clone(), selective);
+                if !one_step(
+                    ctx, c, &mut cache, &mut r, &mut rng, step, &mut msgs, &mut outs,
+                ) {
+                    break;
+                }
+            }
+            Op::Reset(b) => {
+                cache.reset_sequence(*b);
+                r.seqs[*b as usize] = Default::default();
+                touched[*b as usize] = 0;
+            }
+            Op::Truncate(b, back) => {
+                let bu = *b as usize;
+                let end = r.seqs[bu].next_pos;
+                let to = back.map_or(end + 1, |k| end.saturating_sub(k));
+                let before = (cache.lens().to_vec(), cache.positions().to_vec());
+                match cache.truncate_sequence(*b, to) {
+                    Ok(()) => {
+                        // Exact only without evictions and without removed selective queries.
+                        if r.seqs[bu].evictions > 0 || touched[bu] > to || to > end {
+                            msgs.push(format!("op {si}: truncating seq {b} to {to} was allowed"));
+                        }
+                        r.truncate(bu, to);
+                        done += 1;
+                    }
+                    Err(Error::CannotTruncate { .. }) => {
+                        if r.seqs[bu].evictions == 0 && touched[bu] <= to && to <= end {
+                            msgs.push(format!("op {si}: truncating seq {b} to {to} was refused"));
+                        }
+                        if (cache.lens().to_vec(), cache.positions().to_vec()) != before {
+                            msgs.push(format!("op {si}: a refused truncation changed the cache"));
+                        }
+                        refused += 1;
+                    }
+                    Err(e) => msgs.push(format!("op {si}: {e}")),
+                }
+            }
+        }
+        check_state(
+            &cache.download_state(ctx).unwrap(),
+            &r,
+            cap,
+            &mut msgs,
+            &format!("after op {si}"),
+        );
+        if cache
+            .positions()
+            .iter()
+            .zip(&r.seqs)
+            .any(|(&p, s)| p != s.next_pos)
+        {
+            msgs.push(format!("op {si}: positions {:?}", cache.positions()));
+        }
+    }
+    assert!(
+        msgs.is_empty(),
+        "[{}] {}: {} failures:\n{}",
+        ctx.describe(),
+        c.name(),
+        msgs.len(),
+        msgs.join("\n")
+    );
+    (done, refused)
+}
+
+/// Idle sequences and different token counts per sequence in one step, resets, speculative
+/// rollbacks and pruning, mixed, each step exact against the reference.
+#[test]
+fn serving_loop_matches_reference() {
+    use Op::*;
+    let ops = || {
+        vec![
+            Step(3, Some(vec![3, 0, 1]), false),
+            Step(2, Some(vec![0, 2, 2]), true),
+            Truncate(0, Some(2)),
+            Reset(1),
+            Step(4, Some(vec![4, 1, 0]), false),
+            Truncate(0, Some(3)),
+            Truncate(2, Some(1)),
+            Truncate(1, None),
+            Step(1, None, true),
+            Step(2, Some(vec![2, 0, 1]), false),
+            Truncate(1, Some(1)),
+            Step(3, Some(vec![1, 3, 3]), false),
+            Truncate(1, Some(2)),
+            Step(1, Some(vec![1, 1, 0]), true),
+            Reset(0),
+            Step(2, Some(vec![2, 0, 2]), false),
+            Truncate(0, Some(1)),
+            Step(1, Some(vec![0, 0, 0]), false),
+        ]
+    };
+    let base = Case {
+        batch: 3,
+        prefill: vec![4, 0, 2],
+        capacity: 20,
+        selective: Some(1),
+        ..Case::new(4, 2, 16).all()
+    };
+    let cases = [
+        base.clone(),
+        Case {
+            budget: Some(7),
+            ..base.clone()
+        },
+        Case {
+            dtype: DType::F16,
+            budget: Some(9),
+            splits: Some(2),
+            ..base.clone()
+        },
+    ];
+    let (mut done, mut refused) = (0, 0);
+    for ctx in contexts() {
+        for c in &cases {
+            if c.dtype == DType::F16 && !ctx.capabilities().f16 {
+                continue;
+            }
+            let (d, r) = run_serving(ctx, c, &ops(), 900);
+            eprintln!(
+                "[{}] {}: {d} truncations, {r} refused",
+                ctx.describe(),
+                c.name()
+            );
+            done += d;
+            refused += r;
+        }
+    }
+    // The script exercises both outcomes.
+    assert!(
+        done > 0 && refused > 0,
+        "{done} truncations, {refused} refused"
     );
 }
 
