@@ -274,7 +274,7 @@ fn one_step(
     }
     check_state(
         &cache.download_state(ctx).unwrap(),
-        &r,
+        r,
         cap,
         msgs,
         &format!("step {si}"),
