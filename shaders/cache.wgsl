@@ -16,7 +16,7 @@ struct CacheParams {
     capacity: u32,
     limit: u32,      // budget, or capacity without one
     n: u32,          // token stride of the new-token tensors
-    _pad0: u32,
+    b0: u32,         // first sequence of this group: the cache buffers hold b0.., the rest all B
     _pad1: u32,
     _pad2: u32,
 }
@@ -54,8 +54,9 @@ fn better(f: f32, pos: u32, bf: f32, bp: u32) -> bool {
 
 @compute @workgroup_size(WG)
 fn append(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
-    let b = wg.x;
-    let st = step[b];
+    let b = wg.x;             // sequence within the group (cache buffers)
+    let gb = p.b0 + b;        // sequence of the cache (step plan, new tokens)
+    let st = step[gb];
     var len = st.x;
     let pos0 = st.y;
     let count = st.z;
@@ -103,20 +104,20 @@ fn append(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             let hk = e / D4;
             let x = e % D4;
             let dst = ((b * p.kv_heads + hk) * p.capacity + slot) * D4 + x;
-            let src = ((b * p.kv_heads + hk) * p.n + t) * D4 + x;
+            let src = ((gb * p.kv_heads + hk) * p.n + t) * D4 + x;
             kc[dst] = new_k[src];
             vc[dst] = new_v[src];
         }
         if HAS_GATE {
             for (var hk = tid; hk < p.kv_heads; hk += WG) {
-                gc[(b * p.kv_heads + hk) * p.capacity + slot] = new_gate[(b * p.kv_heads + hk) * p.n + t];
+                gc[(b * p.kv_heads + hk) * p.capacity + slot] = new_gate[(gb * p.kv_heads + hk) * p.n + t];
             }
         }
         if tid == 0u {
             pc[base + slot] = newpos;
             var f = 0.0;
             if HAS_F {
-                f = new_f[b * p.n + t];
+                f = new_f[gb * p.n + t];
             }
             fs[base + slot] = f;
         }

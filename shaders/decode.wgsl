@@ -29,7 +29,7 @@ struct DecodeParams {
     rows: u32,        // group * n: query rows per KV head
     n_rblocks: u32,   // ceil(rows / RB)
     ml_base: u32,     // index in part of the first (m, l) entry
-    _pad0: u32,
+    b0: u32,          // first sequence of the group: cache buffers hold b0.., the rest all B
     _pad1: u32,
 }
 
@@ -78,12 +78,13 @@ var<workgroup> qsel: array<vec4<f32>, MAX_N * D4>;
 
 @compute @workgroup_size(WG)
 fn score(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
-    let b = wg.y;
+    let b = wg.y;            // sequence within the group (cache buffers: kc, pc, fs)
+    let gb = p.b0 + b;       // sequence of the cache (step, q, fq)
     let j = wg.x * WG + tid;
-    let st = step[b];
+    let st = step[gb];
     for (var e = tid; e < p.n * D4; e += WG) {
         let i = e / D4;
-        qsel[e] = vec4<f32>(q[((b * p.q_heads + p.sel_head) * p.n + i) * D4 + e % D4]) * p.scale;
+        qsel[e] = vec4<f32>(q[((gb * p.q_heads + p.sel_head) * p.n + i) * D4 + e % D4]) * p.scale;
     }
     workgroupBarrier();
     if j >= st.w {
@@ -103,7 +104,7 @@ fn score(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: v
     }
     var f = fs[b * p.capacity + j];
     for (var i = 0u; i < p.n; i++) {
-        fq[(b * p.n + i) * p.capacity + j] = f;
+        fq[(gb * p.n + i) * p.capacity + j] = f;
         if i < st.z && selective_counts(pj, st.y + i) {
             f += max(dots[i], 0.0);
         }
@@ -170,8 +171,9 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     let s = wg.x;
     let hk = wg.y / p.n_rblocks;
     let rb = wg.y % p.n_rblocks;
-    let b = wg.z;
-    let st = step[b];
+    let b = wg.z;            // sequence within the group (cache buffers: kraw, vraw, gc, pc)
+    let gb = p.b0 + b;       // sequence of the cache (step, q, tau, fq, part)
+    let st = step[gb];
     let j0 = s * p.split_len;
     let j1 = min(j0 + p.split_len, st.w);
     let head = (b * p.kv_heads + hk) * p.capacity;   // slot row of slot 0 of this KV head
@@ -185,13 +187,13 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             let i = rr % p.n;
             var t = 1.0;
             if HAS_TAU {
-                t = tau[(b * p.q_heads + h) * p.n + i];
+                t = tau[(gb * p.q_heads + h) * p.n + i];
             }
             if HAS_ALPHA {
                 t = temperature(t, alpha[h], st.y + i);
             }
             // Natural units (not `row_factor_of`): log2 e only on differences from the max.
-            x = vec4<f32>(q[((b * p.q_heads + h) * p.n + i) * D4 + e % D4]) * (p.scale * t);
+            x = vec4<f32>(q[((gb * p.q_heads + h) * p.n + i) * D4 + e % D4]) * (p.scale * t);
         }
         qs[e] = x;
     }
@@ -280,7 +282,7 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
                         sv += sdot[(r * DP + dp) * BCP + cz{k}];
                     }
                     if SELECTIVE {
-                        sv -= fq[(b * p.n + i) * p.capacity + j];
+                        sv -= fq[(gb * p.n + i) * p.capacity + j];
                     }
                     z{k} = sv;
                     ok{k} = true;
@@ -363,7 +365,7 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
         }
         let h = row_head(hk, rr);
         // Partials: row index ((b * Hq + h) * n + i) * splits + s.
-        let idx = ((b * p.q_heads + h) * p.n + rr % p.n) * p.splits + s;
+        let idx = ((gb * p.q_heads + h) * p.n + rr % p.n) * p.splits + s;
         part[idx * D4 + tid * CV + {cv}u] = sum;
         if tid == 0u && {cv}u == 0u {
             var mrow = LOWEST;
@@ -385,7 +387,7 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
 
 @compute @workgroup_size(WG)
 fn merge(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
-    let row = wg.y * (p.q_heads * p.n) + wg.x;   // (b * Hq + h) * n + i
+    let row = (p.b0 + wg.y) * (p.q_heads * p.n) + wg.x;   // (b * Hq + h) * n + i
     let first = row * p.splits;
     var mx = LOWEST;
     for (var s = 0u; s < p.splits; s++) {

@@ -50,6 +50,10 @@ pub struct KvCacheConfig {
     pub dtype: DType,
     /// Whether the cache holds a value gate per slot and KV head.
     pub gate: bool,
+    /// Largest buffer the cache may use, in bytes; `None`: the device's storage-binding and
+    /// buffer limits. A cache whose K (or V) is larger is split into groups of sequences, each
+    /// group with its own buffers (see [`KvCache`]).
+    pub max_buffer_bytes: Option<u64>,
 }
 
 impl KvCacheConfig {
@@ -63,7 +67,24 @@ impl KvCacheConfig {
             budget: None,
             dtype: DType::F32,
             gate: false,
+            max_buffer_bytes: None,
         }
+    }
+    /// Keep every buffer of the cache at most `bytes` long (more sequence groups; for tests
+    /// of the multi-buffer layout and for devices whose large buffers are slow).
+    pub fn max_buffer_bytes(mut self, bytes: u64) -> Self {
+        self.max_buffer_bytes = Some(bytes);
+        self
+    }
+    /// Sequences per buffer group when buffers may hold `limit` bytes: as many as fit, or
+    /// `None` when not even one sequence's K fits.
+    pub fn sequences_per_group(&self, limit: u64) -> Option<u32> {
+        let per_seq = (self.kv_heads as u64)
+            .saturating_mul(self.capacity as u64)
+            .saturating_mul(self.head_dim as u64)
+            .saturating_mul(self.dtype.size());
+        let n = limit / per_seq.max(1);
+        (n > 0).then(|| n.min(self.batch as u64) as u32)
     }
     /// Prune to at most `budget` slots per sequence.
     pub fn budget(mut self, budget: u32) -> Self {
@@ -336,11 +357,9 @@ pub struct CacheState {
 #[derive(Debug)]
 pub struct KvCache {
     cfg: KvCacheConfig,
-    k: Tensor,
-    v: Tensor,
-    gate: Option<Tensor>,
-    f: Tensor,
-    pos: Tensor,
+    /// Sequence groups, each with its own buffers (one group unless the cache is larger than
+    /// a buffer may be).
+    groups: Vec<Group>,
     next_pos: Vec<u64>,
     len: Vec<u32>,
     evictions: Vec<u64>,
@@ -349,6 +368,31 @@ pub struct KvCache {
     f_touched: Vec<u64>,
     part: Option<wgpu::Buffer>,
     fq: Option<wgpu::Buffer>,
+}
+
+/// Sequences `b0 .. b0 + nb` of a cache and their buffers: K and V `[nb, Hkv, C, D]`, gate
+/// `[nb, Hkv, C]`, F and positions `[nb, C]`.
+#[derive(Debug)]
+struct Group {
+    b0: u32,
+    nb: u32,
+    k: Tensor,
+    v: Tensor,
+    gate: Option<Tensor>,
+    f: Tensor,
+    pos: Tensor,
+}
+
+impl Group {
+    fn buffers(&self) -> decode::CacheBuffers<'_> {
+        decode::CacheBuffers {
+            k: self.k.buffer(),
+            v: self.v.buffer(),
+            gate: self.gate.as_ref().map(|g| g.buffer()),
+            f: self.f.buffer(),
+            pos: self.pos.buffer(),
+        }
+    }
 }
 
 fn check(tensor: &'static str, t: &Tensor, expected: Vec<u64>, dtype: DType) -> Result<()> {
@@ -386,23 +430,51 @@ impl KvCache {
                 limit: max as u64,
             });
         }
-        let (b, h, c, d) = (
-            cfg.batch as u64,
+        // Layout: sequences in groups, each group's K, V, gate, F and positions in buffers of
+        // their own, as large as the device binds (WGSL has no portable way to pick a binding
+        // at run time, so a group is dispatched as a batch of its own). One sequence's K must
+        // fit in one buffer.
+        let caps = ctx.capabilities();
+        let limit = caps
+            .max_storage_binding
+            .min(caps.max_buffer)
+            .min(cfg.max_buffer_bytes.unwrap_or(u64::MAX));
+        let per_group = cfg.sequences_per_group(limit).ok_or(Error::TooLarge {
+            what: "one sequence's keys (KV heads x capacity x head dim) in one cache buffer",
+            bytes: cfg.kv_heads as u64
+                * cfg.capacity as u64
+                * cfg.head_dim as u64
+                * cfg.dtype.size(),
+            limit,
+        })?;
+        let (h, c, d) = (
             cfg.kv_heads as u64,
             cfg.capacity as u64,
             cfg.head_dim as u64,
         );
-        let gate = if cfg.gate {
-            Some(ctx.empty(&[b, h, c], DType::F32)?)
-        } else {
-            None
-        };
+        let mut groups = vec![];
+        let mut b0 = 0;
+        while b0 < cfg.batch {
+            let nb = per_group.min(cfg.batch - b0);
+            let b = nb as u64;
+            let gate = if cfg.gate {
+                Some(ctx.empty(&[b, h, c], DType::F32)?)
+            } else {
+                None
+            };
+            groups.push(Group {
+                b0,
+                nb,
+                k: ctx.empty(&[b, h, c, d], cfg.dtype)?,
+                v: ctx.empty(&[b, h, c, d], cfg.dtype)?,
+                gate,
+                f: ctx.empty(&[b, c], DType::F32)?,
+                pos: ctx.empty(&[b, c], DType::U32)?,
+            });
+            b0 += nb;
+        }
         Ok(KvCache {
-            k: ctx.empty(&[b, h, c, d], cfg.dtype)?,
-            v: ctx.empty(&[b, h, c, d], cfg.dtype)?,
-            gate,
-            f: ctx.empty(&[b, c], DType::F32)?,
-            pos: ctx.empty(&[b, c], DType::U32)?,
+            groups,
             next_pos: vec![0; cfg.batch as usize],
             len: vec![0; cfg.batch as usize],
             evictions: vec![0; cfg.batch as usize],
@@ -429,21 +501,27 @@ impl KvCache {
     pub fn evictions(&self) -> &[u64] {
         &self.evictions
     }
-    /// Keys `[B, Hkv, capacity, D]`.
+    /// Sequence groups with buffers of their own (1 unless the cache is larger than one
+    /// buffer may be; see [`KvCacheConfig::max_buffer_bytes`]).
+    pub fn buffer_groups(&self) -> usize {
+        self.groups.len()
+    }
+    /// Keys `[nb, Hkv, capacity, D]` of the first sequence group (all B sequences when
+    /// [`KvCache::buffer_groups`] is 1).
     pub fn k(&self) -> &Tensor {
-        &self.k
+        &self.groups[0].k
     }
-    /// Values `[B, Hkv, capacity, D]`.
+    /// Values of the first sequence group, as [`KvCache::k`].
     pub fn v(&self) -> &Tensor {
-        &self.v
+        &self.groups[0].v
     }
-    /// Selective state `[B, capacity]`.
+    /// Selective state `[nb, capacity]` of the first sequence group.
     pub fn f_state(&self) -> &Tensor {
-        &self.f
+        &self.groups[0].f
     }
-    /// Token position per slot `[B, capacity]`, u32.
+    /// Token position per slot `[nb, capacity]`, u32, of the first sequence group.
     pub fn slot_positions(&self) -> &Tensor {
-        &self.pos
+        &self.groups[0].pos
     }
 
     /// Bytes of GPU memory the cache holds: its slots and its decode scratch.
@@ -522,19 +600,29 @@ impl KvCache {
     /// [`KvCache::download_state_async`]).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn download_state(&self, ctx: &Context) -> Result<CacheState> {
+        let (mut pos, mut f) = (vec![], vec![]);
+        for g in &self.groups {
+            pos.extend(ctx.download_u32(&g.pos)?);
+            f.extend(ctx.download(&g.f)?);
+        }
         Ok(CacheState {
             len: self.len.clone(),
-            pos: ctx.download_u32(&self.pos)?,
-            f: ctx.download(&self.f)?,
+            pos,
+            f,
         })
     }
 
     /// [`KvCache::download_state`] without blocking (also on wasm).
     pub async fn download_state_async(&self, ctx: &Context) -> Result<CacheState> {
+        let (mut pos, mut f) = (vec![], vec![]);
+        for g in &self.groups {
+            pos.extend(ctx.download_u32_async(&g.pos).await?);
+            f.extend(ctx.download_async(&g.f).await?);
+        }
         Ok(CacheState {
             len: self.len.clone(),
-            pos: ctx.download_u32_async(&self.pos).await?,
-            f: ctx.download_async(&self.f).await?,
+            pos,
+            f,
         })
     }
 
@@ -664,17 +752,6 @@ impl KvCache {
         self.len = lens;
     }
 
-    /// The cache's own buffers, for the kernels.
-    fn buffers(&self) -> decode::CacheBuffers<'_> {
-        decode::CacheBuffers {
-            k: self.k.buffer(),
-            v: self.v.buffer(),
-            gate: self.gate.as_ref().map(|g| g.buffer()),
-            f: self.f.buffer(),
-            pos: self.pos.buffer(),
-        }
-    }
-
     /// Records the append of `t` (`n` tokens per sequence, slot plan in `step_buf`).
     fn encode_append_pass(
         &self,
@@ -685,14 +762,6 @@ impl KvCache {
         step_buf: &wgpu::Buffer,
     ) -> Result<()> {
         let c = &self.cfg;
-        let params = CacheParams {
-            batch: c.batch,
-            kv_heads: c.kv_heads,
-            capacity: c.capacity,
-            limit: c.limit(),
-            n,
-            ..Default::default()
-        };
         let cfg = AppendConfig {
             d: c.head_dim,
             wg: append_threads(ctx.capabilities().max_invocations),
@@ -707,7 +776,19 @@ impl KvCache {
             step: step_buf,
         };
         let gpu = ctx.gpu();
-        decode::encode_append(&gpu, pass, cfg, c.dtype, &params, &tokens, &self.buffers())
+        for g in &self.groups {
+            let params = CacheParams {
+                batch: g.nb,
+                kv_heads: c.kv_heads,
+                capacity: c.capacity,
+                limit: c.limit(),
+                n,
+                b0: g.b0,
+                ..Default::default()
+            };
+            decode::encode_append(&gpu, pass, cfg, c.dtype, &params, &tokens, &g.buffers())?;
+        }
+        Ok(())
     }
 
     /// Appends tokens without attention (a prefill's K and V, with its F_out as `f` for exact
@@ -792,7 +873,7 @@ impl KvCache {
 
     /// Checks that the cache and every tensor of a call live on `ctx`'s device.
     fn check_owner(&self, ctx: &Context, ts: &[(&'static str, Option<&Tensor>)]) -> Result<()> {
-        ctx.owns("cache", &self.k)?;
+        ctx.owns("cache", &self.groups[0].k)?;
         for (what, t) in ts {
             if let Some(t) = t {
                 ctx.owns(what, t)?;
@@ -802,15 +883,18 @@ impl KvCache {
     }
 
     fn check_no_alias(&self, ts: &[Option<&Tensor>]) -> Result<()> {
-        let mine = [
-            Some(&self.k),
-            Some(&self.v),
-            self.gate.as_ref(),
-            Some(&self.f),
-            Some(&self.pos),
-        ];
+        let mine = self.groups.iter().flat_map(|g| {
+            [
+                Some(&g.k),
+                Some(&g.v),
+                g.gate.as_ref(),
+                Some(&g.f),
+                Some(&g.pos),
+            ]
+        });
+        let mine: Vec<&Tensor> = mine.flatten().collect();
         for t in ts.iter().flatten() {
-            if mine.iter().flatten().any(|m| m.buffer() == t.buffer()) {
+            if mine.iter().any(|m| m.buffer() == t.buffer()) {
                 return Err(Error::BadBuffer {
                     why: "a tensor aliases one of the cache's own buffers".into(),
                 });
@@ -1160,8 +1244,21 @@ impl KvCache {
             });
             // Append (and evict) the step's tokens, then score, attend and merge.
             self.encode_append_pass(ctx, &mut pass, &tokens, p.n, &step_buf)?;
-            let (elem, cache) = (self.cfg.dtype, self.buffers());
-            decode::encode_step(&gpu, &mut pass, plan, elem, max_len, &buffers, &cache)?;
+            for g in &self.groups {
+                let mut plan = *plan;
+                plan.params.b0 = g.b0;
+                plan.params.batch = g.nb;
+                let elem = self.cfg.dtype;
+                decode::encode_step(
+                    &gpu,
+                    &mut pass,
+                    &plan,
+                    elem,
+                    max_len,
+                    &buffers,
+                    &g.buffers(),
+                )?;
+            }
         }
         Ok((lens, ev))
     }

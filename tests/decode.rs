@@ -28,6 +28,8 @@ struct Case {
     splits: Option<u32>,
     threads: Option<u32>,
     rows: Option<u32>,
+    /// Sequences per buffer group (the cache's buffers capped to that many sequences' K).
+    group: Option<u32>,
 }
 
 impl Case {
@@ -49,6 +51,7 @@ impl Case {
             splits: None,
             threads: None,
             rows: None,
+            group: None,
         }
     }
     fn all(mut self) -> Case {
@@ -72,7 +75,7 @@ impl Case {
             f.push(format!("sel{s}"));
         }
         format!(
-            "B{} Hq{} Hkv{} D{} C{} budget {:?} {:?} [{}] prefill {:?} steps {:?} splits {:?} threads {:?} rows {:?}",
+            "B{} Hq{} Hkv{} D{} C{} budget {:?} {:?} [{}] prefill {:?} steps {:?} splits {:?} threads {:?} rows {:?} group {:?}",
             self.batch,
             self.q_heads,
             self.kv_heads,
@@ -85,7 +88,8 @@ impl Case {
             self.steps,
             self.splits,
             self.threads,
-            self.rows
+            self.rows,
+            self.group
         )
     }
     fn config(&self) -> KvCacheConfig {
@@ -96,6 +100,11 @@ impl Case {
         }
         if self.gate {
             c = c.with_gate();
+        }
+        if let Some(g) = self.group {
+            let per_seq =
+                self.kv_heads as u64 * self.capacity as u64 * self.dim as u64 * self.dtype.size();
+            c = c.max_buffer_bytes(g as u64 * per_seq);
         }
         c
     }
@@ -486,6 +495,56 @@ fn decode_matches_reference_f16() {
     );
 }
 
+/// A cache split into several sequence groups, each with its own buffers (the layout of caches
+/// larger than one binding, forced here with small buffers), is exact, with every option.
+#[test]
+fn multi_buffer_cache_matches_reference() {
+    let cases = [
+        Case {
+            batch: 3,
+            group: Some(1),
+            selective: Some(1),
+            prefill: vec![5, 9, 2],
+            ..Case::new(4, 2, 16).all()
+        },
+        Case {
+            batch: 3,
+            group: Some(2),
+            budget: Some(8),
+            selective: Some(0),
+            splits: Some(2),
+            prefill: vec![5, 9, 2],
+            ..Case::new(8, 2, 32).all()
+        },
+        Case {
+            batch: 3,
+            group: Some(2),
+            dtype: DType::F16,
+            budget: Some(10),
+            prefill: vec![5, 9, 2],
+            ..Case::new(4, 1, 16).all()
+        },
+    ];
+    for ctx in contexts() {
+        for c in &cases {
+            if c.dtype == DType::F16 && !ctx.capabilities().f16 {
+                continue;
+            }
+            let cache = KvCache::new(ctx, c.config()).unwrap();
+            let want = c.batch.div_ceil(c.group.unwrap()) as usize;
+            assert_eq!(cache.buffer_groups(), want, "{}", c.name());
+        }
+        // Not even one sequence fits: a typed error.
+        let c = &cases[0];
+        let tiny = c.config().max_buffer_bytes(64);
+        assert!(matches!(
+            KvCache::new(ctx, tiny),
+            Err(Error::TooLarge { .. })
+        ));
+    }
+    sweep(&cases, 400);
+}
+
 /// A serving loop's operations.
 enum Op {
     /// A step of n tokens, with per-sequence counts, with or without selective masking.
@@ -640,6 +699,7 @@ fn serving_loop_matches_reference() {
             dtype: DType::F16,
             budget: Some(9),
             splits: Some(2),
+            group: Some(2),
             ..base.clone()
         },
     ];
@@ -1141,7 +1201,7 @@ fn params_match_wgsl_layout() {
             ("capacity", offset_of!(CacheParams, capacity)),
             ("limit", offset_of!(CacheParams, limit)),
             ("n", offset_of!(CacheParams, n)),
-            ("_pad0", offset_of!(CacheParams, _pad0)),
+            ("b0", offset_of!(CacheParams, b0)),
             ("_pad1", offset_of!(CacheParams, _pad1)),
             ("_pad2", offset_of!(CacheParams, _pad2)),
         ],
@@ -1165,7 +1225,7 @@ fn params_match_wgsl_layout() {
             ("rows", offset_of!(DecodeParams, rows)),
             ("n_rblocks", offset_of!(DecodeParams, n_rblocks)),
             ("ml_base", offset_of!(DecodeParams, ml_base)),
-            ("_pad0", offset_of!(DecodeParams, _pad0)),
+            ("b0", offset_of!(DecodeParams, b0)),
             ("_pad1", offset_of!(DecodeParams, _pad1)),
         ],
     );

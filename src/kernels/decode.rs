@@ -220,8 +220,9 @@ pub struct CacheParams {
     pub limit: u32,
     /// Token stride of the new-token tensors.
     pub n: u32,
-    /// Padding.
-    pub _pad0: u32,
+    /// First sequence of the dispatch's group (the cache's buffers hold sequences b0..;
+    /// every other tensor is indexed by b0 + the group's own index).
+    pub b0: u32,
     /// Padding.
     pub _pad1: u32,
     /// Padding.
@@ -261,8 +262,9 @@ pub struct DecodeParams {
     pub n_rblocks: u32,
     /// Index (in vec4) of the first (m, l) entry of the partials buffer.
     pub ml_base: u32,
-    /// Padding.
-    pub _pad0: u32,
+    /// First sequence of the dispatch's group (the cache's buffers hold sequences b0..;
+    /// every other tensor is indexed by b0 + the group's own index).
+    pub b0: u32,
     /// Padding.
     pub _pad1: u32,
 }
@@ -476,7 +478,7 @@ pub fn plan(
             rows,
             n_rblocks,
             ml_base: ml_base as u32,
-            _pad0: 0,
+            b0: 0,
             _pad1: 0,
         },
     };
