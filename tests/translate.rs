@@ -123,7 +123,10 @@ fn translate(
     // Production shaders are built without bounds checks (naga's default policies are
     // `Unchecked`), so that is what is translated here.
 
-    let coop = matches!(key.source(), Source::CoopForward | Source::CoopColsum);
+    let coop = matches!(
+        key.source(),
+        Source::CoopForward | Source::CoopColsum | Source::CoopBackward
+    );
     let (spv_version, spv_env, msl_version) = if coop {
         (COOP_SPV_VERSION, COOP_SPV_ENV, COOP_MSL_VERSION)
     } else {

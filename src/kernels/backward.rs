@@ -6,10 +6,11 @@
 //! extra gradients (column sums per query tile, a suffix scan, an in-tile suffix). Every element
 //! has exactly one writer and every sum runs in a fixed order, so repeat runs are bit-identical.
 
+use super::coop_backward::{CoopBackwardConfig, ROWS};
 use super::selective::{ColsumConfig, ScanConfig};
 use super::{Features, Kernel, KernelKey, Params};
 use crate::device::Capabilities;
-use crate::spec::Resolved;
+use crate::spec::{Path, Resolved};
 use crate::{DType, Error, Result};
 
 /// One entry point of the backward shader.
@@ -93,10 +94,18 @@ fn tile_bytes(d: u32, br: u32, bc: u32, selective: bool) -> u64 {
 const MAX_THREADS: u32 = 256;
 
 /// Square tiles (BR = BC) and threads for head dim `d` within the device's limits: the largest
-/// tile whose workgroup memory fits, with 4 to 8 tile elements per thread.
-pub fn choose_tiles(caps: &Capabilities, d: u32, selective: bool) -> Result<(u32, u32, u32)> {
+/// tile up to `max_tile` whose workgroup memory fits, with 4 to 8 tile elements per thread.
+pub fn choose_tiles(
+    caps: &Capabilities,
+    d: u32,
+    selective: bool,
+    max_tile: u32,
+) -> Result<(u32, u32, u32)> {
     let max_threads = caps.max_invocations.min(MAX_THREADS);
-    for t in [32u32, 16, 8, 4, 2, 1] {
+    for t in [32u32, 16, 8, 4, 2, 1]
+        .into_iter()
+        .filter(|&t| t <= max_tile)
+    {
         if tile_bytes(d, t, t, selective) > caps.workgroup_memory as u64 {
             continue;
         }
@@ -232,6 +241,10 @@ pub struct BackwardPlan {
     pub ws_floats: u64,
     /// Key tiles.
     pub n_ktiles: u32,
+    /// The kernel path of dK/dV and dQ (never `Auto`).
+    pub path: Path,
+    /// The cooperative-matrix dkv and dq kernels, when that path was chosen.
+    pub coop: Option<(CoopBackwardConfig, CoopBackwardConfig)>,
 }
 
 impl BackwardPlan {
@@ -257,7 +270,36 @@ impl BackwardPlan {
             selective,
             lse: false,
         };
-        let (br, bc, wg) = choose_tiles(caps, s.head_dim, selective)?;
+        // The cooperative-matrix path takes f16 storage only (f32 keeps f32 accuracy). Its
+        // selective tiles (the C of the forward's passes, and the scalar selq/selk entries) are
+        // at most 16 rows, so that a C tile never spans two subgroups' rows.
+        let coop_for = |br: u32| {
+            if elem != DType::F16 {
+                return Err("f32 storage runs on the scalar path");
+            }
+            CoopBackwardConfig::choose(caps, s.head_dim, br, features)
+        };
+        let (path, coop, (br, bc, wg)) = match r.options.path.from_env() {
+            Path::Scalar => (
+                Path::Scalar,
+                None,
+                choose_tiles(caps, s.head_dim, selective, 32)?,
+            ),
+            want => {
+                let tiles = choose_tiles(caps, s.head_dim, selective, 16)?;
+                match (coop_for(tiles.0), want) {
+                    (Ok(c), _) => (Path::Coop, Some(c), tiles),
+                    (Err(why), Path::Coop) => {
+                        return Err(Error::PathUnavailable { path: "coop", why })
+                    }
+                    (Err(_), _) => (
+                        Path::Scalar,
+                        None,
+                        choose_tiles(caps, s.head_dim, selective, 32)?,
+                    ),
+                }
+            }
+        };
         let n_qtiles = s.q_len.div_ceil(br);
         let n_ktiles = s.k_len.div_ceil(bc);
         let max = caps.max_workgroups_per_dim;
@@ -270,6 +312,10 @@ impl BackwardPlan {
             ("query heads per dispatch", s.q_heads as u64),
             ("batch per dispatch", s.batch as u64),
             ("key groups per dispatch", s.k_len.div_ceil(64) as u64),
+            (
+                "query row groups per dispatch",
+                s.q_len.div_ceil(ROWS) as u64,
+            ),
             (
                 "element groups per dispatch",
                 n_lin.div_ceil(64).div_ceil(max as u64),
@@ -395,6 +441,8 @@ impl BackwardPlan {
             layout,
             ws_floats,
             n_ktiles,
+            path,
+            coop,
         })
     }
 
@@ -432,6 +480,15 @@ impl BackwardPlan {
 
     /// The key of one entry point.
     pub fn key(&self, entry: Entry) -> KernelKey {
+        match (entry, self.coop) {
+            (Entry::Dkv, Some((c, _))) | (Entry::Dq, Some((_, c))) => {
+                return KernelKey {
+                    kernel: Kernel::CoopBackward(c),
+                    elem: self.elem,
+                }
+            }
+            _ => {}
+        }
         let tiled = !matches!(entry, Entry::Prep | Entry::Fscan | Entry::Finish);
         let features = match entry {
             Entry::Fscan | Entry::Finish => Features::default(),

@@ -6,6 +6,7 @@
 
 pub mod backward;
 pub mod coop;
+pub mod coop_backward;
 pub mod decode;
 pub mod forward;
 pub(crate) mod gpu;
@@ -31,13 +32,15 @@ pub enum Source {
     Decode,
     /// `shaders/backward.wgsl`.
     Backward,
+    /// `shaders/coop_backward.wgsl` (a template like `CoopForward`).
+    CoopBackward,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 7] = [
+    pub const ALL: [Source; 8] = [
         Source::Forward,
         Source::Selective,
         Source::CoopForward,
@@ -45,6 +48,7 @@ impl Source {
         Source::Cache,
         Source::Decode,
         Source::Backward,
+        Source::CoopBackward,
     ];
 
     fn body(self) -> &'static str {
@@ -56,13 +60,14 @@ impl Source {
             Source::Cache => include_str!("../../shaders/cache.wgsl"),
             Source::Decode => include_str!("../../shaders/decode.wgsl"),
             Source::Backward => include_str!("../../shaders/backward.wgsl"),
+            Source::CoopBackward => include_str!("../../shaders/coop_backward.wgsl"),
         }
     }
 
     /// The full WGSL text for an element type: prelude, shared helpers, family body.
     pub fn text(self, elem: DType) -> Result<String> {
         let prelude = match (self, elem) {
-            (Source::CoopForward | Source::CoopColsum, _) => {
+            (Source::CoopForward | Source::CoopColsum | Source::CoopBackward, _) => {
                 // naga's uniformity analysis is coarser than WGSL's and flags cooperative
                 // operations after any loop bounded by the invocation index; the kernel keeps
                 // every cooperative operation in workgroup-uniform control flow.
@@ -137,6 +142,8 @@ pub enum Kernel {
     DecodeMerge(decode::MergeConfig),
     /// One entry point of the backward pass.
     Backward(backward::BackwardConfig),
+    /// One entry point of the cooperative-matrix backward pass.
+    CoopBackward(coop_backward::CoopBackwardConfig),
 }
 
 /// One pipeline variant: kernel, specialisation and storage element type.
@@ -161,6 +168,7 @@ impl KernelKey {
                 Source::Decode
             }
             Kernel::Backward(_) => Source::Backward,
+            Kernel::CoopBackward(_) => Source::CoopBackward,
         }
     }
 
@@ -170,6 +178,7 @@ impl KernelKey {
         Ok(match self.kernel {
             Kernel::CoopForward(c) => c.wgsl(&text),
             Kernel::SelColsum(c) => c.wgsl(&text),
+            Kernel::CoopBackward(c) => c.wgsl(&text),
             _ => text,
         })
     }
@@ -187,6 +196,7 @@ impl KernelKey {
             Kernel::DecodeAttend(_) => "attend",
             Kernel::DecodeMerge(_) => "merge",
             Kernel::Backward(c) => c.entry.name(),
+            Kernel::CoopBackward(c) => c.entry_name(),
         }
     }
 
@@ -202,6 +212,7 @@ impl KernelKey {
             Kernel::DecodeAttend(c) => c.constants(),
             Kernel::DecodeMerge(c) => c.constants(),
             Kernel::Backward(c) => c.constants(),
+            Kernel::CoopBackward(c) => c.constants(),
         }
     }
 }

@@ -75,6 +75,10 @@ pub const FAMILIES: &[Family] = &[
         name: "backward, scalar path (prep, dkv, dq, fscan, selq, selk, finish, selective colsum, scan)",
         variants: backward_variants,
     },
+    Family {
+        name: "backward, cooperative-matrix path (coop dkv, coop dq, with the scalar entries around them)",
+        variants: coop_backward_variants,
+    },
 ];
 
 /// One reference device: its name, workgroup memory in bytes, invocations per workgroup,
@@ -318,6 +322,26 @@ fn planned_variants(
 /// causal selective with everything), which name every entry point and tile; the covering
 /// switch set at [`FULL_PRODUCT_HEAD_DIMS`] toggles each switch.
 pub fn backward_variants(caps: &Capabilities, elem: DType, coverage: Coverage) -> Vec<KernelKey> {
+    backward_path_variants(caps, elem, coverage, Path::Scalar)
+}
+
+/// The backward call's kernels on the cooperative-matrix path, where the device has it (f16
+/// storage, head dims that are multiples of 16 up to 128), with the same switch sets as
+/// [`backward_variants`].
+pub fn coop_backward_variants(
+    caps: &Capabilities,
+    elem: DType,
+    coverage: Coverage,
+) -> Vec<KernelKey> {
+    backward_path_variants(caps, elem, coverage, Path::Coop)
+}
+
+fn backward_path_variants(
+    caps: &Capabilities,
+    elem: DType,
+    coverage: Coverage,
+    path: Path,
+) -> Vec<KernelKey> {
     let all = Switches::all();
     let covering = Switches::covering();
     let extremes = [covering[0], covering[5]];
@@ -329,7 +353,7 @@ pub fn backward_variants(caps: &Capabilities, elem: DType, coverage: Coverage) -
             Coverage::Covering => &extremes,
         };
         for s in switches {
-            let Ok(resolved) = s.spec(d, Path::Scalar).validate() else {
+            let Ok(resolved) = s.spec(d, path).validate() else {
                 continue;
             };
             let wanted = Wanted {
