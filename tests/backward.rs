@@ -656,59 +656,68 @@ fn invalid_calls_return_typed_errors() {
 #[test]
 fn scratch_bytes_bound() {
     let ctx = &contexts()[0];
-    let mut caps = ctx.capabilities().clone();
-    caps.max_storage_binding = u64::MAX;
-    caps.max_buffer = u64::MAX;
-    for (bn, hq, hkv, n, d) in [
-        (1u32, 8u32, 2u32, 4096u32, 64u32),
-        (4, 16, 16, 4096, 128),
-        (2, 8, 8, 16384, 64),
-    ] {
-        for sel in [false, true] {
-            let mut options = Options::causal();
-            if sel {
-                options = options.selective(1);
-            }
-            let r = Spec {
-                shape: Shape::new(bn, hq, n, d).with_kv_heads(hkv),
-                options,
-                present: Present {
-                    tau: true,
-                    alpha: true,
-                    gate: true,
-                    kv_len: true,
-                    lse: true,
-                    ..Present::default()
-                },
-            }
-            .validate()
-            .unwrap();
-            let plan = BackwardPlan::new(&caps, &r, DType::F16, Wanted::all(sel)).unwrap();
-            let (b, hq, hkv, n, d) = (bn as u64, hq as u64, hkv as u64, n as u64, d as u64);
-            let nqt = n.div_ceil(plan.br as u64);
-            let rows = b * hq * n;
-            let keys = b * hkv * n;
-            // LSE, Delta, tau, dt; gate, dgate; alpha; kv_len.
-            let linear = 4 * rows + 2 * keys + hq + b;
-            let selective = if sel {
-                b * hkv * nqt * n + b * nqt * n + b * n + 2 * b * n * d
-            } else {
-                0
-            };
-            assert_eq!(
-                plan.scratch_bytes(),
-                4 * (linear + selective),
-                "B{b} Hq{hq} N{n} sel {sel}"
-            );
-            assert!(b * hkv * nqt * n + b * nqt * n <= b * (hq + 1) * nqt * n);
-            let full = 4 * b * hq * n * n;
-            eprintln!(
-                "B{b} Hq{hq} Hkv{hkv} N{n} D{d} sel {sel}: Br {}, scratch {} MiB, one Nq×Nk per head would be {} MiB",
+    // This adapter, and the reference NVIDIA device with cooperative matrices (whose coop path
+    // uses selective tiles of at most 16 rows).
+    let coop_caps = selattn_tools::variants::reference_devices()
+        .into_iter()
+        .find(|c| c.coop_16x16_f16())
+        .expect("a reference device with cooperative matrices");
+    for mut caps in [ctx.capabilities().clone(), coop_caps] {
+        caps.max_storage_binding = u64::MAX;
+        caps.max_buffer = u64::MAX;
+        for (bn, hq, hkv, n, d) in [
+            (1u32, 8u32, 2u32, 4096u32, 64u32),
+            (4, 16, 16, 4096, 128),
+            (2, 8, 8, 16384, 64),
+        ] {
+            for sel in [false, true] {
+                let mut options = Options::causal();
+                if sel {
+                    options = options.selective(1);
+                }
+                let r = Spec {
+                    shape: Shape::new(bn, hq, n, d).with_kv_heads(hkv),
+                    options,
+                    present: Present {
+                        tau: true,
+                        alpha: true,
+                        gate: true,
+                        kv_len: true,
+                        lse: true,
+                        ..Present::default()
+                    },
+                }
+                .validate()
+                .unwrap();
+                let plan = BackwardPlan::new(&caps, &r, DType::F16, Wanted::all(sel)).unwrap();
+                let (b, hq, hkv, n, d) = (bn as u64, hq as u64, hkv as u64, n as u64, d as u64);
+                let nqt = n.div_ceil(plan.br as u64);
+                let rows = b * hq * n;
+                let keys = b * hkv * n;
+                // LSE, Delta, tau, dt; gate, dgate; alpha; kv_len.
+                let linear = 4 * rows + 2 * keys + hq + b;
+                let selective = if sel {
+                    b * hkv * nqt * n + b * nqt * n + b * n + 2 * b * n * d
+                } else {
+                    0
+                };
+                assert_eq!(
+                    plan.scratch_bytes(),
+                    4 * (linear + selective),
+                    "B{b} Hq{hq} N{n} sel {sel}"
+                );
+                assert!(b * hkv * nqt * n + b * nqt * n <= b * (hq + 1) * nqt * n);
+                let full = 4 * b * hq * n * n;
+                eprintln!(
+                "[{}] B{b} Hq{hq} Hkv{hkv} N{n} D{d} sel {sel}: path {:?}, Br {}, scratch {} MiB, one Nq×Nk per head would be {} MiB",
+                caps.info.name,
+                plan.path,
                 plan.br,
                 plan.scratch_bytes() >> 20,
                 full >> 20
             );
-            assert!(plan.scratch_bytes() * 4 < full);
+                assert!(plan.scratch_bytes() * 4 < full);
+            }
         }
     }
 }
