@@ -72,6 +72,7 @@ override HAS_GATE: bool = false;
 override HAS_KVLEN: bool = false;
 override SELECTIVE: bool = false;
 override WRITE_LSE: bool = false;   // part of the shared feature set; unused here
+override SELPASS: bool = false;     // the pipeline is coop_selq or coop_selk
 
 const SG: u32 = 4u;                 // subgroups per workgroup
 const KB: u32 = 64u;                // 16 x SG: keys (dkv) or query rows (dq) per workgroup
@@ -83,15 +84,20 @@ override DP: u32 = D + 8u;          // padded f16 row stride of staged rows (ban
 override NT: u32 = select(2u, 3u, SELECTIVE);   // tensors staged per step
 override NST: u32 = max(NT * BT, KB);           // staged rows
 override RW: u32 = max(BT, KB);
+override NB: u32 = BT / 16u;        // 16-row (or 16-key) chunks per staged tile
+override NSTS: u32 = max(2u * BT, KB) * DP;   // staged f16 of coop_selq / coop_selk
 
 // Every workgroup variable is a multiple of 16 bytes (see coop_forward.wgsl: NVIDIA's driver
 // misaligns cooperative loads otherwise).
-var<workgroup> stage: array<f16, NST * DP>;
+var<workgroup> stage: array<f16, select(NST * DP, NSTS, SELPASS)>;
 var<workgroup> sa: array<f32, SG * 16u * SP>;                        // S (or S^T), then l dz / P dP
 var<workgroup> sb: array<f32, SG * 16u * SP>;                        // dP (or dP^T), then dz
-var<workgroup> sf: array<f32, select(4u, SG * 16u * SP, SELECTIVE)>;  // S_sel, then F
-var<workgroup> pa16: array<f16, SG * 16u * PP>;                      // P^T (dkv)
-var<workgroup> za16: array<f16, SG * 16u * PP>;                      // (t dz)^T (dkv) or dz (dq)
+var<workgroup> sf: array<f32, select(4u, SG * 16u * SP, SELECTIVE && !SELPASS)>;  // S_sel, then F
+var<workgroup> pa16: array<f16, select(SG * 16u * PP, 8u, SELPASS)>;  // P^T (dkv)
+// coop_selq / coop_selk: per subgroup and chunk, sum over heads of dz, and F.
+var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * SP, SELPASS)>;
+var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * SP, SELPASS)>;
+var<workgroup> za16: array<f16, SG * 16u * PP>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
 var<workgroup> rl: array<f32, RW>;                                   // LSE of staged rows
 var<workgroup> rd: array<f32, RW>;                                   // Delta
 var<workgroup> rt: array<f32, RW>;                                   // temperature
@@ -552,4 +558,470 @@ fn coop_dq(
     if lane < 16u && il < p.q_len {
         ws[w.dt + (b * p.q_heads + h) * p.q_len + il] = adt;
     }
+}
+
+// ---- Selective terms (DESIGN.md §1b): dS = E + exclusive suffix of dF = -sum_h dz^h over the rows
+// of each C tile, du = dS where S_sel is live and positive; dq_sel += scale du k_sel (coop_selq),
+// dk_sel += scale du^T q_sel (coop_selk). E (after the scalar fscan) sits in the hk = 0 slots of G.
+// dz of every head is recomputed by MMA and summed in workgroup memory in head order.
+
+fn e_carry(b: u32, t: u32, j: u32) -> f32 {
+    if t * CT < p.q_len && j < p.k_len {
+        return ws[w.g + (b * p.kv_heads * p.n_qtiles + t) * p.k_len + j];
+    }
+    return 0.0;
+}
+
+// coop_selk: one workgroup per (64 keys, b); subgroup sg owns keys 16 sg .. 16 sg + 15. Per query
+// tile of BT rows: F^T and the du mask per chunk (K_sel fragments x staged Q_sel), the sum over
+// every head of dz^T per chunk, then du^T by suffix and dk_sel += du^T Q_sel.
+@compute @workgroup_size(WG)
+fn coop_selk(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let kt = wg.x * KB;
+    let b = wg.z;
+    let valid = uniform_valid(b, tid);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let kb0 = sg * 16u;
+    let bo = sg * 16u * SP;
+    let bp = sg * 16u * PP;
+    let jl = kt + kb0 + lane;
+{{SK_DECL}}
+    // The selection KV head's K fragments.
+    workgroupBarrier();
+    for (var e = tid; e < KB * D8; e += WG) {
+        let j = kt + e / D8;
+        var x = vec4<u32>(0u);
+        if j < p.k_len {
+            x = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+        }
+        put8((e / D8) * DP + (e % D8) * 8u, x);
+    }
+    workgroupBarrier();
+    {
+        let koff = kb0 * DP;
+{{SK_KSLOAD}}
+    }
+    var msk: array<u32, 4>;
+    let live = kt < valid;
+    for (var row0 = 0u; row0 < p.q_len; row0 += BT) {
+        if !live {
+            break;
+        }
+        if p.start + min(row0 + BT, p.q_len) <= kt + 1u {
+            continue;
+        }
+        // A. S_sel^T per chunk, then F^T and the mask (lane per key), sums zeroed.
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let i = row0 + e / D8;
+            var x = vec4<u32>(0u);
+            if i < p.q_len {
+                x = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        workgroupBarrier();
+        for (var c = 0u; c < NB; c++) {
+            let i0 = row0 + c * 16u;
+            if i0 >= p.q_len {
+                break;
+            }
+            let fo = (c * SG + sg) * 16u * SP;
+            let so = c * 16u * DP;
+{{SK_FCOMP}}
+            for (var x = lane; x < 256u; x += SGS) {
+                acc[fo + (x / 16u) * SP + x % 16u] = 0.0;
+            }
+        }
+        workgroupBarrier();
+        if lane < 16u {
+            for (var c = 0u; c < NB; c++) {
+                let i0 = row0 + c * 16u;
+                let fo = (c * SG + sg) * 16u * SP + lane * SP;
+                var run = 0.0;
+                var m = 0u;
+                for (var r = 0u; r < 16u; r++) {
+                    let i = i0 + r;
+                    if r % CT == 0u {
+                        run = 0.0;
+                        if jl < p.k_len && i < p.q_len {
+                            run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + jl];
+                        }
+                    }
+                    var s = 0.0;
+                    if i < p.q_len {
+                        s = fb[fo + r];
+                    }
+                    fb[fo + r] = run;
+                    if sel_live(i, jl, valid) {
+                        let u = p.scale * s;
+                        run += max(u, 0.0);
+                        if u > 0.0 {
+                            m |= 1u << r;
+                        }
+                    }
+                }
+                msk[c] = m;
+            }
+        }
+        // B. sum over every head of dz^T.
+        var last = 0xffffffffu;
+        for (var h = 0u; h < p.q_heads; h++) {
+            let hk = h / p.group;
+            if hk != last {
+                last = hk;
+                for (var kp = 0u; kp < 2u; kp++) {
+                    workgroupBarrier();
+                    for (var e = tid; e < KB * D8; e += WG) {
+                        let j = kt + e / D8;
+                        var x = vec4<u32>(0u);
+                        if j < p.k_len {
+                            let at = ((b * p.kv_heads + hk) * p.k_len + j) * D8 + e % D8;
+                            if kp == 0u {
+                                x = k[at];
+                            } else {
+                                x = v[at];
+                            }
+                        }
+                        put8((e / D8) * DP + (e % D8) * 8u, x);
+                    }
+                    workgroupBarrier();
+                    let koff = kb0 * DP;
+                    if kp == 0u {
+{{SK_KLOAD}}
+                    } else {
+{{SK_VLOAD}}
+                    }
+                }
+                for (var c = tid; c < KB; c += WG) {
+                    let j = kt + c;
+                    var g = 1.0;
+                    if HAS_GATE && j < p.k_len {
+                        g = ws[w.gate + (b * p.kv_heads + hk) * p.k_len + j];
+                    }
+                    cg[c] = g;
+                }
+            }
+            workgroupBarrier();
+            for (var e = tid; e < BT * D8; e += WG) {
+                let r = e / D8;
+                let i = row0 + r;
+                let c8 = e % D8;
+                var xq = vec4<u32>(0u);
+                var xo = vec4<u32>(0u);
+                if i < p.q_len {
+                    let at = ((b * p.q_heads + h) * p.q_len + i) * D8 + c8;
+                    xq = q[at];
+                    xo = dout[at];
+                }
+                put8(r * DP + c8 * 8u, xq);
+                put8((BT + r) * DP + c8 * 8u, xo);
+            }
+            for (var r = tid; r < BT; r += WG) {
+                let i = row0 + r;
+                var l = 0.0;
+                var d = 0.0;
+                var t = 0.0;
+                if i < p.q_len {
+                    let row = (b * p.q_heads + h) * p.q_len + i;
+                    l = ws[w.lse + row];
+                    d = ws[w.delta + row];
+                    t = row_temperature(b, h, i);
+                }
+                rl[r] = l;
+                rd[r] = d;
+                rt[r] = t;
+            }
+            for (var c = 0u; c < NB; c++) {
+                let c0 = c * 16u;
+                let i0 = row0 + c0;
+                if i0 >= p.q_len {
+                    break;
+                }
+                workgroupBarrier();
+                let qo = c0 * DP;
+                let oo = (BT + c0) * DP;
+{{SK_SCOMP}}
+                workgroupBarrier();
+                let fo = (c * SG + sg) * 16u * SP;
+                for (var x = lane; x < 256u; x += SGS) {
+                    let r = x / 16u;
+                    let cc = x % 16u;
+                    let e = bo + r * SP + cc;
+                    if allowed(i0 + cc, kt + kb0 + r, valid) {
+                        let l = p.scale * sa[e];
+                        let z = rt[c0 + cc] * l - fb[fo + r * SP + cc];
+                        let pp = exp(z - rl[c0 + cc]);
+                        acc[fo + r * SP + cc] += pp * (cg[kb0 + r] * sb[e] - rd[c0 + cc]);
+                    }
+                }
+            }
+        }
+        // C. du^T = E + exclusive suffix of -sum dz, masked; dk_sel += du^T Q_sel.
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let i = row0 + e / D8;
+            var x = vec4<u32>(0u);
+            if i < p.q_len {
+                x = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        for (var c = 0u; c < NB; c++) {
+            let i0 = row0 + c * 16u;
+            if i0 >= p.q_len {
+                break;
+            }
+            workgroupBarrier();
+            if lane < 16u {
+                let fo = (c * SG + sg) * 16u * SP + lane * SP;
+                let m = msk[c];
+                var run = 0.0;
+                for (var n = 16u; n > 0u; n--) {
+                    let r = n - 1u;
+                    if r % CT == CT - 1u {
+                        run = e_carry(b, (i0 + r) / CT, jl);
+                    }
+                    var du = 0.0;
+                    if (m & (1u << r)) != 0u {
+                        du = run;
+                    }
+                    za16[bp + lane * PP + r] = f16(du);
+                    run -= acc[fo + r];
+                }
+            }
+            workgroupBarrier();
+            let so = c * 16u * DP;
+            let ua = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{SK_ACC}}
+        }
+    }
+    workgroupBarrier();
+{{SK_EPI}}
+}
+
+// coop_selq: one workgroup per (64 query rows, b); subgroup sg owns rows 16 sg .. 16 sg + 15. Per
+// key tile of BT keys: F and the du mask per chunk (Q_sel fragments x staged K_sel), the sum over
+// every head of dz per chunk, then du by suffix and dq_sel += du K_sel.
+@compute @workgroup_size(WG)
+fn coop_selq(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let b = wg.z;
+    let row0 = wg.x * KB;
+    let valid = uniform_valid(b, tid);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let rb0 = sg * 16u;
+    let bo = sg * 16u * SP;
+    let bp = sg * 16u * PP;
+{{SQ_DECL}}
+    // The selection head's Q fragments.
+    workgroupBarrier();
+    for (var e = tid; e < KB * D8; e += WG) {
+        let i = row0 + e / D8;
+        var x = vec4<u32>(0u);
+        if i < p.q_len {
+            x = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + e % D8];
+        }
+        put8((e / D8) * DP + (e % D8) * 8u, x);
+    }
+    workgroupBarrier();
+    {
+        let qoff = rb0 * DP;
+{{SQ_QSLOAD}}
+    }
+    var msk: array<u32, 4>;
+    // S_kj lives for j < p_k only.
+    let kend = min(valid, p.start + min(row0 + KB, p.q_len));
+    for (var kt = 0u; kt < kend; kt += BT) {
+        // A. S_sel per chunk, then F and the mask (lane per key column), sums zeroed.
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let j = kt + e / D8;
+            var x = vec4<u32>(0u);
+            if j < kend {
+                x = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        workgroupBarrier();
+        for (var c = 0u; c < NB; c++) {
+            if kt + c * 16u >= kend {
+                break;
+            }
+            let fo = (c * SG + sg) * 16u * SP;
+            let so = c * 16u * DP;
+{{SQ_FCOMP}}
+            for (var x = lane; x < 256u; x += SGS) {
+                acc[fo + (x / 16u) * SP + x % 16u] = 0.0;
+            }
+        }
+        workgroupBarrier();
+        if lane < 16u {
+            for (var c = 0u; c < NB; c++) {
+                let j = kt + c * 16u + lane;
+                let fo = (c * SG + sg) * 16u * SP + lane;
+                var run = 0.0;
+                var m = 0u;
+                for (var r = 0u; r < 16u; r++) {
+                    let i = row0 + rb0 + r;
+                    if r % CT == 0u {
+                        run = 0.0;
+                        if j < p.k_len && i < p.q_len {
+                            run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + j];
+                        }
+                    }
+                    let s = fb[fo + r * SP];
+                    fb[fo + r * SP] = run;
+                    if j < kend && sel_live(i, j, valid) {
+                        let u = p.scale * s;
+                        run += max(u, 0.0);
+                        if u > 0.0 {
+                            m |= 1u << r;
+                        }
+                    }
+                }
+                msk[c] = m;
+            }
+        }
+        // B. sum over every head of dz.
+        for (var h = 0u; h < p.q_heads; h++) {
+            let hk = h / p.group;
+            for (var qp = 0u; qp < 2u; qp++) {
+                workgroupBarrier();
+                for (var e = tid; e < KB * D8; e += WG) {
+                    let i = row0 + e / D8;
+                    var x = vec4<u32>(0u);
+                    if i < p.q_len {
+                        let at = ((b * p.q_heads + h) * p.q_len + i) * D8 + e % D8;
+                        if qp == 0u {
+                            x = q[at];
+                        } else {
+                            x = dout[at];
+                        }
+                    }
+                    put8((e / D8) * DP + (e % D8) * 8u, x);
+                }
+                workgroupBarrier();
+                let qoff = rb0 * DP;
+                if qp == 0u {
+{{SQ_QLOAD}}
+                } else {
+{{SQ_OLOAD}}
+                }
+            }
+            workgroupBarrier();
+            for (var e = tid; e < BT * D8; e += WG) {
+                let r = e / D8;
+                let j = kt + r;
+                let c8 = e % D8;
+                var xk = vec4<u32>(0u);
+                var xv = vec4<u32>(0u);
+                if j < kend {
+                    let at = ((b * p.kv_heads + hk) * p.k_len + j) * D8 + c8;
+                    xk = k[at];
+                    xv = v[at];
+                }
+                put8(r * DP + c8 * 8u, xk);
+                put8((BT + r) * DP + c8 * 8u, xv);
+            }
+            for (var c = tid; c < BT; c += WG) {
+                let j = kt + c;
+                var g = 1.0;
+                if HAS_GATE && j < p.k_len {
+                    g = ws[w.gate + (b * p.kv_heads + hk) * p.k_len + j];
+                }
+                cg[c] = g;
+            }
+            for (var r = tid; r < KB; r += WG) {
+                let i = row0 + r;
+                var l = 0.0;
+                var d = 0.0;
+                var t = 0.0;
+                if i < p.q_len {
+                    let row = (b * p.q_heads + h) * p.q_len + i;
+                    l = ws[w.lse + row];
+                    d = ws[w.delta + row];
+                    t = row_temperature(b, h, i);
+                }
+                rl[r] = l;
+                rd[r] = d;
+                rt[r] = t;
+            }
+            for (var c = 0u; c < NB; c++) {
+                let c0 = c * 16u;
+                let j0 = kt + c0;
+                if j0 >= kend {
+                    break;
+                }
+                workgroupBarrier();
+                let ko = c0 * DP;
+                let vo = (BT + c0) * DP;
+{{SQ_SCOMP}}
+                workgroupBarrier();
+                let fo = (c * SG + sg) * 16u * SP;
+                for (var x = lane; x < 256u; x += SGS) {
+                    let r = x / 16u;
+                    let cc = x % 16u;
+                    let e = bo + r * SP + cc;
+                    if allowed(row0 + rb0 + r, j0 + cc, valid) {
+                        let l = p.scale * sa[e];
+                        let z = rt[rb0 + r] * l - fb[fo + r * SP + cc];
+                        let pp = exp(z - rl[rb0 + r]);
+                        acc[fo + r * SP + cc] += pp * (cg[c0 + cc] * sb[e] - rd[rb0 + r]);
+                    }
+                }
+            }
+        }
+        // C. du = E + exclusive suffix of -sum dz down each column, masked; dq_sel += du K_sel.
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let j = kt + e / D8;
+            var x = vec4<u32>(0u);
+            if j < kend {
+                x = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        for (var c = 0u; c < NB; c++) {
+            if kt + c * 16u >= kend {
+                break;
+            }
+            workgroupBarrier();
+            if lane < 16u {
+                let j = kt + c * 16u + lane;
+                let fo = (c * SG + sg) * 16u * SP + lane;
+                let m = msk[c];
+                var run = 0.0;
+                for (var n = 16u; n > 0u; n--) {
+                    let r = n - 1u;
+                    if r % CT == CT - 1u {
+                        run = e_carry(b, (row0 + rb0 + r) / CT, j);
+                    }
+                    var du = 0.0;
+                    if (m & (1u << r)) != 0u {
+                        du = run;
+                    }
+                    za16[bp + r * PP + lane] = f16(du);
+                    run -= acc[fo + r * SP];
+                }
+            }
+            workgroupBarrier();
+            let so = c * 16u * DP;
+            let ua = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{SQ_ACC}}
+        }
+    }
+    workgroupBarrier();
+{{SQ_EPI}}
 }

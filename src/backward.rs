@@ -350,11 +350,14 @@ impl Context {
                         Kernel::CoopBackward(c) => match c.entry {
                             CoopEntry::Dkv => Entry::Dkv,
                             CoopEntry::Dq => Entry::Dq,
+                            CoopEntry::Selq => Entry::Selq,
+                            CoopEntry::Selk => Entry::Selk,
                         },
                         Kernel::Backward(c) => c.entry,
                         _ => Entry::Finish,
                     };
                     let coop = plan.coop.is_some();
+                    let coop_sel = plan.coop_sel.is_some();
                     let mut e = vec![entry(0, &params), entry(1, &layout), entry(6, &ws)];
                     let tiled = |e: &mut Vec<_>| {
                         e.extend([
@@ -412,12 +415,20 @@ impl Context {
                         Entry::Selq => {
                             tiled(&mut e);
                             e.push(tensor_entry(8, grads.dq.map(bound), &dummies[0]));
-                            (plan.params.n_qtiles, 1, s.batch)
+                            if coop_sel {
+                                (s.q_len.div_ceil(ROWS), 1, s.batch)
+                            } else {
+                                (plan.params.n_qtiles, 1, s.batch)
+                            }
                         }
                         Entry::Selk => {
                             tiled(&mut e);
                             e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
-                            (plan.n_ktiles, 1, s.batch)
+                            if coop_sel {
+                                (s.k_len.div_ceil(ROWS), 1, s.batch)
+                            } else {
+                                (plan.n_ktiles, 1, s.batch)
+                            }
                         }
                         Entry::Finish => {
                             e.extend([

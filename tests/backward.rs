@@ -967,11 +967,19 @@ fn coop_path_choice() {
                                 .iter()
                                 .filter(|k| matches!(k.kernel, Kernel::CoopBackward(_)))
                                 .count()
-                                == 2,
+                                == 2 + 2 * plan.coop_sel.is_some() as usize,
                             "{what}: {:?}",
                             plan.keys()
                         );
                         assert!(forced.is_ok(), "{what}");
+                        // With selective masking the selective terms run on the coop path too.
+                        assert_eq!(plan.coop_sel.is_some(), sel, "{what}");
+                        if let Some((selq, _)) = plan.coop_sel {
+                            assert!(
+                                selq.workgroup_bytes() <= caps.workgroup_memory as u64,
+                                "{what}"
+                            );
+                        }
                     } else {
                         assert!(
                             matches!(forced, Err(Error::PathUnavailable { path: "coop", .. })),

@@ -90,6 +90,9 @@ fn tile_bytes(d: u32, br: u32, bc: u32, selective: bool) -> u64 {
     4 * (2 * br * d + 2 * bc * d + 3 * br * bc + sel + 3 * br + bc + 1 + 2 * br.max(bc) * d)
 }
 
+/// Whether the coop path also runs the selective terms on cooperative matrices.
+const COOP_SELECTIVE: bool = true;
+
 /// Threads per workgroup we use at most.
 const MAX_THREADS: u32 = 256;
 
@@ -245,6 +248,9 @@ pub struct BackwardPlan {
     pub path: Path,
     /// The cooperative-matrix dkv and dq kernels, when that path was chosen.
     pub coop: Option<(CoopBackwardConfig, CoopBackwardConfig)>,
+    /// The cooperative-matrix selq and selk kernels (coop path with selective masking, where
+    /// workgroup memory allows; else the scalar selq and selk run).
+    pub coop_sel: Option<(CoopBackwardConfig, CoopBackwardConfig)>,
 }
 
 impl BackwardPlan {
@@ -299,6 +305,12 @@ impl BackwardPlan {
                     ),
                 }
             }
+        };
+        let coop_sel = match coop {
+            Some((dkv, _)) if selective && COOP_SELECTIVE => {
+                CoopBackwardConfig::choose_selective(caps, &dkv).ok()
+            }
+            _ => None,
         };
         let n_qtiles = s.q_len.div_ceil(br);
         let n_ktiles = s.k_len.div_ceil(bc);
@@ -443,6 +455,7 @@ impl BackwardPlan {
             n_ktiles,
             path,
             coop,
+            coop_sel,
         })
     }
 
@@ -480,8 +493,11 @@ impl BackwardPlan {
 
     /// The key of one entry point.
     pub fn key(&self, entry: Entry) -> KernelKey {
-        match (entry, self.coop) {
-            (Entry::Dkv, Some((c, _))) | (Entry::Dq, Some((_, c))) => {
+        match (entry, self.coop, self.coop_sel) {
+            (Entry::Dkv, Some((c, _)), _)
+            | (Entry::Dq, Some((_, c)), _)
+            | (Entry::Selq, _, Some((c, _)))
+            | (Entry::Selk, _, Some((_, c))) => {
                 return KernelKey {
                     kernel: Kernel::CoopBackward(c),
                     elem: self.elem,

@@ -24,6 +24,10 @@ pub enum CoopEntry {
     Dkv,
     /// dQ, dt: one workgroup per 64 query rows.
     Dq,
+    /// Selective: the selection head's dQ term, one workgroup per 64 query rows.
+    Selq,
+    /// Selective: the selection KV head's dK term, one workgroup per 64 keys.
+    Selk,
 }
 
 /// Specialisation of one cooperative-matrix backward entry point.
@@ -50,6 +54,10 @@ impl CoopBackwardConfig {
             ("BT", self.bt as f64),
             ("CT", self.ct as f64),
             ("SGS", self.sgs as f64),
+            (
+                "SELPASS",
+                matches!(self.entry, CoopEntry::Selq | CoopEntry::Selk) as u32 as f64,
+            ),
         ];
         c.extend(self.features.constants());
         c
@@ -60,6 +68,8 @@ impl CoopBackwardConfig {
         match self.entry {
             CoopEntry::Dkv => "coop_dkv",
             CoopEntry::Dq => "coop_dq",
+            CoopEntry::Selq => "coop_selq",
+            CoopEntry::Selk => "coop_selk",
         }
     }
 
@@ -70,7 +80,22 @@ impl CoopBackwardConfig {
 
     /// Workgroup memory in bytes, as declared in the shader.
     pub fn workgroup_bytes(&self) -> u64 {
-        bytes(self.d, self.bt, self.features.selective)
+        let selpass = matches!(self.entry, CoopEntry::Selq | CoopEntry::Selk);
+        bytes(self.d, self.bt, self.features.selective, selpass)
+    }
+
+    /// The selective entries (coop_selq, coop_selk) for head dim `d`, with the dkv/dq
+    /// configuration `base`'s subgroup size, C tile and features, or why not.
+    pub fn choose_selective(
+        caps: &Capabilities,
+        base: &CoopBackwardConfig,
+    ) -> Result<(CoopBackwardConfig, CoopBackwardConfig), &'static str> {
+        let bt = [64u32, 32, 16]
+            .into_iter()
+            .find(|&bt| bytes(base.d, bt, true, true) <= caps.workgroup_memory as u64)
+            .ok_or("workgroup memory too small for the selective terms")?;
+        let c = |entry| CoopBackwardConfig { entry, bt, ..*base };
+        Ok((c(CoopEntry::Selq), c(CoopEntry::Selk)))
     }
 
     /// The configurations of both entries for head dim `d` on this adapter, or why not.
@@ -105,7 +130,7 @@ impl CoopBackwardConfig {
         }
         let bt = [64u32, 32, 16]
             .into_iter()
-            .find(|&bt| bytes(d, bt, features.selective) <= caps.workgroup_memory as u64)
+            .find(|&bt| bytes(d, bt, features.selective, false) <= caps.workgroup_memory as u64)
             .ok_or("workgroup memory too small")?;
         let c = |entry| CoopBackwardConfig {
             entry,
@@ -270,10 +295,145 @@ impl CoopBackwardConfig {
     workgroupBarrier();"
             );
         }
+        for d in 0..n {
+            let o = d * 16;
+            let (d2, d16) = (d * 2, d * 16);
+            let _ = writeln!(
+                ent(&mut m, "SK_DECL"),
+                "    var ksf{d} = {a}();\n    var kf{d} = {a}();\n    var vf{d} = {a}();\n    var dks{d} = {cm}();"
+            );
+            let _ = writeln!(
+                ent(&mut m, "SQ_DECL"),
+                "    var qsf{d} = {a}();\n    var qf{d} = {a}();\n    var of{d} = {a}();\n    var dqs{d} = {cm}();"
+            );
+            for (key, var, off) in [
+                ("SK_KSLOAD", "ksf", "koff"),
+                ("SK_KLOAD", "kf", "koff"),
+                ("SK_VLOAD", "vf", "koff"),
+                ("SQ_QSLOAD", "qsf", "qoff"),
+                ("SQ_QLOAD", "qf", "qoff"),
+                ("SQ_OLOAD", "of", "qoff"),
+            ] {
+                let _ = writeln!(
+                    ent(&mut m, key),
+                    "                        let l{var}{d} = {off} + {o}u;\n                        {var}{d} = coopLoadT<{a}>(&stage[l{var}{d}], DP);"
+                );
+            }
+            for (key, acc) in [("SK_ACC", "dks"), ("SQ_ACC", "dqs")] {
+                let _ = writeln!(
+                    ent(&mut m, key),
+                    "            let ua{d} = so + {o}u;\n            {acc}{d} = coopMultiplyAdd(ua, coopLoadT<{bm}>(&stage[ua{d}], DP), {acc}{d});"
+                );
+            }
+            let _ = writeln!(
+                ent(&mut m, "SK_EPI"),
+                "    coopStoreT(dks{d}, &sa[bo], SP);
+    workgroupBarrier();
+    for (var x = lane; x < 32u; x += SGS) {{
+        let r = x / 2u;
+        let hx = x % 2u;
+        let j = kt + kb0 + r;
+        if j < p.k_len {{
+            let s8 = sa8(bo + r * SP + hx * 8u, p.scale);
+            let base = w.dkb + (b * p.k_len + j) * D + {d16}u + hx * 8u;
+            var o8: array<f32, 8>;
+            for (var n = 0u; n < 8u; n++) {{
+                o8[n] = ws[base + n] + s8[n];
+            }}
+            outa[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + {d2}u + hx] = pack8(o8);
+        }}
+    }}
+    workgroupBarrier();"
+            );
+            let _ = writeln!(
+                ent(&mut m, "SQ_EPI"),
+                "    coopStoreT(dqs{d}, &sa[bo], SP);
+    workgroupBarrier();
+    for (var x = lane; x < 32u; x += SGS) {{
+        let r = x / 2u;
+        let hx = x % 2u;
+        let i = row0 + rb0 + r;
+        if i < p.q_len {{
+            let s8 = sa8(bo + r * SP + hx * 8u, p.scale);
+            let base = w.dqb + (b * p.q_len + i) * D + {d16}u + hx * 8u;
+            var o8: array<f32, 8>;
+            for (var n = 0u; n < 8u; n++) {{
+                o8[n] = ws[base + n] + s8[n];
+            }}
+            outa[((b * p.q_heads + sel) * p.q_len + i) * D8 + {d2}u + hx] = pack8(o8);
+        }}
+    }}
+    workgroupBarrier();"
+            );
+        }
+        // S_sel^T = K_sel Q_sel^T (selk), S_sel = Q_sel K_sel^T (selq), per chunk into fb.
+        for (key, x) in [("SK_FCOMP", "ksf"), ("SQ_FCOMP", "qsf")] {
+            let s = ent(&mut m, key);
+            let ind = "            ";
+            let _ = writeln!(s, "{ind}var acf = {cm}();");
+            for d in 0..n {
+                let _ = writeln!(
+                    s,
+                    "{ind}let fz{d} = so + {o}u;\n{ind}acf = coopMultiplyAdd({x}{d}, coopLoad<{bm}>(&stage[fz{d}], DP), acf);",
+                    o = d * 16
+                );
+            }
+            let _ = writeln!(s, "{ind}coopStoreT(acf, &fb[fo], SP);");
+        }
+        // S^T, dP^T (selk) or S, dP (selq) of one head.
+        for (key, p1, p2, x, y) in [
+            ("SK_SCOMP", "qo", "oo", "kf", "vf"),
+            ("SQ_SCOMP", "ko", "vo", "qf", "of"),
+        ] {
+            let s = ent(&mut m, key);
+            let ind = "                ";
+            let _ = writeln!(s, "{ind}var acs = {cm}();\n{ind}var acp = {cm}();");
+            for d in 0..n {
+                let o = d * 16;
+                let _ = writeln!(
+                    s,
+                    "{ind}let sx{d} = {p1} + {o}u;\n{ind}acs = coopMultiplyAdd({x}{d}, coopLoad<{bm}>(&stage[sx{d}], DP), acs);\n{ind}let sy{d} = {p2} + {o}u;\n{ind}acp = coopMultiplyAdd({y}{d}, coopLoad<{bm}>(&stage[sy{d}], DP), acp);"
+                );
+            }
+            let _ = writeln!(
+                s,
+                "{ind}coopStoreT(acs, &sa[bo], SP);\n{ind}coopStoreT(acp, &sb[bo], SP);"
+            );
+        }
         let mut text = template.to_string();
         for k in [
-            "KDECL", "KLOAD", "VLOAD", "KSLOAD", "ACCDECL", "DKV_S", "DKV_ACC", "DKV_EPI", "QDECL",
-            "QLOAD", "OLOAD", "QSLOAD", "DQDECL", "DQ_S", "DQ_ACC", "DQ_EPI",
+            "KDECL",
+            "KLOAD",
+            "VLOAD",
+            "KSLOAD",
+            "ACCDECL",
+            "DKV_S",
+            "DKV_ACC",
+            "DKV_EPI",
+            "QDECL",
+            "QLOAD",
+            "OLOAD",
+            "QSLOAD",
+            "DQDECL",
+            "DQ_S",
+            "DQ_ACC",
+            "DQ_EPI",
+            "SK_DECL",
+            "SK_KSLOAD",
+            "SK_KLOAD",
+            "SK_VLOAD",
+            "SK_FCOMP",
+            "SK_SCOMP",
+            "SK_ACC",
+            "SK_EPI",
+            "SQ_DECL",
+            "SQ_QSLOAD",
+            "SQ_QLOAD",
+            "SQ_OLOAD",
+            "SQ_FCOMP",
+            "SQ_SCOMP",
+            "SQ_ACC",
+            "SQ_EPI",
         ] {
             text = text.replace(&format!("{{{{{k}}}}}"), m.get(k).map_or("", |v| v));
         }
@@ -285,14 +445,21 @@ fn ent<'a>(m: &'a mut BTreeMap<&'static str, String>, k: &'static str) -> &'a mu
     m.entry(k).or_default()
 }
 
-fn bytes(d: u32, bt: u32, selective: bool) -> u64 {
+fn bytes(d: u32, bt: u32, selective: bool, selpass: bool) -> u64 {
     let (d, bt) = (d as u64, bt as u64);
     let rows = ROWS as u64;
-    let nt = if selective { 3 } else { 2 };
-    let stage = (nt * bt).max(rows) * (d + 8) * 2;
     let block = SUBGROUPS as u64 * 16 * 20 * 4;
-    let blocks = 2 * block + if selective { block } else { 16 };
-    let halves = 2 * SUBGROUPS as u64 * 16 * 24 * 2;
+    let half = SUBGROUPS as u64 * 16 * 24 * 2;
     let rowvals = 4 * bt.max(rows) * 4;
-    stage + blocks + halves + rowvals + 16
+    if selpass {
+        // stage (Q_h and dO_h, or K and V tiles), sa, sb, sf unused, pa16 unused, za16,
+        // acc and fb (one block per chunk), rows, wu.
+        let stage = (2 * bt).max(rows) * (d + 8) * 2;
+        stage + 2 * block + 16 + 16 + half + 2 * (bt / 16) * block + rowvals + 16
+    } else {
+        let nt = if selective { 3 } else { 2 };
+        let stage = (nt * bt).max(rows) * (d + 8) * 2;
+        let blocks = 2 * block + if selective { block } else { 16 };
+        stage + blocks + 2 * half + 16 + 16 + rowvals + 16
+    }
 }
