@@ -3,7 +3,9 @@
 //! rows with no allowed key), selection head != 0 with F0 and dF_out, Nq < Nk with `start`, odd
 //! sizes, head dims across the supported range; only the requested gradients; repeat runs bit
 //! identical; bounds-checked and unchecked shaders agree; f16 storage; typed errors; the scratch
-//! bound. O and LSE come from the GPU forward, as in training.
+//! bound. O and LSE come from the GPU forward, as in training. The cooperative-matrix backward
+//! (f16, where the adapter has it) against the reference and against the forced scalar path; on
+//! adapters without it, a forced coop call is a typed error; its path choice on reference devices.
 
 mod common;
 use std::sync::OnceLock;

@@ -1,4 +1,7 @@
-//! The backward kernels (`shaders/backward.wgsl`, scalar path) and the plan of one backward call.
+//! The backward kernels (`shaders/backward.wgsl`, scalar path) and the plan of one backward call,
+//! which also chooses the cooperative-matrix kernels (`coop_backward`) for f16 storage where the
+//! adapter has them: those replace the scalar dkv, dq, selq and selk entries; prep, fscan and
+//! finish are shared.
 //!
 //! FlashAttention-2's split: a dK/dV/dgate pass over query tiles per key tile and a dQ/dtau pass
 //! over key tiles per query tile, both recomputing P from the forward's LSE; a preprocessing pass
@@ -462,6 +465,15 @@ impl BackwardPlan {
     /// Bytes of scratch memory this call allocates: the workspace (rows, keys, and with selective
     /// masking `B * Hkv * ceil(Nq / BR) * Nk` column sums plus the selection head's dQ and dK
     /// rows) and, with selective masking, C (`B * ceil(Nq / BR) * Nk`). Never Nq x Nk.
+    ///
+    /// The selective part is `B * (Hkv + 1) * ceil(Nq / BR) * Nk` floats: within issue 14's
+    /// `B * Hq * ceil(Nq / BR) * Nk` whenever Hq > Hkv (GQA, MQA), and one `B * ceil(Nq / BR) * Nk`
+    /// part above it when Hq = Hkv. Both parts are needed at once: the column sums of dz need one
+    /// slot per KV head because the dK/dV workgroups of different KV heads write them with no
+    /// float atomics (summed afterwards in a fixed order, for bit-identical runs), and C (the
+    /// forward's carry of F) is read by the dK/dV, dQ and selective passes that run while the
+    /// sums are live. On the cooperative-matrix path BR is at most 16 (a C tile never spans two
+    /// subgroups' rows), so the same formula holds with that BR.
     pub fn scratch_bytes(&self) -> u64 {
         4 * (self.ws_floats + self.c_floats())
     }
