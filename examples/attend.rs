@@ -27,7 +27,7 @@ use std::process::ExitCode;
 
 use selattn::reference::{self, HostInputs, HostOutputs};
 use selattn::spec::check_kv_len;
-use selattn::{Context, DType, Error, Options, Outputs, Path as KernelPath, Present, Shape, Spec};
+use selattn::{Context, DType, Error, Options, Outputs, Path as KernelPath, Shape, Spec, Switches};
 use selattn_tools::npy::{self, NpyArray, NpyError};
 use selattn_tools::testing::{compare, round_f16, Cmp, DeviceInputs};
 
@@ -447,7 +447,9 @@ fn load_inputs(a: &Args) -> Result<(Spec, HostInputs), Fail> {
         k_len: dim("k", &a.k, k.shape[2])?,
         head_dim: dim("q", &a.q, q.shape[3])?,
     };
-    let present = Present {
+    let present = Switches {
+        causal: a.options.causal,
+        selective: a.options.selective.is_some(),
         tau: a.tau.is_some(),
         alpha: a.alpha.is_some(),
         gate: a.gate.is_some(),

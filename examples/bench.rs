@@ -32,7 +32,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use selattn::reference::{self, HostInputs};
-use selattn::{Context, DType, Error, Inputs, Options, Outputs, Path, Shape, Spec, Tensor};
+use selattn::{
+    Context, DType, Error, Inputs, Options, Outputs, Path, Shape, Spec, Switches, Tensor,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Command line
@@ -83,14 +85,28 @@ impl Variant {
             Variant::Full => "full",
         }
     }
+    /// The switches this named variant turns on (`causal` is a separate bench option).
+    fn switches(self, causal: bool) -> Switches {
+        let temp = matches!(self, Variant::Temp | Variant::Full);
+        let selective = matches!(self, Variant::Selective | Variant::Full);
+        Switches {
+            causal,
+            selective,
+            tau: temp,
+            alpha: temp,
+            gate: matches!(self, Variant::Gate | Variant::Full),
+            lse: true,
+            ..Switches::NONE
+        }
+    }
     fn temperature(self) -> bool {
-        matches!(self, Variant::Temp | Variant::Full)
+        self.switches(true).tau
     }
     fn gate(self) -> bool {
-        matches!(self, Variant::Gate | Variant::Full)
+        self.switches(true).gate
     }
     fn selective(self) -> bool {
-        matches!(self, Variant::Selective | Variant::Full)
+        self.switches(true).selective
     }
 }
 

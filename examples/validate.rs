@@ -21,8 +21,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
 use selattn::reference::{self, HostInputs, HostOutputs};
+use selattn::Switches;
 use selattn::{Context, DType, Error, Options, Outputs, Path, Shape, Spec};
-use selattn_tools::testing::{compare, random_inputs, round_f16, Cmp, Controls, DeviceInputs};
+use selattn_tools::testing::{compare, random_inputs, round_f16, Cmp, DeviceInputs};
 
 /// f32: every element within this, absolute plus relative. Measured over the full set on
 /// llvmpipe (Vulkan and GL): max abs error O 9.9e-7, LSE 8.5e-7, F_out 2.9e-6; norm-wise at
@@ -36,42 +37,45 @@ const F16_ELEM_TOL: f64 = 5e-3;
 /// f16 O: norm-wise relative error bound (DESIGN.md §4).
 const F16_NORM_TOL: f64 = 5e-3;
 
-/// One call variant: which options and optional inputs are on.
+/// One call variant: its name and its switches (causal, selective, optional inputs).
 #[derive(Clone, Copy, Debug)]
 struct Variant {
+    /// Name in reports.
     name: &'static str,
-    causal: bool,
-    selective: bool,
-    controls: Controls,
+    /// Which options and optional inputs are on.
+    switches: Switches,
 }
 
 fn variants() -> Vec<Variant> {
-    let c = |tau, alpha, gate, kv_len| Controls {
+    let c = |tau, alpha, gate, kv_len| Switches {
         tau,
         alpha,
         gate,
         kv_len,
+        ..Switches::NONE
     };
     let mut v = vec![];
     for causal in [false, true] {
-        let mut add = |name, selective, controls| {
+        let mut add = |name, selective, inputs: Switches| {
             v.push(Variant {
                 name,
-                causal,
-                selective,
-                controls,
+                switches: Switches {
+                    causal,
+                    selective,
+                    ..inputs.inputs()
+                },
             })
         };
-        add("plain", false, Controls::default());
+        add("plain", false, Switches::NONE);
         add("tau", false, c(true, false, false, false));
         add("alpha", false, c(false, true, false, false));
         add("gate", false, c(false, false, true, false));
         add("kv_len", false, c(false, false, false, true));
         if causal {
-            add("selective", true, Controls::default());
+            add("selective", true, Switches::NONE);
         }
         // Everything at once; selective masking only exists with causal.
-        add("full", causal, Controls::ALL);
+        add("full", causal, Switches::ALL);
     }
     v
 }
@@ -184,7 +188,7 @@ fn run_one(ctx: &Context, case: &Case, var: &Variant, elem: DType, path: Path, s
         variant: format!(
             "{}{}{}",
             if path == Path::Coop { "coop " } else { "" },
-            if var.causal { "causal " } else { "" },
+            if var.switches.causal { "causal " } else { "" },
             var.name
         ),
         case: case.name.to_string(),
@@ -199,20 +203,20 @@ fn run_one(ctx: &Context, case: &Case, var: &Variant, elem: DType, path: Path, s
     };
     let t = Instant::now();
     let shape = case.shape;
-    let mut opts = if var.causal {
+    let mut opts = if var.switches.causal {
         Options::causal()
     } else {
         Options::new()
     }
     .path(path);
-    if var.selective {
+    if var.switches.selective {
         // The last head selects, so the selection head is not always head 0.
         opts = opts.selective(shape.q_heads - 1);
     }
     if let Some(s) = case.start {
         opts = opts.start(s);
     }
-    let mut x: HostInputs = random_inputs(&shape, var.controls, seed);
+    let mut x: HostInputs = random_inputs(&shape, var.switches, seed);
     if case.empty_batch {
         if let Some(k) = x.kv_len.as_mut() {
             k[0] = 0;
@@ -227,7 +231,7 @@ fn run_one(ctx: &Context, case: &Case, var: &Variant, elem: DType, path: Path, s
     let spec = Spec {
         shape,
         options: opts,
-        present: x.present(var.selective),
+        present: x.present(var.switches.selective),
     };
     let reference = match reference::attention(&spec, &x) {
         Ok(r) => r,
@@ -261,7 +265,14 @@ fn run_one(ctx: &Context, case: &Case, var: &Variant, elem: DType, path: Path, s
         }
     };
     row.kernel = kernel;
-    compare_all(&mut row, &reference, &o, &lse, &f_out, var.selective);
+    compare_all(
+        &mut row,
+        &reference,
+        &o,
+        &lse,
+        &f_out,
+        var.switches.selective,
+    );
     row
 }
 

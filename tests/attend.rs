@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use selattn::reference;
+use selattn::Switches;
 use selattn::{Options, Shape, Spec};
 use selattn_tools::npy;
-use selattn_tools::testing::{compare, random_inputs, Controls, Rng};
+use selattn_tools::testing::{compare, random_inputs, Rng};
 
 /// A fresh directory for one test's files, removed when dropped.
 struct TempDir(PathBuf);
@@ -120,7 +121,7 @@ fn assert_fails(case: &str, r: &Run, code: i32, needles: &[&str]) {
 
 /// A small valid Q, K, V set; returns the arguments naming them.
 fn qkv(dir: &TempDir, shape: &Shape) -> Vec<String> {
-    let x = random_inputs(shape, Controls::default(), 3);
+    let x = random_inputs(shape, Switches::NONE, 3);
     vec![
         "--q".into(),
         dir.f32("q.npy", &shape.q_dims(), &x.q),
@@ -142,7 +143,7 @@ fn f32_causal_selective_every_option_matches_reference() {
     let dir = TempDir::new("every-option");
     // GQA, Nq < Nk, lengths that are no tile multiple, start inside the keys.
     let shape = Shape::new(2, 4, 12, 16).with_kv_heads(2).with_q_len(7);
-    let mut x = random_inputs(&shape, Controls::ALL, 11);
+    let mut x = random_inputs(&shape, Switches::ALL, 11);
     x.f0 = Some(Rng::new(12).range(0.0, 2.0, (shape.batch * shape.k_len) as usize));
     let kv_len = x.kv_len.clone().expect("kv_len");
     let options = Options::causal().selective(1).scale(0.3).start(4);
@@ -278,7 +279,7 @@ fn float64_file_is_refused() {
     let dir = TempDir::new("float64");
     let shape = small();
     let mut args = qkv(&dir, &shape);
-    let x = random_inputs(&shape, Controls::default(), 3);
+    let x = random_inputs(&shape, Switches::NONE, 3);
     let dims: Vec<usize> = shape.q_dims().iter().map(|&d| d as usize).collect();
     let bytes: Vec<u8> = x.q.iter().flat_map(|&v| (v as f64).to_le_bytes()).collect();
     args[1] = dir.raw("q64.npy", "<f8", &dims, &bytes);
@@ -313,7 +314,7 @@ fn wrong_head_dim_in_k_is_refused() {
     let shape = small();
     let mut args = qkv(&dir, &shape);
     let bad = Shape::new(1, 2, 5, 16);
-    let x = random_inputs(&bad, Controls::default(), 4);
+    let x = random_inputs(&bad, Switches::NONE, 4);
     args[3] = dir.f32("k16.npy", &bad.kv_dims(), &x.k);
     args.extend(["--out".into(), arg(&dir.path("o.npy"))]);
     let r = attend(&args);

@@ -7,9 +7,10 @@
 //! has exactly one writer and every sum runs in a fixed order, so repeat runs are bit-identical.
 
 use super::selective::{ColsumConfig, ScanConfig};
-use super::{Features, Kernel, KernelKey, Params};
+use super::{Kernel, KernelKey, Params};
 use crate::device::Capabilities;
 use crate::spec::Resolved;
+use crate::Switches;
 use crate::{DType, Error, Result};
 
 /// One entry point of the backward shader.
@@ -61,7 +62,7 @@ pub struct BackwardConfig {
     /// Threads per workgroup of the tiled entries.
     pub wg: u32,
     /// Operator features (`lse` unused).
-    pub features: Features,
+    pub features: Switches,
 }
 
 impl BackwardConfig {
@@ -219,7 +220,7 @@ pub struct BackwardPlan {
     /// Threads per workgroup of the tiled entries.
     pub wg: u32,
     /// Operator features.
-    pub features: Features,
+    pub features: Switches,
     /// The forward's selective passes that rebuild C with this plan's BR.
     pub selective: Option<(ColsumConfig, ScanConfig)>,
     /// Gradients computed.
@@ -248,14 +249,9 @@ impl BackwardPlan {
                 limit: (1 << 24) - 1,
             });
         }
-        let features = Features {
-            causal: r.options.causal,
-            tau: pr.tau,
-            alpha: pr.alpha,
-            gate: pr.gate,
-            kv_len: pr.kv_len,
-            selective,
+        let features = Switches {
             lse: false,
+            ..pr.for_kernel()
         };
         let (br, bc, wg) = choose_tiles(caps, s.head_dim, selective)?;
         let n_qtiles = s.q_len.div_ceil(br);
@@ -434,14 +430,8 @@ impl BackwardPlan {
     pub fn key(&self, entry: Entry) -> KernelKey {
         let tiled = !matches!(entry, Entry::Prep | Entry::Fscan | Entry::Finish);
         let features = match entry {
-            Entry::Fscan | Entry::Finish => Features::default(),
-            Entry::Prep => Features {
-                tau: self.features.tau,
-                alpha: self.features.alpha,
-                gate: self.features.gate,
-                kv_len: self.features.kv_len,
-                ..Features::default()
-            },
+            Entry::Fscan | Entry::Finish => Switches::NONE,
+            Entry::Prep => self.features.inputs(),
             _ => self.features,
         };
         KernelKey {

@@ -11,7 +11,8 @@ use std::rc::Rc;
 
 use selattn::reference::{self, HostInputs, HostOutputs};
 use selattn::{Context, DType, Error, Options, Outputs, Path, Shape, Spec};
-use selattn_tools::testing::{compare, random_inputs, round_f16, Cmp, Controls, DeviceInputs};
+use selattn::Switches;
+use selattn_tools::testing::{compare, random_inputs, round_f16, Cmp, DeviceInputs};
 use wasm_bindgen::prelude::*;
 
 /// f32: every element within this, absolute plus relative (as `examples/validate`).
@@ -23,47 +24,46 @@ pub const F16_ELEM_TOL: f64 = 5e-3;
 /// f16 O: norm-wise relative error bound.
 pub const F16_NORM_TOL: f64 = 5e-3;
 
-/// One call variant: which options and optional inputs are on.
+/// One call variant: its name and its switches (causal, selective, optional inputs).
 #[derive(Clone, Copy, Debug)]
 pub struct Variant {
-    /// Name in the report.
+    /// Name in reports.
     pub name: &'static str,
-    /// Causal masking.
-    pub causal: bool,
-    /// Selective masking (the last head selects).
-    pub selective: bool,
-    /// tau, alpha, gate, kv_len.
-    pub controls: Controls,
+    /// Which options and optional inputs are on.
+    pub switches: Switches,
 }
 
 /// The variants of `examples/validate`: plain, tau, alpha, gate, kv_len, non-causal and
 /// causal, selective, and everything at once.
 pub fn variants() -> Vec<Variant> {
-    let c = |tau, alpha, gate, kv_len| Controls {
+    let c = |tau, alpha, gate, kv_len| Switches {
         tau,
         alpha,
         gate,
         kv_len,
+        ..Switches::NONE
     };
     let mut v = vec![];
     for causal in [false, true] {
-        let mut add = |name, selective, controls| {
+        let mut add = |name, selective, inputs: Switches| {
             v.push(Variant {
                 name,
-                causal,
-                selective,
-                controls,
+                switches: Switches {
+                    causal,
+                    selective,
+                    ..inputs.inputs()
+                },
             })
         };
-        add("plain", false, Controls::default());
+        add("plain", false, Switches::NONE);
         add("tau", false, c(true, false, false, false));
         add("alpha", false, c(false, true, false, false));
         add("gate", false, c(false, false, true, false));
         add("kv_len", false, c(false, false, false, true));
         if causal {
-            add("selective", true, Controls::default());
+            add("selective", true, Switches::NONE);
         }
-        add("full", causal, Controls::ALL);
+        add("full", causal, Switches::ALL);
     }
     v
 }
@@ -238,7 +238,7 @@ pub async fn run_one(
         variant: format!(
             "{}{}{}",
             if path == Path::Coop { "coop " } else { "" },
-            if var.causal { "causal " } else { "" },
+            if var.switches.causal { "causal " } else { "" },
             var.name
         ),
         case: case.name.to_string(),
@@ -251,19 +251,19 @@ pub async fn run_one(
         ms: 0.0,
     };
     let shape = case.shape;
-    let mut opts = if var.causal {
+    let mut opts = if var.switches.causal {
         Options::causal()
     } else {
         Options::new()
     }
     .path(path);
-    if var.selective {
+    if var.switches.selective {
         opts = opts.selective(shape.q_heads - 1);
     }
     if let Some(s) = case.start {
         opts = opts.start(s);
     }
-    let mut x: HostInputs = random_inputs(&shape, var.controls, seed);
+    let mut x: HostInputs = random_inputs(&shape, var.switches, seed);
     if case.empty_batch {
         if let Some(k) = x.kv_len.as_mut() {
             k[0] = 0;
@@ -277,7 +277,7 @@ pub async fn run_one(
     let spec = Spec {
         shape,
         options: opts,
-        present: x.present(var.selective),
+        present: x.present(var.switches.selective),
     };
     let reference = match reference::attention(&spec, &x) {
         Ok(r) => r,
@@ -292,7 +292,7 @@ pub async fn run_one(
     match run {
         Ok((kernel, o, lse, f_out)) => {
             row.kernel = kernel;
-            compare_all(&mut row, &reference, &o, &lse, &f_out, var.selective);
+            compare_all(&mut row, &reference, &o, &lse, &f_out, var.switches.selective);
         }
         Err(e @ Error::PathUnavailable { .. }) if path == Path::Coop => {
             row.error = Some(format!("skipped: {e}"));
@@ -449,7 +449,7 @@ pub async fn validate(level: u32, on_row: js_sys::Function) -> Result<String, Js
             .collect();
         let variants: Vec<Variant> = variants()
             .into_iter()
-            .filter(|v| (!v.causal && v.name == "plain") || (v.causal && v.name == "full"))
+            .filter(|v| (!v.switches.causal && v.name == "plain") || (v.switches.causal && v.name == "full"))
             .collect();
         (cases, variants)
     } else {
@@ -556,7 +556,7 @@ async fn bench_one(
     iters: u32,
 ) -> selattn::Result<(f64, f64)> {
     let shape = case.shape;
-    let x = random_inputs(&shape, Controls::default(), 7);
+    let x = random_inputs(&shape, Switches::NONE, 7);
     let g = DeviceInputs::upload(ctx, &shape, &x, elem)?;
     let o = ctx.empty(&shape.q_dims(), elem)?;
     let mut opts = if case.causal {
