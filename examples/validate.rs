@@ -538,24 +538,21 @@ fn write_json(path: &str, header: &str, adapters: &[String], rows: &[Row]) -> st
     std::fs::write(path, format!("{report:#}\n"))
 }
 
+/// Every kernel variant on every adapter wgpu finds, against the f64 CPU reference; exits 1 on
+/// any failure.
+#[derive(clap::Parser)]
+#[command(name = "validate")]
+struct Cli {
+    /// Fewer shapes.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the report as JSON.
+    #[arg(long, value_name = "PATH")]
+    json: Option<String>,
+}
+
 fn main() {
-    let mut json = None;
-    let mut quick = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--quick" => quick = true,
-            "--json" => json = args.next(),
-            "-h" | "--help" => {
-                println!("usage: validate [--quick] [--json PATH]");
-                return;
-            }
-            other => {
-                eprintln!("unknown argument {other}; usage: validate [--quick] [--json PATH]");
-                std::process::exit(2);
-            }
-        }
-    }
+    let Cli { quick, json } = <Cli as clap::Parser>::parse();
 
     let header = machine_header();
     print!("{header}");
