@@ -27,7 +27,6 @@ use selattn_tools::validation::{
     self, cases, variants, Case, Variant, F16_ELEM_TOL, F16_NORM_TOL, F32_ELEM_TOL, F32_NORM_TOL,
 };
 
-
 /// One row of the report.
 #[derive(Clone, Debug)]
 struct Row {
@@ -59,7 +58,6 @@ impl Row {
             })
     }
 }
-
 
 /// Runs one (case, variant, dtype) with poisoned outputs, compares it with the reference.
 fn run_one(ctx: &Context, case: &Case, var: &Variant, elem: DType, path: Path, seed: u64) -> Row {
@@ -162,7 +160,6 @@ fn run_gpu(
     };
     Ok((kernel, ctx.download(&o)?, ctx.download(&lse)?, f_out))
 }
-
 
 /// What the machine is, for a bug report.
 fn machine_header() -> String {

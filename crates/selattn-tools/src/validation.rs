@@ -189,8 +189,8 @@ pub fn prepare(
         options,
         present: x.present(var.switches.selective),
     };
-    let reference = reference::attention(&spec, &x)
-        .map_err(|e| format!("reference rejected the case: {e}"))?;
+    let reference =
+        reference::attention(&spec, &x).map_err(|e| format!("reference rejected the case: {e}"))?;
     Ok(Prepared {
         options,
         inputs: x,
