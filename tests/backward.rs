@@ -16,7 +16,7 @@ use selattn::kernels::Kernel;
 use selattn::reference::HostInputs;
 use selattn::reference_backward::{backward, HostGrads};
 use selattn::{
-    BackwardPlan, Context, DType, Error, Grads, Options, Path, Present, Shape, Spec, Upstream,
+    BackwardPlan, Context, DType, Error, Grads, Options, Path, Shape, Spec, Switches, Upstream,
 };
 
 /// f32 storage: norm-wise relative error per gradient (DESIGN.md §4 asks under 1e-5 of the
@@ -37,7 +37,7 @@ fn bcase(
     name: &str,
     shape: Shape,
     opts: Options,
-    c: Controls,
+    c: Switches,
     f0: bool,
     df_out: bool,
     kv_len: Option<Vec<u32>>,
@@ -64,7 +64,7 @@ fn bcase(
             shape.k_len,
             shape.head_dim,
             opts_name(&opts),
-            c.name(),
+            inputs_name(&c),
             if f0 { " +F0" } else { "" },
             if df_out.is_some() { " +dF_out" } else { "" },
         ),
@@ -79,8 +79,8 @@ fn bcase(
 /// The cases share feature sets and head dims where they can: every distinct (head dim, options)
 /// is a set of pipelines to compile, which dominates the run time on software adapters.
 fn cases() -> Vec<BCase> {
-    let all = Controls::ALL;
-    let none = Controls::default();
+    let all = Switches::ALL;
+    let none = Switches::NONE;
     let sel = |h| Options::causal().selective(h);
     vec![
         // 0
@@ -559,7 +559,7 @@ fn invalid_calls_return_typed_errors() {
     let ctx = &contexts()[0];
     // Nq != Nk, so Q-shaped and K-shaped tensors differ.
     let s = Shape::new(1, 2, 9, 8).with_q_len(5);
-    let x = random_inputs(&s, Controls::default(), 1);
+    let x = random_inputs(&s, Switches::NONE, 1);
     let g = Gpu::upload(ctx, &s, &x, DType::F32);
     let t = |dims: Vec<u64>| ctx.empty(&dims, DType::F32).unwrap();
     let (o, lse, d_o) = (t(s.q_dims()), t(s.row_dims()), t(s.q_dims()));
@@ -680,13 +680,13 @@ fn scratch_bytes_bound() {
                 let r = Spec {
                     shape: Shape::new(bn, hq, n, d).with_kv_heads(hkv),
                     options,
-                    present: Present {
+                    present: Switches {
                         tau: true,
                         alpha: true,
                         gate: true,
                         kv_len: true,
                         lse: true,
-                        ..Present::default()
+                        ..Switches::default()
                     },
                 }
                 .validate()
@@ -758,7 +758,7 @@ fn chunked_backward_equals_whole() {
         "chunked",
         shape,
         opts,
-        Controls::ALL,
+        Switches::ALL,
         true,
         true,
         Some(vec![40, 23]),
@@ -857,8 +857,8 @@ fn chunked_backward_equals_whole() {
 /// of 16 up to 128), and larger ones that span several 64-key and 64-row workgroups, staged
 /// tiles and 16-row chunks (cheap on a GPU with tensor cores, the only place they run).
 fn coop_cases() -> Vec<BCase> {
-    let all = Controls::ALL;
-    let none = Controls::default();
+    let all = Switches::ALL;
+    let none = Switches::NONE;
     let sel = |h| Options::causal().selective(h);
     let mut v: Vec<BCase> = cases()
         .into_iter()
@@ -938,9 +938,9 @@ fn coop_path_choice() {
                     let spec = |path| Spec {
                         shape: Shape::new(1, 2, 40, d),
                         options: options.path(path),
-                        present: Present {
+                        present: Switches {
                             lse: true,
-                            ..Present::default()
+                            ..Switches::default()
                         },
                     };
                     let r = spec(Path::Auto).validate().unwrap();
@@ -1006,9 +1006,9 @@ fn coop_backward() {
         let probe = Spec {
             shape: Shape::new(1, 1, 16, 64),
             options: Options::new().path(Path::Coop),
-            present: Present {
+            present: Switches {
                 lse: true,
-                ..Present::default()
+                ..Switches::default()
             },
         }
         .validate()

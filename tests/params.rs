@@ -19,7 +19,7 @@ fn text_of(src: Source) -> String {
         bt: 32,
         ct: 16,
         sgs: 32,
-        features: selattn::kernels::Features::default(),
+        features: selattn::Switches::NONE,
     }
     .wgsl(&text)
 }

@@ -18,7 +18,8 @@ use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use selattn::kernels::{Kernel, KernelKey, Source};
 use selattn::DType;
-use selattn_tools::variants::{self, Switches};
+use selattn::Switches;
+use selattn_tools::variants;
 
 /// The SPIR-V version naga writes and the environment spirv-val checks it against: Vulkan 1.1
 /// (SPIR-V 1.3), the oldest wgpu's Vulkan backend writes beyond 1.0 for.

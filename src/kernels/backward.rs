@@ -11,9 +11,10 @@
 
 use super::coop_backward::{CoopBackwardConfig, ROWS};
 use super::selective::{ColsumConfig, ScanConfig};
-use super::{Features, Kernel, KernelKey, Params};
+use super::{Kernel, KernelKey, Params};
 use crate::device::Capabilities;
 use crate::spec::{Path, Resolved};
+use crate::Switches;
 use crate::{DType, Error, Result};
 
 /// One entry point of the backward shader.
@@ -65,7 +66,7 @@ pub struct BackwardConfig {
     /// Threads per workgroup of the tiled entries.
     pub wg: u32,
     /// Operator features (`lse` unused).
-    pub features: Features,
+    pub features: Switches,
 }
 
 impl BackwardConfig {
@@ -234,7 +235,7 @@ pub struct BackwardPlan {
     /// Threads per workgroup of the tiled entries.
     pub wg: u32,
     /// Operator features.
-    pub features: Features,
+    pub features: Switches,
     /// The forward's selective passes that rebuild C with this plan's BR.
     pub selective: Option<(ColsumConfig, ScanConfig)>,
     /// Gradients computed.
@@ -270,14 +271,9 @@ impl BackwardPlan {
                 limit: (1 << 24) - 1,
             });
         }
-        let features = Features {
-            causal: r.options.causal,
-            tau: pr.tau,
-            alpha: pr.alpha,
-            gate: pr.gate,
-            kv_len: pr.kv_len,
-            selective,
+        let features = Switches {
             lse: false,
+            ..pr.for_kernel()
         };
         // The cooperative-matrix path takes f16 storage only (f32 keeps f32 accuracy). Its
         // selective tiles (the C of the forward's passes, and the scalar selq/selk entries) are
@@ -519,14 +515,8 @@ impl BackwardPlan {
         }
         let tiled = !matches!(entry, Entry::Prep | Entry::Fscan | Entry::Finish);
         let features = match entry {
-            Entry::Fscan | Entry::Finish => Features::default(),
-            Entry::Prep => Features {
-                tau: self.features.tau,
-                alpha: self.features.alpha,
-                gate: self.features.gate,
-                kv_len: self.features.kv_len,
-                ..Features::default()
-            },
+            Entry::Fscan | Entry::Finish => Switches::NONE,
+            Entry::Prep => self.features.inputs(),
             _ => self.features,
         };
         KernelKey {

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use super::Features;
 use crate::device::Capabilities;
+use crate::Switches;
 
 /// Subgroups per workgroup: each owns 16 keys (dkv) or 16 query rows (dq).
 pub const SUBGROUPS: u32 = 4;
@@ -44,7 +44,7 @@ pub struct CoopBackwardConfig {
     /// The adapter's fixed subgroup size.
     pub sgs: u32,
     /// Operator features (`lse` unused).
-    pub features: Features,
+    pub features: Switches,
 }
 
 impl CoopBackwardConfig {
@@ -103,7 +103,7 @@ impl CoopBackwardConfig {
         caps: &Capabilities,
         d: u32,
         ct: u32,
-        features: Features,
+        features: Switches,
     ) -> Result<(CoopBackwardConfig, CoopBackwardConfig), &'static str> {
         if !caps.coop_16x16_f16() {
             return Err("no 16x16x16 f16->f32 cooperative matrix configuration");

@@ -13,7 +13,7 @@ pub(crate) mod gpu;
 pub mod selective;
 
 pub use crate::device::STORAGE_BUFFERS_NEEDED;
-use crate::{DType, Error, Result};
+use crate::{DType, Error, Result, Switches};
 
 /// Shader source files, loaded with `include_str!`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -87,27 +87,20 @@ impl Source {
     }
 }
 
-/// The operator features a forward kernel is specialised for. The scalar and the
-/// cooperative-matrix kernels share them (and the `override` names in their shaders).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Features {
-    /// Causal masking.
-    pub causal: bool,
-    /// Per-query temperature.
-    pub tau: bool,
-    /// Positional temperature.
-    pub alpha: bool,
-    /// Value gate.
-    pub gate: bool,
-    /// kv_len.
-    pub kv_len: bool,
-    /// Selective masking.
-    pub selective: bool,
-    /// Write LSE.
-    pub lse: bool,
-}
+// The operator switches a forward kernel is specialised on: [`Switches`] with `f0` and `f_out`
+// off (the kernels never read them; the selective passes handle F). The scalar and the
+// cooperative-matrix kernels share them (and the `override` names in their shaders).
+impl Switches {
+    /// The switches with those no kernel is specialised on (`f0`, `f_out`) turned off, so
+    /// calls that differ only there share a pipeline.
+    pub fn for_kernel(self) -> Switches {
+        Switches {
+            f0: false,
+            f_out: false,
+            ..self
+        }
+    }
 
-impl Features {
     pub(crate) fn constants(&self) -> [(&'static str, f64); 7] {
         [
             ("CAUSAL", flag(self.causal)),
