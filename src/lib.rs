@@ -84,5 +84,5 @@ pub use error::{Error, GpuSource, Result, NO_ADAPTER_HINT};
 pub use kernels::backward::BackwardPlan;
 pub use kernels::forward::Plan;
 pub use merge::{merge_partials, merge_partials_reference, Partial};
-pub use spec::{Options, Path, Present, Role, Shape, Spec};
+pub use spec::{Options, Path, Role, Shape, Spec, Switches};
 pub use tensor::Tensor;

@@ -6,13 +6,14 @@
 
 pub mod backward;
 pub mod coop;
+pub mod coop_backward;
 pub mod decode;
 pub mod forward;
 pub(crate) mod gpu;
 pub mod selective;
 
 pub use crate::device::STORAGE_BUFFERS_NEEDED;
-use crate::{DType, Error, Result};
+use crate::{DType, Error, Result, Switches};
 
 /// Shader source files, loaded with `include_str!`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -33,13 +34,15 @@ pub enum Source {
     Merge,
     /// `shaders/backward.wgsl`.
     Backward,
+    /// `shaders/coop_backward.wgsl` (a template like `CoopForward`).
+    CoopBackward,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 8] = [
+    pub const ALL: [Source; 9] = [
         Source::Forward,
         Source::Selective,
         Source::CoopForward,
@@ -48,6 +51,7 @@ impl Source {
         Source::Decode,
         Source::Merge,
         Source::Backward,
+        Source::CoopBackward,
     ];
 
     fn body(self) -> &'static str {
@@ -60,6 +64,7 @@ impl Source {
             Source::Decode => include_str!("../../shaders/decode.wgsl"),
             Source::Merge => include_str!("../../shaders/merge.wgsl"),
             Source::Backward => include_str!("../../shaders/backward.wgsl"),
+            Source::CoopBackward => include_str!("../../shaders/coop_backward.wgsl"),
         }
     }
 
@@ -74,7 +79,7 @@ impl Source {
 
     fn text_of(self, elem: DType, body: &str) -> Result<String> {
         let prelude = match (self, elem) {
-            (Source::CoopForward | Source::CoopColsum, _) => {
+            (Source::CoopForward | Source::CoopColsum | Source::CoopBackward, _) => {
                 // naga's uniformity analysis is coarser than WGSL's and flags cooperative
                 // operations after any loop bounded by the invocation index; the kernel keeps
                 // every cooperative operation in workgroup-uniform control flow.
@@ -94,27 +99,20 @@ impl Source {
     }
 }
 
-/// The operator features a forward kernel is specialised for. The scalar and the
-/// cooperative-matrix kernels share them (and the `override` names in their shaders).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Features {
-    /// Causal masking.
-    pub causal: bool,
-    /// Per-query temperature.
-    pub tau: bool,
-    /// Positional temperature.
-    pub alpha: bool,
-    /// Value gate.
-    pub gate: bool,
-    /// kv_len.
-    pub kv_len: bool,
-    /// Selective masking.
-    pub selective: bool,
-    /// Write LSE.
-    pub lse: bool,
-}
+// The operator switches a forward kernel is specialised on: [`Switches`] with `f0` and `f_out`
+// off (the kernels never read them; the selective passes handle F). The scalar and the
+// cooperative-matrix kernels share them (and the `override` names in their shaders).
+impl Switches {
+    /// The switches with those no kernel is specialised on (`f0`, `f_out`) turned off, so
+    /// calls that differ only there share a pipeline.
+    pub fn for_kernel(self) -> Switches {
+        Switches {
+            f0: false,
+            f_out: false,
+            ..self
+        }
+    }
 
-impl Features {
     pub(crate) fn constants(&self) -> [(&'static str, f64); 7] {
         [
             ("CAUSAL", flag(self.causal)),
@@ -151,6 +149,8 @@ pub enum Kernel {
     MergePair(crate::merge::MergePairConfig),
     /// One entry point of the backward pass.
     Backward(backward::BackwardConfig),
+    /// One entry point of the cooperative-matrix backward pass.
+    CoopBackward(coop_backward::CoopBackwardConfig),
 }
 
 /// One pipeline variant: kernel, specialisation and storage element type.
@@ -176,6 +176,7 @@ impl KernelKey {
             }
             Kernel::MergePair(_) => Source::Merge,
             Kernel::Backward(_) => Source::Backward,
+            Kernel::CoopBackward(_) => Source::CoopBackward,
         }
     }
 
@@ -185,6 +186,7 @@ impl KernelKey {
         Ok(match self.kernel {
             Kernel::CoopForward(c) => c.wgsl(&source.text(self.elem)?),
             Kernel::SelColsum(c) => c.wgsl(&source.text(self.elem)?),
+            Kernel::CoopBackward(c) => c.wgsl(&source.text(self.elem)?),
             Kernel::DecodeAttend(c) => {
                 source.text_of(self.elem, &decode::unroll(source.body(), &|n| c.unroll(n))?)?
             }
@@ -206,6 +208,7 @@ impl KernelKey {
             Kernel::DecodeMerge(_) => "merge",
             Kernel::MergePair(_) => "merge_pair",
             Kernel::Backward(c) => c.entry.name(),
+            Kernel::CoopBackward(c) => c.entry_name(),
         }
     }
 
@@ -222,6 +225,7 @@ impl KernelKey {
             Kernel::DecodeMerge(c) => c.constants(),
             Kernel::MergePair(c) => c.constants(),
             Kernel::Backward(c) => c.constants(),
+            Kernel::CoopBackward(c) => c.constants(),
         }
     }
 }
