@@ -1104,6 +1104,39 @@ fn bad_input_gets_typed_errors() {
             ),
             "[{name}] {e:?}"
         );
+        // Per-sequence counts: one per sequence, each at most the step's tokens; truncation
+        // inside the sequence's range only. Nothing changes on refusal.
+        let before = (cache.lens().to_vec(), cache.positions().to_vec());
+        for (counts, what) in [
+            (&[1u32][..], "one per sequence"),
+            (&[1, 2][..], "at most n"),
+        ] {
+            let e = cache
+                .step(
+                    ctx,
+                    &Step::new(&q1, &k1, &v1).counts(counts),
+                    &DecodeOptions::new(),
+                    &Outputs::new(&o),
+                )
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::LengthMismatch { .. }),
+                "[{name}] counts {what}: {e:?}"
+            );
+        }
+        let e = cache.truncate_sequence(2, 0).unwrap_err();
+        assert!(matches!(e, Error::LengthMismatch { .. }), "[{name}] {e:?}");
+        let end = cache.positions()[1];
+        let e = cache.truncate_sequence(1, end + 1).unwrap_err();
+        assert!(
+            matches!(e, Error::CannotTruncate { batch: 1, .. }),
+            "[{name}] {e:?}"
+        );
+        assert_eq!(
+            (cache.lens().to_vec(), cache.positions().to_vec()),
+            before,
+            "[{name}] a refused call changed the cache"
+        );
         let e = cache
             .step(
                 ctx,
