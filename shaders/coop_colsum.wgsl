@@ -60,7 +60,7 @@ fn coop_colsum(
     let sel_kv = sel / p.group;
     var valid = p.k_len;
     if HAS_KVLEN {
-        valid = min(kv_len[b], p.k_len);
+        valid = valid_key_count(kv_len[b], p.k_len);
     }
     // Largest position + 1 of a contributing row: keys at or past it get nothing from this tile.
     let pend = min(p.start + min(row0 + BR, p.q_len), valid);
@@ -104,7 +104,7 @@ fn coop_colsum(
             if work {
                 for (var r = 0u; r < BR; r++) {
                     let pos = p.start + row0 + r;
-                    if row0 + r < p.q_len && j > 0u && j < pos && pos < valid {
+                    if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
                         sum += max(sbuf[r * SP + c] * p.scale, 0.0);
                     }
                 }

@@ -11,10 +11,12 @@
 //      room for both) and S tile; column prefix of its relu'd logits over the tile's rows, added
 //      to the carried C;
 //   3. loads for this tile's V and the next tile's K are issued, then the softmax runs while they
-//      are in flight: per row z = S * scale * t * log2(e) - F over the allowed prefix of keys;
-//      lazy online softmax: the running max only moves when a tile's max exceeds it by more than
-//      8 (log2 units), so O is rescaled (a round trip through workgroup memory) rarely; P written
-//      as f16 (values <= 2^8), row sums kept in f32;
+//      are in flight: per row z = (S * scale * t - F) * U over the allowed prefix of keys, in
+//      units U = log2(e) / 8 so that neither a logit near the f32 limit nor a difference of two
+//      such logits overflows (issue 9); p = exp2(8 * max(z - m, -16)), clamped so the product is
+//      finite too. Lazy online softmax: the running max only moves when a tile's max exceeds it
+//      by more than 8 (log2 units), so O is rescaled (a round trip through workgroup memory)
+//      rarely; P written as f16 (values <= 2^8), row sums kept in f32;
 //   4. V (gated) stored to workgroup memory; O += P V with MMAs.
 // A WGSL cooperative matrix has no per-element access, hence the round trips through memory.
 // Bounds: global reads are guarded by q_len / valid-key checks during staging; cooperative loads
@@ -58,8 +60,17 @@ override SP: u32 = BC + 4u;    // padded f32 row stride of S
 // are staged together, two barriers fewer per tile.
 override PAIR: bool = SELECTIVE && 2u * BC <= max(BR, BC);
 override PP: u32 = BC + 8u;    // padded f16 row stride of P
-// Lazy rescale threshold in log2 units: P stays <= 2^8, far inside f16 range.
-const RESCALE_AT: f32 = 8.0;
+// Softmax units: logits times U (log2(e) / 8), exponentiated as exp2(UX * (z - m)). |z| stays
+// under FLT_MAX * 0.18 for every logit that fits in f32 and F under F_CAP, so z - m never
+// overflows; the difference is clamped to -16 (2^-128, 0 in f32) before the multiply by UX.
+const U: f32 = LOG2E * 0.125;
+const UX: f32 = 8.0;
+const DIFF_MIN: f32 = -16.0;
+// F (selective) in units of U is capped here (F * U beyond it makes every such key's p exactly
+// 0 anyway), so that no sum of F terms ever becomes infinite.
+const F_CAP: f32 = 6.0e37;
+// Lazy rescale threshold, 8 log2 units in units of U: P stays <= 2^8, far inside f16 range.
+const RESCALE_AT: f32 = 1.0;
 
 var<workgroup> kbuf: array<f16, max(BR, BC) * DP>;   // Q staging (BR rows), then K and V tiles
 var<workgroup> sbuf: array<f32, BR * SP>;
@@ -78,20 +89,27 @@ var<workgroup> rescale: array<atomic<u32>, 4>;
 
 fn valid_keys(b: u32) -> u32 {
     if HAS_KVLEN {
-        return min(kv_len[b], p.k_len);
+        return valid_key_count(kv_len[b], p.k_len);
     }
     return p.k_len;
 }
 
+// scale * t_i in units of U (see U): log2(e) is not folded in whole, so a logit near the f32
+// limit stays finite.
 fn row_factor(b: u32, h: u32, i: u32) -> f32 {
     var t = 1.0;
     if HAS_TAU {
         t = tau[(b * p.q_heads + h) * p.q_len + i];
     }
     if HAS_ALPHA {
-        t += alpha[h] * log(f32(p.start + i + 1u));
+        t = temperature(t, alpha[h], p.start + i);
     }
-    return p.scale * t * LOG2E;
+    return p.scale * t * U;
+}
+
+// exp2(UX * (z - m)) for z <= m + RESCALE_AT, finite for every finite z and m of the softmax.
+fn p_of(z: f32, m: f32) -> f32 {
+    return exp2(max(z - m, DIFF_MIN) * UX);
 }
 
 // Stores 8 f16 (one 16-byte global word) at kbuf[at..at+8], scaled by g.
@@ -145,7 +163,7 @@ fn coop_forward(
         atomicStore(&rescale[0], 0u);
     }
     for (var r = tid; r < BR; r += WG) {
-        row_m[r] = MASKED;
+        row_m[r] = LOWEST;
         row_l[r] = 0.0;
         row_c[r] = 1.0;
         var f = 0.0;
@@ -242,7 +260,8 @@ fn coop_forward(
             }
         }
         workgroupBarrier();
-        // 3. Selective: F = C + exclusive column prefix of S_sel inside the tile, log2-scaled.
+        // 3. Selective: F = C + exclusive column prefix of S_sel inside the tile, in units of U
+        //    and capped at F_CAP (each term is below FLT_MAX * 0.18, so no sum overflows).
         //    Two levels so every thread works: WG / BC row chunks per column; chunk totals first,
         //    then each chunk walks its rows from C plus the totals of the chunks above it.
         if SELECTIVE {
@@ -250,29 +269,31 @@ fn coop_forward(
             let chunk = tid / BC;
             let r0 = chunk * CHUNK;
             let j = kt + c;
+            let su = p.scale * U;
             var tot = 0.0;
             for (var r = r0; r < r0 + CHUNK; r++) {
                 let pos = p.start + row0 + r;
-                if row0 + r < p.q_len && j > 0u && j < pos && pos < valid {
-                    tot += max(fsel[r * SP + c] * (p.scale * LOG2E), 0.0);
+                if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
+                    tot = min(tot + max(fsel[r * SP + c] * su, 0.0), F_CAP);
                 }
             }
             ctot[chunk * BC + c] = tot;
             workgroupBarrier();
             var run = 0.0;
             if j < p.k_len {
-                run = fcarry[(b * p.n_qtiles + qt) * p.k_len + j] * LOG2E;
+                // C is F0 plus sums of relu'd logits: finite for any input whose F fits in f32.
+                run = min(fcarry[(b * p.n_qtiles + qt) * p.k_len + j] * U, F_CAP);
             }
             for (var q2 = 0u; q2 < chunk; q2++) {
-                run += ctot[q2 * BC + c];
+                run = min(run + ctot[q2 * BC + c], F_CAP);
             }
             for (var r = r0; r < r0 + CHUNK; r++) {
                 let pos = p.start + row0 + r;
                 let e = r * SP + c;
                 let s = fsel[e];
                 fsel[e] = run;
-                if row0 + r < p.q_len && j > 0u && j < pos && pos < valid {
-                    run += max(s * (p.scale * LOG2E), 0.0);
+                if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
+                    run = min(run + max(s * su, 0.0), F_CAP);
                 }
             }
             workgroupBarrier();
@@ -313,7 +334,9 @@ fn coop_forward(
                 ncol = lim - kt;
             }
             let rf = row_f[r];
-            var mx = MASKED;
+            // Whether a row has started is read off its sum (>= 1 once any key was allowed: the
+            // tile that sets the max contributes exp2(0)), never off the max's value.
+            var mx = LOWEST;
             for (var c = part; c < ncol; c += LPR) {
                 var z = sbuf[r * SP + c] * rf;
                 if SELECTIVE {
@@ -327,11 +350,11 @@ fn coop_forward(
             let m_old = row_m[r];
             var m_new = m_old;
             var corr = 1.0;
-            if m_old <= MASKED_HALF {
+            if row_l[r] == 0.0 {
                 m_new = mx;          // nothing accumulated yet: no rescale needed
             } else if mx > m_old + RESCALE_AT {
                 m_new = mx;
-                corr = exp2(m_old - mx);
+                corr = p_of(m_old, mx);
             }
             var sum = 0.0;
             for (var c = part; c < BC; c += LPR) {
@@ -341,7 +364,7 @@ fn coop_forward(
                     if SELECTIVE {
                         z -= fsel[r * SP + c];
                     }
-                    pf = exp2(z - m_new);
+                    pf = p_of(z, m_new);
                 }
                 // P goes to the MMA as f16; the row sum (hence LSE) keeps f32 precision.
                 pbuf[r * PP + c] = f16(pf);
@@ -392,7 +415,7 @@ fn coop_forward(
             let i = row0 + r;
             if i < p.q_len {
                 let l = row_l[r];
-                lse[(b * p.q_heads + h) * p.q_len + i] = lse_bits(row_m[r], l);
+                lse[(b * p.q_heads + h) * p.q_len + i] = lse_bits_ln(row_m[r] * (UX * LN2), l);
             }
         }
     }

@@ -192,8 +192,7 @@ impl CoopConfig {
         let c2 = e % 8u;
         let i = row0 + r;
         if i < p.q_len {{
-            let l = row_l[r];
-            let inv = select(0.0, 1.0 / l, l > 0.0);
+            let inv = inv_or_zero(row_l[r]);
             let x = vec2<f32>(sbuf[r * SP + 2u * c2], sbuf[r * SP + 2u * c2 + 1u]) * inv;
             o[((b * p.q_heads + h) * p.q_len + i) * (D / 2u) + {o8}u + c2] = pack2x16float(x);
         }}
