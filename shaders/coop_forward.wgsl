@@ -47,6 +47,16 @@ override HAS_GATE: bool = false;
 override HAS_KVLEN: bool = false;
 override SELECTIVE: bool = false;
 override WRITE_LSE: bool = false;
+// Tuning (chosen by the planner; `SELATTN_COOP_ABLATE` turns each off for ablations):
+// VSEP: V staged in its own rows of kbuf (where workgroup memory allows; not with SELECTIVE), so
+//   the barrier at the top of the key loop goes and the one between S and the softmax guards only
+//   the subgroup's own rows (`subgroupBarrier` where the adapter has it: the generator writes one).
+// ILP (in the generator): S = Q K^T with the BC / 16 key blocks' accumulators interleaved
+//   (independent MMA chains) instead of one block after the other.
+// FIXED: the softmax's max pass runs over all BC columns with a mask (a loop the compiler can
+//   unroll) instead of stopping at the row's last allowed key.
+override VSEP: bool = false;
+override FIXED: bool = true;
 
 override WG: u32 = (BR / 16u) * SGS;
 override LPR: u32 = SGS / 16u;   // lanes per row in the softmax
@@ -72,7 +82,9 @@ const F_CAP: f32 = 6.0e37;
 // Lazy rescale threshold, 8 log2 units in units of U: P stays <= 2^8, far inside f16 range.
 const RESCALE_AT: f32 = 1.0;
 
-var<workgroup> kbuf: array<f16, max(BR, BC) * DP>;   // Q staging (BR rows), then K and V tiles
+// Q staging (BR rows), then K and V tiles; with VSEP, V in BC more rows from VOFF.
+override VOFF: u32 = select(0u, max(BR, BC) * DP, VSEP);
+var<workgroup> kbuf: array<f16, max(BR, BC) * DP + select(0u, BC * DP, VSEP)>;
 var<workgroup> sbuf: array<f32, BR * SP>;
 var<workgroup> pbuf: array<f16, BR * PP>;
 var<workgroup> fsel: array<f32, select(4u, BR * SP, SELECTIVE)>;
@@ -221,8 +233,15 @@ fn coop_forward(
         }
     }
 
+    // Every subgroup has loaded its Q fragments before kbuf takes the first K tile.
+    workgroupBarrier();
     for (var kt = 0u; kt < kend; kt += BC) {
-        workgroupBarrier();
+        // Without VSEP, V of the previous tile is in the rows K takes now. With VSEP, K's rows
+        // were last read by S before the barrier ahead of the previous tile's P V, and V's rows
+        // are written only after the next barrier, which every subgroup reaches after its P V.
+        if !VSEP {
+            workgroupBarrier();
+        }
         // 1. K tile (prefetched), zero past kend, and with PAIR the selection head's K tile in
         //    the rows after it; 2. S = Q K^T for this subgroup's 16 rows (and S_sel).
         for (var x = 0u; x < NLD; x++) {
@@ -235,11 +254,7 @@ fn coop_forward(
             }
         }
         workgroupBarrier();
-        for (var cb = 0u; cb < BC; cb += 16u) {
-            let koff = cb * DP;
-            let soff = rb0 * SP + cb;
-{{SCOMP}}
-        }
+{{SLOOP}}
         // The selection head's S tile: from the rows after K (PAIR), or through the same rows
         // once every subgroup is done with K.
         if SELECTIVE {
@@ -253,13 +268,15 @@ fn coop_forward(
                 }
                 workgroupBarrier();
             }
-            for (var cb = 0u; cb < BC; cb += 16u) {
-                let koff = cb * DP + select(0u, BC * DP, PAIR);
-                let soff = rb0 * SP + cb;
-{{SSCOMP}}
-            }
+{{SSLOOP}}
         }
-        workgroupBarrier();
+        // S is read back by the softmax only in the subgroup's own rows. Without VSEP the V tile
+        // next takes K's rows, which every subgroup must be done with.
+        if VSEP && !SELECTIVE {
+{{SGBAR}}
+        } else {
+            workgroupBarrier();
+        }
         // 3. Selective: F = C + exclusive column prefix of S_sel inside the tile, in units of U
         //    and capped at F_CAP (each term is below FLT_MAX * 0.18, so no sum overflows).
         //    Two levels so every thread works: WG / BC row chunks per column; chunk totals first,
@@ -337,12 +354,22 @@ fn coop_forward(
             // Whether a row has started is read off its sum (>= 1 once any key was allowed: the
             // tile that sets the max contributes exp2(0)), never off the max's value.
             var mx = LOWEST;
-            for (var c = part; c < ncol; c += LPR) {
-                var z = sbuf[r * SP + c] * rf;
-                if SELECTIVE {
-                    z -= fsel[r * SP + c];
+            if FIXED {
+                for (var c = part; c < BC; c += LPR) {
+                    var z = sbuf[r * SP + c] * rf;
+                    if SELECTIVE {
+                        z -= fsel[r * SP + c];
+                    }
+                    mx = select(mx, max(mx, z), c < ncol);
                 }
-                mx = max(mx, z);
+            } else {
+                for (var c = part; c < ncol; c += LPR) {
+                    var z = sbuf[r * SP + c] * rf;
+                    if SELECTIVE {
+                        z -= fsel[r * SP + c];
+                    }
+                    mx = max(mx, z);
+                }
             }
             for (var x = 1u; x < LPR; x <<= 1u) {
                 mx = max(mx, subgroupShuffleXor(mx, x));
@@ -386,7 +413,7 @@ fn coop_forward(
         for (var x = 0u; x < NLD; x++) {
             let e = tid + x * WG;
             if e < BC * D8 {
-                put8((e / D8) * DP + (e % D8) * 8u, vpre[x], gpre[x]);
+                put8(VOFF + (e / D8) * DP + (e % D8) * 8u, vpre[x], gpre[x]);
             }
         }
         // 5. Rare: rescale O rows whose max moved, through workgroup memory.
@@ -400,7 +427,7 @@ fn coop_forward(
         // 6. O += P V.
         for (var cb = 0u; cb < BC; cb += 16u) {
             let poff = rb0 * PP + cb;
-            let voff = cb * DP;
+            let voff = VOFF + cb * DP;
             let pa = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[poff], PP);
 {{PV}}
         }
