@@ -11,10 +11,12 @@
 //      room for both) and S tile; column prefix of its relu'd logits over the tile's rows, added
 //      to the carried C;
 //   3. loads for this tile's V and the next tile's K are issued, then the softmax runs while they
-//      are in flight: per row z = (S * scale * t - F) * U over the allowed prefix of keys, in
-//      units U = log2(e) / 8 so that neither a logit near the f32 limit nor a difference of two
-//      such logits overflows (issue 9); p = exp2(8 * max(z - m, -16)), clamped so the product is
-//      finite too. Lazy online softmax: the running max only moves when a tile's max exceeds it
+//      are in flight: per row z = (S * scale * t - F) * u over the allowed prefix of keys, in
+//      log2 units (u = log2 e, p = exp2(z - m)) where every |scale * t| of the tile is small
+//      enough that no logit or difference can overflow, else ("wide" tiles, and always with
+//      selective masking, whose F comes from the inputs) in units u = log2(e) / 512 with
+//      p = exp2(512 * max(z - m, -1/4)), finite for every logit that fits in f32 (issue 9).
+//      Lazy online softmax: the running max only moves when a tile's max exceeds it
 //      by more than 8 (log2 units), so O is rescaled (a round trip through workgroup memory)
 //      rarely; P written as f16 (values <= 2^8), row sums kept in f32;
 //   4. V (gated) stored to workgroup memory; O += P V with MMAs.
@@ -53,10 +55,9 @@ override WRITE_LSE: bool = false;
 //   the subgroup's own rows (`subgroupBarrier` where the adapter has it: the generator writes one).
 // ILP (in the generator): S = Q K^T with the BC / 16 key blocks' accumulators interleaved
 //   (independent MMA chains) instead of one block after the other.
-// FIXED: the softmax's max pass runs over all BC columns with a mask (a loop the compiler can
-//   unroll) instead of stopping at the row's last allowed key.
 override VSEP: bool = false;
-override FIXED: bool = true;
+// FAST_PREFIX: the selective column prefix without per-element predicates on interior tiles.
+override FAST_PREFIX: bool = true;
 
 override WG: u32 = (BR / 16u) * SGS;
 override LPR: u32 = SGS / 16u;   // lanes per row in the softmax
@@ -70,17 +71,21 @@ override SP: u32 = BC + 4u;    // padded f32 row stride of S
 // are staged together, two barriers fewer per tile.
 override PAIR: bool = SELECTIVE && 2u * BC <= max(BR, BC);
 override PP: u32 = BC + 8u;    // padded f16 row stride of P
-// Softmax units: logits times U (log2(e) / 8), exponentiated as exp2(UX * (z - m)). |z| stays
-// under FLT_MAX * 0.18 for every logit that fits in f32 and F under F_CAP, so z - m never
-// overflows; the difference is clamped to -16 (2^-128, 0 in f32) before the multiply by UX.
-const U: f32 = LOG2E * 0.125;
-const UX: f32 = 8.0;
-const DIFF_MIN: f32 = -16.0;
-// F (selective) in units of U is capped here (F * U beyond it makes every such key's p exactly
-// 0 anyway), so that no sum of F terms ever becomes infinite.
-const F_CAP: f32 = 6.0e37;
-// Lazy rescale threshold, 8 log2 units in units of U: P stays <= 2^8, far inside f16 range.
-const RESCALE_AT: f32 = 1.0;
+// Softmax units of a wide tile: logits times UW = log2(e) / 512, exponentiated as
+// exp2(UX * max(z - m, DIFF_MIN)). A logit that fits in f32 is below FLT_MAX / 355 in these
+// units, a selective term too, so F (at most C plus BR = 64 terms, C capped at F_CAP) and every
+// difference z - m stay finite; the clamp (2^-128, 0 in f32) keeps the product finite.
+const UW: f32 = LOG2E / 512.0;
+const UX: f32 = 512.0;
+const DIFF_MIN: f32 = -0.25;
+const F_CAP: f32 = 1.0e37;
+// A tile whose rows all have |scale * t| below this (times D * 65504^2, the largest |q . k| in
+// f16, that is a logit below 1e37) runs in log2 units: no logit or difference can overflow.
+fn narrow_limit() -> f32 {
+    return 1.0e37 / (f32(D) * 4.2908e9);
+}
+// Lazy rescale threshold: 8 log2 units, so P stays <= 2^8, far inside f16 range.
+const RESCALE_LOG2: f32 = 8.0;
 
 // Q staging (BR rows), then K and V tiles; with VSEP, V in BC more rows from VOFF.
 override VOFF: u32 = select(0u, max(BR, BC) * DP, VSEP);
@@ -106,8 +111,7 @@ fn valid_keys(b: u32) -> u32 {
     return p.k_len;
 }
 
-// scale * t_i in units of U (see U): log2(e) is not folded in whole, so a logit near the f32
-// limit stays finite.
+// scale * t_i (natural units; the softmax multiplies in its units).
 fn row_factor(b: u32, h: u32, i: u32) -> f32 {
     var t = 1.0;
     if HAS_TAU {
@@ -116,11 +120,11 @@ fn row_factor(b: u32, h: u32, i: u32) -> f32 {
     if HAS_ALPHA {
         t = temperature(t, alpha[h], p.start + i);
     }
-    return p.scale * t * U;
+    return p.scale * t;
 }
 
-// exp2(UX * (z - m)) for z <= m + RESCALE_AT, finite for every finite z and m of the softmax.
-fn p_of(z: f32, m: f32) -> f32 {
+// exp2(UX * (z - m)) in a wide tile's units, finite for every finite z and m of the softmax.
+fn p_wide(z: f32, m: f32) -> f32 {
     return exp2(max(z - m, DIFF_MIN) * UX);
 }
 
@@ -173,6 +177,7 @@ fn coop_forward(
 
     if tid == 0u {
         atomicStore(&rescale[0], 0u);
+        atomicStore(&rescale[1], 0u);
     }
     for (var r = tid; r < BR; r += WG) {
         row_m[r] = LOWEST;
@@ -213,6 +218,16 @@ fn coop_forward(
 {{QSLOAD}}
         }
     }
+    // Wide tile: some row's |scale * t| is too large for log2 units (set after the barriers of
+    // the Q staging, which order it after the reset above).
+    for (var r = tid; r < BR; r += WG) {
+        if abs(row_f[r]) > narrow_limit() {
+            atomicStore(&rescale[1], 1u);
+        }
+    }
+    let wide = SELECTIVE || workgroupUniformLoad(&rescale[1]) != 0u;
+    let unit = select(LOG2E, UW, wide);
+    let rescale_at = select(RESCALE_LOG2, RESCALE_LOG2 / UX, wide);
 {{ODECL}}
 
     var kend = valid;
@@ -277,8 +292,8 @@ fn coop_forward(
         } else {
             workgroupBarrier();
         }
-        // 3. Selective: F = C + exclusive column prefix of S_sel inside the tile, in units of U
-        //    and capped at F_CAP (each term is below FLT_MAX * 0.18, so no sum overflows).
+        // 3. Selective: F = C + exclusive column prefix of S_sel inside the tile, in units of UW
+        //    (a wide tile); C capped at F_CAP, each term below FLT_MAX / 355: no sum overflows.
         //    Two levels so every thread works: WG / BC row chunks per column; chunk totals first,
         //    then each chunk walks its rows from C plus the totals of the chunks above it.
         if SELECTIVE {
@@ -286,12 +301,23 @@ fn coop_forward(
             let chunk = tid / BC;
             let r0 = chunk * CHUNK;
             let j = kt + c;
-            let su = p.scale * U;
+            let su = p.scale * UW;
+            // An interior tile (every row inside q_len and the valid keys, every key before
+            // every row's position): the predicate is j > 0 alone, folded into the factor.
+            let interior = FAST_PREFIX && row0 + BR <= p.q_len && kt + BC <= p.start + row0
+                && p.start + row0 + BR <= valid;
+            let sj = select(0.0, su, j > 0u);
             var tot = 0.0;
-            for (var r = r0; r < r0 + CHUNK; r++) {
-                let pos = p.start + row0 + r;
-                if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
-                    tot = min(tot + max(fsel[r * SP + c] * su, 0.0), F_CAP);
+            if interior {
+                for (var r = r0; r < r0 + CHUNK; r++) {
+                    tot += max(fsel[r * SP + c] * sj, 0.0);
+                }
+            } else {
+                for (var r = r0; r < r0 + CHUNK; r++) {
+                    let pos = p.start + row0 + r;
+                    if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
+                        tot += max(fsel[r * SP + c] * su, 0.0);
+                    }
                 }
             }
             ctot[chunk * BC + c] = tot;
@@ -299,18 +325,27 @@ fn coop_forward(
             var run = 0.0;
             if j < p.k_len {
                 // C is F0 plus sums of relu'd logits: finite for any input whose F fits in f32.
-                run = min(fcarry[(b * p.n_qtiles + qt) * p.k_len + j] * U, F_CAP);
+                run = min(fcarry[(b * p.n_qtiles + qt) * p.k_len + j] * UW, F_CAP);
             }
             for (var q2 = 0u; q2 < chunk; q2++) {
-                run = min(run + ctot[q2 * BC + c], F_CAP);
+                run += ctot[q2 * BC + c];
             }
-            for (var r = r0; r < r0 + CHUNK; r++) {
-                let pos = p.start + row0 + r;
-                let e = r * SP + c;
-                let s = fsel[e];
-                fsel[e] = run;
-                if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
-                    run = min(run + max(s * su, 0.0), F_CAP);
+            if interior {
+                for (var r = r0; r < r0 + CHUNK; r++) {
+                    let e = r * SP + c;
+                    let s = fsel[e];
+                    fsel[e] = run;
+                    run += max(s * sj, 0.0);
+                }
+            } else {
+                for (var r = r0; r < r0 + CHUNK; r++) {
+                    let pos = p.start + row0 + r;
+                    let e = r * SP + c;
+                    let s = fsel[e];
+                    fsel[e] = run;
+                    if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
+                        run += max(s * su, 0.0);
+                    }
                 }
             }
             workgroupBarrier();
@@ -350,26 +385,16 @@ fn coop_forward(
             if i < p.q_len && lim > kt {
                 ncol = lim - kt;
             }
-            let rf = row_f[r];
+            let rf = row_f[r] * unit;
             // Whether a row has started is read off its sum (>= 1 once any key was allowed: the
             // tile that sets the max contributes exp2(0)), never off the max's value.
             var mx = LOWEST;
-            if FIXED {
-                for (var c = part; c < BC; c += LPR) {
-                    var z = sbuf[r * SP + c] * rf;
-                    if SELECTIVE {
-                        z -= fsel[r * SP + c];
-                    }
-                    mx = select(mx, max(mx, z), c < ncol);
+            for (var c = part; c < ncol; c += LPR) {
+                var z = sbuf[r * SP + c] * rf;
+                if SELECTIVE {
+                    z -= fsel[r * SP + c];
                 }
-            } else {
-                for (var c = part; c < ncol; c += LPR) {
-                    var z = sbuf[r * SP + c] * rf;
-                    if SELECTIVE {
-                        z -= fsel[r * SP + c];
-                    }
-                    mx = max(mx, z);
-                }
+                mx = max(mx, z);
             }
             for (var x = 1u; x < LPR; x <<= 1u) {
                 mx = max(mx, subgroupShuffleXor(mx, x));
@@ -379,23 +404,40 @@ fn coop_forward(
             var corr = 1.0;
             if row_l[r] == 0.0 {
                 m_new = mx;          // nothing accumulated yet: no rescale needed
-            } else if mx > m_old + RESCALE_AT {
+            } else if mx > m_old + rescale_at {
                 m_new = mx;
-                corr = p_of(m_old, mx);
-            }
-            var sum = 0.0;
-            for (var c = part; c < BC; c += LPR) {
-                var pf = 0.0;
-                if c < ncol {
-                    var z = sbuf[r * SP + c] * rf;
-                    if SELECTIVE {
-                        z -= fsel[r * SP + c];
-                    }
-                    pf = p_of(z, m_new);
+                if wide {
+                    corr = p_wide(m_old, mx);
+                } else {
+                    corr = exp2(m_old - mx);
                 }
-                // P goes to the MMA as f16; the row sum (hence LSE) keeps f32 precision.
-                pbuf[r * PP + c] = f16(pf);
-                sum += pf;
+            }
+            // P goes to the MMA as f16; the row sum (hence LSE) keeps f32 precision. One loop per
+            // unit so that the narrow one (nearly every tile) costs nothing extra.
+            var sum = 0.0;
+            if wide {
+                for (var c = part; c < BC; c += LPR) {
+                    var pf = 0.0;
+                    if c < ncol {
+                        var z = sbuf[r * SP + c] * rf;
+                        if SELECTIVE {
+                            z -= fsel[r * SP + c];
+                        }
+                        pf = p_wide(z, m_new);
+                    }
+                    pbuf[r * PP + c] = f16(pf);
+                    sum += pf;
+                }
+            } else {
+                // (Never with SELECTIVE: those tiles are always wide.)
+                for (var c = part; c < BC; c += LPR) {
+                    var pf = 0.0;
+                    if c < ncol {
+                        pf = exp2(sbuf[r * SP + c] * rf - m_new);
+                    }
+                    pbuf[r * PP + c] = f16(pf);
+                    sum += pf;
+                }
             }
             for (var x = 1u; x < LPR; x <<= 1u) {
                 sum += subgroupShuffleXor(sum, x);
@@ -442,7 +484,7 @@ fn coop_forward(
             let i = row0 + r;
             if i < p.q_len {
                 let l = row_l[r];
-                lse[(b * p.q_heads + h) * p.q_len + i] = lse_bits_ln(row_m[r] * (UX * LN2), l);
+                lse[(b * p.q_heads + h) * p.q_len + i] = lse_bits_ln(row_m[r] / unit, l);
             }
         }
     }

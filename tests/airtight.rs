@@ -452,11 +452,20 @@ fn huge_logits_stay_finite_on_the_coop_path() {
     let (n, d) = (20u32, 16u32);
     let shape = Shape::new(1, 2, n, d).with_kv_heads(1);
     let row = (n * d) as usize;
-    let cases: [(&str, f32, f32, Option<f32>, bool); 4] = [
-        ("scale 2e37", 1.0, 1.0, None, false),
-        ("scale 2e37, negative logits", 1.0, -1.0, None, false),
-        ("scale 1e37, tau 2", 1.0, 1.0, Some(2.0), false),
-        ("scale 2e37, selective, huge F", 1.0, 1.0, None, true),
+    // (name, q, k, scale, tau on even and odd rows, selective). Mixed tau: a tile with one huge
+    // row factor runs in the wide units, the other rows must still come out right.
+    let cases: [(&str, f32, f32, f32, Option<(f32, f32)>, bool); 4] = [
+        ("scale 2e37", 1.0, 1.0, 2e37, None, false),
+        ("scale 2e37, negative logits", 1.0, -1.0, 2e37, None, false),
+        (
+            "tau 2e37 on even rows, 1 on odd",
+            1.0,
+            1.0,
+            1.0,
+            Some((2e37, 1.0)),
+            false,
+        ),
+        ("scale 2e37, selective, huge F", 1.0, 1.0, 2e37, None, true),
     ];
     let (mut fails, mut coop_runs, mut runs) = (vec![], 0, 0);
     for ctx in contexts() {
@@ -464,7 +473,7 @@ fn huge_logits_stay_finite_on_the_coop_path() {
             eprintln!("[{}] no SHADER_F16: case not offered", ctx.describe());
             continue;
         }
-        for (name, qv, kv, tau, selective) in cases {
+        for (name, qv, kv, scale, tau, selective) in cases {
             let mut rng = Rng::new(5);
             let mut q = vec![qv; 2 * row];
             if selective {
@@ -474,11 +483,11 @@ fn huge_logits_stay_finite_on_the_coop_path() {
                 q,
                 k: vec![kv; row],
                 v: selattn_tools::testing::round_f16(&rng.normals(row)),
-                tau: tau.map(|t| vec![t; 2 * n as usize]),
+                tau: tau.map(|(e, o)| (0..2 * n).map(|i| if i % 2 == 0 { e } else { o }).collect()),
                 ..Default::default()
             };
             let mut opts = Options::causal();
-            opts.scale = Some(if tau.is_some() { 1e37 } else { 2e37 });
+            opts.scale = Some(scale);
             if selective {
                 opts = opts.selective(0);
             }
