@@ -454,7 +454,8 @@ fn huge_logits_stay_finite_on_the_coop_path() {
     let row = (n * d) as usize;
     // (name, q, k, scale, tau on even and odd rows, selective). Mixed tau: a tile with one huge
     // row factor runs in the wide units, the other rows must still come out right.
-    let cases: [(&str, f32, f32, f32, Option<(f32, f32)>, bool); 4] = [
+    type Case = (&'static str, f32, f32, f32, Option<(f32, f32)>, bool);
+    let cases: [Case; 4] = [
         ("scale 2e37", 1.0, 1.0, 2e37, None, false),
         ("scale 2e37, negative logits", 1.0, -1.0, 2e37, None, false),
         (
