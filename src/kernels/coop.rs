@@ -13,8 +13,8 @@ pub const SUBGROUPS: u32 = 4;
 /// Largest head dim on this path: O and Q fragments live in registers (2 × D/16 matrices).
 pub const MAX_D: u32 = 128;
 /// Environment variable naming tuning choices to turn off, comma-separated, for ablations on a
-/// real GPU: `vsep`, `ilp`, `sgbar`, `prefix` (see [`CoopConfig`]); `+ilp` turns `ilp` on at every head
-/// dim. Unset in normal use.
+/// real GPU: `vsep`, `ilp`, `sgbar`, `prefix` (see [`CoopConfig`]) and `colsum` (the column-sum
+/// pass's interior fast path); `+ilp` turns `ilp` on at every head dim. Unset in normal use.
 pub const ABLATE_ENV: &str = "SELATTN_COOP_ABLATE";
 
 /// Specialisation of the cooperative-matrix kernel.
