@@ -1,6 +1,9 @@
 //! Attention over `.npy` files: a command-line front for Python users and for checking the
 //! kernels from outside. Reads Q, K, V and the optional inputs, runs one call on the GPU, writes
 //! O (and LSE, F_out) as f32 `.npy`, and with `--check` compares against the f64 CPU reference.
+//! Given the upstream gradient (`--grad-o`, and `--grad-f-out` with selective masking) it also
+//! runs the backward pass and writes the gradients asked for (`--dq --dk --dv --dtau --dalpha
+//! --dgate --df0`), which `--check` compares against the f64 reference backward.
 //!
 //! ```text
 //! cargo run --release --example attend -- --q q.npy --k k.npy --v v.npy --causal --out o.npy
@@ -17,51 +20,22 @@
 //! their targets and renamed into place only once everything (including `--check`) succeeded,
 //! so a failed run leaves every existing file as it was.
 //!
-//! The command line is parsed by hand rather than with clap: its contract (tested in
-//! `tests/attend.rs`) is a one-line error naming the flag, which clap's multi-line usage errors
-//! do not give.
+//! The command line is parsed with clap; its contract (tested in `tests/attend.rs`) is a one-line
+//! error naming the flag, so clap's multi-line usage errors are cut to their first line (and
+//! `--help` prints clap's full help).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use selattn::reference::{self, HostInputs, HostOutputs};
+use selattn::reference_backward;
 use selattn::spec::check_kv_len;
-use selattn::{Context, DType, Error, Options, Outputs, Path as KernelPath, Present, Shape, Spec};
+use selattn::{
+    Context, DType, Error, Grads, Options, Outputs, Path as KernelPath, Shape, Spec, Switches,
+};
 use selattn_tools::npy::{self, NpyArray, NpyError};
 use selattn_tools::testing::{compare, round_f16, Cmp, DeviceInputs};
-
-const USAGE: &str = "\
-usage: attend --q Q.npy --k K.npy --v V.npy --out O.npy [options]
-
-Runs selattn's fused attention on .npy files (little-endian, C order) and writes O as f32 .npy.
-
-inputs (float32; float16 is accepted and widened):
-  --q FILE          queries        [B, Hq, Nq, D]
-  --k FILE          keys           [B, Hkv, Nk, D]   (Hq a multiple of Hkv)
-  --v FILE          values         [B, Hkv, Nk, D]
-  --tau FILE        per-query temperature       [B, Hq, Nq]
-  --alpha FILE      positional temperature      [Hq]
-  --gate FILE       per-key value gate          [B, Hkv, Nk]
-  --kv-len FILE     valid keys per batch        [B]   (int32, int64 or uint32)
-  --f0 FILE         selective state carried in  [B, Nk]   (needs --selective)
-options:
-  --causal          mask keys after each query's position
-  --selective HEAD  selective masking with this selection head (needs --causal)
-  --scale X         logit scale (default 1/sqrt(D))
-  --start N         position of the first query (default Nk - Nq)
-  --f16             store Q, K, V and O as f16 on the GPU (needs SHADER_F16)
-  --path P          kernel path: auto (default), scalar or coop
-  --check           also run the f64 CPU reference and print the errors; exit 1 if the
-                    norm-wise relative error exceeds 1e-5 (O with --f16: 5e-3)
-outputs (float32):
-  --out FILE        O      [B, Hq, Nq, D]   (required)
-  --lse FILE        LSE    [B, Hq, Nq]      (natural log; -inf for rows with no allowed key)
-  --f-out FILE      F_out  [B, Nk]          (needs --selective)
-  -h, --help        print this and exit
-
-The adapter is picked as in the library (SELATTN_ADAPTER, WGPU_BACKEND) and named on stderr.
-Exit status: 0 ok, 1 error or failed check, 2 usage error.";
 
 /// f32 storage: norm-wise relative error bound (DESIGN.md §4), for O, LSE and F_out.
 const F32_NORM_TOL: f64 = 1e-5;
@@ -90,12 +64,8 @@ impl fmt::Display for Fail {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match parse(&args) {
-        Ok(None) => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
+    match parse(std::env::args_os()) {
+        Ok(None) => ExitCode::SUCCESS,
         Ok(Some(a)) => match run(&a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
@@ -116,6 +86,110 @@ fn fail(e: &Fail) -> ExitCode {
 
 // ---- Command line ------------------------------------------------------------------------------
 
+/// Runs selattn's fused attention on .npy files (little-endian, C order) and writes O as f32
+/// .npy; optionally its backward pass.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "attend",
+    allow_negative_numbers = true,
+    override_usage = "attend --q Q.npy --k K.npy --v V.npy --out O.npy [options]",
+    after_help = "Inputs are float32 (float16 is accepted and widened); outputs are float32.\n\
+                  The adapter is picked as in the library (SELATTN_ADAPTER, WGPU_BACKEND) and \
+                  named on stderr.\nExit status: 0 ok, 1 error or failed check, 2 usage error."
+)]
+struct Cli {
+    /// Queries [B, Hq, Nq, D] (required).
+    #[arg(long, value_name = "FILE", help_heading = "Inputs")]
+    q: Option<PathBuf>,
+    /// Keys [B, Hkv, Nk, D] (Hq a multiple of Hkv; required).
+    #[arg(long, value_name = "FILE", help_heading = "Inputs")]
+    k: Option<PathBuf>,
+    /// Values [B, Hkv, Nk, D] (required).
+    #[arg(long, value_name = "FILE", help_heading = "Inputs")]
+    v: Option<PathBuf>,
+    /// Per-query temperature [B, Hq, Nq].
+    #[arg(long, value_name = "FILE", help_heading = "Inputs")]
+    tau: Option<PathBuf>,
+    /// Positional temperature [Hq].
+    #[arg(long, value_name = "FILE", help_heading = "Inputs")]
+    alpha: Option<PathBuf>,
+    /// Per-key value gate [B, Hkv, Nk].
+    #[arg(long, value_name = "FILE", help_heading = "Inputs")]
+    gate: Option<PathBuf>,
+    /// Valid keys per batch [B] (int32, int64 or uint32).
+    #[arg(long, value_name = "FILE", help_heading = "Inputs")]
+    kv_len: Option<PathBuf>,
+    /// Selective state carried in [B, Nk] (needs --selective).
+    #[arg(long, value_name = "FILE", help_heading = "Inputs")]
+    f0: Option<PathBuf>,
+    /// Mask keys after each query's position.
+    #[arg(long)]
+    causal: bool,
+    /// Selective masking with this selection head (needs --causal).
+    #[arg(long, value_name = "HEAD")]
+    selective: Option<u32>,
+    /// Logit scale (default 1/sqrt(D)).
+    #[arg(long, value_name = "X")]
+    scale: Option<f32>,
+    /// Position of the first query (default Nk - Nq).
+    #[arg(long, value_name = "N")]
+    start: Option<u32>,
+    /// Store Q, K, V, O (and dO, dQ, dK, dV) as f16 on the GPU (needs SHADER_F16).
+    #[arg(long)]
+    f16: bool,
+    /// Kernel path.
+    #[arg(long, value_enum, default_value = "auto")]
+    path: PathArg,
+    /// Also run the f64 CPU reference (and reference backward) and print the errors; exit 1 if
+    /// a norm-wise relative error exceeds 1e-5 (with --f16: 5e-3 for O and every gradient;
+    /// dalpha 10x either).
+    #[arg(long)]
+    check: bool,
+    /// O [B, Hq, Nq, D] (required).
+    #[arg(long, value_name = "FILE", help_heading = "Outputs")]
+    out: Option<PathBuf>,
+    /// LSE [B, Hq, Nq] (natural log; -inf for rows with no allowed key).
+    #[arg(long, value_name = "FILE", help_heading = "Outputs")]
+    lse: Option<PathBuf>,
+    /// F_out [B, Nk] (needs --selective).
+    #[arg(long, value_name = "FILE", help_heading = "Outputs")]
+    f_out: Option<PathBuf>,
+    /// Upstream gradient dO [B, Hq, Nq, D]: runs the backward pass.
+    #[arg(long, value_name = "FILE", help_heading = "Backward")]
+    grad_o: Option<PathBuf>,
+    /// Upstream gradient dF_out [B, Nk] (needs --selective and --grad-o; default zero).
+    #[arg(long, value_name = "FILE", help_heading = "Backward")]
+    grad_f_out: Option<PathBuf>,
+    /// dQ [B, Hq, Nq, D] (needs --grad-o).
+    #[arg(long, value_name = "FILE", help_heading = "Backward")]
+    dq: Option<PathBuf>,
+    /// dK [B, Hkv, Nk, D] (needs --grad-o).
+    #[arg(long, value_name = "FILE", help_heading = "Backward")]
+    dk: Option<PathBuf>,
+    /// dV [B, Hkv, Nk, D] (needs --grad-o).
+    #[arg(long, value_name = "FILE", help_heading = "Backward")]
+    dv: Option<PathBuf>,
+    /// dtau [B, Hq, Nq] (at tau = 1 without --tau; needs --grad-o).
+    #[arg(long, value_name = "FILE", help_heading = "Backward")]
+    dtau: Option<PathBuf>,
+    /// dalpha [Hq] (at alpha = 0 without --alpha; needs --grad-o).
+    #[arg(long, value_name = "FILE", help_heading = "Backward")]
+    dalpha: Option<PathBuf>,
+    /// dgate [B, Hkv, Nk] (at gate = 1 without --gate; needs --grad-o).
+    #[arg(long, value_name = "FILE", help_heading = "Backward")]
+    dgate: Option<PathBuf>,
+    /// dF0 [B, Nk] (needs --selective and --grad-o).
+    #[arg(long, value_name = "FILE", help_heading = "Backward")]
+    df0: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum PathArg {
+    Auto,
+    Scalar,
+    Coop,
+}
+
 /// The parsed command line.
 #[derive(Debug, Default)]
 struct Args {
@@ -133,91 +207,129 @@ struct Args {
     options: Options,
     f16: bool,
     check: bool,
+    grad: GradArgs,
 }
 
-/// Parses the arguments; `Ok(None)` means help was asked for. Accepts `--flag value` and
-/// `--flag=value`; a flag given twice is an error rather than silently last-wins.
-fn parse(argv: &[String]) -> Result<Option<Args>, Fail> {
-    let mut a = Args::default();
-    let (mut q, mut k, mut v, mut out) = (None, None, None, None);
-    let mut seen: Vec<String> = Vec::new();
-    let mut it = argv.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        if flag == "-h" || flag == "--help" {
+/// The backward part of the command line.
+#[derive(Debug, Default)]
+struct GradArgs {
+    /// dO: the backward pass runs when it is given.
+    grad_o: Option<PathBuf>,
+    grad_f_out: Option<PathBuf>,
+    dq: Option<PathBuf>,
+    dk: Option<PathBuf>,
+    dv: Option<PathBuf>,
+    dtau: Option<PathBuf>,
+    dalpha: Option<PathBuf>,
+    dgate: Option<PathBuf>,
+    df0: Option<PathBuf>,
+}
+
+impl GradArgs {
+    /// (flag, path) of every gradient output asked for.
+    fn outputs(&self) -> Vec<(&'static str, &PathBuf)> {
+        [
+            ("dq", self.dq.as_ref()),
+            ("dk", self.dk.as_ref()),
+            ("dv", self.dv.as_ref()),
+            ("dtau", self.dtau.as_ref()),
+            ("dalpha", self.dalpha.as_ref()),
+            ("dgate", self.dgate.as_ref()),
+            ("df0", self.df0.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(f, p)| p.map(|p| (f, p)))
+        .collect()
+    }
+}
+
+/// Parses the arguments (program name first); `Ok(None)` means help was printed. Accepts
+/// `--flag value` and `--flag=value`; a flag given twice is an error rather than silently
+/// last-wins.
+fn parse<I, T>(argv: I) -> Result<Option<Args>, Fail>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let c = match <Cli as clap::Parser>::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
             return Ok(None);
         }
-        if !flag.starts_with('-') {
-            return Err(Fail::Usage(format!("unexpected argument {arg:?}")));
-        }
-        if seen.iter().any(|s| s == flag) {
-            return Err(Fail::Usage(format!("{flag} given more than once")));
-        }
-        seen.push(flag.to_string());
-        let switch = |on: &mut bool| match &inline {
-            Some(_) => Err(Fail::Usage(format!("{flag} takes no value"))),
-            None => {
-                *on = true;
-                Ok(())
-            }
-        };
-        let mut value = || match &inline {
-            Some(v) => Ok(v.clone()),
-            None => it
-                .next()
-                .cloned()
-                .ok_or_else(|| Fail::Usage(format!("{flag} needs a value"))),
-        };
-        let file = |s: String| Some(PathBuf::from(s));
-        match flag {
-            "--q" => q = file(value()?),
-            "--k" => k = file(value()?),
-            "--v" => v = file(value()?),
-            "--tau" => a.tau = file(value()?),
-            "--alpha" => a.alpha = file(value()?),
-            "--gate" => a.gate = file(value()?),
-            "--kv-len" => a.kv_len = file(value()?),
-            "--f0" => a.f0 = file(value()?),
-            "--out" => out = file(value()?),
-            "--lse" => a.lse = file(value()?),
-            "--f-out" => a.f_out = file(value()?),
-            "--causal" => switch(&mut a.options.causal)?,
-            "--f16" => switch(&mut a.f16)?,
-            "--check" => switch(&mut a.check)?,
-            "--selective" => a.options.selective = Some(number(flag, &value()?)?),
-            "--start" => a.options.start = Some(number(flag, &value()?)?),
-            "--scale" => a.options.scale = Some(number(flag, &value()?)?),
-            "--path" => {
-                a.options.path = match value()?.as_str() {
-                    "auto" => KernelPath::Auto,
-                    "scalar" => KernelPath::Scalar,
-                    "coop" => KernelPath::Coop,
-                    other => {
-                        return Err(Fail::Usage(format!(
-                            "--path {other:?}: expected auto, scalar or coop"
-                        )))
-                    }
+        Err(e) => {
+            let arg = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(s)) => s.clone(),
+                _ => String::new(),
+            };
+            return Err(Fail::Usage(match e.kind() {
+                ErrorKind::UnknownArgument if arg.starts_with('-') => {
+                    format!("unknown flag {arg}")
                 }
-            }
-            _ => return Err(Fail::Usage(format!("unknown flag {flag}"))),
+                ErrorKind::UnknownArgument => format!("unexpected argument {arg:?}"),
+                ErrorKind::ArgumentConflict if !arg.is_empty() => {
+                    format!("{arg} given more than once")
+                }
+                // clap's own message, cut to its first line.
+                _ => {
+                    let text = e.render().to_string();
+                    let first = text.lines().next().unwrap_or_default();
+                    first.trim_start_matches("error: ").to_string()
+                }
+            }));
         }
-    }
+    };
     let need = |p: Option<PathBuf>, flag: &str| {
         p.ok_or_else(|| Fail::Usage(format!("missing required flag {flag}")))
     };
-    a.q = need(q, "--q")?;
-    a.k = need(k, "--k")?;
-    a.v = need(v, "--v")?;
-    a.out = need(out, "--out")?;
-    Ok(Some(a))
-}
-
-fn number<T: std::str::FromStr>(flag: &str, s: &str) -> Result<T, Fail> {
-    s.parse()
-        .map_err(|_| Fail::Usage(format!("{flag} {s:?}: not a valid number")))
+    let grad = GradArgs {
+        grad_o: c.grad_o,
+        grad_f_out: c.grad_f_out,
+        dq: c.dq,
+        dk: c.dk,
+        dv: c.dv,
+        dtau: c.dtau,
+        dalpha: c.dalpha,
+        dgate: c.dgate,
+        df0: c.df0,
+    };
+    if grad.grad_o.is_none() {
+        if let Some((flag, _)) = grad.outputs().first() {
+            return Err(Fail::Usage(format!("--{flag} needs --grad-o")));
+        }
+        if grad.grad_f_out.is_some() {
+            return Err(Fail::Usage("--grad-f-out needs --grad-o".into()));
+        }
+    }
+    let options = Options {
+        causal: c.causal,
+        scale: c.scale,
+        start: c.start,
+        selective: c.selective,
+        path: match c.path {
+            PathArg::Auto => KernelPath::Auto,
+            PathArg::Scalar => KernelPath::Scalar,
+            PathArg::Coop => KernelPath::Coop,
+        },
+    };
+    Ok(Some(Args {
+        q: need(c.q, "--q")?,
+        k: need(c.k, "--k")?,
+        v: need(c.v, "--v")?,
+        tau: c.tau,
+        alpha: c.alpha,
+        gate: c.gate,
+        kv_len: c.kv_len,
+        f0: c.f0,
+        out: need(c.out, "--out")?,
+        lse: c.lse,
+        f_out: c.f_out,
+        options,
+        f16: c.f16,
+        check: c.check,
+        grad,
+    }))
 }
 
 // ---- Files -------------------------------------------------------------------------------------
@@ -358,11 +470,13 @@ fn check_paths(a: &Args) -> Result<(), Fail> {
         ("gate", a.gate.as_ref()),
         ("kv-len", a.kv_len.as_ref()),
         ("f0", a.f0.as_ref()),
+        ("grad-o", a.grad.grad_o.as_ref()),
+        ("grad-f-out", a.grad.grad_f_out.as_ref()),
     ]
     .into_iter()
     .filter_map(|(f, p)| p.map(|p| (f, p)))
     .collect();
-    let outputs: Vec<(&str, &PathBuf)> = [
+    let mut outputs: Vec<(&str, &PathBuf)> = [
         ("out", Some(&a.out)),
         ("lse", a.lse.as_ref()),
         ("f-out", a.f_out.as_ref()),
@@ -370,6 +484,7 @@ fn check_paths(a: &Args) -> Result<(), Fail> {
     .into_iter()
     .filter_map(|(f, p)| p.map(|p| (f, p)))
     .collect();
+    outputs.extend(a.grad.outputs());
     let mut seen: Vec<(&str, &PathBuf, PathBuf)> = Vec::new();
     for &(flag, path) in &inputs {
         // An input that does not resolve is reported when it is read.
@@ -413,7 +528,7 @@ fn same_file(_: &Path, _: &Path) -> bool {
 
 /// Reads every input and checks the shapes against each other and the options. Nothing touches
 /// the GPU until this has passed.
-fn load_inputs(a: &Args) -> Result<(Spec, HostInputs), Fail> {
+fn load_inputs(a: &Args) -> Result<(Spec, HostInputs, Upstream), Fail> {
     // Q fixes B, Hq, Nq and D; K fixes Hkv and Nk; everything else is checked against them.
     let q = load("q", &a.q)?;
     if q.shape.len() != 4 {
@@ -447,7 +562,9 @@ fn load_inputs(a: &Args) -> Result<(Spec, HostInputs), Fail> {
         k_len: dim("k", &a.k, k.shape[2])?,
         head_dim: dim("q", &a.q, q.shape[3])?,
     };
-    let present = Present {
+    let present = Switches {
+        causal: a.options.causal,
+        selective: a.options.selective.is_some(),
         tau: a.tau.is_some(),
         alpha: a.alpha.is_some(),
         gate: a.gate.is_some(),
@@ -464,6 +581,18 @@ fn load_inputs(a: &Args) -> Result<(Spec, HostInputs), Fail> {
     };
     // Options and sizes before reading the rest: a call that cannot run fails fast.
     spec.validate().map_err(|e| call_fail(&e))?;
+    if a.options.selective.is_none() {
+        for (flag, given) in [
+            ("grad-f-out", a.grad.grad_f_out.is_some()),
+            ("df0", a.grad.df0.is_some()),
+        ] {
+            if given {
+                return Err(Fail::Run(format!(
+                    "invalid call: --{flag}: needs selective masking (--selective)"
+                )));
+            }
+        }
+    }
 
     let q = q.into_f32().map_err(|e| npy_fail("q", &a.q, e))?;
     let k = k.into_f32().map_err(|e| npy_fail("k", &a.k, e))?;
@@ -488,6 +617,10 @@ fn load_inputs(a: &Args) -> Result<(Spec, HostInputs), Fail> {
         }
         None => None,
     };
+    let up = Upstream {
+        d_o: opt("grad-o", &a.grad.grad_o, shape.q_dims())?,
+        df_out: opt("grad-f-out", &a.grad.grad_f_out, shape.f_dims())?,
+    };
     Ok((
         spec,
         HostInputs {
@@ -500,8 +633,18 @@ fn load_inputs(a: &Args) -> Result<(Spec, HostInputs), Fail> {
             kv_len,
             f0,
         },
+        up,
     ))
 }
+
+/// The upstream gradients read from `--grad-o` and `--grad-f-out`.
+struct Upstream {
+    d_o: Option<Vec<f32>>,
+    df_out: Option<Vec<f32>>,
+}
+
+/// Gradients downloaded from the GPU, in the order of [`GradArgs::outputs`]: (flag, dims, data).
+type GotGrads = Vec<(&'static str, Vec<u64>, Vec<f32>)>;
 
 /// An invalid call, named by the flag that asks for it where there is one.
 fn call_fail(e: &Error) -> Fail {
@@ -515,6 +658,7 @@ fn call_fail(e: &Error) -> Fail {
         Error::InputWithoutUse { what: "F_out", .. } => "--f-out: ",
         Error::FeatureMissing { .. } => "--f16: ",
         Error::PathUnavailable { .. } => "--path: ",
+        Error::InputWithoutUse { what: "dF_out", .. } => "--grad-f-out: ",
         _ => "",
     };
     match e {
@@ -527,7 +671,7 @@ fn call_fail(e: &Error) -> Fail {
 
 fn run(a: &Args) -> Result<(), Fail> {
     check_paths(a)?;
-    let (spec, host) = load_inputs(a)?;
+    let (spec, host, upstream) = load_inputs(a)?;
     let shape = spec.shape;
 
     let ctx = Context::new().map_err(|e| Fail::Run(format!("no GPU: {e}")))?;
@@ -564,8 +708,16 @@ fn run(a: &Args) -> Result<(), Fail> {
         .transpose()
         .map_err(gpu)?;
 
+    let grads = match &upstream.d_o {
+        Some(d_o) => backward(a, &ctx, &spec, &dev, &o, &lse, d_o, &upstream)?,
+        None => Vec::new(),
+    };
+
     if a.check {
-        check(a, &spec, host, &got_o, &got_lse, got_f.as_deref())?;
+        check(a, &spec, &host, &got_o, &got_lse, got_f.as_deref())?;
+        if let Some(d_o) = &upstream.d_o {
+            check_grads(a, &spec, host, d_o, upstream.df_out.as_deref(), &grads)?;
+        }
     }
     let mut staged = Staged::default();
     staged.save("out", &a.out, &shape.q_dims(), &got_o)?;
@@ -574,6 +726,9 @@ fn run(a: &Args) -> Result<(), Fail> {
     }
     if let (Some(p), Some(f)) = (&a.f_out, &got_f) {
         staged.save("f-out", p, &shape.f_dims(), f)?;
+    }
+    for ((flag, path), (_, dims, data)) in a.grad.outputs().into_iter().zip(&grads) {
+        staged.save(flag, path, dims, data)?;
     }
     staged.commit()?;
     eprintln!(
@@ -590,15 +745,149 @@ fn run(a: &Args) -> Result<(), Fail> {
     Ok(())
 }
 
+/// Runs the backward pass on the GPU and downloads the gradients asked for.
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    a: &Args,
+    ctx: &Context,
+    spec: &Spec,
+    dev: &DeviceInputs,
+    o: &selattn::Tensor,
+    lse: &selattn::Tensor,
+    d_o: &[f32],
+    upstream: &Upstream,
+) -> Result<GotGrads, Fail> {
+    let shape = spec.shape;
+    let elem = o.dtype();
+    let gpu = |e: Error| Fail::Run(format!("GPU: {e}"));
+    let g_o = match elem {
+        DType::F16 => ctx.upload_f16(&shape.q_dims(), d_o),
+        _ => ctx.upload(&shape.q_dims(), d_o),
+    }
+    .map_err(gpu)?;
+    let df_out = match &upstream.df_out {
+        Some(d) => Some(ctx.upload(&shape.f_dims(), d).map_err(gpu)?),
+        None => None,
+    };
+    // dQ, dK, dV have Q's element type; the others are f32.
+    let mut tensors = Vec::new();
+    for (flag, _) in a.grad.outputs() {
+        let (dims, dtype) = match flag {
+            "dq" => (shape.q_dims(), elem),
+            "dk" | "dv" => (shape.kv_dims(), elem),
+            "dtau" => (shape.row_dims(), DType::F32),
+            "dalpha" => (shape.alpha_dims(), DType::F32),
+            "dgate" => (shape.gate_dims(), DType::F32),
+            _ => (shape.f_dims(), DType::F32),
+        };
+        let t = ctx.empty(&dims, dtype).map_err(gpu)?;
+        // Poisoned, so that anything the kernels leave unwritten shows as NaN.
+        ctx.poison(&t).map_err(gpu)?;
+        tensors.push((flag, dims, t));
+    }
+    let mut grads = Grads::new();
+    for (flag, _, t) in &tensors {
+        grads = match *flag {
+            "dq" => grads.dq(t),
+            "dk" => grads.dk(t),
+            "dv" => grads.dv(t),
+            "dtau" => grads.dtau(t),
+            "dalpha" => grads.dalpha(t),
+            "dgate" => grads.dgate(t),
+            _ => grads.df0(t),
+        };
+    }
+    let mut up = selattn::Upstream::new(o, lse, &g_o);
+    if let Some(d) = &df_out {
+        up = up.df_out(d);
+    }
+    ctx.backward(&dev.inputs(), &spec.options, &up, &grads)
+        .map_err(|e| call_fail(&e))?;
+    tensors
+        .into_iter()
+        .map(|(flag, dims, t)| Ok((flag, dims, ctx.download(&t).map_err(gpu)?)))
+        .collect()
+}
+
+/// Prints one comparison line; whether it is within `tol` (norm-wise, no NaN, finite).
+fn report(what: &str, c: &Cmp, tol: f64) -> bool {
+    let Cmp {
+        max_abs,
+        at,
+        rel_norm,
+        nan,
+        ..
+    } = *c;
+    let ok = rel_norm <= tol && nan == 0 && max_abs.is_finite();
+    println!(
+        "check {what}: max abs error {max_abs:.3e} at {at}, norm-wise relative {rel_norm:.3e} (bound {tol:.0e}), NaN {nan}: {}",
+        if ok { "ok" } else { "FAILED" }
+    );
+    ok
+}
+
+fn check_failed(failed: &[&str]) -> Result<(), Fail> {
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Fail::Run(format!(
+            "--check failed for {} against the f64 reference",
+            failed.join(", ")
+        )))
+    }
+}
+
+/// Runs the f64 reference backward and compares every gradient written; fails when a norm-wise
+/// error is over its bound.
+fn check_grads(
+    a: &Args,
+    spec: &Spec,
+    mut host: HostInputs,
+    d_o: &[f32],
+    df_out: Option<&[f32]>,
+    grads: &GotGrads,
+) -> Result<(), Fail> {
+    let mut d_o = d_o.to_vec();
+    if a.f16 {
+        // The kernels see f16-rounded Q, K, V and dO; so does the reference.
+        host.q = round_f16(&host.q);
+        host.k = round_f16(&host.k);
+        host.v = round_f16(&host.v);
+        d_o = round_f16(&d_o);
+    }
+    let want = reference_backward::backward(spec, &host, &d_o, df_out)
+        .map_err(|e| Fail::Run(format!("reference backward: {e}")))?;
+    let mut failed = Vec::new();
+    for (flag, _, got) in grads {
+        let (exp, name) = match *flag {
+            "dq" => (&want.dq, "dQ"),
+            "dk" => (&want.dk, "dK"),
+            "dv" => (&want.dv, "dV"),
+            "dtau" => (&want.dtau, "dtau"),
+            "dalpha" => (&want.dalpha, "dalpha"),
+            "dgate" => (&want.dgate, "dgate"),
+            _ => (&want.df0, "dF0"),
+        };
+        let tol = if a.f16 { F16_NORM_TOL } else { F32_NORM_TOL };
+        // dalpha sums over every row of a head: 10x the bound, as tests/backward.rs.
+        let tol = if *flag == "dalpha" { 10.0 * tol } else { tol };
+        if !report(name, &compare(got, exp, ELEM_TOL, ELEM_TOL), tol) {
+            failed.push(name);
+        }
+    }
+    check_failed(&failed)
+}
+
 /// Runs the f64 reference and compares; fails when a norm-wise error is over its bound.
 fn check(
     a: &Args,
     spec: &Spec,
-    mut host: HostInputs,
+    host: &HostInputs,
     o: &[f32],
     lse: &[f32],
     f_out: Option<&[f32]>,
 ) -> Result<(), Fail> {
+    let mut host = host.clone();
     if a.f16 {
         // The kernels see f16-rounded Q, K and V; so does the reference.
         host.q = round_f16(&host.q);
@@ -623,30 +912,10 @@ fn check(
             F32_NORM_TOL,
         ));
     }
-    let mut failed = Vec::new();
-    for (what, c, tol) in &rows {
-        let Cmp {
-            max_abs,
-            at,
-            rel_norm,
-            nan,
-            ..
-        } = *c;
-        let ok = rel_norm <= *tol && nan == 0 && max_abs.is_finite();
-        println!(
-            "check {what}: max abs error {max_abs:.3e} at {at}, norm-wise relative {rel_norm:.3e} (bound {tol:.0e}), NaN {nan}: {}",
-            if ok { "ok" } else { "FAILED" }
-        );
-        if !ok {
-            failed.push(*what);
-        }
-    }
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(Fail::Run(format!(
-            "--check failed for {} against the f64 reference",
-            failed.join(", ")
-        )))
-    }
+    let failed: Vec<&str> = rows
+        .iter()
+        .filter(|(what, c, tol)| !report(what, c, *tol))
+        .map(|(what, _, _)| *what)
+        .collect();
+    check_failed(&failed)
 }

@@ -2,8 +2,8 @@
 
 Writes random inputs with np.save, runs the `attend` example on them, loads its outputs with
 np.load and compares them with a plain NumPy implementation of causal attention with a per-query
-temperature and a value gate (and kv_len, GQA, LSE), written here from DESIGN.md section 1 and
-independent of the crate's own f64 reference. Then feeds it a few broken inputs and checks the
+temperature and a value gate (and kv_len, GQA, LSE), and of its gradients (dQ, dK, dV, dtau,
+dgate), written here from DESIGN.md section 1 and independent of the crate's own f64 reference. Then feeds it a few broken inputs and checks the
 exit status and the one-line error.
 
     pip install numpy
@@ -53,6 +53,40 @@ def attention(q, k, v, tau, gate, kv_len, scale):
     return np.einsum("bhij,bhjd->bhid", p, vh), lse
 
 
+def attention_backward(q, k, v, tau, gate, kv_len, scale, d_o):
+    """Gradients of sum(dO * O) for the call of `attention`: dQ, dK, dV, dtau, dgate (float64)."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    q64, d_o = q.astype(np.float64), d_o.astype(np.float64)
+    kh = np.repeat(k.astype(np.float64), group, axis=1)
+    vg = v.astype(np.float64) * gate.astype(np.float64)[..., None]
+    vh = np.repeat(vg, group, axis=1)
+    raw = scale * np.einsum("bhid,bhjd->bhij", q64, kh)
+    t = tau.astype(np.float64)[..., None]
+    pos = (nk - nq) + np.arange(nq)
+    allowed = np.arange(nk)[None, :] <= pos[:, None]
+    allowed = allowed[None, None] & (np.arange(nk)[None, None, None, :] < kv_len[:, None, None, None])
+    s = np.where(allowed, raw * t, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m)
+    total = e.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(total > 0, e / total, 0.0)
+    o = np.einsum("bhij,bhjd->bhid", p, vh)
+    dp = np.einsum("bhid,bhjd->bhij", d_o, vh)
+    ds = p * (dp - (d_o * o).sum(axis=-1, keepdims=True))
+    dq = scale * np.einsum("bhij,bhjd->bhid", ds * t, kh)
+    per_kv = lambda x: x.reshape((b, hkv, group) + x.shape[2:]).sum(axis=2)
+    dk = per_kv(scale * np.einsum("bhij,bhid->bhjd", ds * t, q64))
+    dvg = per_kv(np.einsum("bhij,bhid->bhjd", p, d_o))
+    dtau = (ds * np.where(allowed, raw, 0.0)).sum(axis=-1)
+    dv = dvg * gate.astype(np.float64)[..., None]
+    dgate = (dvg * v.astype(np.float64)).sum(axis=-1)
+    return dict(dq=dq, dk=dk, dv=dv, dtau=dtau, dgate=dgate)
+
+
 def rel(got, want):
     fin = np.isfinite(want)
     if not np.array_equal(np.isfinite(got), fin) or not np.array_equal(got[~fin], want[~fin]):
@@ -96,6 +130,27 @@ def main():
             if not ok:
                 failures.append(what)
 
+        # The backward pass: dO in, every gradient of this call out.
+        d_o = rng.standard_normal((B, Hq, Nq, D), dtype=np.float32)
+        np.save(f("do.npy"), d_o)
+        grads = ["dq", "dk", "dv", "dtau", "dgate"]
+        gcmd = cmd[:-4] + ["--out", f("o2.npy"), "--grad-o", f("do.npy")]
+        for g in grads:
+            gcmd += ["--" + g, f(g + ".npy")]
+        r = subprocess.run(gcmd, capture_output=True, text=True)
+        sys.stderr.write(r.stderr)
+        if r.returncode != 0:
+            sys.exit(f"attend (backward) exited {r.returncode}")
+        want_g = attention_backward(q, k, v, tau, gate, kv_len, 1 / np.sqrt(D), d_o)
+        for g in grads:
+            got = np.load(f(g + ".npy"))
+            e = rel(got, want_g[g])
+            ok = got.dtype == np.float32 and got.shape == want_g[g].shape and e < 1e-5
+            print(f"numpy check {g} {got.shape} {got.dtype}: norm-wise relative error {e:.3e}: "
+                  + ("ok" if ok else "FAILED"))
+            if not ok:
+                failures.append(g)
+
         # Broken inputs: exit status 1 and one line naming the file.
         base = [exe, "--q", f("q.npy"), "--k", f("k.npy"), "--v", f("v.npy"), "--out", f("x.npy")]
         np.save(f("q64.npy"), q.astype(np.float64))
@@ -108,6 +163,7 @@ def main():
             ("k with wrong D", base[:3] + ["--k", f("kD.npy")] + base[5:], 1, "kD.npy"),
             ("selective without causal", base + ["--selective", "0"], 1, "--selective"),
             ("missing --q", [exe] + base[3:], 2, "--q"),
+            ("--dq without --grad-o", base + ["--dq", f("dq2.npy")], 2, "--grad-o"),
         ]
         for what, c, code, needle in cases:
             r = subprocess.run(c, capture_output=True, text=True)

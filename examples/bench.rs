@@ -32,30 +32,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use selattn::reference::{self, HostInputs};
-use selattn::{Context, DType, Error, Inputs, Options, Outputs, Path, Shape, Spec, Tensor};
+use selattn::{
+    Context, DType, Error, Inputs, Options, Outputs, Path, Shape, Spec, Switches, Tensor,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Command line
-
-const USAGE: &str = "\
-usage: bench [options]
-  --shape B,H,N,D | B,Hq,Hkv,Nq,Nk,D   repeatable; default: 4,16,4096,64  4,16,4096,128  1,16,16384,64
-                                      4,32,8,4096,4096,128 (GQA)
-  --variant plain|temp|gate|selective|full|all   repeatable (default all)
-             plain: no controls; temp: tau + alpha; gate: value gate;
-             selective: selective masking (selection head 0); full: tau + alpha + gate + selective
-  --causal yes|no|both        (default both; selective and full run causal only)
-  --dtype f32|f16|both        (default both)
-  --path auto|scalar|coop|all (default auto; repeatable)
-  --warmup N                  untimed runs before timing (default 3)
-  --iters N                   timed runs, median reported (default 30)
-  --budget SECONDS            stop timing a row after this long, but never before 3 runs (default 3)
-  --wall                      wall clock even where GPU timestamps exist
-  --no-check                  skip the small-shape check against the CPU reference
-  --adapter NAME              use the adapter whose name contains NAME (same as SELATTN_ADAPTER)
-  --json PATH                 also write the rows as a JSON array
-  --quick                     tiny shapes, 1 warm-up, 3 runs: software adapters and CI smoke tests
-  --backward                  time forward + backward (all gradients; FLOPs 3.5x the forward's)";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Variant {
@@ -83,14 +65,28 @@ impl Variant {
             Variant::Full => "full",
         }
     }
+    /// The switches this named variant turns on (`causal` is a separate bench option).
+    fn switches(self, causal: bool) -> Switches {
+        let temp = matches!(self, Variant::Temp | Variant::Full);
+        let selective = matches!(self, Variant::Selective | Variant::Full);
+        Switches {
+            causal,
+            selective,
+            tau: temp,
+            alpha: temp,
+            gate: matches!(self, Variant::Gate | Variant::Full),
+            lse: true,
+            ..Switches::NONE
+        }
+    }
     fn temperature(self) -> bool {
-        matches!(self, Variant::Temp | Variant::Full)
+        self.switches(true).tau
     }
     fn gate(self) -> bool {
-        matches!(self, Variant::Gate | Variant::Full)
+        self.switches(true).gate
     }
     fn selective(self) -> bool {
-        matches!(self, Variant::Selective | Variant::Full)
+        self.switches(true).selective
     }
 }
 
@@ -130,7 +126,7 @@ fn parse_shape(s: &str) -> Result<Shape, String> {
         .split(',')
         .map(|x| x.trim().parse::<u32>())
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("--shape {s}: {e}"))?;
+        .map_err(|e| format!("{s}: {e}"))?;
     match v[..] {
         [b, h, n, d] => Ok(Shape::new(b, h, n, d)),
         [b, hq, hkv, nq, nk, d] => Ok(Shape {
@@ -141,90 +137,148 @@ fn parse_shape(s: &str) -> Result<Shape, String> {
             k_len: nk,
             head_dim: d,
         }),
-        _ => Err(format!("--shape {s}: want B,H,N,D or B,Hq,Hkv,Nq,Nk,D")),
+        _ => Err(format!("{s}: want B,H,N,D or B,Hq,Hkv,Nq,Nk,D")),
     }
 }
 
-fn parse_args() -> Result<Args, String> {
+/// Benchmarks selattn's attention forward (or forward + backward) on any GPU wgpu can reach.
+#[derive(clap::Parser)]
+#[command(name = "bench")]
+struct Cli {
+    /// B,H,N,D or B,Hq,Hkv,Nq,Nk,D; repeatable. Default: 4,16,4096,64 4,16,4096,128
+    /// 1,16,16384,64 4,32,8,4096,4096,128 (GQA).
+    #[arg(long = "shape", value_name = "SHAPE", value_parser = parse_shape)]
+    shapes: Vec<Shape>,
+    /// Repeatable (default all). plain: no controls; temp: tau + alpha; gate: value gate;
+    /// selective (or sel): selective masking (selection head 0); full: tau + alpha + gate +
+    /// selective.
+    #[arg(long = "variant", value_enum)]
+    variants: Vec<VariantArg>,
+    /// Selective and full run causal only.
+    #[arg(long, value_enum, default_value = "both")]
+    causal: CausalArg,
+    /// Element type.
+    #[arg(long, value_enum, default_value = "both")]
+    dtype: DTypeArg,
+    /// Kernel path; repeatable (default auto).
+    #[arg(long = "path", value_enum)]
+    paths: Vec<PathArg>,
+    /// Untimed runs before timing (default 3; 1 with --quick).
+    #[arg(long, value_name = "N")]
+    warmup: Option<u32>,
+    /// Timed runs, median reported (default 30; 3 with --quick).
+    #[arg(long, value_name = "N")]
+    iters: Option<u32>,
+    /// Stop timing a row after this long, but never before 3 runs (default 3; 0.5 with --quick).
+    #[arg(long, value_name = "SECONDS")]
+    budget: Option<f64>,
+    /// Wall clock even where GPU timestamps exist.
+    #[arg(long)]
+    wall: bool,
+    /// Skip the small-shape check against the CPU reference.
+    #[arg(long)]
+    no_check: bool,
+    /// Use the adapter whose name contains NAME (same as SELATTN_ADAPTER).
+    #[arg(long, value_name = "NAME")]
+    adapter: Option<String>,
+    /// Also write the rows as a JSON array.
+    #[arg(long, value_name = "PATH")]
+    json: Option<String>,
+    /// Tiny shapes, 1 warm-up, 3 runs: software adapters and CI smoke tests.
+    #[arg(long)]
+    quick: bool,
+    /// Time forward + backward (all gradients; FLOPs 3.5x the forward's).
+    #[arg(long)]
+    backward: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum VariantArg {
+    Plain,
+    Temp,
+    Gate,
+    #[value(alias = "sel")]
+    Selective,
+    Full,
+    All,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CausalArg {
+    Yes,
+    No,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum PathArg {
+    Auto,
+    Scalar,
+    Coop,
+    All,
+}
+
+fn parse_args() -> Args {
+    let c = <Cli as clap::Parser>::parse();
+    if let Some(name) = &c.adapter {
+        // Context::new reads the filter from the environment; setting it here, before any
+        // thread exists, is the same as the user setting it.
+        std::env::set_var(selattn::ADAPTER_ENV, name);
+    }
     let mut a = Args {
-        shapes: vec![],
+        shapes: c.shapes,
         variants: vec![],
-        causal: vec![false, true],
-        dtypes: vec![DType::F32, DType::F16],
+        causal: match c.causal {
+            CausalArg::Yes => vec![true],
+            CausalArg::No => vec![false],
+            CausalArg::Both => vec![false, true],
+        },
+        dtypes: match c.dtype {
+            DTypeArg::F32 => vec![DType::F32],
+            DTypeArg::F16 => vec![DType::F16],
+            DTypeArg::Both => vec![DType::F32, DType::F16],
+        },
         paths: vec![],
         warmup: 3,
         iters: 30,
         budget: 3.0,
-        wall: false,
-        check: true,
-        json: None,
-        backward: false,
+        wall: c.wall,
+        check: !c.no_check,
+        json: c.json,
+        backward: c.backward,
     };
-    let mut quick = false;
-    let (mut warmup, mut iters) = (None, None);
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        let num = |v: String| v.parse::<u32>().map_err(|e| format!("{v}: {e}"));
-        match flag.as_str() {
-            "--shape" => a.shapes.push(parse_shape(&value()?)?),
-            "--variant" => match value()?.as_str() {
-                "all" => a.variants.extend(Variant::ALL),
-                v => a.variants.push(
-                    *Variant::ALL
-                        .iter()
-                        .find(|x| x.name() == v || (v == "sel" && **x == Variant::Selective))
-                        .ok_or(format!("unknown variant {v}"))?,
-                ),
-            },
-            "--causal" => {
-                a.causal = match value()?.as_str() {
-                    "yes" => vec![true],
-                    "no" => vec![false],
-                    "both" => vec![false, true],
-                    v => return Err(format!("--causal {v}: want yes, no or both")),
-                }
-            }
-            "--dtype" => {
-                a.dtypes = match value()?.as_str() {
-                    "f32" => vec![DType::F32],
-                    "f16" => vec![DType::F16],
-                    "both" => vec![DType::F32, DType::F16],
-                    v => return Err(format!("--dtype {v}: want f32, f16 or both")),
-                }
-            }
-            "--path" => match value()?.as_str() {
-                "auto" => a.paths.push(Path::Auto),
-                "scalar" => a.paths.push(Path::Scalar),
-                "coop" => a.paths.push(Path::Coop),
-                "all" => a.paths.extend([Path::Auto, Path::Scalar, Path::Coop]),
-                v => return Err(format!("--path {v}: want auto, scalar, coop or all")),
-            },
-            "--warmup" => warmup = Some(num(value()?)?),
-            "--iters" => iters = Some(num(value()?)?.max(1)),
-            "--budget" => {
-                let v = value()?;
-                a.budget = v.parse().map_err(|e| format!("--budget {v}: {e}"))?
-            }
-            "--wall" => a.wall = true,
-            "--no-check" => a.check = false,
-            "--quick" => quick = true,
-            "--backward" => a.backward = true,
-            "--json" => a.json = Some(value()?),
-            // Context::new reads the filter from the environment; setting it here, before any
-            // thread exists, is the same as the user setting it.
-            "--adapter" => std::env::set_var(selattn::ADAPTER_ENV, value()?),
-            "-h" | "--help" => return Err(USAGE.into()),
-            f => return Err(format!("unknown flag {f}\n{USAGE}")),
+    for v in c.variants {
+        match v {
+            VariantArg::Plain => a.variants.push(Variant::Plain),
+            VariantArg::Temp => a.variants.push(Variant::Temp),
+            VariantArg::Gate => a.variants.push(Variant::Gate),
+            VariantArg::Selective => a.variants.push(Variant::Selective),
+            VariantArg::Full => a.variants.push(Variant::Full),
+            VariantArg::All => a.variants.extend(Variant::ALL),
         }
     }
-    if quick {
+    for p in c.paths {
+        match p {
+            PathArg::Auto => a.paths.push(Path::Auto),
+            PathArg::Scalar => a.paths.push(Path::Scalar),
+            PathArg::Coop => a.paths.push(Path::Coop),
+            PathArg::All => a.paths.extend([Path::Auto, Path::Scalar, Path::Coop]),
+        }
+    }
+    if c.quick {
         a.warmup = 1;
         a.iters = 3;
         a.budget = 0.5;
         if a.shapes.is_empty() {
             // One self-attention shape and one with GQA, Nq < Nk and lengths off every tile size.
-            a.shapes = vec![Shape::new(1, 2, 128, 64), parse_shape("1,4,2,50,80,32")?];
+            a.shapes = vec![Shape::new(1, 2, 128, 64), gqa(1, 4, 2, 50, 80, 32)];
         }
     }
     if a.shapes.is_empty() {
@@ -232,18 +286,30 @@ fn parse_args() -> Result<Args, String> {
             Shape::new(4, 16, 4096, 64),
             Shape::new(4, 16, 4096, 128),
             Shape::new(1, 16, 16384, 64),
-            parse_shape("4,32,8,4096,4096,128")?,
+            gqa(4, 32, 8, 4096, 4096, 128),
         ];
     }
-    a.warmup = warmup.unwrap_or(a.warmup);
-    a.iters = iters.unwrap_or(a.iters);
+    a.warmup = c.warmup.unwrap_or(a.warmup);
+    a.iters = c.iters.map(|n| n.max(1)).unwrap_or(a.iters);
+    a.budget = c.budget.unwrap_or(a.budget);
     if a.variants.is_empty() {
         a.variants = Variant::ALL.to_vec();
     }
     if a.paths.is_empty() {
         a.paths = vec![Path::Auto];
     }
-    Ok(a)
+    a
+}
+
+fn gqa(batch: u32, q_heads: u32, kv_heads: u32, q_len: u32, k_len: u32, head_dim: u32) -> Shape {
+    Shape {
+        batch,
+        q_heads,
+        kv_heads,
+        q_len,
+        k_len,
+        head_dim,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -807,13 +873,7 @@ fn json_rows(ctx: &Context, timer: &str, rows: &[Row]) -> String {
 // ---------------------------------------------------------------------------------------------
 
 fn main() {
-    let a = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
+    let a = parse_args();
     let ctx = match Context::new() {
         Ok(c) => c,
         Err(e) => {

@@ -36,6 +36,7 @@ fn needs(key: &KernelKey) -> (u64, u32) {
         Kernel::DecodeAttend(c) => (c.workgroup_bytes(), c.wg),
         Kernel::DecodeMerge(c) => (0, c.wg),
         Kernel::Backward(c) => (c.workgroup_bytes(), c.wg),
+        Kernel::CoopBackward(c) => (c.workgroup_bytes(), c.threads()),
     }
 }
 
@@ -77,7 +78,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 format!("{n:02}-{:?}-{elem}.wgsl", key.source()).to_lowercase()
             })
             .clone();
-        let coop = matches!(key.kernel, Kernel::CoopForward(_));
+        let coop = matches!(key.kernel, Kernel::CoopForward(_) | Kernel::CoopBackward(_));
         let (wg_bytes, invocations) = needs(key);
         let mut constants = String::new();
         for (j, (name, value)) in key.constants().iter().enumerate() {

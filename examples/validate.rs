@@ -20,120 +20,12 @@ use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
-use selattn::reference::{self, HostInputs, HostOutputs};
-use selattn::{Context, DType, Error, Options, Outputs, Path, Shape, Spec};
-use selattn_tools::testing::{compare, random_inputs, round_f16, Cmp, Controls, DeviceInputs};
-
-/// f32: every element within this, absolute plus relative. Measured over the full set on
-/// llvmpipe (Vulkan and GL): max abs error O 9.9e-7, LSE 8.5e-7, F_out 2.9e-6; norm-wise at
-/// most 2.8e-7. The bound leaves 3-10x for other hardware's exp2 and summation order.
-const F32_ELEM_TOL: f64 = 1e-5;
-/// f32: norm-wise relative error bound (DESIGN.md §4).
-const F32_NORM_TOL: f64 = 1e-5;
-/// f16 O: element-wise bound, absolute plus relative. Measured on llvmpipe (Vulkan): max abs
-/// 9.7e-4, norm-wise 2.3e-4, never above the reference's own f16 rounding error.
-const F16_ELEM_TOL: f64 = 5e-3;
-/// f16 O: norm-wise relative error bound (DESIGN.md §4).
-const F16_NORM_TOL: f64 = 5e-3;
-
-/// One call variant: which options and optional inputs are on.
-#[derive(Clone, Copy, Debug)]
-struct Variant {
-    name: &'static str,
-    causal: bool,
-    selective: bool,
-    controls: Controls,
-}
-
-fn variants() -> Vec<Variant> {
-    let c = |tau, alpha, gate, kv_len| Controls {
-        tau,
-        alpha,
-        gate,
-        kv_len,
-    };
-    let mut v = vec![];
-    for causal in [false, true] {
-        let mut add = |name, selective, controls| {
-            v.push(Variant {
-                name,
-                causal,
-                selective,
-                controls,
-            })
-        };
-        add("plain", false, Controls::default());
-        add("tau", false, c(true, false, false, false));
-        add("alpha", false, c(false, true, false, false));
-        add("gate", false, c(false, false, true, false));
-        add("kv_len", false, c(false, false, false, true));
-        if causal {
-            add("selective", true, Controls::default());
-        }
-        // Everything at once; selective masking only exists with causal.
-        add("full", causal, Controls::ALL);
-    }
-    v
-}
-
-/// One shape, with an explicit first-query position and whether batch element 0 gets
-/// kv_len = 0 (rows with no allowed key: zeros and LSE = -inf).
-#[derive(Clone, Copy, Debug)]
-struct Case {
-    name: &'static str,
-    shape: Shape,
-    start: Option<u32>,
-    empty_batch: bool,
-}
-
-fn cases(quick: bool) -> Vec<Case> {
-    let case = |name, shape, start, empty_batch| Case {
-        name,
-        shape,
-        start,
-        empty_batch,
-    };
-    let mut v = vec![
-        case(
-            "Nq=1 (decode)",
-            Shape::new(1, 2, 37, 64).with_q_len(1),
-            None,
-            false,
-        ),
-        case("N=37 D=24", Shape::new(1, 2, 37, 24), None, false),
-        case(
-            "Nq<Nk start=3",
-            Shape::new(1, 2, 29, 8).with_q_len(5),
-            Some(3),
-            false,
-        ),
-        case(
-            "GQA 4:1",
-            Shape::new(2, 4, 19, 32).with_kv_heads(1),
-            None,
-            true,
-        ),
-    ];
-    if !quick {
-        v.extend([
-            case(
-                "N=70 D=16 (3+ query tiles)",
-                Shape::new(1, 2, 70, 16),
-                None,
-                false,
-            ),
-            case("D=128", Shape::new(1, 2, 13, 128), None, false),
-            case("D=256", Shape::new(1, 2, 9, 256), None, false),
-            case(
-                "Nq<Nk default start, B=2",
-                Shape::new(2, 2, 33, 64).with_q_len(7),
-                None,
-                true,
-            ),
-        ]);
-    }
-    v
-}
+use selattn::reference::HostInputs;
+use selattn::{Context, DType, Error, Options, Outputs, Path, Shape};
+use selattn_tools::testing::{Cmp, DeviceInputs};
+use selattn_tools::validation::{
+    self, cases, variants, Case, Variant, F16_ELEM_TOL, F16_NORM_TOL, F32_ELEM_TOL, F32_NORM_TOL,
+};
 
 /// One row of the report.
 #[derive(Clone, Debug)]
@@ -167,10 +59,6 @@ impl Row {
     }
 }
 
-fn ok(c: &Cmp, norm: f64) -> bool {
-    c.bad == 0 && c.nan == 0 && c.rel_norm < norm
-}
-
 /// Runs one (case, variant, dtype) with poisoned outputs, compares it with the reference.
 fn run_one(ctx: &Context, case: &Case, var: &Variant, elem: DType, path: Path, seed: u64) -> Row {
     let info = &ctx.capabilities().info;
@@ -181,12 +69,7 @@ fn run_one(ctx: &Context, case: &Case, var: &Variant, elem: DType, path: Path, s
             .trim()
             .to_string(),
         dtype: elem,
-        variant: format!(
-            "{}{}{}",
-            if path == Path::Coop { "coop " } else { "" },
-            if var.causal { "causal " } else { "" },
-            var.name
-        ),
+        variant: validation::variant_name(var, path),
         case: case.name.to_string(),
         kernel: String::new(),
         o: None,
@@ -199,44 +82,15 @@ fn run_one(ctx: &Context, case: &Case, var: &Variant, elem: DType, path: Path, s
     };
     let t = Instant::now();
     let shape = case.shape;
-    let mut opts = if var.causal {
-        Options::causal()
-    } else {
-        Options::new()
-    }
-    .path(path);
-    if var.selective {
-        // The last head selects, so the selection head is not always head 0.
-        opts = opts.selective(shape.q_heads - 1);
-    }
-    if let Some(s) = case.start {
-        opts = opts.start(s);
-    }
-    let mut x: HostInputs = random_inputs(&shape, var.controls, seed);
-    if case.empty_batch {
-        if let Some(k) = x.kv_len.as_mut() {
-            k[0] = 0;
-        }
-    }
-    if elem == DType::F16 {
-        // The GPU sees f16-rounded Q, K, V: the reference must see the same values.
-        x.q = round_f16(&x.q);
-        x.k = round_f16(&x.k);
-        x.v = round_f16(&x.v);
-    }
-    let spec = Spec {
-        shape,
-        options: opts,
-        present: x.present(var.selective),
-    };
-    let reference = match reference::attention(&spec, &x) {
-        Ok(r) => r,
+    let prepared = match validation::prepare(case, var, elem, path, seed) {
+        Ok(p) => p,
         Err(e) => {
-            row.error = Some(format!("reference rejected the case: {e}"));
+            row.error = Some(e);
             return row;
         }
     };
-    let run = catch_unwind(AssertUnwindSafe(|| run_gpu(ctx, &shape, &x, &opts, elem)));
+    let (x, opts) = (&prepared.inputs, &prepared.options);
+    let run = catch_unwind(AssertUnwindSafe(|| run_gpu(ctx, &shape, x, opts, elem)));
     row.seconds = t.elapsed().as_secs_f64();
     let (kernel, o, lse, f_out) = match run {
         Ok(Ok(r)) => r,
@@ -261,7 +115,19 @@ fn run_one(ctx: &Context, case: &Case, var: &Variant, elem: DType, path: Path, s
         }
     };
     row.kernel = kernel;
-    compare_all(&mut row, &reference, &o, &lse, &f_out, var.selective);
+    let c = validation::check(
+        elem,
+        &prepared.reference,
+        &o,
+        &lse,
+        &f_out,
+        var.switches.selective,
+    );
+    row.o = Some(c.o);
+    row.lse = Some(c.lse);
+    row.f_out = c.f_out;
+    row.baseline = c.baseline;
+    row.pass = c.pass;
     row
 }
 
@@ -285,12 +151,7 @@ fn run_gpu(
     if opts.selective.is_some() {
         outs = outs.f_out(&f_out);
     }
-    let plan = ctx.plan(&g.inputs(), opts, &outs)?;
-    let f = plan.forward;
-    let kernel = match plan.coop {
-        Some(c) => format!("coop D{} {}x{}", c.d, c.br, c.bc),
-        None => format!("D{} {}x{}/dn{}", f.d, f.br, f.bc, f.dn),
-    };
+    let kernel = validation::kernel_name(&ctx.plan(&g.inputs(), opts, &outs)?);
     ctx.attention(&g.inputs(), opts, &outs)?;
     let f_out = if opts.selective.is_some() {
         ctx.download(&f_out)?
@@ -298,34 +159,6 @@ fn run_gpu(
         vec![]
     };
     Ok((kernel, ctx.download(&o)?, ctx.download(&lse)?, f_out))
-}
-
-fn compare_all(row: &mut Row, r: &HostOutputs, o: &[f32], lse: &[f32], f: &[f32], sel: bool) {
-    let mut pass = true;
-    let co = if row.dtype == DType::F16 {
-        let rounded: Vec<f32> = round_f16(&r.o.iter().map(|&v| v as f32).collect::<Vec<_>>());
-        let baseline = compare(&rounded, &r.o, 0.0, 0.0).rel_norm;
-        row.baseline = Some(baseline);
-        let c = compare(o, &r.o, F16_ELEM_TOL, F16_ELEM_TOL);
-        // No worse than twice the error of the reference rounded to f16; an output that is
-        // exact in f16 (baseline 0, e.g. all rows empty) must be exact.
-        pass &= ok(&c, F16_NORM_TOL) && c.rel_norm <= 2.0 * baseline;
-        c
-    } else {
-        let c = compare(o, &r.o, F32_ELEM_TOL, F32_ELEM_TOL);
-        pass &= ok(&c, F32_NORM_TOL);
-        c
-    };
-    row.o = Some(co);
-    let cl = compare(lse, &r.lse, F32_ELEM_TOL, F32_ELEM_TOL);
-    pass &= ok(&cl, F32_NORM_TOL);
-    row.lse = Some(cl);
-    if sel {
-        let cf = compare(f, &r.f_out, F32_ELEM_TOL, F32_ELEM_TOL);
-        pass &= ok(&cf, F32_NORM_TOL);
-        row.f_out = Some(cf);
-    }
-    row.pass = pass;
 }
 
 /// What the machine is, for a bug report.
@@ -527,24 +360,21 @@ fn write_json(path: &str, header: &str, adapters: &[String], rows: &[Row]) -> st
     std::fs::write(path, format!("{report:#}\n"))
 }
 
+/// Every kernel variant on every adapter wgpu finds, against the f64 CPU reference; exits 1 on
+/// any failure.
+#[derive(clap::Parser)]
+#[command(name = "validate")]
+struct Cli {
+    /// Fewer shapes.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the report as JSON.
+    #[arg(long, value_name = "PATH")]
+    json: Option<String>,
+}
+
 fn main() {
-    let mut json = None;
-    let mut quick = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--quick" => quick = true,
-            "--json" => json = args.next(),
-            "-h" | "--help" => {
-                println!("usage: validate [--quick] [--json PATH]");
-                return;
-            }
-            other => {
-                eprintln!("unknown argument {other}; usage: validate [--quick] [--json PATH]");
-                std::process::exit(2);
-            }
-        }
-    }
+    let Cli { quick, json } = <Cli as clap::Parser>::parse();
 
     let header = machine_header();
     print!("{header}");

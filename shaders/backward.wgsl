@@ -1,4 +1,6 @@
 // Backward pass (DESIGN.md §1b), scalar path: FlashAttention-2's split, P recomputed from LSE.
+// On the cooperative-matrix path (f16 storage, coop_backward.wgsl) coop_dkv, coop_dq, coop_selq
+// and coop_selk replace dkv, dq, selq and selk; prep, fscan and finish below serve both paths.
 //
 // Entry points, in dispatch order (the selective C comes from the forward's colsum and scan
 // passes, run with this family's BR):

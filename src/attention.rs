@@ -2,7 +2,7 @@
 
 use crate::kernels::forward::{self, Plan};
 use crate::kernels::gpu::submit;
-use crate::spec::{Options, Present, Shape, Spec};
+use crate::spec::{Options, Shape, Spec, Switches};
 use crate::tensor::{check_binding_sizes, check_no_alias};
 use crate::{Context, DType, Error, Result, Tensor};
 
@@ -194,7 +194,9 @@ impl Context {
             }
         }
         let shape = inputs.shape()?;
-        let present = Present {
+        let present = Switches {
+            causal: options.causal,
+            selective: options.selective.is_some(),
             tau: inputs.tau.is_some(),
             alpha: inputs.alpha.is_some(),
             gate: inputs.gate.is_some(),

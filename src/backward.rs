@@ -2,6 +2,7 @@
 
 use crate::attention::check;
 use crate::kernels::backward::{BackwardPlan, Entry, Wanted};
+use crate::kernels::coop_backward::{CoopEntry, ROWS};
 use crate::kernels::gpu::{entry, submit, tensor_entry};
 use crate::kernels::Kernel;
 use crate::spec::Options;
@@ -344,7 +345,19 @@ impl Context {
                     ],
                     (s.k_len.div_ceil(c.wg), s.batch, 1),
                 ),
-                Kernel::Backward(c) => {
+                Kernel::Backward(_) | Kernel::CoopBackward(_) => {
+                    let c = match key.kernel {
+                        Kernel::CoopBackward(c) => match c.entry {
+                            CoopEntry::Dkv => Entry::Dkv,
+                            CoopEntry::Dq => Entry::Dq,
+                            CoopEntry::Selq => Entry::Selq,
+                            CoopEntry::Selk => Entry::Selk,
+                        },
+                        Kernel::Backward(c) => c.entry,
+                        _ => Entry::Finish,
+                    };
+                    let coop = plan.coop.is_some();
+                    let coop_sel = plan.coop_sel.is_some();
                     let mut e = vec![entry(0, &params), entry(1, &layout), entry(6, &ws)];
                     let tiled = |e: &mut Vec<_>| {
                         e.extend([
@@ -362,7 +375,7 @@ impl Context {
                             ),
                         ]);
                     };
-                    let groups = match c.entry {
+                    let groups = match c {
                         Entry::Prep => {
                             e.extend([
                                 tensor_entry(5, Some(bound(up.d_o)), din),
@@ -380,12 +393,20 @@ impl Context {
                             tiled(&mut e);
                             e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
                             e.push(tensor_entry(9, grads.dv.map(bound), &dummies[1]));
-                            (plan.n_ktiles, s.kv_heads, s.batch)
+                            if coop {
+                                (s.k_len.div_ceil(ROWS), s.kv_heads, s.batch)
+                            } else {
+                                (plan.n_ktiles, s.kv_heads, s.batch)
+                            }
                         }
                         Entry::Dq => {
                             tiled(&mut e);
                             e.push(tensor_entry(8, grads.dq.map(bound), &dummies[0]));
-                            (plan.params.n_qtiles, s.q_heads, s.batch)
+                            if coop {
+                                (s.q_len.div_ceil(ROWS), s.q_heads, s.batch)
+                            } else {
+                                (plan.params.n_qtiles, s.q_heads, s.batch)
+                            }
                         }
                         Entry::Fscan => {
                             e.push(tensor_entry(16, up.df_out.map(bound), din));
@@ -394,12 +415,20 @@ impl Context {
                         Entry::Selq => {
                             tiled(&mut e);
                             e.push(tensor_entry(8, grads.dq.map(bound), &dummies[0]));
-                            (plan.params.n_qtiles, 1, s.batch)
+                            if coop_sel {
+                                (s.q_len.div_ceil(ROWS), 1, s.batch)
+                            } else {
+                                (plan.params.n_qtiles, 1, s.batch)
+                            }
                         }
                         Entry::Selk => {
                             tiled(&mut e);
                             e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
-                            (plan.n_ktiles, 1, s.batch)
+                            if coop_sel {
+                                (s.k_len.div_ceil(ROWS), 1, s.batch)
+                            } else {
+                                (plan.n_ktiles, 1, s.batch)
+                            }
                         }
                         Entry::Finish => {
                             e.extend([

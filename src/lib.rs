@@ -82,5 +82,5 @@ pub use error::{Error, GpuSource, Result, NO_ADAPTER_HINT};
 
 pub use kernels::backward::BackwardPlan;
 pub use kernels::forward::Plan;
-pub use spec::{Options, Path, Present, Role, Shape, Spec};
+pub use spec::{Options, Path, Role, Shape, Spec, Switches};
 pub use tensor::Tensor;

@@ -39,9 +39,12 @@ pub struct HostOutputs {
 }
 
 impl HostInputs {
-    /// Which optional inputs are present (outputs LSE and F_out are marked wanted).
-    pub fn present(&self, selective: bool) -> crate::spec::Present {
-        crate::spec::Present {
+    /// Which optional inputs are present (outputs LSE and F_out are marked wanted). `causal`
+    /// is set with `selective`; in a [`Spec`] both are decided by its options.
+    pub fn present(&self, selective: bool) -> crate::spec::Switches {
+        crate::spec::Switches {
+            causal: selective,
+            selective,
             tau: self.tau.is_some(),
             alpha: self.alpha.is_some(),
             gate: self.gate.is_some(),

@@ -144,9 +144,19 @@ pub fn checked_numel(dims: &[u64]) -> Option<u64> {
     dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
 }
 
-/// Which optional inputs a call carries and which optional outputs it wants.
+/// The switches of one attention call: causal and selective masking, which optional inputs it
+/// carries and which optional outputs it wants. The one description of "which features are on"
+/// shared by [`Spec`], the kernels' specialisation keys, and the test and tooling crates.
+///
+/// In a [`Spec`], `causal` and `selective` are decided by its [`Options`] (which also carry the
+/// selection head); [`Spec::validate`] copies them in, so [`Resolved::present`] has every field
+/// set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Present {
+pub struct Switches {
+    /// Causal masking.
+    pub causal: bool,
+    /// Selective masking (causal only).
+    pub selective: bool,
     /// Per-query temperature `[B, Hq, Nq]`.
     pub tau: bool,
     /// Positional-temperature coefficient `[Hq]`.
@@ -161,6 +171,73 @@ pub struct Present {
     pub lse: bool,
     /// Selective state out `[B, Nk]`.
     pub f_out: bool,
+}
+
+impl Switches {
+    /// Every switch off: non-causal attention with no optional tensor.
+    pub const NONE: Switches = Switches {
+        causal: false,
+        selective: false,
+        tau: false,
+        alpha: false,
+        gate: false,
+        kv_len: false,
+        f0: false,
+        lse: false,
+        f_out: false,
+    };
+    /// Every switch on: causal selective attention with every optional input and output.
+    pub const ALL: Switches = Switches {
+        causal: true,
+        selective: true,
+        tau: true,
+        alpha: true,
+        gate: true,
+        kv_len: true,
+        f0: true,
+        lse: true,
+        f_out: true,
+    };
+
+    /// Whether the combination can occur: selective only with causal, F0 and F_out only with
+    /// selective.
+    pub fn is_consistent(&self) -> bool {
+        (!self.selective || self.causal) && (self.selective || !(self.f0 || self.f_out))
+    }
+
+    /// Every consistent combination ([`Switches::is_consistent`]), in a fixed order (bit `i` of
+    /// a counter sets, in order, causal, selective, tau, alpha, gate, kv_len, lse, f0, f_out).
+    pub fn all() -> Vec<Switches> {
+        (0u32..512)
+            .map(|bits| {
+                let b = |i: u32| bits & (1 << i) != 0;
+                Switches {
+                    causal: b(0),
+                    selective: b(1),
+                    tau: b(2),
+                    alpha: b(3),
+                    gate: b(4),
+                    kv_len: b(5),
+                    lse: b(6),
+                    f0: b(7),
+                    f_out: b(8),
+                }
+            })
+            .filter(Switches::is_consistent)
+            .collect()
+    }
+
+    /// Only the optional inputs a forward kernel reads (tau, alpha, gate, kv_len); every other
+    /// switch off.
+    pub fn inputs(&self) -> Switches {
+        Switches {
+            tau: self.tau,
+            alpha: self.alpha,
+            gate: self.gate,
+            kv_len: self.kv_len,
+            ..Switches::NONE
+        }
+    }
 }
 
 /// Which kernel implementation runs a call.
@@ -249,8 +326,8 @@ pub struct Spec {
     pub shape: Shape,
     /// Options.
     pub options: Options,
-    /// Optional inputs and outputs present.
-    pub present: Present,
+    /// Optional inputs and outputs present (`causal` and `selective` are taken from `options`).
+    pub present: Switches,
 }
 
 /// A validated [`Spec`] with every derived value resolved.
@@ -260,8 +337,8 @@ pub struct Resolved {
     pub shape: Shape,
     /// Options.
     pub options: Options,
-    /// Optional inputs and outputs present.
-    pub present: Present,
+    /// Every switch of the call, `causal` and `selective` included.
+    pub present: Switches,
     /// The logit scale in use.
     pub scale: f32,
     /// Absolute position of query row 0.
@@ -348,7 +425,11 @@ impl Spec {
         Ok(Resolved {
             shape: s,
             options: self.options,
-            present: self.present,
+            present: Switches {
+                causal: self.options.causal,
+                selective: self.options.selective.is_some(),
+                ..self.present
+            },
             scale,
             start,
         })

@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use selattn::reference;
+use selattn::reference_backward;
+use selattn::Switches;
 use selattn::{Options, Shape, Spec};
 use selattn_tools::npy;
-use selattn_tools::testing::{compare, random_inputs, Controls, Rng};
+use selattn_tools::testing::{compare, random_inputs, Rng};
 
 /// A fresh directory for one test's files, removed when dropped.
 struct TempDir(PathBuf);
@@ -120,7 +122,7 @@ fn assert_fails(case: &str, r: &Run, code: i32, needles: &[&str]) {
 
 /// A small valid Q, K, V set; returns the arguments naming them.
 fn qkv(dir: &TempDir, shape: &Shape) -> Vec<String> {
-    let x = random_inputs(shape, Controls::default(), 3);
+    let x = random_inputs(shape, Switches::NONE, 3);
     vec![
         "--q".into(),
         dir.f32("q.npy", &shape.q_dims(), &x.q),
@@ -142,7 +144,7 @@ fn f32_causal_selective_every_option_matches_reference() {
     let dir = TempDir::new("every-option");
     // GQA, Nq < Nk, lengths that are no tile multiple, start inside the keys.
     let shape = Shape::new(2, 4, 12, 16).with_kv_heads(2).with_q_len(7);
-    let mut x = random_inputs(&shape, Controls::ALL, 11);
+    let mut x = random_inputs(&shape, Switches::ALL, 11);
     x.f0 = Some(Rng::new(12).range(0.0, 2.0, (shape.batch * shape.k_len) as usize));
     let kv_len = x.kv_len.clone().expect("kv_len");
     let options = Options::causal().selective(1).scale(0.3).start(4);
@@ -255,6 +257,147 @@ fn f32_causal_selective_every_option_matches_reference() {
     }
 }
 
+/// The backward pass through the command line: causal, selective, tau, alpha, gate and F0 on,
+/// dO and dF_out given, every gradient written. Each gradient read back must match the f64
+/// reference backward computed here, and `--check` must agree.
+#[test]
+fn gradients_match_reference_backward() {
+    let dir = TempDir::new("gradients");
+    let shape = Shape::new(1, 4, 9, 8).with_kv_heads(2).with_q_len(6);
+    let mut x = random_inputs(&shape, Switches::ALL, 21);
+    x.kv_len = None;
+    x.f0 = Some(Rng::new(22).range(0.0, 2.0, (shape.batch * shape.k_len) as usize));
+    let mut rng = Rng::new(23);
+    let d_o = rng.normals(shape.q_dims().iter().product::<u64>() as usize);
+    let df_out = rng.normals(shape.f_dims().iter().product::<u64>() as usize);
+    let options = Options::causal().selective(1);
+    let spec = Spec {
+        shape,
+        options,
+        present: x.present(true),
+    };
+    let want = reference_backward::backward(&spec, &x, &d_o, Some(&df_out)).expect("reference");
+
+    let mut args = vec![
+        "--q".into(),
+        dir.f32("q.npy", &shape.q_dims(), &x.q),
+        "--k".into(),
+        dir.f32("k.npy", &shape.kv_dims(), &x.k),
+        "--v".into(),
+        dir.f32("v.npy", &shape.kv_dims(), &x.v),
+        "--tau".into(),
+        dir.f32("tau.npy", &shape.row_dims(), x.tau.as_deref().expect("tau")),
+        "--alpha".into(),
+        dir.f32(
+            "alpha.npy",
+            &shape.alpha_dims(),
+            x.alpha.as_deref().expect("alpha"),
+        ),
+        "--gate".into(),
+        dir.f32(
+            "gate.npy",
+            &shape.gate_dims(),
+            x.gate.as_deref().expect("gate"),
+        ),
+        "--f0".into(),
+        dir.f32("f0.npy", &shape.f_dims(), x.f0.as_deref().expect("f0")),
+        "--grad-o".into(),
+        dir.f32("do.npy", &shape.q_dims(), &d_o),
+        "--grad-f-out".into(),
+        dir.f32("dfout.npy", &shape.f_dims(), &df_out),
+    ];
+    for a in ["--causal", "--selective", "1", "--check", "--out"] {
+        args.push(a.to_string());
+    }
+    args.push(arg(&dir.path("o.npy")));
+    let grads = [
+        ("dq", shape.q_dims(), &want.dq),
+        ("dk", shape.kv_dims(), &want.dk),
+        ("dv", shape.kv_dims(), &want.dv),
+        ("dtau", shape.row_dims(), &want.dtau),
+        ("dalpha", shape.alpha_dims(), &want.dalpha),
+        ("dgate", shape.gate_dims(), &want.dgate),
+        ("df0", shape.f_dims(), &want.df0),
+    ];
+    for (flag, _, _) in &grads {
+        args.push(format!("--{flag}"));
+        args.push(arg(&dir.path(&format!("{flag}.npy"))));
+    }
+    let r = attend(&args);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "attend failed:\n{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    for what in ["dQ", "dK", "dV", "dtau", "dalpha", "dgate", "dF0"] {
+        assert!(
+            r.stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("check {what}:")) && l.ends_with(": ok")),
+            "--check did not report {what} ok:\n{}",
+            r.stdout
+        );
+    }
+    for (flag, dims, reference) in grads {
+        let arr = npy::read(dir.path(&format!("{flag}.npy"))).expect("reading a gradient");
+        let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+        assert_eq!(arr.shape, dims, "{flag}: shape");
+        let got = arr.into_f32().expect("f32");
+        // As tests/backward.rs: dalpha sums over every row of a head, 10x the bound.
+        let tol = if flag == "dalpha" { 1e-4 } else { 1e-5 };
+        let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let c = compare(&got, reference, 20.0 * tol * scale, 20.0 * tol);
+        assert!(
+            c.bad == 0 && c.nan == 0 && c.rel_norm < tol,
+            "{flag} {shape:?}: max abs {:.3e} at {}, norm-wise {:.3e}, {} bad, {} NaN",
+            c.max_abs,
+            c.at,
+            c.rel_norm,
+            c.bad,
+            c.nan
+        );
+    }
+}
+
+#[test]
+fn gradient_output_without_grad_o_is_a_usage_error() {
+    let dir = TempDir::new("grad-without-do");
+    let mut args = qkv(&dir, &small());
+    let dq = dir.path("dq.npy");
+    args.extend([
+        "--out".into(),
+        arg(&dir.path("o.npy")),
+        "--dq".into(),
+        arg(&dq),
+    ]);
+    let r = attend(&args);
+    assert_fails("--dq without --grad-o", &r, 2, &["--dq", "--grad-o"]);
+    assert!(!dq.exists(), "gradient written after a usage error");
+}
+
+#[test]
+fn gradient_output_naming_an_input_is_refused() {
+    let dir = TempDir::new("grad-clobber");
+    let shape = small();
+    let mut args = qkv(&dir, &shape);
+    let k_before = std::fs::read(dir.path("k.npy")).expect("read k");
+    let d_o = Rng::new(5).normals(shape.q_dims().iter().product::<u64>() as usize);
+    args.extend([
+        "--out".into(),
+        arg(&dir.path("o.npy")),
+        "--grad-o".into(),
+        dir.f32("do.npy", &shape.q_dims(), &d_o),
+        "--dk".into(),
+        arg(&dir.path("k.npy")),
+    ]);
+    let r = attend(&args);
+    assert_fails("--dk naming --k", &r, 1, &["--dk", "--k", "same file"]);
+    assert_eq!(std::fs::read(dir.path("k.npy")).expect("read k"), k_before);
+    assert!(!dir.path("o.npy").exists(), "output written after an error");
+}
+
 #[test]
 fn garbage_file_is_named() {
     let dir = TempDir::new("garbage");
@@ -278,7 +421,7 @@ fn float64_file_is_refused() {
     let dir = TempDir::new("float64");
     let shape = small();
     let mut args = qkv(&dir, &shape);
-    let x = random_inputs(&shape, Controls::default(), 3);
+    let x = random_inputs(&shape, Switches::NONE, 3);
     let dims: Vec<usize> = shape.q_dims().iter().map(|&d| d as usize).collect();
     let bytes: Vec<u8> = x.q.iter().flat_map(|&v| (v as f64).to_le_bytes()).collect();
     args[1] = dir.raw("q64.npy", "<f8", &dims, &bytes);
@@ -313,7 +456,7 @@ fn wrong_head_dim_in_k_is_refused() {
     let shape = small();
     let mut args = qkv(&dir, &shape);
     let bad = Shape::new(1, 2, 5, 16);
-    let x = random_inputs(&bad, Controls::default(), 4);
+    let x = random_inputs(&bad, Switches::NONE, 4);
     args[3] = dir.f32("k16.npy", &bad.kv_dims(), &x.k);
     args.extend(["--out".into(), arg(&dir.path("o.npy"))]);
     let r = attend(&args);

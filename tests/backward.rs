@@ -3,17 +3,20 @@
 //! rows with no allowed key), selection head != 0 with F0 and dF_out, Nq < Nk with `start`, odd
 //! sizes, head dims across the supported range; only the requested gradients; repeat runs bit
 //! identical; bounds-checked and unchecked shaders agree; f16 storage; typed errors; the scratch
-//! bound. O and LSE come from the GPU forward, as in training.
+//! bound. O and LSE come from the GPU forward, as in training. The cooperative-matrix backward
+//! (f16, where the adapter has it) against the reference and against the forced scalar path; on
+//! adapters without it, a forced coop call is a typed error; its path choice on reference devices.
 
 mod common;
 use std::sync::OnceLock;
 
 use common::*;
 use selattn::kernels::backward::Wanted;
+use selattn::kernels::Kernel;
 use selattn::reference::HostInputs;
 use selattn::reference_backward::{backward, HostGrads};
 use selattn::{
-    BackwardPlan, Context, DType, Error, Grads, Options, Present, Shape, Spec, Upstream,
+    BackwardPlan, Context, DType, Error, Grads, Options, Path, Shape, Spec, Switches, Upstream,
 };
 
 /// f32 storage: norm-wise relative error per gradient (DESIGN.md §4 asks under 1e-5 of the
@@ -34,7 +37,7 @@ fn bcase(
     name: &str,
     shape: Shape,
     opts: Options,
-    c: Controls,
+    c: Switches,
     f0: bool,
     df_out: bool,
     kv_len: Option<Vec<u32>>,
@@ -61,7 +64,7 @@ fn bcase(
             shape.k_len,
             shape.head_dim,
             opts_name(&opts),
-            c.name(),
+            inputs_name(&c),
             if f0 { " +F0" } else { "" },
             if df_out.is_some() { " +dF_out" } else { "" },
         ),
@@ -76,8 +79,8 @@ fn bcase(
 /// The cases share feature sets and head dims where they can: every distinct (head dim, options)
 /// is a set of pipelines to compile, which dominates the run time on software adapters.
 fn cases() -> Vec<BCase> {
-    let all = Controls::ALL;
-    let none = Controls::default();
+    let all = Switches::ALL;
+    let none = Switches::NONE;
     let sel = |h| Options::causal().selective(h);
     vec![
         // 0
@@ -470,6 +473,61 @@ fn all_bits_f(g: &GpuGrads) -> Vec<f32> {
 /// f16 storage of Q, K, V, O, dO, dQ, dK, dV: against the reference on the f16-rounded inputs,
 /// norm-wise error under 5e-3 and, for the f16 gradients, no worse than twice the f16 rounding
 /// of the exact gradient (with a floor of 1e-3: O is stored in f16 too, which moves Delta).
+/// The f16 rounded copy of a case (Q, K, V, dO rounded to f16, as the GPU sees them), with
+/// options `opts`.
+fn f16_case(c: &BCase, opts: Options) -> BCase {
+    let round = selattn_tools::testing::round_f16;
+    let mut c16 = BCase {
+        name: c.name.clone(),
+        shape: c.shape,
+        opts,
+        x: c.x.clone(),
+        d_o: round(&c.d_o),
+        df_out: c.df_out.clone(),
+    };
+    c16.x.q = round(&c.x.q);
+    c16.x.k = round(&c.x.k);
+    c16.x.v = round(&c.x.v);
+    c16
+}
+
+/// f16 gradients against the reference on f16-rounded inputs (DESIGN.md §4): norm-wise error
+/// under 5e-3 and, for dQ, dK, dV, no worse than twice the f16 rounding of the exact gradient
+/// (with a floor of 1e-3: O is stored in f16 too, which moves Delta); failure lines.
+fn check_f16(name: &str, g: &GpuGrads, r: &HostGrads) -> Vec<String> {
+    let mut failures = vec![];
+    for (what, got, exp) in [
+        ("dq", &g.dq, &r.dq),
+        ("dk", &g.dk, &r.dk),
+        ("dv", &g.dv, &r.dv),
+        ("dtau", &g.dtau, &r.dtau),
+        ("dgate", &g.dgate, &r.dgate),
+        ("df0", &g.df0, &r.df0),
+    ] {
+        if exp.is_empty() {
+            continue;
+        }
+        let rounded: Vec<f32> = exp.iter().map(|&v| v as f32).collect();
+        let floor = compare(&selattn_tools::testing::round_f16(&rounded), exp, 0.0, 0.0).rel_norm;
+        let cmp = compare(got, exp, 0.0, 0.0);
+        // dtau, dgate and dF0 are stored in f32: their error comes from the f16 inputs (O and
+        // dO among them, through Delta), bounded by DESIGN.md §4's 5e-3.
+        let limit = if matches!(what, "dtau" | "dgate" | "df0") {
+            5e-3
+        } else {
+            (2.0 * floor).clamp(1e-3, 5e-3)
+        };
+        eprintln!(
+            "{name} {what}: rel {:.2e} (f16 rounding {floor:.2e}, limit {limit:.2e})",
+            cmp.rel_norm
+        );
+        if cmp.nan > 0 || cmp.rel_norm > limit || got.len() != exp.len() {
+            failures.push(format!("{name} {what}: {cmp:?} limit {limit:.2e}"));
+        }
+    }
+    failures
+}
+
 #[test]
 fn f16_storage() {
     let all = cases();
@@ -484,47 +542,12 @@ fn f16_storage() {
             continue;
         }
         for c in [&all[2], &all[5], &all[6]] {
-            let mut c16 = BCase {
-                name: c.name.clone(),
-                shape: c.shape,
-                opts: c.opts,
-                x: c.x.clone(),
-                d_o: selattn_tools::testing::round_f16(&c.d_o),
-                df_out: c.df_out.clone(),
-            };
-            c16.x.q = selattn_tools::testing::round_f16(&c.x.q);
-            c16.x.k = selattn_tools::testing::round_f16(&c.x.k);
-            c16.x.v = selattn_tools::testing::round_f16(&c.x.v);
+            let c16 = f16_case(c, c.opts);
             let r = reference(&c16);
             let g = run_gpu_backward(ctx, &c16, DType::F16, want_all(c));
             ran += 1;
             let name = format!("[{}] f16 {}", ctx.describe(), c.name);
-            for (what, got, exp) in [
-                ("dq", &g.dq, &r.dq),
-                ("dk", &g.dk, &r.dk),
-                ("dv", &g.dv, &r.dv),
-                ("dtau", &g.dtau, &r.dtau),
-                ("dgate", &g.dgate, &r.dgate),
-            ] {
-                let rounded: Vec<f32> = exp.iter().map(|&v| v as f32).collect();
-                let floor =
-                    compare(&selattn_tools::testing::round_f16(&rounded), exp, 0.0, 0.0).rel_norm;
-                let cmp = compare(got, exp, 0.0, 0.0);
-                // dtau and dgate are stored in f32: their error comes from the f16 inputs
-                // (O and dO among them, through Delta), bounded by DESIGN.md §4's 5e-3.
-                let limit = if what == "dtau" || what == "dgate" {
-                    5e-3
-                } else {
-                    (2.0 * floor).clamp(1e-3, 5e-3)
-                };
-                eprintln!(
-                    "{name} {what}: rel {:.2e} (f16 rounding {floor:.2e}, limit {limit:.2e})",
-                    cmp.rel_norm
-                );
-                if cmp.nan > 0 || cmp.rel_norm > limit {
-                    failures.push(format!("{name} {what}: {cmp:?} limit {limit:.2e}"));
-                }
-            }
+            failures.extend(check_f16(&name, &g, &r));
         }
     }
     eprintln!("{ran} f16 runs");
@@ -536,7 +559,7 @@ fn invalid_calls_return_typed_errors() {
     let ctx = &contexts()[0];
     // Nq != Nk, so Q-shaped and K-shaped tensors differ.
     let s = Shape::new(1, 2, 9, 8).with_q_len(5);
-    let x = random_inputs(&s, Controls::default(), 1);
+    let x = random_inputs(&s, Switches::NONE, 1);
     let g = Gpu::upload(ctx, &s, &x, DType::F32);
     let t = |dims: Vec<u64>| ctx.empty(&dims, DType::F32).unwrap();
     let (o, lse, d_o) = (t(s.q_dims()), t(s.row_dims()), t(s.q_dims()));
@@ -635,59 +658,68 @@ fn invalid_calls_return_typed_errors() {
 #[test]
 fn scratch_bytes_bound() {
     let ctx = &contexts()[0];
-    let mut caps = ctx.capabilities().clone();
-    caps.max_storage_binding = u64::MAX;
-    caps.max_buffer = u64::MAX;
-    for (bn, hq, hkv, n, d) in [
-        (1u32, 8u32, 2u32, 4096u32, 64u32),
-        (4, 16, 16, 4096, 128),
-        (2, 8, 8, 16384, 64),
-    ] {
-        for sel in [false, true] {
-            let mut options = Options::causal();
-            if sel {
-                options = options.selective(1);
-            }
-            let r = Spec {
-                shape: Shape::new(bn, hq, n, d).with_kv_heads(hkv),
-                options,
-                present: Present {
-                    tau: true,
-                    alpha: true,
-                    gate: true,
-                    kv_len: true,
-                    lse: true,
-                    ..Present::default()
-                },
-            }
-            .validate()
-            .unwrap();
-            let plan = BackwardPlan::new(&caps, &r, DType::F16, Wanted::all(sel)).unwrap();
-            let (b, hq, hkv, n, d) = (bn as u64, hq as u64, hkv as u64, n as u64, d as u64);
-            let nqt = n.div_ceil(plan.br as u64);
-            let rows = b * hq * n;
-            let keys = b * hkv * n;
-            // LSE, Delta, tau, dt; gate, dgate; alpha; kv_len.
-            let linear = 4 * rows + 2 * keys + hq + b;
-            let selective = if sel {
-                b * hkv * nqt * n + b * nqt * n + b * n + 2 * b * n * d
-            } else {
-                0
-            };
-            assert_eq!(
-                plan.scratch_bytes(),
-                4 * (linear + selective),
-                "B{b} Hq{hq} N{n} sel {sel}"
-            );
-            assert!(b * hkv * nqt * n + b * nqt * n <= b * (hq + 1) * nqt * n);
-            let full = 4 * b * hq * n * n;
-            eprintln!(
-                "B{b} Hq{hq} Hkv{hkv} N{n} D{d} sel {sel}: Br {}, scratch {} MiB, one Nq×Nk per head would be {} MiB",
+    // This adapter, and the reference NVIDIA device with cooperative matrices (whose coop path
+    // uses selective tiles of at most 16 rows).
+    let coop_caps = selattn_tools::variants::reference_devices()
+        .into_iter()
+        .find(|c| c.coop_16x16_f16())
+        .expect("a reference device with cooperative matrices");
+    for mut caps in [ctx.capabilities().clone(), coop_caps] {
+        caps.max_storage_binding = u64::MAX;
+        caps.max_buffer = u64::MAX;
+        for (bn, hq, hkv, n, d) in [
+            (1u32, 8u32, 2u32, 4096u32, 64u32),
+            (4, 16, 16, 4096, 128),
+            (2, 8, 8, 16384, 64),
+        ] {
+            for sel in [false, true] {
+                let mut options = Options::causal();
+                if sel {
+                    options = options.selective(1);
+                }
+                let r = Spec {
+                    shape: Shape::new(bn, hq, n, d).with_kv_heads(hkv),
+                    options,
+                    present: Switches {
+                        tau: true,
+                        alpha: true,
+                        gate: true,
+                        kv_len: true,
+                        lse: true,
+                        ..Switches::default()
+                    },
+                }
+                .validate()
+                .unwrap();
+                let plan = BackwardPlan::new(&caps, &r, DType::F16, Wanted::all(sel)).unwrap();
+                let (b, hq, hkv, n, d) = (bn as u64, hq as u64, hkv as u64, n as u64, d as u64);
+                let nqt = n.div_ceil(plan.br as u64);
+                let rows = b * hq * n;
+                let keys = b * hkv * n;
+                // LSE, Delta, tau, dt; gate, dgate; alpha; kv_len.
+                let linear = 4 * rows + 2 * keys + hq + b;
+                let selective = if sel {
+                    b * hkv * nqt * n + b * nqt * n + b * n + 2 * b * n * d
+                } else {
+                    0
+                };
+                assert_eq!(
+                    plan.scratch_bytes(),
+                    4 * (linear + selective),
+                    "B{b} Hq{hq} N{n} sel {sel}"
+                );
+                assert!(b * hkv * nqt * n + b * nqt * n <= b * (hq + 1) * nqt * n);
+                let full = 4 * b * hq * n * n;
+                eprintln!(
+                "[{}] B{b} Hq{hq} Hkv{hkv} N{n} D{d} sel {sel}: path {:?}, Br {}, scratch {} MiB, one Nq×Nk per head would be {} MiB",
+                caps.info.name,
+                plan.path,
                 plan.br,
                 plan.scratch_bytes() >> 20,
                 full >> 20
             );
-            assert!(plan.scratch_bytes() * 4 < full);
+                assert!(plan.scratch_bytes() * 4 < full);
+            }
         }
     }
 }
@@ -726,7 +758,7 @@ fn chunked_backward_equals_whole() {
         "chunked",
         shape,
         opts,
-        Controls::ALL,
+        Switches::ALL,
         true,
         true,
         Some(vec![40, 23]),
@@ -818,5 +850,253 @@ fn chunked_backward_equals_whole() {
         let name = format!("[{}] chunks {chunks:?}", ctx.describe());
         failures.extend(check_grads(&name, &got, &r, want_all(&whole), TOL));
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Cases for the cooperative-matrix path: the shared cases whose head dim it takes (multiples
+/// of 16 up to 128), and larger ones that span several 64-key and 64-row workgroups, staged
+/// tiles and 16-row chunks (cheap on a GPU with tensor cores, the only place they run).
+fn coop_cases() -> Vec<BCase> {
+    let all = Switches::ALL;
+    let none = Switches::NONE;
+    let sel = |h| Options::causal().selective(h);
+    let mut v: Vec<BCase> = cases()
+        .into_iter()
+        .filter(|c| c.shape.head_dim % 16 == 0 && c.shape.head_dim <= 128)
+        .collect();
+    v.extend([
+        bcase(
+            "coop tiles, selective GQA, kv_len",
+            Shape::new(1, 4, 150, 64).with_kv_heads(2),
+            sel(3),
+            all,
+            true,
+            true,
+            Some(vec![140]),
+            21,
+        ),
+        bcase(
+            "coop D128 causal, Nq < Nk",
+            Shape::new(2, 2, 130, 128).with_q_len(90),
+            Options::causal(),
+            all,
+            false,
+            false,
+            None,
+            22,
+        ),
+        bcase(
+            "coop D16 full",
+            Shape::new(1, 2, 70, 16),
+            Options::new(),
+            none,
+            false,
+            false,
+            None,
+            23,
+        ),
+        bcase(
+            "coop D96 selective, chunk",
+            Shape::new(1, 2, 100, 96).with_q_len(77),
+            sel(1).start(20),
+            all,
+            true,
+            true,
+            None,
+            24,
+        ),
+        bcase(
+            "coop D128 selective MQA",
+            Shape::new(1, 3, 81, 128).with_kv_heads(1),
+            sel(2),
+            all,
+            false,
+            true,
+            None,
+            25,
+        ),
+    ]);
+    v
+}
+
+/// The planner's path choice on the reference devices (no GPU needed): the cooperative-matrix
+/// backward for f16 storage at head dims 16..=128 step 16 where the device reports 16x16x16
+/// f16->f32 matrices, within its workgroup memory, with selective tiles of at most 16 rows;
+/// the scalar path for f32, other head dims and other devices; a forced coop path where it
+/// cannot run is a typed error.
+#[test]
+fn coop_path_choice() {
+    for caps in selattn_tools::variants::reference_devices() {
+        let coop_device = caps.coop_16x16_f16();
+        for d in (8..=256).step_by(8) {
+            for sel in [false, true] {
+                for elem in [DType::F16, DType::F32] {
+                    let mut options = Options::causal();
+                    if sel {
+                        options = options.selective(0);
+                    }
+                    let spec = |path| Spec {
+                        shape: Shape::new(1, 2, 40, d),
+                        options: options.path(path),
+                        present: Switches {
+                            lse: true,
+                            ..Switches::default()
+                        },
+                    };
+                    let r = spec(Path::Auto).validate().unwrap();
+                    let Ok(plan) = BackwardPlan::new(&caps, &r, elem, Wanted::all(sel)) else {
+                        continue;
+                    };
+                    let expect = coop_device && elem == DType::F16 && d % 16 == 0 && d <= 128;
+                    let what = format!("{:?} D{d} sel {sel} {elem:?}", caps.info.name);
+                    assert_eq!(plan.coop.is_some(), expect, "{what}");
+                    assert_eq!(plan.path == Path::Coop, expect, "{what}");
+                    let r = spec(Path::Coop).validate().unwrap();
+                    let forced = BackwardPlan::new(&caps, &r, elem, Wanted::all(sel));
+                    if let Some((dkv, dq)) = plan.coop {
+                        assert!(
+                            plan.br <= 16 && 16 % plan.br == 0,
+                            "{what}: C tile {}",
+                            plan.br
+                        );
+                        assert!(
+                            dkv.workgroup_bytes() <= caps.workgroup_memory as u64,
+                            "{what}"
+                        );
+                        assert!(dq.threads() <= caps.max_invocations, "{what}");
+                        assert!(
+                            plan.keys()
+                                .iter()
+                                .filter(|k| matches!(k.kernel, Kernel::CoopBackward(_)))
+                                .count()
+                                == 2 + 2 * plan.coop_sel.is_some() as usize,
+                            "{what}: {:?}",
+                            plan.keys()
+                        );
+                        assert!(forced.is_ok(), "{what}");
+                        // With selective masking the selective terms run on the coop path too.
+                        assert_eq!(plan.coop_sel.is_some(), sel, "{what}");
+                        if let Some((selq, _)) = plan.coop_sel {
+                            assert!(
+                                selq.workgroup_bytes() <= caps.workgroup_memory as u64,
+                                "{what}"
+                            );
+                        }
+                    } else {
+                        assert!(
+                            matches!(forced, Err(Error::PathUnavailable { path: "coop", .. })),
+                            "{what}: {forced:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The cooperative-matrix backward where the adapter has it (an adapter without it must refuse a
+/// forced coop call with a typed error): every coop case against the reference (f16 rules),
+/// forced-scalar and coop agree, only the requested gradients, repeat runs bit-identical,
+/// bounds-checked and unchecked shaders agree.
+#[test]
+fn coop_backward() {
+    let mut failures = vec![];
+    let mut ran = 0;
+    for (ctx, checked) in contexts().iter().zip(checked_contexts()) {
+        let probe = Spec {
+            shape: Shape::new(1, 1, 16, 64),
+            options: Options::new().path(Path::Coop),
+            present: Switches {
+                lse: true,
+                ..Switches::default()
+            },
+        }
+        .validate()
+        .unwrap();
+        match BackwardPlan::new(ctx.capabilities(), &probe, DType::F16, Wanted::all(false)) {
+            Err(Error::PathUnavailable { why, .. }) => {
+                eprintln!("[{}] no coop backward: {why}", ctx.describe());
+                continue;
+            }
+            Err(e) => panic!("[{}] probe: {e}", ctx.describe()),
+            Ok(plan) => assert_eq!(plan.path, Path::Coop),
+        }
+        for (n, c) in coop_cases().iter().enumerate() {
+            let t = std::time::Instant::now();
+            let coop = f16_case(c, c.opts.path(Path::Coop));
+            let scalar = f16_case(c, c.opts.path(Path::Scalar));
+            let r = reference(&coop);
+            let want = want_all(c);
+            let g = run_gpu_backward(ctx, &coop, DType::F16, want);
+            ran += 1;
+            let name = format!("[{}] coop {}", ctx.describe(), c.name);
+            failures.extend(check_f16(&name, &g, &r));
+            let gs = run_gpu_backward(ctx, &scalar, DType::F16, want);
+            failures.extend(check_f16(
+                &format!("[{}] scalar {}", ctx.describe(), c.name),
+                &gs,
+                &r,
+            ));
+            // Coop against forced scalar, gradient by gradient.
+            for (what, a, b) in [
+                ("dq", &g.dq, &gs.dq),
+                ("dk", &g.dk, &gs.dk),
+                ("dv", &g.dv, &gs.dv),
+                ("dtau", &g.dtau, &gs.dtau),
+                ("dgate", &g.dgate, &gs.dgate),
+                ("df0", &g.df0, &gs.df0),
+            ] {
+                let b64: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+                let cmp = compare(a, &b64, 0.0, 0.0);
+                if cmp.nan > 0 || cmp.rel_norm > 5e-3 || a.len() != b.len() {
+                    failures.push(format!("{name}: coop vs scalar {what}: {cmp:?}"));
+                }
+            }
+            let again = run_gpu_backward(ctx, &coop, DType::F16, want);
+            if all_bits(&again) != all_bits(&g) {
+                failures.push(format!("{name}: repeat run differs"));
+            }
+            if n % 3 == 0 {
+                let gc = run_gpu_backward(checked, &coop, DType::F16, want);
+                if !same_up_to_contraction(ctx, &all_bits_f(&g), &all_bits_f(&gc)) {
+                    failures.push(format!("{name}: checked and unchecked differ"));
+                }
+            }
+            if c.opts.selective.is_some() && c.x.f0.is_some() {
+                let none = Wanted::default();
+                for (what, only) in [
+                    ("dq", Wanted { dq: true, ..none }),
+                    ("dk", Wanted { dk: true, ..none }),
+                    ("dv", Wanted { dv: true, ..none }),
+                    (
+                        "dtau+dgate+df0",
+                        Wanted {
+                            dtau: true,
+                            dgate: true,
+                            df0: true,
+                            ..none
+                        },
+                    ),
+                ] {
+                    let w = Wanted {
+                        df_out: want.df_out,
+                        ..only
+                    };
+                    let go = run_gpu_backward(ctx, &coop, DType::F16, w);
+                    let mut r1 = HostGrads::default();
+                    let pick = |on: bool, v: &Vec<f64>| if on { v.clone() } else { vec![] };
+                    r1.dq = pick(w.dq, &r.dq);
+                    r1.dk = pick(w.dk, &r.dk);
+                    r1.dv = pick(w.dv, &r.dv);
+                    r1.dtau = pick(w.dtau, &r.dtau);
+                    r1.dgate = pick(w.dgate, &r.dgate);
+                    r1.df0 = pick(w.df0, &r.df0);
+                    failures.extend(check_f16(&format!("{name} only {what}"), &go, &r1));
+                }
+            }
+            eprintln!("{name} in {:.1} s", t.elapsed().as_secs_f64());
+        }
+    }
+    eprintln!("{ran} coop runs");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -454,11 +454,12 @@ fn prefill_then_decode_equals_full_prefill() {
     for ctx in contexts() {
         for budget in [None, Some(nfull)] {
             let shape = Shape::new(bn, hq, nfull, d).with_kv_heads(hkv);
-            let c = Controls {
+            let c = Switches {
                 tau: true,
                 alpha: true,
                 gate: true,
                 kv_len: false,
+                ..Switches::NONE
             };
             let x = random_inputs(&shape, c, 11);
             let opts = Options::causal().selective(1);

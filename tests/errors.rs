@@ -7,7 +7,7 @@ use common::*;
 use selattn::reference::HostInputs;
 use selattn::spec::check_kv_len;
 use selattn::{
-    Context, DType, Error, Inputs, Options, Outputs, Path, Plan, Present, Shape, Spec, Tensor,
+    Context, DType, Error, Inputs, Options, Outputs, Path, Plan, Shape, Spec, Switches, Tensor,
 };
 
 /// B = 2, Hq = 4, Hkv = 2, Nq = 5, Nk = 7, D = 16.
@@ -120,7 +120,7 @@ fn zero_size() {
         let e = Spec {
             shape,
             options: Options::new(),
-            present: Present::default(),
+            present: Switches::default(),
         }
         .validate()
         .unwrap_err();
@@ -389,7 +389,7 @@ fn length_mismatch() {
     );
     // The reference checks host slices the same way.
     let shape = base();
-    let mut x = random_inputs(&shape, Controls::default(), 1);
+    let mut x = random_inputs(&shape, Switches::NONE, 1);
     x.v.pop();
     let spec = Spec {
         shape,
@@ -427,7 +427,7 @@ fn kv_len_too_large() {
     let shape = base();
     let x = HostInputs {
         kv_len: Some(vec![8, 2]),
-        ..random_inputs(&shape, Controls::default(), 2)
+        ..random_inputs(&shape, Switches::NONE, 2)
     };
     let spec = Spec {
         shape,
@@ -602,10 +602,10 @@ fn too_large() {
     let r = Spec {
         shape: Shape::new(1, 2, 4096, 64),
         options: sel(),
-        present: Present {
+        present: Switches {
             lse: true,
             f_out: true,
-            ..Present::default()
+            ..Switches::default()
         },
     }
     .validate()
@@ -915,7 +915,7 @@ fn user_buffer_larger_than_a_binding() {
         return;
     }
     let shape = Shape::new(1, 2, 9, 8);
-    let x = random_inputs(&shape, Controls::default(), 5);
+    let x = random_inputs(&shape, Switches::NONE, 5);
     let big = c.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("larger than a binding"),
         size: binding + 256,

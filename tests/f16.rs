@@ -20,9 +20,9 @@ fn as_stored(mut x: HostInputs) -> HostInputs {
     x
 }
 
-fn cases() -> Vec<(Shape, Options, Controls)> {
-    let all = Controls::ALL;
-    let plain = Controls::default();
+fn cases() -> Vec<(Shape, Options, Switches)> {
+    let all = Switches::ALL;
+    let plain = Switches::NONE;
     vec![
         (Shape::new(1, 2, 77, 64), Options::new(), plain),
         (Shape::new(1, 2, 77, 64), Options::causal(), all),
@@ -108,7 +108,7 @@ fn f16_storage_matches_reference_on_every_path() {
                 let name = format!(
                     "[{}] {path:?} {shape:?} {opts:?} {}",
                     ctx.describe(),
-                    c.name()
+                    inputs_name(&c)
                 );
                 eprintln!(
                     "{name}: O rel {:.2e} (f16 rounding floor {:.2e}), max {:.2e}; LSE rel {:.2e}",
@@ -147,7 +147,7 @@ fn f16_storage_matches_reference_on_every_path() {
 /// 64 and 128. Runs where the adapter offers the path (none of the software adapters does).
 #[test]
 fn coop_bounds_checks_on_and_off_agree() {
-    let all = Controls::ALL;
+    let all = Switches::ALL;
     let cases = [
         (Shape::new(1, 2, 77, 64), Options::causal(), all),
         (
@@ -158,7 +158,7 @@ fn coop_bounds_checks_on_and_off_agree() {
         (
             Shape::new(1, 4, 200, 64).with_kv_heads(2),
             Options::causal().selective(0),
-            Controls::default(),
+            Switches::NONE,
         ),
         (Shape::new(1, 2, 45, 16).with_q_len(1), Options::new(), all),
     ];
@@ -185,7 +185,7 @@ fn coop_bounds_checks_on_and_off_agree() {
             let opts = opts.path(Path::Coop);
             let u = run_gpu(ctx, shape, &x, &opts, DType::F16);
             let k = run_gpu(&checked, shape, &x, &opts, DType::F16);
-            let name = format!("[{}] {shape:?} {opts:?} {}", ctx.describe(), c.name());
+            let name = format!("[{}] {shape:?} {opts:?} {}", ctx.describe(), inputs_name(c));
             for (what, p, q) in [
                 ("O", &u.o, &k.o),
                 ("LSE", &u.lse, &k.lse),

@@ -11,7 +11,7 @@ use selattn::{Context, DType, Options, Outputs, Shape};
 /// the errors seen here are ~1e-7 norm-wise, ~1e-6 element-wise).
 const TOL: f64 = 2e-5;
 
-fn sweep(cases: &[(Shape, Options, Controls)], seed: u64) {
+fn sweep(cases: &[(Shape, Options, Switches)], seed: u64) {
     let cases: Vec<Case> = cases
         .iter()
         .enumerate()
@@ -22,14 +22,15 @@ fn sweep(cases: &[(Shape, Options, Controls)], seed: u64) {
 
 /// Option sets shared by every test here, all at head dim 32: each distinct set is one shader
 /// variant, and building variants (not running them) is what costs time on software adapters.
-fn flag_sets() -> Vec<(Options, Controls)> {
-    let all = Controls::ALL;
-    let none = Controls::default();
-    let c = |tau, alpha, gate, kv_len| Controls {
+fn flag_sets() -> Vec<(Options, Switches)> {
+    let all = Switches::ALL;
+    let none = Switches::NONE;
+    let c = |tau, alpha, gate, kv_len| Switches {
         tau,
         alpha,
         gate,
         kv_len,
+        ..Switches::NONE
     };
     vec![
         (Options::new(), none),
@@ -69,9 +70,9 @@ fn every_head_dim() {
             _ => Options::causal(),
         };
         let c = if n % 4 < 2 {
-            Controls::ALL
+            Switches::ALL
         } else {
-            Controls::default()
+            Switches::NONE
         };
         cases.push((shape, opts, c));
     }
@@ -82,8 +83,8 @@ fn every_head_dim() {
 /// explicit start.
 #[test]
 fn edge_shapes() {
-    let all = Controls::ALL;
-    let none = Controls::default();
+    let all = Switches::ALL;
+    let none = Switches::NONE;
     let cases = [
         // decode: one query against many keys
         (Shape::new(2, 4, 65, 32).with_q_len(1), Options::new(), none),
@@ -165,7 +166,7 @@ fn rows_with_no_allowed_key() {
             Options::causal().start(3).scale(0.3),
             Options::causal().selective(2),
         ] {
-            let mut x = random_inputs(&shape, Controls::ALL, 400);
+            let mut x = random_inputs(&shape, Switches::ALL, 400);
             x.kv_len = Some(vec![5, 0]);
             let name = format!("kvlen [5, 0] {}", opts_name(&opts));
             let gpu = run_gpu(ctx, &shape, &x, &opts, DType::F32);
@@ -200,7 +201,7 @@ fn kv_len_above_keys_is_clamped() {
     let shape = Shape::new(2, 2, 19, 32);
     let opts = Options::causal().selective(1);
     for ctx in contexts() {
-        let mut x = random_inputs(&shape, Controls::ALL, 500);
+        let mut x = random_inputs(&shape, Switches::ALL, 500);
         x.kv_len = Some(vec![19, 19]);
         let exact = run_gpu(ctx, &shape, &x, &opts, DType::F32);
         let r = run_ref(&shape, &x, &opts);
@@ -231,7 +232,7 @@ fn without_optional_outputs() {
     let shape = Shape::new(1, 4, 27, 32).with_kv_heads(2);
     for ctx in contexts() {
         for opts in [Options::causal(), Options::causal().selective(3)] {
-            let x = random_inputs(&shape, Controls::ALL, 600);
+            let x = random_inputs(&shape, Switches::ALL, 600);
             let g = Gpu::upload(ctx, &shape, &x, DType::F32);
             let o = ctx.empty(&shape.q_dims(), DType::F32).unwrap();
             ctx.poison(&o).unwrap();
@@ -263,7 +264,7 @@ fn repeat_runs_bit_identical() {
     ];
     for ctx in contexts() {
         for (n, (shape, opts)) in cases.iter().enumerate() {
-            let mut x = random_inputs(shape, Controls::ALL, 700 + n as u64);
+            let mut x = random_inputs(shape, Switches::ALL, 700 + n as u64);
             if opts.selective.is_some() {
                 x.f0 = Some(Rng::new(7).range(0.0, 2.0, (shape.batch * shape.k_len) as usize));
             }
@@ -303,8 +304,8 @@ fn checked_contexts() -> &'static [Context] {
 /// difference would mean an access the checks clamp, i.e. an out-of-bounds access in production.
 #[test]
 fn bounds_checks_on_and_off_bit_identical() {
-    let all = Controls::ALL;
-    let none = Controls::default();
+    let all = Switches::ALL;
+    let none = Switches::NONE;
     let cases = [
         (
             Shape::new(2, 4, 37, 32).with_kv_heads(2).with_q_len(20),
@@ -338,7 +339,7 @@ fn bounds_checks_on_and_off_bit_identical() {
                 plain.describe(),
                 shape,
                 opts_name(opts),
-                c.name()
+                inputs_name(c)
             );
             let same = bits(&a.o) == bits(&b.o)
                 && bits(&a.lse) == bits(&b.lse)
@@ -369,9 +370,9 @@ fn head_dims() {
     let mut cases = vec![];
     for d in [8, 40, 88, 128, 248, 256] {
         let s = Shape::new(1, 2, 19, d).with_kv_heads(1);
-        cases.push((s, Options::causal(), Controls::ALL));
-        cases.push((s, Options::causal().selective(1), Controls::ALL));
+        cases.push((s, Options::causal(), Switches::ALL));
+        cases.push((s, Options::causal().selective(1), Switches::ALL));
     }
-    cases.push((Shape::new(1, 1, 1, 8), Options::new(), Controls::default()));
+    cases.push((Shape::new(1, 1, 1, 8), Options::new(), Switches::NONE));
     sweep(&cases, 100);
 }

@@ -171,11 +171,12 @@ impl World<'_> {
         }
         let selective = opts.selective.is_some();
         let seed = r.next_u64();
-        let controls = common::Controls {
+        let controls = common::Switches {
             tau,
             alpha,
             gate,
             kv_len,
+            ..common::Switches::NONE
         };
         let mut x: HostInputs = common::random_inputs(&shape, controls, seed);
         if selective || spoil == Spoil::F0WithoutSelective {

@@ -1,10 +1,28 @@
 //! `kernels::Params` matches its WGSL mirror in `shaders/common.wgsl` field for field, as naga
 //! lays it out (the uniform of the forward, coop, selective and backward kernels), and
-//! `kernels::backward::Layout` its mirror in `shaders/backward.wgsl`.
+//! `kernels::backward::Layout` its mirrors in `shaders/backward.wgsl` and `shaders/coop_backward.wgsl`.
 
 use selattn::kernels::{Params, Source};
 use selattn::DType;
 use std::mem::{offset_of, size_of};
+
+/// The WGSL of a source; the cooperative-matrix backward template expanded for one head dim.
+fn text_of(src: Source) -> String {
+    use selattn::kernels::coop_backward::{CoopBackwardConfig, CoopEntry};
+    let text = src.text(DType::F16).unwrap();
+    if src != Source::CoopBackward {
+        return text;
+    }
+    CoopBackwardConfig {
+        entry: CoopEntry::Dkv,
+        d: 64,
+        bt: 32,
+        ct: 16,
+        sgs: 32,
+        features: selattn::Switches::NONE,
+    }
+    .wgsl(&text)
+}
 
 #[test]
 fn params_match_wgsl_layout() {
@@ -22,9 +40,13 @@ fn params_match_wgsl_layout() {
         ("_pad0", offset_of!(Params, _pad0)),
         ("_pad1", offset_of!(Params, _pad1)),
     ];
-    for src in [Source::Forward, Source::Selective, Source::Backward] {
-        let text = src.text(DType::F32).unwrap();
-        let module = naga::front::wgsl::parse_str(&text).unwrap();
+    for src in [
+        Source::Forward,
+        Source::Selective,
+        Source::Backward,
+        Source::CoopBackward,
+    ] {
+        let module = naga::front::wgsl::parse_str(&text_of(src)).unwrap();
         let (_, ty) = module
             .types
             .iter()
@@ -64,21 +86,23 @@ fn backward_layout_matches_wgsl_layout() {
         ("_pad0", offset_of!(Layout, _pad0)),
         ("_pad1", offset_of!(Layout, _pad1)),
     ];
-    let text = Source::Backward.text(DType::F32).unwrap();
-    let module = naga::front::wgsl::parse_str(&text).unwrap();
-    let (_, ty) = module
-        .types
-        .iter()
-        .find(|(_, t)| t.name.as_deref() == Some("Layout"))
-        .expect("Layout in backward.wgsl");
-    let naga::TypeInner::Struct { members, span } = &ty.inner else {
-        panic!("Layout is not a struct");
-    };
-    assert_eq!(*span as usize, size_of::<Layout>(), "size");
-    let got: Vec<(String, usize)> = members
-        .iter()
-        .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
-        .collect();
-    let want: Vec<(String, usize)> = want.iter().map(|(n, o)| (n.to_string(), *o)).collect();
-    assert_eq!(got, want, "fields");
+    // The scalar and the cooperative-matrix backward share the workspace: both mirror Layout.
+    for src in [Source::Backward, Source::CoopBackward] {
+        let module = naga::front::wgsl::parse_str(&text_of(src)).unwrap();
+        let (_, ty) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some("Layout"))
+            .unwrap_or_else(|| panic!("Layout in {src:?}"));
+        let naga::TypeInner::Struct { members, span } = &ty.inner else {
+            panic!("Layout is not a struct in {src:?}");
+        };
+        assert_eq!(*span as usize, size_of::<Layout>(), "{src:?}: size");
+        let got: Vec<(String, usize)> = members
+            .iter()
+            .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
+            .collect();
+        let want: Vec<(String, usize)> = want.iter().map(|(n, o)| (n.to_string(), *o)).collect();
+        assert_eq!(got, want, "{src:?}: fields");
+    }
 }

@@ -1005,7 +1005,7 @@ fn invalid_calls_return_typed_errors() {
         Some(Error::InputWithoutUse { what: "F0", .. })
     ));
     let f_out = Spec {
-        present: selattn::Present {
+        present: selattn::Switches {
             f_out: true,
             ..x.present(false)
         },

@@ -10,8 +10,9 @@
 
 use selattn::reference::{attention, HostInputs};
 use selattn::reference_backward::{backward, HostGrads};
+use selattn::Switches;
 use selattn::{Options, Shape, Spec};
-use selattn_tools::testing::{random_inputs, Controls, Rng};
+use selattn_tools::testing::{random_inputs, Rng};
 
 fn spec(s: &Shape, o: &Options, x: &HostInputs) -> Spec {
     Spec {
@@ -78,7 +79,7 @@ fn case(
     name: &'static str,
     shape: Shape,
     opts: Options,
-    c: Controls,
+    c: Switches,
     f0: bool,
     df_out: bool,
     seed: u64,
@@ -102,11 +103,11 @@ fn case(
 }
 
 fn cases() -> Vec<Case> {
-    let all = Controls::ALL;
-    let none = Controls::default();
-    let no_kvlen = Controls {
+    let all = Switches::ALL;
+    let none = Switches::NONE;
+    let no_kvlen = Switches {
         kv_len: false,
-        ..Controls::ALL
+        ..Switches::ALL
     };
     let sel = |h| Options::causal().selective(h);
     let mut v = vec![
@@ -285,7 +286,7 @@ fn rows_without_allowed_keys_give_zero_gradients() {
         "",
         shape,
         Options::causal().selective(1),
-        Controls::ALL,
+        Switches::ALL,
         true,
         true,
         21,
@@ -346,7 +347,7 @@ fn chunked_backward_equals_whole() {
     let (b, hq, hkv, n, d) = (2usize, 4usize, 2usize, 13usize, 8usize);
     let shape = Shape::new(b as u32, hq as u32, n as u32, d as u32).with_kv_heads(hkv as u32);
     let opts = Options::causal().selective(3);
-    let c = case("", shape, opts, Controls::ALL, true, true, 31);
+    let c = case("", shape, opts, Switches::ALL, true, true, 31);
     let mut x = c.x.clone();
     x.kv_len = Some(vec![13, 8]);
     let whole = backward(&spec(&shape, &opts, &x), &x, &c.d_o, c.df_out.as_deref()).unwrap();

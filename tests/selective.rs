@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use selattn::reference::{HostInputs, HostOutputs};
-use selattn::{DType, Options, Plan, Present, Shape, Spec};
+use selattn::{DType, Options, Plan, Shape, Spec, Switches};
 
 const TOL: f64 = 2e-5;
 
@@ -18,13 +18,14 @@ fn with_f0(mut c: Case, seed: u64) -> Case {
 
 #[test]
 fn selective_matrix() {
-    let all = Controls::ALL;
-    let none = Controls::default();
-    let some = Controls {
+    let all = Switches::ALL;
+    let none = Switches::NONE;
+    let some = Switches {
         tau: true,
         alpha: true,
         gate: true,
         kv_len: false,
+        ..Switches::NONE
     };
     let sel = |h| Options::causal().selective(h);
     let gqa = Shape::new(2, 4, 33, 32).with_kv_heads(2);
@@ -201,7 +202,7 @@ fn chunked_prefill_matches_whole() {
     let opts = Options::causal().selective(3);
     let mut failures = vec![];
     for seed in 0..3u64 {
-        let mut x = random_inputs(&shape, Controls::ALL, 1000 + seed);
+        let mut x = random_inputs(&shape, Switches::ALL, 1000 + seed);
         x.f0 = Some(Rng::new(2000 + seed).range(0.0, 2.0, b * n));
         if seed == 2 {
             x.kv_len = Some(vec![70, 41]);
@@ -278,7 +279,7 @@ fn scratch_bytes_bound() {
     for ctx in contexts() {
         // Real tensors: Context::scratch_bytes.
         let shape = Shape::new(2, 4, 45, 32).with_kv_heads(2).with_q_len(30);
-        let x = random_inputs(&shape, Controls::ALL, 1);
+        let x = random_inputs(&shape, Switches::ALL, 1);
         let g = Gpu::upload(ctx, &shape, &x, DType::F32);
         let o = ctx.empty(&shape.q_dims(), DType::F32).unwrap();
         let f_out = ctx.empty(&shape.f_dims(), DType::F32).unwrap();
@@ -303,10 +304,10 @@ fn scratch_bytes_bound() {
             let r = Spec {
                 shape: Shape::new(bn, 8, n, 64),
                 options: Options::causal().selective(0),
-                present: Present {
+                present: Switches {
                     lse: true,
                     f_out: true,
-                    ..Present::default()
+                    ..Switches::default()
                 },
             }
             .validate()

@@ -18,7 +18,8 @@ use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use selattn::kernels::{Kernel, KernelKey, Source};
 use selattn::DType;
-use selattn_tools::variants::{self, Switches};
+use selattn::Switches;
+use selattn_tools::variants;
 
 /// The SPIR-V version naga writes and the environment spirv-val checks it against: Vulkan 1.1
 /// (SPIR-V 1.3), the oldest wgpu's Vulkan backend writes beyond 1.0 for.
@@ -123,7 +124,10 @@ fn translate(
     // Production shaders are built without bounds checks (naga's default policies are
     // `Unchecked`), so that is what is translated here.
 
-    let coop = matches!(key.source(), Source::CoopForward | Source::CoopColsum);
+    let coop = matches!(
+        key.source(),
+        Source::CoopForward | Source::CoopColsum | Source::CoopBackward
+    );
     let (spv_version, spv_env, msl_version) = if coop {
         (COOP_SPV_VERSION, COOP_SPV_ENV, COOP_MSL_VERSION)
     } else {

@@ -1,4 +1,7 @@
-//! The backward kernels (`shaders/backward.wgsl`, scalar path) and the plan of one backward call.
+//! The backward kernels (`shaders/backward.wgsl`, scalar path) and the plan of one backward call,
+//! which also chooses the cooperative-matrix kernels (`coop_backward`) for f16 storage where the
+//! adapter has them: those replace the scalar dkv, dq, selq and selk entries; prep, fscan and
+//! finish are shared.
 //!
 //! FlashAttention-2's split: a dK/dV/dgate pass over query tiles per key tile and a dQ/dtau pass
 //! over key tiles per query tile, both recomputing P from the forward's LSE; a preprocessing pass
@@ -6,10 +9,12 @@
 //! extra gradients (column sums per query tile, a suffix scan, an in-tile suffix). Every element
 //! has exactly one writer and every sum runs in a fixed order, so repeat runs are bit-identical.
 
+use super::coop_backward::{CoopBackwardConfig, ROWS};
 use super::selective::{ColsumConfig, ScanConfig};
-use super::{Features, Kernel, KernelKey, Params};
+use super::{Kernel, KernelKey, Params};
 use crate::device::Capabilities;
-use crate::spec::Resolved;
+use crate::spec::{Path, Resolved};
+use crate::Switches;
 use crate::{DType, Error, Result};
 
 /// One entry point of the backward shader.
@@ -61,7 +66,7 @@ pub struct BackwardConfig {
     /// Threads per workgroup of the tiled entries.
     pub wg: u32,
     /// Operator features (`lse` unused).
-    pub features: Features,
+    pub features: Switches,
 }
 
 impl BackwardConfig {
@@ -89,14 +94,25 @@ fn tile_bytes(d: u32, br: u32, bc: u32, selective: bool) -> u64 {
     4 * (2 * br * d + 2 * bc * d + 3 * br * bc + sel + 3 * br + bc + 1 + 2 * br.max(bc) * d)
 }
 
+/// Whether the coop path also runs the selective terms on cooperative matrices.
+const COOP_SELECTIVE: bool = true;
+
 /// Threads per workgroup we use at most.
 const MAX_THREADS: u32 = 256;
 
 /// Square tiles (BR = BC) and threads for head dim `d` within the device's limits: the largest
-/// tile whose workgroup memory fits, with 4 to 8 tile elements per thread.
-pub fn choose_tiles(caps: &Capabilities, d: u32, selective: bool) -> Result<(u32, u32, u32)> {
+/// tile up to `max_tile` whose workgroup memory fits, with 4 to 8 tile elements per thread.
+pub fn choose_tiles(
+    caps: &Capabilities,
+    d: u32,
+    selective: bool,
+    max_tile: u32,
+) -> Result<(u32, u32, u32)> {
     let max_threads = caps.max_invocations.min(MAX_THREADS);
-    for t in [32u32, 16, 8, 4, 2, 1] {
+    for t in [32u32, 16, 8, 4, 2, 1]
+        .into_iter()
+        .filter(|&t| t <= max_tile)
+    {
         if tile_bytes(d, t, t, selective) > caps.workgroup_memory as u64 {
             continue;
         }
@@ -219,7 +235,7 @@ pub struct BackwardPlan {
     /// Threads per workgroup of the tiled entries.
     pub wg: u32,
     /// Operator features.
-    pub features: Features,
+    pub features: Switches,
     /// The forward's selective passes that rebuild C with this plan's BR.
     pub selective: Option<(ColsumConfig, ScanConfig)>,
     /// Gradients computed.
@@ -232,6 +248,13 @@ pub struct BackwardPlan {
     pub ws_floats: u64,
     /// Key tiles.
     pub n_ktiles: u32,
+    /// The kernel path of dK/dV and dQ (never `Auto`).
+    pub path: Path,
+    /// The cooperative-matrix dkv and dq kernels, when that path was chosen.
+    pub coop: Option<(CoopBackwardConfig, CoopBackwardConfig)>,
+    /// The cooperative-matrix selq and selk kernels (coop path with selective masking, where
+    /// workgroup memory allows; else the scalar selq and selk run).
+    pub coop_sel: Option<(CoopBackwardConfig, CoopBackwardConfig)>,
 }
 
 impl BackwardPlan {
@@ -248,16 +271,46 @@ impl BackwardPlan {
                 limit: (1 << 24) - 1,
             });
         }
-        let features = Features {
-            causal: r.options.causal,
-            tau: pr.tau,
-            alpha: pr.alpha,
-            gate: pr.gate,
-            kv_len: pr.kv_len,
-            selective,
+        let features = Switches {
             lse: false,
+            ..pr.for_kernel()
         };
-        let (br, bc, wg) = choose_tiles(caps, s.head_dim, selective)?;
+        // The cooperative-matrix path takes f16 storage only (f32 keeps f32 accuracy). Its
+        // selective tiles (the C of the forward's passes, and the scalar selq/selk entries) are
+        // at most 16 rows, so that a C tile never spans two subgroups' rows.
+        let coop_for = |br: u32| {
+            if elem != DType::F16 {
+                return Err("f32 storage runs on the scalar path");
+            }
+            CoopBackwardConfig::choose(caps, s.head_dim, br, features)
+        };
+        let (path, coop, (br, bc, wg)) = match r.options.path.from_env() {
+            Path::Scalar => (
+                Path::Scalar,
+                None,
+                choose_tiles(caps, s.head_dim, selective, 32)?,
+            ),
+            want => {
+                let tiles = choose_tiles(caps, s.head_dim, selective, 16)?;
+                match (coop_for(tiles.0), want) {
+                    (Ok(c), _) => (Path::Coop, Some(c), tiles),
+                    (Err(why), Path::Coop) => {
+                        return Err(Error::PathUnavailable { path: "coop", why })
+                    }
+                    (Err(_), _) => (
+                        Path::Scalar,
+                        None,
+                        choose_tiles(caps, s.head_dim, selective, 32)?,
+                    ),
+                }
+            }
+        };
+        let coop_sel = match coop {
+            Some((dkv, _)) if selective && COOP_SELECTIVE => {
+                CoopBackwardConfig::choose_selective(caps, &dkv).ok()
+            }
+            _ => None,
+        };
         let n_qtiles = s.q_len.div_ceil(br);
         let n_ktiles = s.k_len.div_ceil(bc);
         let max = caps.max_workgroups_per_dim;
@@ -270,6 +323,10 @@ impl BackwardPlan {
             ("query heads per dispatch", s.q_heads as u64),
             ("batch per dispatch", s.batch as u64),
             ("key groups per dispatch", s.k_len.div_ceil(64) as u64),
+            (
+                "query row groups per dispatch",
+                s.q_len.div_ceil(ROWS) as u64,
+            ),
             (
                 "element groups per dispatch",
                 n_lin.div_ceil(64).div_ceil(max as u64),
@@ -395,12 +452,24 @@ impl BackwardPlan {
             layout,
             ws_floats,
             n_ktiles,
+            path,
+            coop,
+            coop_sel,
         })
     }
 
     /// Bytes of scratch memory this call allocates: the workspace (rows, keys, and with selective
     /// masking `B * Hkv * ceil(Nq / BR) * Nk` column sums plus the selection head's dQ and dK
     /// rows) and, with selective masking, C (`B * ceil(Nq / BR) * Nk`). Never Nq x Nk.
+    ///
+    /// The selective part is `B * (Hkv + 1) * ceil(Nq / BR) * Nk` floats: within issue 14's
+    /// `B * Hq * ceil(Nq / BR) * Nk` whenever Hq > Hkv (GQA, MQA), and one `B * ceil(Nq / BR) * Nk`
+    /// part above it when Hq = Hkv. Both parts are needed at once: the column sums of dz need one
+    /// slot per KV head because the dK/dV workgroups of different KV heads write them with no
+    /// float atomics (summed afterwards in a fixed order, for bit-identical runs), and C (the
+    /// forward's carry of F) is read by the dK/dV, dQ and selective passes that run while the
+    /// sums are live. On the cooperative-matrix path BR is at most 16 (a C tile never spans two
+    /// subgroups' rows), so the same formula holds with that BR.
     pub fn scratch_bytes(&self) -> u64 {
         4 * (self.ws_floats + self.c_floats())
     }
@@ -432,16 +501,22 @@ impl BackwardPlan {
 
     /// The key of one entry point.
     pub fn key(&self, entry: Entry) -> KernelKey {
+        match (entry, self.coop, self.coop_sel) {
+            (Entry::Dkv, Some((c, _)), _)
+            | (Entry::Dq, Some((_, c)), _)
+            | (Entry::Selq, _, Some((c, _)))
+            | (Entry::Selk, _, Some((_, c))) => {
+                return KernelKey {
+                    kernel: Kernel::CoopBackward(c),
+                    elem: self.elem,
+                }
+            }
+            _ => {}
+        }
         let tiled = !matches!(entry, Entry::Prep | Entry::Fscan | Entry::Finish);
         let features = match entry {
-            Entry::Fscan | Entry::Finish => Features::default(),
-            Entry::Prep => Features {
-                tau: self.features.tau,
-                alpha: self.features.alpha,
-                gate: self.features.gate,
-                kv_len: self.features.kv_len,
-                ..Features::default()
-            },
+            Entry::Fscan | Entry::Finish => Switches::NONE,
+            Entry::Prep => self.features.inputs(),
             _ => self.features,
         };
         KernelKey {

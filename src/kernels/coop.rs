@@ -5,8 +5,8 @@
 use std::fmt::Write;
 
 use super::forward::ForwardConfig;
-use super::Features;
 use crate::device::Capabilities;
+use crate::Switches;
 
 /// Subgroups per workgroup; each owns 16 query rows, so BR = 16 × this.
 pub const SUBGROUPS: u32 = 4;
@@ -29,7 +29,7 @@ pub struct CoopConfig {
     /// The adapter's fixed subgroup size.
     pub sgs: u32,
     /// Operator features.
-    pub features: Features,
+    pub features: Switches,
     /// V staged in rows of its own (needs the memory; not with selective masking): two
     /// workgroup barriers per key tile fewer.
     pub vsep: bool,

@@ -3,9 +3,10 @@
 use super::coop::CoopConfig;
 use super::gpu::{entry, tensor_entry, Gpu};
 use super::selective::{ColsumConfig, ScanConfig};
-use super::{Features, Kernel, KernelKey, Params};
+use super::{Kernel, KernelKey, Params};
 use crate::device::Capabilities;
 use crate::spec::{Path, Resolved};
+use crate::Switches;
 use crate::{DType, Error, Result};
 
 /// Specialisation of the forward kernel.
@@ -22,7 +23,7 @@ pub struct ForwardConfig {
     /// `bc / 4 * dn >= d / 4`.
     pub dn: u32,
     /// Operator features.
-    pub features: Features,
+    pub features: Switches,
 }
 
 impl ForwardConfig {
@@ -67,7 +68,7 @@ const MAX_THREADS: u32 = 256;
 ///
 /// Each thread owns 4 query rows; `tx` threads share a row (4 * `tx` keys per tile, `tx * dn` vec4
 /// output columns), `ty` threads share a key column (4 * `ty` query rows per workgroup).
-pub fn choose_tiles(caps: &Capabilities, d: u32, features: Features) -> Result<ForwardConfig> {
+pub fn choose_tiles(caps: &Capabilities, d: u32, features: Switches) -> Result<ForwardConfig> {
     let d4 = d.div_ceil(4);
     let max_threads = caps.max_invocations.min(MAX_THREADS);
     // Threads along a row and output vec4 columns per thread.
@@ -136,15 +137,7 @@ impl Plan {
     pub fn new(caps: &Capabilities, r: &Resolved, elem: DType) -> Result<Plan> {
         let s = r.shape;
         let pr = r.present;
-        let features = Features {
-            causal: r.options.causal,
-            tau: pr.tau,
-            alpha: pr.alpha,
-            gate: pr.gate,
-            kv_len: pr.kv_len,
-            selective: r.selective(),
-            lse: pr.lse,
-        };
+        let features = pr.for_kernel();
         let forward = choose_tiles(caps, s.head_dim, features)?;
         // Cooperative matrices take f16 operands: only f16 storage runs there, so f32 results
         // keep f32 accuracy.

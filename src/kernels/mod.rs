@@ -6,13 +6,14 @@
 
 pub mod backward;
 pub mod coop;
+pub mod coop_backward;
 pub mod decode;
 pub mod forward;
 pub(crate) mod gpu;
 pub mod selective;
 
 pub use crate::device::STORAGE_BUFFERS_NEEDED;
-use crate::{DType, Error, Result};
+use crate::{DType, Error, Result, Switches};
 
 /// Shader source files, loaded with `include_str!`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -31,13 +32,15 @@ pub enum Source {
     Decode,
     /// `shaders/backward.wgsl`.
     Backward,
+    /// `shaders/coop_backward.wgsl` (a template like `CoopForward`).
+    CoopBackward,
 }
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 7] = [
+    pub const ALL: [Source; 8] = [
         Source::Forward,
         Source::Selective,
         Source::CoopForward,
@@ -45,6 +48,7 @@ impl Source {
         Source::Cache,
         Source::Decode,
         Source::Backward,
+        Source::CoopBackward,
     ];
 
     fn body(self) -> &'static str {
@@ -56,13 +60,14 @@ impl Source {
             Source::Cache => include_str!("../../shaders/cache.wgsl"),
             Source::Decode => include_str!("../../shaders/decode.wgsl"),
             Source::Backward => include_str!("../../shaders/backward.wgsl"),
+            Source::CoopBackward => include_str!("../../shaders/coop_backward.wgsl"),
         }
     }
 
     /// The full WGSL text for an element type: prelude, shared helpers, family body.
     pub fn text(self, elem: DType) -> Result<String> {
         let prelude = match (self, elem) {
-            (Source::CoopForward | Source::CoopColsum, _) => {
+            (Source::CoopForward | Source::CoopColsum | Source::CoopBackward, _) => {
                 // naga's uniformity analysis is coarser than WGSL's and flags cooperative
                 // operations after any loop bounded by the invocation index; the kernel keeps
                 // every cooperative operation in workgroup-uniform control flow.
@@ -82,27 +87,20 @@ impl Source {
     }
 }
 
-/// The operator features a forward kernel is specialised for. The scalar and the
-/// cooperative-matrix kernels share them (and the `override` names in their shaders).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Features {
-    /// Causal masking.
-    pub causal: bool,
-    /// Per-query temperature.
-    pub tau: bool,
-    /// Positional temperature.
-    pub alpha: bool,
-    /// Value gate.
-    pub gate: bool,
-    /// kv_len.
-    pub kv_len: bool,
-    /// Selective masking.
-    pub selective: bool,
-    /// Write LSE.
-    pub lse: bool,
-}
+// The operator switches a forward kernel is specialised on: [`Switches`] with `f0` and `f_out`
+// off (the kernels never read them; the selective passes handle F). The scalar and the
+// cooperative-matrix kernels share them (and the `override` names in their shaders).
+impl Switches {
+    /// The switches with those no kernel is specialised on (`f0`, `f_out`) turned off, so
+    /// calls that differ only there share a pipeline.
+    pub fn for_kernel(self) -> Switches {
+        Switches {
+            f0: false,
+            f_out: false,
+            ..self
+        }
+    }
 
-impl Features {
     pub(crate) fn constants(&self) -> [(&'static str, f64); 7] {
         [
             ("CAUSAL", flag(self.causal)),
@@ -137,6 +135,8 @@ pub enum Kernel {
     DecodeMerge(decode::MergeConfig),
     /// One entry point of the backward pass.
     Backward(backward::BackwardConfig),
+    /// One entry point of the cooperative-matrix backward pass.
+    CoopBackward(coop_backward::CoopBackwardConfig),
 }
 
 /// One pipeline variant: kernel, specialisation and storage element type.
@@ -161,6 +161,7 @@ impl KernelKey {
                 Source::Decode
             }
             Kernel::Backward(_) => Source::Backward,
+            Kernel::CoopBackward(_) => Source::CoopBackward,
         }
     }
 
@@ -170,6 +171,7 @@ impl KernelKey {
         Ok(match self.kernel {
             Kernel::CoopForward(c) => c.wgsl(&text),
             Kernel::SelColsum(c) => c.wgsl(&text),
+            Kernel::CoopBackward(c) => c.wgsl(&text),
             _ => text,
         })
     }
@@ -187,6 +189,7 @@ impl KernelKey {
             Kernel::DecodeAttend(_) => "attend",
             Kernel::DecodeMerge(_) => "merge",
             Kernel::Backward(c) => c.entry.name(),
+            Kernel::CoopBackward(c) => c.entry_name(),
         }
     }
 
@@ -202,6 +205,7 @@ impl KernelKey {
             Kernel::DecodeAttend(c) => c.constants(),
             Kernel::DecodeMerge(c) => c.constants(),
             Kernel::Backward(c) => c.constants(),
+            Kernel::CoopBackward(c) => c.constants(),
         }
     }
 }

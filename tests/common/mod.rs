@@ -9,7 +9,9 @@ use selattn::{Context, DType, Inputs, Options, Outputs, Shape, Spec, Tensor};
 
 // Not every test binary uses every helper.
 #[allow(unused_imports)]
-pub use selattn_tools::testing::{compare, random_inputs, Cmp, Controls, Rng};
+pub use selattn::Switches;
+#[allow(unused_imports)]
+pub use selattn_tools::testing::{compare, inputs_name, random_inputs, Cmp, Rng};
 
 /// Every adapter that can run compute, one context each, built once per test binary.
 pub fn contexts() -> &'static [Context] {
@@ -182,7 +184,7 @@ pub struct Case {
 
 impl Case {
     /// A case with seeded random inputs for `c`; `name` is prefixed to the shape and options.
-    pub fn random(name: &str, shape: Shape, opts: Options, c: Controls, seed: u64) -> Case {
+    pub fn random(name: &str, shape: Shape, opts: Options, c: Switches, seed: u64) -> Case {
         Case {
             name: format!(
                 "{name} B{} Hq{} Hkv{} Nq{} Nk{} D{} {} {}",
@@ -193,7 +195,7 @@ impl Case {
                 shape.k_len,
                 shape.head_dim,
                 opts_name(&opts),
-                c.name()
+                inputs_name(&c)
             ),
             shape,
             opts,

@@ -9,128 +9,16 @@ use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::rc::Rc;
 
-use selattn::reference::{self, HostInputs, HostOutputs};
-use selattn::{Context, DType, Error, Options, Outputs, Path, Shape, Spec};
-use selattn_tools::testing::{compare, random_inputs, round_f16, Cmp, Controls, DeviceInputs};
+use selattn::reference::HostInputs;
+use selattn::Switches;
+use selattn::{Context, DType, Error, Options, Outputs, Path, Shape};
+use selattn_tools::testing::{random_inputs, Cmp, DeviceInputs};
+use selattn_tools::validation;
 use wasm_bindgen::prelude::*;
 
-/// f32: every element within this, absolute plus relative (as `examples/validate`).
-pub const F32_ELEM_TOL: f64 = 1e-5;
-/// f32: norm-wise relative error bound (DESIGN.md §4).
-pub const F32_NORM_TOL: f64 = 1e-5;
-/// f16 O: element-wise bound, absolute plus relative.
-pub const F16_ELEM_TOL: f64 = 5e-3;
-/// f16 O: norm-wise relative error bound.
-pub const F16_NORM_TOL: f64 = 5e-3;
-
-/// One call variant: which options and optional inputs are on.
-#[derive(Clone, Copy, Debug)]
-pub struct Variant {
-    /// Name in the report.
-    pub name: &'static str,
-    /// Causal masking.
-    pub causal: bool,
-    /// Selective masking (the last head selects).
-    pub selective: bool,
-    /// tau, alpha, gate, kv_len.
-    pub controls: Controls,
-}
-
-/// The variants of `examples/validate`: plain, tau, alpha, gate, kv_len, non-causal and
-/// causal, selective, and everything at once.
-pub fn variants() -> Vec<Variant> {
-    let c = |tau, alpha, gate, kv_len| Controls {
-        tau,
-        alpha,
-        gate,
-        kv_len,
-    };
-    let mut v = vec![];
-    for causal in [false, true] {
-        let mut add = |name, selective, controls| {
-            v.push(Variant {
-                name,
-                causal,
-                selective,
-                controls,
-            })
-        };
-        add("plain", false, Controls::default());
-        add("tau", false, c(true, false, false, false));
-        add("alpha", false, c(false, true, false, false));
-        add("gate", false, c(false, false, true, false));
-        add("kv_len", false, c(false, false, false, true));
-        if causal {
-            add("selective", true, Controls::default());
-        }
-        add("full", causal, Controls::ALL);
-    }
-    v
-}
-
-/// One shape, with an explicit first-query position and whether batch element 0 gets
-/// kv_len = 0 (rows with no allowed key: zeros and LSE = -inf).
-#[derive(Clone, Copy, Debug)]
-pub struct Case {
-    /// Name in the report.
-    pub name: &'static str,
-    /// The shape.
-    pub shape: Shape,
-    /// First query position (default: Nk - Nq).
-    pub start: Option<u32>,
-    /// Batch element 0 has kv_len = 0 (when kv_len is given).
-    pub empty_batch: bool,
-}
-
-/// The shapes of `examples/validate` (`quick`: the first four).
-pub fn cases(quick: bool) -> Vec<Case> {
-    let case = |name, shape, start, empty_batch| Case {
-        name,
-        shape,
-        start,
-        empty_batch,
-    };
-    let mut v = vec![
-        case(
-            "Nq=1 (decode)",
-            Shape::new(1, 2, 37, 64).with_q_len(1),
-            None,
-            false,
-        ),
-        case("N=37 D=24", Shape::new(1, 2, 37, 24), None, false),
-        case(
-            "Nq<Nk start=3",
-            Shape::new(1, 2, 29, 8).with_q_len(5),
-            Some(3),
-            false,
-        ),
-        case(
-            "GQA 4:1",
-            Shape::new(2, 4, 19, 32).with_kv_heads(1),
-            None,
-            true,
-        ),
-    ];
-    if !quick {
-        v.extend([
-            case(
-                "N=70 D=16 (3+ query tiles)",
-                Shape::new(1, 2, 70, 16),
-                None,
-                false,
-            ),
-            case("D=128", Shape::new(1, 2, 13, 128), None, false),
-            case("D=256", Shape::new(1, 2, 9, 256), None, false),
-            case(
-                "Nq<Nk default start, B=2",
-                Shape::new(2, 2, 33, 64).with_q_len(7),
-                None,
-                true,
-            ),
-        ]);
-    }
-    v
-}
+pub use selattn_tools::validation::{
+    cases, variants, Case, Variant, F16_ELEM_TOL, F16_NORM_TOL, F32_ELEM_TOL, F32_NORM_TOL,
+};
 
 /// One row of the report.
 #[derive(Clone, Debug)]
@@ -212,10 +100,6 @@ fn num(x: f64) -> String {
     }
 }
 
-fn ok(c: &Cmp, norm: f64) -> bool {
-    c.bad == 0 && c.nan == 0 && c.rel_norm < norm
-}
-
 /// Milliseconds since the page started (`performance.now()`), or 0 outside a browser window.
 pub fn now_ms() -> f64 {
     web_sys::window()
@@ -235,12 +119,7 @@ pub async fn run_one(
 ) -> Row {
     let mut row = Row {
         dtype: elem,
-        variant: format!(
-            "{}{}{}",
-            if path == Path::Coop { "coop " } else { "" },
-            if var.causal { "causal " } else { "" },
-            var.name
-        ),
+        variant: validation::variant_name(var, path),
         case: case.name.to_string(),
         kernel: String::new(),
         o: None,
@@ -251,48 +130,31 @@ pub async fn run_one(
         ms: 0.0,
     };
     let shape = case.shape;
-    let mut opts = if var.causal {
-        Options::causal()
-    } else {
-        Options::new()
-    }
-    .path(path);
-    if var.selective {
-        opts = opts.selective(shape.q_heads - 1);
-    }
-    if let Some(s) = case.start {
-        opts = opts.start(s);
-    }
-    let mut x: HostInputs = random_inputs(&shape, var.controls, seed);
-    if case.empty_batch {
-        if let Some(k) = x.kv_len.as_mut() {
-            k[0] = 0;
-        }
-    }
-    if elem == DType::F16 {
-        x.q = round_f16(&x.q);
-        x.k = round_f16(&x.k);
-        x.v = round_f16(&x.v);
-    }
-    let spec = Spec {
-        shape,
-        options: opts,
-        present: x.present(var.selective),
-    };
-    let reference = match reference::attention(&spec, &x) {
-        Ok(r) => r,
+    let prepared = match validation::prepare(case, var, elem, path, seed) {
+        Ok(p) => p,
         Err(e) => {
-            row.error = Some(format!("reference rejected the case: {e}"));
+            row.error = Some(e);
             return row;
         }
     };
     let t = now_ms();
-    let run = run_gpu(ctx, &shape, &x, &opts, elem).await;
+    let run = run_gpu(ctx, &shape, &prepared.inputs, &prepared.options, elem).await;
     row.ms = now_ms() - t;
     match run {
         Ok((kernel, o, lse, f_out)) => {
             row.kernel = kernel;
-            compare_all(&mut row, &reference, &o, &lse, &f_out, var.selective);
+            let c = validation::check(
+                elem,
+                &prepared.reference,
+                &o,
+                &lse,
+                &f_out,
+                var.switches.selective,
+            );
+            row.o = Some(c.o);
+            row.lse = Some(c.lse);
+            row.f_out = c.f_out;
+            row.pass = c.pass;
         }
         Err(e @ Error::PathUnavailable { .. }) if path == Path::Coop => {
             row.error = Some(format!("skipped: {e}"));
@@ -323,12 +185,7 @@ async fn run_gpu(
     if opts.selective.is_some() {
         outs = outs.f_out(&f_out);
     }
-    let plan = ctx.plan(&g.inputs(), opts, &outs)?;
-    let f = plan.forward;
-    let kernel = match plan.coop {
-        Some(c) => format!("coop D{} {}x{}", c.d, c.br, c.bc),
-        None => format!("D{} {}x{}/dn{}", f.d, f.br, f.bc, f.dn),
-    };
+    let kernel = validation::kernel_name(&ctx.plan(&g.inputs(), opts, &outs)?);
     ctx.attention_async(&g.inputs(), opts, &outs).await?;
     let f_out = if opts.selective.is_some() {
         ctx.download_async(&f_out).await?
@@ -341,31 +198,6 @@ async fn run_gpu(
         ctx.download_async(&lse).await?,
         f_out,
     ))
-}
-
-fn compare_all(row: &mut Row, r: &HostOutputs, o: &[f32], lse: &[f32], f: &[f32], sel: bool) {
-    let mut pass = true;
-    let co = if row.dtype == DType::F16 {
-        let rounded: Vec<f32> = round_f16(&r.o.iter().map(|&v| v as f32).collect::<Vec<_>>());
-        let baseline = compare(&rounded, &r.o, 0.0, 0.0).rel_norm;
-        let c = compare(o, &r.o, F16_ELEM_TOL, F16_ELEM_TOL);
-        pass &= ok(&c, F16_NORM_TOL) && c.rel_norm <= 2.0 * baseline;
-        c
-    } else {
-        let c = compare(o, &r.o, F32_ELEM_TOL, F32_ELEM_TOL);
-        pass &= ok(&c, F32_NORM_TOL);
-        c
-    };
-    row.o = Some(co);
-    let cl = compare(lse, &r.lse, F32_ELEM_TOL, F32_ELEM_TOL);
-    pass &= ok(&cl, F32_NORM_TOL);
-    row.lse = Some(cl);
-    if sel {
-        let cf = compare(f, &r.f_out, F32_ELEM_TOL, F32_ELEM_TOL);
-        pass &= ok(&cf, F32_NORM_TOL);
-        row.f_out = Some(cf);
-    }
-    row.pass = pass;
 }
 
 thread_local! {
@@ -449,7 +281,9 @@ pub async fn validate(level: u32, on_row: js_sys::Function) -> Result<String, Js
             .collect();
         let variants: Vec<Variant> = variants()
             .into_iter()
-            .filter(|v| (!v.causal && v.name == "plain") || (v.causal && v.name == "full"))
+            .filter(|v| {
+                (!v.switches.causal && v.name == "plain") || (v.switches.causal && v.name == "full")
+            })
             .collect();
         (cases, variants)
     } else {
@@ -556,7 +390,7 @@ async fn bench_one(
     iters: u32,
 ) -> selattn::Result<(f64, f64)> {
     let shape = case.shape;
-    let x = random_inputs(&shape, Controls::default(), 7);
+    let x = random_inputs(&shape, Switches::NONE, 7);
     let g = DeviceInputs::upload(ctx, &shape, &x, elem)?;
     let o = ctx.empty(&shape.q_dims(), elem)?;
     let mut opts = if case.causal {

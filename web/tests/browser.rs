@@ -4,28 +4,24 @@
 //!
 //! `web/ci/browser-tests.sh` runs them.
 
-use selattn::{DType, Path, Shape};
-use selattn_tools::testing::Controls;
+use selattn::{DType, Path, Shape, Switches};
 use selattn_web::{context, run_one, Case, Row, Variant};
 use wasm_bindgen_test::*;
 
 wasm_bindgen_test_configure!(run_in_browser);
 
-fn variant(name: &'static str, causal: bool, selective: bool, controls: Controls) -> Variant {
+fn variant(name: &'static str, causal: bool, selective: bool, inputs: Switches) -> Variant {
     Variant {
         name,
-        causal,
-        selective,
-        controls,
+        switches: Switches {
+            causal,
+            selective,
+            ..inputs.inputs()
+        },
     }
 }
 
-const NONE: Controls = Controls {
-    tau: false,
-    alpha: false,
-    gate: false,
-    kv_len: false,
-};
+const NONE: Switches = Switches::NONE;
 
 async fn check(case: Case, var: Variant, seed: u64) {
     let ctx = context().await.expect("a WebGPU device");
@@ -60,7 +56,7 @@ async fn plain() {
 
 #[wasm_bindgen_test]
 async fn temperature() {
-    let c = Controls {
+    let c = Switches {
         tau: true,
         alpha: true,
         ..NONE
@@ -75,7 +71,7 @@ async fn temperature() {
 
 #[wasm_bindgen_test]
 async fn gate() {
-    let c = Controls { gate: true, ..NONE };
+    let c = Switches { gate: true, ..NONE };
     check(
         case("N=19 D=16", Shape::new(1, 2, 19, 16)),
         variant("gate", false, false, c),
@@ -98,7 +94,7 @@ async fn selective() {
 async fn kv_len_with_an_empty_row() {
     // Batch element 0 gets kv_len = 0: zeros and LSE = -inf, written without an infinity in
     // the shader.
-    let c = Controls {
+    let c = Switches {
         kv_len: true,
         ..NONE
     };
@@ -124,7 +120,7 @@ async fn gqa_everything() {
             start: None,
             empty_batch: true,
         },
-        variant("full", true, true, Controls::ALL),
+        variant("full", true, true, Switches::ALL),
         6,
     )
     .await;

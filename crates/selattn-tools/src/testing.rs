@@ -4,6 +4,7 @@
 
 use selattn::reference::HostInputs;
 use selattn::spec::Shape;
+use selattn::Switches;
 
 /// splitmix64: small, seeded, reproducible on every platform. The only copy of the generator in
 /// the project: tests, examples and benches all draw from it, and its stream never changes (a
@@ -65,53 +66,32 @@ impl Rng {
     }
 }
 
-/// Which optional inputs a case uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Controls {
-    /// Per-query temperature.
-    pub tau: bool,
-    /// Positional-temperature coefficient.
-    pub alpha: bool,
-    /// Value gate.
-    pub gate: bool,
-    /// Valid key counts.
-    pub kv_len: bool,
-}
-
-impl Controls {
-    /// Every optional input.
-    pub const ALL: Controls = Controls {
-        tau: true,
-        alpha: true,
-        gate: true,
-        kv_len: true,
-    };
-    /// `plain`, or the inputs joined by `+` (`tau+gate`).
-    pub fn name(&self) -> String {
-        let mut v = vec![];
-        if self.tau {
-            v.push("tau");
-        }
-        if self.alpha {
-            v.push("alpha");
-        }
-        if self.gate {
-            v.push("gate");
-        }
-        if self.kv_len {
-            v.push("kvlen");
-        }
-        if v.is_empty() {
-            "plain".into()
-        } else {
-            v.join("+")
-        }
+/// `plain`, or the optional inputs `c` switches on joined by `+` (`tau+gate`).
+pub fn inputs_name(c: &Switches) -> String {
+    let mut v = vec![];
+    if c.tau {
+        v.push("tau");
+    }
+    if c.alpha {
+        v.push("alpha");
+    }
+    if c.gate {
+        v.push("gate");
+    }
+    if c.kv_len {
+        v.push("kvlen");
+    }
+    if v.is_empty() {
+        "plain".into()
+    } else {
+        v.join("+")
     }
 }
 
 /// Seeded random inputs for a shape: normals for Q/K/V, tau in [0.5, 1.5), alpha in [0, 0.3),
-/// gate in [0.05, 1), kv_len in [1, Nk].
-pub fn random_inputs(shape: &Shape, c: Controls, seed: u64) -> HostInputs {
+/// gate in [0.05, 1), kv_len in [1, Nk], for the inputs `c` switches on (its other switches are
+/// not read; F0 is never made).
+pub fn random_inputs(shape: &Shape, c: Switches, seed: u64) -> HostInputs {
     let mut rng = Rng::new(seed);
     let s = shape;
     let n = |d: Vec<u64>| d.iter().product::<u64>() as usize;

@@ -28,9 +28,10 @@ use std::collections::HashSet;
 use selattn::kernels::backward::{BackwardPlan, Wanted};
 use selattn::kernels::forward::Plan;
 use selattn::kernels::KernelKey;
-use selattn::spec::{Options, Path, Present, Shape, Spec};
+use selattn::spec::{Options, Path, Shape, Spec};
 use selattn::Capabilities;
 use selattn::DType;
+use selattn::Switches;
 
 /// How many switch combinations to enumerate (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -74,6 +75,10 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "backward, scalar path (prep, dkv, dq, fscan, selq, selk, finish, selective colsum, scan)",
         variants: backward_variants,
+    },
+    Family {
+        name: "backward, cooperative-matrix path (coop dkv, coop dq, with the scalar entries around them)",
+        variants: coop_backward_variants,
     },
 ];
 
@@ -163,108 +168,42 @@ pub fn variants(coverage: Coverage) -> Vec<KernelKey> {
     out
 }
 
-/// The switches of one attention call that kernels are specialised on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Switches {
-    /// Causal masking.
-    pub causal: bool,
-    /// Selective masking (causal only).
-    pub selective: bool,
-    /// Which optional inputs and outputs are present.
-    pub present: Present,
+/// A few combinations in which every switch is on at least once and off at least once.
+pub fn covering() -> Vec<Switches> {
+    let p = |causal, selective, tau, alpha, gate, kv_len, lse, f0, f_out| Switches {
+        causal,
+        selective,
+        tau,
+        alpha,
+        gate,
+        kv_len,
+        f0,
+        lse,
+        f_out,
+    };
+    vec![
+        Switches::NONE,
+        p(false, false, true, false, true, false, true, false, false),
+        p(true, false, false, true, false, true, false, false, false),
+        p(true, false, true, true, true, true, true, false, false),
+        p(true, true, false, false, false, false, false, false, false),
+        Switches::ALL,
+        p(true, true, false, false, false, true, false, true, false),
+    ]
 }
 
-impl Switches {
-    /// Every valid combination: selective only with causal, F0 and F_out only with selective.
-    pub fn all() -> Vec<Switches> {
-        let mut v = Vec::new();
-        for bits in 0u32..512 {
-            let b = |i: u32| bits & (1 << i) != 0;
-            let s = Switches {
-                causal: b(0),
-                selective: b(1),
-                present: Present {
-                    tau: b(2),
-                    alpha: b(3),
-                    gate: b(4),
-                    kv_len: b(5),
-                    lse: b(6),
-                    f0: b(7),
-                    f_out: b(8),
-                },
-            };
-            if (s.selective && !s.causal) || (!s.selective && (s.present.f0 || s.present.f_out)) {
-                continue;
-            }
-            v.push(s);
-        }
-        v
+/// The spec of a small call with the switches `s` on `path` (selection head 0; the shape does
+/// not change any key).
+pub fn spec(s: &Switches, head_dim: u32, path: Path) -> Spec {
+    let mut options = Options::new().path(path);
+    options.causal = s.causal;
+    if s.selective {
+        options = options.selective(0);
     }
-
-    /// A few combinations in which every switch is on at least once and off at least once.
-    pub fn covering() -> Vec<Switches> {
-        let p = |tau, alpha, gate, kv_len, lse, f0, f_out| Present {
-            tau,
-            alpha,
-            gate,
-            kv_len,
-            lse,
-            f0,
-            f_out,
-        };
-        let none = p(false, false, false, false, false, false, false);
-        vec![
-            Switches {
-                causal: false,
-                selective: false,
-                present: none,
-            },
-            Switches {
-                causal: false,
-                selective: false,
-                present: p(true, false, true, false, true, false, false),
-            },
-            Switches {
-                causal: true,
-                selective: false,
-                present: p(false, true, false, true, false, false, false),
-            },
-            Switches {
-                causal: true,
-                selective: false,
-                present: p(true, true, true, true, true, false, false),
-            },
-            Switches {
-                causal: true,
-                selective: true,
-                present: none,
-            },
-            Switches {
-                causal: true,
-                selective: true,
-                present: p(true, true, true, true, true, true, true),
-            },
-            Switches {
-                causal: true,
-                selective: true,
-                present: p(false, false, false, true, false, true, false),
-            },
-        ]
-    }
-
-    /// The spec of a small call with these switches on `path` (the shape does not change any
-    /// key).
-    pub fn spec(&self, head_dim: u32, path: Path) -> Spec {
-        let mut options = Options::new().path(path);
-        options.causal = self.causal;
-        if self.selective {
-            options = options.selective(0);
-        }
-        Spec {
-            shape: Shape::new(1, 2, 16, head_dim),
-            options,
-            present: self.present,
-        }
+    Spec {
+        shape: Shape::new(1, 2, 16, head_dim),
+        options,
+        present: *s,
     }
 }
 
@@ -292,7 +231,7 @@ fn planned_variants(
     path: Path,
 ) -> Vec<KernelKey> {
     let all = Switches::all();
-    let covering = Switches::covering();
+    let covering = covering();
     let mut out = Vec::new();
     for d in head_dims() {
         let switches = match coverage {
@@ -301,7 +240,7 @@ fn planned_variants(
         };
         for s in switches {
             // A call the planner rejects on this device has no variant: nothing to enumerate.
-            let Ok(resolved) = s.spec(d, path).validate() else {
+            let Ok(resolved) = spec(s, d, path).validate() else {
                 continue;
             };
             let Ok(plan) = Plan::new(caps, &resolved, elem) else {
@@ -320,8 +259,28 @@ fn planned_variants(
 /// causal selective with everything), which name every entry point and tile; the covering
 /// switch set at [`FULL_PRODUCT_HEAD_DIMS`] toggles each switch.
 pub fn backward_variants(caps: &Capabilities, elem: DType, coverage: Coverage) -> Vec<KernelKey> {
+    backward_path_variants(caps, elem, coverage, Path::Scalar)
+}
+
+/// The backward call's kernels on the cooperative-matrix path, where the device has it (f16
+/// storage, head dims that are multiples of 16 up to 128), with the same switch sets as
+/// [`backward_variants`].
+pub fn coop_backward_variants(
+    caps: &Capabilities,
+    elem: DType,
+    coverage: Coverage,
+) -> Vec<KernelKey> {
+    backward_path_variants(caps, elem, coverage, Path::Coop)
+}
+
+fn backward_path_variants(
+    caps: &Capabilities,
+    elem: DType,
+    coverage: Coverage,
+    path: Path,
+) -> Vec<KernelKey> {
     let all = Switches::all();
-    let covering = Switches::covering();
+    let covering = covering();
     let extremes = [covering[0], covering[5]];
     let mut out = Vec::new();
     for d in head_dims() {
@@ -331,7 +290,7 @@ pub fn backward_variants(caps: &Capabilities, elem: DType, coverage: Coverage) -
             Coverage::Covering => &extremes,
         };
         for s in switches {
-            let Ok(resolved) = s.spec(d, Path::Scalar).validate() else {
+            let Ok(resolved) = spec(s, d, path).validate() else {
                 continue;
             };
             let wanted = Wanted {

@@ -1,0 +1,1027 @@
+// Backward pass on cooperative matrices (tensor cores): f16 storage, 16x16x16 f16 -> f32 MMAs.
+// FlashAttention-2's split, P recomputed from the forward's LSE (DESIGN.md §1b). Two entry
+// points replace the scalar `dkv` and `dq` of `backward.wgsl`; the scalar prep, fscan, selq,
+// selk and finish run around them on the same workspace (`struct Layout`, the same text as in
+// backward.wgsl, checked by tests/params.rs).
+//
+//   coop_dkv  one workgroup per (64 keys, KV head, b); subgroup sg owns keys 16 sg .. 16 sg + 15,
+//             holding their K, V (and the selection KV head's K) fragments and the dK, dV
+//             accumulators in registers. For every query head of the group and every query tile
+//             of BT rows (staged in workgroup memory: Q, dO, and the selection head's Q), in
+//             chunks of 16 rows: S^T = K Q^T, dP^T = V dO^T (and S_sel^T) by MMA, stored;
+//             P^T = exp(t l - F - LSE), dz^T = P^T (g dP^T - Delta) elementwise; dV += P^T dO and
+//             dK += (t dz)^T Q by MMA. dgate and the selective column sums G of dz come from the
+//             stored tiles, one lane per key, in a fixed order.
+//   coop_dq   one workgroup per (64 query rows, head, b); subgroup sg owns rows 16 sg .. 16 sg + 15
+//             with Q, dO (and the selection head's Q) fragments and the dQ accumulator in
+//             registers; key tiles of BT keys staged (K, V, selection K), in chunks of 16 keys:
+//             S, dP (and S_sel) by MMA, dz elementwise, dt_i = sum l dz, dQ += dz K by MMA.
+//
+// Selective masking: F = C (the forward's colsum and scan passes, query tiles of CT rows, CT
+// dividing 16) + the exclusive prefix of relu(S_sel) over the rows of the C tile, recomputed
+// here by MMA; one lane per key walks the 16 rows of a chunk. Logits stay in natural-log units
+// (exp of differences only), as in the forward. Deterministic: every element has one writer and
+// every sum a fixed order; no atomics.
+// Bounds: global reads are guarded by q_len / k_len checks during staging; cooperative loads and
+// stores touch workgroup memory only, at offsets below the arrays' override-sized lengths.
+// Fragments per head dim are unrolled by the Rust generator (the `{{...}}` markers).
+
+struct Layout {
+    lse: u32,
+    delta: u32,
+    tau: u32,
+    alpha: u32,
+    gate: u32,
+    valid: u32,
+    g: u32,
+    dt: u32,
+    dgate: u32,
+    df0: u32,
+    dqb: u32,
+    dkb: u32,
+    flags: u32,
+    n_lin: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+const WANT_DQ: u32 = 1u;
+const WANT_DK: u32 = 2u;
+const WANT_DV: u32 = 4u;
+const WANT_DGATE: u32 = 8u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> w: Layout;
+@group(0) @binding(2) var<storage, read> q: array<vec4<u32>>;      // f16 x 8
+@group(0) @binding(3) var<storage, read> k: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> v: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read> dout: array<vec4<u32>>;
+@group(0) @binding(6) var<storage, read_write> ws: array<f32>;
+@group(0) @binding(7) var<storage, read> fcarry: array<f32>;       // C [B, n_qtiles, Nk]
+@group(0) @binding(8) var<storage, read_write> outa: array<vec4<u32>>;   // dK (dkv) or dQ (dq)
+@group(0) @binding(9) var<storage, read_write> outb: array<vec4<u32>>;   // dV (dkv)
+
+override D: u32 = 64u;
+override BT: u32 = 64u;        // rows (dkv: queries, dq: keys) staged per step, multiple of 16
+override CT: u32 = 16u;        // query rows per selective C tile, divides 16
+override SGS: u32 = 32u;       // the adapter's fixed subgroup size
+override CAUSAL: bool = false;
+override HAS_TAU: bool = false;
+override HAS_ALPHA: bool = false;
+override HAS_GATE: bool = false;
+override HAS_KVLEN: bool = false;
+override SELECTIVE: bool = false;
+override WRITE_LSE: bool = false;   // part of the shared feature set; unused here
+override SELPASS: bool = false;     // the pipeline is coop_selq or coop_selk
+
+const SG: u32 = 4u;                 // subgroups per workgroup
+const KB: u32 = 64u;                // 16 x SG: keys (dkv) or query rows (dq) per workgroup
+const SP: u32 = 20u;                // padded f32 row stride of a 16x16 block
+const PP: u32 = 24u;                // padded f16 row stride of a 16x16 block
+override WG: u32 = SG * SGS;
+override D8: u32 = D / 8u;
+override DP: u32 = D + 8u;          // padded f16 row stride of staged rows (bank conflicts)
+override NT: u32 = select(2u, 3u, SELECTIVE);   // tensors staged per step
+override NST: u32 = max(NT * BT, KB);           // staged rows
+override RW: u32 = max(BT, KB);
+override NB: u32 = BT / 16u;        // 16-row (or 16-key) chunks per staged tile
+override NSTS: u32 = max(2u * BT, KB) * DP;   // staged f16 of coop_selq / coop_selk
+
+// Every workgroup variable is a multiple of 16 bytes (see coop_forward.wgsl: NVIDIA's driver
+// misaligns cooperative loads otherwise).
+var<workgroup> stage: array<f16, select(NST * DP, NSTS, SELPASS)>;
+var<workgroup> sa: array<f32, SG * 16u * SP>;                        // S (or S^T), then l dz / P dP
+var<workgroup> sb: array<f32, SG * 16u * SP>;                        // dP (or dP^T), then dz
+var<workgroup> sf: array<f32, select(4u, SG * 16u * SP, SELECTIVE && !SELPASS)>;  // S_sel, then F
+var<workgroup> pa16: array<f16, select(SG * 16u * PP, 8u, SELPASS)>;  // P^T (dkv)
+// coop_selq / coop_selk: per subgroup and chunk, sum over heads of dz, and F.
+var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * SP, SELPASS)>;
+var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * SP, SELPASS)>;
+var<workgroup> za16: array<f16, SG * 16u * PP>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
+var<workgroup> rl: array<f32, RW>;                                   // LSE of staged rows
+var<workgroup> rd: array<f32, RW>;                                   // Delta
+var<workgroup> rt: array<f32, RW>;                                   // temperature
+var<workgroup> cg: array<f32, RW>;                                   // gates of keys
+var<workgroup> wu: array<u32, 4>;
+
+fn valid_keys(b: u32) -> u32 {
+    if HAS_KVLEN {
+        return valid_key_count(u32(ws[w.valid + b]), p.k_len);
+    }
+    return p.k_len;
+}
+
+fn uniform_valid(b: u32, tid: u32) -> u32 {
+    if tid == 0u {
+        wu[0] = valid_keys(b);
+    }
+    return workgroupUniformLoad(&wu[0]);
+}
+
+fn allowed(i: u32, j: u32, valid: u32) -> bool {
+    var ok = i < p.q_len && j < valid;
+    if CAUSAL {
+        ok = ok && j <= p.start + i;
+    }
+    return ok;
+}
+
+fn row_temperature(b: u32, h: u32, i: u32) -> f32 {
+    var t = 1.0;
+    if HAS_TAU {
+        t = ws[w.tau + (b * p.q_heads + h) * p.q_len + i];
+    }
+    var a = 0.0;
+    if HAS_ALPHA {
+        a = ws[w.alpha + h];
+    }
+    return temperature(t, a, p.start + i);
+}
+
+fn sel_live(i: u32, j: u32, valid: u32) -> bool {
+    let pos = p.start + i;
+    return i < p.q_len && selective_counts(j, pos) && pos < valid;
+}
+
+// Stores 8 f16 (one 16-byte global word) at stage[at..at+8].
+fn put8(at: u32, x: vec4<u32>) {
+    let a = unpack2x16float(x.x);
+    let b = unpack2x16float(x.y);
+    let c = unpack2x16float(x.z);
+    let d = unpack2x16float(x.w);
+    stage[at] = f16(a.x);
+    stage[at + 1u] = f16(a.y);
+    stage[at + 2u] = f16(b.x);
+    stage[at + 3u] = f16(b.y);
+    stage[at + 4u] = f16(c.x);
+    stage[at + 5u] = f16(c.y);
+    stage[at + 6u] = f16(d.x);
+    stage[at + 7u] = f16(d.y);
+}
+
+fn sa8(at: u32, m: f32) -> array<f32, 8> {
+    return array<f32, 8>(sa[at] * m, sa[at + 1u] * m, sa[at + 2u] * m, sa[at + 3u] * m,
+        sa[at + 4u] * m, sa[at + 5u] * m, sa[at + 6u] * m, sa[at + 7u] * m);
+}
+
+fn sb8(at: u32, m: f32) -> array<f32, 8> {
+    return array<f32, 8>(sb[at] * m, sb[at + 1u] * m, sb[at + 2u] * m, sb[at + 3u] * m,
+        sb[at + 4u] * m, sb[at + 5u] * m, sb[at + 6u] * m, sb[at + 7u] * m);
+}
+
+fn pack8(x: array<f32, 8>) -> vec4<u32> {
+    return vec4<u32>(pack2x16float(vec2<f32>(x[0], x[1])), pack2x16float(vec2<f32>(x[2], x[3])),
+        pack2x16float(vec2<f32>(x[4], x[5])), pack2x16float(vec2<f32>(x[6], x[7])));
+}
+
+fn ws8(at: u32, x: array<f32, 8>) {
+    for (var n = 0u; n < 8u; n++) {
+        ws[at + n] = x[n];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn coop_dkv(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let kt = wg.x * KB;
+    let hk = wg.y;
+    let b = wg.z;
+    let valid = uniform_valid(b, tid);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let kb0 = sg * 16u;            // this subgroup's first key in the tile
+    let bo = sg * 16u * SP;        // its f32 blocks
+    let bp = sg * 16u * PP;        // its f16 blocks
+    let jl = kt + kb0 + lane;      // lane < 16: the key this lane sums for
+    // G rows of this workgroup's keys start at zero; the chunks add to them (same invocation).
+    if SELECTIVE && lane < 16u && jl < p.k_len {
+        for (var t = 0u; t < p.n_qtiles; t++) {
+            ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + t) * p.k_len + jl] = 0.0;
+        }
+    }
+    for (var c = tid; c < KB; c += WG) {
+        let j = kt + c;
+        var g = 1.0;
+        if HAS_GATE && j < p.k_len {
+            g = ws[w.gate + (b * p.kv_heads + hk) * p.k_len + j];
+        }
+        cg[c] = g;
+    }
+    var agate = 0.0;
+
+    // K, V (and the selection KV head's K) fragments, staged one tensor at a time.
+{{KDECL}}
+    for (var kp = 0u; kp < NT; kp++) {
+        workgroupBarrier();
+        for (var e = tid; e < KB * D8; e += WG) {
+            let j = kt + e / D8;
+            var x = vec4<u32>(0u);
+            if j < p.k_len {
+                if kp == 1u {
+                    x = v[((b * p.kv_heads + hk) * p.k_len + j) * D8 + e % D8];
+                } else {
+                    let hh = select(hk, sel_kv, kp == 2u);
+                    x = k[((b * p.kv_heads + hh) * p.k_len + j) * D8 + e % D8];
+                }
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        workgroupBarrier();
+        let koff = kb0 * DP;
+        if kp == 0u {
+{{KLOAD}}
+        } else if kp == 1u {
+{{VLOAD}}
+        } else {
+{{KSLOAD}}
+        }
+    }
+{{ACCDECL}}
+
+    let live = kt < valid;
+    for (var h = hk * p.group; h < (hk + 1u) * p.group; h++) {
+        if !live {
+            break;
+        }
+        for (var row0 = 0u; row0 < p.q_len; row0 += BT) {
+            // Causal: skip query tiles whose every row sits before the tile's first key.
+            if CAUSAL && p.start + min(row0 + BT, p.q_len) <= kt {
+                continue;
+            }
+            workgroupBarrier();
+            for (var e = tid; e < BT * D8; e += WG) {
+                let r = e / D8;
+                let i = row0 + r;
+                let c8 = e % D8;
+                var xq = vec4<u32>(0u);
+                var xo = vec4<u32>(0u);
+                var xs = vec4<u32>(0u);
+                if i < p.q_len {
+                    let at = ((b * p.q_heads + h) * p.q_len + i) * D8 + c8;
+                    xq = q[at];
+                    xo = dout[at];
+                    if SELECTIVE {
+                        xs = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + c8];
+                    }
+                }
+                put8(r * DP + c8 * 8u, xq);
+                put8((BT + r) * DP + c8 * 8u, xo);
+                if SELECTIVE {
+                    put8((2u * BT + r) * DP + c8 * 8u, xs);
+                }
+            }
+            for (var r = tid; r < BT; r += WG) {
+                let i = row0 + r;
+                var l = 0.0;
+                var d = 0.0;
+                var t = 0.0;
+                if i < p.q_len {
+                    let row = (b * p.q_heads + h) * p.q_len + i;
+                    l = ws[w.lse + row];
+                    d = ws[w.delta + row];
+                    t = row_temperature(b, h, i);
+                }
+                rl[r] = l;
+                rd[r] = d;
+                rt[r] = t;
+            }
+            for (var c0 = 0u; c0 < BT; c0 += 16u) {
+                let i0 = row0 + c0;
+                if i0 >= p.q_len {
+                    break;
+                }
+                if CAUSAL && p.start + min(i0 + 16u, p.q_len) <= kt {
+                    continue;
+                }
+                workgroupBarrier();
+                let qo = c0 * DP;
+                let oo = (BT + c0) * DP;
+                let so = (2u * BT + c0) * DP;
+{{DKV_S}}
+                workgroupBarrier();
+                // Selective: F^T in place of S_sel^T; lane r walks key r's 16 rows.
+                if SELECTIVE {
+                    if lane < 16u {
+                        var run = 0.0;
+                        for (var r = 0u; r < 16u; r++) {
+                            let i = i0 + r;
+                            if r % CT == 0u {
+                                run = 0.0;
+                                if jl < p.k_len && i < p.q_len {
+                                    run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + jl];
+                                }
+                            }
+                            let e = bo + lane * SP + r;
+                            let s = sf[e];
+                            sf[e] = run;
+                            if sel_live(i, jl, valid) {
+                                run += max(p.scale * s, 0.0);
+                            }
+                        }
+                    }
+                    workgroupBarrier();
+                }
+                // P^T, dz^T: element (key r, row c).
+                for (var x = lane; x < 256u; x += SGS) {
+                    let r = x / 16u;
+                    let c = x % 16u;
+                    let e = bo + r * SP + c;
+                    var pp = 0.0;
+                    var dz = 0.0;
+                    var xg = 0.0;
+                    if allowed(i0 + c, kt + kb0 + r, valid) {
+                        let l = p.scale * sa[e];
+                        let dov = sb[e];
+                        var z = rt[c0 + c] * l;
+                        if SELECTIVE {
+                            z -= sf[e];
+                        }
+                        pp = exp(z - rl[c0 + c]);
+                        dz = pp * (cg[kb0 + r] * dov - rd[c0 + c]);
+                        xg = pp * dov;
+                    }
+                    pa16[bp + r * PP + c] = f16(pp);
+                    za16[bp + r * PP + c] = f16(dz * rt[c0 + c]);
+                    sa[e] = xg;
+                    sb[e] = dz;
+                }
+                workgroupBarrier();
+                if lane < 16u {
+                    var s = 0.0;
+                    for (var c = 0u; c < 16u; c++) {
+                        s += sa[bo + lane * SP + c];
+                    }
+                    agate += s;
+                    if SELECTIVE && jl < p.k_len {
+                        for (var t0 = 0u; t0 < 16u; t0 += CT) {
+                            if i0 + t0 < p.q_len {
+                                var z = 0.0;
+                                for (var c = t0; c < t0 + CT; c++) {
+                                    z += sb[bo + lane * SP + c];
+                                }
+                                let at = w.g + ((b * p.kv_heads + hk) * p.n_qtiles + (i0 + t0) / CT) * p.k_len + jl;
+                                ws[at] += z;
+                            }
+                        }
+                    }
+                }
+                let pa = coopLoadT<coop_mat16x16<f16, A>>(&pa16[bp], PP);
+                let za = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{DKV_ACC}}
+            }
+        }
+    }
+    workgroupBarrier();
+
+    // dK = scale sum t dz q (the selection KV head's into dkb first: selk adds its term), dV.
+    let to_base = SELECTIVE && hk == sel_kv;
+{{DKV_EPI}}
+    if (w.flags & WANT_DGATE) != 0u && lane < 16u && jl < p.k_len {
+        ws[w.dgate + (b * p.kv_heads + hk) * p.k_len + jl] = agate;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn coop_dq(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let h = wg.y;
+    let b = wg.z;
+    let hk = h / p.group;
+    let row0 = wg.x * KB;
+    let valid = uniform_valid(b, tid);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let rb0 = sg * 16u;
+    let bo = sg * 16u * SP;
+    let bp = sg * 16u * PP;
+    let il = row0 + rb0 + lane;    // lane < 16: the row this lane sums for
+    for (var r = tid; r < KB; r += WG) {
+        let i = row0 + r;
+        var l = 0.0;
+        var d = 0.0;
+        var t = 0.0;
+        if i < p.q_len {
+            let row = (b * p.q_heads + h) * p.q_len + i;
+            l = ws[w.lse + row];
+            d = ws[w.delta + row];
+            t = row_temperature(b, h, i);
+        }
+        rl[r] = l;
+        rd[r] = d;
+        rt[r] = t;
+    }
+    // Q, dO (and the selection head's Q) fragments, staged one tensor at a time.
+{{QDECL}}
+    for (var qp = 0u; qp < NT; qp++) {
+        workgroupBarrier();
+        for (var e = tid; e < KB * D8; e += WG) {
+            let i = row0 + e / D8;
+            var x = vec4<u32>(0u);
+            if i < p.q_len {
+                if qp == 1u {
+                    x = dout[((b * p.q_heads + h) * p.q_len + i) * D8 + e % D8];
+                } else {
+                    let hh = select(h, sel, qp == 2u);
+                    x = q[((b * p.q_heads + hh) * p.q_len + i) * D8 + e % D8];
+                }
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        workgroupBarrier();
+        let qoff = rb0 * DP;
+        if qp == 0u {
+{{QLOAD}}
+        } else if qp == 1u {
+{{OLOAD}}
+        } else {
+{{QSLOAD}}
+        }
+    }
+{{DQDECL}}
+    var adt = 0.0;
+
+    var kend = valid;
+    if CAUSAL {
+        kend = min(kend, p.start + min(row0 + KB, p.q_len));
+    }
+    for (var kt = 0u; kt < kend; kt += BT) {
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let r = e / D8;
+            let j = kt + r;
+            let c8 = e % D8;
+            var xk = vec4<u32>(0u);
+            var xv = vec4<u32>(0u);
+            var xs = vec4<u32>(0u);
+            if j < kend {
+                let at = ((b * p.kv_heads + hk) * p.k_len + j) * D8 + c8;
+                xk = k[at];
+                xv = v[at];
+                if SELECTIVE {
+                    xs = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + c8];
+                }
+            }
+            put8(r * DP + c8 * 8u, xk);
+            put8((BT + r) * DP + c8 * 8u, xv);
+            if SELECTIVE {
+                put8((2u * BT + r) * DP + c8 * 8u, xs);
+            }
+        }
+        for (var c = tid; c < BT; c += WG) {
+            let j = kt + c;
+            var g = 1.0;
+            if HAS_GATE && j < p.k_len {
+                g = ws[w.gate + (b * p.kv_heads + hk) * p.k_len + j];
+            }
+            cg[c] = g;
+        }
+        for (var c0 = 0u; c0 < BT; c0 += 16u) {
+            let j0 = kt + c0;
+            if j0 >= kend {
+                break;
+            }
+            workgroupBarrier();
+            let ko = c0 * DP;
+            let vo = (BT + c0) * DP;
+            let so = (2u * BT + c0) * DP;
+{{DQ_S}}
+            workgroupBarrier();
+            // Selective: F in place of S_sel; lane c walks key c's column down the 16 rows.
+            if SELECTIVE {
+                if lane < 16u {
+                    let j = j0 + lane;
+                    var run = 0.0;
+                    for (var r = 0u; r < 16u; r++) {
+                        let i = row0 + rb0 + r;
+                        if r % CT == 0u {
+                            run = 0.0;
+                            if j < p.k_len && i < p.q_len {
+                                run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + j];
+                            }
+                        }
+                        let e = bo + r * SP + lane;
+                        let s = sf[e];
+                        sf[e] = run;
+                        if sel_live(i, j, valid) {
+                            run += max(p.scale * s, 0.0);
+                        }
+                    }
+                }
+                workgroupBarrier();
+            }
+            // P, dz: element (row r, key c).
+            for (var x = lane; x < 256u; x += SGS) {
+                let r = x / 16u;
+                let c = x % 16u;
+                let e = bo + r * SP + c;
+                var dz = 0.0;
+                var ldz = 0.0;
+                if allowed(row0 + rb0 + r, j0 + c, valid) {
+                    let l = p.scale * sa[e];
+                    let dov = sb[e];
+                    var z = rt[rb0 + r] * l;
+                    if SELECTIVE {
+                        z -= sf[e];
+                    }
+                    let pp = exp(z - rl[rb0 + r]);
+                    dz = pp * (cg[c0 + c] * dov - rd[rb0 + r]);
+                    ldz = l * dz;
+                }
+                za16[bp + r * PP + c] = f16(dz);
+                sa[e] = ldz;
+            }
+            workgroupBarrier();
+            if lane < 16u {
+                var s = 0.0;
+                for (var c = 0u; c < 16u; c++) {
+                    s += sa[bo + lane * SP + c];
+                }
+                adt += s;
+            }
+            let za = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{DQ_ACC}}
+        }
+    }
+    workgroupBarrier();
+
+    // dq_i = scale t_i sum_j dz_ij k_j (the selection head's into dqb first: selq adds its term).
+    let to_base = SELECTIVE && h == sel;
+{{DQ_EPI}}
+    if lane < 16u && il < p.q_len {
+        ws[w.dt + (b * p.q_heads + h) * p.q_len + il] = adt;
+    }
+}
+
+// ---- Selective terms (DESIGN.md §1b): dS = E + exclusive suffix of dF = -sum_h dz^h over the rows
+// of each C tile, du = dS where S_sel is live and positive; dq_sel += scale du k_sel (coop_selq),
+// dk_sel += scale du^T q_sel (coop_selk). E (after the scalar fscan) sits in the hk = 0 slots of G.
+// dz of every head is recomputed by MMA and summed in workgroup memory in head order.
+
+fn e_carry(b: u32, t: u32, j: u32) -> f32 {
+    if t * CT < p.q_len && j < p.k_len {
+        return ws[w.g + (b * p.kv_heads * p.n_qtiles + t) * p.k_len + j];
+    }
+    return 0.0;
+}
+
+// coop_selk: one workgroup per (64 keys, b); subgroup sg owns keys 16 sg .. 16 sg + 15. Per query
+// tile of BT rows: F^T and the du mask per chunk (K_sel fragments x staged Q_sel), the sum over
+// every head of dz^T per chunk, then du^T by suffix and dk_sel += du^T Q_sel.
+@compute @workgroup_size(WG)
+fn coop_selk(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let kt = wg.x * KB;
+    let b = wg.z;
+    let valid = uniform_valid(b, tid);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let kb0 = sg * 16u;
+    let bo = sg * 16u * SP;
+    let bp = sg * 16u * PP;
+    let jl = kt + kb0 + lane;
+{{SK_DECL}}
+    // The selection KV head's K fragments.
+    workgroupBarrier();
+    for (var e = tid; e < KB * D8; e += WG) {
+        let j = kt + e / D8;
+        var x = vec4<u32>(0u);
+        if j < p.k_len {
+            x = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+        }
+        put8((e / D8) * DP + (e % D8) * 8u, x);
+    }
+    workgroupBarrier();
+    {
+        let koff = kb0 * DP;
+{{SK_KSLOAD}}
+    }
+    var msk: array<u32, 4>;
+    let live = kt < valid;
+    for (var row0 = 0u; row0 < p.q_len; row0 += BT) {
+        if !live {
+            break;
+        }
+        if p.start + min(row0 + BT, p.q_len) <= kt + 1u {
+            continue;
+        }
+        // A. S_sel^T per chunk, then F^T and the mask (lane per key), sums zeroed.
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let i = row0 + e / D8;
+            var x = vec4<u32>(0u);
+            if i < p.q_len {
+                x = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        workgroupBarrier();
+        for (var c = 0u; c < NB; c++) {
+            let i0 = row0 + c * 16u;
+            if i0 >= p.q_len {
+                break;
+            }
+            let fo = (c * SG + sg) * 16u * SP;
+            let so = c * 16u * DP;
+{{SK_FCOMP}}
+            for (var x = lane; x < 256u; x += SGS) {
+                acc[fo + (x / 16u) * SP + x % 16u] = 0.0;
+            }
+        }
+        workgroupBarrier();
+        if lane < 16u {
+            for (var c = 0u; c < NB; c++) {
+                let i0 = row0 + c * 16u;
+                let fo = (c * SG + sg) * 16u * SP + lane * SP;
+                var run = 0.0;
+                var m = 0u;
+                for (var r = 0u; r < 16u; r++) {
+                    let i = i0 + r;
+                    if r % CT == 0u {
+                        run = 0.0;
+                        if jl < p.k_len && i < p.q_len {
+                            run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + jl];
+                        }
+                    }
+                    var s = 0.0;
+                    if i < p.q_len {
+                        s = fb[fo + r];
+                    }
+                    fb[fo + r] = run;
+                    if sel_live(i, jl, valid) {
+                        let u = p.scale * s;
+                        run += max(u, 0.0);
+                        if u > 0.0 {
+                            m |= 1u << r;
+                        }
+                    }
+                }
+                msk[c] = m;
+            }
+        }
+        // B. sum over every head of dz^T.
+        var last = 0xffffffffu;
+        for (var h = 0u; h < p.q_heads; h++) {
+            let hk = h / p.group;
+            if hk != last {
+                last = hk;
+                for (var kp = 0u; kp < 2u; kp++) {
+                    workgroupBarrier();
+                    for (var e = tid; e < KB * D8; e += WG) {
+                        let j = kt + e / D8;
+                        var x = vec4<u32>(0u);
+                        if j < p.k_len {
+                            let at = ((b * p.kv_heads + hk) * p.k_len + j) * D8 + e % D8;
+                            if kp == 0u {
+                                x = k[at];
+                            } else {
+                                x = v[at];
+                            }
+                        }
+                        put8((e / D8) * DP + (e % D8) * 8u, x);
+                    }
+                    workgroupBarrier();
+                    let koff = kb0 * DP;
+                    if kp == 0u {
+{{SK_KLOAD}}
+                    } else {
+{{SK_VLOAD}}
+                    }
+                }
+                for (var c = tid; c < KB; c += WG) {
+                    let j = kt + c;
+                    var g = 1.0;
+                    if HAS_GATE && j < p.k_len {
+                        g = ws[w.gate + (b * p.kv_heads + hk) * p.k_len + j];
+                    }
+                    cg[c] = g;
+                }
+            }
+            workgroupBarrier();
+            for (var e = tid; e < BT * D8; e += WG) {
+                let r = e / D8;
+                let i = row0 + r;
+                let c8 = e % D8;
+                var xq = vec4<u32>(0u);
+                var xo = vec4<u32>(0u);
+                if i < p.q_len {
+                    let at = ((b * p.q_heads + h) * p.q_len + i) * D8 + c8;
+                    xq = q[at];
+                    xo = dout[at];
+                }
+                put8(r * DP + c8 * 8u, xq);
+                put8((BT + r) * DP + c8 * 8u, xo);
+            }
+            for (var r = tid; r < BT; r += WG) {
+                let i = row0 + r;
+                var l = 0.0;
+                var d = 0.0;
+                var t = 0.0;
+                if i < p.q_len {
+                    let row = (b * p.q_heads + h) * p.q_len + i;
+                    l = ws[w.lse + row];
+                    d = ws[w.delta + row];
+                    t = row_temperature(b, h, i);
+                }
+                rl[r] = l;
+                rd[r] = d;
+                rt[r] = t;
+            }
+            for (var c = 0u; c < NB; c++) {
+                let c0 = c * 16u;
+                let i0 = row0 + c0;
+                if i0 >= p.q_len {
+                    break;
+                }
+                workgroupBarrier();
+                let qo = c0 * DP;
+                let oo = (BT + c0) * DP;
+{{SK_SCOMP}}
+                workgroupBarrier();
+                let fo = (c * SG + sg) * 16u * SP;
+                for (var x = lane; x < 256u; x += SGS) {
+                    let r = x / 16u;
+                    let cc = x % 16u;
+                    let e = bo + r * SP + cc;
+                    if allowed(i0 + cc, kt + kb0 + r, valid) {
+                        let l = p.scale * sa[e];
+                        let z = rt[c0 + cc] * l - fb[fo + r * SP + cc];
+                        let pp = exp(z - rl[c0 + cc]);
+                        acc[fo + r * SP + cc] += pp * (cg[kb0 + r] * sb[e] - rd[c0 + cc]);
+                    }
+                }
+            }
+        }
+        // C. du^T = E + exclusive suffix of -sum dz, masked; dk_sel += du^T Q_sel.
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let i = row0 + e / D8;
+            var x = vec4<u32>(0u);
+            if i < p.q_len {
+                x = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        for (var c = 0u; c < NB; c++) {
+            let i0 = row0 + c * 16u;
+            if i0 >= p.q_len {
+                break;
+            }
+            workgroupBarrier();
+            if lane < 16u {
+                let fo = (c * SG + sg) * 16u * SP + lane * SP;
+                let m = msk[c];
+                var run = 0.0;
+                for (var n = 16u; n > 0u; n--) {
+                    let r = n - 1u;
+                    if r % CT == CT - 1u {
+                        run = e_carry(b, (i0 + r) / CT, jl);
+                    }
+                    var du = 0.0;
+                    if (m & (1u << r)) != 0u {
+                        du = run;
+                    }
+                    za16[bp + lane * PP + r] = f16(du);
+                    run -= acc[fo + r];
+                }
+            }
+            workgroupBarrier();
+            let so = c * 16u * DP;
+            let ua = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{SK_ACC}}
+        }
+    }
+    workgroupBarrier();
+{{SK_EPI}}
+}
+
+// coop_selq: one workgroup per (64 query rows, b); subgroup sg owns rows 16 sg .. 16 sg + 15. Per
+// key tile of BT keys: F and the du mask per chunk (Q_sel fragments x staged K_sel), the sum over
+// every head of dz per chunk, then du by suffix and dq_sel += du K_sel.
+@compute @workgroup_size(WG)
+fn coop_selq(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let b = wg.z;
+    let row0 = wg.x * KB;
+    let valid = uniform_valid(b, tid);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let rb0 = sg * 16u;
+    let bo = sg * 16u * SP;
+    let bp = sg * 16u * PP;
+{{SQ_DECL}}
+    // The selection head's Q fragments.
+    workgroupBarrier();
+    for (var e = tid; e < KB * D8; e += WG) {
+        let i = row0 + e / D8;
+        var x = vec4<u32>(0u);
+        if i < p.q_len {
+            x = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + e % D8];
+        }
+        put8((e / D8) * DP + (e % D8) * 8u, x);
+    }
+    workgroupBarrier();
+    {
+        let qoff = rb0 * DP;
+{{SQ_QSLOAD}}
+    }
+    var msk: array<u32, 4>;
+    // S_kj lives for j < p_k only.
+    let kend = min(valid, p.start + min(row0 + KB, p.q_len));
+    for (var kt = 0u; kt < kend; kt += BT) {
+        // A. S_sel per chunk, then F and the mask (lane per key column), sums zeroed.
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let j = kt + e / D8;
+            var x = vec4<u32>(0u);
+            if j < kend {
+                x = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        workgroupBarrier();
+        for (var c = 0u; c < NB; c++) {
+            if kt + c * 16u >= kend {
+                break;
+            }
+            let fo = (c * SG + sg) * 16u * SP;
+            let so = c * 16u * DP;
+{{SQ_FCOMP}}
+            for (var x = lane; x < 256u; x += SGS) {
+                acc[fo + (x / 16u) * SP + x % 16u] = 0.0;
+            }
+        }
+        workgroupBarrier();
+        if lane < 16u {
+            for (var c = 0u; c < NB; c++) {
+                let j = kt + c * 16u + lane;
+                let fo = (c * SG + sg) * 16u * SP + lane;
+                var run = 0.0;
+                var m = 0u;
+                for (var r = 0u; r < 16u; r++) {
+                    let i = row0 + rb0 + r;
+                    if r % CT == 0u {
+                        run = 0.0;
+                        if j < p.k_len && i < p.q_len {
+                            run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + j];
+                        }
+                    }
+                    let s = fb[fo + r * SP];
+                    fb[fo + r * SP] = run;
+                    if j < kend && sel_live(i, j, valid) {
+                        let u = p.scale * s;
+                        run += max(u, 0.0);
+                        if u > 0.0 {
+                            m |= 1u << r;
+                        }
+                    }
+                }
+                msk[c] = m;
+            }
+        }
+        // B. sum over every head of dz.
+        for (var h = 0u; h < p.q_heads; h++) {
+            let hk = h / p.group;
+            for (var qp = 0u; qp < 2u; qp++) {
+                workgroupBarrier();
+                for (var e = tid; e < KB * D8; e += WG) {
+                    let i = row0 + e / D8;
+                    var x = vec4<u32>(0u);
+                    if i < p.q_len {
+                        let at = ((b * p.q_heads + h) * p.q_len + i) * D8 + e % D8;
+                        if qp == 0u {
+                            x = q[at];
+                        } else {
+                            x = dout[at];
+                        }
+                    }
+                    put8((e / D8) * DP + (e % D8) * 8u, x);
+                }
+                workgroupBarrier();
+                let qoff = rb0 * DP;
+                if qp == 0u {
+{{SQ_QLOAD}}
+                } else {
+{{SQ_OLOAD}}
+                }
+            }
+            workgroupBarrier();
+            for (var e = tid; e < BT * D8; e += WG) {
+                let r = e / D8;
+                let j = kt + r;
+                let c8 = e % D8;
+                var xk = vec4<u32>(0u);
+                var xv = vec4<u32>(0u);
+                if j < kend {
+                    let at = ((b * p.kv_heads + hk) * p.k_len + j) * D8 + c8;
+                    xk = k[at];
+                    xv = v[at];
+                }
+                put8(r * DP + c8 * 8u, xk);
+                put8((BT + r) * DP + c8 * 8u, xv);
+            }
+            for (var c = tid; c < BT; c += WG) {
+                let j = kt + c;
+                var g = 1.0;
+                if HAS_GATE && j < p.k_len {
+                    g = ws[w.gate + (b * p.kv_heads + hk) * p.k_len + j];
+                }
+                cg[c] = g;
+            }
+            for (var r = tid; r < KB; r += WG) {
+                let i = row0 + r;
+                var l = 0.0;
+                var d = 0.0;
+                var t = 0.0;
+                if i < p.q_len {
+                    let row = (b * p.q_heads + h) * p.q_len + i;
+                    l = ws[w.lse + row];
+                    d = ws[w.delta + row];
+                    t = row_temperature(b, h, i);
+                }
+                rl[r] = l;
+                rd[r] = d;
+                rt[r] = t;
+            }
+            for (var c = 0u; c < NB; c++) {
+                let c0 = c * 16u;
+                let j0 = kt + c0;
+                if j0 >= kend {
+                    break;
+                }
+                workgroupBarrier();
+                let ko = c0 * DP;
+                let vo = (BT + c0) * DP;
+{{SQ_SCOMP}}
+                workgroupBarrier();
+                let fo = (c * SG + sg) * 16u * SP;
+                for (var x = lane; x < 256u; x += SGS) {
+                    let r = x / 16u;
+                    let cc = x % 16u;
+                    let e = bo + r * SP + cc;
+                    if allowed(row0 + rb0 + r, j0 + cc, valid) {
+                        let l = p.scale * sa[e];
+                        let z = rt[rb0 + r] * l - fb[fo + r * SP + cc];
+                        let pp = exp(z - rl[rb0 + r]);
+                        acc[fo + r * SP + cc] += pp * (cg[c0 + cc] * sb[e] - rd[rb0 + r]);
+                    }
+                }
+            }
+        }
+        // C. du = E + exclusive suffix of -sum dz down each column, masked; dq_sel += du K_sel.
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let j = kt + e / D8;
+            var x = vec4<u32>(0u);
+            if j < kend {
+                x = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        for (var c = 0u; c < NB; c++) {
+            if kt + c * 16u >= kend {
+                break;
+            }
+            workgroupBarrier();
+            if lane < 16u {
+                let j = kt + c * 16u + lane;
+                let fo = (c * SG + sg) * 16u * SP + lane;
+                let m = msk[c];
+                var run = 0.0;
+                for (var n = 16u; n > 0u; n--) {
+                    let r = n - 1u;
+                    if r % CT == CT - 1u {
+                        run = e_carry(b, (row0 + rb0 + r) / CT, j);
+                    }
+                    var du = 0.0;
+                    if (m & (1u << r)) != 0u {
+                        du = run;
+                    }
+                    za16[bp + r * PP + lane] = f16(du);
+                    run -= acc[fo + r * SP];
+                }
+            }
+            workgroupBarrier();
+            let so = c * 16u * DP;
+            let ua = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{SQ_ACC}}
+        }
+    }
+    workgroupBarrier();
+{{SQ_EPI}}
+}

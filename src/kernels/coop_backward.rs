@@ -1,0 +1,465 @@
+//! The cooperative-matrix backward kernels (`shaders/coop_backward.wgsl`): f16 storage,
+//! 16×16×16 f16 → f32 MMAs for every matmul of dK, dV and dQ. Chosen automatically for f16
+//! storage where the adapter reports that configuration, a fixed subgroup size of at least 16
+//! and f16; the scalar `dkv` / `dq` entries of `shaders/backward.wgsl` are the fallback, and the
+//! scalar prep, fscan, selq, selk and finish entries run around these on either path.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::device::Capabilities;
+use crate::Switches;
+
+/// Subgroups per workgroup: each owns 16 keys (dkv) or 16 query rows (dq).
+pub const SUBGROUPS: u32 = 4;
+/// Keys (dkv) or query rows (dq) per workgroup.
+pub const ROWS: u32 = 16 * SUBGROUPS;
+/// Largest head dim on this path (fragments and accumulators live in registers).
+pub const MAX_D: u32 = 128;
+
+/// The two entry points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CoopEntry {
+    /// dK, dV, dgate, the selective column sums: one workgroup per 64 keys.
+    Dkv,
+    /// dQ, dt: one workgroup per 64 query rows.
+    Dq,
+    /// Selective: the selection head's dQ term, one workgroup per 64 query rows.
+    Selq,
+    /// Selective: the selection KV head's dK term, one workgroup per 64 keys.
+    Selk,
+}
+
+/// Specialisation of one cooperative-matrix backward entry point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CoopBackwardConfig {
+    /// Entry point.
+    pub entry: CoopEntry,
+    /// Head dim, a multiple of 16 up to [`MAX_D`].
+    pub d: u32,
+    /// Rows staged per step (dkv: query rows, dq: keys), a multiple of 16.
+    pub bt: u32,
+    /// Query rows per selective C tile (the plan's BR), dividing 16.
+    pub ct: u32,
+    /// The adapter's fixed subgroup size.
+    pub sgs: u32,
+    /// Operator features (`lse` unused).
+    pub features: Switches,
+}
+
+impl CoopBackwardConfig {
+    pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
+        let mut c = vec![
+            ("D", self.d as f64),
+            ("BT", self.bt as f64),
+            ("CT", self.ct as f64),
+            ("SGS", self.sgs as f64),
+            (
+                "SELPASS",
+                matches!(self.entry, CoopEntry::Selq | CoopEntry::Selk) as u32 as f64,
+            ),
+        ];
+        c.extend(self.features.constants());
+        c
+    }
+
+    /// The WGSL entry point.
+    pub fn entry_name(&self) -> &'static str {
+        match self.entry {
+            CoopEntry::Dkv => "coop_dkv",
+            CoopEntry::Dq => "coop_dq",
+            CoopEntry::Selq => "coop_selq",
+            CoopEntry::Selk => "coop_selk",
+        }
+    }
+
+    /// Threads per workgroup.
+    pub fn threads(&self) -> u32 {
+        SUBGROUPS * self.sgs
+    }
+
+    /// Workgroup memory in bytes, as declared in the shader.
+    pub fn workgroup_bytes(&self) -> u64 {
+        let selpass = matches!(self.entry, CoopEntry::Selq | CoopEntry::Selk);
+        bytes(self.d, self.bt, self.features.selective, selpass)
+    }
+
+    /// The selective entries (coop_selq, coop_selk) for head dim `d`, with the dkv/dq
+    /// configuration `base`'s subgroup size, C tile and features, or why not.
+    pub fn choose_selective(
+        caps: &Capabilities,
+        base: &CoopBackwardConfig,
+    ) -> Result<(CoopBackwardConfig, CoopBackwardConfig), &'static str> {
+        let bt = [64u32, 32, 16]
+            .into_iter()
+            .find(|&bt| bytes(base.d, bt, true, true) <= caps.workgroup_memory as u64)
+            .ok_or("workgroup memory too small for the selective terms")?;
+        let c = |entry| CoopBackwardConfig { entry, bt, ..*base };
+        Ok((c(CoopEntry::Selq), c(CoopEntry::Selk)))
+    }
+
+    /// The configurations of both entries for head dim `d` on this adapter, or why not.
+    pub fn choose(
+        caps: &Capabilities,
+        d: u32,
+        ct: u32,
+        features: Switches,
+    ) -> Result<(CoopBackwardConfig, CoopBackwardConfig), &'static str> {
+        if !caps.coop_16x16_f16() {
+            return Err("no 16x16x16 f16->f32 cooperative matrix configuration");
+        }
+        if !caps.f16 {
+            return Err("no SHADER_F16");
+        }
+        if !caps.subgroups || caps.subgroup_min_size != caps.subgroup_max_size {
+            return Err("subgroup size not fixed by the adapter");
+        }
+        if !d.is_multiple_of(16) || d > MAX_D {
+            return Err("head dim not a multiple of 16 up to 128");
+        }
+        let sgs = caps.subgroup_min_size;
+        // One lane per key (or row) of a 16-wide block.
+        if sgs < 16 || !sgs.is_power_of_two() {
+            return Err("subgroup size below 16 or not a power of two");
+        }
+        if SUBGROUPS * sgs > caps.max_invocations {
+            return Err("workgroup too large for the adapter");
+        }
+        if ct == 0 || 16 % ct != 0 {
+            return Err("selective tile does not divide 16");
+        }
+        let bt = [64u32, 32, 16]
+            .into_iter()
+            .find(|&bt| bytes(d, bt, features.selective, false) <= caps.workgroup_memory as u64)
+            .ok_or("workgroup memory too small")?;
+        let c = |entry| CoopBackwardConfig {
+            entry,
+            d,
+            bt,
+            ct,
+            sgs,
+            features,
+        };
+        Ok((c(CoopEntry::Dkv), c(CoopEntry::Dq)))
+    }
+
+    /// The WGSL for this configuration: the template with its fragments unrolled for D.
+    pub fn wgsl(&self, template: &str) -> String {
+        let n = self.d / 16;
+        let sel = self.features.selective;
+        let mut m: BTreeMap<&'static str, String> = BTreeMap::new();
+        let a = "coop_mat16x16<f16, A>";
+        let bm = "coop_mat16x16<f16, B>";
+        let cm = "coop_mat16x16<f32, C>";
+        for d in 0..n {
+            let o = d * 16;
+            let _ = writeln!(
+                ent(&mut m, "KDECL"),
+                "    var kf{d} = {a}();\n    var vf{d} = {a}();"
+            );
+            let _ = writeln!(
+                ent(&mut m, "KLOAD"),
+                "            let ka{d} = koff + {o}u;\n            kf{d} = coopLoadT<{a}>(&stage[ka{d}], DP);"
+            );
+            let _ = writeln!(
+                ent(&mut m, "VLOAD"),
+                "            let va{d} = koff + {o}u;\n            vf{d} = coopLoadT<{a}>(&stage[va{d}], DP);"
+            );
+            let _ = writeln!(
+                ent(&mut m, "QDECL"),
+                "    var qf{d} = {a}();\n    var of{d} = {a}();"
+            );
+            let _ = writeln!(
+                ent(&mut m, "QLOAD"),
+                "            let qa{d} = qoff + {o}u;\n            qf{d} = coopLoadT<{a}>(&stage[qa{d}], DP);"
+            );
+            let _ = writeln!(
+                ent(&mut m, "OLOAD"),
+                "            let oa{d} = qoff + {o}u;\n            of{d} = coopLoadT<{a}>(&stage[oa{d}], DP);"
+            );
+            if sel {
+                let _ = writeln!(ent(&mut m, "KDECL"), "    var ksf{d} = {a}();");
+                let _ = writeln!(
+                    ent(&mut m, "KSLOAD"),
+                    "            let ks{d} = koff + {o}u;\n            ksf{d} = coopLoadT<{a}>(&stage[ks{d}], DP);"
+                );
+                let _ = writeln!(ent(&mut m, "QDECL"), "    var qsf{d} = {a}();");
+                let _ = writeln!(
+                    ent(&mut m, "QSLOAD"),
+                    "            let qs{d} = qoff + {o}u;\n            qsf{d} = coopLoadT<{a}>(&stage[qs{d}], DP);"
+                );
+            }
+            let _ = writeln!(
+                ent(&mut m, "ACCDECL"),
+                "    var dk{d} = {cm}();\n    var dv{d} = {cm}();"
+            );
+            let _ = writeln!(ent(&mut m, "DQDECL"), "    var dq{d} = {cm}();");
+        }
+        // S^T = K Q^T, dP^T = V dO^T, S_sel^T (dkv); S = Q K^T, dP = dO V^T, S_sel (dq).
+        for (key, pre, x, y, z) in [
+            ("DKV_S", "qo", "kf", "vf", "ksf"),
+            ("DQ_S", "ko", "qf", "of", "qsf"),
+        ] {
+            let (p2, p3) = if key == "DKV_S" {
+                ("oo", "so")
+            } else {
+                ("vo", "so")
+            };
+            let s = ent(&mut m, key);
+            let ind = "                ";
+            let _ = writeln!(s, "{ind}var acs = {cm}();\n{ind}var acp = {cm}();");
+            if sel {
+                let _ = writeln!(s, "{ind}var acf = {cm}();");
+            }
+            for d in 0..n {
+                let o = d * 16;
+                let _ = writeln!(
+                    s,
+                    "{ind}let sx{d} = {pre} + {o}u;\n{ind}acs = coopMultiplyAdd({x}{d}, coopLoad<{bm}>(&stage[sx{d}], DP), acs);"
+                );
+                let _ = writeln!(
+                    s,
+                    "{ind}let sy{d} = {p2} + {o}u;\n{ind}acp = coopMultiplyAdd({y}{d}, coopLoad<{bm}>(&stage[sy{d}], DP), acp);"
+                );
+                if sel {
+                    let _ = writeln!(
+                        s,
+                        "{ind}let sz{d} = {p3} + {o}u;\n{ind}acf = coopMultiplyAdd({z}{d}, coopLoad<{bm}>(&stage[sz{d}], DP), acf);"
+                    );
+                }
+            }
+            let _ = writeln!(
+                s,
+                "{ind}coopStoreT(acs, &sa[bo], SP);\n{ind}coopStoreT(acp, &sb[bo], SP);"
+            );
+            if sel {
+                let _ = writeln!(s, "{ind}coopStoreT(acf, &sf[bo], SP);");
+            }
+        }
+        for d in 0..n {
+            let o = d * 16;
+            let (d2, d16) = (d * 2, d * 16);
+            let ind = "                ";
+            let _ = writeln!(
+                ent(&mut m, "DKV_ACC"),
+                "{ind}let ua{d} = oo + {o}u;\n{ind}dv{d} = coopMultiplyAdd(pa, coopLoadT<{bm}>(&stage[ua{d}], DP), dv{d});\n{ind}let ub{d} = qo + {o}u;\n{ind}dk{d} = coopMultiplyAdd(za, coopLoadT<{bm}>(&stage[ub{d}], DP), dk{d});"
+            );
+            let _ = writeln!(
+                ent(&mut m, "DQ_ACC"),
+                "            let ua{d} = ko + {o}u;\n            dq{d} = coopMultiplyAdd(za, coopLoadT<{bm}>(&stage[ua{d}], DP), dq{d});"
+            );
+            let _ = writeln!(
+                ent(&mut m, "DKV_EPI"),
+                "    coopStoreT(dk{d}, &sa[bo], SP);
+    coopStoreT(dv{d}, &sb[bo], SP);
+    workgroupBarrier();
+    for (var x = lane; x < 32u; x += SGS) {{
+        let r = x / 2u;
+        let hx = x % 2u;
+        let j = kt + kb0 + r;
+        if j < p.k_len {{
+            let at = ((b * p.kv_heads + hk) * p.k_len + j) * D8 + {d2}u + hx;
+            let src = bo + r * SP + hx * 8u;
+            if (w.flags & WANT_DK) != 0u {{
+                let dk8 = sa8(src, p.scale);
+                if to_base {{
+                    ws8(w.dkb + (b * p.k_len + j) * D + {d16}u + hx * 8u, dk8);
+                }} else {{
+                    outa[at] = pack8(dk8);
+                }}
+            }}
+            if (w.flags & WANT_DV) != 0u {{
+                outb[at] = pack8(sb8(src, cg[kb0 + r]));
+            }}
+        }}
+    }}
+    workgroupBarrier();"
+            );
+            let _ = writeln!(
+                ent(&mut m, "DQ_EPI"),
+                "    coopStoreT(dq{d}, &sa[bo], SP);
+    workgroupBarrier();
+    for (var x = lane; x < 32u; x += SGS) {{
+        let r = x / 2u;
+        let hx = x % 2u;
+        let i = row0 + rb0 + r;
+        if (w.flags & WANT_DQ) != 0u && i < p.q_len {{
+            let dq8 = sa8(bo + r * SP + hx * 8u, p.scale * rt[rb0 + r]);
+            if to_base {{
+                ws8(w.dqb + (b * p.q_len + i) * D + {d16}u + hx * 8u, dq8);
+            }} else {{
+                outa[((b * p.q_heads + h) * p.q_len + i) * D8 + {d2}u + hx] = pack8(dq8);
+            }}
+        }}
+    }}
+    workgroupBarrier();"
+            );
+        }
+        for d in 0..n {
+            let o = d * 16;
+            let (d2, d16) = (d * 2, d * 16);
+            let _ = writeln!(
+                ent(&mut m, "SK_DECL"),
+                "    var ksf{d} = {a}();\n    var kf{d} = {a}();\n    var vf{d} = {a}();\n    var dks{d} = {cm}();"
+            );
+            let _ = writeln!(
+                ent(&mut m, "SQ_DECL"),
+                "    var qsf{d} = {a}();\n    var qf{d} = {a}();\n    var of{d} = {a}();\n    var dqs{d} = {cm}();"
+            );
+            for (key, var, off) in [
+                ("SK_KSLOAD", "ksf", "koff"),
+                ("SK_KLOAD", "kf", "koff"),
+                ("SK_VLOAD", "vf", "koff"),
+                ("SQ_QSLOAD", "qsf", "qoff"),
+                ("SQ_QLOAD", "qf", "qoff"),
+                ("SQ_OLOAD", "of", "qoff"),
+            ] {
+                let _ = writeln!(
+                    ent(&mut m, key),
+                    "                        let l{var}{d} = {off} + {o}u;\n                        {var}{d} = coopLoadT<{a}>(&stage[l{var}{d}], DP);"
+                );
+            }
+            for (key, acc) in [("SK_ACC", "dks"), ("SQ_ACC", "dqs")] {
+                let _ = writeln!(
+                    ent(&mut m, key),
+                    "            let ua{d} = so + {o}u;\n            {acc}{d} = coopMultiplyAdd(ua, coopLoadT<{bm}>(&stage[ua{d}], DP), {acc}{d});"
+                );
+            }
+            let _ = writeln!(
+                ent(&mut m, "SK_EPI"),
+                "    coopStoreT(dks{d}, &sa[bo], SP);
+    workgroupBarrier();
+    for (var x = lane; x < 32u; x += SGS) {{
+        let r = x / 2u;
+        let hx = x % 2u;
+        let j = kt + kb0 + r;
+        if j < p.k_len {{
+            let s8 = sa8(bo + r * SP + hx * 8u, p.scale);
+            let base = w.dkb + (b * p.k_len + j) * D + {d16}u + hx * 8u;
+            var o8: array<f32, 8>;
+            for (var n = 0u; n < 8u; n++) {{
+                o8[n] = ws[base + n] + s8[n];
+            }}
+            outa[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + {d2}u + hx] = pack8(o8);
+        }}
+    }}
+    workgroupBarrier();"
+            );
+            let _ = writeln!(
+                ent(&mut m, "SQ_EPI"),
+                "    coopStoreT(dqs{d}, &sa[bo], SP);
+    workgroupBarrier();
+    for (var x = lane; x < 32u; x += SGS) {{
+        let r = x / 2u;
+        let hx = x % 2u;
+        let i = row0 + rb0 + r;
+        if i < p.q_len {{
+            let s8 = sa8(bo + r * SP + hx * 8u, p.scale);
+            let base = w.dqb + (b * p.q_len + i) * D + {d16}u + hx * 8u;
+            var o8: array<f32, 8>;
+            for (var n = 0u; n < 8u; n++) {{
+                o8[n] = ws[base + n] + s8[n];
+            }}
+            outa[((b * p.q_heads + sel) * p.q_len + i) * D8 + {d2}u + hx] = pack8(o8);
+        }}
+    }}
+    workgroupBarrier();"
+            );
+        }
+        // S_sel^T = K_sel Q_sel^T (selk), S_sel = Q_sel K_sel^T (selq), per chunk into fb.
+        for (key, x) in [("SK_FCOMP", "ksf"), ("SQ_FCOMP", "qsf")] {
+            let s = ent(&mut m, key);
+            let ind = "            ";
+            let _ = writeln!(s, "{ind}var acf = {cm}();");
+            for d in 0..n {
+                let _ = writeln!(
+                    s,
+                    "{ind}let fz{d} = so + {o}u;\n{ind}acf = coopMultiplyAdd({x}{d}, coopLoad<{bm}>(&stage[fz{d}], DP), acf);",
+                    o = d * 16
+                );
+            }
+            let _ = writeln!(s, "{ind}coopStoreT(acf, &fb[fo], SP);");
+        }
+        // S^T, dP^T (selk) or S, dP (selq) of one head.
+        for (key, p1, p2, x, y) in [
+            ("SK_SCOMP", "qo", "oo", "kf", "vf"),
+            ("SQ_SCOMP", "ko", "vo", "qf", "of"),
+        ] {
+            let s = ent(&mut m, key);
+            let ind = "                ";
+            let _ = writeln!(s, "{ind}var acs = {cm}();\n{ind}var acp = {cm}();");
+            for d in 0..n {
+                let o = d * 16;
+                let _ = writeln!(
+                    s,
+                    "{ind}let sx{d} = {p1} + {o}u;\n{ind}acs = coopMultiplyAdd({x}{d}, coopLoad<{bm}>(&stage[sx{d}], DP), acs);\n{ind}let sy{d} = {p2} + {o}u;\n{ind}acp = coopMultiplyAdd({y}{d}, coopLoad<{bm}>(&stage[sy{d}], DP), acp);"
+                );
+            }
+            let _ = writeln!(
+                s,
+                "{ind}coopStoreT(acs, &sa[bo], SP);\n{ind}coopStoreT(acp, &sb[bo], SP);"
+            );
+        }
+        let mut text = template.to_string();
+        for k in [
+            "KDECL",
+            "KLOAD",
+            "VLOAD",
+            "KSLOAD",
+            "ACCDECL",
+            "DKV_S",
+            "DKV_ACC",
+            "DKV_EPI",
+            "QDECL",
+            "QLOAD",
+            "OLOAD",
+            "QSLOAD",
+            "DQDECL",
+            "DQ_S",
+            "DQ_ACC",
+            "DQ_EPI",
+            "SK_DECL",
+            "SK_KSLOAD",
+            "SK_KLOAD",
+            "SK_VLOAD",
+            "SK_FCOMP",
+            "SK_SCOMP",
+            "SK_ACC",
+            "SK_EPI",
+            "SQ_DECL",
+            "SQ_QSLOAD",
+            "SQ_QLOAD",
+            "SQ_OLOAD",
+            "SQ_FCOMP",
+            "SQ_SCOMP",
+            "SQ_ACC",
+            "SQ_EPI",
+        ] {
+            text = text.replace(&format!("{{{{{k}}}}}"), m.get(k).map_or("", |v| v));
+        }
+        text
+    }
+}
+
+fn ent<'a>(m: &'a mut BTreeMap<&'static str, String>, k: &'static str) -> &'a mut String {
+    m.entry(k).or_default()
+}
+
+fn bytes(d: u32, bt: u32, selective: bool, selpass: bool) -> u64 {
+    let (d, bt) = (d as u64, bt as u64);
+    let rows = ROWS as u64;
+    let block = SUBGROUPS as u64 * 16 * 20 * 4;
+    let half = SUBGROUPS as u64 * 16 * 24 * 2;
+    let rowvals = 4 * bt.max(rows) * 4;
+    if selpass {
+        // stage (Q_h and dO_h, or K and V tiles), sa, sb, sf unused, pa16 unused, za16,
+        // acc and fb (one block per chunk), rows, wu.
+        let stage = (2 * bt).max(rows) * (d + 8) * 2;
+        stage + 2 * block + 16 + 16 + half + 2 * (bt / 16) * block + rowvals + 16
+    } else {
+        let nt = if selective { 3 } else { 2 };
+        let stage = (nt * bt).max(rows) * (d + 8) * 2;
+        let blocks = 2 * block + if selective { block } else { 16 };
+        stage + blocks + 2 * half + 16 + 16 + rowvals + 16
+    }
+}
