@@ -19,7 +19,7 @@
 //      Lazy online softmax: the running max only moves when a tile's max exceeds it
 //      by more than 8 (log2 units), so O is rescaled (a round trip through workgroup memory)
 //      rarely; P written as f16 (values <= 2^8), row sums kept in f32;
-//   4. V (gated) stored to workgroup memory; O += P V with MMAs.
+//   4. V (gated) stored to workgroup memory (rows of its own with VSEP); O += P V with MMAs.
 // A WGSL cooperative matrix has no per-element access, hence the round trips through memory.
 // Bounds: global reads are guarded by q_len / valid-key checks during staging; cooperative loads
 // and stores touch workgroup memory only, at offsets < the arrays' override-sized lengths.
