@@ -89,7 +89,7 @@ impl AttendConfig {
             self.d / 4
         }
     }
-    /// vec4<f32> per chunk once unpacked.
+    /// `vec4<f32>` per chunk once unpacked.
     pub fn cv(&self) -> u32 {
         if self.half {
             2
