@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release --example decode -- [--prompt 64] [--len 256] [--batch 2] [--heads 8]
 //!     [--kv-heads 2] [--dim 64] [--queries 1] [--budget N] [--f16] [--selective]
-//!     [--splits N] [--threads N] [--rows N] [--check 8] [--json PATH] [--no-prune]
+//!     [--splits N] [--threads N] [--rows N] [--check 8] [--warmup N] [--json PATH] [--no-prune]
 //! ```
 //!
 //! Each sequence is first filled with `--prompt` tokens (K and V appended without attention),
@@ -63,6 +63,10 @@ struct Args {
     /// Query rows per workgroup of the attend kernel, at most (tuning).
     #[arg(long)]
     rows: Option<u32>,
+    /// Untimed steps after the checked ones, before the timed ones (large batches read slower
+    /// in their first few hundred steps on the H200; see BENCHMARKS.md).
+    #[arg(long, default_value_t = 0)]
+    warmup: u32,
     /// Steps checked against the reference.
     #[arg(long, default_value_t = 8)]
     check: u32,
@@ -212,7 +216,9 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     } else {
         0
     };
-    let timed_steps = a.len - n_check;
+    // Checked steps, then warm-up steps, then timed ones.
+    let untimed = n_check + a.warmup.min(a.len - n_check);
+    let timed_steps = a.len - untimed;
     let timed = ctx.capabilities().timestamps;
     let n_ts = timed_steps.min(1024);
     // No query set when no step is timed (wgpu refuses an empty one).
@@ -225,12 +231,12 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     });
     let mut start = Instant::now();
     for s in 0..a.len {
-        if s == n_check {
+        if s == untimed {
             ctx.sync()?;
             start = Instant::now();
         }
         // Index of this step among the timed ones, if it is one.
-        let ti = s.checked_sub(n_check).filter(|&t| t < n_ts);
+        let ti = s.checked_sub(untimed).filter(|&t| t < n_ts);
         let p = &pool[s as usize % pool.len()];
         let step = Step::new(&p.q, &p.k, &p.v);
         let mut enc = ctx
@@ -355,7 +361,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             r.evictions,
             match (r.tokens_per_s, r.ms_per_step_wall) {
                 (Some(t), Some(w)) => format!("{t:>9.1} tokens/s, {w:.3} ms/step wall"),
-                _ => "no timed steps (--len <= --check)".to_string(),
+                _ => "no timed steps (--len <= --check + --warmup)".to_string(),
             },
             r.ms_per_step_gpu
                 .map_or(String::new(), |g| format!(", {g:.3} ms/step GPU")),
@@ -407,6 +413,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             "dim": a.dim,
             "prompt": a.prompt,
             "len": a.len,
+            "warmup": a.warmup,
             "queries": a.queries,
             "f16": a.f16,
             "selective": a.selective,
