@@ -78,6 +78,7 @@ const SG: u32 = 4u;                 // subgroups per workgroup
 const KB: u32 = 64u;                // 16 x SG: keys (dkv) or query rows (dq) per workgroup
 const SP: u32 = 20u;                // padded f32 row stride of a 16x16 block
 const PP: u32 = 24u;                // padded f16 row stride of a 16x16 block
+const FS: u32 = 16u;                // f32 row stride of the acc / fb blocks (unpadded: memory)
 override WG: u32 = SG * SGS;
 override D8: u32 = D / 8u;
 override DP: u32 = D + 8u;          // padded f16 row stride of staged rows (bank conflicts)
@@ -95,8 +96,8 @@ var<workgroup> sb: array<f32, SG * 16u * SP>;                        // dP (or d
 var<workgroup> sf: array<f32, select(4u, SG * 16u * SP, SELECTIVE && !SELPASS)>;  // S_sel, then F
 var<workgroup> pa16: array<f16, select(SG * 16u * PP, 8u, SELPASS)>;  // P^T (dkv)
 // coop_selq / coop_selk: per subgroup and chunk, sum over heads of dz, and F.
-var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * SP, SELPASS)>;
-var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * SP, SELPASS)>;
+var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
+var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
 var<workgroup> za16: array<f16, SG * 16u * PP>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
 var<workgroup> rl: array<f32, RW>;                                   // LSE of staged rows
 var<workgroup> rd: array<f32, RW>;                                   // Delta
@@ -632,18 +633,18 @@ fn coop_selk(
             if i0 >= p.q_len {
                 break;
             }
-            let fo = (c * SG + sg) * 16u * SP;
+            let fo = (c * SG + sg) * 16u * FS;
             let so = c * 16u * DP;
 {{SK_FCOMP}}
             for (var x = lane; x < 256u; x += SGS) {
-                acc[fo + (x / 16u) * SP + x % 16u] = 0.0;
+                acc[fo + (x / 16u) * FS + x % 16u] = 0.0;
             }
         }
         workgroupBarrier();
         if lane < 16u {
             for (var c = 0u; c < NB; c++) {
                 let i0 = row0 + c * 16u;
-                let fo = (c * SG + sg) * 16u * SP + lane * SP;
+                let fo = (c * SG + sg) * 16u * FS + lane * FS;
                 var run = 0.0;
                 var m = 0u;
                 for (var r = 0u; r < 16u; r++) {
@@ -749,16 +750,16 @@ fn coop_selk(
                 let oo = (BT + c0) * DP;
 {{SK_SCOMP}}
                 workgroupBarrier();
-                let fo = (c * SG + sg) * 16u * SP;
+                let fo = (c * SG + sg) * 16u * FS;
                 for (var x = lane; x < 256u; x += SGS) {
                     let r = x / 16u;
                     let cc = x % 16u;
                     let e = bo + r * SP + cc;
                     if allowed(i0 + cc, kt + kb0 + r, valid) {
                         let l = p.scale * sa[e];
-                        let z = rt[c0 + cc] * l - fb[fo + r * SP + cc];
+                        let z = rt[c0 + cc] * l - fb[fo + r * FS + cc];
                         let pp = exp(z - rl[c0 + cc]);
-                        acc[fo + r * SP + cc] += pp * (cg[kb0 + r] * sb[e] - rd[c0 + cc]);
+                        acc[fo + r * FS + cc] += pp * (cg[kb0 + r] * sb[e] - rd[c0 + cc]);
                     }
                 }
             }
@@ -780,7 +781,7 @@ fn coop_selk(
             }
             workgroupBarrier();
             if lane < 16u {
-                let fo = (c * SG + sg) * 16u * SP + lane * SP;
+                let fo = (c * SG + sg) * 16u * FS + lane * FS;
                 let m = msk[c];
                 var run = 0.0;
                 for (var n = 16u; n > 0u; n--) {
@@ -859,18 +860,18 @@ fn coop_selq(
             if kt + c * 16u >= kend {
                 break;
             }
-            let fo = (c * SG + sg) * 16u * SP;
+            let fo = (c * SG + sg) * 16u * FS;
             let so = c * 16u * DP;
 {{SQ_FCOMP}}
             for (var x = lane; x < 256u; x += SGS) {
-                acc[fo + (x / 16u) * SP + x % 16u] = 0.0;
+                acc[fo + (x / 16u) * FS + x % 16u] = 0.0;
             }
         }
         workgroupBarrier();
         if lane < 16u {
             for (var c = 0u; c < NB; c++) {
                 let j = kt + c * 16u + lane;
-                let fo = (c * SG + sg) * 16u * SP + lane;
+                let fo = (c * SG + sg) * 16u * FS + lane;
                 var run = 0.0;
                 var m = 0u;
                 for (var r = 0u; r < 16u; r++) {
@@ -881,8 +882,8 @@ fn coop_selq(
                             run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + j];
                         }
                     }
-                    let s = fb[fo + r * SP];
-                    fb[fo + r * SP] = run;
+                    let s = fb[fo + r * FS];
+                    fb[fo + r * FS] = run;
                     if j < kend && sel_live(i, j, valid) {
                         let u = p.scale * s;
                         run += max(u, 0.0);
@@ -969,16 +970,16 @@ fn coop_selq(
                 let vo = (BT + c0) * DP;
 {{SQ_SCOMP}}
                 workgroupBarrier();
-                let fo = (c * SG + sg) * 16u * SP;
+                let fo = (c * SG + sg) * 16u * FS;
                 for (var x = lane; x < 256u; x += SGS) {
                     let r = x / 16u;
                     let cc = x % 16u;
                     let e = bo + r * SP + cc;
                     if allowed(row0 + rb0 + r, j0 + cc, valid) {
                         let l = p.scale * sa[e];
-                        let z = rt[rb0 + r] * l - fb[fo + r * SP + cc];
+                        let z = rt[rb0 + r] * l - fb[fo + r * FS + cc];
                         let pp = exp(z - rl[rb0 + r]);
-                        acc[fo + r * SP + cc] += pp * (cg[c0 + cc] * sb[e] - rd[rb0 + r]);
+                        acc[fo + r * FS + cc] += pp * (cg[c0 + cc] * sb[e] - rd[rb0 + r]);
                     }
                 }
             }
@@ -1000,7 +1001,7 @@ fn coop_selq(
             workgroupBarrier();
             if lane < 16u {
                 let j = kt + c * 16u + lane;
-                let fo = (c * SG + sg) * 16u * SP + lane;
+                let fo = (c * SG + sg) * 16u * FS + lane;
                 let m = msk[c];
                 var run = 0.0;
                 for (var n = 16u; n > 0u; n--) {
@@ -1013,7 +1014,7 @@ fn coop_selq(
                         du = run;
                     }
                     za16[bp + r * PP + lane] = f16(du);
-                    run -= acc[fo + r * SP];
+                    run -= acc[fo + r * FS];
                 }
             }
             workgroupBarrier();

@@ -378,7 +378,7 @@ impl CoopBackwardConfig {
                     o = d * 16
                 );
             }
-            let _ = writeln!(s, "{ind}coopStoreT(acf, &fb[fo], SP);");
+            let _ = writeln!(s, "{ind}coopStoreT(acf, &fb[fo], FS);");
         }
         // S^T, dP^T (selk) or S, dP (selq) of one head.
         for (key, p1, p2, x, y) in [
@@ -449,13 +449,16 @@ fn bytes(d: u32, bt: u32, selective: bool, selpass: bool) -> u64 {
     let (d, bt) = (d as u64, bt as u64);
     let rows = ROWS as u64;
     let block = SUBGROUPS as u64 * 16 * 20 * 4;
+    // acc / fb blocks of the selective passes: unpadded rows (FS = 16), so 32-key tiles fit at
+    // D128 in 48 KiB.
+    let fblock = SUBGROUPS as u64 * 16 * 16 * 4;
     let half = SUBGROUPS as u64 * 16 * 24 * 2;
     let rowvals = 4 * bt.max(rows) * 4;
     if selpass {
         // stage (Q_h and dO_h, or K and V tiles), sa, sb, sf unused, pa16 unused, za16,
         // acc and fb (one block per chunk), rows, wu.
         let stage = (2 * bt).max(rows) * (d + 8) * 2;
-        stage + 2 * block + 16 + 16 + half + 2 * (bt / 16) * block + rowvals + 16
+        stage + 2 * block + 16 + 16 + half + 2 * (bt / 16) * fblock + rowvals + 16
     } else {
         let nt = if selective { 3 } else { 2 };
         let stage = (nt * bt).max(rows) * (d + 8) * 2;
