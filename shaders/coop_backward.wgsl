@@ -41,8 +41,8 @@ struct Layout {
     dkb: u32,
     flags: u32,
     n_lin: u32,
-    _pad0: u32,
-    _pad1: u32,
+    row_lo: u32,
+    row_hi: u32,
 }
 
 const WANT_DQ: u32 = 1u;
@@ -72,7 +72,8 @@ override HAS_GATE: bool = false;
 override HAS_KVLEN: bool = false;
 override SELECTIVE: bool = false;
 override WRITE_LSE: bool = false;   // part of the shared feature set; unused here
-override SELPASS: bool = false;     // the pipeline is coop_selq or coop_selk
+override SELPASS: bool = false;     // the pipeline is coop_selq, coop_selk or coop_selk_du
+override DU: bool = false;          // coop_selq also writes du to the scratch coop_selk_du reads
 
 const SG: u32 = 4u;                 // subgroups per workgroup
 const KB: u32 = 64u;                // 16 x SG: keys (dkv) or query rows (dq) per workgroup
@@ -566,6 +567,12 @@ fn coop_dq(
 // dk_sel += scale du^T q_sel (coop_selk). E (after the scalar fscan) sits in the hk = 0 slots of G.
 // dz of every head is recomputed by MMA and summed in workgroup memory in head order.
 
+// du scratch of batch b (coop_selq with DU writes it, coop_selk_du reads it): rows [row_lo, row_hi)
+// by Nk keys in the G slots of KV heads 1.. (dead after fscan), sized by the plan.
+fn du_base(b: u32) -> u32 {
+    return w.g + (b * p.kv_heads + 1u) * p.n_qtiles * p.k_len;
+}
+
 fn e_carry(b: u32, t: u32, j: u32) -> f32 {
     if t * CT < p.q_len && j < p.k_len {
         return ws[w.g + (b * p.kv_heads * p.n_qtiles + t) * p.k_len + j];
@@ -818,8 +825,9 @@ fn coop_selq(
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
     let b = wg.z;
-    let row0 = wg.x * KB;
+    let row0 = w.row_lo + wg.x * KB;
     let valid = uniform_valid(b, tid);
+    let dub = du_base(b);
     let sel = p.sel_head;
     let sel_kv = sel / p.group;
     let rb0 = sg * 16u;
@@ -1014,6 +1022,10 @@ fn coop_selq(
                         du = run;
                     }
                     za16[bp + r * PP + lane] = f16(du);
+                    let i = row0 + rb0 + r;
+                    if DU && j < kend && i < p.q_len {
+                        ws[dub + (i - w.row_lo) * p.k_len + j] = du;
+                    }
                     run -= acc[fo + r * FS];
                 }
             }
@@ -1025,4 +1037,71 @@ fn coop_selq(
     }
     workgroupBarrier();
 {{SQ_EPI}}
+}
+
+// coop_selk_du: one workgroup per (64 keys, b); subgroup sg owns keys 16 sg .. 16 sg + 15.
+// dk_sel += du^T Q_sel over the query rows [row_lo, row_hi) of this chunk, du read from the
+// scratch coop_selq (DU) wrote for the same chunk (so dz is summed over heads once, there). The
+// sum is carried in the dkb rows of the workspace between chunks (dispatched in row order) and
+// written out by the last chunk.
+@compute @workgroup_size(WG)
+fn coop_selk_du(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let kt = wg.x * KB;
+    let b = wg.z;
+    let valid = uniform_valid(b, tid);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let kb0 = sg * 16u;
+    let bo = sg * 16u * SP;
+    let bp = sg * 16u * PP;
+    let jl = kt + kb0 + lane;
+    let dub = du_base(b);
+{{SD_DECL}}
+    let live = kt < valid;
+    for (var row0 = w.row_lo; row0 < w.row_hi; row0 += BT) {
+        if !live {
+            break;
+        }
+        if p.start + min(row0 + BT, p.q_len) <= kt + 1u {
+            continue;
+        }
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let i = row0 + e / D8;
+            var x = vec4<u32>(0u);
+            if i < w.row_hi {
+                x = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        for (var c = 0u; c < NB; c++) {
+            let i0 = row0 + c * 16u;
+            if i0 >= w.row_hi {
+                break;
+            }
+            workgroupBarrier();
+            if lane < 16u {
+                for (var r = 0u; r < 16u; r++) {
+                    let i = i0 + r;
+                    var du = 0.0;
+                    if i < w.row_hi && jl < p.k_len && sel_live(i, jl, valid) {
+                        du = ws[dub + (i - w.row_lo) * p.k_len + jl];
+                    }
+                    za16[bp + lane * PP + r] = f16(du);
+                }
+            }
+            workgroupBarrier();
+            let so = c * 16u * DP;
+            let ua = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{SK_ACC}}
+        }
+    }
+    workgroupBarrier();
+    let last = w.row_hi >= p.q_len;
+{{SD_EPI}}
 }
