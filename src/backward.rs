@@ -442,7 +442,12 @@ impl Context {
                             }
                         }
                         Entry::Selk => {
-                            tiled(&mut e);
+                            if plan.du_rows > 0 {
+                                // coop_selk_du reads Q (and the workspace) only.
+                                e.push(tensor_entry(2, Some(bound(inputs.q)), din));
+                            } else {
+                                tiled(&mut e);
+                            }
                             e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
                             if coop_sel {
                                 (s.k_len.div_ceil(ROWS), 1, s.batch)
