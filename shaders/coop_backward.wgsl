@@ -17,6 +17,10 @@
 //             registers; key tiles of BT keys staged (K, V, selection K), in chunks of 16 keys:
 //             S, dP (and S_sel) by MMA, dz elementwise, dt_i = sum l dz, dQ += dz K by MMA.
 //
+// Selective terms: coop_selq (per 64 query rows) and coop_selk (per 64 keys) each sum dz over every
+// head; with the du scratch (plan du_rows > 0) coop_selq also writes du of a chunk of query rows
+// (override DU) and coop_selk_du reads it, one pair of dispatches per chunk (Layout row_lo/row_hi).
+//
 // Selective masking: F = C (the forward's colsum and scan passes, query tiles of CT rows, CT
 // dividing 16) + the exclusive prefix of relu(S_sel) over the rows of the C tile, recomputed
 // here by MMA; one lane per key walks the 16 rows of a chunk. Logits stay in natural-log units

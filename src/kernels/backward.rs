@@ -500,7 +500,9 @@ impl BackwardPlan {
     /// float atomics (summed afterwards in a fixed order, for bit-identical runs), and C (the
     /// forward's carry of F) is read by the dK/dV, dQ and selective passes that run while the
     /// sums are live. On the cooperative-matrix path BR is at most 16 (a C tile never spans two
-    /// subgroups' rows), so the same formula holds with that BR.
+    /// subgroups' rows), so the same formula holds with that BR. The coop path's du chunks
+    /// ([`BackwardPlan::du_rows`]) reuse the column-sum slots of KV heads 1.. once fscan has
+    /// folded them into E, so they add nothing.
     pub fn scratch_bytes(&self) -> u64 {
         4 * (self.ws_floats + self.c_floats())
     }

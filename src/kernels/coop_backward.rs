@@ -1,8 +1,10 @@
 //! The cooperative-matrix backward kernels (`shaders/coop_backward.wgsl`): f16 storage,
 //! 16×16×16 f16 → f32 MMAs for every matmul of dK, dV and dQ. Chosen automatically for f16
 //! storage where the adapter reports that configuration, a fixed subgroup size of at least 16
-//! and f16; the scalar `dkv` / `dq` entries of `shaders/backward.wgsl` are the fallback, and the
-//! scalar prep, fscan, selq, selk and finish entries run around these on either path.
+//! and f16; the scalar entries of `shaders/backward.wgsl` are the fallback, and its prep, fscan
+//! and finish run around these on either path. The selective terms run here too (coop_selq,
+//! coop_selk, or with the du scratch coop_selq writing du per chunk and coop_selk_du reading it)
+//! where workgroup memory allows.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
