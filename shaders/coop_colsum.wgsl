@@ -6,7 +6,9 @@
 //   2. the K tile is staged (zeros past Nk) in the same buffer and S = Q K^T with 16x16x16 MMAs
 //      (loading B operands straight from global memory measured 2x slower on the H200);
 //   3. S (f32) stored to workgroup memory; each column's masked relu sum over the BR rows is
-//      written to the scratch.
+//      written to the scratch: NCH = WG / BC chunks of rows summed by as many threads, then
+//      combined. On interior tiles (every row inside q_len and the valid keys, every key before
+//      every row's position) the mask is j > 0 alone, folded into the factor (FAST).
 // Key tiles that no row of the query tile can reach (kt + 1 >= the tile's last position + 1)
 // only write zeros. Fragments per head dim are unrolled by the Rust generator (`{{...}}`).
 
@@ -25,10 +27,14 @@ override WG: u32 = (BR / 16u) * SGS;
 override D8: u32 = D / 8u;
 override DP: u32 = D + 8u;     // padded f16 row stride (bank conflicts)
 override SP: u32 = BC + 4u;    // padded f32 row stride of S
+override NCH: u32 = max(WG / BC, 1u);   // row chunks per column (the planner keeps BR % NCH == 0)
+override RCH: u32 = BR / NCH;
+override FAST: bool = true;
 
 // Every workgroup variable is a multiple of 16 bytes (NVIDIA, see coop_forward.wgsl).
 var<workgroup> stage: array<f16, max(BR, BC) * DP>;   // Q rows, then a partial K tile
 var<workgroup> sbuf: array<f32, BR * SP>;
+var<workgroup> part: array<f32, NCH * BC>;   // chunk sums
 
 // Stores 8 f16 (one 16-byte global word) at stage[at..at+8] (f16 -> f32 -> f16 is exact).
 fn put8(at: u32, w: vec4<u32>) {
@@ -60,7 +66,7 @@ fn coop_colsum(
     let sel_kv = sel / p.group;
     var valid = p.k_len;
     if HAS_KVLEN {
-        valid = min(kv_len[b], p.k_len);
+        valid = valid_key_count(kv_len[b], p.k_len);
     }
     // Largest position + 1 of a contributing row: keys at or past it get nothing from this tile.
     let pend = min(p.start + min(row0 + BR, p.q_len), valid);
@@ -97,16 +103,38 @@ fn coop_colsum(
         }
         workgroupBarrier();
     }
+    if work {
+        let interior = FAST && row0 + BR <= p.q_len && kt + BC <= p.start + row0
+            && p.start + row0 + BR <= valid;
+        for (var e = tid; e < NCH * BC; e += WG) {
+            let c = e % BC;
+            let r0 = (e / BC) * RCH;
+            let j = kt + c;
+            var sum = 0.0;
+            if interior {
+                let sj = select(0.0, p.scale, j > 0u);
+                for (var r = r0; r < r0 + RCH; r++) {
+                    sum += max(sbuf[r * SP + c] * sj, 0.0);
+                }
+            } else {
+                for (var r = r0; r < r0 + RCH; r++) {
+                    let pos = p.start + row0 + r;
+                    if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
+                        sum += max(sbuf[r * SP + c] * p.scale, 0.0);
+                    }
+                }
+            }
+            part[e] = sum;
+        }
+        workgroupBarrier();
+    }
     for (var c = tid; c < BC; c += WG) {
         let j = kt + c;
         if j < p.k_len {
             var sum = 0.0;
             if work {
-                for (var r = 0u; r < BR; r++) {
-                    let pos = p.start + row0 + r;
-                    if row0 + r < p.q_len && j > 0u && j < pos && pos < valid {
-                        sum += max(sbuf[r * SP + c] * p.scale, 0.0);
-                    }
+                for (var ch = 0u; ch < NCH; ch++) {
+                    sum += part[ch * BC + c];
                 }
             }
             scratch[(b * p.n_qtiles + qt) * p.k_len + j] = sum;

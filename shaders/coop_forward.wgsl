@@ -11,11 +11,15 @@
 //      room for both) and S tile; column prefix of its relu'd logits over the tile's rows, added
 //      to the carried C;
 //   3. loads for this tile's V and the next tile's K are issued, then the softmax runs while they
-//      are in flight: per row z = S * scale * t * log2(e) - F over the allowed prefix of keys;
-//      lazy online softmax: the running max only moves when a tile's max exceeds it by more than
-//      8 (log2 units), so O is rescaled (a round trip through workgroup memory) rarely; P written
-//      as f16 (values <= 2^8), row sums kept in f32;
-//   4. V (gated) stored to workgroup memory; O += P V with MMAs.
+//      are in flight: per row z = (S * scale * t - F) * u over the allowed prefix of keys, in
+//      log2 units (u = log2 e, p = exp2(z - m)) where every |scale * t| of the tile is small
+//      enough that no logit or difference can overflow, else ("wide" tiles, and always with
+//      selective masking, whose F comes from the inputs) in units u = log2(e) / 512 with
+//      p = exp2(512 * max(z - m, -1/4)), finite for every logit that fits in f32 (issue 9).
+//      Lazy online softmax: the running max only moves when a tile's max exceeds it
+//      by more than 8 (log2 units), so O is rescaled (a round trip through workgroup memory)
+//      rarely; P written as f16 (values <= 2^8), row sums kept in f32;
+//   4. V (gated) stored to workgroup memory (rows of its own with VSEP); O += P V with MMAs.
 // A WGSL cooperative matrix has no per-element access, hence the round trips through memory.
 // Bounds: global reads are guarded by q_len / valid-key checks during staging; cooperative loads
 // and stores touch workgroup memory only, at offsets < the arrays' override-sized lengths.
@@ -45,6 +49,15 @@ override HAS_GATE: bool = false;
 override HAS_KVLEN: bool = false;
 override SELECTIVE: bool = false;
 override WRITE_LSE: bool = false;
+// Tuning (chosen by the planner; `SELATTN_COOP_ABLATE` turns each off for ablations):
+// VSEP: V staged in its own rows of kbuf (where workgroup memory allows; not with SELECTIVE), so
+//   the barrier at the top of the key loop goes and the one between S and the softmax guards only
+//   the subgroup's own rows (`subgroupBarrier` where the adapter has it: the generator writes one).
+// ILP (in the generator): S = Q K^T with the BC / 16 key blocks' accumulators interleaved
+//   (independent MMA chains) instead of one block after the other.
+override VSEP: bool = false;
+// FAST_PREFIX: the selective column prefix without per-element predicates on interior tiles.
+override FAST_PREFIX: bool = true;
 
 override WG: u32 = (BR / 16u) * SGS;
 override LPR: u32 = SGS / 16u;   // lanes per row in the softmax
@@ -58,10 +71,25 @@ override SP: u32 = BC + 4u;    // padded f32 row stride of S
 // are staged together, two barriers fewer per tile.
 override PAIR: bool = SELECTIVE && 2u * BC <= max(BR, BC);
 override PP: u32 = BC + 8u;    // padded f16 row stride of P
-// Lazy rescale threshold in log2 units: P stays <= 2^8, far inside f16 range.
-const RESCALE_AT: f32 = 8.0;
+// Softmax units of a wide tile: logits times UW = log2(e) / 512, exponentiated as
+// exp2(UX * max(z - m, DIFF_MIN)). A logit that fits in f32 is below FLT_MAX / 355 in these
+// units, a selective term too, so F (at most C plus BR = 64 terms, C capped at F_CAP) and every
+// difference z - m stay finite; the clamp (2^-128, 0 in f32) keeps the product finite.
+const UW: f32 = LOG2E / 512.0;
+const UX: f32 = 512.0;
+const DIFF_MIN: f32 = -0.25;
+const F_CAP: f32 = 1.0e37;
+// A tile whose rows all have |scale * t| below this (times D * 65504^2, the largest |q . k| in
+// f16, that is a logit below 1e37) runs in log2 units: no logit or difference can overflow.
+fn narrow_limit() -> f32 {
+    return 1.0e37 / (f32(D) * 4.2908e9);
+}
+// Lazy rescale threshold: 8 log2 units, so P stays <= 2^8, far inside f16 range.
+const RESCALE_LOG2: f32 = 8.0;
 
-var<workgroup> kbuf: array<f16, max(BR, BC) * DP>;   // Q staging (BR rows), then K and V tiles
+// Q staging (BR rows), then K and V tiles; with VSEP, V in BC more rows from VOFF.
+override VOFF: u32 = select(0u, max(BR, BC) * DP, VSEP);
+var<workgroup> kbuf: array<f16, max(BR, BC) * DP + select(0u, BC * DP, VSEP)>;
 var<workgroup> sbuf: array<f32, BR * SP>;
 var<workgroup> pbuf: array<f16, BR * PP>;
 var<workgroup> fsel: array<f32, select(4u, BR * SP, SELECTIVE)>;
@@ -78,20 +106,26 @@ var<workgroup> rescale: array<atomic<u32>, 4>;
 
 fn valid_keys(b: u32) -> u32 {
     if HAS_KVLEN {
-        return min(kv_len[b], p.k_len);
+        return valid_key_count(kv_len[b], p.k_len);
     }
     return p.k_len;
 }
 
+// scale * t_i (natural units; the softmax multiplies in its units).
 fn row_factor(b: u32, h: u32, i: u32) -> f32 {
     var t = 1.0;
     if HAS_TAU {
         t = tau[(b * p.q_heads + h) * p.q_len + i];
     }
     if HAS_ALPHA {
-        t += alpha[h] * log(f32(p.start + i + 1u));
+        t = temperature(t, alpha[h], p.start + i);
     }
-    return p.scale * t * LOG2E;
+    return p.scale * t;
+}
+
+// exp2(UX * (z - m)) in a wide tile's units, finite for every finite z and m of the softmax.
+fn p_wide(z: f32, m: f32) -> f32 {
+    return exp2(max(z - m, DIFF_MIN) * UX);
 }
 
 // Stores 8 f16 (one 16-byte global word) at kbuf[at..at+8], scaled by g.
@@ -143,9 +177,10 @@ fn coop_forward(
 
     if tid == 0u {
         atomicStore(&rescale[0], 0u);
+        atomicStore(&rescale[1], 0u);
     }
     for (var r = tid; r < BR; r += WG) {
-        row_m[r] = MASKED;
+        row_m[r] = LOWEST;
         row_l[r] = 0.0;
         row_c[r] = 1.0;
         var f = 0.0;
@@ -183,6 +218,16 @@ fn coop_forward(
 {{QSLOAD}}
         }
     }
+    // Wide tile: some row's |scale * t| is too large for log2 units (set after the barriers of
+    // the Q staging, which order it after the reset above).
+    for (var r = tid; r < BR; r += WG) {
+        if abs(row_f[r]) > narrow_limit() {
+            atomicStore(&rescale[1], 1u);
+        }
+    }
+    let wide = SELECTIVE || workgroupUniformLoad(&rescale[1]) != 0u;
+    let unit = select(LOG2E, UW, wide);
+    let rescale_at = select(RESCALE_LOG2, RESCALE_LOG2 / UX, wide);
 {{ODECL}}
 
     var kend = valid;
@@ -203,8 +248,15 @@ fn coop_forward(
         }
     }
 
+    // Every subgroup has loaded its Q fragments before kbuf takes the first K tile.
+    workgroupBarrier();
     for (var kt = 0u; kt < kend; kt += BC) {
-        workgroupBarrier();
+        // Without VSEP, V of the previous tile is in the rows K takes now. With VSEP, K's rows
+        // were last read by S before the barrier ahead of the previous tile's P V, and V's rows
+        // are written only after the next barrier, which every subgroup reaches after its P V.
+        if !VSEP {
+            workgroupBarrier();
+        }
         // 1. K tile (prefetched), zero past kend, and with PAIR the selection head's K tile in
         //    the rows after it; 2. S = Q K^T for this subgroup's 16 rows (and S_sel).
         for (var x = 0u; x < NLD; x++) {
@@ -217,11 +269,7 @@ fn coop_forward(
             }
         }
         workgroupBarrier();
-        for (var cb = 0u; cb < BC; cb += 16u) {
-            let koff = cb * DP;
-            let soff = rb0 * SP + cb;
-{{SCOMP}}
-        }
+{{SLOOP}}
         // The selection head's S tile: from the rows after K (PAIR), or through the same rows
         // once every subgroup is done with K.
         if SELECTIVE {
@@ -235,14 +283,17 @@ fn coop_forward(
                 }
                 workgroupBarrier();
             }
-            for (var cb = 0u; cb < BC; cb += 16u) {
-                let koff = cb * DP + select(0u, BC * DP, PAIR);
-                let soff = rb0 * SP + cb;
-{{SSCOMP}}
-            }
+{{SSLOOP}}
         }
-        workgroupBarrier();
-        // 3. Selective: F = C + exclusive column prefix of S_sel inside the tile, log2-scaled.
+        // S is read back by the softmax only in the subgroup's own rows. Without VSEP the V tile
+        // next takes K's rows, which every subgroup must be done with.
+        if VSEP && !SELECTIVE {
+{{SGBAR}}
+        } else {
+            workgroupBarrier();
+        }
+        // 3. Selective: F = C + exclusive column prefix of S_sel inside the tile, in units of UW
+        //    (a wide tile); C capped at F_CAP, each term below FLT_MAX / 355: no sum overflows.
         //    Two levels so every thread works: WG / BC row chunks per column; chunk totals first,
         //    then each chunk walks its rows from C plus the totals of the chunks above it.
         if SELECTIVE {
@@ -250,29 +301,51 @@ fn coop_forward(
             let chunk = tid / BC;
             let r0 = chunk * CHUNK;
             let j = kt + c;
+            let su = p.scale * UW;
+            // An interior tile (every row inside q_len and the valid keys, every key before
+            // every row's position): the predicate is j > 0 alone, folded into the factor.
+            let interior = FAST_PREFIX && row0 + BR <= p.q_len && kt + BC <= p.start + row0
+                && p.start + row0 + BR <= valid;
+            let sj = select(0.0, su, j > 0u);
             var tot = 0.0;
-            for (var r = r0; r < r0 + CHUNK; r++) {
-                let pos = p.start + row0 + r;
-                if row0 + r < p.q_len && j > 0u && j < pos && pos < valid {
-                    tot += max(fsel[r * SP + c] * (p.scale * LOG2E), 0.0);
+            if interior {
+                for (var r = r0; r < r0 + CHUNK; r++) {
+                    tot += max(fsel[r * SP + c] * sj, 0.0);
+                }
+            } else {
+                for (var r = r0; r < r0 + CHUNK; r++) {
+                    let pos = p.start + row0 + r;
+                    if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
+                        tot += max(fsel[r * SP + c] * su, 0.0);
+                    }
                 }
             }
             ctot[chunk * BC + c] = tot;
             workgroupBarrier();
             var run = 0.0;
             if j < p.k_len {
-                run = fcarry[(b * p.n_qtiles + qt) * p.k_len + j] * LOG2E;
+                // C is F0 plus sums of relu'd logits: finite for any input whose F fits in f32.
+                run = min(fcarry[(b * p.n_qtiles + qt) * p.k_len + j] * UW, F_CAP);
             }
             for (var q2 = 0u; q2 < chunk; q2++) {
                 run += ctot[q2 * BC + c];
             }
-            for (var r = r0; r < r0 + CHUNK; r++) {
-                let pos = p.start + row0 + r;
-                let e = r * SP + c;
-                let s = fsel[e];
-                fsel[e] = run;
-                if row0 + r < p.q_len && j > 0u && j < pos && pos < valid {
-                    run += max(s * (p.scale * LOG2E), 0.0);
+            if interior {
+                for (var r = r0; r < r0 + CHUNK; r++) {
+                    let e = r * SP + c;
+                    let s = fsel[e];
+                    fsel[e] = run;
+                    run += max(s * sj, 0.0);
+                }
+            } else {
+                for (var r = r0; r < r0 + CHUNK; r++) {
+                    let pos = p.start + row0 + r;
+                    let e = r * SP + c;
+                    let s = fsel[e];
+                    fsel[e] = run;
+                    if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
+                        run += max(s * su, 0.0);
+                    }
                 }
             }
             workgroupBarrier();
@@ -312,8 +385,10 @@ fn coop_forward(
             if i < p.q_len && lim > kt {
                 ncol = lim - kt;
             }
-            let rf = row_f[r];
-            var mx = MASKED;
+            let rf = row_f[r] * unit;
+            // Whether a row has started is read off its sum (>= 1 once any key was allowed: the
+            // tile that sets the max contributes exp2(0)), never off the max's value.
+            var mx = LOWEST;
             for (var c = part; c < ncol; c += LPR) {
                 var z = sbuf[r * SP + c] * rf;
                 if SELECTIVE {
@@ -327,25 +402,42 @@ fn coop_forward(
             let m_old = row_m[r];
             var m_new = m_old;
             var corr = 1.0;
-            if m_old <= MASKED_HALF {
+            if row_l[r] == 0.0 {
                 m_new = mx;          // nothing accumulated yet: no rescale needed
-            } else if mx > m_old + RESCALE_AT {
+            } else if mx > m_old + rescale_at {
                 m_new = mx;
-                corr = exp2(m_old - mx);
-            }
-            var sum = 0.0;
-            for (var c = part; c < BC; c += LPR) {
-                var pf = 0.0;
-                if c < ncol {
-                    var z = sbuf[r * SP + c] * rf;
-                    if SELECTIVE {
-                        z -= fsel[r * SP + c];
-                    }
-                    pf = exp2(z - m_new);
+                if wide {
+                    corr = p_wide(m_old, mx);
+                } else {
+                    corr = exp2(m_old - mx);
                 }
-                // P goes to the MMA as f16; the row sum (hence LSE) keeps f32 precision.
-                pbuf[r * PP + c] = f16(pf);
-                sum += pf;
+            }
+            // P goes to the MMA as f16; the row sum (hence LSE) keeps f32 precision. One loop per
+            // unit so that the narrow one (nearly every tile) costs nothing extra.
+            var sum = 0.0;
+            if wide {
+                for (var c = part; c < BC; c += LPR) {
+                    var pf = 0.0;
+                    if c < ncol {
+                        var z = sbuf[r * SP + c] * rf;
+                        if SELECTIVE {
+                            z -= fsel[r * SP + c];
+                        }
+                        pf = p_wide(z, m_new);
+                    }
+                    pbuf[r * PP + c] = f16(pf);
+                    sum += pf;
+                }
+            } else {
+                // (Never with SELECTIVE: those tiles are always wide.)
+                for (var c = part; c < BC; c += LPR) {
+                    var pf = 0.0;
+                    if c < ncol {
+                        pf = exp2(sbuf[r * SP + c] * rf - m_new);
+                    }
+                    pbuf[r * PP + c] = f16(pf);
+                    sum += pf;
+                }
             }
             for (var x = 1u; x < LPR; x <<= 1u) {
                 sum += subgroupShuffleXor(sum, x);
@@ -363,7 +455,7 @@ fn coop_forward(
         for (var x = 0u; x < NLD; x++) {
             let e = tid + x * WG;
             if e < BC * D8 {
-                put8((e / D8) * DP + (e % D8) * 8u, vpre[x], gpre[x]);
+                put8(VOFF + (e / D8) * DP + (e % D8) * 8u, vpre[x], gpre[x]);
             }
         }
         // 5. Rare: rescale O rows whose max moved, through workgroup memory.
@@ -377,7 +469,7 @@ fn coop_forward(
         // 6. O += P V.
         for (var cb = 0u; cb < BC; cb += 16u) {
             let poff = rb0 * PP + cb;
-            let voff = cb * DP;
+            let voff = VOFF + cb * DP;
             let pa = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[poff], PP);
 {{PV}}
         }
@@ -392,7 +484,7 @@ fn coop_forward(
             let i = row0 + r;
             if i < p.q_len {
                 let l = row_l[r];
-                lse[(b * p.q_heads + h) * p.q_len + i] = lse_bits(row_m[r], l);
+                lse[(b * p.q_heads + h) * p.q_len + i] = lse_bits_ln(row_m[r] / unit, l);
             }
         }
     }

@@ -36,7 +36,7 @@ fn colsum(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     let sel_kv = sel / p.group;
     var valid = p.k_len;
     if HAS_KVLEN {
-        valid = min(kv_len[b], p.k_len);
+        valid = valid_key_count(kv_len[b], p.k_len);
     }
     // Largest position + 1 of a contributing row: keys at or past it get nothing from this tile.
     let pend = min(p.start + min(row0 + BR, p.q_len), valid);
@@ -65,7 +65,7 @@ fn colsum(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             let j = kt + c;
             let pos = p.start + i;
             var t = 0.0;
-            if i < p.q_len && j > 0u && j < pos && pos < valid {
+            if i < p.q_len && selective_counts(j, pos) && pos < valid {
                 var d4 = vec4<f32>(0.0);
                 for (var x = 0u; x < D4; x++) {
                     d4 += qsel[r * D4 + x] * ksel[c * D4 + x];

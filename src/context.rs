@@ -75,6 +75,7 @@ pub(crate) fn device_request(adapter: &wgpu::Adapter) -> Result<wgpu::DeviceDesc
     }
     let wanted = wgpu::Features::SHADER_F16
         | wgpu::Features::SUBGROUP
+        | wgpu::Features::SUBGROUP_BARRIER
         | wgpu::Features::TIMESTAMP_QUERY
         | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
         | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS

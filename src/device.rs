@@ -20,6 +20,9 @@ pub struct Capabilities {
     pub f16: bool,
     /// SUBGROUP operations are available.
     pub subgroups: bool,
+    /// SUBGROUP_BARRIER: `subgroupBarrier()` is available (the cooperative-matrix kernel uses it
+    /// where only a subgroup's own rows are shared; `workgroupBarrier()` otherwise).
+    pub subgroup_barrier: bool,
     /// Smallest subgroup size the adapter may use.
     pub subgroup_min_size: u32,
     /// Largest subgroup size the adapter may use.
@@ -52,6 +55,7 @@ impl Capabilities {
         Capabilities {
             f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_barrier: features.contains(wgpu::Features::SUBGROUP_BARRIER),
             subgroup_min_size: info.subgroup_min_size,
             subgroup_max_size: info.subgroup_max_size,
             cooperative_matrix: if features

@@ -441,6 +441,98 @@ fn huge_logits_stay_finite() {
     assert!(fails.is_empty(), "{}", fails.join("\n"));
 }
 
+/// Item 5 on the cooperative-matrix path (f16, a head dim it takes): logits near the f32 limit,
+/// with a temperature, and with selective masking whose F terms are themselves huge, give the
+/// exact result on the scalar f16 path everywhere and on the cooperative path where the adapter
+/// has it (forced, so a missing coop path is reported, not silently skipped).
+#[test]
+fn huge_logits_stay_finite_on_the_coop_path() {
+    // Head 1 (and head 0 unless selective): logits +-3.2e38 = 16 * 2e37. With selective masking
+    // head 0 is the selection head, its q = 2^-13 (exact in f16): F terms of 3.9e34 each.
+    let (n, d) = (20u32, 16u32);
+    let shape = Shape::new(1, 2, n, d).with_kv_heads(1);
+    let row = (n * d) as usize;
+    // (name, q, k, scale, tau on even and odd rows, selective). Mixed tau: a tile with one huge
+    // row factor runs in the wide units, the other rows must still come out right.
+    type Case = (&'static str, f32, f32, f32, Option<(f32, f32)>, bool);
+    let cases: [Case; 4] = [
+        ("scale 2e37", 1.0, 1.0, 2e37, None, false),
+        ("scale 2e37, negative logits", 1.0, -1.0, 2e37, None, false),
+        (
+            "tau 2e37 on even rows, 1 on odd",
+            1.0,
+            1.0,
+            1.0,
+            Some((2e37, 1.0)),
+            false,
+        ),
+        ("scale 2e37, selective, huge F", 1.0, 1.0, 2e37, None, true),
+    ];
+    let (mut fails, mut coop_runs, mut runs) = (vec![], 0, 0);
+    for ctx in contexts() {
+        if !ctx.capabilities().f16 {
+            eprintln!("[{}] no SHADER_F16: case not offered", ctx.describe());
+            continue;
+        }
+        for (name, qv, kv, scale, tau, selective) in cases {
+            let mut rng = Rng::new(5);
+            let mut q = vec![qv; 2 * row];
+            if selective {
+                q[..row].fill(1.0 / 8192.0);
+            }
+            let x = HostInputs {
+                q,
+                k: vec![kv; row],
+                v: selattn_tools::testing::round_f16(&rng.normals(row)),
+                tau: tau.map(|(e, o)| (0..2 * n).map(|i| if i % 2 == 0 { e } else { o }).collect()),
+                ..Default::default()
+            };
+            let mut opts = Options::causal();
+            opts.scale = Some(scale);
+            if selective {
+                opts = opts.selective(0);
+            }
+            let re = common::run_ref(&shape, &x, &opts);
+            for path in [Path::Scalar, Path::Coop] {
+                let o = opts.path(path);
+                let spec = Spec {
+                    shape,
+                    options: o,
+                    present: x.present(selective),
+                };
+                let r = spec.validate().unwrap();
+                if let Err(e) = selattn::Plan::new(ctx.capabilities(), &r, DType::F16) {
+                    eprintln!("[{}] {name} {path:?}: not offered ({e})", ctx.describe());
+                    continue;
+                }
+                let g = common::run_gpu(ctx, &shape, &x, &o, DType::F16);
+                runs += 1;
+                coop_runs += (path == Path::Coop) as u32;
+                let co = compare(&g.o, &re.o, 2e-3, 2e-3);
+                let cl = compare(&g.lse, &re.lse, 0.0, 1e-5);
+                let cf = compare(&g.f_out, &re.f_out, 0.0, 1e-3);
+                eprintln!(
+                    "[{}] {name} {path:?}: O max {:.2e}, LSE rel {:.2e} (row 0 {:e})",
+                    ctx.describe(),
+                    co.max_abs,
+                    cl.rel_norm,
+                    g.lse[0]
+                );
+                if co.bad > 0 || cl.bad > 0 || cf.bad > 0 || g.lse.iter().any(|l| !l.is_finite()) {
+                    fails.push(format!(
+                        "[{}] {name} {path:?}: O {co:?} LSE {cl:?} F_out {cf:?} (got {:?}, want {:?})",
+                        ctx.describe(),
+                        &g.lse,
+                        &re.lse
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!("{runs} runs, {coop_runs} on the cooperative path");
+    assert!(fails.is_empty(), "{}", fails.join("\n"));
+}
+
 const CHILD_ENV: &str = "SELATTN_AIRTIGHT_CHILD";
 
 /// Item 7: with no adapter at all, the error says so and how to get one. Runs in a child

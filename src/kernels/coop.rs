@@ -12,6 +12,10 @@ use crate::Switches;
 pub const SUBGROUPS: u32 = 4;
 /// Largest head dim on this path: O and Q fragments live in registers (2 × D/16 matrices).
 pub const MAX_D: u32 = 128;
+/// Environment variable naming tuning choices to turn off, comma-separated, for ablations on a
+/// real GPU: `vsep`, `ilp`, `sgbar`, `prefix` (see [`CoopConfig`]) and `colsum` (the column-sum
+/// pass's interior fast path); `+ilp` turns `ilp` on at every head dim. Unset in normal use.
+pub const ABLATE_ENV: &str = "SELATTN_COOP_ABLATE";
 
 /// Specialisation of the cooperative-matrix kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,6 +30,16 @@ pub struct CoopConfig {
     pub sgs: u32,
     /// Operator features.
     pub features: Switches,
+    /// V staged in rows of its own (needs the memory; not with selective masking): two
+    /// workgroup barriers per key tile fewer.
+    pub vsep: bool,
+    /// S = Q Kᵀ with the key blocks' accumulators interleaved (independent MMA chains).
+    pub ilp: bool,
+    /// Selective: the column prefix of interior tiles without per-element predicates.
+    pub fast_prefix: bool,
+    /// With `vsep`: `subgroupBarrier` (SUBGROUP_BARRIER) between S and the softmax; else a
+    /// workgroup barrier.
+    pub subgroup_barrier: bool,
 }
 
 impl CoopConfig {
@@ -35,6 +49,8 @@ impl CoopConfig {
             ("BR", self.br as f64),
             ("BC", self.bc as f64),
             ("SGS", self.sgs as f64),
+            ("VSEP", super::flag(self.vsep)),
+            ("FAST_PREFIX", super::flag(self.fast_prefix)),
         ]
         .into_iter()
         .chain(self.features.constants())
@@ -49,7 +65,7 @@ impl CoopConfig {
     /// Workgroup memory in bytes, as declared in the shader.
     pub fn workgroup_bytes(&self) -> u64 {
         let (br, bc, d) = (self.br as u64, self.bc as u64, self.d as u64);
-        let kbuf = br.max(bc) * (d + 8) * 2;
+        let kbuf = (br.max(bc) + if self.vsep { bc } else { 0 }) * (d + 8) * 2;
         let sbuf = br * (bc + 4) * 4;
         let pbuf = br * (bc + 8) * 2;
         let sel = if self.features.selective { sbuf } else { 16 };
@@ -82,18 +98,29 @@ impl CoopConfig {
             return Err("subgroup size below 16 or not a power of two");
         }
         let br = 16 * SUBGROUPS;
+        let ablate = std::env::var(ABLATE_ENV).unwrap_or_default();
+        let listed = |what: &str| ablate.split(',').any(|w| w.trim() == what);
         if br / 16 * sgs > caps.max_invocations {
             return Err("workgroup too large for the adapter");
         }
         // Widest key tile that fits. Measured on the H200 (2026-11-29): BC = 32 at D = 128
         // (fewer prefetch registers, twice the tiles) is 14% slower than 64.
         for bc in [64, 32, 16] {
-            let c = CoopConfig {
+            let mut c = CoopConfig {
                 d: f.d,
                 br,
                 bc,
                 sgs,
                 features: f.features,
+                vsep: false,
+                // Measured on the H200 (2026-11-29, second session): 2.5% faster at D128.
+                ilp: if listed("ilp") {
+                    false
+                } else {
+                    listed("+ilp") || f.d >= 128
+                },
+                fast_prefix: !listed("prefix"),
+                subgroup_barrier: false,
             };
             // The selective column prefix splits BR rows over WG / BC chunks.
             let wg = c.threads();
@@ -105,22 +132,76 @@ impl CoopConfig {
                 continue;
             }
             if c.workgroup_bytes() <= caps.workgroup_memory as u64 {
+                // A separate V tile where it also fits.
+                let v = CoopConfig {
+                    vsep: true,
+                    subgroup_barrier: caps.subgroup_barrier && !listed("sgbar"),
+                    ..c
+                };
+                if !f.features.selective
+                    && !listed("vsep")
+                    && v.workgroup_bytes() <= caps.workgroup_memory as u64
+                {
+                    c = v;
+                }
                 return Ok(c);
             }
         }
         Err("workgroup memory too small")
     }
 
+    /// One S tile (16 rows of this subgroup × BC keys) = the A fragments `{q}0..` times the K
+    /// tile at `kbase` in kbuf, stored to `dst` (stride SP).
+    fn s_tile(&self, q: &str, acc: &str, kbase: &str, dst: &str, ind: &str) -> String {
+        let (n, nb) = (self.d / 16, self.bc / 16);
+        let mut t = String::new();
+        if !self.ilp {
+            let _ = writeln!(t, "{ind}for (var cb = 0u; cb < BC; cb += 16u) {{");
+            let _ = writeln!(t, "{ind}    let koff = cb * DP + {kbase};");
+            let _ = writeln!(t, "{ind}    var {acc} = coop_mat16x16<f32, C>();");
+            for d in 0..n {
+                let _ = writeln!(
+                    t,
+                    "{ind}    let {acc}k{d} = koff + {o}u;\n{ind}    {acc} = coopMultiplyAdd({q}{d}, coopLoad<coop_mat16x16<f16, B>>(&kbuf[{acc}k{d}], DP), {acc});",
+                    o = d * 16
+                );
+            }
+            let _ = writeln!(t, "{ind}    let {acc}s = rb0 * SP + cb;");
+            let _ = writeln!(t, "{ind}    coopStoreT({acc}, &{dst}[{acc}s], SP);");
+            let _ = writeln!(t, "{ind}}}");
+            return t;
+        }
+        let _ = writeln!(t, "{ind}let {acc}b = {kbase};");
+        for c in 0..nb {
+            let _ = writeln!(t, "{ind}var {acc}{c} = coop_mat16x16<f32, C>();");
+        }
+        for d in 0..n {
+            for c in 0..nb {
+                let _ = writeln!(
+                    t,
+                    "{ind}let {acc}k{c}_{d} = {acc}b + {o}u;\n{ind}{acc}{c} = coopMultiplyAdd({q}{d}, coopLoad<coop_mat16x16<f16, B>>(&kbuf[{acc}k{c}_{d}], DP), {acc}{c});",
+                    o = c * 16 * (self.d + 8) + d * 16
+                );
+            }
+        }
+        for c in 0..nb {
+            let _ = writeln!(
+                t,
+                "{ind}let {acc}s{c} = rb0 * SP + {o}u;\n{ind}coopStoreT({acc}{c}, &{dst}[{acc}s{c}], SP);",
+                o = c * 16
+            );
+        }
+        t
+    }
+
     /// The WGSL for this configuration: the template with its fragments unrolled for D.
     pub fn wgsl(&self, template: &str) -> String {
         let n = self.d / 16;
         let sel = self.features.selective;
-        let mut sscomp = String::new();
         let mut odecl = String::new();
         let mut qdecl = String::new();
         let mut qload = String::new();
         let mut qsload = String::new();
-        let mut scomp = String::new();
         let mut rescale = String::new();
         let mut pv = String::new();
         let mut epi = String::new();
@@ -142,29 +223,18 @@ impl CoopConfig {
             }
             let _ = writeln!(odecl, "    var o{d} = coop_mat16x16<f32, C>();");
         }
-        let _ = writeln!(scomp, "            var acc = coop_mat16x16<f32, C>();");
-        for d in 0..n {
-            let _ = writeln!(
-                scomp,
-                "            let ki{d} = koff + {o}u;\n            acc = coopMultiplyAdd(qf{d}, coopLoad<coop_mat16x16<f16, B>>(&kbuf[ki{d}], DP), acc);",
-                o = d * 16
-            );
-        }
-        let _ = writeln!(scomp, "            coopStoreT(acc, &sbuf[soff], SP);");
-        if sel {
-            let _ = writeln!(
-                sscomp,
-                "                var accs = coop_mat16x16<f32, C>();"
-            );
-            for d in 0..n {
-                let _ = writeln!(
-                    sscomp,
-                    "                let kj{d} = koff + {o}u;\n                accs = coopMultiplyAdd(qs{d}, coopLoad<coop_mat16x16<f16, B>>(&kbuf[kj{d}], DP), accs);",
-                    o = d * 16
-                );
-            }
-            let _ = writeln!(sscomp, "                coopStoreT(accs, &fsel[soff], SP);");
-        }
+        let scomp = self.s_tile("qf", "acc", "0u", "sbuf", "        ");
+        let sscomp = if sel {
+            self.s_tile(
+                "qs",
+                "accs",
+                "select(0u, BC * DP, PAIR)",
+                "fsel",
+                "            ",
+            )
+        } else {
+            String::new()
+        };
         for d in 0..n {
             let _ = writeln!(
                 rescale,
@@ -192,8 +262,7 @@ impl CoopConfig {
         let c2 = e % 8u;
         let i = row0 + r;
         if i < p.q_len {{
-            let l = row_l[r];
-            let inv = select(0.0, 1.0 / l, l > 0.0);
+            let inv = inv_or_zero(row_l[r]);
             let x = vec2<f32>(sbuf[r * SP + 2u * c2], sbuf[r * SP + 2u * c2 + 1u]) * inv;
             o[((b * p.q_heads + h) * p.q_len + i) * (D / 2u) + {o8}u + c2] = pack2x16float(x);
         }}
@@ -206,11 +275,19 @@ impl CoopConfig {
             .replace("{{QDECL}}", &qdecl)
             .replace("{{QLOAD}}", &qload)
             .replace("{{QSLOAD}}", &qsload)
-            .replace("{{SSCOMP}}", &sscomp)
+            .replace("{{SSLOOP}}", &sscomp)
             .replace("{{ODECL}}", &odecl)
-            .replace("{{SCOMP}}", &scomp)
+            .replace("{{SLOOP}}", &scomp)
             .replace("{{RESCALE}}", &rescale)
             .replace("{{PV}}", &pv)
             .replace("{{EPILOGUE}}", &epi)
+            .replace(
+                "{{SGBAR}}",
+                if self.subgroup_barrier {
+                    "            subgroupBarrier();"
+                } else {
+                    "            workgroupBarrier();"
+                },
+            )
     }
 }

@@ -34,6 +34,11 @@ impl ColsumConfig {
         ];
         if self.coop_sgs > 0 {
             c.push(("SGS", self.coop_sgs as f64));
+            // Ablation knob (see `coop::ABLATE_ENV`): `colsum` turns the interior fast path off.
+            let ablate = std::env::var(super::coop::ABLATE_ENV).unwrap_or_default();
+            if ablate.split(',').any(|w| w.trim() == "colsum") {
+                c.push(("FAST", 0.0));
+            }
         }
         c
     }
@@ -42,7 +47,8 @@ impl ColsumConfig {
     pub fn workgroup_bytes(&self) -> u64 {
         let (br, bc, d) = (self.br as u64, self.bc as u64, self.d as u64);
         if self.coop_sgs > 0 {
-            br.max(bc) * (d + 8) * 2 + br * (bc + 4) * 4
+            let chunks = (self.wg as u64 / bc).max(1);
+            br.max(bc) * (d + 8) * 2 + br * (bc + 4) * 4 + 4 * chunks * bc
         } else {
             4 * (br * d + bc * d + br * bc)
         }
@@ -61,6 +67,8 @@ impl ColsumConfig {
                 kv_len,
                 coop_sgs: sgs,
             })
+            // The column sums split BR rows into WG / BC chunks.
+            .filter(|c| c.wg < c.bc || br.is_multiple_of(c.wg / c.bc))
             .find(|c| c.workgroup_bytes() <= memory)
     }
 

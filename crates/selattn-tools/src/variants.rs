@@ -122,7 +122,9 @@ pub fn reference_devices() -> Vec<Capabilities> {
             let mut features = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
             let mut props = Vec::new();
             if coop {
-                features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+                // As the H200 reports: the coop kernel's subgroup-barrier form is covered.
+                features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+                    | wgpu::Features::SUBGROUP_BARRIER;
                 props.push(wgpu::CooperativeMatrixProperties {
                     m_size: 16,
                     n_size: 16,
