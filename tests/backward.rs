@@ -10,6 +10,7 @@
 mod common;
 use std::sync::OnceLock;
 
+use common::backward::{add_rows, backward_data, rows};
 use common::*;
 use selattn::kernels::backward::Wanted;
 use selattn::kernels::Kernel;
@@ -43,17 +44,10 @@ fn bcase(
     kv_len: Option<Vec<u32>>,
     seed: u64,
 ) -> BCase {
-    let mut x = random_inputs(&shape, c, seed);
-    let mut rng = Rng::new(seed ^ 0xabcdef);
-    let nf = (shape.batch * shape.k_len) as usize;
-    if f0 {
-        x.f0 = Some(rng.range(0.0, 2.0, nf));
-    }
+    let (mut x, d_o, df_out) = backward_data(&shape, c, f0, df_out, seed, seed ^ 0xabcdef);
     if kv_len.is_some() {
         x.kv_len = kv_len;
     }
-    let d_o = rng.normals((shape.batch * shape.q_heads * shape.q_len * shape.head_dim) as usize);
-    let df_out = df_out.then(|| rng.normals(nf));
     BCase {
         name: format!(
             "{name} B{} Hq{} Hkv{} Nq{} Nk{} D{} {} {}{}{}",
@@ -720,28 +714,6 @@ fn scratch_bytes_bound() {
             );
                 assert!(plan.scratch_bytes() * 4 < full);
             }
-        }
-    }
-}
-
-/// Rows `[lo, hi)` of the middle axis of `[outer, n, inner]`.
-fn rows<T: Copy>(x: &[T], outer: usize, n: usize, inner: usize, lo: usize, hi: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(outer * (hi - lo) * inner);
-    for o in 0..outer {
-        v.extend_from_slice(&x[(o * n + lo) * inner..(o * n + hi) * inner]);
-    }
-    v
-}
-
-/// Adds `[outer, m, inner]` into rows `[lo, lo + m)` of `[outer, n, inner]`.
-fn add_rows(dst: &mut [f64], src: &[f32], outer: usize, n: usize, inner: usize, lo: usize) {
-    let m = src.len() / (outer * inner);
-    for o in 0..outer {
-        for (d, s) in dst[(o * n + lo) * inner..(o * n + lo + m) * inner]
-            .iter_mut()
-            .zip(&src[o * m * inner..(o + 1) * m * inner])
-        {
-            *d += *s as f64;
         }
     }
 }
