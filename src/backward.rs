@@ -276,42 +276,7 @@ impl Context {
         });
         for (key, pipe) in &pipes {
             let bgl = pipe.get_bind_group_layout(0);
-            let (entries, groups) = match key.kernel {
-                Kernel::SelColsum(c) => (
-                    vec![
-                        entry(0, &b.params),
-                        tensor_entry(1, Some(bound(inputs.q)), b.din),
-                        tensor_entry(2, Some(bound(inputs.k)), b.din),
-                        tensor_entry(3, inputs.kv_len.map(bound), b.din),
-                        entry(5, &b.carry),
-                    ],
-                    (s.k_len.div_ceil(c.bc), plan.params.n_qtiles, s.batch),
-                ),
-                Kernel::SelScan(c) => (
-                    vec![
-                        entry(0, &b.params),
-                        tensor_entry(4, inputs.f0.map(bound), b.din),
-                        entry(5, &b.carry),
-                        entry(6, &b.dummies[0]),
-                    ],
-                    (s.k_len.div_ceil(c.wg), s.batch, 1),
-                ),
-                Kernel::Backward(c) => self.backward_entries(plan, &b, c.entry, inputs, up, grads),
-                Kernel::CoopBackward(c) => {
-                    let e = match c.entry {
-                        CoopEntry::Dkv => Entry::Dkv,
-                        CoopEntry::Dq => Entry::Dq,
-                        CoopEntry::Selq | CoopEntry::SelqDu => Entry::Selq,
-                        CoopEntry::Selk | CoopEntry::SelkDu => Entry::Selk,
-                    };
-                    self.backward_entries(plan, &b, e, inputs, up, grads)
-                }
-                _ => {
-                    return Err(Error::gpu_msg(format!(
-                        "encoding the backward pass: the plan named a foreign kernel {key:?}"
-                    )))
-                }
-            };
+            let (entries, groups) = self.kernel_entries(key, plan, &b, inputs, up, grads)?;
             let du_entry = match key.kernel {
                 Kernel::CoopBackward(c) if plan.du_rows > 0 => Some(c.entry),
                 _ => None,
@@ -349,6 +314,55 @@ impl Context {
             pass.dispatch_workgroups(groups.0, groups.1, groups.2);
         }
         Ok(())
+    }
+
+    /// The bindings and workgroup counts of one kernel of the plan.
+    fn kernel_entries<'b>(
+        &self,
+        key: &KernelKey,
+        plan: &BackwardPlan,
+        b: &'b Buffers,
+        inputs: &Inputs<'b>,
+        up: &Upstream<'b>,
+        grads: &Grads<'b>,
+    ) -> Result<(Vec<wgpu::BindGroupEntry<'b>>, (u32, u32, u32))> {
+        let s = plan.resolved.shape;
+        Ok(match key.kernel {
+            Kernel::SelColsum(c) => (
+                vec![
+                    entry(0, &b.params),
+                    tensor_entry(1, Some(bound(inputs.q)), b.din),
+                    tensor_entry(2, Some(bound(inputs.k)), b.din),
+                    tensor_entry(3, inputs.kv_len.map(bound), b.din),
+                    entry(5, &b.carry),
+                ],
+                (s.k_len.div_ceil(c.bc), plan.params.n_qtiles, s.batch),
+            ),
+            Kernel::SelScan(c) => (
+                vec![
+                    entry(0, &b.params),
+                    tensor_entry(4, inputs.f0.map(bound), b.din),
+                    entry(5, &b.carry),
+                    entry(6, &b.dummies[0]),
+                ],
+                (s.k_len.div_ceil(c.wg), s.batch, 1),
+            ),
+            Kernel::Backward(c) => self.backward_entries(plan, b, c.entry, inputs, up, grads),
+            Kernel::CoopBackward(c) => {
+                let e = match c.entry {
+                    CoopEntry::Dkv => Entry::Dkv,
+                    CoopEntry::Dq => Entry::Dq,
+                    CoopEntry::Selq | CoopEntry::SelqDu => Entry::Selq,
+                    CoopEntry::Selk | CoopEntry::SelkDu => Entry::Selk,
+                };
+                self.backward_entries(plan, b, e, inputs, up, grads)
+            }
+            _ => {
+                return Err(Error::gpu_msg(format!(
+                    "encoding the backward pass: the plan named a foreign kernel {key:?}"
+                )))
+            }
+        })
     }
 
     /// A bind group labelled with its kernel key.
@@ -411,6 +425,8 @@ impl Context {
         }
     }
 
+    // Long on purpose: a table, one arm per shader entry, of the slots it binds and its grid
+    // (shaders/backward.wgsl); each arm reads on its own.
     /// The bindings and workgroup counts of one entry of the backward shader (scalar or
     /// cooperative: both bind the same slots).
     fn backward_entries<'b>(
@@ -555,20 +571,9 @@ fn with_layout<'a>(
 
 /// No gradient buffer may alias an input, an upstream tensor or another gradient.
 fn check_backward_aliases(inputs: &Inputs, up: &Upstream, grads: &Grads) -> Result<()> {
-    let ins = [
-        Some(inputs.q),
-        Some(inputs.k),
-        Some(inputs.v),
-        inputs.tau,
-        inputs.alpha,
-        inputs.gate,
-        inputs.kv_len,
-        inputs.f0,
-        Some(up.o),
-        Some(up.lse),
-        Some(up.d_o),
-        up.df_out,
-    ];
+    let ins: Vec<Option<&Tensor>> = (inputs.tensors().into_iter())
+        .chain([Some(up.o), Some(up.lse), Some(up.d_o), up.df_out])
+        .collect();
     let outs = [
         grads.dq,
         grads.dk,

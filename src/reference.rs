@@ -132,6 +132,13 @@ impl Dims {
         }
     }
 
+    /// `(B, Hq, Hkv, Nq, Nk, D, group)`.
+    pub(crate) fn sizes(&self) -> (usize, usize, usize, usize, usize, usize, usize) {
+        (
+            self.bn, self.hq, self.hkv, self.nq, self.nk, self.d, self.group,
+        )
+    }
+
     /// Row `i` of query head `h`, batch `b`, of a `[B, Hq, Nq, D]` tensor (Q, O, dO).
     pub(crate) fn q_row<'a>(&self, t: &'a [f32], b: usize, h: usize, i: usize) -> &'a [f32] {
         &t[((b * self.hq + h) * self.nq + i) * self.d..][..self.d]
@@ -167,15 +174,7 @@ pub fn attention(spec: &Spec, x: &HostInputs) -> Result<HostOutputs> {
         }
     }
     let dm = Dims::of(&r.shape);
-    let Dims {
-        bn,
-        hq,
-        hkv,
-        nq,
-        nk,
-        d,
-        group,
-    } = dm;
+    let (bn, hq, hkv, nq, nk, d, group) = dm.sizes();
     let scale = r.scale as f64;
     let start = r.start as usize;
     let causal = r.options.causal;

@@ -43,15 +43,7 @@ pub fn backward(
     let r = spec.validate()?;
     check_upstream(&r, d_o, df_out)?;
     let dm = Dims::of(&r.shape);
-    let Dims {
-        bn,
-        hq,
-        hkv,
-        nq,
-        nk,
-        d,
-        group,
-    } = dm;
+    let (bn, hq, hkv, nq, nk, d, group) = dm.sizes();
     let scale = r.scale as f64;
     let start = r.start as usize;
     let causal = r.options.causal;

@@ -70,6 +70,7 @@ fn bcase(
     }
 }
 
+// Long on purpose: a table of cases, one per line group, each named by what it covers.
 /// The cases share feature sets and head dims where they can: every distinct (head dim, options)
 /// is a set of pipelines to compile, which dominates the run time on software adapters.
 fn cases() -> Vec<BCase> {
@@ -548,6 +549,7 @@ fn f16_storage() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+// Long on purpose: one bad call per block, each with the typed error it must give.
 #[test]
 fn invalid_calls_return_typed_errors() {
     let ctx = &contexts()[0];
@@ -718,6 +720,7 @@ fn scratch_bytes_bound() {
     }
 }
 
+// Long on purpose: the chunk rule as one scenario, forward chunks, backward chunks, compare.
 /// The chunk rule on the GPU: a sequence run forward in chunks (F_out of one chunk as F0 of the
 /// next), then backward last chunk first (dF0 of one chunk, first keys, as dF_out of the one
 /// before) gives the whole sequence's gradients (the reference backward of the whole run).
@@ -825,6 +828,7 @@ fn chunked_backward_equals_whole() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+// Long on purpose: a table of cases.
 /// Cases for the cooperative-matrix path: the shared cases whose head dim it takes (multiples
 /// of 16 up to 128), and larger ones that span several 64-key and 64-row workgroups, staged
 /// tiles and 16-row chunks (cheap on a GPU with tensor cores, the only place they run).
@@ -998,6 +1002,7 @@ fn coop_path_choice() {
     }
 }
 
+// Long on purpose: every coop property is checked on the same runs, so they share one loop.
 /// The cooperative-matrix backward where the adapter has it (an adapter without it must refuse a
 /// forced coop call with a typed error): every coop case against the reference (f16 rules),
 /// forced-scalar and coop agree, only the requested gradients, repeat runs bit-identical,

@@ -98,6 +98,7 @@ fn case(
     }
 }
 
+// Long on purpose: a table of cases.
 fn cases() -> Vec<Case> {
     let all = Switches::ALL;
     let none = Switches::NONE;
@@ -312,6 +313,7 @@ fn rows_without_allowed_keys_give_zero_gradients() {
     assert!(g.dq.iter().chain(&g.dk).chain(&g.dv).all(|x| x.is_finite()));
 }
 
+// Long on purpose: the chunk rule as one scenario, forward chunks, backward chunks, compare.
 /// Chunked backward equals the backward of the whole: chunks run forward first to first, threading
 /// F_out into the next F0, then backward last to first, each passing its dF0 (first keys) to the
 /// chunk before as dF_out; dK, dV, dgate, dalpha add up over chunks, dQ and dtau are per chunk, and

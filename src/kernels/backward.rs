@@ -10,6 +10,7 @@
 //! has exactly one writer and every sum runs in a fixed order, so repeat runs are bit-identical.
 
 use super::coop_backward::{CoopBackwardConfig, ROWS};
+use super::forward::{check_dispatch, params};
 use super::selective::{ColsumConfig, ScanConfig};
 use super::{Kernel, KernelKey, Params};
 use crate::device::Capabilities;
@@ -308,20 +309,7 @@ impl BackwardPlan {
             features,
             selective: sel_passes,
             wanted,
-            params: Params {
-                batch: s.batch,
-                q_heads: s.q_heads,
-                kv_heads: s.kv_heads,
-                q_len: s.q_len,
-                k_len: s.k_len,
-                group: s.group(),
-                start: r.start,
-                sel_head: r.options.selective.unwrap_or(0),
-                scale: r.scale,
-                n_qtiles,
-                _pad0: 0,
-                _pad1: 0,
-            },
+            params: params(r, n_qtiles),
             layout,
             ws_floats,
             n_ktiles,
@@ -536,30 +524,24 @@ fn check_dispatches(
 ) -> Result<()> {
     let s = r.shape;
     let max = caps.max_workgroups_per_dim;
-    for (what, n) in [
-        ("query tiles per dispatch", n_qtiles as u64),
-        ("key tiles per dispatch", n_ktiles as u64),
-        ("query heads per dispatch", s.q_heads as u64),
-        ("batch per dispatch", s.batch as u64),
-        ("key groups per dispatch", s.k_len.div_ceil(64) as u64),
-        (
-            "query row groups per dispatch",
-            s.q_len.div_ceil(ROWS) as u64,
-        ),
-        (
-            "element groups per dispatch",
-            n_lin.div_ceil(64).div_ceil(max as u64),
-        ),
-    ] {
-        if n > max as u64 {
-            return Err(Error::DispatchTooLarge {
-                what,
-                workgroups: n,
-                limit: max as u64,
-            });
-        }
-    }
-    Ok(())
+    check_dispatch(
+        caps,
+        &[
+            ("query tiles per dispatch", n_qtiles as u64),
+            ("key tiles per dispatch", n_ktiles as u64),
+            ("query heads per dispatch", s.q_heads as u64),
+            ("batch per dispatch", s.batch as u64),
+            ("key groups per dispatch", s.k_len.div_ceil(64) as u64),
+            (
+                "query row groups per dispatch",
+                s.q_len.div_ceil(ROWS) as u64,
+            ),
+            (
+                "element groups per dispatch",
+                n_lin.div_ceil(64).div_ceil(max as u64),
+            ),
+        ],
+    )
 }
 
 /// The workspace regions, each present only when a kernel reads or writes it, and the
@@ -639,7 +621,6 @@ fn selective_passes(
     let s = r.shape;
     let pr = r.present;
     let selective = r.selective();
-    let max = caps.max_workgroups_per_dim;
     let d = s.head_dim as u64;
     let sel_passes = if selective {
         let cwg = caps.max_invocations.min(64);
@@ -659,13 +640,10 @@ fn selective_passes(
                 bytes: 4 * (br as u64 + 1) * d,
                 limit: caps.workgroup_memory as u64,
             })?;
-        if s.k_len.div_ceil(colsum.bc) > max {
-            return Err(Error::DispatchTooLarge {
-                what: "key tiles per dispatch",
-                workgroups: s.k_len.div_ceil(colsum.bc) as u64,
-                limit: max as u64,
-            });
-        }
+        check_dispatch(
+            caps,
+            &[("key tiles per dispatch", s.k_len.div_ceil(colsum.bc) as u64)],
+        )?;
         let scan = ScanConfig {
             wg: cwg,
             f0: pr.f0,
