@@ -8,8 +8,8 @@
 //   1. K (prefetched into registers during the previous tile) staged in workgroup memory, zero
 //      past the valid keys; S = Q K^T per subgroup with 16x16x16 MMAs, stored (f32);
 //   2. (selective) the selection head's K tile (also prefetched; staged beside K when kbuf has
-//      room for both) and S tile; column prefix of its relu'd logits over the tile's rows, added
-//      to the carried C;
+//      room for both) and S tile, in NSEL column slices; column prefix of its relu'd logits
+//      over the tile's rows, added to the carried C, giving F; S * rf - F written back into S;
 //   3. loads for this tile's V and the next tile's K are issued, then the softmax runs while they
 //      are in flight: per row z = (S * scale * t - F) * u over the allowed prefix of keys, in
 //      log2 units (u = log2 e, p = exp2(z - m)) where every |scale * t| of the tile is small
