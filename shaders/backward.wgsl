@@ -31,7 +31,8 @@ struct Layout {
     alpha: u32,    // [Hq]
     gate: u32,     // [B, Hkv, Nk]
     valid: u32,    // [B] min(kv_len, Nk) as f32 (exact: Nk < 2^24 is validated)
-    g: u32,        // [B, Hkv, n_qtiles, Nk] column sums of dz; E in the hk = 0 slots after fscan
+    g: u32,        // [B, Hkv, n_qtiles, Nk] column sums of dz; E in the hk = 0 slots after fscan,
+                   // the coop path's du chunk in the hk >= 1 slots of each batch after that
     dt: u32,       // [B, Hq, Nq]
     dgate: u32,    // [B, Hkv, Nk]
     df0: u32,      // [B, Nk]
@@ -39,8 +40,8 @@ struct Layout {
     dkb: u32,      // [B, Nk, D] the selection KV head's dK without the selective term
     flags: u32,    // gradients wanted: 1 dq, 2 dk, 4 dv, 8 dgate, 16 dtau, 32 dalpha, 64 df0, 128 dF_out given
     n_lin: u32,    // elements of the per-element passes (prep, finish)
-    _pad0: u32,
-    _pad1: u32,
+    row_lo: u32,   // query rows [row_lo, row_hi) of this coop selq / selk chunk (else 0, Nq)
+    row_hi: u32,
 }
 
 const WANT_DQ: u32 = 1u;

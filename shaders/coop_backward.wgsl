@@ -17,6 +17,10 @@
 //             registers; key tiles of BT keys staged (K, V, selection K), in chunks of 16 keys:
 //             S, dP (and S_sel) by MMA, dz elementwise, dt_i = sum l dz, dQ += dz K by MMA.
 //
+// Selective terms: coop_selq (per 64 query rows) and coop_selk (per 64 keys) each sum dz over every
+// head; with the du scratch (plan du_rows > 0) coop_selq also writes du of a chunk of query rows
+// (override DU) and coop_selk_du reads it, one pair of dispatches per chunk (Layout row_lo/row_hi).
+//
 // Selective masking: F = C (the forward's colsum and scan passes, query tiles of CT rows, CT
 // dividing 16) + the exclusive prefix of relu(S_sel) over the rows of the C tile, recomputed
 // here by MMA; one lane per key walks the 16 rows of a chunk. Logits stay in natural-log units
@@ -41,8 +45,8 @@ struct Layout {
     dkb: u32,
     flags: u32,
     n_lin: u32,
-    _pad0: u32,
-    _pad1: u32,
+    row_lo: u32,
+    row_hi: u32,
 }
 
 const WANT_DQ: u32 = 1u;
@@ -72,12 +76,14 @@ override HAS_GATE: bool = false;
 override HAS_KVLEN: bool = false;
 override SELECTIVE: bool = false;
 override WRITE_LSE: bool = false;   // part of the shared feature set; unused here
-override SELPASS: bool = false;     // the pipeline is coop_selq or coop_selk
+override SELPASS: bool = false;     // the pipeline is coop_selq, coop_selk or coop_selk_du
+override DU: bool = false;          // coop_selq also writes du to the scratch coop_selk_du reads
 
 const SG: u32 = 4u;                 // subgroups per workgroup
 const KB: u32 = 64u;                // 16 x SG: keys (dkv) or query rows (dq) per workgroup
 const SP: u32 = 20u;                // padded f32 row stride of a 16x16 block
 const PP: u32 = 24u;                // padded f16 row stride of a 16x16 block
+const FS: u32 = 16u;                // f32 row stride of the acc / fb blocks (unpadded: memory)
 override WG: u32 = SG * SGS;
 override D8: u32 = D / 8u;
 override DP: u32 = D + 8u;          // padded f16 row stride of staged rows (bank conflicts)
@@ -95,8 +101,8 @@ var<workgroup> sb: array<f32, SG * 16u * SP>;                        // dP (or d
 var<workgroup> sf: array<f32, select(4u, SG * 16u * SP, SELECTIVE && !SELPASS)>;  // S_sel, then F
 var<workgroup> pa16: array<f16, select(SG * 16u * PP, 8u, SELPASS)>;  // P^T (dkv)
 // coop_selq / coop_selk: per subgroup and chunk, sum over heads of dz, and F.
-var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * SP, SELPASS)>;
-var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * SP, SELPASS)>;
+var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
+var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
 var<workgroup> za16: array<f16, SG * 16u * PP>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
 var<workgroup> rl: array<f32, RW>;                                   // LSE of staged rows
 var<workgroup> rd: array<f32, RW>;                                   // Delta
@@ -565,6 +571,12 @@ fn coop_dq(
 // dk_sel += scale du^T q_sel (coop_selk). E (after the scalar fscan) sits in the hk = 0 slots of G.
 // dz of every head is recomputed by MMA and summed in workgroup memory in head order.
 
+// du scratch of batch b (coop_selq with DU writes it, coop_selk_du reads it): rows [row_lo, row_hi)
+// by Nk keys in the G slots of KV heads 1.. (dead after fscan), sized by the plan.
+fn du_base(b: u32) -> u32 {
+    return w.g + (b * p.kv_heads + 1u) * p.n_qtiles * p.k_len;
+}
+
 fn e_carry(b: u32, t: u32, j: u32) -> f32 {
     if t * CT < p.q_len && j < p.k_len {
         return ws[w.g + (b * p.kv_heads * p.n_qtiles + t) * p.k_len + j];
@@ -632,18 +644,18 @@ fn coop_selk(
             if i0 >= p.q_len {
                 break;
             }
-            let fo = (c * SG + sg) * 16u * SP;
+            let fo = (c * SG + sg) * 16u * FS;
             let so = c * 16u * DP;
 {{SK_FCOMP}}
             for (var x = lane; x < 256u; x += SGS) {
-                acc[fo + (x / 16u) * SP + x % 16u] = 0.0;
+                acc[fo + (x / 16u) * FS + x % 16u] = 0.0;
             }
         }
         workgroupBarrier();
         if lane < 16u {
             for (var c = 0u; c < NB; c++) {
                 let i0 = row0 + c * 16u;
-                let fo = (c * SG + sg) * 16u * SP + lane * SP;
+                let fo = (c * SG + sg) * 16u * FS + lane * FS;
                 var run = 0.0;
                 var m = 0u;
                 for (var r = 0u; r < 16u; r++) {
@@ -749,16 +761,16 @@ fn coop_selk(
                 let oo = (BT + c0) * DP;
 {{SK_SCOMP}}
                 workgroupBarrier();
-                let fo = (c * SG + sg) * 16u * SP;
+                let fo = (c * SG + sg) * 16u * FS;
                 for (var x = lane; x < 256u; x += SGS) {
                     let r = x / 16u;
                     let cc = x % 16u;
                     let e = bo + r * SP + cc;
                     if allowed(i0 + cc, kt + kb0 + r, valid) {
                         let l = p.scale * sa[e];
-                        let z = rt[c0 + cc] * l - fb[fo + r * SP + cc];
+                        let z = rt[c0 + cc] * l - fb[fo + r * FS + cc];
                         let pp = exp(z - rl[c0 + cc]);
-                        acc[fo + r * SP + cc] += pp * (cg[kb0 + r] * sb[e] - rd[c0 + cc]);
+                        acc[fo + r * FS + cc] += pp * (cg[kb0 + r] * sb[e] - rd[c0 + cc]);
                     }
                 }
             }
@@ -780,7 +792,7 @@ fn coop_selk(
             }
             workgroupBarrier();
             if lane < 16u {
-                let fo = (c * SG + sg) * 16u * SP + lane * SP;
+                let fo = (c * SG + sg) * 16u * FS + lane * FS;
                 let m = msk[c];
                 var run = 0.0;
                 for (var n = 16u; n > 0u; n--) {
@@ -817,8 +829,9 @@ fn coop_selq(
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
     let b = wg.z;
-    let row0 = wg.x * KB;
+    let row0 = w.row_lo + wg.x * KB;
     let valid = uniform_valid(b, tid);
+    let dub = du_base(b);
     let sel = p.sel_head;
     let sel_kv = sel / p.group;
     let rb0 = sg * 16u;
@@ -859,18 +872,18 @@ fn coop_selq(
             if kt + c * 16u >= kend {
                 break;
             }
-            let fo = (c * SG + sg) * 16u * SP;
+            let fo = (c * SG + sg) * 16u * FS;
             let so = c * 16u * DP;
 {{SQ_FCOMP}}
             for (var x = lane; x < 256u; x += SGS) {
-                acc[fo + (x / 16u) * SP + x % 16u] = 0.0;
+                acc[fo + (x / 16u) * FS + x % 16u] = 0.0;
             }
         }
         workgroupBarrier();
         if lane < 16u {
             for (var c = 0u; c < NB; c++) {
                 let j = kt + c * 16u + lane;
-                let fo = (c * SG + sg) * 16u * SP + lane;
+                let fo = (c * SG + sg) * 16u * FS + lane;
                 var run = 0.0;
                 var m = 0u;
                 for (var r = 0u; r < 16u; r++) {
@@ -881,8 +894,8 @@ fn coop_selq(
                             run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + j];
                         }
                     }
-                    let s = fb[fo + r * SP];
-                    fb[fo + r * SP] = run;
+                    let s = fb[fo + r * FS];
+                    fb[fo + r * FS] = run;
                     if j < kend && sel_live(i, j, valid) {
                         let u = p.scale * s;
                         run += max(u, 0.0);
@@ -969,16 +982,16 @@ fn coop_selq(
                 let vo = (BT + c0) * DP;
 {{SQ_SCOMP}}
                 workgroupBarrier();
-                let fo = (c * SG + sg) * 16u * SP;
+                let fo = (c * SG + sg) * 16u * FS;
                 for (var x = lane; x < 256u; x += SGS) {
                     let r = x / 16u;
                     let cc = x % 16u;
                     let e = bo + r * SP + cc;
                     if allowed(row0 + rb0 + r, j0 + cc, valid) {
                         let l = p.scale * sa[e];
-                        let z = rt[rb0 + r] * l - fb[fo + r * SP + cc];
+                        let z = rt[rb0 + r] * l - fb[fo + r * FS + cc];
                         let pp = exp(z - rl[rb0 + r]);
-                        acc[fo + r * SP + cc] += pp * (cg[c0 + cc] * sb[e] - rd[rb0 + r]);
+                        acc[fo + r * FS + cc] += pp * (cg[c0 + cc] * sb[e] - rd[rb0 + r]);
                     }
                 }
             }
@@ -1000,7 +1013,7 @@ fn coop_selq(
             workgroupBarrier();
             if lane < 16u {
                 let j = kt + c * 16u + lane;
-                let fo = (c * SG + sg) * 16u * SP + lane;
+                let fo = (c * SG + sg) * 16u * FS + lane;
                 let m = msk[c];
                 var run = 0.0;
                 for (var n = 16u; n > 0u; n--) {
@@ -1013,7 +1026,11 @@ fn coop_selq(
                         du = run;
                     }
                     za16[bp + r * PP + lane] = f16(du);
-                    run -= acc[fo + r * SP];
+                    let i = row0 + rb0 + r;
+                    if DU && j < kend && i < p.q_len {
+                        ws[dub + (i - w.row_lo) * p.k_len + j] = du;
+                    }
+                    run -= acc[fo + r * FS];
                 }
             }
             workgroupBarrier();
@@ -1024,4 +1041,71 @@ fn coop_selq(
     }
     workgroupBarrier();
 {{SQ_EPI}}
+}
+
+// coop_selk_du: one workgroup per (64 keys, b); subgroup sg owns keys 16 sg .. 16 sg + 15.
+// dk_sel += du^T Q_sel over the query rows [row_lo, row_hi) of this chunk, du read from the
+// scratch coop_selq (DU) wrote for the same chunk (so dz is summed over heads once, there). The
+// sum is carried in the dkb rows of the workspace between chunks (dispatched in row order) and
+// written out by the last chunk.
+@compute @workgroup_size(WG)
+fn coop_selk_du(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let kt = wg.x * KB;
+    let b = wg.z;
+    let valid = uniform_valid(b, tid);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let kb0 = sg * 16u;
+    let bo = sg * 16u * SP;
+    let bp = sg * 16u * PP;
+    let jl = kt + kb0 + lane;
+    let dub = du_base(b);
+{{SD_DECL}}
+    let live = kt < valid;
+    for (var row0 = w.row_lo; row0 < w.row_hi; row0 += BT) {
+        if !live {
+            break;
+        }
+        if p.start + min(row0 + BT, p.q_len) <= kt + 1u {
+            continue;
+        }
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let i = row0 + e / D8;
+            var x = vec4<u32>(0u);
+            if i < w.row_hi {
+                x = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        for (var c = 0u; c < NB; c++) {
+            let i0 = row0 + c * 16u;
+            if i0 >= w.row_hi {
+                break;
+            }
+            workgroupBarrier();
+            if lane < 16u {
+                for (var r = 0u; r < 16u; r++) {
+                    let i = i0 + r;
+                    var du = 0.0;
+                    if i < w.row_hi && jl < p.k_len && sel_live(i, jl, valid) {
+                        du = ws[dub + (i - w.row_lo) * p.k_len + jl];
+                    }
+                    za16[bp + lane * PP + r] = f16(du);
+                }
+            }
+            workgroupBarrier();
+            let so = c * 16u * DP;
+            let ua = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{SK_ACC}}
+        }
+    }
+    workgroupBarrier();
+    let last = w.row_hi >= p.q_len;
+{{SD_EPI}}
 }

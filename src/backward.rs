@@ -297,6 +297,26 @@ impl Context {
         }
         let params = gpu.uniform("selattn backward params", bytemuck::bytes_of(&plan.params));
         let layout = gpu.uniform("selattn backward layout", bytemuck::bytes_of(&plan.layout));
+        // With the du scratch, coop_selq and coop_selk_du run once per chunk of query rows, each
+        // pair with its own Layout (row_lo, row_hi).
+        let chunk_layouts: Vec<(u32, wgpu::Buffer)> = if plan.du_rows > 0 {
+            (0..s.q_len.div_ceil(plan.du_rows))
+                .map(|c| {
+                    let row_lo = c * plan.du_rows;
+                    let l = crate::kernels::backward::Layout {
+                        row_lo,
+                        row_hi: (row_lo + plan.du_rows).min(s.q_len),
+                        ..plan.layout
+                    };
+                    let rows = l.row_hi - l.row_lo;
+                    let buf = gpu.uniform("selattn backward chunk layout", bytemuck::bytes_of(&l));
+                    (rows, buf)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut selq_du: Vec<(&wgpu::ComputePipeline, wgpu::BindGroup, u32)> = Vec::new();
         let buffer = |label, floats: u64| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -350,8 +370,8 @@ impl Context {
                         Kernel::CoopBackward(c) => match c.entry {
                             CoopEntry::Dkv => Entry::Dkv,
                             CoopEntry::Dq => Entry::Dq,
-                            CoopEntry::Selq => Entry::Selq,
-                            CoopEntry::Selk => Entry::Selk,
+                            CoopEntry::Selq | CoopEntry::SelqDu => Entry::Selq,
+                            CoopEntry::Selk | CoopEntry::SelkDu => Entry::Selk,
                         },
                         Kernel::Backward(c) => c.entry,
                         _ => Entry::Finish,
@@ -422,7 +442,12 @@ impl Context {
                             }
                         }
                         Entry::Selk => {
-                            tiled(&mut e);
+                            if plan.du_rows > 0 {
+                                // coop_selk_du reads Q (and the workspace) only.
+                                e.push(tensor_entry(2, Some(bound(inputs.q)), din));
+                            } else {
+                                tiled(&mut e);
+                            }
                             e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
                             if coop_sel {
                                 (s.k_len.div_ceil(ROWS), 1, s.batch)
@@ -449,6 +474,50 @@ impl Context {
                     )))
                 }
             };
+            let du_entry = match key.kernel {
+                Kernel::CoopBackward(c) if plan.du_rows > 0 => Some(c.entry),
+                _ => None,
+            };
+            if let Some(de @ (CoopEntry::SelqDu | CoopEntry::SelkDu)) = du_entry {
+                let chunk_groups: Vec<(wgpu::BindGroup, u32)> = chunk_layouts
+                    .iter()
+                    .map(|(rows, lb)| {
+                        let e: Vec<wgpu::BindGroupEntry> = entries
+                            .iter()
+                            .map(|x| {
+                                if x.binding == 1 {
+                                    entry(1, lb)
+                                } else {
+                                    x.clone()
+                                }
+                            })
+                            .collect();
+                        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                            label: Some(&format!("{key:?}")),
+                            layout: &bgl,
+                            entries: &e,
+                        });
+                        (bg, *rows)
+                    })
+                    .collect();
+                if de == CoopEntry::SelqDu {
+                    selq_du = chunk_groups
+                        .into_iter()
+                        .map(|(bg, rows)| (&**pipe, bg, rows))
+                        .collect();
+                } else {
+                    // Chunk by chunk: coop_selq writes du of its rows, coop_selk_du consumes it.
+                    for ((qpipe, qbg, rows), (kbg, _)) in selq_du.iter().zip(&chunk_groups) {
+                        pass.set_pipeline(qpipe);
+                        pass.set_bind_group(0, qbg, &[]);
+                        pass.dispatch_workgroups(rows.div_ceil(ROWS), 1, s.batch);
+                        pass.set_pipeline(pipe);
+                        pass.set_bind_group(0, kbg, &[]);
+                        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+                    }
+                }
+                continue;
+            }
             let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some(&format!("{key:?}")),
                 layout: &bgl,

@@ -915,6 +915,38 @@ fn coop_cases() -> Vec<BCase> {
             None,
             25,
         ),
+        // du scratch (coop_selq writes du per chunk of 64-row blocks into the dead G slots of
+        // KV heads 1.., coop_selk_du reads it): (Hkv - 1) * ceil(Nq / BR) >= 64 rows per chunk.
+        bcase(
+            "coop du chunks, GQA, kv_len",
+            Shape::new(1, 10, 300, 32).with_kv_heads(5),
+            sel(7),
+            all,
+            true,
+            true,
+            Some(vec![290]),
+            26,
+        ),
+        bcase(
+            "coop du chunks, Nq < Nk",
+            Shape::new(2, 4, 400, 64).with_q_len(350),
+            sel(2).start(50),
+            all,
+            true,
+            false,
+            Some(vec![390, 372]),
+            27,
+        ),
+        bcase(
+            "coop du one chunk",
+            Shape::new(1, 17, 64, 16),
+            sel(16),
+            none,
+            false,
+            false,
+            None,
+            28,
+        ),
     ]);
     v
 }
@@ -1023,6 +1055,26 @@ fn coop_backward() {
         }
         for (n, c) in coop_cases().iter().enumerate() {
             let t = std::time::Instant::now();
+            if c.name.starts_with("coop du") {
+                // These cases must take the du scratch (in chunks, but for "one chunk").
+                let r = Spec {
+                    shape: c.shape,
+                    options: c.opts.path(Path::Coop),
+                    present: Switches {
+                        lse: true,
+                        ..Switches::default()
+                    },
+                }
+                .validate()
+                .unwrap();
+                let plan =
+                    BackwardPlan::new(ctx.capabilities(), &r, DType::F16, want_all(c)).unwrap();
+                let one = c.name.starts_with("coop du one");
+                let ok = plan.du_rows > 0 && (plan.du_rows >= c.shape.q_len) == one;
+                if !ok && std::env::var(selattn::kernels::backward::DU_ENV).as_deref() != Ok("0") {
+                    failures.push(format!("{}: du rows {}", c.name, plan.du_rows));
+                }
+            }
             let coop = f16_case(c, c.opts.path(Path::Coop));
             let scalar = f16_case(c, c.opts.path(Path::Scalar));
             let r = reference(&coop);

@@ -83,8 +83,8 @@ fn backward_layout_matches_wgsl_layout() {
         ("dkb", offset_of!(Layout, dkb)),
         ("flags", offset_of!(Layout, flags)),
         ("n_lin", offset_of!(Layout, n_lin)),
-        ("_pad0", offset_of!(Layout, _pad0)),
-        ("_pad1", offset_of!(Layout, _pad1)),
+        ("row_lo", offset_of!(Layout, row_lo)),
+        ("row_hi", offset_of!(Layout, row_hi)),
     ];
     // The scalar and the cooperative-matrix backward share the workspace: both mirror Layout.
     for src in [Source::Backward, Source::CoopBackward] {

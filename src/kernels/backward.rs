@@ -97,6 +97,15 @@ fn tile_bytes(d: u32, br: u32, bc: u32, selective: bool) -> u64 {
 /// Whether the coop path also runs the selective terms on cooperative matrices.
 const COOP_SELECTIVE: bool = true;
 
+/// Environment variable that turns the du scratch of the coop selective terms off
+/// (`SELATTN_BACKWARD_DU=0`: coop_selk recomputes dz of every head, as before), for measuring
+/// and testing both variants with one binary.
+pub const DU_ENV: &str = "SELATTN_BACKWARD_DU";
+
+fn du_enabled() -> bool {
+    std::env::var(DU_ENV).map_or(true, |v| v != "0")
+}
+
 /// Threads per workgroup we use at most.
 const MAX_THREADS: u32 = 256;
 
@@ -215,10 +224,10 @@ pub struct Layout {
     pub flags: u32,
     /// Elements of the per-element passes.
     pub n_lin: u32,
-    /// Padding to 16 bytes.
-    pub _pad0: u32,
-    /// Padding to 16 bytes.
-    pub _pad1: u32,
+    /// First query row of this dispatch's chunk (coop selq / selk with the du scratch; else 0).
+    pub row_lo: u32,
+    /// End of this dispatch's chunk of query rows (else the query length).
+    pub row_hi: u32,
 }
 
 /// Everything decided about one backward call before any GPU work.
@@ -255,6 +264,12 @@ pub struct BackwardPlan {
     /// The cooperative-matrix selq and selk kernels (coop path with selective masking, where
     /// workgroup memory allows; else the scalar selq and selk run).
     pub coop_sel: Option<(CoopBackwardConfig, CoopBackwardConfig)>,
+    /// Query rows per chunk of the du scratch (a multiple of 64), or 0 when coop_selk recomputes
+    /// dz itself. With it, coop_selq (one dispatch per chunk) writes du, the head-summed
+    /// selective gradient of the selection head's logits, for its rows into the G slots of KV
+    /// heads 1.. (dead once fscan has run: `(Hkv - 1) * ceil(Nq / BR) * Nk` floats per batch, so
+    /// no extra scratch), and coop_selk_du reads it instead of recomputing dz of every head.
+    pub du_rows: u32,
 }
 
 impl BackwardPlan {
@@ -305,13 +320,28 @@ impl BackwardPlan {
                 }
             }
         };
+        let n_qtiles = s.q_len.div_ceil(br);
+        // du chunk: the most whole 64-row blocks whose du fit in the free G slots of a batch.
+        let du_rows = {
+            let free = (s.kv_heads as u64 - 1) * n_qtiles as u64;
+            let all = s.q_len.div_ceil(ROWS) as u64 * ROWS as u64;
+            (free / ROWS as u64 * ROWS as u64).min(all) as u32
+        };
+        let du_rows = if coop.is_some() && selective && wanted.dk && du_enabled() {
+            du_rows
+        } else {
+            0
+        };
+        let mut du_rows = du_rows;
         let coop_sel = match coop {
             Some((dkv, _)) if selective && COOP_SELECTIVE => {
-                CoopBackwardConfig::choose_selective(caps, &dkv).ok()
+                CoopBackwardConfig::choose_selective(caps, &dkv, du_rows > 0).ok()
             }
             _ => None,
         };
-        let n_qtiles = s.q_len.div_ceil(br);
+        if coop_sel.is_none() {
+            du_rows = 0;
+        }
         let n_ktiles = s.k_len.div_ceil(bc);
         let max = caps.max_workgroups_per_dim;
         let rows = s.batch as u64 * s.q_heads as u64 * s.q_len as u64;
@@ -372,8 +402,8 @@ impl BackwardPlan {
             dkb: region(b * nk * d, selective && wanted.dk) as u32,
             flags: wanted.flags(),
             n_lin: n_lin as u32,
-            _pad0: 0,
-            _pad1: 0,
+            row_lo: 0,
+            row_hi: s.q_len,
         };
         let ws_floats = at;
         let limit = caps.max_storage_binding.min(caps.max_buffer);
@@ -455,6 +485,7 @@ impl BackwardPlan {
             path,
             coop,
             coop_sel,
+            du_rows,
         })
     }
 
@@ -469,7 +500,9 @@ impl BackwardPlan {
     /// float atomics (summed afterwards in a fixed order, for bit-identical runs), and C (the
     /// forward's carry of F) is read by the dK/dV, dQ and selective passes that run while the
     /// sums are live. On the cooperative-matrix path BR is at most 16 (a C tile never spans two
-    /// subgroups' rows), so the same formula holds with that BR.
+    /// subgroups' rows), so the same formula holds with that BR. The coop path's du chunks
+    /// ([`BackwardPlan::du_rows`]) reuse the column-sum slots of KV heads 1.. once fscan has
+    /// folded them into E, so they add nothing.
     pub fn scratch_bytes(&self) -> u64 {
         4 * (self.ws_floats + self.c_floats())
     }
@@ -493,7 +526,7 @@ impl BackwardPlan {
             Entry::Dkv => w.dk || w.dv || w.dgate || fscan,
             Entry::Dq => w.dq || w.dtau || w.dalpha,
             Entry::Fscan => fscan,
-            Entry::Selq => sel && w.dq,
+            Entry::Selq => sel && (w.dq || (w.dk && self.du_rows > 0)),
             Entry::Selk => sel && w.dk,
             Entry::Finish => w.dtau || w.dalpha || w.dgate || w.df0,
         }

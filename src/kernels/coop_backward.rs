@@ -1,8 +1,10 @@
 //! The cooperative-matrix backward kernels (`shaders/coop_backward.wgsl`): f16 storage,
 //! 16×16×16 f16 → f32 MMAs for every matmul of dK, dV and dQ. Chosen automatically for f16
 //! storage where the adapter reports that configuration, a fixed subgroup size of at least 16
-//! and f16; the scalar `dkv` / `dq` entries of `shaders/backward.wgsl` are the fallback, and the
-//! scalar prep, fscan, selq, selk and finish entries run around these on either path.
+//! and f16; the scalar entries of `shaders/backward.wgsl` are the fallback, and its prep, fscan
+//! and finish run around these on either path. The selective terms run here too (coop_selq,
+//! coop_selk, or with the du scratch coop_selq writing du per chunk and coop_selk_du reading it)
+//! where workgroup memory allows.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -28,6 +30,22 @@ pub enum CoopEntry {
     Selq,
     /// Selective: the selection KV head's dK term, one workgroup per 64 keys.
     Selk,
+    /// [`CoopEntry::Selq`] that also writes du (the selective gradient of the selection head's
+    /// logits, head-summed dz suffix-scanned) for a chunk of query rows into workspace scratch.
+    SelqDu,
+    /// Selective: the selection KV head's dK term from the du scratch of [`CoopEntry::SelqDu`]
+    /// (no dz recomputation), one workgroup per 64 keys, once per chunk of query rows.
+    SelkDu,
+}
+
+impl CoopEntry {
+    /// Whether this is one of the selective entries (selq, selk and their du variants).
+    pub fn selective(self) -> bool {
+        matches!(
+            self,
+            CoopEntry::Selq | CoopEntry::Selk | CoopEntry::SelqDu | CoopEntry::SelkDu
+        )
+    }
 }
 
 /// Specialisation of one cooperative-matrix backward entry point.
@@ -54,9 +72,10 @@ impl CoopBackwardConfig {
             ("BT", self.bt as f64),
             ("CT", self.ct as f64),
             ("SGS", self.sgs as f64),
+            ("SELPASS", self.entry.selective() as u32 as f64),
             (
-                "SELPASS",
-                matches!(self.entry, CoopEntry::Selq | CoopEntry::Selk) as u32 as f64,
+                "DU",
+                matches!(self.entry, CoopEntry::SelqDu | CoopEntry::SelkDu) as u32 as f64,
             ),
         ];
         c.extend(self.features.constants());
@@ -68,8 +87,9 @@ impl CoopBackwardConfig {
         match self.entry {
             CoopEntry::Dkv => "coop_dkv",
             CoopEntry::Dq => "coop_dq",
-            CoopEntry::Selq => "coop_selq",
+            CoopEntry::Selq | CoopEntry::SelqDu => "coop_selq",
             CoopEntry::Selk => "coop_selk",
+            CoopEntry::SelkDu => "coop_selk_du",
         }
     }
 
@@ -80,22 +100,28 @@ impl CoopBackwardConfig {
 
     /// Workgroup memory in bytes, as declared in the shader.
     pub fn workgroup_bytes(&self) -> u64 {
-        let selpass = matches!(self.entry, CoopEntry::Selq | CoopEntry::Selk);
+        let selpass = self.entry.selective();
         bytes(self.d, self.bt, self.features.selective, selpass)
     }
 
-    /// The selective entries (coop_selq, coop_selk) for head dim `d`, with the dkv/dq
-    /// configuration `base`'s subgroup size, C tile and features, or why not.
+    /// The selective entries (coop_selq, coop_selk; with `du`, their du-scratch variants) for
+    /// head dim `d`, with the dkv/dq configuration `base`'s subgroup size, C tile and features,
+    /// or why not.
     pub fn choose_selective(
         caps: &Capabilities,
         base: &CoopBackwardConfig,
+        du: bool,
     ) -> Result<(CoopBackwardConfig, CoopBackwardConfig), &'static str> {
         let bt = [64u32, 32, 16]
             .into_iter()
             .find(|&bt| bytes(base.d, bt, true, true) <= caps.workgroup_memory as u64)
             .ok_or("workgroup memory too small for the selective terms")?;
         let c = |entry| CoopBackwardConfig { entry, bt, ..*base };
-        Ok((c(CoopEntry::Selq), c(CoopEntry::Selk)))
+        Ok(if du {
+            (c(CoopEntry::SelqDu), c(CoopEntry::SelkDu))
+        } else {
+            (c(CoopEntry::Selq), c(CoopEntry::Selk))
+        })
     }
 
     /// The configurations of both entries for head dim `d` on this adapter, or why not.
@@ -302,6 +328,31 @@ impl CoopBackwardConfig {
                 ent(&mut m, "SK_DECL"),
                 "    var ksf{d} = {a}();\n    var kf{d} = {a}();\n    var vf{d} = {a}();\n    var dks{d} = {cm}();"
             );
+            let _ = writeln!(ent(&mut m, "SD_DECL"), "    var dks{d} = {cm}();");
+            let _ = writeln!(
+                ent(&mut m, "SD_EPI"),
+                "    coopStoreT(dks{d}, &sa[bo], SP);
+    workgroupBarrier();
+    for (var x = lane; x < 32u; x += SGS) {{
+        let r = x / 2u;
+        let hx = x % 2u;
+        let j = kt + kb0 + r;
+        if j < p.k_len {{
+            let s8 = sa8(bo + r * SP + hx * 8u, p.scale);
+            let base = w.dkb + (b * p.k_len + j) * D + {d16}u + hx * 8u;
+            var o8: array<f32, 8>;
+            for (var n = 0u; n < 8u; n++) {{
+                o8[n] = ws[base + n] + s8[n];
+            }}
+            if last {{
+                outa[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + {d2}u + hx] = pack8(o8);
+            }} else {{
+                ws8(base, o8);
+            }}
+        }}
+    }}
+    workgroupBarrier();"
+            );
             let _ = writeln!(
                 ent(&mut m, "SQ_DECL"),
                 "    var qsf{d} = {a}();\n    var qf{d} = {a}();\n    var of{d} = {a}();\n    var dqs{d} = {cm}();"
@@ -353,7 +404,7 @@ impl CoopBackwardConfig {
         let r = x / 2u;
         let hx = x % 2u;
         let i = row0 + rb0 + r;
-        if i < p.q_len {{
+        if (w.flags & WANT_DQ) != 0u && i < p.q_len {{
             let s8 = sa8(bo + r * SP + hx * 8u, p.scale);
             let base = w.dqb + (b * p.q_len + i) * D + {d16}u + hx * 8u;
             var o8: array<f32, 8>;
@@ -378,7 +429,7 @@ impl CoopBackwardConfig {
                     o = d * 16
                 );
             }
-            let _ = writeln!(s, "{ind}coopStoreT(acf, &fb[fo], SP);");
+            let _ = writeln!(s, "{ind}coopStoreT(acf, &fb[fo], FS);");
         }
         // S^T, dP^T (selk) or S, dP (selq) of one head.
         for (key, p1, p2, x, y) in [
@@ -434,6 +485,8 @@ impl CoopBackwardConfig {
             "SQ_SCOMP",
             "SQ_ACC",
             "SQ_EPI",
+            "SD_DECL",
+            "SD_EPI",
         ] {
             text = text.replace(&format!("{{{{{k}}}}}"), m.get(k).map_or("", |v| v));
         }
@@ -449,13 +502,16 @@ fn bytes(d: u32, bt: u32, selective: bool, selpass: bool) -> u64 {
     let (d, bt) = (d as u64, bt as u64);
     let rows = ROWS as u64;
     let block = SUBGROUPS as u64 * 16 * 20 * 4;
+    // acc / fb blocks of the selective passes: unpadded rows (FS = 16), so 32-key tiles fit at
+    // D128 in 48 KiB.
+    let fblock = SUBGROUPS as u64 * 16 * 16 * 4;
     let half = SUBGROUPS as u64 * 16 * 24 * 2;
     let rowvals = 4 * bt.max(rows) * 4;
     if selpass {
         // stage (Q_h and dO_h, or K and V tiles), sa, sb, sf unused, pa16 unused, za16,
         // acc and fb (one block per chunk), rows, wu.
         let stage = (2 * bt).max(rows) * (d + 8) * 2;
-        stage + 2 * block + 16 + 16 + half + 2 * (bt / 16) * block + rowvals + 16
+        stage + 2 * block + 16 + 16 + half + 2 * (bt / 16) * fblock + rowvals + 16
     } else {
         let nt = if selective { 3 } else { 2 };
         let stage = (nt * bt).max(rows) * (d + 8) * 2;

@@ -301,6 +301,21 @@ fn backward_path_variants(
                 continue;
             };
             out.extend(plan.keys());
+            // Enough query rows for the coop path's du scratch (coop_selq with DU, coop_selk_du).
+            if path == Path::Coop && s.selective {
+                let mut long = spec(s, d, path);
+                long.shape = Shape::new(1, 2, 1024, d);
+                if let Ok(plan) = long
+                    .validate()
+                    .and_then(|r| BackwardPlan::new(caps, &r, elem, wanted))
+                {
+                    for key in plan.keys() {
+                        if !out.contains(&key) {
+                            out.push(key);
+                        }
+                    }
+                }
+            }
         }
     }
     out
