@@ -243,6 +243,30 @@ impl GradArgs {
     }
 }
 
+/// A clap parse error as a one-line usage failure.
+fn usage_error(e: &clap::Error) -> Fail {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    Fail::Usage(match e.kind() {
+        ErrorKind::UnknownArgument if arg.starts_with('-') => {
+            format!("unknown flag {arg}")
+        }
+        ErrorKind::UnknownArgument => format!("unexpected argument {arg:?}"),
+        ErrorKind::ArgumentConflict if !arg.is_empty() => {
+            format!("{arg} given more than once")
+        }
+        // clap's own message, cut to its first line.
+        _ => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or_default();
+            first.trim_start_matches("error: ").to_string()
+        }
+    })
+}
+
 /// Parses the arguments (program name first); `Ok(None)` means help was printed. Accepts
 /// `--flag value` and `--flag=value`; a flag given twice is an error rather than silently
 /// last-wins.
@@ -251,34 +275,14 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use clap::error::ErrorKind;
     let c = match <Cli as clap::Parser>::try_parse_from(argv) {
         Ok(c) => c,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             let _ = e.print();
             return Ok(None);
         }
-        Err(e) => {
-            let arg = match e.get(ContextKind::InvalidArg) {
-                Some(ContextValue::String(s)) => s.clone(),
-                _ => String::new(),
-            };
-            return Err(Fail::Usage(match e.kind() {
-                ErrorKind::UnknownArgument if arg.starts_with('-') => {
-                    format!("unknown flag {arg}")
-                }
-                ErrorKind::UnknownArgument => format!("unexpected argument {arg:?}"),
-                ErrorKind::ArgumentConflict if !arg.is_empty() => {
-                    format!("{arg} given more than once")
-                }
-                // clap's own message, cut to its first line.
-                _ => {
-                    let text = e.render().to_string();
-                    let first = text.lines().next().unwrap_or_default();
-                    first.trim_start_matches("error: ").to_string()
-                }
-            }));
-        }
+        Err(e) => return Err(usage_error(&e)),
     };
     let need = |p: Option<PathBuf>, flag: &str| {
         p.ok_or_else(|| Fail::Usage(format!("missing required flag {flag}")))
@@ -526,11 +530,8 @@ fn same_file(_: &Path, _: &Path) -> bool {
     false
 }
 
-/// Reads every input and checks the shapes against each other and the options. Nothing touches
-/// the GPU until this has passed.
-fn load_inputs(a: &Args) -> Result<(Spec, HostInputs, Upstream), Fail> {
-    // Q fixes B, Hq, Nq and D; K fixes Hkv and Nk; everything else is checked against them.
-    let q = load("q", &a.q)?;
+/// The call's sizes: Q fixes B, Hq, Nq and D; K fixes Hkv and Nk and must agree on B and D.
+fn shape_of(a: &Args, q: &NpyArray, k: &NpyArray) -> Result<Shape, Fail> {
     if q.shape.len() != 4 {
         return Err(Fail::Run(format!(
             "{}: shape {}, expected 4 dimensions [B, Hq, Nq, D]",
@@ -538,7 +539,6 @@ fn load_inputs(a: &Args) -> Result<(Spec, HostInputs, Upstream), Fail> {
             tuple(&q.shape)
         )));
     }
-    let k = load("k", &a.k)?;
     if k.shape.len() != 4 || k.shape[0] != q.shape[0] || k.shape[3] != q.shape[3] {
         let want = [
             q.shape[0].to_string(),
@@ -554,14 +554,23 @@ fn load_inputs(a: &Args) -> Result<(Spec, HostInputs, Upstream), Fail> {
             tuple(&q.shape)
         )));
     }
-    let shape = Shape {
+    Ok(Shape {
         batch: dim("q", &a.q, q.shape[0])?,
         q_heads: dim("q", &a.q, q.shape[1])?,
         kv_heads: dim("k", &a.k, k.shape[1])?,
         q_len: dim("q", &a.q, q.shape[2])?,
         k_len: dim("k", &a.k, k.shape[2])?,
         head_dim: dim("q", &a.q, q.shape[3])?,
-    };
+    })
+}
+
+/// Reads every input and checks the shapes against each other and the options. Nothing touches
+/// the GPU until this has passed.
+fn load_inputs(a: &Args) -> Result<(Spec, HostInputs, Upstream), Fail> {
+    // Q and K fix the sizes (shape_of); everything else is checked against them.
+    let q = load("q", &a.q)?;
+    let k = load("k", &a.k)?;
+    let shape = shape_of(a, &q, &k)?;
     let present = Switches {
         causal: a.options.causal,
         selective: a.options.selective.is_some(),

@@ -652,6 +652,25 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// Runs `f` inside validation and out-of-memory error scopes; a GPU error either caught is
+/// returned as an error of `what`. The scopes are popped whether or not `f` succeeds; an
+/// error of `f` itself comes first.
+fn error_scoped<T>(
+    ctx: &Context,
+    what: &'static str,
+    f: impl FnOnce() -> selattn::Result<T>,
+) -> selattn::Result<T> {
+    let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let val = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let r = f();
+    let caught = [pollster::block_on(val.pop()), pollster::block_on(oom.pop())];
+    let t = r?;
+    match caught.into_iter().flatten().next() {
+        Some(e) => Err(Error::gpu(what, e)),
+        None => Ok(t),
+    }
+}
+
 /// Everything one row does, GPU errors caught by error scopes and returned as errors.
 fn measure(
     ctx: &Context,
@@ -678,35 +697,30 @@ fn measure(
         (None, true)
     };
 
-    let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let val = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let budget = Duration::from_secs_f64(a.budget);
-    // Warm-up; a run slower than half the budget needs no second warm-up.
-    for _ in 0..a.warmup.max(1) {
-        if time_wall(ctx, &inputs, &opts, &outputs)? * 1e-3 > a.budget / 2.0 {
-            break;
+    let mut times = error_scoped(ctx, "timing the call", || {
+        let budget = Duration::from_secs_f64(a.budget);
+        // Warm-up; a run slower than half the budget needs no second warm-up.
+        for _ in 0..a.warmup.max(1) {
+            if time_wall(ctx, &inputs, &opts, &outputs)? * 1e-3 > a.budget / 2.0 {
+                break;
+            }
         }
-    }
-    let started = Instant::now();
-    let mut times = Vec::with_capacity(a.iters as usize);
-    while (times.len() as u32) < a.iters {
-        if times.len() >= 3 && started.elapsed() > budget {
-            break;
+        let started = Instant::now();
+        let mut times = Vec::with_capacity(a.iters as usize);
+        while (times.len() as u32) < a.iters {
+            if times.len() >= 3 && started.elapsed() > budget {
+                break;
+            }
+            if timestamps {
+                // A batch of at most 4 before looking at the clock again, so slow rows stop early.
+                let m = (a.iters - times.len() as u32).min(if times.is_empty() { 3 } else { 4 });
+                times.extend(time_gpu(ctx, &inputs, &opts, &outputs, m)?);
+            } else {
+                times.push(time_wall(ctx, &inputs, &opts, &outputs)?);
+            }
         }
-        if timestamps {
-            // A batch of at most 4 before looking at the clock again, so slow rows stop early.
-            let m = (a.iters - times.len() as u32).min(if times.is_empty() { 3 } else { 4 });
-            times.extend(time_gpu(ctx, &inputs, &opts, &outputs, m)?);
-        } else {
-            times.push(time_wall(ctx, &inputs, &opts, &outputs)?);
-        }
-    }
-    if let Some(e) = pollster::block_on(val.pop()) {
-        return Err(Error::gpu("timing the call", e));
-    }
-    if let Some(e) = pollster::block_on(oom.pop()) {
-        return Err(Error::gpu("timing the call", e));
-    }
+        Ok(times)
+    })?;
     let finite = ctx.download(&dev.lse)?.iter().all(|x| x.is_finite());
 
     let runs = times.len();
@@ -872,29 +886,9 @@ fn json_rows(ctx: &Context, timer: &str, rows: &[Row]) -> String {
 
 // ---------------------------------------------------------------------------------------------
 
-fn main() {
-    let a = parse_args();
-    let ctx = match Context::new() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("bench: {e}");
-            std::process::exit(1);
-        }
-    };
-    // wgpu panics on a GPU error no error scope caught (an allocation outside `measure`, say);
-    // count them instead, so the row it happened in reports an error and the others still run.
-    static UNCAPTURED: AtomicUsize = AtomicUsize::new(0);
-    ctx.device.on_uncaptured_error(Arc::new(|e| {
-        UNCAPTURED.fetch_add(1, Ordering::SeqCst);
-        eprintln!("bench: GPU error outside an error scope: {e}");
-    }));
+/// What the table measures and how: adapter, features, timer, the FLOP and byte counts.
+fn print_header(ctx: &Context, a: &Args, timestamps: bool, timer: &str) {
     let caps = ctx.capabilities();
-    let timestamps = caps.timestamps && !a.wall;
-    let timer = if timestamps {
-        "gpu-timestamps"
-    } else {
-        "wall-clock"
-    };
     println!("adapter: {}", ctx.describe());
     println!(
         "features: f16 {}, subgroups {} ({}..{}), cooperative matrix 16x16 f16 {}, timestamps {}",
@@ -923,6 +917,32 @@ fn main() {
         println!("--backward: each row is a forward and a backward call timed together by wall clock; TFLOP/s counts 3.5x the forward");
     }
     println!("{HEADER}");
+}
+
+fn main() {
+    let a = parse_args();
+    let ctx = match Context::new() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    // wgpu panics on a GPU error no error scope caught (an allocation outside `measure`, say);
+    // count them instead, so the row it happened in reports an error and the others still run.
+    static UNCAPTURED: AtomicUsize = AtomicUsize::new(0);
+    ctx.device.on_uncaptured_error(Arc::new(|e| {
+        UNCAPTURED.fetch_add(1, Ordering::SeqCst);
+        eprintln!("bench: GPU error outside an error scope: {e}");
+    }));
+    let caps = ctx.capabilities();
+    let timestamps = caps.timestamps && !a.wall;
+    let timer = if timestamps {
+        "gpu-timestamps"
+    } else {
+        "wall-clock"
+    };
+    print_header(&ctx, &a, timestamps, timer);
 
     let mut rows = Vec::new();
     for (si, shape) in a.shapes.iter().enumerate() {
@@ -1136,8 +1156,6 @@ fn measure_backward(
     } else {
         (None, true)
     };
-    let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let val = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
     let once = || -> selattn::Result<f64> {
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         ctx.encode_attention(&mut enc, &inputs, &opts, &outputs)?;
@@ -1148,23 +1166,20 @@ fn measure_backward(
         ctx.sync()?;
         Ok(t.elapsed().as_secs_f64() * 1e3)
     };
-    for _ in 0..a.warmup.max(1) {
-        if once()? * 1e-3 > a.budget / 2.0 {
-            break;
+    let mut times = error_scoped(ctx, "timing forward + backward", || {
+        for _ in 0..a.warmup.max(1) {
+            if once()? * 1e-3 > a.budget / 2.0 {
+                break;
+            }
         }
-    }
-    let budget = Duration::from_secs_f64(a.budget);
-    let started = Instant::now();
-    let mut times = Vec::new();
-    while (times.len() as u32) < a.iters && (times.len() < 3 || started.elapsed() <= budget) {
-        times.push(once()?);
-    }
-    if let Some(e) = pollster::block_on(val.pop()) {
-        return Err(Error::gpu("timing forward + backward", e));
-    }
-    if let Some(e) = pollster::block_on(oom.pop()) {
-        return Err(Error::gpu("timing forward + backward", e));
-    }
+        let budget = Duration::from_secs_f64(a.budget);
+        let started = Instant::now();
+        let mut times = Vec::new();
+        while (times.len() as u32) < a.iters && (times.len() < 3 || started.elapsed() <= budget) {
+            times.push(once()?);
+        }
+        Ok(times)
+    })?;
     let finite = ctx.download(&g.dq)?.iter().all(|x| x.is_finite());
     let runs = times.len();
     let min_ms = times.iter().cloned().fold(f64::INFINITY, f64::min);

@@ -373,11 +373,9 @@ struct Cli {
     json: Option<String>,
 }
 
-fn main() {
-    let Cli { quick, json } = <Cli as clap::Parser>::parse();
-
-    let header = machine_header();
-    print!("{header}");
+/// A context on every adapter the filter (`SELATTN_ADAPTER`) lets through that gives a device;
+/// each adapter's description is printed, and returned, with the reason where it gives none.
+fn open_contexts() -> (Vec<Context>, Vec<String>) {
     let filter = std::env::var(selattn::ADAPTER_ENV)
         .ok()
         .map(|s| s.to_lowercase());
@@ -403,71 +401,42 @@ fn main() {
         adapter_text.push(text);
         contexts.extend(ctx);
     }
-    println!();
+    (contexts, adapter_text)
+}
 
+/// One result line of the table.
+fn print_row(r: &Row, elem: DType) {
+    let (m, rel) = r.worst();
+    let short = |s: &str, n: usize| s.chars().take(n).collect::<String>();
     println!(
-        "max err / rel err: worst over O, LSE and F_out of max |gpu - ref| and of the \
-         norm-wise relative error; tiles: forward kernel D BRxBC/TR"
+        "{:<28} {:<7} {:<26} {:<4} {:<22} {:<27} {:<17} {:>9.2e} {:>9.2e}  {}",
+        short(&r.adapter, 28),
+        r.backend,
+        short(&r.driver, 26),
+        if elem == DType::F16 { "f16" } else { "f32" },
+        r.variant,
+        r.case,
+        r.kernel,
+        m,
+        rel,
+        match (&r.error, r.pass) {
+            (Some(e), true) => e.clone(),
+            (Some(e), false) => format!("FAIL: {e}"),
+            (None, true) => "pass".into(),
+            (None, false) => format!(
+                "FAIL: O {:?} LSE {:?} F_out {:?} f16 baseline {:?}",
+                r.o, r.lse, r.f_out, r.baseline
+            ),
+        }
     );
-    let cases = cases(quick);
-    let vars = variants();
-    let mut rows = vec![];
-    println!(
-        "{:<28} {:<7} {:<26} {:<4} {:<22} {:<27} {:<17} {:>9} {:>9}  result",
-        "adapter", "backend", "driver", "type", "variant", "shape", "tiles", "max err", "rel err"
-    );
-    for ctx in &contexts {
-        let mut elems = vec![DType::F32];
-        if ctx.capabilities().f16 {
-            elems.push(DType::F16);
-        }
-        // Every call on the scalar path; f16 also on the cooperative-matrix path where the
-        // adapter has it.
-        let mut runs = vec![];
-        for &elem in &elems {
-            runs.push((elem, Path::Scalar));
-            if elem == DType::F16 && ctx.capabilities().coop_16x16_f16() {
-                runs.push((elem, Path::Coop));
-            }
-        }
-        for &(elem, path) in &runs {
-            for (ci, case) in cases.iter().enumerate() {
-                for (vi, var) in vars.iter().enumerate() {
-                    let seed = 1000 * ci as u64 + vi as u64;
-                    let r = run_one(ctx, case, var, elem, path, seed);
-                    let (m, rel) = r.worst();
-                    let short = |s: &str, n: usize| s.chars().take(n).collect::<String>();
-                    println!(
-                        "{:<28} {:<7} {:<26} {:<4} {:<22} {:<27} {:<17} {:>9.2e} {:>9.2e}  {}",
-                        short(&r.adapter, 28),
-                        r.backend,
-                        short(&r.driver, 26),
-                        if elem == DType::F16 { "f16" } else { "f32" },
-                        r.variant,
-                        r.case,
-                        r.kernel,
-                        m,
-                        rel,
-                        match (&r.error, r.pass) {
-                            (Some(e), true) => e.clone(),
-                            (Some(e), false) => format!("FAIL: {e}"),
-                            (None, true) => "pass".into(),
-                            (None, false) => format!(
-                                "FAIL: O {:?} LSE {:?} F_out {:?} f16 baseline {:?}",
-                                r.o, r.lse, r.f_out, r.baseline
-                            ),
-                        }
-                    );
-                    rows.push(r);
-                }
-            }
-        }
-    }
+}
 
+/// The per-adapter summary; true when any row failed.
+fn print_summary(contexts: &[Context], rows: &[Row]) -> bool {
     println!();
     println!("summary:");
     let mut any_fail = false;
-    for ctx in &contexts {
+    for ctx in contexts {
         let i = &ctx.capabilities().info;
         let mine: Vec<&Row> = rows
             .iter()
@@ -500,6 +469,55 @@ fn main() {
             mine.iter().map(|r| r.seconds).sum::<f64>()
         );
     }
+    any_fail
+}
+
+fn main() {
+    let Cli { quick, json } = <Cli as clap::Parser>::parse();
+
+    let header = machine_header();
+    print!("{header}");
+    let (contexts, adapter_text) = open_contexts();
+    println!();
+
+    println!(
+        "max err / rel err: worst over O, LSE and F_out of max |gpu - ref| and of the \
+         norm-wise relative error; tiles: forward kernel D BRxBC/TR"
+    );
+    let cases = cases(quick);
+    let vars = variants();
+    let mut rows = vec![];
+    println!(
+        "{:<28} {:<7} {:<26} {:<4} {:<22} {:<27} {:<17} {:>9} {:>9}  result",
+        "adapter", "backend", "driver", "type", "variant", "shape", "tiles", "max err", "rel err"
+    );
+    for ctx in &contexts {
+        let mut elems = vec![DType::F32];
+        if ctx.capabilities().f16 {
+            elems.push(DType::F16);
+        }
+        // Every call on the scalar path; f16 also on the cooperative-matrix path where the
+        // adapter has it.
+        let mut runs = vec![];
+        for &elem in &elems {
+            runs.push((elem, Path::Scalar));
+            if elem == DType::F16 && ctx.capabilities().coop_16x16_f16() {
+                runs.push((elem, Path::Coop));
+            }
+        }
+        for &(elem, path) in &runs {
+            for (ci, case) in cases.iter().enumerate() {
+                for (vi, var) in vars.iter().enumerate() {
+                    let seed = 1000 * ci as u64 + vi as u64;
+                    let r = run_one(ctx, case, var, elem, path, seed);
+                    print_row(&r, elem);
+                    rows.push(r);
+                }
+            }
+        }
+    }
+
+    let mut any_fail = print_summary(&contexts, &rows);
     if contexts.is_empty() {
         println!("  no adapter could run the kernels (see the reasons above)");
         any_fail = true;

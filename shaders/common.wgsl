@@ -68,11 +68,6 @@ fn temperature(tau: f32, alpha: f32, pos: u32) -> f32 {
     return tau + alpha * log(f32(pos + 1u));
 }
 
-// What a query's logits are multiplied by so that exp2 gives the softmax: scale * t * log2(e).
-fn row_factor_of(scale: f32, t: f32) -> f32 {
-    return scale * t * LOG2E;
-}
-
 // Selective masking: the selection head's score of the key at `key_pos` counts against the
 // queries after the one at `query_pos` when 0 < key_pos < query_pos (the first token and the
 // query itself are never masked).

@@ -8,8 +8,8 @@
 //   1. K (prefetched into registers during the previous tile) staged in workgroup memory, zero
 //      past the valid keys; S = Q K^T per subgroup with 16x16x16 MMAs, stored (f32);
 //   2. (selective) the selection head's K tile (also prefetched; staged beside K when kbuf has
-//      room for both) and S tile; column prefix of its relu'd logits over the tile's rows, added
-//      to the carried C;
+//      room for both) and S tile, in NSEL column slices; column prefix of its relu'd logits
+//      over the tile's rows, added to the carried C, giving F; S * rf - F written back into S;
 //   3. loads for this tile's V and the next tile's K are issued, then the softmax runs while they
 //      are in flight: per row z = (S * scale * t - F) * u over the allowed prefix of keys, in
 //      log2 units (u = log2 e, p = exp2(z - m)) where every |scale * t| of the tile is small
@@ -58,10 +58,16 @@ override WRITE_LSE: bool = false;
 override VSEP: bool = false;
 // FAST_PREFIX: the selective column prefix without per-element predicates on interior tiles.
 override FAST_PREFIX: bool = true;
+// NSEL: the selection head's S tile in NSEL column slices of BCS keys (1 or 2), so fsel holds
+//   BR x BCS: selective at BC = 64 fits 48 KiB at D = 64. The prefix writes each row's softmax
+//   argument S * rf - F straight into S, so F needs no buffer of its own.
+override NSEL: u32 = 1u;
+override BCS: u32 = BC / NSEL;
+override SPS: u32 = BCS + 4u;  // padded f32 row stride of fsel
 
 override WG: u32 = (BR / 16u) * SGS;
 override LPR: u32 = SGS / 16u;   // lanes per row in the softmax
-override CHUNK: u32 = BR / (WG / BC);   // rows per thread in the selective column prefix
+override CHUNK: u32 = BR / (WG / BCS);   // rows per thread in the selective column prefix
 override NLD: u32 = (BC * D8 + WG - 1u) / WG;   // 16-byte loads per thread per tile, <= MAX_LD
 const MAX_LD: u32 = 8u;
 override D8: u32 = D / 8u;
@@ -92,7 +98,7 @@ override VOFF: u32 = select(0u, max(BR, BC) * DP, VSEP);
 var<workgroup> kbuf: array<f16, max(BR, BC) * DP + select(0u, BC * DP, VSEP)>;
 var<workgroup> sbuf: array<f32, BR * SP>;
 var<workgroup> pbuf: array<f16, BR * PP>;
-var<workgroup> fsel: array<f32, select(4u, BR * SP, SELECTIVE)>;
+var<workgroup> fsel: array<f32, select(4u, BR * SPS, SELECTIVE)>;
 var<workgroup> ctot: array<f32, select(4u, WG, SELECTIVE)>;   // column totals per row chunk
 var<workgroup> row_m: array<f32, BR>;
 var<workgroup> row_l: array<f32, BR>;
@@ -283,71 +289,74 @@ fn coop_forward(
                 }
                 workgroupBarrier();
             }
-{{SSLOOP}}
-        }
-        // S is read back by the softmax only in the subgroup's own rows. Without VSEP the V tile
-        // next takes K's rows, which every subgroup must be done with.
-        if VSEP && !SELECTIVE {
-{{SGBAR}}
-        } else {
-            workgroupBarrier();
-        }
-        // 3. Selective: F = C + exclusive column prefix of S_sel inside the tile, in units of UW
-        //    (a wide tile); C capped at F_CAP, each term below FLT_MAX / 355: no sum overflows.
-        //    Two levels so every thread works: WG / BC row chunks per column; chunk totals first,
-        //    then each chunk walks its rows from C plus the totals of the chunks above it.
-        if SELECTIVE {
-            let c = tid % BC;
-            let chunk = tid / BC;
-            let r0 = chunk * CHUNK;
-            let j = kt + c;
             let su = p.scale * UW;
             // An interior tile (every row inside q_len and the valid keys, every key before
             // every row's position): the predicate is j > 0 alone, folded into the factor.
             let interior = FAST_PREFIX && row0 + BR <= p.q_len && kt + BC <= p.start + row0
                 && p.start + row0 + BR <= valid;
-            let sj = select(0.0, su, j > 0u);
-            var tot = 0.0;
-            if interior {
-                for (var r = r0; r < r0 + CHUNK; r++) {
-                    tot += max(fsel[r * SP + c] * sj, 0.0);
-                }
-            } else {
-                for (var r = r0; r < r0 + CHUNK; r++) {
-                    let pos = p.start + row0 + r;
-                    if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
-                        tot += max(fsel[r * SP + c] * su, 0.0);
+            for (var hs = 0u; hs < NSEL; hs++) {
+                let hoff = hs * BCS;
+{{SSLOOP}}
+                workgroupBarrier();
+                // 3. F = C + exclusive column prefix of S_sel inside the tile, in units of UW
+                //    (a wide tile); C capped at F_CAP, each term below FLT_MAX / 355: no sum
+                //    overflows. Two levels so every thread works: WG / BCS row chunks per
+                //    column; chunk totals first, then each chunk walks its rows from C plus the
+                //    totals of the chunks above it, writing S * rf - F into S.
+                let c = tid % BCS;
+                let chunk = tid / BCS;
+                let r0 = chunk * CHUNK;
+                let j = kt + hoff + c;
+                let sj = select(0.0, su, j > 0u);
+                var tot = 0.0;
+                if interior {
+                    for (var r = r0; r < r0 + CHUNK; r++) {
+                        tot += max(fsel[r * SPS + c] * sj, 0.0);
+                    }
+                } else {
+                    for (var r = r0; r < r0 + CHUNK; r++) {
+                        let pos = p.start + row0 + r;
+                        if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
+                            tot += max(fsel[r * SPS + c] * su, 0.0);
+                        }
                     }
                 }
-            }
-            ctot[chunk * BC + c] = tot;
-            workgroupBarrier();
-            var run = 0.0;
-            if j < p.k_len {
-                // C is F0 plus sums of relu'd logits: finite for any input whose F fits in f32.
-                run = min(fcarry[(b * p.n_qtiles + qt) * p.k_len + j] * UW, F_CAP);
-            }
-            for (var q2 = 0u; q2 < chunk; q2++) {
-                run += ctot[q2 * BC + c];
-            }
-            if interior {
-                for (var r = r0; r < r0 + CHUNK; r++) {
-                    let e = r * SP + c;
-                    let s = fsel[e];
-                    fsel[e] = run;
-                    run += max(s * sj, 0.0);
+                ctot[chunk * BCS + c] = tot;
+                workgroupBarrier();
+                var run = 0.0;
+                if j < p.k_len {
+                    // C is F0 plus sums of relu'd logits: finite for any input whose F fits.
+                    run = min(fcarry[(b * p.n_qtiles + qt) * p.k_len + j] * UW, F_CAP);
                 }
-            } else {
-                for (var r = r0; r < r0 + CHUNK; r++) {
-                    let pos = p.start + row0 + r;
-                    let e = r * SP + c;
-                    let s = fsel[e];
-                    fsel[e] = run;
-                    if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
-                        run += max(s * su, 0.0);
+                for (var q2 = 0u; q2 < chunk; q2++) {
+                    run += ctot[q2 * BCS + c];
+                }
+                if interior {
+                    for (var r = r0; r < r0 + CHUNK; r++) {
+                        let s = fsel[r * SPS + c];
+                        let e = r * SP + hoff + c;
+                        sbuf[e] = sbuf[e] * (row_f[r] * UW) - run;
+                        run += max(s * sj, 0.0);
+                    }
+                } else {
+                    for (var r = r0; r < r0 + CHUNK; r++) {
+                        let pos = p.start + row0 + r;
+                        let s = fsel[r * SPS + c];
+                        let e = r * SP + hoff + c;
+                        sbuf[e] = sbuf[e] * (row_f[r] * UW) - run;
+                        if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
+                            run += max(s * su, 0.0);
+                        }
                     }
                 }
+                // fsel is rewritten by the next slice; S is read by the softmax.
+                workgroupBarrier();
             }
+        } else if VSEP {
+            // S is read back by the softmax only in the subgroup's own rows.
+{{SGBAR}}
+        } else {
+            // The V tile next takes K's rows, which every subgroup must be done with.
             workgroupBarrier();
         }
         // Loads for this tile's V and the next tile's K, consumed after the softmax.
@@ -389,10 +398,11 @@ fn coop_forward(
             // Whether a row has started is read off its sum (>= 1 once any key was allowed: the
             // tile that sets the max contributes exp2(0)), never off the max's value.
             var mx = LOWEST;
+            // (With SELECTIVE, S already holds S * rf - F.)
             for (var c = part; c < ncol; c += LPR) {
-                var z = sbuf[r * SP + c] * rf;
-                if SELECTIVE {
-                    z -= fsel[r * SP + c];
+                var z = sbuf[r * SP + c];
+                if !SELECTIVE {
+                    z *= rf;
                 }
                 mx = max(mx, z);
             }
@@ -419,9 +429,9 @@ fn coop_forward(
                 for (var c = part; c < BC; c += LPR) {
                     var pf = 0.0;
                     if c < ncol {
-                        var z = sbuf[r * SP + c] * rf;
-                        if SELECTIVE {
-                            z -= fsel[r * SP + c];
+                        var z = sbuf[r * SP + c];
+                        if !SELECTIVE {
+                            z *= rf;
                         }
                         pf = p_wide(z, m_new);
                     }

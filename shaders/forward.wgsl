@@ -82,7 +82,7 @@ fn row_factor(b: u32, h: u32, i: u32) -> f32 {
     if HAS_ALPHA {
         t = temperature(t, alpha[h], p.start + i);
     }
-    // Natural-log domain (not `row_factor_of`, which folds in log2 e): log2 e is applied only
+    // Natural-log domain (log2 e not folded into the row factor): log2 e is applied only
     // to differences from the row max, so logits near the f32 limit stay finite.
     return p.scale * t;
 }

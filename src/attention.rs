@@ -29,6 +29,21 @@ pub struct Inputs<'a> {
 }
 
 impl<'a> Inputs<'a> {
+    /// Every input tensor in field order (Q, K, V, tau, alpha, gate, kv_len, F0), `None` where
+    /// absent.
+    pub(crate) fn tensors(&self) -> [Option<&'a Tensor>; 8] {
+        [
+            Some(self.q),
+            Some(self.k),
+            Some(self.v),
+            self.tau,
+            self.alpha,
+            self.gate,
+            self.kv_len,
+            self.f0,
+        ]
+    }
+
     /// Q, K and V with every optional input absent.
     pub fn new(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
         Inputs {
@@ -250,16 +265,7 @@ impl Context {
             ],
         )?;
         // Outputs must not alias inputs or each other: the GPU would race on them.
-        let ins = [
-            Some(inputs.q),
-            Some(inputs.k),
-            Some(inputs.v),
-            inputs.tau,
-            inputs.alpha,
-            inputs.gate,
-            inputs.kv_len,
-            inputs.f0,
-        ];
+        let ins = inputs.tensors();
         let outs = [Some(outputs.o), outputs.lse, outputs.f_out];
         check_no_alias(
             &ins,

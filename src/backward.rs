@@ -4,7 +4,7 @@ use crate::attention::check;
 use crate::kernels::backward::{BackwardPlan, Entry, Wanted};
 use crate::kernels::coop_backward::{CoopEntry, ROWS};
 use crate::kernels::gpu::{entry, submit, tensor_entry};
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, KernelKey};
 use crate::spec::Options;
 use crate::tensor::{check_binding_sizes, check_no_alias};
 use crate::{Context, DType, Error, Inputs, Outputs, Result, Tensor};
@@ -160,34 +160,7 @@ impl Context {
                 ("dv", grads.dv),
             ],
         )?;
-        let ins = [
-            Some(inputs.q),
-            Some(inputs.k),
-            Some(inputs.v),
-            inputs.tau,
-            inputs.alpha,
-            inputs.gate,
-            inputs.kv_len,
-            inputs.f0,
-            Some(up.o),
-            Some(up.lse),
-            Some(up.d_o),
-            up.df_out,
-        ];
-        let outs = [
-            grads.dq,
-            grads.dk,
-            grads.dv,
-            grads.dtau,
-            grads.dalpha,
-            grads.dgate,
-            grads.df0,
-        ];
-        check_no_alias(
-            &ins,
-            &outs,
-            "a gradient buffer aliases an input or another gradient",
-        )?;
+        check_backward_aliases(inputs, up, grads)?;
         let wanted = Wanted {
             dq: grads.dq.is_some(),
             dk: grads.dk.is_some(),
@@ -295,208 +268,25 @@ impl Context {
         for key in plan.keys() {
             pipes.push((key, gpu.pipeline(&key)?));
         }
-        let params = gpu.uniform("selattn backward params", bytemuck::bytes_of(&plan.params));
-        let layout = gpu.uniform("selattn backward layout", bytemuck::bytes_of(&plan.layout));
-        // With the du scratch, coop_selq and coop_selk_du run once per chunk of query rows, each
-        // pair with its own Layout (row_lo, row_hi).
-        let chunk_layouts: Vec<(u32, wgpu::Buffer)> = if plan.du_rows > 0 {
-            (0..s.q_len.div_ceil(plan.du_rows))
-                .map(|c| {
-                    let row_lo = c * plan.du_rows;
-                    let l = crate::kernels::backward::Layout {
-                        row_lo,
-                        row_hi: (row_lo + plan.du_rows).min(s.q_len),
-                        ..plan.layout
-                    };
-                    let rows = l.row_hi - l.row_lo;
-                    let buf = gpu.uniform("selattn backward chunk layout", bytemuck::bytes_of(&l));
-                    (rows, buf)
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let b = self.backward_buffers(plan, gpu.dummy_in);
         let mut selq_du: Vec<(&wgpu::ComputePipeline, wgpu::BindGroup, u32)> = Vec::new();
-        let buffer = |label, floats: u64| {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: (4 * floats).max(16),
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            })
-        };
-        let ws = buffer("selattn backward workspace", plan.ws_floats);
-        let carry = buffer("selattn backward selective C", plan.c_floats());
-        // Distinct placeholders for absent writable bindings (two bindings of one buffer in a
-        // dispatch may not both be writable).
-        let dummies: Vec<wgpu::Buffer> = (0..4)
-            .map(|_| buffer("selattn backward placeholder", 4))
-            .collect();
-        let din = gpu.dummy_in;
-        let lin_groups = |n: u64| {
-            let g = n.div_ceil(64).max(1);
-            let x = g.min(self.capabilities().max_workgroups_per_dim as u64);
-            (x as u32, g.div_ceil(x) as u32)
-        };
-
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("selattn backward"),
             timestamp_writes: None,
         });
         for (key, pipe) in &pipes {
             let bgl = pipe.get_bind_group_layout(0);
-            let (entries, groups): (Vec<wgpu::BindGroupEntry>, (u32, u32, u32)) = match key.kernel {
-                Kernel::SelColsum(c) => (
-                    vec![
-                        entry(0, &params),
-                        tensor_entry(1, Some(bound(inputs.q)), din),
-                        tensor_entry(2, Some(bound(inputs.k)), din),
-                        tensor_entry(3, inputs.kv_len.map(bound), din),
-                        entry(5, &carry),
-                    ],
-                    (s.k_len.div_ceil(c.bc), plan.params.n_qtiles, s.batch),
-                ),
-                Kernel::SelScan(c) => (
-                    vec![
-                        entry(0, &params),
-                        tensor_entry(4, inputs.f0.map(bound), din),
-                        entry(5, &carry),
-                        entry(6, &dummies[0]),
-                    ],
-                    (s.k_len.div_ceil(c.wg), s.batch, 1),
-                ),
-                Kernel::Backward(_) | Kernel::CoopBackward(_) => {
-                    let c = match key.kernel {
-                        Kernel::CoopBackward(c) => match c.entry {
-                            CoopEntry::Dkv => Entry::Dkv,
-                            CoopEntry::Dq => Entry::Dq,
-                            CoopEntry::Selq | CoopEntry::SelqDu => Entry::Selq,
-                            CoopEntry::Selk | CoopEntry::SelkDu => Entry::Selk,
-                        },
-                        Kernel::Backward(c) => c.entry,
-                        _ => Entry::Finish,
-                    };
-                    let coop = plan.coop.is_some();
-                    let coop_sel = plan.coop_sel.is_some();
-                    let mut e = vec![entry(0, &params), entry(1, &layout), entry(6, &ws)];
-                    let tiled = |e: &mut Vec<_>| {
-                        e.extend([
-                            tensor_entry(2, Some(bound(inputs.q)), din),
-                            tensor_entry(3, Some(bound(inputs.k)), din),
-                            tensor_entry(4, Some(bound(inputs.v)), din),
-                            tensor_entry(5, Some(bound(up.d_o)), din),
-                            entry(
-                                7,
-                                if plan.selective.is_some() {
-                                    &carry
-                                } else {
-                                    din
-                                },
-                            ),
-                        ]);
-                    };
-                    let groups = match c {
-                        Entry::Prep => {
-                            e.extend([
-                                tensor_entry(5, Some(bound(up.d_o)), din),
-                                tensor_entry(10, Some(bound(up.o)), din),
-                                tensor_entry(11, Some(bound(up.lse)), din),
-                                tensor_entry(12, inputs.tau.map(bound), din),
-                                tensor_entry(13, inputs.alpha.map(bound), din),
-                                tensor_entry(14, inputs.gate.map(bound), din),
-                                tensor_entry(15, inputs.kv_len.map(bound), din),
-                            ]);
-                            let (x, y) = lin_groups(plan.layout.n_lin as u64);
-                            (x, y, 1)
-                        }
-                        Entry::Dkv => {
-                            tiled(&mut e);
-                            e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
-                            e.push(tensor_entry(9, grads.dv.map(bound), &dummies[1]));
-                            if coop {
-                                (s.k_len.div_ceil(ROWS), s.kv_heads, s.batch)
-                            } else {
-                                (plan.n_ktiles, s.kv_heads, s.batch)
-                            }
-                        }
-                        Entry::Dq => {
-                            tiled(&mut e);
-                            e.push(tensor_entry(8, grads.dq.map(bound), &dummies[0]));
-                            if coop {
-                                (s.q_len.div_ceil(ROWS), s.q_heads, s.batch)
-                            } else {
-                                (plan.params.n_qtiles, s.q_heads, s.batch)
-                            }
-                        }
-                        Entry::Fscan => {
-                            e.push(tensor_entry(16, up.df_out.map(bound), din));
-                            (s.k_len.div_ceil(64), s.batch, 1)
-                        }
-                        Entry::Selq => {
-                            tiled(&mut e);
-                            e.push(tensor_entry(8, grads.dq.map(bound), &dummies[0]));
-                            if coop_sel {
-                                (s.q_len.div_ceil(ROWS), 1, s.batch)
-                            } else {
-                                (plan.params.n_qtiles, 1, s.batch)
-                            }
-                        }
-                        Entry::Selk => {
-                            if plan.du_rows > 0 {
-                                // coop_selk_du reads Q (and the workspace) only.
-                                e.push(tensor_entry(2, Some(bound(inputs.q)), din));
-                            } else {
-                                tiled(&mut e);
-                            }
-                            e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
-                            if coop_sel {
-                                (s.k_len.div_ceil(ROWS), 1, s.batch)
-                            } else {
-                                (plan.n_ktiles, 1, s.batch)
-                            }
-                        }
-                        Entry::Finish => {
-                            e.extend([
-                                tensor_entry(17, grads.dtau.map(bound), &dummies[0]),
-                                tensor_entry(18, grads.dalpha.map(bound), &dummies[1]),
-                                tensor_entry(19, grads.dgate.map(bound), &dummies[2]),
-                                tensor_entry(20, grads.df0.map(bound), &dummies[3]),
-                            ]);
-                            let (x, y) = lin_groups(plan.layout.n_lin as u64);
-                            (x, y, 1)
-                        }
-                    };
-                    (e, groups)
-                }
-                _ => {
-                    return Err(Error::gpu_msg(format!(
-                        "encoding the backward pass: the plan named a foreign kernel {key:?}"
-                    )))
-                }
-            };
+            let (entries, groups) = self.kernel_entries(key, plan, &b, inputs, up, grads)?;
             let du_entry = match key.kernel {
                 Kernel::CoopBackward(c) if plan.du_rows > 0 => Some(c.entry),
                 _ => None,
             };
             if let Some(de @ (CoopEntry::SelqDu | CoopEntry::SelkDu)) = du_entry {
-                let chunk_groups: Vec<(wgpu::BindGroup, u32)> = chunk_layouts
+                let chunk_groups: Vec<(wgpu::BindGroup, u32)> = b
+                    .chunk_layouts
                     .iter()
                     .map(|(rows, lb)| {
-                        let e: Vec<wgpu::BindGroupEntry> = entries
-                            .iter()
-                            .map(|x| {
-                                if x.binding == 1 {
-                                    entry(1, lb)
-                                } else {
-                                    x.clone()
-                                }
-                            })
-                            .collect();
-                        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                            label: Some(&format!("{key:?}")),
-                            layout: &bgl,
-                            entries: &e,
-                        });
+                        let bg = self.bind_group(key, &bgl, &with_layout(&entries, lb));
                         (bg, *rows)
                     })
                     .collect();
@@ -518,17 +308,286 @@ impl Context {
                 }
                 continue;
             }
-            let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(&format!("{key:?}")),
-                layout: &bgl,
-                entries: &entries,
-            });
+            let bg = self.bind_group(key, &bgl, &entries);
             pass.set_pipeline(pipe);
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(groups.0, groups.1, groups.2);
         }
         Ok(())
     }
+
+    /// The bindings and workgroup counts of one kernel of the plan.
+    fn kernel_entries<'b>(
+        &self,
+        key: &KernelKey,
+        plan: &BackwardPlan,
+        b: &'b Buffers,
+        inputs: &Inputs<'b>,
+        up: &Upstream<'b>,
+        grads: &Grads<'b>,
+    ) -> Result<(Vec<wgpu::BindGroupEntry<'b>>, (u32, u32, u32))> {
+        let s = plan.resolved.shape;
+        Ok(match key.kernel {
+            Kernel::SelColsum(c) => (
+                vec![
+                    entry(0, &b.params),
+                    tensor_entry(1, Some(bound(inputs.q)), b.din),
+                    tensor_entry(2, Some(bound(inputs.k)), b.din),
+                    tensor_entry(3, inputs.kv_len.map(bound), b.din),
+                    entry(5, &b.carry),
+                ],
+                (s.k_len.div_ceil(c.bc), plan.params.n_qtiles, s.batch),
+            ),
+            Kernel::SelScan(c) => (
+                vec![
+                    entry(0, &b.params),
+                    tensor_entry(4, inputs.f0.map(bound), b.din),
+                    entry(5, &b.carry),
+                    entry(6, &b.dummies[0]),
+                ],
+                (s.k_len.div_ceil(c.wg), s.batch, 1),
+            ),
+            Kernel::Backward(c) => self.backward_entries(plan, b, c.entry, inputs, up, grads),
+            Kernel::CoopBackward(c) => {
+                let e = match c.entry {
+                    CoopEntry::Dkv => Entry::Dkv,
+                    CoopEntry::Dq => Entry::Dq,
+                    CoopEntry::Selq | CoopEntry::SelqDu => Entry::Selq,
+                    CoopEntry::Selk | CoopEntry::SelkDu => Entry::Selk,
+                };
+                self.backward_entries(plan, b, e, inputs, up, grads)
+            }
+            _ => {
+                return Err(Error::gpu_msg(format!(
+                    "encoding the backward pass: the plan named a foreign kernel {key:?}"
+                )))
+            }
+        })
+    }
+
+    /// A bind group labelled with its kernel key.
+    fn bind_group(
+        &self,
+        key: &KernelKey,
+        layout: &wgpu::BindGroupLayout,
+        entries: &[wgpu::BindGroupEntry],
+    ) -> wgpu::BindGroup {
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&format!("{key:?}")),
+            layout,
+            entries,
+        })
+    }
+
+    /// The uniforms and scratch buffers one backward call binds.
+    fn backward_buffers<'d>(&self, plan: &BackwardPlan, din: &'d wgpu::Buffer) -> Buffers<'d> {
+        let s = plan.resolved.shape;
+        let gpu = self.gpu();
+        // With the du scratch, coop_selq and coop_selk_du run once per chunk of query rows, each
+        // pair with its own Layout (row_lo, row_hi).
+        let chunk_layouts: Vec<(u32, wgpu::Buffer)> = if plan.du_rows > 0 {
+            (0..s.q_len.div_ceil(plan.du_rows))
+                .map(|c| {
+                    let row_lo = c * plan.du_rows;
+                    let l = crate::kernels::backward::Layout {
+                        row_lo,
+                        row_hi: (row_lo + plan.du_rows).min(s.q_len),
+                        ..plan.layout
+                    };
+                    let rows = l.row_hi - l.row_lo;
+                    let buf = gpu.uniform("selattn backward chunk layout", bytemuck::bytes_of(&l));
+                    (rows, buf)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let buffer = |label, floats: u64| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: (4 * floats).max(16),
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        Buffers {
+            params: gpu.uniform("selattn backward params", bytemuck::bytes_of(&plan.params)),
+            layout: gpu.uniform("selattn backward layout", bytemuck::bytes_of(&plan.layout)),
+            chunk_layouts,
+            ws: buffer("selattn backward workspace", plan.ws_floats),
+            carry: buffer("selattn backward selective C", plan.c_floats()),
+            // Distinct placeholders for absent writable bindings (two bindings of one buffer in
+            // a dispatch may not both be writable).
+            dummies: (0..4)
+                .map(|_| buffer("selattn backward placeholder", 4))
+                .collect(),
+            din,
+        }
+    }
+
+    // Long on purpose: a table, one arm per shader entry, of the slots it binds and its grid
+    // (shaders/backward.wgsl); each arm reads on its own.
+    /// The bindings and workgroup counts of one entry of the backward shader (scalar or
+    /// cooperative: both bind the same slots).
+    fn backward_entries<'b>(
+        &self,
+        plan: &BackwardPlan,
+        b: &'b Buffers,
+        c: Entry,
+        inputs: &Inputs<'b>,
+        up: &Upstream<'b>,
+        grads: &Grads<'b>,
+    ) -> (Vec<wgpu::BindGroupEntry<'b>>, (u32, u32, u32)) {
+        let s = plan.resolved.shape;
+        let din = b.din;
+        let dummies = &b.dummies;
+        let lin_groups = |n: u64| {
+            let g = n.div_ceil(64).max(1);
+            let x = g.min(self.capabilities().max_workgroups_per_dim as u64);
+            (x as u32, g.div_ceil(x) as u32)
+        };
+        let coop = plan.coop.is_some();
+        let coop_sel = plan.coop_sel.is_some();
+        let mut e = vec![entry(0, &b.params), entry(1, &b.layout), entry(6, &b.ws)];
+        let tiled = |e: &mut Vec<_>| {
+            e.extend([
+                tensor_entry(2, Some(bound(inputs.q)), din),
+                tensor_entry(3, Some(bound(inputs.k)), din),
+                tensor_entry(4, Some(bound(inputs.v)), din),
+                tensor_entry(5, Some(bound(up.d_o)), din),
+                entry(
+                    7,
+                    if plan.selective.is_some() {
+                        &b.carry
+                    } else {
+                        din
+                    },
+                ),
+            ]);
+        };
+        let groups = match c {
+            Entry::Prep => {
+                e.extend([
+                    tensor_entry(5, Some(bound(up.d_o)), din),
+                    tensor_entry(10, Some(bound(up.o)), din),
+                    tensor_entry(11, Some(bound(up.lse)), din),
+                    tensor_entry(12, inputs.tau.map(bound), din),
+                    tensor_entry(13, inputs.alpha.map(bound), din),
+                    tensor_entry(14, inputs.gate.map(bound), din),
+                    tensor_entry(15, inputs.kv_len.map(bound), din),
+                ]);
+                let (x, y) = lin_groups(plan.layout.n_lin as u64);
+                (x, y, 1)
+            }
+            Entry::Dkv => {
+                tiled(&mut e);
+                e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
+                e.push(tensor_entry(9, grads.dv.map(bound), &dummies[1]));
+                if coop {
+                    (s.k_len.div_ceil(ROWS), s.kv_heads, s.batch)
+                } else {
+                    (plan.n_ktiles, s.kv_heads, s.batch)
+                }
+            }
+            Entry::Dq => {
+                tiled(&mut e);
+                e.push(tensor_entry(8, grads.dq.map(bound), &dummies[0]));
+                if coop {
+                    (s.q_len.div_ceil(ROWS), s.q_heads, s.batch)
+                } else {
+                    (plan.params.n_qtiles, s.q_heads, s.batch)
+                }
+            }
+            Entry::Fscan => {
+                e.push(tensor_entry(16, up.df_out.map(bound), din));
+                (s.k_len.div_ceil(64), s.batch, 1)
+            }
+            Entry::Selq => {
+                tiled(&mut e);
+                e.push(tensor_entry(8, grads.dq.map(bound), &dummies[0]));
+                if coop_sel {
+                    (s.q_len.div_ceil(ROWS), 1, s.batch)
+                } else {
+                    (plan.params.n_qtiles, 1, s.batch)
+                }
+            }
+            Entry::Selk => {
+                if plan.du_rows > 0 {
+                    // coop_selk_du reads Q (and the workspace) only.
+                    e.push(tensor_entry(2, Some(bound(inputs.q)), din));
+                } else {
+                    tiled(&mut e);
+                }
+                e.push(tensor_entry(8, grads.dk.map(bound), &dummies[0]));
+                if coop_sel {
+                    (s.k_len.div_ceil(ROWS), 1, s.batch)
+                } else {
+                    (plan.n_ktiles, 1, s.batch)
+                }
+            }
+            Entry::Finish => {
+                e.extend([
+                    tensor_entry(17, grads.dtau.map(bound), &dummies[0]),
+                    tensor_entry(18, grads.dalpha.map(bound), &dummies[1]),
+                    tensor_entry(19, grads.dgate.map(bound), &dummies[2]),
+                    tensor_entry(20, grads.df0.map(bound), &dummies[3]),
+                ]);
+                let (x, y) = lin_groups(plan.layout.n_lin as u64);
+                (x, y, 1)
+            }
+        };
+        (e, groups)
+    }
+}
+
+/// The uniforms and scratch buffers of one backward call.
+struct Buffers<'d> {
+    params: wgpu::Buffer,
+    layout: wgpu::Buffer,
+    /// Per du chunk: its query rows and its Layout uniform.
+    chunk_layouts: Vec<(u32, wgpu::Buffer)>,
+    ws: wgpu::Buffer,
+    carry: wgpu::Buffer,
+    dummies: Vec<wgpu::Buffer>,
+    din: &'d wgpu::Buffer,
+}
+
+/// `entries` with binding 1 (the Layout uniform) replaced by `layout`.
+fn with_layout<'a>(
+    entries: &[wgpu::BindGroupEntry<'a>],
+    layout: &'a wgpu::Buffer,
+) -> Vec<wgpu::BindGroupEntry<'a>> {
+    entries
+        .iter()
+        .map(|x| {
+            if x.binding == 1 {
+                entry(1, layout)
+            } else {
+                x.clone()
+            }
+        })
+        .collect()
+}
+
+/// No gradient buffer may alias an input, an upstream tensor or another gradient.
+fn check_backward_aliases(inputs: &Inputs, up: &Upstream, grads: &Grads) -> Result<()> {
+    let ins: Vec<Option<&Tensor>> = (inputs.tensors().into_iter())
+        .chain([Some(up.o), Some(up.lse), Some(up.d_o), up.df_out])
+        .collect();
+    let outs = [
+        grads.dq,
+        grads.dk,
+        grads.dv,
+        grads.dtau,
+        grads.dalpha,
+        grads.dgate,
+        grads.df0,
+    ];
+    check_no_alias(
+        &ins,
+        &outs,
+        "a gradient buffer aliases an input or another gradient",
+    )
 }
 
 /// A tensor's buffer with the bytes a kernel binds of it.

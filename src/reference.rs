@@ -105,6 +105,51 @@ pub(crate) fn temperature(
     t + alpha.map_or(0.0, |a| a[h] as f64 * ((pos + 1) as f64).ln())
 }
 
+/// The shape as host indices, and the row accessors both references read tensors through.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub bn: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub d: usize,
+    /// Query heads per KV head.
+    pub group: usize,
+}
+
+impl Dims {
+    pub(crate) fn of(s: &crate::spec::Shape) -> Self {
+        let (hq, hkv) = (s.q_heads as usize, s.kv_heads as usize);
+        Dims {
+            bn: s.batch as usize,
+            hq,
+            hkv,
+            nq: s.q_len as usize,
+            nk: s.k_len as usize,
+            d: s.head_dim as usize,
+            group: hq / hkv,
+        }
+    }
+
+    /// `(B, Hq, Hkv, Nq, Nk, D, group)`.
+    pub(crate) fn sizes(&self) -> (usize, usize, usize, usize, usize, usize, usize) {
+        (
+            self.bn, self.hq, self.hkv, self.nq, self.nk, self.d, self.group,
+        )
+    }
+
+    /// Row `i` of query head `h`, batch `b`, of a `[B, Hq, Nq, D]` tensor (Q, O, dO).
+    pub(crate) fn q_row<'a>(&self, t: &'a [f32], b: usize, h: usize, i: usize) -> &'a [f32] {
+        &t[((b * self.hq + h) * self.nq + i) * self.d..][..self.d]
+    }
+
+    /// Row `j` of KV head `h`, batch `b`, of a `[B, Hkv, Nk, D]` tensor (K, V).
+    pub(crate) fn kv_row<'a>(&self, t: &'a [f32], b: usize, h: usize, j: usize) -> &'a [f32] {
+        &t[((b * self.hkv + h) * self.nk + j) * self.d..][..self.d]
+    }
+}
+
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
@@ -141,22 +186,14 @@ pub fn attention_keys(
             return Err(Error::PresenceMismatch { what, said, given });
         }
     }
-    let s = r.shape;
-    let (bn, hq, hkv, nq, nk, d) = (
-        s.batch as usize,
-        s.q_heads as usize,
-        s.kv_heads as usize,
-        s.q_len as usize,
-        s.k_len as usize,
-        s.head_dim as usize,
-    );
-    let group = hq / hkv;
+    let dm = Dims::of(&r.shape);
+    let (bn, hq, hkv, nq, nk, d, group) = dm.sizes();
     let scale = r.scale as f64;
     let start = r.start as usize;
     let causal = r.options.causal;
-    let q_row = |b: usize, h: usize, i: usize| &x.q[((b * hq + h) * nq + i) * d..][..d];
-    let k_row = |b: usize, h: usize, j: usize| &x.k[((b * hkv + h) * nk + j) * d..][..d];
-    let v_row = |b: usize, h: usize, j: usize| &x.v[((b * hkv + h) * nk + j) * d..][..d];
+    let q_row = |b: usize, h: usize, i: usize| dm.q_row(&x.q, b, h, i);
+    let k_row = |b: usize, h: usize, j: usize| dm.kv_row(&x.k, b, h, j);
+    let v_row = |b: usize, h: usize, j: usize| dm.kv_row(&x.v, b, h, j);
 
     let mut out = HostOutputs {
         o: vec![0.0; bn * hq * nq * d],

@@ -4,8 +4,8 @@
 //! forward's LSE, every gradient is accumulated as the formula reads, and the selective terms
 //! build the full dF and dS matrices (the GPU kernels never do).
 
-use crate::reference::{attention, dot, temperature, HostInputs};
-use crate::spec::{numel, Spec};
+use crate::reference::{attention, dot, temperature, Dims, HostInputs};
+use crate::spec::{numel, Resolved, Spec};
 use crate::{Error, Result};
 
 /// Gradients of one call, in f64, each shaped like the input it belongs to.
@@ -28,6 +28,8 @@ pub struct HostGrads {
     pub df0: Vec<f64>,
 }
 
+// Long on purpose: the oracle is written as the formulas of DESIGN.md §1b, term by term, so it
+// can be read against them line for line (house style: no cleverness in the reference).
 /// The backward pass of [`attention`]: the gradients of `sum(dO · O) + sum(dF_out · F_out)`
 /// with respect to every input. `d_o` is `[B, Hq, Nq, D]`; `df_out` `[B, Nk]` (selective
 /// masking only; absent means zero).
@@ -39,45 +41,16 @@ pub fn backward(
 ) -> Result<HostGrads> {
     let fwd = attention(spec, x)?;
     let r = spec.validate()?;
-    let s = r.shape;
-    if d_o.len() as u64 != numel(&s.q_dims()) {
-        return Err(Error::LengthMismatch {
-            what: "dO",
-            expected: numel(&s.q_dims()),
-            got: d_o.len() as u64,
-        });
-    }
-    if let Some(f) = df_out {
-        if !r.selective() {
-            return Err(Error::InputWithoutUse {
-                what: "dF_out",
-                why: "selective masking is off",
-            });
-        }
-        if f.len() as u64 != numel(&s.f_dims()) {
-            return Err(Error::LengthMismatch {
-                what: "dF_out",
-                expected: numel(&s.f_dims()),
-                got: f.len() as u64,
-            });
-        }
-    }
-    let (bn, hq, hkv, nq, nk, d) = (
-        s.batch as usize,
-        s.q_heads as usize,
-        s.kv_heads as usize,
-        s.q_len as usize,
-        s.k_len as usize,
-        s.head_dim as usize,
-    );
-    let group = hq / hkv;
+    check_upstream(&r, d_o, df_out)?;
+    let dm = Dims::of(&r.shape);
+    let (bn, hq, hkv, nq, nk, d, group) = dm.sizes();
     let scale = r.scale as f64;
     let start = r.start as usize;
     let causal = r.options.causal;
-    let q_row = |b: usize, h: usize, i: usize| &x.q[((b * hq + h) * nq + i) * d..][..d];
-    let k_row = |b: usize, h: usize, j: usize| &x.k[((b * hkv + h) * nk + j) * d..][..d];
-    let v_row = |b: usize, h: usize, j: usize| &x.v[((b * hkv + h) * nk + j) * d..][..d];
-    let do_row = |b: usize, h: usize, i: usize| &d_o[((b * hq + h) * nq + i) * d..][..d];
+    let q_row = |b: usize, h: usize, i: usize| dm.q_row(&x.q, b, h, i);
+    let k_row = |b: usize, h: usize, j: usize| dm.kv_row(&x.k, b, h, j);
+    let v_row = |b: usize, h: usize, j: usize| dm.kv_row(&x.v, b, h, j);
+    let do_row = |b: usize, h: usize, i: usize| dm.q_row(d_o, b, h, i);
 
     let mut g = HostGrads {
         dq: vec![0.0; bn * hq * nq * d],
@@ -204,4 +177,32 @@ pub fn backward(
         }
     }
     Ok(g)
+}
+
+/// dO and dF_out must have their tensors' lengths, and dF_out needs selective masking.
+fn check_upstream(r: &Resolved, d_o: &[f32], df_out: Option<&[f32]>) -> Result<()> {
+    let s = r.shape;
+    if d_o.len() as u64 != numel(&s.q_dims()) {
+        return Err(Error::LengthMismatch {
+            what: "dO",
+            expected: numel(&s.q_dims()),
+            got: d_o.len() as u64,
+        });
+    }
+    if let Some(f) = df_out {
+        if !r.selective() {
+            return Err(Error::InputWithoutUse {
+                what: "dF_out",
+                why: "selective masking is off",
+            });
+        }
+        if f.len() as u64 != numel(&s.f_dims()) {
+            return Err(Error::LengthMismatch {
+                what: "dF_out",
+                expected: numel(&s.f_dims()),
+                got: f.len() as u64,
+            });
+        }
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@
 mod common;
 use std::sync::OnceLock;
 
+use common::backward::{add_rows, backward_data, rows};
 use common::*;
 use selattn::kernels::backward::Wanted;
 use selattn::kernels::Kernel;
@@ -43,17 +44,10 @@ fn bcase(
     kv_len: Option<Vec<u32>>,
     seed: u64,
 ) -> BCase {
-    let mut x = random_inputs(&shape, c, seed);
-    let mut rng = Rng::new(seed ^ 0xabcdef);
-    let nf = (shape.batch * shape.k_len) as usize;
-    if f0 {
-        x.f0 = Some(rng.range(0.0, 2.0, nf));
-    }
+    let (mut x, d_o, df_out) = backward_data(&shape, c, f0, df_out, seed, seed ^ 0xabcdef);
     if kv_len.is_some() {
         x.kv_len = kv_len;
     }
-    let d_o = rng.normals((shape.batch * shape.q_heads * shape.q_len * shape.head_dim) as usize);
-    let df_out = df_out.then(|| rng.normals(nf));
     BCase {
         name: format!(
             "{name} B{} Hq{} Hkv{} Nq{} Nk{} D{} {} {}{}{}",
@@ -76,6 +70,7 @@ fn bcase(
     }
 }
 
+// Long on purpose: a table of cases, one per line group, each named by what it covers.
 /// The cases share feature sets and head dims where they can: every distinct (head dim, options)
 /// is a set of pipelines to compile, which dominates the run time on software adapters.
 fn cases() -> Vec<BCase> {
@@ -554,6 +549,7 @@ fn f16_storage() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+// Long on purpose: one bad call per block, each with the typed error it must give.
 #[test]
 fn invalid_calls_return_typed_errors() {
     let ctx = &contexts()[0];
@@ -724,28 +720,7 @@ fn scratch_bytes_bound() {
     }
 }
 
-/// Rows `[lo, hi)` of the middle axis of `[outer, n, inner]`.
-fn rows<T: Copy>(x: &[T], outer: usize, n: usize, inner: usize, lo: usize, hi: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(outer * (hi - lo) * inner);
-    for o in 0..outer {
-        v.extend_from_slice(&x[(o * n + lo) * inner..(o * n + hi) * inner]);
-    }
-    v
-}
-
-/// Adds `[outer, m, inner]` into rows `[lo, lo + m)` of `[outer, n, inner]`.
-fn add_rows(dst: &mut [f64], src: &[f32], outer: usize, n: usize, inner: usize, lo: usize) {
-    let m = src.len() / (outer * inner);
-    for o in 0..outer {
-        for (d, s) in dst[(o * n + lo) * inner..(o * n + lo + m) * inner]
-            .iter_mut()
-            .zip(&src[o * m * inner..(o + 1) * m * inner])
-        {
-            *d += *s as f64;
-        }
-    }
-}
-
+// Long on purpose: the chunk rule as one scenario, forward chunks, backward chunks, compare.
 /// The chunk rule on the GPU: a sequence run forward in chunks (F_out of one chunk as F0 of the
 /// next), then backward last chunk first (dF0 of one chunk, first keys, as dF_out of the one
 /// before) gives the whole sequence's gradients (the reference backward of the whole run).
@@ -853,6 +828,7 @@ fn chunked_backward_equals_whole() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+// Long on purpose: a table of cases.
 /// Cases for the cooperative-matrix path: the shared cases whose head dim it takes (multiples
 /// of 16 up to 128), and larger ones that span several 64-key and 64-row workgroups, staged
 /// tiles and 16-row chunks (cheap on a GPU with tensor cores, the only place they run).
@@ -1026,6 +1002,7 @@ fn coop_path_choice() {
     }
 }
 
+// Long on purpose: every coop property is checked on the same runs, so they share one loop.
 /// The cooperative-matrix backward where the adapter has it (an adapter without it must refuse a
 /// forced coop call with a typed error): every coop case against the reference (f16 rules),
 /// forced-scalar and coop agree, only the requested gradients, repeat runs bit-identical,

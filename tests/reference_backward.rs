@@ -12,7 +12,10 @@ use selattn::reference::{attention, HostInputs};
 use selattn::reference_backward::{backward, HostGrads};
 use selattn::Switches;
 use selattn::{Options, Shape, Spec};
-use selattn_tools::testing::{random_inputs, Rng};
+use selattn_tools::testing::Rng;
+
+mod common;
+use common::backward::{add_rows, backward_data, rows};
 
 fn spec(s: &Shape, o: &Options, x: &HostInputs) -> Spec {
     Spec {
@@ -84,14 +87,7 @@ fn case(
     df_out: bool,
     seed: u64,
 ) -> Case {
-    let mut x = random_inputs(&shape, c, seed);
-    let mut rng = Rng::new(seed + 7777);
-    let nf = (shape.batch * shape.k_len) as usize;
-    if f0 {
-        x.f0 = Some(rng.range(0.0, 2.0, nf));
-    }
-    let d_o = rng.normals((shape.batch * shape.q_heads * shape.q_len * shape.head_dim) as usize);
-    let df_out = df_out.then(|| rng.normals(nf));
+    let (x, d_o, df_out) = backward_data(&shape, c, f0, df_out, seed, seed + 7777);
     Case {
         name,
         shape,
@@ -102,6 +98,7 @@ fn case(
     }
 }
 
+// Long on purpose: a table of cases.
 fn cases() -> Vec<Case> {
     let all = Switches::ALL;
     let none = Switches::NONE;
@@ -316,28 +313,7 @@ fn rows_without_allowed_keys_give_zero_gradients() {
     assert!(g.dq.iter().chain(&g.dk).chain(&g.dv).all(|x| x.is_finite()));
 }
 
-/// Rows `[lo, hi)` of the middle axis of `[outer, n, inner]`.
-fn rows<T: Copy>(x: &[T], outer: usize, n: usize, inner: usize, lo: usize, hi: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(outer * (hi - lo) * inner);
-    for o in 0..outer {
-        v.extend_from_slice(&x[(o * n + lo) * inner..(o * n + hi) * inner]);
-    }
-    v
-}
-
-/// Adds `[outer, m, inner]` into rows `[lo, lo + m)` of `[outer, n, inner]`.
-fn add_rows(dst: &mut [f64], src: &[f64], outer: usize, n: usize, inner: usize, lo: usize) {
-    let m = src.len() / (outer * inner);
-    for o in 0..outer {
-        for (d, s) in dst[(o * n + lo) * inner..(o * n + lo + m) * inner]
-            .iter_mut()
-            .zip(&src[o * m * inner..(o + 1) * m * inner])
-        {
-            *d += s;
-        }
-    }
-}
-
+// Long on purpose: the chunk rule as one scenario, forward chunks, backward chunks, compare.
 /// Chunked backward equals the backward of the whole: chunks run forward first to first, threading
 /// F_out into the next F0, then backward last to first, each passing its dF0 (first keys) to the
 /// chunk before as dF_out; dK, dV, dgate, dalpha add up over chunks, dQ and dtau are per chunk, and

@@ -488,6 +488,15 @@ fn covering_set_has_every_tile_switch_and_head_dim() {
             }
         }
     }
+    // Both forms of the coop kernel's selection tile the planner picks (whole, and in two
+    // column slices where only that fits, e.g. D64 at BC = 64) are in the covering set.
+    for nsel in [1, 2] {
+        assert!(
+            cover.iter().any(|k| matches!(k.kernel,
+                Kernel::CoopForward(c) if c.features.selective && c.nsel == nsel)),
+            "no selective coop forward key with NSEL = {nsel}"
+        );
+    }
     // The full enumeration really is every valid switch combination.
     assert_eq!(Switches::all().len(), 64 + 32 * 4);
 }

@@ -10,6 +10,7 @@
 //! has exactly one writer and every sum runs in a fixed order, so repeat runs are bit-identical.
 
 use super::coop_backward::{CoopBackwardConfig, ROWS};
+use super::forward::{check_dispatch, params};
 use super::selective::{ColsumConfig, ScanConfig};
 use super::{Kernel, KernelKey, Params};
 use crate::device::Capabilities;
@@ -277,7 +278,6 @@ impl BackwardPlan {
     pub fn new(caps: &Capabilities, r: &Resolved, elem: DType, wanted: Wanted) -> Result<Self> {
         let s = r.shape;
         let pr = r.present;
-        let selective = r.selective();
         if pr.kv_len && s.k_len >= 1 << 24 {
             // Valid key counts travel through the f32 workspace.
             return Err(Error::CountTooLarge {
@@ -290,172 +290,16 @@ impl BackwardPlan {
             lse: false,
             ..pr.for_kernel()
         };
-        // The cooperative-matrix path takes f16 storage only (f32 keeps f32 accuracy). Its
-        // selective tiles (the C of the forward's passes, and the scalar selq/selk entries) are
-        // at most 16 rows, so that a C tile never spans two subgroups' rows.
-        let coop_for = |br: u32| {
-            if elem != DType::F16 {
-                return Err("f32 storage runs on the scalar path");
-            }
-            CoopBackwardConfig::choose(caps, s.head_dim, br, features)
-        };
-        let (path, coop, (br, bc, wg)) = match r.options.path.from_env() {
-            Path::Scalar => (
-                Path::Scalar,
-                None,
-                choose_tiles(caps, s.head_dim, selective, 32)?,
-            ),
-            want => {
-                let tiles = choose_tiles(caps, s.head_dim, selective, 16)?;
-                match (coop_for(tiles.0), want) {
-                    (Ok(c), _) => (Path::Coop, Some(c), tiles),
-                    (Err(why), Path::Coop) => {
-                        return Err(Error::PathUnavailable { path: "coop", why })
-                    }
-                    (Err(_), _) => (
-                        Path::Scalar,
-                        None,
-                        choose_tiles(caps, s.head_dim, selective, 32)?,
-                    ),
-                }
-            }
-        };
+        let (path, coop, (br, bc, wg)) = choose_path(caps, r, elem, features)?;
         let n_qtiles = s.q_len.div_ceil(br);
-        // du chunk: the most whole 64-row blocks whose du fit in the free G slots of a batch.
-        let du_rows = {
-            let free = (s.kv_heads as u64 - 1) * n_qtiles as u64;
-            let all = s.q_len.div_ceil(ROWS) as u64 * ROWS as u64;
-            (free / ROWS as u64 * ROWS as u64).min(all) as u32
-        };
-        let du_rows = if coop.is_some() && selective && wanted.dk && du_enabled() {
-            du_rows
-        } else {
-            0
-        };
-        let mut du_rows = du_rows;
-        let coop_sel = match coop {
-            Some((dkv, _)) if selective && COOP_SELECTIVE => {
-                CoopBackwardConfig::choose_selective(caps, &dkv, du_rows > 0).ok()
-            }
-            _ => None,
-        };
-        if coop_sel.is_none() {
-            du_rows = 0;
-        }
+        let (coop_sel, du_rows) = choose_selective_coop(caps, r, coop, n_qtiles, wanted);
         let n_ktiles = s.k_len.div_ceil(bc);
-        let max = caps.max_workgroups_per_dim;
         let rows = s.batch as u64 * s.q_heads as u64 * s.q_len as u64;
         let keys = s.batch as u64 * s.kv_heads as u64 * s.k_len as u64;
         let n_lin = rows.max(keys).max(s.q_heads as u64);
-        for (what, n) in [
-            ("query tiles per dispatch", n_qtiles as u64),
-            ("key tiles per dispatch", n_ktiles as u64),
-            ("query heads per dispatch", s.q_heads as u64),
-            ("batch per dispatch", s.batch as u64),
-            ("key groups per dispatch", s.k_len.div_ceil(64) as u64),
-            (
-                "query row groups per dispatch",
-                s.q_len.div_ceil(ROWS) as u64,
-            ),
-            (
-                "element groups per dispatch",
-                n_lin.div_ceil(64).div_ceil(max as u64),
-            ),
-        ] {
-            if n > max as u64 {
-                return Err(Error::DispatchTooLarge {
-                    what,
-                    workgroups: n,
-                    limit: max as u64,
-                });
-            }
-        }
-        // Workspace regions, each present only when a kernel reads or writes it.
-        let mut at = 0u64;
-        let mut region = |n: u64, on: bool| {
-            let o = at;
-            if on {
-                at += n;
-            }
-            o
-        };
-        let (b, hq, hkv, nq, nk, d) = (
-            s.batch as u64,
-            s.q_heads as u64,
-            s.kv_heads as u64,
-            s.q_len as u64,
-            s.k_len as u64,
-            s.head_dim as u64,
-        );
-        let mut layout = Layout {
-            lse: region(rows, true) as u32,
-            delta: region(rows, true) as u32,
-            tau: region(rows, pr.tau) as u32,
-            alpha: region(hq, pr.alpha) as u32,
-            gate: region(keys, pr.gate) as u32,
-            valid: region(b, pr.kv_len) as u32,
-            g: region(b * hkv * n_qtiles as u64 * nk, selective) as u32,
-            dt: region(rows, true) as u32,
-            dgate: region(keys, wanted.dgate) as u32,
-            df0: region(b * nk, selective) as u32,
-            dqb: region(b * nq * d, selective && wanted.dq) as u32,
-            dkb: region(b * nk * d, selective && wanted.dk) as u32,
-            flags: wanted.flags(),
-            n_lin: n_lin as u32,
-            row_lo: 0,
-            row_hi: s.q_len,
-        };
-        let ws_floats = at;
-        let limit = caps.max_storage_binding.min(caps.max_buffer);
-        if 4 * ws_floats > limit || n_lin > u32::MAX as u64 {
-            return Err(Error::TooLarge {
-                what: "backward workspace",
-                bytes: 4 * ws_floats,
-                limit,
-            });
-        }
-        if 4 * b * n_qtiles as u64 * nk > limit {
-            return Err(Error::TooLarge {
-                what: "selective scratch",
-                bytes: 4 * b * n_qtiles as u64 * nk,
-                limit,
-            });
-        }
-        layout.n_lin = n_lin as u32;
-        let sel_passes = if selective {
-            let cwg = caps.max_invocations.min(64);
-            let colsum = [32u32, 16, 8, 4, 2, 1]
-                .into_iter()
-                .map(|bc| ColsumConfig {
-                    d: s.head_dim,
-                    br,
-                    bc,
-                    wg: cwg,
-                    kv_len: pr.kv_len,
-                    coop_sgs: 0,
-                })
-                .find(|c| c.workgroup_bytes() <= caps.workgroup_memory as u64)
-                .ok_or(Error::TooLarge {
-                    what: "workgroup memory for the selective column sums",
-                    bytes: 4 * (br as u64 + 1) * d,
-                    limit: caps.workgroup_memory as u64,
-                })?;
-            if s.k_len.div_ceil(colsum.bc) > max {
-                return Err(Error::DispatchTooLarge {
-                    what: "key tiles per dispatch",
-                    workgroups: s.k_len.div_ceil(colsum.bc) as u64,
-                    limit: max as u64,
-                });
-            }
-            let scan = ScanConfig {
-                wg: cwg,
-                f0: pr.f0,
-                f_out: false,
-            };
-            Some((colsum, scan))
-        } else {
-            None
-        };
+        check_dispatches(caps, r, n_qtiles, n_ktiles, n_lin)?;
+        let (layout, ws_floats) = workspace_layout(caps, r, wanted, n_qtiles, n_lin)?;
+        let sel_passes = selective_passes(caps, r, br)?;
         Ok(BackwardPlan {
             resolved: *r,
             elem,
@@ -465,20 +309,7 @@ impl BackwardPlan {
             features,
             selective: sel_passes,
             wanted,
-            params: Params {
-                batch: s.batch,
-                q_heads: s.q_heads,
-                kv_heads: s.kv_heads,
-                q_len: s.q_len,
-                k_len: s.k_len,
-                group: s.group(),
-                start: r.start,
-                sel_head: r.options.selective.unwrap_or(0),
-                scale: r.scale,
-                n_qtiles,
-                _pad0: 0,
-                _pad1: 0,
-            },
+            params: params(r, n_qtiles),
             layout,
             ws_floats,
             n_ktiles,
@@ -600,4 +431,227 @@ impl BackwardPlan {
         }
         keys
     }
+}
+
+/// A pair of cooperative-matrix configs (dkv/dq, or selq/selk).
+type CoopPair = (CoopBackwardConfig, CoopBackwardConfig);
+
+/// The path (scalar or cooperative-matrix), its dkv/dq configs and the scalar tiles `(br, bc, wg)`.
+type PathChoice = (Path, Option<CoopPair>, (u32, u32, u32));
+
+/// Chooses the path and tiles the options ask for, falling back to the scalar path where the
+/// cooperative one is unavailable and not demanded.
+fn choose_path(
+    caps: &Capabilities,
+    r: &Resolved,
+    elem: DType,
+    features: Switches,
+) -> Result<PathChoice> {
+    let s = r.shape;
+    let selective = r.selective();
+    // The cooperative-matrix path takes f16 storage only (f32 keeps f32 accuracy). Its
+    // selective tiles (the C of the forward's passes, and the scalar selq/selk entries) are
+    // at most 16 rows, so that a C tile never spans two subgroups' rows.
+    let coop_for = |br: u32| {
+        if elem != DType::F16 {
+            return Err("f32 storage runs on the scalar path");
+        }
+        CoopBackwardConfig::choose(caps, s.head_dim, br, features)
+    };
+    let (path, coop, (br, bc, wg)) = match r.options.path.from_env() {
+        Path::Scalar => (
+            Path::Scalar,
+            None,
+            choose_tiles(caps, s.head_dim, selective, 32)?,
+        ),
+        want => {
+            let tiles = choose_tiles(caps, s.head_dim, selective, 16)?;
+            match (coop_for(tiles.0), want) {
+                (Ok(c), _) => (Path::Coop, Some(c), tiles),
+                (Err(why), Path::Coop) => return Err(Error::PathUnavailable { path: "coop", why }),
+                (Err(_), _) => (
+                    Path::Scalar,
+                    None,
+                    choose_tiles(caps, s.head_dim, selective, 32)?,
+                ),
+            }
+        }
+    };
+    Ok((path, coop, (br, bc, wg)))
+}
+
+/// The cooperative selective configs (if any) and the du chunk rows (0: no du scratch).
+fn choose_selective_coop(
+    caps: &Capabilities,
+    r: &Resolved,
+    coop: Option<CoopPair>,
+    n_qtiles: u32,
+    wanted: Wanted,
+) -> (Option<CoopPair>, u32) {
+    let s = r.shape;
+    let selective = r.selective();
+    // du chunk: the most whole 64-row blocks whose du fit in the free G slots of a batch.
+    let du_rows = {
+        let free = (s.kv_heads as u64 - 1) * n_qtiles as u64;
+        let all = s.q_len.div_ceil(ROWS) as u64 * ROWS as u64;
+        (free / ROWS as u64 * ROWS as u64).min(all) as u32
+    };
+    let du_rows = if coop.is_some() && selective && wanted.dk && du_enabled() {
+        du_rows
+    } else {
+        0
+    };
+    let mut du_rows = du_rows;
+    let coop_sel = match coop {
+        Some((dkv, _)) if selective && COOP_SELECTIVE => {
+            CoopBackwardConfig::choose_selective(caps, &dkv, du_rows > 0).ok()
+        }
+        _ => None,
+    };
+    if coop_sel.is_none() {
+        du_rows = 0;
+    }
+    (coop_sel, du_rows)
+}
+
+/// Checks every dispatch dimension the plan will use against the adapter's limit.
+fn check_dispatches(
+    caps: &Capabilities,
+    r: &Resolved,
+    n_qtiles: u32,
+    n_ktiles: u32,
+    n_lin: u64,
+) -> Result<()> {
+    let s = r.shape;
+    let max = caps.max_workgroups_per_dim;
+    check_dispatch(
+        caps,
+        &[
+            ("query tiles per dispatch", n_qtiles as u64),
+            ("key tiles per dispatch", n_ktiles as u64),
+            ("query heads per dispatch", s.q_heads as u64),
+            ("batch per dispatch", s.batch as u64),
+            ("key groups per dispatch", s.k_len.div_ceil(64) as u64),
+            (
+                "query row groups per dispatch",
+                s.q_len.div_ceil(ROWS) as u64,
+            ),
+            (
+                "element groups per dispatch",
+                n_lin.div_ceil(64).div_ceil(max as u64),
+            ),
+        ],
+    )
+}
+
+/// The workspace regions, each present only when a kernel reads or writes it, and the
+/// workspace's size in floats; both checked against the binding limit.
+fn workspace_layout(
+    caps: &Capabilities,
+    r: &Resolved,
+    wanted: Wanted,
+    n_qtiles: u32,
+    n_lin: u64,
+) -> Result<(Layout, u64)> {
+    let s = r.shape;
+    let pr = r.present;
+    let selective = r.selective();
+    let rows = s.batch as u64 * s.q_heads as u64 * s.q_len as u64;
+    let keys = s.batch as u64 * s.kv_heads as u64 * s.k_len as u64;
+    // Workspace regions, each present only when a kernel reads or writes it.
+    let mut at = 0u64;
+    let mut region = |n: u64, on: bool| {
+        let o = at;
+        if on {
+            at += n;
+        }
+        o
+    };
+    let (b, hq, hkv, nq, nk, d) = (
+        s.batch as u64,
+        s.q_heads as u64,
+        s.kv_heads as u64,
+        s.q_len as u64,
+        s.k_len as u64,
+        s.head_dim as u64,
+    );
+    let layout = Layout {
+        lse: region(rows, true) as u32,
+        delta: region(rows, true) as u32,
+        tau: region(rows, pr.tau) as u32,
+        alpha: region(hq, pr.alpha) as u32,
+        gate: region(keys, pr.gate) as u32,
+        valid: region(b, pr.kv_len) as u32,
+        g: region(b * hkv * n_qtiles as u64 * nk, selective) as u32,
+        dt: region(rows, true) as u32,
+        dgate: region(keys, wanted.dgate) as u32,
+        df0: region(b * nk, selective) as u32,
+        dqb: region(b * nq * d, selective && wanted.dq) as u32,
+        dkb: region(b * nk * d, selective && wanted.dk) as u32,
+        flags: wanted.flags(),
+        n_lin: n_lin as u32,
+        row_lo: 0,
+        row_hi: s.q_len,
+    };
+    let ws_floats = at;
+    let limit = caps.max_storage_binding.min(caps.max_buffer);
+    if 4 * ws_floats > limit || n_lin > u32::MAX as u64 {
+        return Err(Error::TooLarge {
+            what: "backward workspace",
+            bytes: 4 * ws_floats,
+            limit,
+        });
+    }
+    if 4 * b * n_qtiles as u64 * nk > limit {
+        return Err(Error::TooLarge {
+            what: "selective scratch",
+            bytes: 4 * b * n_qtiles as u64 * nk,
+            limit,
+        });
+    }
+    Ok((layout, ws_floats))
+}
+
+/// With selective masking, the column-sum and scan passes' configs.
+fn selective_passes(
+    caps: &Capabilities,
+    r: &Resolved,
+    br: u32,
+) -> Result<Option<(ColsumConfig, ScanConfig)>> {
+    let s = r.shape;
+    let pr = r.present;
+    let selective = r.selective();
+    let d = s.head_dim as u64;
+    let sel_passes = if selective {
+        let cwg = caps.max_invocations.min(64);
+        let colsum = [32u32, 16, 8, 4, 2, 1]
+            .into_iter()
+            .map(|bc| ColsumConfig {
+                d: s.head_dim,
+                br,
+                bc,
+                wg: cwg,
+                kv_len: pr.kv_len,
+                coop_sgs: 0,
+            })
+            .find(|c| c.workgroup_bytes() <= caps.workgroup_memory as u64)
+            .ok_or(Error::TooLarge {
+                what: "workgroup memory for the selective column sums",
+                bytes: 4 * (br as u64 + 1) * d,
+                limit: caps.workgroup_memory as u64,
+            })?;
+        check_dispatch(
+            caps,
+            &[("key tiles per dispatch", s.k_len.div_ceil(colsum.bc) as u64)],
+        )?;
+        let scan = ScanConfig {
+            wg: cwg,
+            f0: pr.f0,
+            f_out: false,
+        };
+        Some((colsum, scan))
+    } else {
+        None
+    };
+    Ok(sel_passes)
 }

@@ -13,7 +13,7 @@ pub const SUBGROUPS: u32 = 4;
 /// Largest head dim on this path: O and Q fragments live in registers (2 × D/16 matrices).
 pub const MAX_D: u32 = 128;
 /// Environment variable naming tuning choices to turn off, comma-separated, for ablations on a
-/// real GPU: `vsep`, `ilp`, `sgbar`, `prefix` (see [`CoopConfig`]) and `colsum` (the column-sum
+/// real GPU: `vsep`, `ilp`, `sgbar`, `prefix`, `halves` (see [`CoopConfig`]) and `colsum` (the column-sum
 /// pass's interior fast path); `+ilp` turns `ilp` on at every head dim. Unset in normal use.
 pub const ABLATE_ENV: &str = "SELATTN_COOP_ABLATE";
 
@@ -40,6 +40,9 @@ pub struct CoopConfig {
     /// With `vsep`: `subgroupBarrier` (SUBGROUP_BARRIER) between S and the softmax; else a
     /// workgroup barrier.
     pub subgroup_barrier: bool,
+    /// Selective: the selection head's S tile in this many column slices (1 or 2); with 2 its
+    /// buffer is BR × BC/2, which lets BC = 64 fit 48 KiB at D = 64.
+    pub nsel: u32,
 }
 
 impl CoopConfig {
@@ -51,6 +54,7 @@ impl CoopConfig {
             ("SGS", self.sgs as f64),
             ("VSEP", super::flag(self.vsep)),
             ("FAST_PREFIX", super::flag(self.fast_prefix)),
+            ("NSEL", self.nsel as f64),
         ]
         .into_iter()
         .chain(self.features.constants())
@@ -68,7 +72,11 @@ impl CoopConfig {
         let kbuf = (br.max(bc) + if self.vsep { bc } else { 0 }) * (d + 8) * 2;
         let sbuf = br * (bc + 4) * 4;
         let pbuf = br * (bc + 8) * 2;
-        let sel = if self.features.selective { sbuf } else { 16 };
+        let sel = if self.features.selective {
+            br * (bc / self.nsel as u64 + 4) * 4
+        } else {
+            16
+        };
         let ctot = if self.features.selective {
             4 * self.threads() as u64
         } else {
@@ -105,7 +113,16 @@ impl CoopConfig {
         }
         // Widest key tile that fits. Measured on the H200 (2026-11-29): BC = 32 at D = 128
         // (fewer prefetch registers, twice the tiles) is 14% slower than 64.
-        for bc in [64, 32, 16] {
+        // Selective: the whole selection tile where it fits, else in two column slices.
+        let slices: &[u32] = if f.features.selective && !listed("halves") {
+            &[1, 2]
+        } else {
+            &[1]
+        };
+        for (bc, nsel) in [64, 32, 16]
+            .into_iter()
+            .flat_map(|bc| slices.iter().map(move |&n| (bc, n)))
+        {
             let mut c = CoopConfig {
                 d: f.d,
                 br,
@@ -121,10 +138,12 @@ impl CoopConfig {
                 },
                 fast_prefix: !listed("prefix"),
                 subgroup_barrier: false,
+                nsel,
             };
-            // The selective column prefix splits BR rows over WG / BC chunks.
+            // The selective column prefix splits BR rows over WG / (BC / NSEL) chunks.
             let wg = c.threads();
-            if !wg.is_multiple_of(bc) || !br.is_multiple_of(wg / bc) {
+            let bcs = bc / nsel;
+            if !bcs.is_multiple_of(16) || !wg.is_multiple_of(bcs) || !br.is_multiple_of(wg / bcs) {
                 continue;
             }
             // Tile loads per thread must fit the shader's prefetch registers (MAX_LD = 8).
@@ -150,13 +169,23 @@ impl CoopConfig {
         Err("workgroup memory too small")
     }
 
-    /// One S tile (16 rows of this subgroup × BC keys) = the A fragments `{q}0..` times the K
-    /// tile at `kbase` in kbuf, stored to `dst` (stride SP).
-    fn s_tile(&self, q: &str, acc: &str, kbase: &str, dst: &str, ind: &str) -> String {
-        let (n, nb) = (self.d / 16, self.bc / 16);
+    /// One S tile (16 rows of this subgroup × `cols` keys) = the A fragments `{q}0..` times the
+    /// K tile at `kbase` in kbuf, stored to `dst` (row stride `stride`).
+    #[allow(clippy::too_many_arguments)]
+    fn s_tile(
+        &self,
+        q: &str,
+        acc: &str,
+        kbase: &str,
+        dst: &str,
+        stride: &str,
+        cols: u32,
+        ind: &str,
+    ) -> String {
+        let (n, nb) = (self.d / 16, cols / 16);
         let mut t = String::new();
         if !self.ilp {
-            let _ = writeln!(t, "{ind}for (var cb = 0u; cb < BC; cb += 16u) {{");
+            let _ = writeln!(t, "{ind}for (var cb = 0u; cb < {cols}u; cb += 16u) {{");
             let _ = writeln!(t, "{ind}    let koff = cb * DP + {kbase};");
             let _ = writeln!(t, "{ind}    var {acc} = coop_mat16x16<f32, C>();");
             for d in 0..n {
@@ -166,8 +195,8 @@ impl CoopConfig {
                     o = d * 16
                 );
             }
-            let _ = writeln!(t, "{ind}    let {acc}s = rb0 * SP + cb;");
-            let _ = writeln!(t, "{ind}    coopStoreT({acc}, &{dst}[{acc}s], SP);");
+            let _ = writeln!(t, "{ind}    let {acc}s = rb0 * {stride} + cb;");
+            let _ = writeln!(t, "{ind}    coopStoreT({acc}, &{dst}[{acc}s], {stride});");
             let _ = writeln!(t, "{ind}}}");
             return t;
         }
@@ -187,7 +216,7 @@ impl CoopConfig {
         for c in 0..nb {
             let _ = writeln!(
                 t,
-                "{ind}let {acc}s{c} = rb0 * SP + {o}u;\n{ind}coopStoreT({acc}{c}, &{dst}[{acc}s{c}], SP);",
+                "{ind}let {acc}s{c} = rb0 * {stride} + {o}u;\n{ind}coopStoreT({acc}{c}, &{dst}[{acc}s{c}], {stride});",
                 o = c * 16
             );
         }
@@ -223,14 +252,16 @@ impl CoopConfig {
             }
             let _ = writeln!(odecl, "    var o{d} = coop_mat16x16<f32, C>();");
         }
-        let scomp = self.s_tile("qf", "acc", "0u", "sbuf", "        ");
+        let scomp = self.s_tile("qf", "acc", "0u", "sbuf", "SP", self.bc, "        ");
         let sscomp = if sel {
             self.s_tile(
                 "qs",
                 "accs",
-                "select(0u, BC * DP, PAIR)",
+                "select(0u, BC * DP, PAIR) + hoff * DP",
                 "fsel",
-                "            ",
+                "SPS",
+                self.bc / self.nsel,
+                "                ",
             )
         } else {
             String::new()

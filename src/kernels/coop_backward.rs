@@ -169,6 +169,8 @@ impl CoopBackwardConfig {
         Ok((c(CoopEntry::Dkv), c(CoopEntry::Dq)))
     }
 
+    // Long on purpose: a straight list of the unrolled WGSL snippets, marker by marker, in the
+    // order the template uses them; split up, the shader text would be scattered.
     /// The WGSL for this configuration: the template with its fragments unrolled for D.
     pub fn wgsl(&self, template: &str) -> String {
         let n = self.d / 16;

@@ -64,6 +64,39 @@ const MAX_DN: u32 = 16;
 /// Threads per workgroup we aim for at most.
 const MAX_THREADS: u32 = 256;
 
+/// The uniform parameters of a resolved call with `n_qtiles` query tiles (forward and backward).
+pub(crate) fn params(r: &Resolved, n_qtiles: u32) -> Params {
+    let s = r.shape;
+    Params {
+        batch: s.batch,
+        q_heads: s.q_heads,
+        kv_heads: s.kv_heads,
+        q_len: s.q_len,
+        k_len: s.k_len,
+        group: s.group(),
+        start: r.start,
+        sel_head: r.options.selective.unwrap_or(0),
+        scale: r.scale,
+        n_qtiles,
+        _pad0: 0,
+        _pad1: 0,
+    }
+}
+
+/// The first `(what, workgroups)` over the adapter's workgroups-per-dimension limit, as
+/// [`Error::DispatchTooLarge`].
+pub(crate) fn check_dispatch(caps: &Capabilities, dims: &[(&'static str, u64)]) -> Result<()> {
+    let limit = caps.max_workgroups_per_dim as u64;
+    match dims.iter().find(|&&(_, n)| n > limit) {
+        Some(&(what, workgroups)) => Err(Error::DispatchTooLarge {
+            what,
+            workgroups,
+            limit,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Tile sizes for head dim `d` within the device's workgroup memory and invocation limits.
 ///
 /// Each thread owns 4 query rows; `tx` threads share a row (4 * `tx` keys per tile, `tx * dn` vec4
@@ -160,20 +193,14 @@ impl Plan {
         };
         let br = coop.map_or(forward.br, |c| c.br);
         let n_qtiles = s.q_len.div_ceil(br);
-        let max = caps.max_workgroups_per_dim;
-        for (what, n) in [
-            ("query tiles per dispatch", n_qtiles),
-            ("query heads per dispatch", s.q_heads),
-            ("batch per dispatch", s.batch),
-        ] {
-            if n > max {
-                return Err(Error::DispatchTooLarge {
-                    what,
-                    workgroups: n as u64,
-                    limit: max as u64,
-                });
-            }
-        }
+        check_dispatch(
+            caps,
+            &[
+                ("query tiles per dispatch", n_qtiles as u64),
+                ("query heads per dispatch", s.q_heads as u64),
+                ("batch per dispatch", s.batch as u64),
+            ],
+        )?;
         let selective = if r.selective() {
             let wg = caps.max_invocations.min(64);
             let memory = caps.workgroup_memory as u64;
@@ -195,18 +222,13 @@ impl Plan {
                     bytes: 4 * (br as u64 + 1) * s.head_dim as u64,
                     limit: caps.workgroup_memory as u64,
                 })?;
-            for (what, n) in [
-                ("key tiles per dispatch", s.k_len.div_ceil(colsum.bc)),
-                ("key groups per dispatch", s.k_len.div_ceil(wg)),
-            ] {
-                if n > max {
-                    return Err(Error::DispatchTooLarge {
-                        what,
-                        workgroups: n as u64,
-                        limit: max as u64,
-                    });
-                }
-            }
+            check_dispatch(
+                caps,
+                &[
+                    ("key tiles per dispatch", s.k_len.div_ceil(colsum.bc) as u64),
+                    ("key groups per dispatch", s.k_len.div_ceil(wg) as u64),
+                ],
+            )?;
             let scan = ScanConfig {
                 wg,
                 f0: pr.f0,
@@ -223,20 +245,7 @@ impl Plan {
             coop,
             forward,
             selective,
-            params: Params {
-                batch: s.batch,
-                q_heads: s.q_heads,
-                kv_heads: s.kv_heads,
-                q_len: s.q_len,
-                k_len: s.k_len,
-                group: s.group(),
-                start: r.start,
-                sel_head: r.options.selective.unwrap_or(0),
-                scale: r.scale,
-                n_qtiles,
-                _pad0: 0,
-                _pad1: 0,
-            },
+            params: params(r, n_qtiles),
         };
         let limit = caps.max_storage_binding.min(caps.max_buffer);
         if plan.scratch_bytes() > limit {

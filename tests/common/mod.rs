@@ -2,6 +2,8 @@
 //! reference with max error, its position and the norm-wise relative error.
 #![allow(dead_code)]
 
+pub mod backward;
+
 use std::sync::OnceLock;
 
 use selattn::reference::{HostInputs, HostOutputs};
