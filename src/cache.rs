@@ -540,20 +540,31 @@ impl KvCache {
 
     /// Empties every sequence. No GPU work: slots past a sequence's length are never read.
     pub fn reset(&mut self) {
-        for b in 0..self.cfg.batch {
-            self.reset_sequence(b);
-        }
-    }
-
-    /// Empties one sequence (out-of-range indices are ignored).
-    pub fn reset_sequence(&mut self, batch: u32) {
-        let b = batch as usize;
-        if b < self.len.len() {
+        for b in 0..self.len.len() {
             self.next_pos[b] = 0;
             self.len[b] = 0;
             self.evictions[b] = 0;
             self.f_touched[b] = 0;
         }
+    }
+
+    /// Empties one sequence: the serving loop's "remove a sequence, add another in its place".
+    /// No GPU work. An index past the batch is refused with [`Error::LengthMismatch`] and
+    /// changes nothing.
+    pub fn reset_sequence(&mut self, batch: u32) -> Result<()> {
+        let b = batch as usize;
+        if b >= self.len.len() {
+            return Err(Error::LengthMismatch {
+                what: "sequence index (batch)",
+                expected: self.len.len() as u64,
+                got: batch as u64,
+            });
+        }
+        self.next_pos[b] = 0;
+        self.len[b] = 0;
+        self.evictions[b] = 0;
+        self.f_touched[b] = 0;
+        Ok(())
     }
 
     /// Truncates sequence `batch` back to its first `len` tokens (positions `0..len`), as if

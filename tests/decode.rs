@@ -597,7 +597,7 @@ fn run_serving(ctx: &Context, c: &Case, ops: &[Op], seed: u64) -> (u32, u32) {
                 }
             }
             Op::Reset(b) => {
-                cache.reset_sequence(*b);
+                cache.reset_sequence(*b).unwrap();
                 r.seqs[*b as usize] = Default::default();
                 touched[*b as usize] = 0;
             }
@@ -1084,7 +1084,7 @@ fn bad_input_gets_typed_errors() {
             },
             "[{name}]"
         );
-        cache.reset_sequence(0);
+        cache.reset_sequence(0).unwrap();
         let e = cache
             .step(
                 ctx,

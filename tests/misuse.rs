@@ -474,10 +474,17 @@ impl World<'_> {
                 for seq in &mut cw.reference.seqs {
                     *seq = Default::default();
                 }
+            } else if let Some(seq) = cw.reference.seqs.get_mut(s as usize) {
+                if let Err(e) = cw.cache.reset_sequence(s) {
+                    self.counts.fail(format!("valid reset of sequence {s} failed: {e}"));
+                }
+                *seq = Default::default();
             } else {
-                cw.cache.reset_sequence(s);
-                if let Some(seq) = cw.reference.seqs.get_mut(s as usize) {
-                    *seq = Default::default();
+                let before = cw.host_state();
+                if self.expect_err(cw.cache.reset_sequence(s), "reset out of range")
+                    && cw.host_state() != before
+                {
+                    self.counts.fail("failed reset moved the cache".into());
                 }
             }
             self.counts.calls += 1;
