@@ -1315,15 +1315,15 @@ fn decode_shaders_translate_to_every_backend() {
             wg: if flags { 256 } else { 64 },
             rb: if flags { 4 } else { 16 },
             half: flags,
-            tau: flags,
-            alpha: flags,
-            gate: flags,
-            selective: flags,
+            features: AttendConfig::switches(if flags { Switches::ALL } else { Switches::NONE }),
         }));
         kernels.push(Kernel::DecodeMerge(MergeConfig {
             d: 64,
             wg: 64,
-            lse: flags,
+            features: MergeConfig::switches(Switches {
+                lse: flags,
+                ..Switches::NONE
+            }),
         }));
     }
     kernels.push(Kernel::DecodeScore(ScoreConfig { d: 32, wg: 64 }));

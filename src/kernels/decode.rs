@@ -6,6 +6,7 @@ use super::gpu::{entry, tensor_entry, Gpu};
 use super::{Kernel, KernelKey};
 use crate::device::Capabilities;
 use crate::DType;
+use crate::Switches;
 use crate::{Error, Result};
 
 /// Most queries (new tokens) per sequence in one decode step.
@@ -61,16 +62,13 @@ pub struct AttendConfig {
     pub wg: u32,
     /// Query rows per workgroup.
     pub rb: u32,
-    /// K and V are f16 (8 per chunk; else f32, 4 per chunk).
+    /// K and V are f16 (8 per chunk; else f32, 4 per chunk). Not a switch of the call but the
+    /// cache's storage type, which fixes the kernel's chunk layout, so it stays a field here.
     pub half: bool,
-    /// Per-query temperature.
-    pub tau: bool,
-    /// Positional temperature.
-    pub alpha: bool,
-    /// Value gate.
-    pub gate: bool,
-    /// Selective masking.
-    pub selective: bool,
+    /// Operator features, from [`AttendConfig::switches`]: the kernel reads `tau`, `alpha`,
+    /// `gate` and `selective`; `causal` is always on (a step's queries see the slots at or before
+    /// their position); every other switch is off, so equal kernels have equal keys.
+    pub features: Switches,
 }
 
 /// Chunks per thread in the QK phase, at most (`MAX_KCH` in the shader).
@@ -81,6 +79,18 @@ const MAX_KPS: u32 = 8;
 const MAX_ACC: u32 = 16;
 
 impl AttendConfig {
+    /// The switches of a call that the attend kernel reads (see [`AttendConfig::features`]).
+    pub fn switches(s: Switches) -> Switches {
+        Switches {
+            causal: true,
+            selective: s.selective,
+            tau: s.tau,
+            alpha: s.alpha,
+            gate: s.gate,
+            ..Switches::NONE
+        }
+    }
+
     /// 16-byte chunks per slot row.
     pub fn chunks(&self) -> u32 {
         if self.half {
@@ -156,10 +166,10 @@ impl AttendConfig {
             ("CV", self.cv() as f64),
             ("DP", self.dp() as f64),
             ("KS", self.ks() as f64),
-            ("HAS_TAU", flag(self.tau)),
-            ("HAS_ALPHA", flag(self.alpha)),
-            ("HAS_GATE", flag(self.gate)),
-            ("SELECTIVE", flag(self.selective)),
+            ("HAS_TAU", flag(self.features.tau)),
+            ("HAS_ALPHA", flag(self.features.alpha)),
+            ("HAS_GATE", flag(self.features.gate)),
+            ("SELECTIVE", flag(self.features.selective)),
         ]
     }
 
@@ -191,16 +201,25 @@ pub struct MergeConfig {
     pub d: u32,
     /// Threads per workgroup.
     pub wg: u32,
-    /// Write LSE.
-    pub lse: bool,
+    /// Operator features, from [`MergeConfig::switches`]: the kernel reads only `lse` (write
+    /// the log-sum-exp); every other switch is off, so equal kernels have equal keys.
+    pub features: Switches,
 }
 
 impl MergeConfig {
+    /// The switches of a call that the merge kernel reads (see [`MergeConfig::features`]).
+    pub fn switches(s: Switches) -> Switches {
+        Switches {
+            lse: s.lse,
+            ..Switches::NONE
+        }
+    }
+
     pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
         vec![
             ("D", self.d as f64),
             ("WG", self.wg as f64),
-            ("WRITE_LSE", flag(self.lse)),
+            ("WRITE_LSE", flag(self.features.lse)),
         ]
     }
 }
@@ -319,17 +338,16 @@ pub struct DecodeShape {
 // Long on purpose: tile choice, split choice and every size the unchecked kernels rely on, in
 // the order they depend on each other; splitting it would pass the intermediate sizes around.
 /// Plans a decode step: tiles within workgroup memory, the number of splits, sizes checked.
+/// `features` are the call's switches (`tau`, `alpha`, `gate`, `lse` and `selective` are read;
+/// the others are ignored); `sel_head` is the selection head when `features.selective`.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     caps: &Capabilities,
     s: DecodeShape,
     half: bool,
     scale: f32,
-    selective: Option<u32>,
-    tau: bool,
-    alpha: bool,
-    gate: bool,
-    lse: bool,
+    features: Switches,
+    sel_head: u32,
     splits: Option<u32>,
     threads: Option<u32>,
     rows_per_wg: Option<u32>,
@@ -378,10 +396,7 @@ pub fn plan(
                 wg,
                 rb: rb.min(rows),
                 half,
-                tau,
-                alpha,
-                gate,
-                selective: selective.is_some(),
+                features: AttendConfig::switches(features),
             };
             if cfg.fits_registers() && cfg.workgroup_bytes() <= caps.workgroup_memory as u64 {
                 chosen = Some(cfg);
@@ -454,15 +469,17 @@ pub fn plan(
             limit,
         });
     }
-    let sel = selective.unwrap_or(0);
+    let sel = if features.selective { sel_head } else { 0 };
     let plan = DecodePlan {
         attend,
         merge: MergeConfig {
             d: s.head_dim,
             wg,
-            lse,
+            features: MergeConfig::switches(features),
         },
-        score: selective.map(|_| ScoreConfig { d: s.head_dim, wg }),
+        score: features
+            .selective
+            .then_some(ScoreConfig { d: s.head_dim, wg }),
         params: DecodeParams {
             batch: s.batch,
             q_heads: s.q_heads,

@@ -355,17 +355,22 @@ pub fn decode_variants(caps: &Capabilities, elem: DType) -> Vec<KernelKey> {
                 max_len: 64,
             };
             for (tau, alpha, gate, lse, sel) in switches {
-                let selective = sel.then_some(0);
+                let features = selattn::Switches {
+                    causal: sel,
+                    selective: sel,
+                    tau,
+                    alpha,
+                    gate,
+                    lse,
+                    ..selattn::Switches::NONE
+                };
                 let Ok(plan) = decode::plan(
                     caps,
                     shape,
                     elem == DType::F16,
                     1.0,
-                    selective,
-                    tau,
-                    alpha,
-                    gate,
-                    lse,
+                    features,
+                    0,
                     None,
                     None,
                     None,
