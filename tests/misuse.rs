@@ -1,6 +1,6 @@
 //! Seeded randomized misuse (issue 9): thousands of calls mixing valid and invalid shapes,
 //! element types, options, tensors of another device, odd and destroyed buffers, cache steps,
-//! appends and resets. Each call must either return a typed error and change nothing (cache
+//! appends, resets and truncations, with and without per-sequence counts. Each call must either return a typed error and change nothing (cache
 //! lengths, positions and slots; outputs left as they were), or succeed with the reference's
 //! result. Prints the counts. `SELATTN_MISUSE_CALLS` sets the number of calls per adapter
 //! (default 20000, and at most 45 s per adapter so CI time stays bounded).
@@ -401,6 +401,9 @@ impl World<'_> {
 struct CacheWorld {
     cache: KvCache,
     reference: RefCache,
+    /// Per sequence, the position after the last query that ran with selective masking since
+    /// the reset (0: none): truncating below it is refused.
+    touched: Vec<u64>,
 }
 
 impl CacheWorld {
@@ -412,6 +415,7 @@ impl CacheWorld {
         CacheWorld {
             cache: KvCache::new(ctx, cfg).unwrap(),
             reference: RefCache::new(cfg).unwrap(),
+            touched: vec![0; cfg.batch as usize],
         }
     }
 
@@ -459,7 +463,62 @@ impl CacheWorld {
 }
 
 impl World<'_> {
-    /// A decode step, append or reset on `cw`, valid or spoiled in one way.
+    /// A truncation of `cw`, in range or not: refused with the right typed error and nothing
+    /// changed, or done and equal to the reference's.
+    fn truncate(&mut self, cw: &mut CacheWorld) {
+        let r = &mut self.rng;
+        let s = r.below(3);
+        let pos = cw.cache.positions().get(s as usize).copied().unwrap_or(4);
+        let len = r.below(pos as u32 + 2) as u64;
+        let before = cw.host_state();
+        self.counts.calls += 1;
+        let res = cw.cache.truncate_sequence(s, len);
+        let b = s as usize;
+        let refused = if b >= cw.touched.len() {
+            Some("index out of range")
+        } else if len > pos {
+            Some("past the end")
+        } else if len == pos {
+            None
+        } else if cw.cache.evictions()[b] > 0 {
+            Some("after eviction")
+        } else if cw.touched[b] > len {
+            Some("below a selective query")
+        } else {
+            None
+        };
+        match (refused, res) {
+            (Some(why), Err(e)) => {
+                self.counts.error(&e);
+                let right = if b >= cw.touched.len() {
+                    matches!(e, Error::LengthMismatch { .. })
+                } else {
+                    matches!(e, Error::CannotTruncate { .. })
+                };
+                if !right {
+                    self.counts
+                        .fail(format!("truncate {why}: wrong error {e:?}"));
+                }
+                if cw.host_state() != before {
+                    self.counts
+                        .fail(format!("refused truncate ({why}) moved the cache"));
+                }
+            }
+            (Some(why), Ok(())) => self.counts.fail(format!("truncate {why}: accepted")),
+            (None, Err(e)) => self
+                .counts
+                .fail(format!("valid truncate of {s} to {len} failed: {e}")),
+            (None, Ok(())) => {
+                cw.reference.truncate(b, len);
+                match cw.agrees(self.ctx, self.rng.below(8) == 0) {
+                    Ok(()) => self.counts.checked += 1,
+                    Err(m) => self.counts.fail(format!("after truncate: {m}")),
+                }
+            }
+        }
+    }
+
+    /// A decode step, append, reset or truncation on `cw`, valid or spoiled in one way.
     fn cache_call(&mut self, cw: &mut CacheWorld) {
         let ctx = self.ctx;
         let cfg = *cw.cache.config();
@@ -474,11 +533,14 @@ impl World<'_> {
                 for seq in &mut cw.reference.seqs {
                     *seq = Default::default();
                 }
+                cw.touched.fill(0);
             } else if let Some(seq) = cw.reference.seqs.get_mut(s as usize) {
                 if let Err(e) = cw.cache.reset_sequence(s) {
-                    self.counts.fail(format!("valid reset of sequence {s} failed: {e}"));
+                    self.counts
+                        .fail(format!("valid reset of sequence {s} failed: {e}"));
                 }
                 *seq = Default::default();
+                cw.touched[s as usize] = 0;
             } else {
                 let before = cw.host_state();
                 if self.expect_err(cw.cache.reset_sequence(s), "reset out of range")
@@ -490,6 +552,9 @@ impl World<'_> {
             self.counts.calls += 1;
             return;
         }
+        if what == 1 {
+            return self.truncate(cw);
+        }
         let n = 1 + r.below(2) as usize;
         let hq = 2usize;
         let t = HostTokens {
@@ -499,7 +564,7 @@ impl World<'_> {
             gate: None,
             f: None,
         };
-        let spoil = r.below(12);
+        let spoil = r.below(13);
         let before = cw.host_state();
         let kvd = [b as u64, 1, n as u64, d as u64];
         let k = ctx.upload(&kvd, &t.k).unwrap();
@@ -507,11 +572,6 @@ impl World<'_> {
         let foreign_k = self.other.upload(&kvd, &t.k).unwrap();
         let own_k = cw.cache.k().clone();
         let own_v = cw.cache.v().clone();
-        let full = cw
-            .cache
-            .lens()
-            .iter()
-            .any(|&l| cfg.budget.is_none() && l as usize + n > cfg.capacity as usize);
         if what <= 3 {
             // Append.
             let counts: Vec<u32> = (0..b).map(|_| r.below(n as u32 + 1)).collect();
@@ -599,7 +659,25 @@ impl World<'_> {
             )
             .unwrap();
         let q16;
+        // Per-sequence counts: valid (some 0, uneven) or, as spoil 9, of the wrong length or
+        // over n.
+        let counts: Vec<u32> = (0..b).map(|_| r.below(n as u32 + 1)).collect();
+        let mut bad_counts = counts.clone();
+        if r.below(2) == 0 {
+            bad_counts.truncate(r.below(b as u32) as usize);
+        } else {
+            bad_counts[r.below(b as u32) as usize] = n as u32 + 1 + r.below(3);
+        }
+        let use_counts = r.below(2) == 0;
         let mut step = Step::new(&q, &k, &v).positions(&good_pos);
+        if use_counts {
+            step = step.counts(&counts);
+        }
+        // Over capacity without a budget: refused.
+        let full = cw.cache.lens().iter().enumerate().any(|(s, &l)| {
+            let add = if use_counts { counts[s] } else { n as u32 };
+            cfg.budget.is_none() && l + add > cfg.capacity
+        });
         let mut outs = Outputs::new(&o).lse(&lse);
         let spoiled = match spoil {
             0 => {
@@ -639,6 +717,10 @@ impl World<'_> {
                 step.q = &q16;
                 true
             }
+            9 => {
+                step.counts = Some(&bad_counts);
+                true
+            }
             _ => false,
         };
         self.counts.calls += 1;
@@ -662,7 +744,19 @@ impl World<'_> {
             self.counts.fail(format!("valid step failed: {e}"));
             return;
         }
-        let want = cw.reference.step(&xq, &t, None, opts.selective).unwrap();
+        let c_arg = use_counts.then_some(counts.as_slice());
+        if opts.selective.is_some() {
+            for (s, &p) in good_pos.iter().enumerate() {
+                let cnt = c_arg.map_or(n as u32, |c| c[s]);
+                if cnt > 0 {
+                    cw.touched[s] = p + cnt as u64;
+                }
+            }
+        }
+        let want = cw
+            .reference
+            .step_counts(&xq, &t, c_arg, None, opts.selective)
+            .unwrap();
         let got = ctx.download(&o).unwrap();
         let c = compare(&got, &want.o, 2e-5, 2e-5);
         if c.bad > 0 {
