@@ -476,7 +476,8 @@ impl World<'_> {
                 }
             } else if let Some(seq) = cw.reference.seqs.get_mut(s as usize) {
                 if let Err(e) = cw.cache.reset_sequence(s) {
-                    self.counts.fail(format!("valid reset of sequence {s} failed: {e}"));
+                    self.counts
+                        .fail(format!("valid reset of sequence {s} failed: {e}"));
                 }
                 *seq = Default::default();
             } else {
