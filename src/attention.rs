@@ -332,6 +332,11 @@ impl Context {
     }
 
     /// Records one attention call into an encoder the application owns (no submit).
+    ///
+    /// The encoder must have been created from this context's device (`Context::device`).
+    /// wgpu 30 offers no way to ask an encoder for its device, so this one precondition can't
+    /// be checked here: an encoder of another device is a caller bug that wgpu may report by
+    /// panicking. Every tensor and cache is checked (`Error::ForeignTensor`).
     pub fn encode_attention(
         &self,
         encoder: &mut wgpu::CommandEncoder,

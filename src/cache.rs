@@ -820,6 +820,10 @@ impl KvCache {
     /// [`KvCache::append`] recorded into an encoder the application owns (no submit). The
     /// cache's host state advances when the call returns `Ok`; if the application's submit of
     /// the encoder then fails, the cache no longer matches its slots: [`KvCache::reset`] it.
+    ///
+    /// The encoder must have been created from the cache's context's device: wgpu 30 offers no
+    /// way to ask an encoder for its device, so this can't be checked here (an encoder of
+    /// another device is a caller bug that wgpu may report by panicking).
     pub fn encode_append(
         &mut self,
         ctx: &Context,
@@ -1184,6 +1188,10 @@ impl KvCache {
 
     /// Records one decode step into an encoder the application owns (no submit), optionally
     /// with GPU timestamps at the beginning and end of its one compute pass.
+    ///
+    /// The encoder must have been created from the cache's context's device: wgpu 30 offers no
+    /// way to ask an encoder for its device, so this can't be checked here (an encoder of
+    /// another device is a caller bug that wgpu may report by panicking).
     pub fn encode_step(
         &mut self,
         ctx: &Context,
