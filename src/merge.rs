@@ -13,6 +13,7 @@
 //! way); [`merge_partials_reference`] is the f64 reference.
 
 use crate::kernels::gpu::{submit, tensor_entry};
+pub use crate::kernels::merge::{MergePairConfig, MergeParams};
 use crate::kernels::{Kernel, KernelKey};
 use crate::{Context, DType, Error, Outputs, Result, Tensor};
 
@@ -24,41 +25,6 @@ pub struct Partial<'a> {
     pub o: &'a Tensor,
     /// Log-sum-exp of the logits over the key range.
     pub lse: &'a Tensor,
-}
-
-/// Specialisation of the merge kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct MergePairConfig {
-    /// Threads per workgroup.
-    pub wg: u32,
-    /// The first fold (`out = merge(a, b)`); otherwise `out = merge(out, b)`.
-    pub first: bool,
-    /// Only one partial: `out = a`.
-    pub single: bool,
-}
-
-impl MergePairConfig {
-    pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
-        vec![
-            ("WG", self.wg as f64),
-            ("FIRST", if self.first { 1.0 } else { 0.0 }),
-            ("SINGLE", if self.single { 1.0 } else { 0.0 }),
-        ]
-    }
-}
-
-/// Uniform parameters of `shaders/merge.wgsl`, field for field.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct MergeParams {
-    /// Rows (elements of LSE).
-    pub rows: u32,
-    /// vec4 per row of O.
-    pub d4: u32,
-    /// Workgroups along x.
-    pub groups_x: u32,
-    /// Bits of -inf (written for rows empty in every partial).
-    pub neg_inf_bits: u32,
 }
 
 fn check_like(what: &'static str, t: &Tensor, shape: &[u64], dtype: DType) -> Result<()> {

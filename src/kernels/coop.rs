@@ -4,7 +4,6 @@
 
 use std::fmt::Write;
 
-use super::forward::ForwardConfig;
 use crate::device::Capabilities;
 use crate::Switches;
 
@@ -85,9 +84,13 @@ impl CoopConfig {
         kbuf + sbuf + pbuf + sel + ctot + 4 * br * 4 + 16
     }
 
-    /// The coop configuration for a scalar-path configuration, if this adapter can run it.
+    /// The coop configuration for head dim `d` and a call's switches, if this adapter can run it.
     /// `Err` says why not (for a forced path).
-    pub fn choose(caps: &Capabilities, f: &ForwardConfig) -> Result<CoopConfig, &'static str> {
+    pub fn choose(
+        caps: &Capabilities,
+        d: u32,
+        features: Switches,
+    ) -> Result<CoopConfig, &'static str> {
         if !caps.coop_16x16_f16() {
             return Err("no 16x16x16 f16->f32 cooperative matrix configuration");
         }
@@ -97,7 +100,7 @@ impl CoopConfig {
         if !caps.subgroups || caps.subgroup_min_size != caps.subgroup_max_size {
             return Err("subgroup size not fixed by the adapter");
         }
-        if !f.d.is_multiple_of(16) || f.d > MAX_D {
+        if !d.is_multiple_of(16) || d > MAX_D {
             return Err("head dim not a multiple of 16 up to 128");
         }
         let sgs = caps.subgroup_min_size;
@@ -114,7 +117,7 @@ impl CoopConfig {
         // Widest key tile that fits. Measured on the H200 (2026-11-29): BC = 32 at D = 128
         // (fewer prefetch registers, twice the tiles) is 14% slower than 64.
         // Selective: the whole selection tile where it fits, else in two column slices.
-        let slices: &[u32] = if f.features.selective && !listed("halves") {
+        let slices: &[u32] = if features.selective && !listed("halves") {
             &[1, 2]
         } else {
             &[1]
@@ -124,17 +127,17 @@ impl CoopConfig {
             .flat_map(|bc| slices.iter().map(move |&n| (bc, n)))
         {
             let mut c = CoopConfig {
-                d: f.d,
+                d,
                 br,
                 bc,
                 sgs,
-                features: f.features,
+                features,
                 vsep: false,
                 // Measured on the H200 (2026-11-29, second session): 2.5% faster at D128.
                 ilp: if listed("ilp") {
                     false
                 } else {
-                    listed("+ilp") || f.d >= 128
+                    listed("+ilp") || d >= 128
                 },
                 fast_prefix: !listed("prefix"),
                 subgroup_barrier: false,
@@ -147,7 +150,7 @@ impl CoopConfig {
                 continue;
             }
             // Tile loads per thread must fit the shader's prefetch registers (MAX_LD = 8).
-            if (bc * f.d / 8).div_ceil(wg) > 8 {
+            if (bc * d / 8).div_ceil(wg) > 8 {
                 continue;
             }
             if c.workgroup_bytes() <= caps.workgroup_memory as u64 {
@@ -157,7 +160,7 @@ impl CoopConfig {
                     subgroup_barrier: caps.subgroup_barrier && !listed("sgbar"),
                     ..c
                 };
-                if !f.features.selective
+                if !features.selective
                     && !listed("vsep")
                     && v.workgroup_bytes() <= caps.workgroup_memory as u64
                 {

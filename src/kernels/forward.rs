@@ -178,7 +178,7 @@ impl Plan {
             if elem != DType::F16 {
                 return Err("f32 storage runs on the scalar path");
             }
-            CoopConfig::choose(caps, f)
+            CoopConfig::choose(caps, f.d, f.features)
         };
         let (path, coop) = match r.options.path.from_env() {
             Path::Scalar => (Path::Scalar, None),

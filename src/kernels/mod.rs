@@ -10,6 +10,7 @@ pub mod coop_backward;
 pub mod decode;
 pub mod forward;
 pub(crate) mod gpu;
+pub mod merge;
 pub mod selective;
 
 pub use crate::device::STORAGE_BUFFERS_NEEDED;
@@ -146,7 +147,7 @@ pub enum Kernel {
     /// Decode: merge of the splits.
     DecodeMerge(decode::MergeConfig),
     /// Merge of partial results over disjoint key ranges, one pair at a time.
-    MergePair(crate::merge::MergePairConfig),
+    MergePair(merge::MergePairConfig),
     /// One entry point of the backward pass.
     Backward(backward::BackwardConfig),
     /// One entry point of the cooperative-matrix backward pass.
