@@ -62,6 +62,28 @@ override FAST_PREFIX: bool = true;
 //   BR x BCS: selective at BC = 64 fits 48 KiB at D = 64. The prefix writes each row's softmax
 //   argument S * rf - F straight into S, so F needs no buffer of its own.
 override NSEL: u32 = 1u;
+// Softmax form: SM_FIXED: loops with a fixed trip count (BC / LPR columns per lane, masked by
+//   selects, the exponent clamped so masked columns stay finite) instead of loops to ncol;
+//   SM_PAIRS (needs SM_FIXED): each lane takes adjacent column pairs, P written two at a time;
+//   SM_ROT: rows 8..15 of a subgroup's block start one step later (bank conflicts).
+override SM_FIXED: bool = false;
+override SM_PAIRS: bool = false;
+override SM_ROT: bool = false;
+// SM_QUADS (needs SM_FIXED): four adjacent columns per step (16-byte reads of S); SM_KEEP (needs
+//   SM_QUADS): the tile's S values of the lane kept in registers between the max and exp passes.
+override SM_QUADS: bool = false;
+override SM_KEEP: bool = false;
+const KEEP_MAX: u32 = 16u;   // steps per lane with SM_QUADS: BC / (4 LPR) <= 64 / 4
+override CW: u32 = select(select(1u, 2u, SM_PAIRS), 4u, SM_QUADS);   // columns per step
+override CPL: u32 = BC / (CW * LPR);           // steps per lane
+// XA: timing-only ablations (results wrong; `SELATTN_COOP_ABLATE=x-...`, bench --no-check): bits
+//   1 skip the softmax, 2 skip staging K/V in workgroup memory, 4 skip the global K/V loads of the
+//   loop, 8 skip S = Q K^T, 16 skip O += P V, 32 skip the loop's barriers, 64 skip the softmax's
+//   max pass, 128 skip its exp pass (32: the K-staging and S barriers only). 0 in normal use.
+override XA: u32 = 0u;
+fn xa(bit: u32) -> bool {
+    return (XA & bit) != 0u;
+}
 override BCS: u32 = BC / NSEL;
 override SPS: u32 = BCS + 4u;  // padded f32 row stride of fsel
 
@@ -95,9 +117,9 @@ const RESCALE_LOG2: f32 = 8.0;
 
 // Q staging (BR rows), then K and V tiles; with VSEP, V in BC more rows from VOFF.
 override VOFF: u32 = select(0u, max(BR, BC) * DP, VSEP);
-var<workgroup> kbuf: array<f16, max(BR, BC) * DP + select(0u, BC * DP, VSEP)>;
+// kbuf (f16, or vec4<f16> with KV4) and pbuf (f16, or vec2<f16> with P2): written by the generator.
+{{BUFS}}
 var<workgroup> sbuf: array<f32, BR * SP>;
-var<workgroup> pbuf: array<f16, BR * PP>;
 var<workgroup> fsel: array<f32, select(4u, BR * SPS, SELECTIVE)>;
 var<workgroup> ctot: array<f32, select(4u, WG, SELECTIVE)>;   // column totals per row chunk
 var<workgroup> row_m: array<f32, BR>;
@@ -134,21 +156,9 @@ fn p_wide(z: f32, m: f32) -> f32 {
     return exp2(max(z - m, DIFF_MIN) * UX);
 }
 
-// Stores 8 f16 (one 16-byte global word) at kbuf[at..at+8], scaled by g.
-fn put8(at: u32, w: vec4<u32>, g: f32) {
-    let a = unpack2x16float(w.x) * g;
-    let b = unpack2x16float(w.y) * g;
-    let c = unpack2x16float(w.z) * g;
-    let d = unpack2x16float(w.w) * g;
-    kbuf[at] = f16(a.x);
-    kbuf[at + 1u] = f16(a.y);
-    kbuf[at + 2u] = f16(b.x);
-    kbuf[at + 3u] = f16(b.y);
-    kbuf[at + 4u] = f16(c.x);
-    kbuf[at + 5u] = f16(c.y);
-    kbuf[at + 6u] = f16(d.x);
-    kbuf[at + 7u] = f16(d.y);
-}
+// put8(at, w, g): stores 8 f16 (one 16-byte global word) at kbuf[at..at+8], scaled by g;
+// put_p1(i, x) / put_p2(i, x, y): P values at pbuf[i] (and i + 1, i even). Written by the generator.
+{{PUTS}}
 
 // Element e of the K tile starting at key kt (16 bytes of row kt + e / D8), zero past kend or
 // past the tile.
@@ -267,15 +277,19 @@ fn coop_forward(
         //    the rows after it; 2. S = Q K^T for this subgroup's 16 rows (and S_sel).
         for (var x = 0u; x < NLD; x++) {
             let e = tid + x * WG;
-            if e < BC * D8 {
+            if e < BC * D8 && !xa(2u) {
                 put8((e / D8) * DP + (e % D8) * 8u, kpre[x], 1.0);
                 if PAIR {
                     put8((BC + e / D8) * DP + (e % D8) * 8u, spre[x], 1.0);
                 }
             }
         }
-        workgroupBarrier();
+        if !xa(32u) {
+            workgroupBarrier();
+        }
+        if !xa(8u) {
 {{SLOOP}}
+        }
         // The selection head's S tile: from the rows after K (PAIR), or through the same rows
         // once every subgroup is done with K.
         if SELECTIVE {
@@ -354,7 +368,9 @@ fn coop_forward(
             }
         } else if VSEP {
             // S is read back by the softmax only in the subgroup's own rows.
+            if !xa(32u) {
 {{SGBAR}}
+            }
         } else {
             // The V tile next takes K's rows, which every subgroup must be done with.
             workgroupBarrier();
@@ -365,7 +381,7 @@ fn coop_forward(
             let j = kt + e / D8;
             var w = vec4<u32>(0u);
             var g = 1.0;
-            if e < BC * D8 && j < kend {
+            if e < BC * D8 && j < kend && !xa(4u) {
                 let hj = (b * p.kv_heads + hk) * p.k_len + j;
                 w = v[hj * D8 + e % D8];
                 if HAS_GATE {
@@ -374,15 +390,20 @@ fn coop_forward(
             }
             vpre[x] = w;
             gpre[x] = g;
-            kpre[x] = load_k(b, hk, kt + BC, kend, e);
+            if !xa(4u) {
+                kpre[x] = load_k(b, hk, kt + BC, kend, e);
+            }
             if SELECTIVE {
                 spre[x] = load_k(b, sel_kv, kt + BC, kend, e);
             }
         }
-        // 4. Lazy online softmax. Each subgroup takes its own 16 rows, LPR = SGS / 16 lanes per row
-        //    on interleaved columns, combined with subgroup shuffles (partners are lanes of one
-        //    subgroup by construction). A row's allowed keys in the tile are a prefix [0, ncol).
-        {
+        // 4. Lazy online softmax. Each subgroup takes its own 16 rows, LPR = SGS / 16 lanes per row,
+        //    combined with subgroup shuffles (partners are lanes of one subgroup by construction).
+        //    A row's allowed keys in the tile are a prefix [0, ncol). The planner's form on the
+        //    H200: SM_KEEP (four adjacent columns a step, read once into registers, masks by
+        //    select); the older forms (SM_PAIRS, SM_FIXED, interleaved single columns) stay as
+        //    fallbacks behind the same code.
+        if !xa(1u) {
             let r = rb0 + lane / LPR;
             let part = lane % LPR;
             let i = row0 + r;
@@ -395,16 +416,50 @@ fn coop_forward(
                 ncol = lim - kt;
             }
             let rf = row_f[r] * unit;
+            let rot = select(0u, ((lane / LPR) / 8u) % CPL, SM_ROT);
             // Whether a row has started is read off its sum (>= 1 once any key was allowed: the
             // tile that sets the max contributes exp2(0)), never off the max's value.
             var mx = LOWEST;
             // (With SELECTIVE, S already holds S * rf - F.)
-            for (var c = part; c < ncol; c += LPR) {
-                var z = sbuf[r * SP + c];
-                if !SELECTIVE {
-                    z *= rf;
+            var zs: array<vec4<f32>, KEEP_MAX>;
+            if SM_QUADS {
+                for (var k = 0u; k < select(CPL, 0u, xa(64u)); k++) {
+                    let c = 4u * (part + LPR * ((k + rot) % CPL));
+                    let o = r * SP + c;
+                    var z = vec4<f32>(sbuf[o], sbuf[o + 1u], sbuf[o + 2u], sbuf[o + 3u]);
+                    if !SELECTIVE {
+                        z *= rf;
+                    }
+                    if SM_KEEP {
+                        zs[k] = z;
+                    }
+                    let zm = select(vec4<f32>(LOWEST), z, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(ncol));
+                    mx = max(mx, max(max(zm.x, zm.y), max(zm.z, zm.w)));
                 }
-                mx = max(mx, z);
+            } else if SM_FIXED {
+                for (var k = 0u; k < select(CPL, 0u, xa(64u)); k++) {
+                    let c = CW * (part + LPR * ((k + rot) % CPL));
+                    var z0 = sbuf[r * SP + c];
+                    if !SELECTIVE {
+                        z0 *= rf;
+                    }
+                    mx = max(mx, select(LOWEST, z0, c < ncol));
+                    if SM_PAIRS {
+                        var z1 = sbuf[r * SP + c + 1u];
+                        if !SELECTIVE {
+                            z1 *= rf;
+                        }
+                        mx = max(mx, select(LOWEST, z1, c + 1u < ncol));
+                    }
+                }
+            } else {
+                for (var c = part; c < select(ncol, 0u, xa(64u)); c += LPR) {
+                    var z = sbuf[r * SP + c];
+                    if !SELECTIVE {
+                        z *= rf;
+                    }
+                    mx = max(mx, z);
+                }
             }
             for (var x = 1u; x < LPR; x <<= 1u) {
                 mx = max(mx, subgroupShuffleXor(mx, x));
@@ -425,28 +480,92 @@ fn coop_forward(
             // P goes to the MMA as f16; the row sum (hence LSE) keeps f32 precision. One loop per
             // unit so that the narrow one (nearly every tile) costs nothing extra.
             var sum = 0.0;
-            if wide {
-                for (var c = part; c < BC; c += LPR) {
-                    var pf = 0.0;
-                    if c < ncol {
-                        var z = sbuf[r * SP + c];
+            if SM_QUADS {
+                for (var k = 0u; k < select(CPL, 0u, xa(128u)); k++) {
+                    let c = 4u * (part + LPR * ((k + rot) % CPL));
+                    let o = r * SP + c;
+                    var z: vec4<f32>;
+                    if SM_KEEP {
+                        z = zs[k];
+                    } else {
+                        z = vec4<f32>(sbuf[o], sbuf[o + 1u], sbuf[o + 2u], sbuf[o + 3u]);
                         if !SELECTIVE {
                             z *= rf;
                         }
-                        pf = p_wide(z, m_new);
                     }
-                    pbuf[r * PP + c] = f16(pf);
-                    sum += pf;
+                    let ok = vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(ncol);
+                    var e: vec4<f32>;
+                    if wide {
+                        e = exp2(clamp(z - m_new, vec4<f32>(DIFF_MIN), vec4<f32>(rescale_at)) * UX);
+                    } else {
+                        e = exp2(min(z - m_new, vec4<f32>(rescale_at)));
+                    }
+                    let pv = select(vec4<f32>(0.0), e, ok);
+                    put_p4(r * PP + c, pv);
+                    sum += (pv.x + pv.y) + (pv.z + pv.w);
+                }
+            } else if SM_FIXED {
+                // Allowed columns have z - m_new <= rescale_at (else the max moved), so the clamp
+                // changes none of them; masked ones are computed finite and dropped by the select.
+                if wide {
+                    for (var k = 0u; k < select(CPL, 0u, xa(128u)); k++) {
+                        let c = CW * (part + LPR * ((k + rot) % CPL));
+                        var z0 = sbuf[r * SP + c];
+                        if !SELECTIVE {
+                            z0 *= rf;
+                        }
+                        let p0 = select(0.0, exp2(clamp(z0 - m_new, DIFF_MIN, rescale_at) * UX), c < ncol);
+                        if SM_PAIRS {
+                            var z1 = sbuf[r * SP + c + 1u];
+                            if !SELECTIVE {
+                                z1 *= rf;
+                            }
+                            let p1 = select(0.0, exp2(clamp(z1 - m_new, DIFF_MIN, rescale_at) * UX), c + 1u < ncol);
+                            put_p2(r * PP + c, p0, p1);
+                            sum += p0 + p1;
+                        } else {
+                            put_p1(r * PP + c, p0);
+                            sum += p0;
+                        }
+                    }
+                } else {
+                    for (var k = 0u; k < select(CPL, 0u, xa(128u)); k++) {
+                        let c = CW * (part + LPR * ((k + rot) % CPL));
+                        let p0 = select(0.0, exp2(min(sbuf[r * SP + c] * rf - m_new, rescale_at)), c < ncol);
+                        if SM_PAIRS {
+                            let p1 = select(0.0, exp2(min(sbuf[r * SP + c + 1u] * rf - m_new, rescale_at)), c + 1u < ncol);
+                            put_p2(r * PP + c, p0, p1);
+                            sum += p0 + p1;
+                        } else {
+                            put_p1(r * PP + c, p0);
+                            sum += p0;
+                        }
+                    }
                 }
             } else {
-                // (Never with SELECTIVE: those tiles are always wide.)
-                for (var c = part; c < BC; c += LPR) {
-                    var pf = 0.0;
-                    if c < ncol {
-                        pf = exp2(sbuf[r * SP + c] * rf - m_new);
+                if wide {
+                    for (var c = part; c < BC; c += LPR) {
+                        var pf = 0.0;
+                        if c < ncol {
+                            var z = sbuf[r * SP + c];
+                            if !SELECTIVE {
+                                z *= rf;
+                            }
+                            pf = p_wide(z, m_new);
+                        }
+                        put_p1(r * PP + c, pf);
+                        sum += pf;
                     }
-                    pbuf[r * PP + c] = f16(pf);
-                    sum += pf;
+                } else {
+                    // (Never with SELECTIVE: those tiles are always wide.)
+                    for (var c = part; c < select(BC, 0u, xa(128u)); c += LPR) {
+                        var pf = 0.0;
+                        if c < ncol {
+                            pf = exp2(sbuf[r * SP + c] * rf - m_new);
+                        }
+                        put_p1(r * PP + c, pf);
+                        sum += pf;
+                    }
                 }
             }
             for (var x = 1u; x < LPR; x <<= 1u) {
@@ -464,7 +583,7 @@ fn coop_forward(
         }
         for (var x = 0u; x < NLD; x++) {
             let e = tid + x * WG;
-            if e < BC * D8 {
+            if e < BC * D8 && !xa(2u) {
                 put8(VOFF + (e / D8) * DP + (e % D8) * 8u, vpre[x], gpre[x]);
             }
         }
@@ -480,8 +599,10 @@ fn coop_forward(
         for (var cb = 0u; cb < BC; cb += 16u) {
             let poff = rb0 * PP + cb;
             let voff = VOFF + cb * DP;
+            if !xa(16u) {
             let pa = coopLoadT<coop_mat16x16<f16, A>>(&pbuf[poff], PP);
 {{PV}}
+            }
         }
     }
     workgroupBarrier();

@@ -497,6 +497,16 @@ fn covering_set_has_every_tile_switch_and_head_dim() {
             "no selective coop forward key with NSEL = {nsel}"
         );
     }
+    // The softmax form the planner picks on the H200 (S kept in registers, four columns a step,
+    // K/V/Q staged as vec4<f16>) is in the covering set, selective and not.
+    for sel in [false, true] {
+        assert!(
+            cover.iter().any(|k| matches!(k.kernel,
+                Kernel::CoopForward(c) if c.features.selective == sel && c.sm_keep && c.sm_quads
+                    && c.kv4)),
+            "no coop forward key with SM_KEEP and KV4 (selective {sel})"
+        );
+    }
     // The full enumeration really is every valid switch combination.
     assert_eq!(Switches::all().len(), 64 + 32 * 4);
 }

@@ -13,7 +13,12 @@ pub const SUBGROUPS: u32 = 4;
 pub const MAX_D: u32 = 128;
 /// Environment variable naming tuning choices to turn off, comma-separated, for ablations on a
 /// real GPU: `vsep`, `ilp`, `sgbar`, `prefix`, `halves` (see [`CoopConfig`]) and `colsum` (the column-sum
-/// pass's interior fast path); `+ilp` turns `ilp` on at every head dim. Unset in normal use.
+/// pass's interior fast path); `+ilp` turns `ilp` on at every head dim. The softmax and staging
+/// forms: `keep`, `quads`, `pairs`, `fixed`, `rot`, `kv4`, `p2` turn one off, `+name` on (see
+/// [`CoopConfig`]; `keep,kv4` gives column pairs, `keep,kv4,pairs,fixed` the scalar loops of
+/// before). Timing-only knobs that make
+/// results wrong (for `bench --no-check`): `x-nosm`, `x-nostage`, `x-nold`, `x-nos`, `x-nopv`,
+/// `x-nobar`, `x-nomax`, `x-noexp` (the shader's `XA` bits, in that order). Unset in normal use.
 pub const ABLATE_ENV: &str = "SELATTN_COOP_ABLATE";
 
 /// Specialisation of the cooperative-matrix kernel.
@@ -42,6 +47,24 @@ pub struct CoopConfig {
     /// Selective: the selection head's S tile in this many column slices (1 or 2); with 2 its
     /// buffer is BR × BC/2, which lets BC = 64 fit 48 KiB at D = 64.
     pub nsel: u32,
+    /// Timing-only ablations (`x-...` in [`ABLATE_ENV`]; results are wrong): the shader's `XA`
+    /// bits. 0 in normal use.
+    pub xa: u32,
+    /// Softmax loops with a fixed trip count and masks by select (`SM_FIXED`).
+    pub sm_fixed: bool,
+    /// Softmax on adjacent column pairs, P written two at a time (`SM_PAIRS`; needs `sm_fixed`).
+    pub sm_pairs: bool,
+    /// Softmax rows 8..15 of a block start one step later (`SM_ROT`: bank conflicts).
+    pub sm_rot: bool,
+    /// Softmax on four adjacent columns per step (`SM_QUADS`; needs `sm_fixed`).
+    pub sm_quads: bool,
+    /// With `sm_quads`: S values kept in registers between the max and exp passes (`SM_KEEP`).
+    pub sm_keep: bool,
+    /// K/V/Q staged in a `vec4<f16>` array (two 8-byte stores per 16-byte word); cooperative
+    /// loads take vec4 offsets and strides.
+    pub kv4: bool,
+    /// P in a `vec2<f16>` array (one 4-byte store per pair; needs `sm_pairs`).
+    pub p2: bool,
 }
 
 impl CoopConfig {
@@ -54,6 +77,12 @@ impl CoopConfig {
             ("VSEP", super::flag(self.vsep)),
             ("FAST_PREFIX", super::flag(self.fast_prefix)),
             ("NSEL", self.nsel as f64),
+            ("XA", self.xa as f64),
+            ("SM_FIXED", super::flag(self.sm_fixed)),
+            ("SM_PAIRS", super::flag(self.sm_pairs)),
+            ("SM_ROT", super::flag(self.sm_rot)),
+            ("SM_QUADS", super::flag(self.sm_quads)),
+            ("SM_KEEP", super::flag(self.sm_keep)),
         ]
         .into_iter()
         .chain(self.features.constants())
@@ -142,7 +171,61 @@ impl CoopConfig {
                 fast_prefix: !listed("prefix"),
                 subgroup_barrier: false,
                 nsel,
+                xa: [
+                    "x-nosm",
+                    "x-nostage",
+                    "x-nold",
+                    "x-nos",
+                    "x-nopv",
+                    "x-nobar",
+                    "x-nomax",
+                    "x-noexp",
+                ]
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| listed(w))
+                .fold(0, |a, (i, _)| a | 1 << i),
+                sm_fixed: false,
+                sm_pairs: false,
+                sm_rot: false,
+                sm_quads: false,
+                sm_keep: false,
+                kv4: false,
+                p2: false,
             };
+            // Softmax and staging forms (`+name` turns one on, `name` off).
+            let on = |what: &str, default: bool| {
+                if listed(&format!("+{what}")) {
+                    true
+                } else if listed(what) {
+                    false
+                } else {
+                    default
+                }
+            };
+            // Measured on the H200 (2026-12-03, calls 2 and 3; BENCHMARKS.md): fixed loops -16%,
+            // column pairs -35% (D64) / -31% (D128), then kv4 + keep -10% (D64) / -9% (D128).
+            // keep alone fell off a cliff at D128 (2.8x slower: registers), so it comes with kv4
+            // only. The vector-typed buffers only on Vulkan, where the cooperative load takes a
+            // vector pointer (SPIR-V); naga's Metal helper takes a scalar one.
+            let vulkan = caps.info.backend == wgpu::Backend::Vulkan;
+            c.kv4 = vulkan && on("kv4", true);
+            c.sm_keep = listed("+keep") || (c.kv4 && on("keep", true));
+            c.sm_quads = c.sm_keep || on("quads", false);
+            c.p2 = vulkan && !c.sm_quads && on("p2", false);
+            c.sm_pairs = !c.sm_quads && (c.p2 || on("pairs", true));
+            c.sm_fixed = c.sm_quads || c.sm_pairs || on("fixed", true);
+            c.sm_rot = on("rot", true);
+            // Each of a row's SGS / 16 lanes takes whole steps of 4 (2) columns.
+            let lpr = sgs / 16;
+            if !bc.is_multiple_of(4 * lpr) {
+                c.sm_keep = false;
+                c.sm_quads = false;
+            }
+            if !bc.is_multiple_of(2 * lpr) {
+                c.sm_pairs = false;
+                c.p2 = false;
+            }
             // The selective column prefix splits BR rows over WG / (BC / NSEL) chunks.
             let wg = c.threads();
             let bcs = bc / nsel;
@@ -305,7 +388,78 @@ impl CoopConfig {
                 o8 = d * 8
             );
         }
-        template
+        let bufs = format!(
+            "var<workgroup> kbuf: array<{kt}, (max(BR, BC) * DP + select(0u, BC * DP, VSEP)){kd}>;\n\
+             var<workgroup> pbuf: array<{pt}, BR * PP{pd}>;",
+            kt = if self.kv4 { "vec4<f16>" } else { "f16" },
+            kd = if self.kv4 { " / 4u" } else { "" },
+            pt = if self.p2 { "vec2<f16>" } else { "f16" },
+            pd = if self.p2 { " / 2u" } else { "" },
+        );
+        let mut puts = String::from(
+            "fn put8(at: u32, w: vec4<u32>, g: f32) {
+    let a = unpack2x16float(w.x) * g;
+    let b = unpack2x16float(w.y) * g;
+    let c = unpack2x16float(w.z) * g;
+    let d = unpack2x16float(w.w) * g;
+",
+        );
+        if self.kv4 {
+            puts.push_str(
+                "    kbuf[at / 4u] = vec4<f16>(vec4<f32>(a, b));
+    kbuf[at / 4u + 1u] = vec4<f16>(vec4<f32>(c, d));
+}
+",
+            );
+        } else {
+            puts.push_str(
+                "    kbuf[at] = f16(a.x);
+    kbuf[at + 1u] = f16(a.y);
+    kbuf[at + 2u] = f16(b.x);
+    kbuf[at + 3u] = f16(b.y);
+    kbuf[at + 4u] = f16(c.x);
+    kbuf[at + 5u] = f16(c.y);
+    kbuf[at + 6u] = f16(d.x);
+    kbuf[at + 7u] = f16(d.y);
+}
+",
+            );
+        }
+        if self.p2 {
+            // put_p1 is only in the code of the other softmax forms (not run with P2).
+            puts.push_str(
+                "fn put_p1(i: u32, x: f32) {
+    let w = pbuf[i / 2u];
+    pbuf[i / 2u] = select(vec2<f16>(f16(x), w.y), vec2<f16>(w.x, f16(x)), (i & 1u) == 1u);
+}
+fn put_p2(i: u32, x: f32, y: f32) {
+    pbuf[i / 2u] = vec2<f16>(vec2<f32>(x, y));
+}
+fn put_p4(i: u32, v: vec4<f32>) {
+    pbuf[i / 2u] = vec2<f16>(v.xy);
+    pbuf[i / 2u + 1u] = vec2<f16>(v.zw);
+}",
+            );
+        } else {
+            puts.push_str(
+                "fn put_p1(i: u32, x: f32) {
+    pbuf[i] = f16(x);
+}
+fn put_p2(i: u32, x: f32, y: f32) {
+    pbuf[i] = f16(x);
+    pbuf[i + 1u] = f16(y);
+}
+fn put_p4(i: u32, v: vec4<f32>) {
+    pbuf[i] = f16(v.x);
+    pbuf[i + 1u] = f16(v.y);
+    pbuf[i + 2u] = f16(v.z);
+    pbuf[i + 3u] = f16(v.w);
+}",
+            );
+        }
+        let text = template
+            .replace("{{BUFS}}", &bufs)
+            .replace("{{PUTS}}", &puts)
             .replace("{{QDECL}}", &qdecl)
             .replace("{{QLOAD}}", &qload)
             .replace("{{QSLOAD}}", &qsload)
@@ -322,6 +476,19 @@ impl CoopConfig {
                 } else {
                     "            workgroupBarrier();"
                 },
-            )
+            );
+        // Cooperative loads from the vector-typed buffers: offsets and strides in vectors (every
+        // offset is a multiple of 8 f16).
+        let text = if self.kv4 {
+            text.replace("&kbuf[", "&kbuf[(")
+                .replace("], DP)", ") / 4u], DP / 4u)")
+        } else {
+            text
+        };
+        if self.p2 {
+            text.replace("&pbuf[poff], PP)", "&pbuf[poff / 2u], PP / 2u)")
+        } else {
+            text
+        }
     }
 }

@@ -134,7 +134,12 @@ pub fn reference_devices() -> Vec<Capabilities> {
                     saturating_accumulation: false,
                 });
             }
-            Capabilities::synthetic(name, features, &limits, subgroup, props)
+            let mut caps = Capabilities::synthetic(name, features, &limits, subgroup, props);
+            if coop {
+                // The H200's backend: the coop kernel's Vulkan-only forms (vec4 staging) are covered.
+                caps.info.backend = wgpu::Backend::Vulkan;
+            }
+            caps
         })
         .collect()
 }
