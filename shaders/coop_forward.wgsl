@@ -27,9 +27,9 @@
 // overrides cannot express; everything else is an `override`.
 
 @group(0) @binding(0) var<uniform> p: Params;
-// q, k, v: f16 x 8 per vec4<u32> word, or (KRAW) f16 x 4 per vec4<f16>: written by the generator,
-// with the 16-byte word type KW and its loads ld_q / ld_k / ld_v.
-{{QKV}}
+@group(0) @binding(1) var<storage, read> q: array<vec4<u32>>;    // f16 x 8
+@group(0) @binding(2) var<storage, read> k: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read> tau: array<f32>;
 @group(0) @binding(5) var<storage, read> alpha: array<f32>;
 @group(0) @binding(6) var<storage, read> gate: array<f32>;
@@ -156,19 +156,18 @@ fn p_wide(z: f32, m: f32) -> f32 {
     return exp2(max(z - m, DIFF_MIN) * UX);
 }
 
-// put8(at, w) / put8g(at, w, g): stores 8 f16 (one 16-byte word KW) at kbuf[at..at+8] (scaled by
-// g: through f32, as the reference rounds);
+// put8(at, w, g): stores 8 f16 (one 16-byte global word) at kbuf[at..at+8], scaled by g;
 // put_p1(i, x) / put_p2(i, x, y): P values at pbuf[i] (and i + 1, i even). Written by the generator.
 {{PUTS}}
 
 // Element e of the K tile starting at key kt (16 bytes of row kt + e / D8), zero past kend or
 // past the tile.
-fn load_k(b: u32, hk: u32, kt: u32, kend: u32, e: u32) -> KW {
+fn load_k(b: u32, hk: u32, kt: u32, kend: u32, e: u32) -> vec4<u32> {
     let j = kt + e / D8;
     if e < BC * D8 && j < kend {
-        return ld_k(((b * p.kv_heads + hk) * p.k_len + j) * D8 + e % D8);
+        return k[((b * p.kv_heads + hk) * p.k_len + j) * D8 + e % D8];
     }
-    return zero_kw();
+    return vec4<u32>(0u);
 }
 
 @compute @workgroup_size(WG)
@@ -222,11 +221,11 @@ fn coop_forward(
             let r = e / D8;
             let i = row0 + r;
             let c8 = e % D8;
-            var w = zero_kw();
+            var w = vec4<u32>(0u);
             if i < p.q_len {
-                w = ld_q(((b * p.q_heads + qh) * p.q_len + i) * D8 + c8);
+                w = q[((b * p.q_heads + qh) * p.q_len + i) * D8 + c8];
             }
-            put8(r * DP + c8 * 8u, w);
+            put8(r * DP + c8 * 8u, w, 1.0);
         }
         workgroupBarrier();
         if qp == 0u {
@@ -254,10 +253,10 @@ fn coop_forward(
 
     // K and V tiles are loaded into registers ahead of use (K one tile early, V before the
     // softmax), so global-load latency overlaps the softmax instead of stalling at a barrier.
-    var kpre: array<KW, MAX_LD>;
-    var vpre: array<KW, MAX_LD>;
+    var kpre: array<vec4<u32>, MAX_LD>;
+    var vpre: array<vec4<u32>, MAX_LD>;
     var gpre: array<f32, MAX_LD>;
-    var spre: array<KW, MAX_LD>;   // the selection head's K, when selective
+    var spre: array<vec4<u32>, MAX_LD>;   // the selection head's K, when selective
     for (var x = 0u; x < NLD; x++) {
         kpre[x] = load_k(b, hk, 0u, kend, tid + x * WG);
         if SELECTIVE {
@@ -279,9 +278,9 @@ fn coop_forward(
         for (var x = 0u; x < NLD; x++) {
             let e = tid + x * WG;
             if e < BC * D8 && !xa(2u) {
-                put8((e / D8) * DP + (e % D8) * 8u, kpre[x]);
+                put8((e / D8) * DP + (e % D8) * 8u, kpre[x], 1.0);
                 if PAIR {
-                    put8((BC + e / D8) * DP + (e % D8) * 8u, spre[x]);
+                    put8((BC + e / D8) * DP + (e % D8) * 8u, spre[x], 1.0);
                 }
             }
         }
@@ -299,7 +298,7 @@ fn coop_forward(
                 for (var x = 0u; x < NLD; x++) {
                     let e = tid + x * WG;
                     if e < BC * D8 {
-                        put8((e / D8) * DP + (e % D8) * 8u, spre[x]);
+                        put8((e / D8) * DP + (e % D8) * 8u, spre[x], 1.0);
                     }
                 }
                 workgroupBarrier();
@@ -380,11 +379,11 @@ fn coop_forward(
         for (var x = 0u; x < NLD; x++) {
             let e = tid + x * WG;
             let j = kt + e / D8;
-            var w = zero_kw();
+            var w = vec4<u32>(0u);
             var g = 1.0;
             if e < BC * D8 && j < kend && !xa(4u) {
                 let hj = (b * p.kv_heads + hk) * p.k_len + j;
-                w = ld_v(hj * D8 + e % D8);
+                w = v[hj * D8 + e % D8];
                 if HAS_GATE {
                     g = gate[hj];
                 }
@@ -585,11 +584,7 @@ fn coop_forward(
         for (var x = 0u; x < NLD; x++) {
             let e = tid + x * WG;
             if e < BC * D8 && !xa(2u) {
-                if HAS_GATE {
-                    put8g(VOFF + (e / D8) * DP + (e % D8) * 8u, vpre[x], gpre[x]);
-                } else {
-                    put8(VOFF + (e / D8) * DP + (e % D8) * 8u, vpre[x]);
-                }
+                put8(VOFF + (e / D8) * DP + (e % D8) * 8u, vpre[x], gpre[x]);
             }
         }
         // 5. Rare: rescale O rows whose max moved, through workgroup memory.

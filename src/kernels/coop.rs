@@ -14,7 +14,7 @@ pub const MAX_D: u32 = 128;
 /// Environment variable naming tuning choices to turn off, comma-separated, for ablations on a
 /// real GPU: `vsep`, `ilp`, `sgbar`, `prefix`, `halves` (see [`CoopConfig`]) and `colsum` (the column-sum
 /// pass's interior fast path); `+ilp` turns `ilp` on at every head dim. The softmax and staging
-/// forms: `keep`, `quads`, `pairs`, `fixed`, `rot`, `kv4`, `kraw`, `p2` turn one off, `+name` on (see
+/// forms: `keep`, `quads`, `pairs`, `fixed`, `rot`, `kv4`, `p2` turn one off, `+name` on (see
 /// [`CoopConfig`]; `keep,kv4` gives column pairs, `keep,kv4,pairs,fixed` the scalar loops of
 /// before). Timing-only knobs that make
 /// results wrong (for `bench --no-check`): `x-nosm`, `x-nostage`, `x-nold`, `x-nos`, `x-nopv`,
@@ -63,9 +63,6 @@ pub struct CoopConfig {
     /// K/V/Q staged in a `vec4<f16>` array (two 8-byte stores per 16-byte word); cooperative
     /// loads take vec4 offsets and strides.
     pub kv4: bool,
-    /// Q/K/V bindings read as `vec4<f16>` (two per 16-byte word): staged without f16 → f32 → f16
-    /// conversions (the gated V still through f32).
-    pub kraw: bool,
     /// P in a `vec2<f16>` array (one 4-byte store per pair; needs `sm_pairs`).
     pub p2: bool,
 }
@@ -194,7 +191,6 @@ impl CoopConfig {
                 sm_quads: false,
                 sm_keep: false,
                 kv4: false,
-                kraw: false,
                 p2: false,
             };
             // Softmax and staging forms (`+name` turns one on, `name` off).
@@ -220,7 +216,6 @@ impl CoopConfig {
             c.sm_pairs = !c.sm_quads && (c.p2 || on("pairs", true));
             c.sm_fixed = c.sm_quads || c.sm_pairs || on("fixed", true);
             c.sm_rot = on("rot", true);
-            c.kraw = on("kraw", true);
             // Each of a row's SGS / 16 lanes takes whole steps of 4 (2) columns.
             let lpr = sgs / 16;
             if !bc.is_multiple_of(4 * lpr) {
@@ -314,67 +309,6 @@ impl CoopConfig {
         t
     }
 
-    /// The q/k/v bindings, the 16-byte word type `KW` with its loads, and `put8` / `put8g`
-    /// (stage a word in kbuf, unscaled / scaled by the gate through f32).
-    fn staging(&self) -> (String, String) {
-        let mut decl = String::new();
-        let mut f = String::new();
-        let ty = if self.kraw { "vec4<f16>" } else { "vec4<u32>" };
-        for (n, name) in [(1, "q"), (2, "k"), (3, "v")] {
-            let _ = writeln!(
-                decl,
-                "@group(0) @binding({n}) var<storage, read> {name}: array<{ty}>;"
-            );
-            if self.kraw {
-                let _ = writeln!(
-                    f,
-                    "fn ld_{name}(i: u32) -> KW {{\n    return KW({name}[2u * i], {name}[2u * i + 1u]);\n}}"
-                );
-            } else {
-                let _ = writeln!(
-                    f,
-                    "fn ld_{name}(i: u32) -> KW {{\n    return {name}[i];\n}}"
-                );
-            }
-        }
-        // The eight f16 of a word as (a, b): two vec4<f16>, or four vec2<f32> from the u32 form.
-        let halves = |g: &str| -> String {
-            if self.kraw {
-                if g.is_empty() {
-                    "    let a = w.a;\n    let b = w.b;\n".to_string()
-                } else {
-                    format!(
-                        "    let a = vec4<f16>(vec4<f32>(w.a) * {g});\n    let b = vec4<f16>(vec4<f32>(w.b) * {g});\n"
-                    )
-                }
-            } else {
-                let g = if g.is_empty() { "1.0" } else { g };
-                format!(
-                    "    let a = vec4<f16>(vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)) * {g});\n    let b = vec4<f16>(vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w)) * {g});\n"
-                )
-            }
-        };
-        let store = if self.kv4 {
-            "    kbuf[at / 4u] = a;\n    kbuf[at / 4u + 1u] = b;\n}\n"
-        } else {
-            "    kbuf[at] = a.x;\n    kbuf[at + 1u] = a.y;\n    kbuf[at + 2u] = a.z;\n    kbuf[at + 3u] = a.w;\n    kbuf[at + 4u] = b.x;\n    kbuf[at + 5u] = b.y;\n    kbuf[at + 6u] = b.z;\n    kbuf[at + 7u] = b.w;\n}\n"
-        };
-        if self.kraw {
-            f.push_str("fn zero_kw() -> KW {\n    return KW(vec4<f16>(), vec4<f16>());\n}\n");
-            decl.push_str("struct KW {\n    a: vec4<f16>,\n    b: vec4<f16>,\n}\n");
-        } else {
-            f.push_str("fn zero_kw() -> KW {\n    return vec4<u32>(0u);\n}\n");
-            decl.push_str("alias KW = vec4<u32>;\n");
-        }
-        let _ = write!(f, "fn put8(at: u32, w: KW) {{\n{}{store}", halves(""));
-        let _ = write!(
-            f,
-            "fn put8g(at: u32, w: KW, g: f32) {{\n{}{store}",
-            halves("g")
-        );
-        (decl, f)
-    }
-
     /// The WGSL for this configuration: the template with its fragments unrolled for D.
     pub fn wgsl(&self, template: &str) -> String {
         let n = self.d / 16;
@@ -462,7 +396,35 @@ impl CoopConfig {
             pt = if self.p2 { "vec2<f16>" } else { "f16" },
             pd = if self.p2 { " / 2u" } else { "" },
         );
-        let (qkv, mut puts) = self.staging();
+        let mut puts = String::from(
+            "fn put8(at: u32, w: vec4<u32>, g: f32) {
+    let a = unpack2x16float(w.x) * g;
+    let b = unpack2x16float(w.y) * g;
+    let c = unpack2x16float(w.z) * g;
+    let d = unpack2x16float(w.w) * g;
+",
+        );
+        if self.kv4 {
+            puts.push_str(
+                "    kbuf[at / 4u] = vec4<f16>(vec4<f32>(a, b));
+    kbuf[at / 4u + 1u] = vec4<f16>(vec4<f32>(c, d));
+}
+",
+            );
+        } else {
+            puts.push_str(
+                "    kbuf[at] = f16(a.x);
+    kbuf[at + 1u] = f16(a.y);
+    kbuf[at + 2u] = f16(b.x);
+    kbuf[at + 3u] = f16(b.y);
+    kbuf[at + 4u] = f16(c.x);
+    kbuf[at + 5u] = f16(c.y);
+    kbuf[at + 6u] = f16(d.x);
+    kbuf[at + 7u] = f16(d.y);
+}
+",
+            );
+        }
         if self.p2 {
             // put_p1 is only in the code of the other softmax forms (not run with P2).
             puts.push_str(
@@ -497,7 +459,6 @@ fn put_p4(i: u32, v: vec4<f32>) {
         }
         let text = template
             .replace("{{BUFS}}", &bufs)
-            .replace("{{QKV}}", &qkv)
             .replace("{{PUTS}}", &puts)
             .replace("{{QDECL}}", &qdecl)
             .replace("{{QLOAD}}", &qload)
