@@ -255,7 +255,40 @@ impl Context {
         grads: &Grads,
     ) -> Result<()> {
         let plan = self.backward_plan(inputs, options, up, grads)?;
-        self.encode_backward_plan(encoder, &plan, inputs, up, grads)
+        self.encode_backward_plan(encoder, &plan, inputs, up, grads, None)
+    }
+
+    /// Like [`Context::encode_backward`], with a GPU timestamp written into `query_set` before
+    /// every dispatch and one after the last (indices 0, 1, ...; needs
+    /// TIMESTAMP_QUERY_INSIDE_PASSES): a per-kernel profile. Returns the label of each dispatch,
+    /// in order (dispatch `n` ran between timestamps `n` and `n + 1`). `capacity` is the
+    /// query set's count; a call that needs more writes nothing and returns an error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_backward_profiled(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &Inputs,
+        options: &Options,
+        up: &Upstream,
+        grads: &Grads,
+        query_set: &wgpu::QuerySet,
+        capacity: u32,
+    ) -> Result<Vec<String>> {
+        if !(self.device.features()).contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
+            return Err(Error::FeatureMissing {
+                feature: "TIMESTAMP_QUERY_INSIDE_PASSES",
+            });
+        }
+        let plan = self.backward_plan(inputs, options, up, grads)?;
+        let labels = dispatch_labels(&plan);
+        if labels.len() as u64 + 1 > capacity as u64 {
+            return Err(Error::gpu_msg(format!(
+                "profiling the backward pass: {} timestamps needed, the query set holds {capacity}",
+                labels.len() + 1
+            )));
+        }
+        self.encode_backward_plan(encoder, &plan, inputs, up, grads, Some(query_set))?;
+        Ok(labels)
     }
 
     fn encode_backward_plan(
@@ -265,6 +298,7 @@ impl Context {
         inputs: &Inputs,
         up: &Upstream,
         grads: &Grads,
+        profile: Option<&wgpu::QuerySet>,
     ) -> Result<()> {
         let s = plan.resolved.shape;
         // Pipelines first: a failure to build one records nothing.
@@ -279,6 +313,13 @@ impl Context {
             label: Some("selattn backward"),
             timestamp_writes: None,
         });
+        let mut stamp = 0u32;
+        let mut mark = |pass: &mut wgpu::ComputePass| {
+            if let Some(qs) = profile {
+                pass.write_timestamp(qs, stamp);
+                stamp += 1;
+            }
+        };
         for (key, pipe) in &pipes {
             let bgl = pipe.get_bind_group_layout(0);
             let (entries, groups) = self.kernel_entries(key, plan, &b, inputs, up, grads)?;
@@ -303,9 +344,11 @@ impl Context {
                 } else {
                     // Chunk by chunk: coop_selq writes du of its rows, coop_selk_du consumes it.
                     for ((qpipe, qbg, rows), (kbg, _)) in selq_du.iter().zip(&chunk_groups) {
+                        mark(&mut pass);
                         pass.set_pipeline(qpipe);
                         pass.set_bind_group(0, qbg, &[]);
                         pass.dispatch_workgroups(rows.div_ceil(ROWS), 1, s.batch);
+                        mark(&mut pass);
                         pass.set_pipeline(pipe);
                         pass.set_bind_group(0, kbg, &[]);
                         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
@@ -314,10 +357,12 @@ impl Context {
                 continue;
             }
             let bg = self.bind_group(key, &bgl, &entries);
+            mark(&mut pass);
             pass.set_pipeline(pipe);
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(groups.0, groups.1, groups.2);
         }
+        mark(&mut pass);
         Ok(())
     }
 
@@ -543,6 +588,38 @@ impl Context {
         };
         (e, groups)
     }
+}
+
+/// The label of each dispatch [`Context::encode_backward_plan`] records, in order (the du
+/// pairs once per chunk).
+fn dispatch_labels(plan: &BackwardPlan) -> Vec<String> {
+    let s = plan.resolved.shape;
+    let chunks = if plan.du_rows > 0 {
+        s.q_len.div_ceil(plan.du_rows)
+    } else {
+        0
+    };
+    let mut out = Vec::new();
+    for key in plan.keys() {
+        let name = match key.kernel {
+            Kernel::SelColsum(_) => "sel_colsum".to_string(),
+            Kernel::SelScan(_) => "sel_scan".to_string(),
+            Kernel::Backward(c) => format!("{:?}", c.entry).to_lowercase(),
+            Kernel::CoopBackward(c) => c.entry_name().to_string(),
+            _ => format!("{:?}", key.kernel),
+        };
+        match key.kernel {
+            Kernel::CoopBackward(c) if plan.du_rows > 0 && c.entry == CoopEntry::SelqDu => {}
+            Kernel::CoopBackward(c) if plan.du_rows > 0 && c.entry == CoopEntry::SelkDu => {
+                for _ in 0..chunks {
+                    out.push("coop_selq".to_string());
+                    out.push(name.clone());
+                }
+            }
+            _ => out.push(name),
+        }
+    }
+    out
 }
 
 /// The uniforms and scratch buffers of one backward call.
