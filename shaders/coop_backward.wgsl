@@ -20,6 +20,9 @@
 // Selective terms: coop_selq (per 64 query rows) and coop_selk (per 64 keys) each sum dz over every
 // head; with the du scratch (plan du_rows > 0) coop_selq also writes du of a chunk of query rows
 // (override DU) and coop_selk_du reads it, one pair of dispatches per chunk (Layout row_lo/row_hi).
+// The split du path (plan du_split, the default with the du scratch) replaces coop_selq by
+// coop_seldu (du per (64 rows, key tile): key tiles in parallel) and coop_selq_du (dq_sel from
+// the scratch), three dispatches per chunk with coop_selk_du.
 //
 // Selective masking: F = C (the forward's colsum and scan passes, query tiles of CT rows, CT
 // dividing 16) + the exclusive prefix of relu(S_sel) over the rows of the C tile, recomputed
@@ -1031,6 +1034,279 @@ fn coop_selq(
                         ws[dub + (i - w.row_lo) * p.k_len + j] = du;
                     }
                     run -= acc[fo + r * FS];
+                }
+            }
+            workgroupBarrier();
+            let so = c * 16u * DP;
+            let ua = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{SQ_ACC}}
+        }
+    }
+    workgroupBarrier();
+{{SQ_EPI}}
+}
+
+// coop_seldu (the split du path, plan du_split): one workgroup per (64 query rows of the chunk,
+// key tile of BT keys, b); subgroup sg owns rows 16 sg .. 16 sg + 15. The body of coop_selq's key
+// loop for one key tile: F and the du mask (Q_sel fragments x staged K_sel), the sum over every
+// head of dz, then du by suffix, written to the du scratch (no dq_sel term: coop_selq_du adds it
+// from the scratch). Key tiles are independent (C and E come from the earlier passes), so the
+// grid spans them: a workgroup per (row block, key tile) instead of a serial walk over key tiles.
+@compute @workgroup_size(WG)
+fn coop_seldu(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let b = wg.z;
+    let row0 = w.row_lo + wg.x * KB;
+    let valid = uniform_valid(b, tid);
+    // S_kj lives for j < p_k only; key tiles past the rows' end have nothing to do.
+    let kend = min(valid, p.start + min(row0 + KB, p.q_len));
+    let kt = wg.y * BT;
+    if kt >= kend {
+        return;
+    }
+    let dub = du_base(b);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let rb0 = sg * 16u;
+    let bo = sg * 16u * SP;
+    let bp = sg * 16u * PP;
+{{SQ_DECL}}
+    // The selection head's Q fragments.
+    workgroupBarrier();
+    for (var e = tid; e < KB * D8; e += WG) {
+        let i = row0 + e / D8;
+        var x = vec4<u32>(0u);
+        if i < p.q_len {
+            x = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + e % D8];
+        }
+        put8((e / D8) * DP + (e % D8) * 8u, x);
+    }
+    workgroupBarrier();
+    {
+        let qoff = rb0 * DP;
+{{SQ_QSLOAD}}
+    }
+    var msk: array<u32, 4>;
+    {
+        // A. S_sel per chunk, then F and the mask (lane per key column), sums zeroed.
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let j = kt + e / D8;
+            var x = vec4<u32>(0u);
+            if j < kend {
+                x = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        workgroupBarrier();
+        for (var c = 0u; c < NB; c++) {
+            if kt + c * 16u >= kend {
+                break;
+            }
+            let fo = (c * SG + sg) * 16u * FS;
+            let so = c * 16u * DP;
+{{SQ_FCOMP}}
+            for (var x = lane; x < 256u; x += SGS) {
+                acc[fo + (x / 16u) * FS + x % 16u] = 0.0;
+            }
+        }
+        workgroupBarrier();
+        if lane < 16u {
+            for (var c = 0u; c < NB; c++) {
+                let j = kt + c * 16u + lane;
+                let fo = (c * SG + sg) * 16u * FS + lane;
+                var run = 0.0;
+                var m = 0u;
+                for (var r = 0u; r < 16u; r++) {
+                    let i = row0 + rb0 + r;
+                    if r % CT == 0u {
+                        run = 0.0;
+                        if j < p.k_len && i < p.q_len {
+                            run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + j];
+                        }
+                    }
+                    let s = fb[fo + r * FS];
+                    fb[fo + r * FS] = run;
+                    if j < kend && sel_live(i, j, valid) {
+                        let u = p.scale * s;
+                        run += max(u, 0.0);
+                        if u > 0.0 {
+                            m |= 1u << r;
+                        }
+                    }
+                }
+                msk[c] = m;
+            }
+        }
+        // B. sum over every head of dz.
+        for (var h = 0u; h < p.q_heads; h++) {
+            let hk = h / p.group;
+            for (var qp = 0u; qp < 2u; qp++) {
+                workgroupBarrier();
+                for (var e = tid; e < KB * D8; e += WG) {
+                    let i = row0 + e / D8;
+                    var x = vec4<u32>(0u);
+                    if i < p.q_len {
+                        let at = ((b * p.q_heads + h) * p.q_len + i) * D8 + e % D8;
+                        if qp == 0u {
+                            x = q[at];
+                        } else {
+                            x = dout[at];
+                        }
+                    }
+                    put8((e / D8) * DP + (e % D8) * 8u, x);
+                }
+                workgroupBarrier();
+                let qoff = rb0 * DP;
+                if qp == 0u {
+{{SQ_QLOAD}}
+                } else {
+{{SQ_OLOAD}}
+                }
+            }
+            workgroupBarrier();
+            for (var e = tid; e < BT * D8; e += WG) {
+                let r = e / D8;
+                let j = kt + r;
+                let c8 = e % D8;
+                var xk = vec4<u32>(0u);
+                var xv = vec4<u32>(0u);
+                if j < kend {
+                    let at = ((b * p.kv_heads + hk) * p.k_len + j) * D8 + c8;
+                    xk = k[at];
+                    xv = v[at];
+                }
+                put8(r * DP + c8 * 8u, xk);
+                put8((BT + r) * DP + c8 * 8u, xv);
+            }
+            for (var c = tid; c < BT; c += WG) {
+                let j = kt + c;
+                var g = 1.0;
+                if HAS_GATE && j < p.k_len {
+                    g = ws[w.gate + (b * p.kv_heads + hk) * p.k_len + j];
+                }
+                cg[c] = g;
+            }
+            for (var r = tid; r < KB; r += WG) {
+                let i = row0 + r;
+                var l = 0.0;
+                var d = 0.0;
+                var t = 0.0;
+                if i < p.q_len {
+                    let row = (b * p.q_heads + h) * p.q_len + i;
+                    l = ws[w.lse + row];
+                    d = ws[w.delta + row];
+                    t = row_temperature(b, h, i);
+                }
+                rl[r] = l;
+                rd[r] = d;
+                rt[r] = t;
+            }
+            for (var c = 0u; c < NB; c++) {
+                let c0 = c * 16u;
+                let j0 = kt + c0;
+                if j0 >= kend {
+                    break;
+                }
+                workgroupBarrier();
+                let ko = c0 * DP;
+                let vo = (BT + c0) * DP;
+{{SQ_SCOMP}}
+                workgroupBarrier();
+                let fo = (c * SG + sg) * 16u * FS;
+                for (var x = lane; x < 256u; x += SGS) {
+                    let r = x / 16u;
+                    let cc = x % 16u;
+                    let e = bo + r * SP + cc;
+                    if allowed(row0 + rb0 + r, j0 + cc, valid) {
+                        let l = p.scale * sa[e];
+                        let z = rt[rb0 + r] * l - fb[fo + r * FS + cc];
+                        let pp = exp(z - rl[rb0 + r]);
+                        acc[fo + r * FS + cc] += pp * (cg[c0 + cc] * sb[e] - rd[rb0 + r]);
+                    }
+                }
+            }
+        }
+        // C. du = E + exclusive suffix of -sum dz down each column, masked, to the scratch.
+        for (var c = 0u; c < NB; c++) {
+            if kt + c * 16u >= kend {
+                break;
+            }
+            if lane < 16u {
+                let j = kt + c * 16u + lane;
+                let fo = (c * SG + sg) * 16u * FS + lane;
+                let m = msk[c];
+                var run = 0.0;
+                for (var n = 16u; n > 0u; n--) {
+                    let r = n - 1u;
+                    if r % CT == CT - 1u {
+                        run = e_carry(b, (row0 + rb0 + r) / CT, j);
+                    }
+                    var du = 0.0;
+                    if (m & (1u << r)) != 0u {
+                        du = run;
+                    }
+                    let i = row0 + rb0 + r;
+                    if j < kend && i < p.q_len {
+                        ws[dub + (i - w.row_lo) * p.k_len + j] = du;
+                    }
+                    run -= acc[fo + r * FS];
+                }
+            }
+        }
+    }
+}
+
+// coop_selq_du (the split du path): one workgroup per (64 query rows of the chunk, b); subgroup
+// sg owns rows 16 sg .. 16 sg + 15. dq_sel += du K_sel over the key tiles below the rows' causal
+// end, du read from the scratch coop_seldu wrote for the same chunk; adds the selection head's
+// ordinary dQ (dqb) and writes dQ of the selection head.
+@compute @workgroup_size(WG)
+fn coop_selq_du(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let b = wg.z;
+    let row0 = w.row_lo + wg.x * KB;
+    let valid = uniform_valid(b, tid);
+    let dub = du_base(b);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let rb0 = sg * 16u;
+    let bo = sg * 16u * SP;
+    let bp = sg * 16u * PP;
+{{SD_QDECL}}
+    let kend = min(valid, p.start + min(row0 + KB, p.q_len));
+    for (var kt = 0u; kt < kend; kt += BT) {
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let j = kt + e / D8;
+            var x = vec4<u32>(0u);
+            if j < kend {
+                x = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        for (var c = 0u; c < NB; c++) {
+            if kt + c * 16u >= kend {
+                break;
+            }
+            workgroupBarrier();
+            if lane < 16u {
+                let j = kt + c * 16u + lane;
+                for (var r = 0u; r < 16u; r++) {
+                    let i = row0 + rb0 + r;
+                    var du = 0.0;
+                    if j < kend && i < w.row_hi {
+                        du = ws[dub + (i - w.row_lo) * p.k_len + j];
+                    }
+                    za16[bp + r * PP + lane] = f16(du);
                 }
             }
             workgroupBarrier();

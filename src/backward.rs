@@ -308,7 +308,10 @@ impl Context {
             pipes.push((key, gpu.pipeline(&key)?));
         }
         let b = self.backward_buffers(plan, gpu.dummy_in);
-        let mut selq_du: Vec<(&wgpu::ComputePipeline, wgpu::BindGroup, u32)> = Vec::new();
+        // The du path's per-chunk writers (coop_selq, or coop_seldu and coop_selq_du): pipeline,
+        // entry and per chunk (bind group, rows, row_hi), dispatched with coop_selk_du.
+        type Chunks = Vec<(wgpu::BindGroup, u32, u32)>;
+        let mut du_writers: Vec<(&wgpu::ComputePipeline, CoopEntry, u32, Chunks)> = Vec::new();
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("selattn backward"),
             timestamp_writes: None,
@@ -324,30 +327,44 @@ impl Context {
             let bgl = pipe.get_bind_group_layout(0);
             let (entries, groups) = self.kernel_entries(key, plan, &b, inputs, up, grads)?;
             let du_entry = match key.kernel {
-                Kernel::CoopBackward(c) if plan.du_rows > 0 => Some(c.entry),
+                Kernel::CoopBackward(c) if plan.du_rows > 0 && c.entry.selective() => Some(c.entry),
                 _ => None,
             };
-            if let Some(de @ (CoopEntry::SelqDu | CoopEntry::SelkDu)) = du_entry {
-                let chunk_groups: Vec<(wgpu::BindGroup, u32)> = b
+            if let Some(de) = du_entry {
+                let chunk_groups: Chunks = b
                     .chunk_layouts
                     .iter()
-                    .map(|(rows, lb)| {
+                    .map(|(rows, row_hi, lb)| {
                         let bg = self.bind_group(key, &bgl, &with_layout(&entries, lb));
-                        (bg, *rows)
+                        (bg, *rows, *row_hi)
                     })
                     .collect();
-                if de == CoopEntry::SelqDu {
-                    selq_du = chunk_groups
-                        .into_iter()
-                        .map(|(bg, rows)| (&**pipe, bg, rows))
-                        .collect();
+                if de != CoopEntry::SelkDu {
+                    let bt = match key.kernel {
+                        Kernel::CoopBackward(c) => c.bt,
+                        _ => 16,
+                    };
+                    du_writers.push((&**pipe, de, bt, chunk_groups));
                 } else {
-                    // Chunk by chunk: coop_selq writes du of its rows, coop_selk_du consumes it.
-                    for ((qpipe, qbg, rows), (kbg, _)) in selq_du.iter().zip(&chunk_groups) {
-                        mark(&mut pass);
-                        pass.set_pipeline(qpipe);
-                        pass.set_bind_group(0, qbg, &[]);
-                        pass.dispatch_workgroups(rows.div_ceil(ROWS), 1, s.batch);
+                    // Chunk by chunk: the writers put du of its rows into the scratch (and add
+                    // the selection head's dQ term), coop_selk_du consumes it.
+                    for (ci, (kbg, _, _)) in chunk_groups.iter().enumerate() {
+                        for (wpipe, we, bt, groups) in &du_writers {
+                            let (bg, rows, row_hi) = &groups[ci];
+                            let ky = if *we == CoopEntry::SelDu {
+                                // Key tiles below the chunk's causal end.
+                                // (Selective masking is causal only.)
+                                let kend = (s.k_len as u64)
+                                    .min(plan.resolved.start as u64 + *row_hi as u64);
+                                (kend.div_ceil(*bt as u64) as u32).max(1)
+                            } else {
+                                1
+                            };
+                            mark(&mut pass);
+                            pass.set_pipeline(wpipe);
+                            pass.set_bind_group(0, bg, &[]);
+                            pass.dispatch_workgroups(rows.div_ceil(ROWS), ky, s.batch);
+                        }
                         mark(&mut pass);
                         pass.set_pipeline(pipe);
                         pass.set_bind_group(0, kbg, &[]);
@@ -398,11 +415,32 @@ impl Context {
                 (s.k_len.div_ceil(c.wg), s.batch, 1),
             ),
             Kernel::Backward(c) => self.backward_entries(plan, b, c.entry, inputs, up, grads),
+            Kernel::CoopBackward(c)
+                if matches!(c.entry, CoopEntry::SelDu | CoopEntry::SelqRead) =>
+            {
+                // The split du path (grids per chunk are set where the chunks are dispatched).
+                let mut e = vec![entry(0, &b.params), entry(1, &b.layout), entry(6, &b.ws)];
+                e.push(tensor_entry(3, Some(bound(inputs.k)), b.din));
+                if c.entry == CoopEntry::SelDu {
+                    e.extend([
+                        tensor_entry(2, Some(bound(inputs.q)), b.din),
+                        tensor_entry(4, Some(bound(inputs.v)), b.din),
+                        tensor_entry(5, Some(bound(up.d_o)), b.din),
+                        entry(7, &b.carry),
+                    ]);
+                } else {
+                    e.push(tensor_entry(8, grads.dq.map(bound), &b.dummies[0]));
+                }
+                (e, (0, 0, 0))
+            }
             Kernel::CoopBackward(c) => {
                 let e = match c.entry {
                     CoopEntry::Dkv => Entry::Dkv,
                     CoopEntry::Dq => Entry::Dq,
-                    CoopEntry::Selq | CoopEntry::SelqDu => Entry::Selq,
+                    CoopEntry::Selq
+                    | CoopEntry::SelqDu
+                    | CoopEntry::SelDu
+                    | CoopEntry::SelqRead => Entry::Selq,
                     CoopEntry::Selk | CoopEntry::SelkDu => Entry::Selk,
                 };
                 self.backward_entries(plan, b, e, inputs, up, grads)
@@ -435,7 +473,7 @@ impl Context {
         let gpu = self.gpu();
         // With the du scratch, coop_selq and coop_selk_du run once per chunk of query rows, each
         // pair with its own Layout (row_lo, row_hi).
-        let chunk_layouts: Vec<(u32, wgpu::Buffer)> = if plan.du_rows > 0 {
+        let chunk_layouts: Vec<(u32, u32, wgpu::Buffer)> = if plan.du_rows > 0 {
             (0..s.q_len.div_ceil(plan.du_rows))
                 .map(|c| {
                     let row_lo = c * plan.du_rows;
@@ -446,7 +484,7 @@ impl Context {
                     };
                     let rows = l.row_hi - l.row_lo;
                     let buf = gpu.uniform("selattn backward chunk layout", bytemuck::bytes_of(&l));
-                    (rows, buf)
+                    (rows, l.row_hi, buf)
                 })
                 .collect()
         } else {
@@ -600,6 +638,7 @@ fn dispatch_labels(plan: &BackwardPlan) -> Vec<String> {
         0
     };
     let mut out = Vec::new();
+    let mut writers = Vec::new();
     for key in plan.keys() {
         let name = match key.kernel {
             Kernel::SelColsum(_) => "sel_colsum".to_string(),
@@ -609,10 +648,18 @@ fn dispatch_labels(plan: &BackwardPlan) -> Vec<String> {
             _ => format!("{:?}", key.kernel),
         };
         match key.kernel {
-            Kernel::CoopBackward(c) if plan.du_rows > 0 && c.entry == CoopEntry::SelqDu => {}
+            Kernel::CoopBackward(c)
+                if plan.du_rows > 0
+                    && matches!(
+                        c.entry,
+                        CoopEntry::SelqDu | CoopEntry::SelDu | CoopEntry::SelqRead
+                    ) =>
+            {
+                writers.push(name)
+            }
             Kernel::CoopBackward(c) if plan.du_rows > 0 && c.entry == CoopEntry::SelkDu => {
                 for _ in 0..chunks {
-                    out.push("coop_selq".to_string());
+                    out.extend(writers.iter().cloned());
                     out.push(name.clone());
                 }
             }
@@ -626,8 +673,8 @@ fn dispatch_labels(plan: &BackwardPlan) -> Vec<String> {
 struct Buffers<'d> {
     params: wgpu::Buffer,
     layout: wgpu::Buffer,
-    /// Per du chunk: its query rows and its Layout uniform.
-    chunk_layouts: Vec<(u32, wgpu::Buffer)>,
+    /// Per du chunk: its query rows, its end row and its Layout uniform.
+    chunk_layouts: Vec<(u32, u32, wgpu::Buffer)>,
     ws: wgpu::Buffer,
     carry: wgpu::Buffer,
     dummies: Vec<wgpu::Buffer>,

@@ -9,7 +9,7 @@
 //! extra gradients (column sums per query tile, a suffix scan, an in-tile suffix). Every element
 //! has exactly one writer and every sum runs in a fixed order, so repeat runs are bit-identical.
 
-use super::coop_backward::{CoopBackwardConfig, ROWS};
+use super::coop_backward::{CoopBackwardConfig, CoopEntry, ROWS};
 use super::forward::{check_dispatch, params};
 use super::selective::{ColsumConfig, ScanConfig};
 use super::{Kernel, KernelKey, Params};
@@ -105,6 +105,15 @@ pub const DU_ENV: &str = "SELATTN_BACKWARD_DU";
 
 fn du_enabled() -> bool {
     std::env::var(DU_ENV).map_or(true, |v| v != "0")
+}
+
+/// Environment variable that turns the split du path off (`SELATTN_BACKWARD_SPLIT=0`: coop_selq
+/// walks every key tile of its 64 rows in one workgroup, writing du and adding dq_sel itself),
+/// for A/B measurements and tests with one binary.
+pub const SPLIT_ENV: &str = "SELATTN_BACKWARD_SPLIT";
+
+fn split_enabled() -> bool {
+    std::env::var(SPLIT_ENV).map_or(true, |v| v != "0")
 }
 
 /// Threads per workgroup we use at most.
@@ -271,6 +280,10 @@ pub struct BackwardPlan {
     /// heads 1.. (dead once fscan has run: `(Hkv - 1) * ceil(Nq / BR) * Nk` floats per batch, so
     /// no extra scratch), and coop_selk_du reads it instead of recomputing dz of every head.
     pub du_rows: u32,
+    /// With the du scratch: the split path, where coop_seldu writes du with one workgroup per
+    /// (64 rows, key tile) and coop_selq_du adds the selection head's dQ term from it, in place
+    /// of coop_selq (whose workgroups walk every key tile of their rows one after the other).
+    pub du_split: Option<CoopBackwardConfig>,
 }
 
 impl BackwardPlan {
@@ -293,6 +306,20 @@ impl BackwardPlan {
         let (path, coop, (br, bc, wg)) = choose_path(caps, r, elem, features)?;
         let n_qtiles = s.q_len.div_ceil(br);
         let (coop_sel, du_rows) = choose_selective_coop(caps, r, coop, n_qtiles, wanted);
+        let du_split = match coop_sel {
+            // The split writer's grid spans the key tiles of a chunk: within the limit?
+            Some((q, _))
+                if du_rows > 0
+                    && split_enabled()
+                    && s.k_len.div_ceil(q.bt) <= caps.max_workgroups_per_dim =>
+            {
+                Some(CoopBackwardConfig {
+                    entry: CoopEntry::SelDu,
+                    ..q
+                })
+            }
+            _ => None,
+        };
         let n_ktiles = s.k_len.div_ceil(bc);
         let rows = s.batch as u64 * s.q_heads as u64 * s.q_len as u64;
         let keys = s.batch as u64 * s.kv_heads as u64 * s.k_len as u64;
@@ -317,6 +344,7 @@ impl BackwardPlan {
             coop,
             coop_sel,
             du_rows,
+            du_split,
         })
     }
 
@@ -366,6 +394,14 @@ impl BackwardPlan {
     /// The key of one entry point.
     pub fn key(&self, entry: Entry) -> KernelKey {
         match (entry, self.coop, self.coop_sel) {
+            (Entry::Selq, _, Some(_)) if self.du_split.is_some() => {
+                if let Some(c) = self.du_split {
+                    return KernelKey {
+                        kernel: Kernel::CoopBackward(c),
+                        elem: self.elem,
+                    };
+                }
+            }
             (Entry::Dkv, Some((c, _)), _)
             | (Entry::Dq, Some((_, c)), _)
             | (Entry::Selq, _, Some((c, _)))
@@ -428,6 +464,18 @@ impl BackwardPlan {
             Entry::Finish,
         ] {
             push(e, &mut keys);
+            if let (Entry::Selq, Some(c)) = (e, self.du_split) {
+                // The split path's reader: dq_sel from the du scratch, after the writer.
+                if self.runs(e) {
+                    keys.push(KernelKey {
+                        kernel: Kernel::CoopBackward(CoopBackwardConfig {
+                            entry: CoopEntry::SelqRead,
+                            ..c
+                        }),
+                        elem: self.elem,
+                    });
+                }
+            }
         }
         keys
     }

@@ -3,8 +3,10 @@
 //! storage where the adapter reports that configuration, a fixed subgroup size of at least 16
 //! and f16; the scalar entries of `shaders/backward.wgsl` are the fallback, and its prep, fscan
 //! and finish run around these on either path. The selective terms run here too (coop_selq,
-//! coop_selk, or with the du scratch coop_selq writing du per chunk and coop_selk_du reading it)
-//! where workgroup memory allows.
+//! coop_selk, or with the du scratch coop_selq writing du per chunk and coop_selk_du reading it;
+//! by default with the du scratch, the split path: coop_seldu writes du with a workgroup per
+//! (64 rows, key tile) and coop_selq_du adds the selection head's dQ term from it) where
+//! workgroup memory allows.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -36,6 +38,13 @@ pub enum CoopEntry {
     /// Selective: the selection KV head's dK term from the du scratch of [`CoopEntry::SelqDu`]
     /// (no dz recomputation), one workgroup per 64 keys, once per chunk of query rows.
     SelkDu,
+    /// The split du path: du of a chunk of query rows into the scratch, one workgroup per
+    /// (64 query rows, key tile), so key tiles run in parallel instead of one after the other
+    /// in one workgroup per 64 rows.
+    SelDu,
+    /// The split du path: the selection head's dQ term from the du scratch, one workgroup per
+    /// 64 query rows of the chunk.
+    SelqRead,
 }
 
 impl CoopEntry {
@@ -43,7 +52,12 @@ impl CoopEntry {
     pub fn selective(self) -> bool {
         matches!(
             self,
-            CoopEntry::Selq | CoopEntry::Selk | CoopEntry::SelqDu | CoopEntry::SelkDu
+            CoopEntry::Selq
+                | CoopEntry::Selk
+                | CoopEntry::SelqDu
+                | CoopEntry::SelkDu
+                | CoopEntry::SelDu
+                | CoopEntry::SelqRead
         )
     }
 }
@@ -75,7 +89,10 @@ impl CoopBackwardConfig {
             ("SELPASS", self.entry.selective() as u32 as f64),
             (
                 "DU",
-                matches!(self.entry, CoopEntry::SelqDu | CoopEntry::SelkDu) as u32 as f64,
+                matches!(
+                    self.entry,
+                    CoopEntry::SelqDu | CoopEntry::SelkDu | CoopEntry::SelDu | CoopEntry::SelqRead
+                ) as u32 as f64,
             ),
         ];
         c.extend(self.features.constants());
@@ -90,6 +107,8 @@ impl CoopBackwardConfig {
             CoopEntry::Selq | CoopEntry::SelqDu => "coop_selq",
             CoopEntry::Selk => "coop_selk",
             CoopEntry::SelkDu => "coop_selk_du",
+            CoopEntry::SelDu => "coop_seldu",
+            CoopEntry::SelqRead => "coop_selq_du",
         }
     }
 
@@ -331,6 +350,7 @@ impl CoopBackwardConfig {
                 "    var ksf{d} = {a}();\n    var kf{d} = {a}();\n    var vf{d} = {a}();\n    var dks{d} = {cm}();"
             );
             let _ = writeln!(ent(&mut m, "SD_DECL"), "    var dks{d} = {cm}();");
+            let _ = writeln!(ent(&mut m, "SD_QDECL"), "    var dqs{d} = {cm}();");
             let _ = writeln!(
                 ent(&mut m, "SD_EPI"),
                 "    coopStoreT(dks{d}, &sa[bo], SP);
@@ -488,6 +508,7 @@ impl CoopBackwardConfig {
             "SQ_ACC",
             "SQ_EPI",
             "SD_DECL",
+            "SD_QDECL",
             "SD_EPI",
         ] {
             text = text.replace(&format!("{{{{{k}}}}}"), m.get(k).map_or("", |v| v));
