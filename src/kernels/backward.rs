@@ -112,6 +112,14 @@ fn du_enabled() -> bool {
 /// for A/B measurements and tests with one binary.
 pub const SPLIT_ENV: &str = "SELATTN_BACKWARD_SPLIT";
 
+/// Environment variable that keeps the scalar column-sum pass (the selective C) on the coop path
+/// (`SELATTN_BACKWARD_COOP_COLSUM=0`), for A/B measurements with one binary.
+pub const COOP_COLSUM_ENV: &str = "SELATTN_BACKWARD_COOP_COLSUM";
+
+fn coop_colsum_enabled() -> bool {
+    std::env::var(COOP_COLSUM_ENV).map_or(true, |v| v != "0")
+}
+
 fn split_enabled() -> bool {
     std::env::var(SPLIT_ENV).map_or(true, |v| v != "0")
 }
@@ -326,7 +334,7 @@ impl BackwardPlan {
         let n_lin = rows.max(keys).max(s.q_heads as u64);
         check_dispatches(caps, r, n_qtiles, n_ktiles, n_lin)?;
         let (layout, ws_floats) = workspace_layout(caps, r, wanted, n_qtiles, n_lin)?;
-        let sel_passes = selective_passes(caps, r, br)?;
+        let sel_passes = selective_passes(caps, r, br, coop.map(|(dkv, _)| dkv.sgs))?;
         Ok(BackwardPlan {
             resolved: *r,
             elem,
@@ -665,6 +673,7 @@ fn selective_passes(
     caps: &Capabilities,
     r: &Resolved,
     br: u32,
+    coop_sgs: Option<u32>,
 ) -> Result<Option<(ColsumConfig, ScanConfig)>> {
     let s = r.shape;
     let pr = r.present;
@@ -672,17 +681,27 @@ fn selective_passes(
     let d = s.head_dim as u64;
     let sel_passes = if selective {
         let cwg = caps.max_invocations.min(64);
-        let colsum = [32u32, 16, 8, 4, 2, 1]
+        let memory = caps.workgroup_memory as u64;
+        // On the coop path (BR = 16: one subgroup per C tile) the forward's cooperative-matrix
+        // column sums, unless SELATTN_BACKWARD_COOP_COLSUM=0.
+        let coop_colsum = match coop_sgs {
+            Some(sgs) if br == 16 && coop_colsum_enabled() => {
+                ColsumConfig::coop(s.head_dim, br, sgs, pr.kv_len, memory)
+                    .filter(|c| c.wg <= caps.max_invocations)
+            }
+            _ => None,
+        };
+        let colsum = coop_colsum
             .into_iter()
-            .map(|bc| ColsumConfig {
+            .chain([32u32, 16, 8, 4, 2, 1].into_iter().map(|bc| ColsumConfig {
                 d: s.head_dim,
                 br,
                 bc,
                 wg: cwg,
                 kv_len: pr.kv_len,
                 coop_sgs: 0,
-            })
-            .find(|c| c.workgroup_bytes() <= caps.workgroup_memory as u64)
+            }))
+            .find(|c| c.workgroup_bytes() <= memory)
             .ok_or(Error::TooLarge {
                 what: "workgroup memory for the selective column sums",
                 bytes: 4 * (br as u64 + 1) * d,
