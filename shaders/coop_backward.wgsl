@@ -298,6 +298,9 @@ fn coop_dkv(
                 rd[r] = d;
                 rt[r] = t;
             }
+            // The staged tile is read by every subgroup; the chunks below hand only each
+            // subgroup's own blocks between its lanes.
+            workgroupBarrier();
             for (var c0 = 0u; c0 < BT; c0 += 16u) {
                 let i0 = row0 + c0;
                 if i0 >= p.q_len {
@@ -306,12 +309,12 @@ fn coop_dkv(
                 if CAUSAL && p.start + min(i0 + 16u, p.q_len) <= kt {
                     continue;
                 }
-                workgroupBarrier();
+                {{SGBAR}};
                 let qo = c0 * DP;
                 let oo = (BT + c0) * DP;
                 let so = (2u * BT + c0) * DP;
 {{DKV_S}}
-                workgroupBarrier();
+                {{SGBAR}};
                 // Selective: F^T in place of S_sel^T; lane r walks key r's 16 rows.
                 if SELECTIVE {
                     if lane < 16u {
@@ -332,7 +335,7 @@ fn coop_dkv(
                             }
                         }
                     }
-                    workgroupBarrier();
+                    {{SGBAR}};
                 }
                 // P^T, dz^T: element (key r, row c).
                 for (var x = lane; x < 256u; x += SGS) {
@@ -358,7 +361,7 @@ fn coop_dkv(
                     sa[e] = xg;
                     sb[e] = dz;
                 }
-                workgroupBarrier();
+                {{SGBAR}};
                 if lane < 16u {
                     var s = 0.0;
                     for (var c = 0u; c < 16u; c++) {
@@ -492,17 +495,20 @@ fn coop_dq(
             }
             cg[c] = g;
         }
+        // The staged tile is read by every subgroup; the chunks below hand only each
+        // subgroup's own blocks between its lanes.
+        workgroupBarrier();
         for (var c0 = 0u; c0 < BT; c0 += 16u) {
             let j0 = kt + c0;
             if j0 >= kend {
                 break;
             }
-            workgroupBarrier();
+            {{SGBAR}};
             let ko = c0 * DP;
             let vo = (BT + c0) * DP;
             let so = (2u * BT + c0) * DP;
 {{DQ_S}}
-            workgroupBarrier();
+            {{SGBAR}};
             // Selective: F in place of S_sel; lane c walks key c's column down the 16 rows.
             if SELECTIVE {
                 if lane < 16u {
@@ -524,7 +530,7 @@ fn coop_dq(
                         }
                     }
                 }
-                workgroupBarrier();
+                {{SGBAR}};
             }
             // P, dz: element (row r, key c).
             for (var x = lane; x < 256u; x += SGS) {
@@ -547,7 +553,7 @@ fn coop_dq(
                 za16[bp + r * PP + c] = f16(dz);
                 sa[e] = ldz;
             }
-            workgroupBarrier();
+            {{SGBAR}};
             if lane < 16u {
                 var s = 0.0;
                 for (var c = 0u; c < 16u; c++) {
@@ -1206,17 +1212,20 @@ fn coop_seldu(
                 rd[r] = d;
                 rt[r] = t;
             }
+            // The staged tile is read by every subgroup; the chunks below hand only each
+            // subgroup's own blocks between its lanes.
+            workgroupBarrier();
             for (var c = 0u; c < NB; c++) {
                 let c0 = c * 16u;
                 let j0 = kt + c0;
                 if j0 >= kend {
                     break;
                 }
-                workgroupBarrier();
+                {{SGBAR}};
                 let ko = c0 * DP;
                 let vo = (BT + c0) * DP;
 {{SQ_SCOMP}}
-                workgroupBarrier();
+                {{SGBAR}};
                 let fo = (c * SG + sg) * 16u * FS;
                 for (var x = lane; x < 256u; x += SGS) {
                     let r = x / 16u;
@@ -1231,7 +1240,9 @@ fn coop_seldu(
                 }
             }
         }
-        // C. du = E + exclusive suffix of -sum dz down each column, masked, to the scratch.
+        // C. du = E + exclusive suffix of -sum dz down each column, masked, to the scratch
+        // (each lane reads sums other lanes of its subgroup wrote).
+        {{SGBAR}};
         for (var c = 0u; c < NB; c++) {
             if kt + c * 16u >= kend {
                 break;

@@ -19,6 +19,7 @@ fn text_of(src: Source) -> String {
         bt: 32,
         ct: 16,
         sgs: 32,
+        sgbar: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)

@@ -20,6 +20,9 @@ pub const SUBGROUPS: u32 = 4;
 pub const ROWS: u32 = 16 * SUBGROUPS;
 /// Largest head dim on this path (fragments and accumulators live in registers).
 pub const MAX_D: u32 = 128;
+/// Environment variable that keeps `workgroupBarrier()` everywhere
+/// (`SELATTN_BACKWARD_SGBAR=0`), for A/B measurements with one binary.
+pub const SGBAR_ENV: &str = "SELATTN_BACKWARD_SGBAR";
 
 /// The two entry points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -75,6 +78,9 @@ pub struct CoopBackwardConfig {
     pub ct: u32,
     /// The adapter's fixed subgroup size.
     pub sgs: u32,
+    /// `subgroupBarrier()` (SUBGROUP_BARRIER) where only a subgroup's own blocks of workgroup
+    /// memory are handed between its lanes; `workgroupBarrier()` there otherwise.
+    pub sgbar: bool,
     /// Operator features (`lse` unused).
     pub features: Switches,
 }
@@ -177,12 +183,14 @@ impl CoopBackwardConfig {
             .into_iter()
             .find(|&bt| bytes(d, bt, features.selective, false) <= caps.workgroup_memory as u64)
             .ok_or("workgroup memory too small")?;
+        let sgbar = caps.subgroup_barrier && std::env::var(SGBAR_ENV).map_or(true, |v| v != "0");
         let c = |entry| CoopBackwardConfig {
             entry,
             d,
             bt,
             ct,
             sgs,
+            sgbar,
             features,
         };
         Ok((c(CoopEntry::Dkv), c(CoopEntry::Dq)))
@@ -473,6 +481,15 @@ impl CoopBackwardConfig {
                 "{ind}coopStoreT(acs, &sa[bo], SP);\n{ind}coopStoreT(acp, &sb[bo], SP);"
             );
         }
+        let _ = write!(
+            ent(&mut m, "SGBAR"),
+            "{}",
+            if self.sgbar {
+                "subgroupBarrier()"
+            } else {
+                "workgroupBarrier()"
+            }
+        );
         let mut text = template.to_string();
         for k in [
             "KDECL",
@@ -510,6 +527,7 @@ impl CoopBackwardConfig {
             "SD_DECL",
             "SD_QDECL",
             "SD_EPI",
+            "SGBAR",
         ] {
             text = text.replace(&format!("{{{{{k}}}}}"), m.get(k).map_or("", |v| v));
         }
