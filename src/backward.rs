@@ -307,7 +307,14 @@ impl Context {
         for key in plan.keys() {
             pipes.push((key, gpu.pipeline(&key)?));
         }
-        let b = self.backward_buffers(plan, gpu.dummy_in);
+        let b = self.backward_buffers(plan, gpu.dummy_in)?;
+        if b.cached {
+            // Kept buffers hold the last call's values: start from zeros, as a new buffer does.
+            encoder.clear_buffer(&b.ws, 0, Some(4 * plan.ws_floats.max(4)));
+            if plan.c_floats() > 0 {
+                encoder.clear_buffer(&b.carry, 0, Some(4 * plan.c_floats()));
+            }
+        }
         // The du path's per-chunk writers (coop_selq, or coop_seldu and coop_selq_du): pipeline,
         // entry and per chunk (bind group, rows, row_hi), dispatched with coop_selk_du.
         type Chunks = Vec<(wgpu::BindGroup, u32, u32)>;
@@ -468,7 +475,11 @@ impl Context {
     }
 
     /// The uniforms and scratch buffers one backward call binds.
-    fn backward_buffers<'d>(&self, plan: &BackwardPlan, din: &'d wgpu::Buffer) -> Buffers<'d> {
+    fn backward_buffers<'d>(
+        &self,
+        plan: &BackwardPlan,
+        din: &'d wgpu::Buffer,
+    ) -> Result<Buffers<'d>> {
         let s = plan.resolved.shape;
         let gpu = self.gpu();
         // With the du scratch, coop_selq and coop_selk_du run once per chunk of query rows, each
@@ -494,23 +505,52 @@ impl Context {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size: (4 * floats).max(16),
-                usage: wgpu::BufferUsages::STORAGE,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             })
         };
-        Buffers {
+        // The workspace and C: kept in the context between calls (allocating and freeing
+        // hundreds of MiB per call costs milliseconds), unless SELATTN_BACKWARD_KEEP=0.
+        let cached = keep_scratch();
+        let (ws, carry) = if cached {
+            let mut guard = self.backward_scratch.lock().map_err(|_| {
+                Error::gpu_msg("locking the backward scratch (poisoned by a panic)")
+            })?;
+            let mut get = |slot: usize, label, floats: u64| {
+                let need = (4 * floats).max(16);
+                match &guard[slot] {
+                    Some(b) if b.size() >= need => b.clone(),
+                    _ => {
+                        let b = buffer(label, floats);
+                        guard[slot] = Some(b.clone());
+                        b
+                    }
+                }
+            };
+            (
+                get(0, "selattn backward workspace", plan.ws_floats),
+                get(1, "selattn backward selective C", plan.c_floats()),
+            )
+        } else {
+            (
+                buffer("selattn backward workspace", plan.ws_floats),
+                buffer("selattn backward selective C", plan.c_floats()),
+            )
+        };
+        Ok(Buffers {
             params: gpu.uniform("selattn backward params", bytemuck::bytes_of(&plan.params)),
             layout: gpu.uniform("selattn backward layout", bytemuck::bytes_of(&plan.layout)),
             chunk_layouts,
-            ws: buffer("selattn backward workspace", plan.ws_floats),
-            carry: buffer("selattn backward selective C", plan.c_floats()),
+            ws,
+            carry,
+            cached,
             // Distinct placeholders for absent writable bindings (two bindings of one buffer in
             // a dispatch may not both be writable).
             dummies: (0..4)
                 .map(|_| buffer("selattn backward placeholder", 4))
                 .collect(),
             din,
-        }
+        })
     }
 
     // Long on purpose: a table, one arm per shader entry, of the slots it binds and its grid
@@ -677,8 +717,18 @@ struct Buffers<'d> {
     chunk_layouts: Vec<(u32, u32, wgpu::Buffer)>,
     ws: wgpu::Buffer,
     carry: wgpu::Buffer,
+    /// `ws` and `carry` are the context's kept buffers (cleared at the start of the call).
+    cached: bool,
     dummies: Vec<wgpu::Buffer>,
     din: &'d wgpu::Buffer,
+}
+
+/// Environment variable that allocates the backward scratch per call
+/// (`SELATTN_BACKWARD_KEEP=0`) instead of keeping it in the context, for A/B measurements.
+pub const KEEP_ENV: &str = "SELATTN_BACKWARD_KEEP";
+
+fn keep_scratch() -> bool {
+    std::env::var(KEEP_ENV).map_or(true, |v| v != "0")
 }
 
 /// `entries` with binding 1 (the Layout uniform) replaced by `layout`.

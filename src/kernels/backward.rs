@@ -311,7 +311,23 @@ impl BackwardPlan {
             lse: false,
             ..pr.for_kernel()
         };
-        let (path, coop, (br, bc, wg)) = choose_path(caps, r, elem, features)?;
+        let (path, mut coop, (mut br, bc, wg)) = choose_path(caps, r, elem, features)?;
+        // On the coop path with its selective kernels, C tiles of 16 rows (one subgroup's rows)
+        // even where the scalar tiles are smaller (D128: 8): the cooperative-matrix column sums
+        // need them, and G is half the size. The scalar kernels using BR (selq, selk) do not
+        // run then.
+        if let Some((dkv, _)) = coop {
+            if r.selective() && COOP_SELECTIVE && br < 16 && coop_colsum_enabled() {
+                if let Ok(c16) = CoopBackwardConfig::choose(caps, s.head_dim, 16, features) {
+                    if CoopBackwardConfig::choose_selective(caps, &c16.0, false).is_ok()
+                        && CoopBackwardConfig::choose_selective(caps, &dkv, false).is_ok()
+                    {
+                        coop = Some(c16);
+                        br = 16;
+                    }
+                }
+            }
+        }
         let n_qtiles = s.q_len.div_ceil(br);
         let (coop_sel, du_rows) = choose_selective_coop(caps, r, coop, n_qtiles, wanted);
         let du_split = match coop_sel {
