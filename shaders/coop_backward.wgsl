@@ -80,6 +80,7 @@ override HAS_KVLEN: bool = false;
 override SELECTIVE: bool = false;
 override WRITE_LSE: bool = false;   // part of the shared feature set; unused here
 override SELPASS: bool = false;     // the pipeline is coop_selq, coop_selk or coop_selk_du
+override ISDKV: bool = false;       // the pipeline is coop_dkv (the only user of pa16)
 override DU: bool = false;          // coop_selq also writes du to the scratch coop_selk_du reads
 
 const SG: u32 = 4u;                 // subgroups per workgroup
@@ -102,7 +103,7 @@ var<workgroup> stage: array<f16, select(NST * DP, NSTS, SELPASS)>;
 var<workgroup> sa: array<f32, SG * 16u * SP>;                        // S (or S^T), then l dz / P dP
 var<workgroup> sb: array<f32, SG * 16u * SP>;                        // dP (or dP^T), then dz
 var<workgroup> sf: array<f32, select(4u, SG * 16u * SP, SELECTIVE && !SELPASS)>;  // S_sel, then F
-var<workgroup> pa16: array<f16, select(SG * 16u * PP, 8u, SELPASS)>;  // P^T (dkv)
+var<workgroup> pa16: array<f16, select(8u, SG * 16u * PP, ISDKV)>;  // P^T (dkv only)
 // coop_selq / coop_selk: per subgroup and chunk, sum over heads of dz, and F.
 var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
 var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;

@@ -93,6 +93,7 @@ impl CoopBackwardConfig {
             ("CT", self.ct as f64),
             ("SGS", self.sgs as f64),
             ("SELPASS", self.entry.selective() as u32 as f64),
+            ("ISDKV", (self.entry == CoopEntry::Dkv) as u32 as f64),
             (
                 "DU",
                 matches!(
@@ -126,7 +127,13 @@ impl CoopBackwardConfig {
     /// Workgroup memory in bytes, as declared in the shader.
     pub fn workgroup_bytes(&self) -> u64 {
         let selpass = self.entry.selective();
-        bytes(self.d, self.bt, self.features.selective, selpass)
+        bytes(
+            self.d,
+            self.bt,
+            self.features.selective,
+            selpass,
+            self.entry == CoopEntry::Dkv,
+        )
     }
 
     /// The selective entries (coop_selq, coop_selk; with `du`, their du-scratch variants) for
@@ -139,7 +146,7 @@ impl CoopBackwardConfig {
     ) -> Result<(CoopBackwardConfig, CoopBackwardConfig), &'static str> {
         let bt = [64u32, 32, 16]
             .into_iter()
-            .find(|&bt| bytes(base.d, bt, true, true) <= caps.workgroup_memory as u64)
+            .find(|&bt| bytes(base.d, bt, true, true, false) <= caps.workgroup_memory as u64)
             .ok_or("workgroup memory too small for the selective terms")?;
         let c = |entry| CoopBackwardConfig { entry, bt, ..*base };
         Ok(if du {
@@ -179,12 +186,16 @@ impl CoopBackwardConfig {
         if ct == 0 || 16 % ct != 0 {
             return Err("selective tile does not divide 16");
         }
-        let bt = [64u32, 32, 16]
-            .into_iter()
-            .find(|&bt| bytes(d, bt, features.selective, false) <= caps.workgroup_memory as u64)
-            .ok_or("workgroup memory too small")?;
+        // dkv holds P^T as f16 besides (t dz)^T; dq only dz: its tiles may be larger.
+        let bt_for = |dkv: bool| {
+            [64u32, 32, 16].into_iter().find(|&bt| {
+                bytes(d, bt, features.selective, false, dkv) <= caps.workgroup_memory as u64
+            })
+        };
+        let bt_dkv = bt_for(true).ok_or("workgroup memory too small")?;
+        let bt_dq = bt_for(false).ok_or("workgroup memory too small")?;
         let sgbar = caps.subgroup_barrier && std::env::var(SGBAR_ENV).map_or(true, |v| v != "0");
-        let c = |entry| CoopBackwardConfig {
+        let c = |entry, bt| CoopBackwardConfig {
             entry,
             d,
             bt,
@@ -193,7 +204,7 @@ impl CoopBackwardConfig {
             sgbar,
             features,
         };
-        Ok((c(CoopEntry::Dkv), c(CoopEntry::Dq)))
+        Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))
     }
 
     // Long on purpose: a straight list of the unrolled WGSL snippets, marker by marker, in the
@@ -539,7 +550,7 @@ fn ent<'a>(m: &'a mut BTreeMap<&'static str, String>, k: &'static str) -> &'a mu
     m.entry(k).or_default()
 }
 
-fn bytes(d: u32, bt: u32, selective: bool, selpass: bool) -> u64 {
+fn bytes(d: u32, bt: u32, selective: bool, selpass: bool, dkv: bool) -> u64 {
     let (d, bt) = (d as u64, bt as u64);
     let rows = ROWS as u64;
     let block = SUBGROUPS as u64 * 16 * 20 * 4;
@@ -557,6 +568,8 @@ fn bytes(d: u32, bt: u32, selective: bool, selpass: bool) -> u64 {
         let nt = if selective { 3 } else { 2 };
         let stage = (nt * bt).max(rows) * (d + 8) * 2;
         let blocks = 2 * block + if selective { block } else { 16 };
-        stage + blocks + 2 * half + 16 + 16 + rowvals + 16
+        // pa16 (P^T) in dkv only; 8 f16 elsewhere.
+        let halves = if dkv { 2 * half } else { half + 16 };
+        stage + blocks + halves + 16 + 16 + rowvals + 16
     }
 }
