@@ -80,7 +80,8 @@ override HAS_KVLEN: bool = false;
 override SELECTIVE: bool = false;
 override WRITE_LSE: bool = false;   // part of the shared feature set; unused here
 override SELPASS: bool = false;     // the pipeline is coop_selq, coop_selk or coop_selk_du
-override ISDKV: bool = false;       // the pipeline is coop_dkv (the only user of pa16)
+override ISDKV: bool = false;
+override PREFETCH: bool = false;    // C (and G) of a 16-row C tile loaded before the chunk's MMAs       // the pipeline is coop_dkv (the only user of pa16)
 override DU: bool = false;          // coop_selq also writes du to the scratch coop_selk_du reads
 
 const SG: u32 = 4u;                 // subgroups per workgroup
@@ -310,6 +311,14 @@ fn coop_dkv(
                 if CAUSAL && p.start + min(i0 + 16u, p.q_len) <= kt {
                     continue;
                 }
+                // PREFETCH (C tiles of 16 rows): this chunk's C and G values of the lane's key,
+                // loaded before the MMAs so their global latency overlaps them.
+                var fc = 0.0;
+                var gp = 0.0;
+                if PREFETCH && SELECTIVE && CT == 16u && lane < 16u && jl < p.k_len {
+                    fc = fcarry[(b * p.n_qtiles + i0 / CT) * p.k_len + jl];
+                    gp = ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + jl];
+                }
                 {{SGBAR}};
                 let qo = c0 * DP;
                 let oo = (BT + c0) * DP;
@@ -325,7 +334,11 @@ fn coop_dkv(
                             if r % CT == 0u {
                                 run = 0.0;
                                 if jl < p.k_len && i < p.q_len {
-                                    run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + jl];
+                                    if PREFETCH && CT == 16u {
+                                        run = fc;
+                                    } else {
+                                        run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + jl];
+                                    }
                                 }
                             }
                             let e = bo + lane * SP + r;
@@ -377,7 +390,11 @@ fn coop_dkv(
                                     z += sb[bo + lane * SP + c];
                                 }
                                 let at = w.g + ((b * p.kv_heads + hk) * p.n_qtiles + (i0 + t0) / CT) * p.k_len + jl;
-                                ws[at] += z;
+                                if PREFETCH && CT == 16u {
+                                    ws[at] = gp + z;
+                                } else {
+                                    ws[at] += z;
+                                }
                             }
                         }
                     }
@@ -504,6 +521,16 @@ fn coop_dq(
             if j0 >= kend {
                 break;
             }
+            // PREFETCH (C tiles of 16 rows): this chunk's C value of the lane's key, loaded
+            // before the MMAs so its global latency overlaps them.
+            var fc = 0.0;
+            if PREFETCH && SELECTIVE && CT == 16u && lane < 16u {
+                let jf = j0 + lane;
+                let irow = row0 + rb0;
+                if jf < p.k_len && irow < p.q_len {
+                    fc = fcarry[(b * p.n_qtiles + irow / CT) * p.k_len + jf];
+                }
+            }
             {{SGBAR}};
             let ko = c0 * DP;
             let vo = (BT + c0) * DP;
@@ -520,7 +547,11 @@ fn coop_dq(
                         if r % CT == 0u {
                             run = 0.0;
                             if j < p.k_len && i < p.q_len {
-                                run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + j];
+                                if PREFETCH && CT == 16u {
+                                    run = fc;
+                                } else {
+                                    run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + j];
+                                }
                             }
                         }
                         let e = bo + r * SP + lane;

@@ -20,6 +20,7 @@ fn text_of(src: Source) -> String {
         ct: 16,
         sgs: 32,
         sgbar: false,
+        prefetch: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)

@@ -23,6 +23,9 @@ pub const MAX_D: u32 = 128;
 /// Environment variable that keeps `workgroupBarrier()` everywhere
 /// (`SELATTN_BACKWARD_SGBAR=0`), for A/B measurements with one binary.
 pub const SGBAR_ENV: &str = "SELATTN_BACKWARD_SGBAR";
+/// Environment variable that turns the C/G prefetch of dkv and dq off
+/// (`SELATTN_BACKWARD_PREFETCH=0`), for A/B measurements with one binary.
+pub const PREFETCH_ENV: &str = "SELATTN_BACKWARD_PREFETCH";
 
 /// The two entry points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -81,6 +84,8 @@ pub struct CoopBackwardConfig {
     /// `subgroupBarrier()` (SUBGROUP_BARRIER) where only a subgroup's own blocks of workgroup
     /// memory are handed between its lanes; `workgroupBarrier()` there otherwise.
     pub sgbar: bool,
+    /// With C tiles of 16 rows: each chunk's C and G values loaded before its MMAs (dkv, dq).
+    pub prefetch: bool,
     /// Operator features (`lse` unused).
     pub features: Switches,
 }
@@ -94,6 +99,7 @@ impl CoopBackwardConfig {
             ("SGS", self.sgs as f64),
             ("SELPASS", self.entry.selective() as u32 as f64),
             ("ISDKV", (self.entry == CoopEntry::Dkv) as u32 as f64),
+            ("PREFETCH", self.prefetch as u32 as f64),
             (
                 "DU",
                 matches!(
@@ -202,6 +208,7 @@ impl CoopBackwardConfig {
             ct,
             sgs,
             sgbar,
+            prefetch: std::env::var(PREFETCH_ENV).map_or(true, |v| v != "0"),
             features,
         };
         Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))
