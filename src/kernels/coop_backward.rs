@@ -23,7 +23,7 @@ pub const MAX_D: u32 = 128;
 /// Environment variable that keeps `workgroupBarrier()` everywhere
 /// (`SELATTN_BACKWARD_SGBAR=0`), for A/B measurements with one binary.
 pub const SGBAR_ENV: &str = "SELATTN_BACKWARD_SGBAR";
-/// Environment variable that turns the C/G prefetch of dkv and dq off
+/// Environment variable that turns the C/G prefetch of dkv off
 /// (`SELATTN_BACKWARD_PREFETCH=0`), for A/B measurements with one binary.
 pub const PREFETCH_ENV: &str = "SELATTN_BACKWARD_PREFETCH";
 
@@ -84,7 +84,8 @@ pub struct CoopBackwardConfig {
     /// `subgroupBarrier()` (SUBGROUP_BARRIER) where only a subgroup's own blocks of workgroup
     /// memory are handed between its lanes; `workgroupBarrier()` there otherwise.
     pub sgbar: bool,
-    /// With C tiles of 16 rows: each chunk's C and G values loaded before its MMAs (dkv, dq).
+    /// With C tiles of 16 rows: each chunk's C and G values loaded before its MMAs (the
+    /// shader has it for dkv and dq; the planner turns it on for dkv only).
     pub prefetch: bool,
     /// Operator features (`lse` unused).
     pub features: Switches,
@@ -208,7 +209,10 @@ impl CoopBackwardConfig {
             ct,
             sgs,
             sgbar,
-            prefetch: std::env::var(PREFETCH_ENV).map_or(true, |v| v != "0"),
+            // dkv only: in dq the early load cost more than it hid (H200 profile 2026-12-03:
+            // dkv 9.98 -> 8.96 ms, dq 7.64 -> 8.71 ms at D64 full).
+            prefetch: entry == CoopEntry::Dkv
+                && std::env::var(PREFETCH_ENV).map_or(true, |v| v != "0"),
             features,
         };
         Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))
