@@ -5,6 +5,7 @@
 //! cargo run --release --example decode -- [--prompt 64] [--len 256] [--batch 2] [--heads 8]
 //!     [--kv-heads 2] [--dim 64] [--queries 1] [--budget N] [--f16] [--selective]
 //!     [--splits N] [--threads N] [--rows N] [--check 8] [--warmup N] [--json PATH] [--no-prune]
+//!     [--trace N] [--sync-steps]
 //! ```
 //!
 //! Each sequence is first filled with `--prompt` tokens (K and V appended without attention),
@@ -70,6 +71,13 @@ struct Args {
     /// Steps checked against the reference.
     #[arg(long, default_value_t = 8)]
     check: u32,
+    /// Print the timed steps in chunks of this many: GPU ms per step (timestamps) and host ms
+    /// per step spent recording and submitting (diagnostics of slow starts).
+    #[arg(long)]
+    trace: Option<u32>,
+    /// Wait for the GPU after every step (the GPU then idles between steps).
+    #[arg(long)]
+    sync_steps: bool,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<String>,
@@ -117,6 +125,8 @@ struct Report {
     kv_gb_per_s: Option<f64>,
     checked_steps: u32,
     max_err: f64,
+    /// Per chunk of `--trace` timed steps: (GPU ms per step, host ms per step).
+    trace: Vec<(f64, f64)>,
 }
 
 fn upload(ctx: &Context, dims: &[u64], x: &[f32], f16: bool) -> Result<Tensor> {
@@ -230,7 +240,10 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
         })
     });
     let mut start = Instant::now();
+    // Host seconds spent recording and submitting each timed step.
+    let mut host_s: Vec<f64> = Vec::with_capacity(n_ts as usize);
     for s in 0..a.len {
+        let t0 = Instant::now();
         if s == untimed {
             ctx.sync()?;
             start = Instant::now();
@@ -252,6 +265,12 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
         };
         cache.encode_step(ctx, &mut enc, &step, &opts, &Outputs::new(&o).lse(&lse), ts)?;
         ctx.queue.submit([enc.finish()]);
+        if ti.is_some() {
+            host_s.push(t0.elapsed().as_secs_f64());
+        }
+        if a.sync_steps {
+            ctx.sync()?;
+        }
         if ti.is_some() {
             kv_bytes_read += cache.lens().iter().map(|&l| l as u64).sum::<u64>() * per_slot_bytes;
         }
@@ -279,6 +298,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     }
     ctx.sync()?;
     let wall = start.elapsed().as_secs_f64();
+    let mut gpu_step_ns: Vec<f64> = vec![];
     let gpu_s = match &qs {
         Some(qs) => {
             let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -298,13 +318,26 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
             let t = Tensor::from_buffer(ctx, resolve, &[4 * n_ts as u64], DType::U32)?;
             let raw: Vec<u64> = bytemuck::pod_collect_to_vec(&ctx.download_bytes(&t)?);
             let period = ctx.queue.get_timestamp_period() as f64;
-            let ns: f64 = raw
+            gpu_step_ns = raw
                 .chunks(2)
                 .map(|c| c[1].saturating_sub(c[0]) as f64 * period)
-                .sum();
-            Some(ns * 1e-9)
+                .collect();
+            Some(gpu_step_ns.iter().sum::<f64>() * 1e-9)
         }
         None => None,
+    };
+    let trace = match a.trace {
+        Some(k) if k > 0 => gpu_step_ns
+            .chunks(k as usize)
+            .zip(host_s.chunks(k as usize))
+            .map(|(g, h)| {
+                (
+                    g.iter().sum::<f64>() * 1e-6 / g.len() as f64,
+                    h.iter().sum::<f64>() * 1e3 / h.len() as f64,
+                )
+            })
+            .collect(),
+        _ => vec![],
     };
     let final_len = cache.lens().iter().copied().max().unwrap_or(0) as u64;
     Ok(Report {
@@ -322,6 +355,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
             .map(|g| kv_bytes_read as f64 / g / 1e9),
         checked_steps: checked,
         max_err,
+        trace,
     })
 }
 
@@ -376,6 +410,17 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                 String::new()
             }
         );
+        if let Some(k) = a.trace.filter(|_| !r.trace.is_empty()) {
+            let line: Vec<String> = r
+                .trace
+                .iter()
+                .map(|(g, h)| format!("{g:.3}/{h:.3}"))
+                .collect();
+            println!(
+                "  per {k} timed steps, GPU ms/step / host ms/step: {}",
+                line.join(" ")
+            );
+        }
         let tol = if a.f16 { 1e-2 } else { 1e-4 };
         if r.checked_steps > 0 && (r.max_err.is_nan() || r.max_err > tol) {
             return Err(format!(
@@ -402,6 +447,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                     "kv_gb_per_s": r.kv_gb_per_s,
                     "checked_steps": r.checked_steps,
                     "max_err": r.max_err,
+                    "trace_gpu_host_ms": r.trace,
                 })
             })
             .collect();
