@@ -5,7 +5,7 @@
 //! cargo run --release --example decode -- [--prompt 64] [--len 256] [--batch 2] [--heads 8]
 //!     [--kv-heads 2] [--dim 64] [--queries 1] [--budget N] [--f16] [--selective]
 //!     [--splits N] [--threads N] [--rows N] [--check 8] [--warmup N] [--json PATH] [--no-prune]
-//!     [--trace N] [--sync-steps]
+//!     [--trace N] [--sync-steps] [--heat-ms 500]
 //! ```
 //!
 //! Each sequence is first filled with `--prompt` tokens (K and V appended without attention),
@@ -64,9 +64,9 @@ struct Args {
     /// Query rows per workgroup of the attend kernel, at most (tuning).
     #[arg(long)]
     rows: Option<u32>,
-    /// Untimed steps after the checked ones, before the timed ones (large batches read slower
-    /// in their first few hundred steps on the H200; see BENCHMARKS.md).
-    #[arg(long, default_value_t = 0)]
+    /// Untimed steps after the checked ones, before the timed ones (the first step builds the
+    /// pipelines on the host; the GPU's clock is taken care of by `--heat-ms`).
+    #[arg(long, default_value_t = 1)]
     warmup: u32,
     /// Steps checked against the reference.
     #[arg(long, default_value_t = 8)]
@@ -78,6 +78,12 @@ struct Args {
     /// Wait for the GPU after every step (the GPU then idles between steps).
     #[arg(long)]
     sync_steps: bool,
+    /// Keep the GPU busy (buffer copies) this many ms right before the timed steps. An idle GPU
+    /// runs at a low clock and takes a few hundred ms of load to reach its full clock (H200:
+    /// 345 MHz to 1980 MHz, 2026-12-03, BENCHMARKS.md); without this the first timed steps of a
+    /// large batch run at up to 5x their steady time. 0: no heating.
+    #[arg(long, default_value_t = 500)]
+    heat_ms: u32,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<String>,
@@ -122,6 +128,7 @@ struct Report {
     tokens_per_s: Option<f64>,
     ms_per_step_wall: Option<f64>,
     ms_per_step_gpu: Option<f64>,
+    ms_per_step_gpu_median: Option<f64>,
     kv_gb_per_s: Option<f64>,
     checked_steps: u32,
     max_err: f64,
@@ -135,6 +142,43 @@ fn upload(ctx: &Context, dims: &[u64], x: &[f32], f16: bool) -> Result<Tensor> {
     } else {
         ctx.upload(dims, x)
     }
+}
+
+/// Keeps the GPU busy with buffer copies for `ms` milliseconds of wall time (nothing when 0).
+fn heat(ctx: &Context, ms: u32) -> Result<()> {
+    if ms == 0 {
+        return Ok(());
+    }
+    let size = 64u64 << 20;
+    let buf = |label| {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    };
+    let (x, y) = (buf("heat a"), buf("heat b"));
+    let t0 = Instant::now();
+    while t0.elapsed().as_secs_f64() * 1e3 < ms as f64 {
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        for _ in 0..16 {
+            enc.copy_buffer_to_buffer(&x, 0, &y, 0, size);
+            enc.copy_buffer_to_buffer(&y, 0, &x, 0, size);
+        }
+        ctx.queue.submit([enc.finish()]);
+        ctx.sync()?;
+    }
+    Ok(())
+}
+
+/// The median of `xs` (None when empty).
+fn median(xs: &[f64]) -> Option<f64> {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied()
 }
 
 fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
@@ -245,6 +289,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     for s in 0..a.len {
         let t0 = Instant::now();
         if s == untimed {
+            heat(ctx, a.heat_ms)?;
             ctx.sync()?;
             start = Instant::now();
         }
@@ -350,6 +395,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
             .then(|| (timed_steps as f64 * a.queries as f64 * a.batch as f64) / wall),
         ms_per_step_wall: (timed_steps > 0).then(|| wall * 1e3 / timed_steps as f64),
         ms_per_step_gpu: gpu_s.map(|g| g * 1e3 / n_ts.max(1) as f64),
+        ms_per_step_gpu_median: median(&gpu_step_ns).map(|ns| ns * 1e-6),
         kv_gb_per_s: gpu_s
             .filter(|&g| g > 0.0)
             .map(|g| kv_bytes_read as f64 / g / 1e9),
@@ -397,8 +443,11 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                 (Some(t), Some(w)) => format!("{t:>9.1} tokens/s, {w:.3} ms/step wall"),
                 _ => "no timed steps (--len <= --check + --warmup)".to_string(),
             },
-            r.ms_per_step_gpu
-                .map_or(String::new(), |g| format!(", {g:.3} ms/step GPU")),
+            match (r.ms_per_step_gpu, r.ms_per_step_gpu_median) {
+                (Some(g), Some(m)) => format!(", {g:.3} ms/step GPU (median {m:.3})"),
+                (Some(g), None) => format!(", {g:.3} ms/step GPU"),
+                _ => String::new(),
+            },
             r.kv_gb_per_s
                 .map_or(String::new(), |g| format!(", KV read {g:.3} GB/s")),
             if r.checked_steps > 0 {
@@ -444,6 +493,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                     "tokens_per_s": r.tokens_per_s,
                     "ms_per_step_wall": r.ms_per_step_wall,
                     "ms_per_step_gpu": r.ms_per_step_gpu,
+                    "ms_per_step_gpu_median": r.ms_per_step_gpu_median,
                     "kv_gb_per_s": r.kv_gb_per_s,
                     "checked_steps": r.checked_steps,
                     "max_err": r.max_err,
@@ -460,6 +510,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             "prompt": a.prompt,
             "len": a.len,
             "warmup": a.warmup,
+            "heat_ms": a.heat_ms,
             "queries": a.queries,
             "f16": a.f16,
             "selective": a.selective,
