@@ -287,12 +287,12 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     // Host seconds spent recording and submitting each timed step.
     let mut host_s: Vec<f64> = Vec::with_capacity(n_ts as usize);
     for s in 0..a.len {
-        let t0 = Instant::now();
         if s == untimed {
             heat(ctx, a.heat_ms)?;
             ctx.sync()?;
             start = Instant::now();
         }
+        let t0 = Instant::now();
         // Index of this step among the timed ones, if it is one.
         let ti = s.checked_sub(untimed).filter(|&t| t < n_ts);
         let p = &pool[s as usize % pool.len()];
