@@ -693,6 +693,36 @@ impl KvCache {
     /// sequence after the checkpoint first copies its occupied slots' K, V and gate (as many
     /// bytes as one decode step reads of the sequence; once per checkpoint). An index past the
     /// batch is refused with [`Error::LengthMismatch`].
+    ///
+    /// Speculative decoding over a pruned cache with selective masking:
+    ///
+    /// ```
+    /// use selattn::{Context, DType, DecodeOptions, KvCache, KvCacheConfig, Outputs, Step};
+    ///
+    /// # fn main() -> selattn::Result<()> {
+    /// let ctx = Context::new()?;
+    /// // 1 sequence, 1 KV head, head dim 8, pruned to at most 4 slots.
+    /// let mut cache = KvCache::new(&ctx, KvCacheConfig::new(1, 1, 8, 16).budget(4))?;
+    /// let q = ctx.upload(&[1, 2, 3, 8], &[0.5; 48])?;
+    /// let k = ctx.upload(&[1, 1, 3, 8], &[0.25; 24])?;
+    /// let v = ctx.upload(&[1, 1, 3, 8], &[1.0; 24])?;
+    /// let o = ctx.empty(&[1, 2, 3, 8], DType::F32)?;
+    /// let opts = DecodeOptions::new().selective(0);
+    /// cache.step(&ctx, &Step::new(&q, &k, &v), &opts, &Outputs::new(&o))?;
+    /// let cp = cache.checkpoint(&ctx, 0)?;
+    /// // Three draft tokens (two tokens are evicted: the budget is 4) and their verification...
+    /// cache.step(&ctx, &Step::new(&q, &k, &v), &opts, &Outputs::new(&o))?;
+    /// assert_eq!(cache.evictions(), &[2]);
+    /// // ...which accepts only the first: roll back, then replay it.
+    /// cache.rollback(&ctx, &cp)?;
+    /// let step = Step::new(&q, &k, &v).counts(&[1]);
+    /// cache.step(&ctx, &step, &opts, &Outputs::new(&o))?;
+    /// assert_eq!(cache.positions(), &[4]);
+    /// assert_eq!(cache.lens(), &[4]);
+    /// assert_eq!(cache.evictions(), &[0]);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn checkpoint(&mut self, ctx: &Context, batch: u32) -> Result<Checkpoint> {
         let saved = self.host_state();
         let mut out = None;
