@@ -883,6 +883,94 @@ fn speculative_rollback_matches_reference() {
     );
 }
 
+/// A checkpoint, draft steps that evict and add selective scores, and the rollback, all recorded
+/// into one encoder and submitted once, equal the reference (the copies are ordered with the
+/// passes in the encoder).
+#[test]
+fn checkpoint_and_rollback_in_one_encoder() {
+    let c = Case {
+        batch: 2,
+        budget: Some(5),
+        selective: Some(0),
+        prefill: vec![4, 2],
+        capacity: 16,
+        ..Case::new(4, 2, 8).all()
+    };
+    for ctx in contexts() {
+        let mut rng = Rng::new(77);
+        let cfg = c.config();
+        let mut cache = KvCache::new(ctx, cfg).unwrap();
+        let mut r = RefCache::new(cfg).unwrap();
+        let t = tokens(&mut rng, &c, 4, true);
+        let g = upload_tokens(ctx, &c, &t);
+        let tk = Tokens::new(&g.k, &g.v)
+            .gate(g.gate.as_ref().unwrap())
+            .f(g.f.as_ref().unwrap());
+        cache.append(ctx, &tk, Some(&c.prefill)).unwrap();
+        r.append(&t, Some(&c.prefill)).unwrap();
+        let saved = r.clone();
+        let (b, hq, d, n) = (2u64, 4u64, 8u64, 3u64);
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        let cp = cache.encode_checkpoint(ctx, &mut enc, 0).unwrap();
+        let mut keep = vec![];
+        for _ in 0..2 {
+            let t = tokens(&mut rng, &c, n as usize, false);
+            let rows = (b * hq * n) as usize;
+            let x = HostQueries {
+                q_heads: hq as usize,
+                q: rng.normals(rows * d as usize),
+                tau: Some(rng.range(0.5, 1.5, rows)),
+                alpha: Some(rng.range(0.0, 0.3, hq as usize)),
+            };
+            let g = upload_tokens(ctx, &c, &t);
+            let q = ctx.upload(&[b, hq, n, d], &x.q).unwrap();
+            let tau = ctx.upload(&[b, hq, n], x.tau.as_ref().unwrap()).unwrap();
+            let alpha = ctx.upload(&[hq], x.alpha.as_ref().unwrap()).unwrap();
+            let o = ctx.empty(&[b, hq, n, d], DType::F32).unwrap();
+            let step = Step::new(&q, &g.k, &g.v)
+                .gate(g.gate.as_ref().unwrap())
+                .tau(&tau)
+                .alpha(&alpha);
+            let opts = DecodeOptions::new().selective(0);
+            cache
+                .encode_step(ctx, &mut enc, &step, &opts, &Outputs::new(&o), None)
+                .unwrap();
+            r.step(&x, &t, None, Some(0)).unwrap();
+            keep.push((g, q, tau, alpha, o));
+        }
+        // The drafts evicted from both sequences and scored into F.
+        assert!(
+            r.seqs.iter().all(|s| s.evictions > 0),
+            "{:?}",
+            cache.evictions()
+        );
+        cache.encode_rollback(ctx, &mut enc, &cp).unwrap();
+        ctx.queue.submit([enc.finish()]);
+        r.seqs[0] = saved.seqs[0].clone();
+        let mut msgs = vec![];
+        check_state(
+            &cache.download_state(ctx).unwrap(),
+            &r,
+            c.capacity as usize,
+            &mut msgs,
+            "rollback in one encoder",
+        );
+        let ev: Vec<u64> = r.seqs.iter().map(|s| s.evictions).collect();
+        assert_eq!(cache.evictions(), ev.as_slice());
+        // Steps after the rollback see the restored K and V.
+        let mut outs = vec![];
+        for si in 0..2 {
+            let step = (si, 2, None, Some(0));
+            assert!(one_step(
+                ctx, &c, &mut cache, &mut r, &mut rng, step, &mut msgs, &mut outs
+            ));
+        }
+        assert!(msgs.is_empty(), "[{}] {}", ctx.describe(), msgs.join("\n"));
+    }
+}
+
 /// Checkpoint misuse: another cache's checkpoint, one replaced by a newer one, one made stale by
 /// a reset, an index past the batch; each a typed error that changes nothing.
 #[test]
