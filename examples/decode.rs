@@ -5,7 +5,7 @@
 //! cargo run --release --example decode -- [--prompt 64] [--len 256] [--batch 2] [--heads 8]
 //!     [--kv-heads 2] [--dim 64] [--queries 1] [--budget N] [--f16] [--selective]
 //!     [--splits N] [--threads N] [--rows N] [--check 8] [--warmup N] [--json PATH] [--no-prune]
-//!     [--trace N] [--sync-steps] [--heat-ms 500]
+//!     [--trace N] [--sync-steps] [--heat-ms 500] [--sweep "splits=4;threads=128,rows=2;..."]
 //! ```
 //!
 //! Each sequence is first filled with `--prompt` tokens (K and V appended without attention),
@@ -84,6 +84,12 @@ struct Args {
     /// large batch run at up to 5x their steady time. 0: no heating.
     #[arg(long, default_value_t = 500)]
     heat_ms: u32,
+    /// Tuning sweep over one cache: variants separated by `;`, each `default` or a comma list of
+    /// `splits=N`, `threads=N`, `rows=N`. Each variant runs `--len` steps (the first untimed),
+    /// after heating, then every sequence is truncated back to the prompt. No budget, no
+    /// selective masking, no checks; prints GPU ms per step (mean, median) and KV GB/s each.
+    #[arg(long)]
+    sweep: Option<String>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<String>,
@@ -405,10 +411,153 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     })
 }
 
+/// Parses one `--sweep` variant into decode options.
+fn variant(spec: &str) -> std::result::Result<DecodeOptions, String> {
+    let mut o = DecodeOptions::new();
+    for kv in spec
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty() && *x != "default")
+    {
+        let (k, v) = kv.split_once('=').ok_or(format!("{kv}: key=value"))?;
+        let v: u32 = v.parse().map_err(|e| format!("{kv}: {e}"))?;
+        match k {
+            "splits" => o.splits = Some(v),
+            "threads" => o.threads = Some(v),
+            "rows" => o.rows = Some(v),
+            _ => return Err(format!("{k}: splits, threads or rows")),
+        }
+    }
+    Ok(o)
+}
+
+/// `--sweep`: every variant over one cache filled once (see [`Args::sweep`]).
+fn sweep(
+    ctx: &Context,
+    a: &Args,
+    spec: &str,
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let dtype = if a.f16 { DType::F16 } else { DType::F32 };
+    let cfg =
+        KvCacheConfig::new(a.batch, a.kv_heads, a.dim, a.prompt + a.len * a.queries).dtype(dtype);
+    let mut cache = KvCache::new(ctx, cfg)?;
+    let (b, hq, hkv, d, n) = (
+        a.batch as u64,
+        a.heads as u64,
+        a.kv_heads as u64,
+        a.dim as u64,
+        a.queries as u64,
+    );
+    let mut rng = Rng(selattn_tools::testing::Rng::from_state(7));
+    let chunk = a.prompt.min(4096) as u64;
+    let kv_n = (b * hkv * chunk * d) as usize;
+    let kc = upload(ctx, &[b, hkv, chunk, d], &rng.normals(kv_n, a.f16), a.f16)?;
+    let vc = upload(ctx, &[b, hkv, chunk, d], &rng.normals(kv_n, a.f16), a.f16)?;
+    let mut left = a.prompt;
+    while left > 0 {
+        let c = left.min(chunk as u32);
+        cache.append(
+            ctx,
+            &Tokens::new(&kc, &vc),
+            Some(&vec![c; a.batch as usize]),
+        )?;
+        left -= c;
+    }
+    let q = upload(
+        ctx,
+        &[b, hq, n, d],
+        &rng.normals((b * hq * n * d) as usize, a.f16),
+        a.f16,
+    )?;
+    let k = upload(
+        ctx,
+        &[b, hkv, n, d],
+        &rng.normals((b * hkv * n * d) as usize, a.f16),
+        a.f16,
+    )?;
+    let v = upload(
+        ctx,
+        &[b, hkv, n, d],
+        &rng.normals((b * hkv * n * d) as usize, a.f16),
+        a.f16,
+    )?;
+    let o = ctx.empty(&[b, hq, n, d], dtype)?;
+    let per_slot = hkv * d * dtype.size() * 2 + 4;
+    let timed = a.len.saturating_sub(1).clamp(1, 1024);
+    let qs = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+        label: Some("sweep timestamps"),
+        ty: wgpu::QueryType::Timestamp,
+        count: 2 * timed,
+    });
+    for spec in spec.split(';') {
+        let opts = variant(spec)?;
+        let plan = cache.plan_step(ctx, &Step::new(&q, &k, &v), &opts, &Outputs::new(&o))?;
+        let mut bytes = 0u64;
+        for s in 0..a.len {
+            if s == 1 {
+                heat(ctx, a.heat_ms)?;
+                ctx.sync()?;
+            }
+            let mut enc = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            let t = s.checked_sub(1).filter(|&t| t < timed);
+            let ts = t.map(|t| wgpu::ComputePassTimestampWrites {
+                query_set: &qs,
+                beginning_of_pass_write_index: Some(2 * t),
+                end_of_pass_write_index: Some(2 * t + 1),
+            });
+            let step = Step::new(&q, &k, &v);
+            cache.encode_step(ctx, &mut enc, &step, &opts, &Outputs::new(&o), ts)?;
+            ctx.queue.submit([enc.finish()]);
+            if t.is_some() {
+                bytes += cache.lens().iter().map(|&l| l as u64).sum::<u64>() * per_slot;
+            }
+        }
+        let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 16 * timed as u64,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE
+                | wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.resolve_query_set(&qs, 0..2 * timed, &resolve, 0);
+        ctx.queue.submit([enc.finish()]);
+        let t = Tensor::from_buffer(ctx, resolve, &[4 * timed as u64], DType::U32)?;
+        let raw: Vec<u64> = bytemuck::pod_collect_to_vec(&ctx.download_bytes(&t)?);
+        let period = ctx.queue.get_timestamp_period() as f64;
+        let ns: Vec<f64> = raw
+            .chunks(2)
+            .map(|c| c[1].saturating_sub(c[0]) as f64 * period)
+            .collect();
+        let total: f64 = ns.iter().sum();
+        println!(
+            "sweep {spec:>24}: splits {:>3} threads {:>3} rows {:>2}: {:.4} ms/step GPU (median {:.4}), KV read {:.0} GB/s",
+            plan.params.splits,
+            plan.attend.wg,
+            plan.attend.rb,
+            total * 1e-6 / ns.len() as f64,
+            median(&ns).unwrap_or(0.0) * 1e-6,
+            bytes as f64 / total
+        );
+        for bi in 0..a.batch {
+            cache.truncate_sequence(bi, a.prompt as u64)?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let a = <Args as clap::Parser>::parse();
     let ctx = Context::new()?;
     println!("adapter: {}", ctx.describe());
+    if let Some(spec) = &a.sweep {
+        return sweep(&ctx, &a, spec);
+    }
     println!(
         "B {} Hq {} Hkv {} D {} prompt {} + {} steps x {} tokens, {}{}",
         a.batch,
