@@ -1729,3 +1729,64 @@ fn decode_shaders_translate_to_every_backend() {
         }
     }
 }
+
+/// The planner's defaults on a discrete GPU like the H200 are the configurations measured there
+/// (BENCHMARKS.md, 2026-12-03): 128 threads for B16 x 16384 (5 splits), 256 for B16 x 65536 (17
+/// splits) and B1 x 131072 (33 splits); f16, D128, Hq 32, Hkv 8, one query.
+#[test]
+fn planner_defaults_on_a_discrete_gpu() {
+    use selattn::kernels::decode::{plan, DecodeShape};
+    let mut caps = contexts()[0].capabilities().clone();
+    caps.info.device_type = wgpu::DeviceType::DiscreteGpu;
+    caps.max_invocations = 1024;
+    caps.workgroup_memory = 48 << 10;
+    caps.max_workgroups_per_dim = 65535;
+    caps.max_storage_binding = 2 << 30;
+    caps.max_buffer = 1 << 40;
+    for (batch, max_len, wg, splits) in [
+        (16, 16685, 128, 5),
+        (16, 65637, 256, 17),
+        (1, 131373, 256, 33),
+    ] {
+        let shape = DecodeShape {
+            batch,
+            q_heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            n: 1,
+            capacity: max_len,
+            max_len,
+        };
+        let p = plan(
+            &caps,
+            shape,
+            true,
+            0.1,
+            selattn::Switches::NONE,
+            0,
+            None,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.attend.wg, p.attend.rb, p.params.splits),
+            (wg, 4, splits),
+            "B{batch} x {max_len}"
+        );
+        // An explicit thread count is kept.
+        let q = plan(
+            &caps,
+            shape,
+            true,
+            0.1,
+            selattn::Switches::NONE,
+            0,
+            None,
+            Some(256),
+            None,
+        )
+        .unwrap();
+        assert_eq!(q.attend.wg, 256);
+    }
+}
