@@ -1016,6 +1016,13 @@ fn checkpoint_misuse_is_refused() {
         a.reset_sequence(0).unwrap();
         assert!(stale(a.rollback(ctx, &second)), "after a reset");
         assert_eq!(a.positions(), &[0, 6]);
+        // The async forms: sequence 1 back to before its second append.
+        let cp1 = pollster::block_on(b.checkpoint_async(ctx, 1)).unwrap();
+        b.append(ctx, &Tokens::new(&k, &v), None).unwrap();
+        assert_eq!(b.evictions(), &[2, 2]);
+        pollster::block_on(b.rollback_async(ctx, &cp1)).unwrap();
+        assert_eq!((b.positions(), b.evictions()), (&[6, 3][..], &[2, 0][..]));
+        assert!(stale(pollster::block_on(b.rollback_async(ctx, &second))));
     }
 }
 
