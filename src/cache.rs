@@ -1205,7 +1205,8 @@ impl KvCache {
             &[Some(tokens.k), Some(tokens.v), tokens.gate, tokens.f],
         )?;
         let (info, lens, ev) = self.plan_append(&counts);
-        ctx.scoped("recording a cache append", || {
+        let cps = self.checkpoints.clone();
+        let r = ctx.scoped("recording a cache append", || {
             self.save_before_evictions(ctx, encoder, &ev);
             let step_buf = ctx
                 .gpu()
@@ -1215,7 +1216,12 @@ impl KvCache {
                 timestamp_writes: None,
             });
             self.encode_append_pass(ctx, &mut pass, tokens, n, &step_buf)
-        })?;
+        });
+        if let Err(e) = r {
+            // A failed recording leaves the checkpoints as they were.
+            self.checkpoints = cps;
+            return Err(e);
+        }
         if tokens.f.is_some() {
             // A prefill's F_out holds the scores of its queries up to its last token.
             for (b, &cnt) in counts.iter().enumerate() {
@@ -1571,11 +1577,20 @@ impl KvCache {
             });
         }
         let (plan, counts) = self.validate_step(ctx, step, options, outputs)?;
-        let (lens, ev) = ctx.scoped("recording a decode step", || {
+        // A failed recording leaves the checkpoints as they were (their copies were not made).
+        let cps = self.checkpoints.clone();
+        let r = ctx.scoped("recording a decode step", || {
             let (_, _, ev) = self.plan_append(&counts);
             self.save_before_evictions(ctx, encoder, &ev);
             self.record_step(ctx, encoder, step, outputs, &plan, &counts, timestamps)
-        })?;
+        });
+        let (lens, ev) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                self.checkpoints = cps;
+                return Err(e);
+            }
+        };
         if plan.score.is_some() {
             // Queries next_pos .. next_pos + count added their scores to F.
             for (b, &cnt) in counts.iter().enumerate() {
