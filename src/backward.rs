@@ -189,6 +189,9 @@ impl Context {
 
     /// Runs one backward call and submits it: writes the gradients `grads` asks for. `inputs`
     /// and `options` are the forward's; `up` carries its O and LSE and the upstream gradients.
+    /// The scratch ([`Context::backward_scratch_bytes`]) is kept in the context between calls
+    /// (it only grows) and cleared at the start of each call; `SELATTN_BACKWARD_KEEP=0`
+    /// allocates it per call instead.
     ///
     /// A training step: forward (keeping LSE), backward for dQ and dtau only, checked against
     /// the f64 reference backward (runs on any adapter, software ones included):
