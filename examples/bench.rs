@@ -119,6 +119,7 @@ struct Args {
     check: bool,
     json: Option<String>,
     backward: bool,
+    profile: bool,
 }
 
 fn parse_shape(s: &str) -> Result<Shape, String> {
@@ -190,6 +191,11 @@ struct Cli {
     /// Time forward + backward (all gradients; FLOPs 3.5x the forward's).
     #[arg(long)]
     backward: bool,
+    /// With --backward: also a per-kernel GPU profile of each row (timestamps before every
+    /// dispatch of the backward call and around the forward's pass; needs
+    /// TIMESTAMP_QUERY_INSIDE_PASSES), median of 5 runs per dispatch.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -253,6 +259,7 @@ fn parse_args() -> Args {
         check: !c.no_check,
         json: c.json,
         backward: c.backward,
+        profile: c.profile,
     };
     for v in c.variants {
         match v {
@@ -633,6 +640,8 @@ struct Measured {
     check: Option<f64>,
     check_ok: bool,
     finite: bool,
+    /// Per-kernel GPU times (ms, medians): the forward pass, then each backward dispatch.
+    profile: Vec<(String, f64)>,
 }
 
 fn tolerance(d: DType) -> f64 {
@@ -751,6 +760,7 @@ fn measure(
         check,
         check_ok,
         finite,
+        profile: Vec::new(),
     })
 }
 
@@ -824,6 +834,17 @@ fn print_row(r: &Row) {
         }
         Err(e) => println!("{head}  error: {e}"),
     }
+    if let Ok(m) = &r.result {
+        if !m.profile.is_empty() {
+            let total: f64 = m.profile.iter().map(|(_, t)| t).sum();
+            let parts: Vec<String> = m
+                .profile
+                .iter()
+                .map(|(k, t)| format!("{k} {t:.2}"))
+                .collect();
+            println!("  profile ms (GPU, total {total:.2}): {}", parts.join(", "));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -873,6 +894,7 @@ fn json_rows(ctx: &Context, timer: &str, rows: &[Row]) -> String {
                     "check_rel_err": m.check.map(json_num),
                     "check_ok": m.check_ok,
                     "lse_finite": m.finite,
+                    "profile_ms": m.profile.iter().map(|(k, t)| serde_json::json!([k, json_num(*t)])).collect::<Vec<_>>(),
                 });
                 if let (Some(o), serde_json::Value::Object(m)) = (o.as_object_mut(), measured) {
                     o.extend(m);
@@ -1180,6 +1202,13 @@ fn measure_backward(
         }
         Ok(times)
     })?;
+    let profile = if a.profile {
+        error_scoped(ctx, "profiling forward + backward", || {
+            profile_backward(ctx, &inputs, &opts, &outputs, &up, &grads)
+        })?
+    } else {
+        Vec::new()
+    };
     let finite = ctx.download(&g.dq)?.iter().all(|x| x.is_finite());
     let runs = times.len();
     let min_ms = times.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -1199,5 +1228,93 @@ fn measure_backward(
         check,
         check_ok,
         finite,
+        profile,
     })
+}
+
+/// Per-kernel GPU times of one forward + backward: timestamps around the forward's pass and
+/// before every backward dispatch (plus one after the last), median of 5 runs per entry.
+fn profile_backward(
+    ctx: &Context,
+    inputs: &Inputs,
+    opts: &Options,
+    outputs: &Outputs,
+    up: &selattn::Upstream,
+    grads: &selattn::Grads,
+) -> selattn::Result<Vec<(String, f64)>> {
+    const CAP: u32 = 64;
+    let dev = &ctx.device;
+    let qs = dev.create_query_set(&wgpu::QuerySetDescriptor {
+        label: Some("bench profile"),
+        ty: wgpu::QueryType::Timestamp,
+        count: CAP,
+    });
+    let fq = dev.create_query_set(&wgpu::QuerySetDescriptor {
+        label: Some("bench profile forward"),
+        ty: wgpu::QueryType::Timestamp,
+        count: 2,
+    });
+    // The forward's pair at 0, the backward's stamps from byte 256 (resolve offsets are
+    // multiples of 256).
+    let bytes = 256 + CAP as u64 * 8;
+    let resolve = dev.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("bench profile resolve"),
+        size: bytes,
+        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let read = dev.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("bench profile readback"),
+        size: bytes,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let period = ctx.queue.get_timestamp_period() as f64;
+    let mut labels = Vec::new();
+    let mut samples: Vec<Vec<f64>> = Vec::new();
+    for _ in 0..5 {
+        let mut enc = dev.create_command_encoder(&Default::default());
+        let ts = wgpu::ComputePassTimestampWrites {
+            query_set: &fq,
+            beginning_of_pass_write_index: Some(0),
+            end_of_pass_write_index: Some(1),
+        };
+        ctx.encode_attention_timed(&mut enc, inputs, opts, outputs, ts)?;
+        labels = ctx.encode_backward_profiled(&mut enc, inputs, opts, up, grads, &qs, CAP)?;
+        let n = labels.len() as u32 + 1;
+        enc.resolve_query_set(&fq, 0..2, &resolve, 0);
+        enc.resolve_query_set(&qs, 0..n, &resolve, 256);
+        enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
+        ctx.queue.submit([enc.finish()]);
+        let slice = read.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.sync()?;
+        rx.recv()
+            .map_err(|e| Error::gpu("waiting for timestamps", e))?
+            .map_err(|e| Error::gpu("mapping timestamps", e))?;
+        let ticks: Vec<u64> = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::gpu("reading timestamps", e))?;
+            bytemuck::pod_collect_to_vec(&view)
+        };
+        read.unmap();
+        let ms = |a: u64, b: u64| b.wrapping_sub(a) as f64 * period * 1e-6;
+        let mut row = vec![ms(ticks[0], ticks[1])];
+        for i in 0..labels.len() {
+            row.push(ms(ticks[32 + i], ticks[32 + i + 1]));
+        }
+        samples.push(row);
+    }
+    let names = std::iter::once("forward".to_string()).chain(labels);
+    Ok(names
+        .enumerate()
+        .map(|(i, name)| {
+            let mut v: Vec<f64> = samples.iter().map(|r| r[i]).collect();
+            (name, median(&mut v))
+        })
+        .collect())
 }

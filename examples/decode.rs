@@ -5,6 +5,7 @@
 //! cargo run --release --example decode -- [--prompt 64] [--len 256] [--batch 2] [--heads 8]
 //!     [--kv-heads 2] [--dim 64] [--queries 1] [--budget N] [--f16] [--selective]
 //!     [--splits N] [--threads N] [--rows N] [--check 8] [--warmup N] [--json PATH] [--no-prune]
+//!     [--trace N] [--sync-steps] [--heat-ms 500] [--sweep "splits=4;threads=128,rows=2;..."]
 //! ```
 //!
 //! Each sequence is first filled with `--prompt` tokens (K and V appended without attention),
@@ -63,13 +64,32 @@ struct Args {
     /// Query rows per workgroup of the attend kernel, at most (tuning).
     #[arg(long)]
     rows: Option<u32>,
-    /// Untimed steps after the checked ones, before the timed ones (large batches read slower
-    /// in their first few hundred steps on the H200; see BENCHMARKS.md).
-    #[arg(long, default_value_t = 0)]
+    /// Untimed steps after the checked ones, before the timed ones (the first step builds the
+    /// pipelines on the host; the GPU's clock is taken care of by `--heat-ms`).
+    #[arg(long, default_value_t = 1)]
     warmup: u32,
     /// Steps checked against the reference.
     #[arg(long, default_value_t = 8)]
     check: u32,
+    /// Print the timed steps in chunks of this many: GPU ms per step (timestamps) and host ms
+    /// per step spent recording and submitting (diagnostics of slow starts).
+    #[arg(long)]
+    trace: Option<u32>,
+    /// Wait for the GPU after every step (the GPU then idles between steps).
+    #[arg(long)]
+    sync_steps: bool,
+    /// Keep the GPU busy (buffer copies) this many ms right before the timed steps. An idle GPU
+    /// runs at a low clock and takes a few hundred ms of load to reach its full clock (H200:
+    /// 345 MHz to 1980 MHz, 2026-12-03, BENCHMARKS.md); without this the first timed steps of a
+    /// large batch run at up to 5x their steady time. 0: no heating.
+    #[arg(long, default_value_t = 500)]
+    heat_ms: u32,
+    /// Tuning sweep over one cache: variants separated by `;`, each `default` or a comma list of
+    /// `splits=N`, `threads=N`, `rows=N`. Each variant runs `--len` steps (the first untimed),
+    /// after heating, then every sequence is truncated back to the prompt. No budget, no
+    /// selective masking, no checks; prints GPU ms per step (mean, median) and KV GB/s each.
+    #[arg(long)]
+    sweep: Option<String>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<String>,
@@ -114,9 +134,12 @@ struct Report {
     tokens_per_s: Option<f64>,
     ms_per_step_wall: Option<f64>,
     ms_per_step_gpu: Option<f64>,
+    ms_per_step_gpu_median: Option<f64>,
     kv_gb_per_s: Option<f64>,
     checked_steps: u32,
     max_err: f64,
+    /// Per chunk of `--trace` timed steps: (GPU ms per step, host ms per step).
+    trace: Vec<(f64, f64)>,
 }
 
 fn upload(ctx: &Context, dims: &[u64], x: &[f32], f16: bool) -> Result<Tensor> {
@@ -125,6 +148,43 @@ fn upload(ctx: &Context, dims: &[u64], x: &[f32], f16: bool) -> Result<Tensor> {
     } else {
         ctx.upload(dims, x)
     }
+}
+
+/// Keeps the GPU busy with buffer copies for `ms` milliseconds of wall time (nothing when 0).
+fn heat(ctx: &Context, ms: u32) -> Result<()> {
+    if ms == 0 {
+        return Ok(());
+    }
+    let size = 64u64 << 20;
+    let buf = |label| {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    };
+    let (x, y) = (buf("heat a"), buf("heat b"));
+    let t0 = Instant::now();
+    while t0.elapsed().as_secs_f64() * 1e3 < ms as f64 {
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        for _ in 0..16 {
+            enc.copy_buffer_to_buffer(&x, 0, &y, 0, size);
+            enc.copy_buffer_to_buffer(&y, 0, &x, 0, size);
+        }
+        ctx.queue.submit([enc.finish()]);
+        ctx.sync()?;
+    }
+    Ok(())
+}
+
+/// The median of `xs` (None when empty).
+fn median(xs: &[f64]) -> Option<f64> {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied()
 }
 
 fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
@@ -230,11 +290,15 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
         })
     });
     let mut start = Instant::now();
+    // Host seconds spent recording and submitting each timed step.
+    let mut host_s: Vec<f64> = Vec::with_capacity(n_ts as usize);
     for s in 0..a.len {
         if s == untimed {
+            heat(ctx, a.heat_ms)?;
             ctx.sync()?;
             start = Instant::now();
         }
+        let t0 = Instant::now();
         // Index of this step among the timed ones, if it is one.
         let ti = s.checked_sub(untimed).filter(|&t| t < n_ts);
         let p = &pool[s as usize % pool.len()];
@@ -252,6 +316,12 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
         };
         cache.encode_step(ctx, &mut enc, &step, &opts, &Outputs::new(&o).lse(&lse), ts)?;
         ctx.queue.submit([enc.finish()]);
+        if ti.is_some() {
+            host_s.push(t0.elapsed().as_secs_f64());
+        }
+        if a.sync_steps {
+            ctx.sync()?;
+        }
         if ti.is_some() {
             kv_bytes_read += cache.lens().iter().map(|&l| l as u64).sum::<u64>() * per_slot_bytes;
         }
@@ -279,6 +349,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     }
     ctx.sync()?;
     let wall = start.elapsed().as_secs_f64();
+    let mut gpu_step_ns: Vec<f64> = vec![];
     let gpu_s = match &qs {
         Some(qs) => {
             let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -298,13 +369,26 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
             let t = Tensor::from_buffer(ctx, resolve, &[4 * n_ts as u64], DType::U32)?;
             let raw: Vec<u64> = bytemuck::pod_collect_to_vec(&ctx.download_bytes(&t)?);
             let period = ctx.queue.get_timestamp_period() as f64;
-            let ns: f64 = raw
+            gpu_step_ns = raw
                 .chunks(2)
                 .map(|c| c[1].saturating_sub(c[0]) as f64 * period)
-                .sum();
-            Some(ns * 1e-9)
+                .collect();
+            Some(gpu_step_ns.iter().sum::<f64>() * 1e-9)
         }
         None => None,
+    };
+    let trace = match a.trace {
+        Some(k) if k > 0 => gpu_step_ns
+            .chunks(k as usize)
+            .zip(host_s.chunks(k as usize))
+            .map(|(g, h)| {
+                (
+                    g.iter().sum::<f64>() * 1e-6 / g.len() as f64,
+                    h.iter().sum::<f64>() * 1e3 / h.len() as f64,
+                )
+            })
+            .collect(),
+        _ => vec![],
     };
     let final_len = cache.lens().iter().copied().max().unwrap_or(0) as u64;
     Ok(Report {
@@ -317,18 +401,163 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
             .then(|| (timed_steps as f64 * a.queries as f64 * a.batch as f64) / wall),
         ms_per_step_wall: (timed_steps > 0).then(|| wall * 1e3 / timed_steps as f64),
         ms_per_step_gpu: gpu_s.map(|g| g * 1e3 / n_ts.max(1) as f64),
+        ms_per_step_gpu_median: median(&gpu_step_ns).map(|ns| ns * 1e-6),
         kv_gb_per_s: gpu_s
             .filter(|&g| g > 0.0)
             .map(|g| kv_bytes_read as f64 / g / 1e9),
         checked_steps: checked,
         max_err,
+        trace,
     })
+}
+
+/// Parses one `--sweep` variant into decode options.
+fn variant(spec: &str) -> std::result::Result<DecodeOptions, String> {
+    let mut o = DecodeOptions::new();
+    for kv in spec
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty() && *x != "default")
+    {
+        let (k, v) = kv.split_once('=').ok_or(format!("{kv}: key=value"))?;
+        let v: u32 = v.parse().map_err(|e| format!("{kv}: {e}"))?;
+        match k {
+            "splits" => o.splits = Some(v),
+            "threads" => o.threads = Some(v),
+            "rows" => o.rows = Some(v),
+            _ => return Err(format!("{k}: splits, threads or rows")),
+        }
+    }
+    Ok(o)
+}
+
+/// `--sweep`: every variant over one cache filled once (see [`Args::sweep`]).
+fn sweep(
+    ctx: &Context,
+    a: &Args,
+    spec: &str,
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let dtype = if a.f16 { DType::F16 } else { DType::F32 };
+    let cfg =
+        KvCacheConfig::new(a.batch, a.kv_heads, a.dim, a.prompt + a.len * a.queries).dtype(dtype);
+    let mut cache = KvCache::new(ctx, cfg)?;
+    let (b, hq, hkv, d, n) = (
+        a.batch as u64,
+        a.heads as u64,
+        a.kv_heads as u64,
+        a.dim as u64,
+        a.queries as u64,
+    );
+    let mut rng = Rng(selattn_tools::testing::Rng::from_state(7));
+    let chunk = a.prompt.min(4096) as u64;
+    let kv_n = (b * hkv * chunk * d) as usize;
+    let kc = upload(ctx, &[b, hkv, chunk, d], &rng.normals(kv_n, a.f16), a.f16)?;
+    let vc = upload(ctx, &[b, hkv, chunk, d], &rng.normals(kv_n, a.f16), a.f16)?;
+    let mut left = a.prompt;
+    while left > 0 {
+        let c = left.min(chunk as u32);
+        cache.append(
+            ctx,
+            &Tokens::new(&kc, &vc),
+            Some(&vec![c; a.batch as usize]),
+        )?;
+        left -= c;
+    }
+    let q = upload(
+        ctx,
+        &[b, hq, n, d],
+        &rng.normals((b * hq * n * d) as usize, a.f16),
+        a.f16,
+    )?;
+    let k = upload(
+        ctx,
+        &[b, hkv, n, d],
+        &rng.normals((b * hkv * n * d) as usize, a.f16),
+        a.f16,
+    )?;
+    let v = upload(
+        ctx,
+        &[b, hkv, n, d],
+        &rng.normals((b * hkv * n * d) as usize, a.f16),
+        a.f16,
+    )?;
+    let o = ctx.empty(&[b, hq, n, d], dtype)?;
+    let per_slot = hkv * d * dtype.size() * 2 + 4;
+    let timed = a.len.saturating_sub(1).clamp(1, 1024);
+    let qs = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+        label: Some("sweep timestamps"),
+        ty: wgpu::QueryType::Timestamp,
+        count: 2 * timed,
+    });
+    for spec in spec.split(';') {
+        let opts = variant(spec)?;
+        let plan = cache.plan_step(ctx, &Step::new(&q, &k, &v), &opts, &Outputs::new(&o))?;
+        let mut bytes = 0u64;
+        for s in 0..a.len {
+            if s == 1 {
+                heat(ctx, a.heat_ms)?;
+                ctx.sync()?;
+            }
+            let mut enc = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            let t = s.checked_sub(1).filter(|&t| t < timed);
+            let ts = t.map(|t| wgpu::ComputePassTimestampWrites {
+                query_set: &qs,
+                beginning_of_pass_write_index: Some(2 * t),
+                end_of_pass_write_index: Some(2 * t + 1),
+            });
+            let step = Step::new(&q, &k, &v);
+            cache.encode_step(ctx, &mut enc, &step, &opts, &Outputs::new(&o), ts)?;
+            ctx.queue.submit([enc.finish()]);
+            if t.is_some() {
+                bytes += cache.lens().iter().map(|&l| l as u64).sum::<u64>() * per_slot;
+            }
+        }
+        let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 16 * timed as u64,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE
+                | wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.resolve_query_set(&qs, 0..2 * timed, &resolve, 0);
+        ctx.queue.submit([enc.finish()]);
+        let t = Tensor::from_buffer(ctx, resolve, &[4 * timed as u64], DType::U32)?;
+        let raw: Vec<u64> = bytemuck::pod_collect_to_vec(&ctx.download_bytes(&t)?);
+        let period = ctx.queue.get_timestamp_period() as f64;
+        let ns: Vec<f64> = raw
+            .chunks(2)
+            .map(|c| c[1].saturating_sub(c[0]) as f64 * period)
+            .collect();
+        let total: f64 = ns.iter().sum();
+        println!(
+            "sweep {spec:>24}: splits {:>3} threads {:>3} rows {:>2}: {:.4} ms/step GPU (median {:.4}), KV read {:.0} GB/s",
+            plan.params.splits,
+            plan.attend.wg,
+            plan.attend.rb,
+            total * 1e-6 / ns.len() as f64,
+            median(&ns).unwrap_or(0.0) * 1e-6,
+            bytes as f64 / total
+        );
+        for bi in 0..a.batch {
+            cache.truncate_sequence(bi, a.prompt as u64)?;
+        }
+    }
+    Ok(())
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let a = <Args as clap::Parser>::parse();
     let ctx = Context::new()?;
     println!("adapter: {}", ctx.describe());
+    if let Some(spec) = &a.sweep {
+        return sweep(&ctx, &a, spec);
+    }
     println!(
         "B {} Hq {} Hkv {} D {} prompt {} + {} steps x {} tokens, {}{}",
         a.batch,
@@ -363,8 +592,11 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                 (Some(t), Some(w)) => format!("{t:>9.1} tokens/s, {w:.3} ms/step wall"),
                 _ => "no timed steps (--len <= --check + --warmup)".to_string(),
             },
-            r.ms_per_step_gpu
-                .map_or(String::new(), |g| format!(", {g:.3} ms/step GPU")),
+            match (r.ms_per_step_gpu, r.ms_per_step_gpu_median) {
+                (Some(g), Some(m)) => format!(", {g:.3} ms/step GPU (median {m:.3})"),
+                (Some(g), None) => format!(", {g:.3} ms/step GPU"),
+                _ => String::new(),
+            },
             r.kv_gb_per_s
                 .map_or(String::new(), |g| format!(", KV read {g:.3} GB/s")),
             if r.checked_steps > 0 {
@@ -376,6 +608,17 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                 String::new()
             }
         );
+        if let Some(k) = a.trace.filter(|_| !r.trace.is_empty()) {
+            let line: Vec<String> = r
+                .trace
+                .iter()
+                .map(|(g, h)| format!("{g:.3}/{h:.3}"))
+                .collect();
+            println!(
+                "  per {k} timed steps, GPU ms/step / host ms/step: {}",
+                line.join(" ")
+            );
+        }
         let tol = if a.f16 { 1e-2 } else { 1e-4 };
         if r.checked_steps > 0 && (r.max_err.is_nan() || r.max_err > tol) {
             return Err(format!(
@@ -399,9 +642,11 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                     "tokens_per_s": r.tokens_per_s,
                     "ms_per_step_wall": r.ms_per_step_wall,
                     "ms_per_step_gpu": r.ms_per_step_gpu,
+                    "ms_per_step_gpu_median": r.ms_per_step_gpu_median,
                     "kv_gb_per_s": r.kv_gb_per_s,
                     "checked_steps": r.checked_steps,
                     "max_err": r.max_err,
+                    "trace_gpu_host_ms": r.trace,
                 })
             })
             .collect();
@@ -414,6 +659,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             "prompt": a.prompt,
             "len": a.len,
             "warmup": a.warmup,
+            "heat_ms": a.heat_ms,
             "queries": a.queries,
             "f16": a.f16,
             "selective": a.selective,

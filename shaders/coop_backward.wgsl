@@ -20,6 +20,9 @@
 // Selective terms: coop_selq (per 64 query rows) and coop_selk (per 64 keys) each sum dz over every
 // head; with the du scratch (plan du_rows > 0) coop_selq also writes du of a chunk of query rows
 // (override DU) and coop_selk_du reads it, one pair of dispatches per chunk (Layout row_lo/row_hi).
+// The split du path (plan du_split, the default with the du scratch) replaces coop_selq by
+// coop_seldu (du per (64 rows, key tile): key tiles in parallel) and coop_selq_du (dq_sel from
+// the scratch), three dispatches per chunk with coop_selk_du.
 //
 // Selective masking: F = C (the forward's colsum and scan passes, query tiles of CT rows, CT
 // dividing 16) + the exclusive prefix of relu(S_sel) over the rows of the C tile, recomputed
@@ -77,6 +80,8 @@ override HAS_KVLEN: bool = false;
 override SELECTIVE: bool = false;
 override WRITE_LSE: bool = false;   // part of the shared feature set; unused here
 override SELPASS: bool = false;     // the pipeline is coop_selq, coop_selk or coop_selk_du
+override ISDKV: bool = false;
+override PREFETCH: bool = false;    // C (and G) of a 16-row C tile loaded before the chunk's MMAs       // the pipeline is coop_dkv (the only user of pa16)
 override DU: bool = false;          // coop_selq also writes du to the scratch coop_selk_du reads
 
 const SG: u32 = 4u;                 // subgroups per workgroup
@@ -99,7 +104,7 @@ var<workgroup> stage: array<f16, select(NST * DP, NSTS, SELPASS)>;
 var<workgroup> sa: array<f32, SG * 16u * SP>;                        // S (or S^T), then l dz / P dP
 var<workgroup> sb: array<f32, SG * 16u * SP>;                        // dP (or dP^T), then dz
 var<workgroup> sf: array<f32, select(4u, SG * 16u * SP, SELECTIVE && !SELPASS)>;  // S_sel, then F
-var<workgroup> pa16: array<f16, select(SG * 16u * PP, 8u, SELPASS)>;  // P^T (dkv)
+var<workgroup> pa16: array<f16, select(8u, SG * 16u * PP, ISDKV)>;  // P^T (dkv only)
 // coop_selq / coop_selk: per subgroup and chunk, sum over heads of dz, and F.
 var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
 var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
@@ -295,6 +300,9 @@ fn coop_dkv(
                 rd[r] = d;
                 rt[r] = t;
             }
+            // The staged tile is read by every subgroup; the chunks below hand only each
+            // subgroup's own blocks between its lanes.
+            workgroupBarrier();
             for (var c0 = 0u; c0 < BT; c0 += 16u) {
                 let i0 = row0 + c0;
                 if i0 >= p.q_len {
@@ -303,12 +311,20 @@ fn coop_dkv(
                 if CAUSAL && p.start + min(i0 + 16u, p.q_len) <= kt {
                     continue;
                 }
-                workgroupBarrier();
+                // PREFETCH (C tiles of 16 rows): this chunk's C and G values of the lane's key,
+                // loaded before the MMAs so their global latency overlaps them.
+                var fc = 0.0;
+                var gp = 0.0;
+                if PREFETCH && SELECTIVE && CT == 16u && lane < 16u && jl < p.k_len {
+                    fc = fcarry[(b * p.n_qtiles + i0 / CT) * p.k_len + jl];
+                    gp = ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + jl];
+                }
+                {{SGBAR}};
                 let qo = c0 * DP;
                 let oo = (BT + c0) * DP;
                 let so = (2u * BT + c0) * DP;
 {{DKV_S}}
-                workgroupBarrier();
+                {{SGBAR}};
                 // Selective: F^T in place of S_sel^T; lane r walks key r's 16 rows.
                 if SELECTIVE {
                     if lane < 16u {
@@ -318,7 +334,11 @@ fn coop_dkv(
                             if r % CT == 0u {
                                 run = 0.0;
                                 if jl < p.k_len && i < p.q_len {
-                                    run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + jl];
+                                    if PREFETCH && CT == 16u {
+                                        run = fc;
+                                    } else {
+                                        run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + jl];
+                                    }
                                 }
                             }
                             let e = bo + lane * SP + r;
@@ -329,7 +349,7 @@ fn coop_dkv(
                             }
                         }
                     }
-                    workgroupBarrier();
+                    {{SGBAR}};
                 }
                 // P^T, dz^T: element (key r, row c).
                 for (var x = lane; x < 256u; x += SGS) {
@@ -355,7 +375,7 @@ fn coop_dkv(
                     sa[e] = xg;
                     sb[e] = dz;
                 }
-                workgroupBarrier();
+                {{SGBAR}};
                 if lane < 16u {
                     var s = 0.0;
                     for (var c = 0u; c < 16u; c++) {
@@ -370,7 +390,11 @@ fn coop_dkv(
                                     z += sb[bo + lane * SP + c];
                                 }
                                 let at = w.g + ((b * p.kv_heads + hk) * p.n_qtiles + (i0 + t0) / CT) * p.k_len + jl;
-                                ws[at] += z;
+                                if PREFETCH && CT == 16u {
+                                    ws[at] = gp + z;
+                                } else {
+                                    ws[at] += z;
+                                }
                             }
                         }
                     }
@@ -489,17 +513,30 @@ fn coop_dq(
             }
             cg[c] = g;
         }
+        // The staged tile is read by every subgroup; the chunks below hand only each
+        // subgroup's own blocks between its lanes.
+        workgroupBarrier();
         for (var c0 = 0u; c0 < BT; c0 += 16u) {
             let j0 = kt + c0;
             if j0 >= kend {
                 break;
             }
-            workgroupBarrier();
+            // PREFETCH (C tiles of 16 rows): this chunk's C value of the lane's key, loaded
+            // before the MMAs so its global latency overlaps them.
+            var fc = 0.0;
+            if PREFETCH && SELECTIVE && CT == 16u && lane < 16u {
+                let jf = j0 + lane;
+                let irow = row0 + rb0;
+                if jf < p.k_len && irow < p.q_len {
+                    fc = fcarry[(b * p.n_qtiles + irow / CT) * p.k_len + jf];
+                }
+            }
+            {{SGBAR}};
             let ko = c0 * DP;
             let vo = (BT + c0) * DP;
             let so = (2u * BT + c0) * DP;
 {{DQ_S}}
-            workgroupBarrier();
+            {{SGBAR}};
             // Selective: F in place of S_sel; lane c walks key c's column down the 16 rows.
             if SELECTIVE {
                 if lane < 16u {
@@ -510,7 +547,11 @@ fn coop_dq(
                         if r % CT == 0u {
                             run = 0.0;
                             if j < p.k_len && i < p.q_len {
-                                run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + j];
+                                if PREFETCH && CT == 16u {
+                                    run = fc;
+                                } else {
+                                    run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + j];
+                                }
                             }
                         }
                         let e = bo + r * SP + lane;
@@ -521,7 +562,7 @@ fn coop_dq(
                         }
                     }
                 }
-                workgroupBarrier();
+                {{SGBAR}};
             }
             // P, dz: element (row r, key c).
             for (var x = lane; x < 256u; x += SGS) {
@@ -544,7 +585,7 @@ fn coop_dq(
                 za16[bp + r * PP + c] = f16(dz);
                 sa[e] = ldz;
             }
-            workgroupBarrier();
+            {{SGBAR}};
             if lane < 16u {
                 var s = 0.0;
                 for (var c = 0u; c < 16u; c++) {
@@ -1031,6 +1072,284 @@ fn coop_selq(
                         ws[dub + (i - w.row_lo) * p.k_len + j] = du;
                     }
                     run -= acc[fo + r * FS];
+                }
+            }
+            workgroupBarrier();
+            let so = c * 16u * DP;
+            let ua = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{SQ_ACC}}
+        }
+    }
+    workgroupBarrier();
+{{SQ_EPI}}
+}
+
+// coop_seldu (the split du path, plan du_split): one workgroup per (64 query rows of the chunk,
+// key tile of BT keys, b); subgroup sg owns rows 16 sg .. 16 sg + 15. The body of coop_selq's key
+// loop for one key tile: F and the du mask (Q_sel fragments x staged K_sel), the sum over every
+// head of dz, then du by suffix, written to the du scratch (no dq_sel term: coop_selq_du adds it
+// from the scratch). Key tiles are independent (C and E come from the earlier passes), so the
+// grid spans them: a workgroup per (row block, key tile) instead of a serial walk over key tiles.
+@compute @workgroup_size(WG)
+fn coop_seldu(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let b = wg.z;
+    let row0 = w.row_lo + wg.x * KB;
+    let valid = uniform_valid(b, tid);
+    // S_kj lives for j < p_k only; key tiles past the rows' end have nothing to do.
+    let kend = min(valid, p.start + min(row0 + KB, p.q_len));
+    let kt = wg.y * BT;
+    if kt >= kend {
+        return;
+    }
+    let dub = du_base(b);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let rb0 = sg * 16u;
+    let bo = sg * 16u * SP;
+    let bp = sg * 16u * PP;
+{{SQ_DECL}}
+    // The selection head's Q fragments.
+    workgroupBarrier();
+    for (var e = tid; e < KB * D8; e += WG) {
+        let i = row0 + e / D8;
+        var x = vec4<u32>(0u);
+        if i < p.q_len {
+            x = q[((b * p.q_heads + sel) * p.q_len + i) * D8 + e % D8];
+        }
+        put8((e / D8) * DP + (e % D8) * 8u, x);
+    }
+    workgroupBarrier();
+    {
+        let qoff = rb0 * DP;
+{{SQ_QSLOAD}}
+    }
+    var msk: array<u32, 4>;
+    {
+        // A. S_sel per chunk, then F and the mask (lane per key column), sums zeroed.
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let j = kt + e / D8;
+            var x = vec4<u32>(0u);
+            if j < kend {
+                x = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        workgroupBarrier();
+        for (var c = 0u; c < NB; c++) {
+            if kt + c * 16u >= kend {
+                break;
+            }
+            let fo = (c * SG + sg) * 16u * FS;
+            let so = c * 16u * DP;
+{{SQ_FCOMP}}
+            for (var x = lane; x < 256u; x += SGS) {
+                acc[fo + (x / 16u) * FS + x % 16u] = 0.0;
+            }
+        }
+        workgroupBarrier();
+        if lane < 16u {
+            for (var c = 0u; c < NB; c++) {
+                let j = kt + c * 16u + lane;
+                let fo = (c * SG + sg) * 16u * FS + lane;
+                var run = 0.0;
+                var m = 0u;
+                for (var r = 0u; r < 16u; r++) {
+                    let i = row0 + rb0 + r;
+                    if r % CT == 0u {
+                        run = 0.0;
+                        if j < p.k_len && i < p.q_len {
+                            run = fcarry[(b * p.n_qtiles + i / CT) * p.k_len + j];
+                        }
+                    }
+                    let s = fb[fo + r * FS];
+                    fb[fo + r * FS] = run;
+                    if j < kend && sel_live(i, j, valid) {
+                        let u = p.scale * s;
+                        run += max(u, 0.0);
+                        if u > 0.0 {
+                            m |= 1u << r;
+                        }
+                    }
+                }
+                msk[c] = m;
+            }
+        }
+        // B. sum over every head of dz.
+        for (var h = 0u; h < p.q_heads; h++) {
+            let hk = h / p.group;
+            for (var qp = 0u; qp < 2u; qp++) {
+                workgroupBarrier();
+                for (var e = tid; e < KB * D8; e += WG) {
+                    let i = row0 + e / D8;
+                    var x = vec4<u32>(0u);
+                    if i < p.q_len {
+                        let at = ((b * p.q_heads + h) * p.q_len + i) * D8 + e % D8;
+                        if qp == 0u {
+                            x = q[at];
+                        } else {
+                            x = dout[at];
+                        }
+                    }
+                    put8((e / D8) * DP + (e % D8) * 8u, x);
+                }
+                workgroupBarrier();
+                let qoff = rb0 * DP;
+                if qp == 0u {
+{{SQ_QLOAD}}
+                } else {
+{{SQ_OLOAD}}
+                }
+            }
+            workgroupBarrier();
+            for (var e = tid; e < BT * D8; e += WG) {
+                let r = e / D8;
+                let j = kt + r;
+                let c8 = e % D8;
+                var xk = vec4<u32>(0u);
+                var xv = vec4<u32>(0u);
+                if j < kend {
+                    let at = ((b * p.kv_heads + hk) * p.k_len + j) * D8 + c8;
+                    xk = k[at];
+                    xv = v[at];
+                }
+                put8(r * DP + c8 * 8u, xk);
+                put8((BT + r) * DP + c8 * 8u, xv);
+            }
+            for (var c = tid; c < BT; c += WG) {
+                let j = kt + c;
+                var g = 1.0;
+                if HAS_GATE && j < p.k_len {
+                    g = ws[w.gate + (b * p.kv_heads + hk) * p.k_len + j];
+                }
+                cg[c] = g;
+            }
+            for (var r = tid; r < KB; r += WG) {
+                let i = row0 + r;
+                var l = 0.0;
+                var d = 0.0;
+                var t = 0.0;
+                if i < p.q_len {
+                    let row = (b * p.q_heads + h) * p.q_len + i;
+                    l = ws[w.lse + row];
+                    d = ws[w.delta + row];
+                    t = row_temperature(b, h, i);
+                }
+                rl[r] = l;
+                rd[r] = d;
+                rt[r] = t;
+            }
+            // The staged tile is read by every subgroup; the chunks below hand only each
+            // subgroup's own blocks between its lanes.
+            workgroupBarrier();
+            for (var c = 0u; c < NB; c++) {
+                let c0 = c * 16u;
+                let j0 = kt + c0;
+                if j0 >= kend {
+                    break;
+                }
+                {{SGBAR}};
+                let ko = c0 * DP;
+                let vo = (BT + c0) * DP;
+{{SQ_SCOMP}}
+                {{SGBAR}};
+                let fo = (c * SG + sg) * 16u * FS;
+                for (var x = lane; x < 256u; x += SGS) {
+                    let r = x / 16u;
+                    let cc = x % 16u;
+                    let e = bo + r * SP + cc;
+                    if allowed(row0 + rb0 + r, j0 + cc, valid) {
+                        let l = p.scale * sa[e];
+                        let z = rt[rb0 + r] * l - fb[fo + r * FS + cc];
+                        let pp = exp(z - rl[rb0 + r]);
+                        acc[fo + r * FS + cc] += pp * (cg[c0 + cc] * sb[e] - rd[rb0 + r]);
+                    }
+                }
+            }
+        }
+        // C. du = E + exclusive suffix of -sum dz down each column, masked, to the scratch
+        // (each lane reads sums other lanes of its subgroup wrote).
+        {{SGBAR}};
+        for (var c = 0u; c < NB; c++) {
+            if kt + c * 16u >= kend {
+                break;
+            }
+            if lane < 16u {
+                let j = kt + c * 16u + lane;
+                let fo = (c * SG + sg) * 16u * FS + lane;
+                let m = msk[c];
+                var run = 0.0;
+                for (var n = 16u; n > 0u; n--) {
+                    let r = n - 1u;
+                    if r % CT == CT - 1u {
+                        run = e_carry(b, (row0 + rb0 + r) / CT, j);
+                    }
+                    var du = 0.0;
+                    if (m & (1u << r)) != 0u {
+                        du = run;
+                    }
+                    let i = row0 + rb0 + r;
+                    if j < kend && i < p.q_len {
+                        ws[dub + (i - w.row_lo) * p.k_len + j] = du;
+                    }
+                    run -= acc[fo + r * FS];
+                }
+            }
+        }
+    }
+}
+
+// coop_selq_du (the split du path): one workgroup per (64 query rows of the chunk, b); subgroup
+// sg owns rows 16 sg .. 16 sg + 15. dq_sel += du K_sel over the key tiles below the rows' causal
+// end, du read from the scratch coop_seldu wrote for the same chunk; adds the selection head's
+// ordinary dQ (dqb) and writes dQ of the selection head.
+@compute @workgroup_size(WG)
+fn coop_selq_du(
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let b = wg.z;
+    let row0 = w.row_lo + wg.x * KB;
+    let valid = uniform_valid(b, tid);
+    let dub = du_base(b);
+    let sel = p.sel_head;
+    let sel_kv = sel / p.group;
+    let rb0 = sg * 16u;
+    let bo = sg * 16u * SP;
+    let bp = sg * 16u * PP;
+{{SD_QDECL}}
+    let kend = min(valid, p.start + min(row0 + KB, p.q_len));
+    for (var kt = 0u; kt < kend; kt += BT) {
+        workgroupBarrier();
+        for (var e = tid; e < BT * D8; e += WG) {
+            let j = kt + e / D8;
+            var x = vec4<u32>(0u);
+            if j < kend {
+                x = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+            }
+            put8((e / D8) * DP + (e % D8) * 8u, x);
+        }
+        for (var c = 0u; c < NB; c++) {
+            if kt + c * 16u >= kend {
+                break;
+            }
+            workgroupBarrier();
+            if lane < 16u {
+                let j = kt + c * 16u + lane;
+                for (var r = 0u; r < 16u; r++) {
+                    let i = row0 + rb0 + r;
+                    var du = 0.0;
+                    if j < kend && i < w.row_hi {
+                        du = ws[dub + (i - w.row_lo) * p.k_len + j];
+                    }
+                    za16[bp + r * PP + lane] = f16(du);
                 }
             }
             workgroupBarrier();

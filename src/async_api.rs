@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 
-use crate::cache::{DecodeOptions, KvCache, Step, Tokens};
+use crate::cache::{Checkpoint, DecodeOptions, KvCache, Step, Tokens};
 use crate::context::{device_request, Context};
 use crate::device::{choose_adapter, instance, unusable_reason};
 use crate::error::GpuSource;
@@ -228,6 +228,30 @@ impl KvCache {
         r?;
         match e {
             Some(e) => Err(scope_error("running selattn decode", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// [`KvCache::checkpoint`], returning a validation error the call caused (also on wasm).
+    pub async fn checkpoint_async(&mut self, ctx: &Context, batch: u32) -> Result<Checkpoint> {
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let r = self.checkpoint(ctx, batch);
+        let e = scope.pop().await;
+        let cp = r?;
+        match e {
+            Some(e) => Err(scope_error("running selattn cache checkpoint", e)),
+            None => Ok(cp),
+        }
+    }
+
+    /// [`KvCache::rollback`], returning a validation error the call caused (also on wasm).
+    pub async fn rollback_async(&mut self, ctx: &Context, checkpoint: &Checkpoint) -> Result<()> {
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let r = self.rollback(ctx, checkpoint);
+        let e = scope.pop().await;
+        r?;
+        match e {
+            Some(e) => Err(scope_error("running selattn cache rollback", e)),
             None => Ok(()),
         }
     }

@@ -189,6 +189,9 @@ impl Context {
 
     /// Runs one backward call and submits it: writes the gradients `grads` asks for. `inputs`
     /// and `options` are the forward's; `up` carries its O and LSE and the upstream gradients.
+    /// The scratch ([`Context::backward_scratch_bytes`]) is kept in the context between calls
+    /// (it only grows) and cleared at the start of each call; `SELATTN_BACKWARD_KEEP=0`
+    /// allocates it per call instead.
     ///
     /// A training step: forward (keeping LSE), backward for dQ and dtau only, checked against
     /// the f64 reference backward (runs on any adapter, software ones included):
@@ -255,7 +258,40 @@ impl Context {
         grads: &Grads,
     ) -> Result<()> {
         let plan = self.backward_plan(inputs, options, up, grads)?;
-        self.encode_backward_plan(encoder, &plan, inputs, up, grads)
+        self.encode_backward_plan(encoder, &plan, inputs, up, grads, None)
+    }
+
+    /// Like [`Context::encode_backward`], with a GPU timestamp written into `query_set` before
+    /// every dispatch and one after the last (indices 0, 1, ...; needs
+    /// TIMESTAMP_QUERY_INSIDE_PASSES): a per-kernel profile. Returns the label of each dispatch,
+    /// in order (dispatch `n` ran between timestamps `n` and `n + 1`). `capacity` is the
+    /// query set's count; a call that needs more writes nothing and returns an error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_backward_profiled(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &Inputs,
+        options: &Options,
+        up: &Upstream,
+        grads: &Grads,
+        query_set: &wgpu::QuerySet,
+        capacity: u32,
+    ) -> Result<Vec<String>> {
+        if !(self.device.features()).contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
+            return Err(Error::FeatureMissing {
+                feature: "TIMESTAMP_QUERY_INSIDE_PASSES",
+            });
+        }
+        let plan = self.backward_plan(inputs, options, up, grads)?;
+        let labels = dispatch_labels(&plan);
+        if labels.len() as u64 + 1 > capacity as u64 {
+            return Err(Error::gpu_msg(format!(
+                "profiling the backward pass: {} timestamps needed, the query set holds {capacity}",
+                labels.len() + 1
+            )));
+        }
+        self.encode_backward_plan(encoder, &plan, inputs, up, grads, Some(query_set))?;
+        Ok(labels)
     }
 
     fn encode_backward_plan(
@@ -265,6 +301,7 @@ impl Context {
         inputs: &Inputs,
         up: &Upstream,
         grads: &Grads,
+        profile: Option<&wgpu::QuerySet>,
     ) -> Result<()> {
         let s = plan.resolved.shape;
         // Pipelines first: a failure to build one records nothing.
@@ -273,39 +310,72 @@ impl Context {
         for key in plan.keys() {
             pipes.push((key, gpu.pipeline(&key)?));
         }
-        let b = self.backward_buffers(plan, gpu.dummy_in);
-        let mut selq_du: Vec<(&wgpu::ComputePipeline, wgpu::BindGroup, u32)> = Vec::new();
+        let b = self.backward_buffers(plan, gpu.dummy_in)?;
+        if b.cached {
+            // Kept buffers hold the last call's values: start from zeros, as a new buffer does.
+            encoder.clear_buffer(&b.ws, 0, Some(4 * plan.ws_floats.max(4)));
+            if plan.c_floats() > 0 {
+                encoder.clear_buffer(&b.carry, 0, Some(4 * plan.c_floats()));
+            }
+        }
+        // The du path's per-chunk writers (coop_selq, or coop_seldu and coop_selq_du): pipeline,
+        // entry and per chunk (bind group, rows, row_hi), dispatched with coop_selk_du.
+        type Chunks = Vec<(wgpu::BindGroup, u32, u32)>;
+        let mut du_writers: Vec<(&wgpu::ComputePipeline, CoopEntry, u32, Chunks)> = Vec::new();
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("selattn backward"),
             timestamp_writes: None,
         });
+        let mut stamp = 0u32;
+        let mut mark = |pass: &mut wgpu::ComputePass| {
+            if let Some(qs) = profile {
+                pass.write_timestamp(qs, stamp);
+                stamp += 1;
+            }
+        };
         for (key, pipe) in &pipes {
             let bgl = pipe.get_bind_group_layout(0);
             let (entries, groups) = self.kernel_entries(key, plan, &b, inputs, up, grads)?;
             let du_entry = match key.kernel {
-                Kernel::CoopBackward(c) if plan.du_rows > 0 => Some(c.entry),
+                Kernel::CoopBackward(c) if plan.du_rows > 0 && c.entry.selective() => Some(c.entry),
                 _ => None,
             };
-            if let Some(de @ (CoopEntry::SelqDu | CoopEntry::SelkDu)) = du_entry {
-                let chunk_groups: Vec<(wgpu::BindGroup, u32)> = b
+            if let Some(de) = du_entry {
+                let chunk_groups: Chunks = b
                     .chunk_layouts
                     .iter()
-                    .map(|(rows, lb)| {
+                    .map(|(rows, row_hi, lb)| {
                         let bg = self.bind_group(key, &bgl, &with_layout(&entries, lb));
-                        (bg, *rows)
+                        (bg, *rows, *row_hi)
                     })
                     .collect();
-                if de == CoopEntry::SelqDu {
-                    selq_du = chunk_groups
-                        .into_iter()
-                        .map(|(bg, rows)| (&**pipe, bg, rows))
-                        .collect();
+                if de != CoopEntry::SelkDu {
+                    let bt = match key.kernel {
+                        Kernel::CoopBackward(c) => c.bt,
+                        _ => 16,
+                    };
+                    du_writers.push((&**pipe, de, bt, chunk_groups));
                 } else {
-                    // Chunk by chunk: coop_selq writes du of its rows, coop_selk_du consumes it.
-                    for ((qpipe, qbg, rows), (kbg, _)) in selq_du.iter().zip(&chunk_groups) {
-                        pass.set_pipeline(qpipe);
-                        pass.set_bind_group(0, qbg, &[]);
-                        pass.dispatch_workgroups(rows.div_ceil(ROWS), 1, s.batch);
+                    // Chunk by chunk: the writers put du of its rows into the scratch (and add
+                    // the selection head's dQ term), coop_selk_du consumes it.
+                    for (ci, (kbg, _, _)) in chunk_groups.iter().enumerate() {
+                        for (wpipe, we, bt, groups) in &du_writers {
+                            let (bg, rows, row_hi) = &groups[ci];
+                            let ky = if *we == CoopEntry::SelDu {
+                                // Key tiles below the chunk's causal end.
+                                // (Selective masking is causal only.)
+                                let kend = (s.k_len as u64)
+                                    .min(plan.resolved.start as u64 + *row_hi as u64);
+                                (kend.div_ceil(*bt as u64) as u32).max(1)
+                            } else {
+                                1
+                            };
+                            mark(&mut pass);
+                            pass.set_pipeline(wpipe);
+                            pass.set_bind_group(0, bg, &[]);
+                            pass.dispatch_workgroups(rows.div_ceil(ROWS), ky, s.batch);
+                        }
+                        mark(&mut pass);
                         pass.set_pipeline(pipe);
                         pass.set_bind_group(0, kbg, &[]);
                         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
@@ -314,10 +384,12 @@ impl Context {
                 continue;
             }
             let bg = self.bind_group(key, &bgl, &entries);
+            mark(&mut pass);
             pass.set_pipeline(pipe);
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(groups.0, groups.1, groups.2);
         }
+        mark(&mut pass);
         Ok(())
     }
 
@@ -353,11 +425,32 @@ impl Context {
                 (s.k_len.div_ceil(c.wg), s.batch, 1),
             ),
             Kernel::Backward(c) => self.backward_entries(plan, b, c.entry, inputs, up, grads),
+            Kernel::CoopBackward(c)
+                if matches!(c.entry, CoopEntry::SelDu | CoopEntry::SelqRead) =>
+            {
+                // The split du path (grids per chunk are set where the chunks are dispatched).
+                let mut e = vec![entry(0, &b.params), entry(1, &b.layout), entry(6, &b.ws)];
+                e.push(tensor_entry(3, Some(bound(inputs.k)), b.din));
+                if c.entry == CoopEntry::SelDu {
+                    e.extend([
+                        tensor_entry(2, Some(bound(inputs.q)), b.din),
+                        tensor_entry(4, Some(bound(inputs.v)), b.din),
+                        tensor_entry(5, Some(bound(up.d_o)), b.din),
+                        entry(7, &b.carry),
+                    ]);
+                } else {
+                    e.push(tensor_entry(8, grads.dq.map(bound), &b.dummies[0]));
+                }
+                (e, (0, 0, 0))
+            }
             Kernel::CoopBackward(c) => {
                 let e = match c.entry {
                     CoopEntry::Dkv => Entry::Dkv,
                     CoopEntry::Dq => Entry::Dq,
-                    CoopEntry::Selq | CoopEntry::SelqDu => Entry::Selq,
+                    CoopEntry::Selq
+                    | CoopEntry::SelqDu
+                    | CoopEntry::SelDu
+                    | CoopEntry::SelqRead => Entry::Selq,
                     CoopEntry::Selk | CoopEntry::SelkDu => Entry::Selk,
                 };
                 self.backward_entries(plan, b, e, inputs, up, grads)
@@ -385,12 +478,16 @@ impl Context {
     }
 
     /// The uniforms and scratch buffers one backward call binds.
-    fn backward_buffers<'d>(&self, plan: &BackwardPlan, din: &'d wgpu::Buffer) -> Buffers<'d> {
+    fn backward_buffers<'d>(
+        &self,
+        plan: &BackwardPlan,
+        din: &'d wgpu::Buffer,
+    ) -> Result<Buffers<'d>> {
         let s = plan.resolved.shape;
         let gpu = self.gpu();
         // With the du scratch, coop_selq and coop_selk_du run once per chunk of query rows, each
         // pair with its own Layout (row_lo, row_hi).
-        let chunk_layouts: Vec<(u32, wgpu::Buffer)> = if plan.du_rows > 0 {
+        let chunk_layouts: Vec<(u32, u32, wgpu::Buffer)> = if plan.du_rows > 0 {
             (0..s.q_len.div_ceil(plan.du_rows))
                 .map(|c| {
                     let row_lo = c * plan.du_rows;
@@ -401,7 +498,7 @@ impl Context {
                     };
                     let rows = l.row_hi - l.row_lo;
                     let buf = gpu.uniform("selattn backward chunk layout", bytemuck::bytes_of(&l));
-                    (rows, buf)
+                    (rows, l.row_hi, buf)
                 })
                 .collect()
         } else {
@@ -411,23 +508,52 @@ impl Context {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size: (4 * floats).max(16),
-                usage: wgpu::BufferUsages::STORAGE,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             })
         };
-        Buffers {
+        // The workspace and C: kept in the context between calls (allocating and freeing
+        // hundreds of MiB per call costs milliseconds), unless SELATTN_BACKWARD_KEEP=0.
+        let cached = keep_scratch();
+        let (ws, carry) = if cached {
+            let mut guard = self.backward_scratch.lock().map_err(|_| {
+                Error::gpu_msg("locking the backward scratch (poisoned by a panic)")
+            })?;
+            let mut get = |slot: usize, label, floats: u64| {
+                let need = (4 * floats).max(16);
+                match &guard[slot] {
+                    Some(b) if b.size() >= need => b.clone(),
+                    _ => {
+                        let b = buffer(label, floats);
+                        guard[slot] = Some(b.clone());
+                        b
+                    }
+                }
+            };
+            (
+                get(0, "selattn backward workspace", plan.ws_floats),
+                get(1, "selattn backward selective C", plan.c_floats()),
+            )
+        } else {
+            (
+                buffer("selattn backward workspace", plan.ws_floats),
+                buffer("selattn backward selective C", plan.c_floats()),
+            )
+        };
+        Ok(Buffers {
             params: gpu.uniform("selattn backward params", bytemuck::bytes_of(&plan.params)),
             layout: gpu.uniform("selattn backward layout", bytemuck::bytes_of(&plan.layout)),
             chunk_layouts,
-            ws: buffer("selattn backward workspace", plan.ws_floats),
-            carry: buffer("selattn backward selective C", plan.c_floats()),
+            ws,
+            carry,
+            cached,
             // Distinct placeholders for absent writable bindings (two bindings of one buffer in
             // a dispatch may not both be writable).
             dummies: (0..4)
                 .map(|_| buffer("selattn backward placeholder", 4))
                 .collect(),
             din,
-        }
+        })
     }
 
     // Long on purpose: a table, one arm per shader entry, of the slots it binds and its grid
@@ -545,16 +671,67 @@ impl Context {
     }
 }
 
+/// The label of each dispatch [`Context::encode_backward_plan`] records, in order (the du
+/// pairs once per chunk).
+fn dispatch_labels(plan: &BackwardPlan) -> Vec<String> {
+    let s = plan.resolved.shape;
+    let chunks = if plan.du_rows > 0 {
+        s.q_len.div_ceil(plan.du_rows)
+    } else {
+        0
+    };
+    let mut out = Vec::new();
+    let mut writers = Vec::new();
+    for key in plan.keys() {
+        let name = match key.kernel {
+            Kernel::SelColsum(_) => "sel_colsum".to_string(),
+            Kernel::SelScan(_) => "sel_scan".to_string(),
+            Kernel::Backward(c) => format!("{:?}", c.entry).to_lowercase(),
+            Kernel::CoopBackward(c) => c.entry_name().to_string(),
+            _ => format!("{:?}", key.kernel),
+        };
+        match key.kernel {
+            Kernel::CoopBackward(c)
+                if plan.du_rows > 0
+                    && matches!(
+                        c.entry,
+                        CoopEntry::SelqDu | CoopEntry::SelDu | CoopEntry::SelqRead
+                    ) =>
+            {
+                writers.push(name)
+            }
+            Kernel::CoopBackward(c) if plan.du_rows > 0 && c.entry == CoopEntry::SelkDu => {
+                for _ in 0..chunks {
+                    out.extend(writers.iter().cloned());
+                    out.push(name.clone());
+                }
+            }
+            _ => out.push(name),
+        }
+    }
+    out
+}
+
 /// The uniforms and scratch buffers of one backward call.
 struct Buffers<'d> {
     params: wgpu::Buffer,
     layout: wgpu::Buffer,
-    /// Per du chunk: its query rows and its Layout uniform.
-    chunk_layouts: Vec<(u32, wgpu::Buffer)>,
+    /// Per du chunk: its query rows, its end row and its Layout uniform.
+    chunk_layouts: Vec<(u32, u32, wgpu::Buffer)>,
     ws: wgpu::Buffer,
     carry: wgpu::Buffer,
+    /// `ws` and `carry` are the context's kept buffers (cleared at the start of the call).
+    cached: bool,
     dummies: Vec<wgpu::Buffer>,
     din: &'d wgpu::Buffer,
+}
+
+/// Environment variable that allocates the backward scratch per call
+/// (`SELATTN_BACKWARD_KEEP=0`) instead of keeping it in the context, for A/B measurements.
+pub const KEEP_ENV: &str = "SELATTN_BACKWARD_KEEP";
+
+fn keep_scratch() -> bool {
+    std::env::var(KEEP_ENV).map_or(true, |v| v != "0")
 }
 
 /// `entries` with binding 1 (the Layout uniform) replaced by `layout`.

@@ -368,7 +368,61 @@ pub struct KvCache {
     f_touched: Vec<u64>,
     part: Option<wgpu::Buffer>,
     fq: Option<wgpu::Buffer>,
+    /// Identity of the cache, named by its checkpoints.
+    id: u64,
+    /// Serial number of the last checkpoint taken.
+    serial: u64,
+    /// Per sequence: its live checkpoint, if any.
+    checkpoints: Vec<Option<SeqCheckpoint>>,
+    /// Per sequence: the GPU copies behind its checkpoint, allocated on first use and reused.
+    snapshots: Vec<Snapshot>,
 }
+
+/// A saved state of one sequence of a [`KvCache`], to go back to with [`KvCache::rollback`]
+/// (speculative decoding: checkpoint, append draft tokens, roll back, replay the accepted ones).
+/// A plain token: the saved slots stay in the cache, one checkpoint per sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    cache: u64,
+    batch: u32,
+    serial: u64,
+    position: u64,
+}
+
+impl Checkpoint {
+    /// The sequence it was taken of.
+    pub fn batch(&self) -> u32 {
+        self.batch
+    }
+    /// The sequence's next position when it was taken (its length in tokens).
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+}
+
+/// Host side of a live checkpoint: the sequence's host state when it was taken, and whether
+/// the K, V and gate of its occupied slots have been copied yet (done before the first
+/// eviction after the checkpoint; until then they are unchanged in place).
+#[derive(Clone, Debug, PartialEq)]
+struct SeqCheckpoint {
+    serial: u64,
+    next_pos: u64,
+    len: u32,
+    evictions: u64,
+    f_touched: u64,
+    kv_saved: bool,
+}
+
+/// GPU copies behind a sequence's checkpoint: F and positions `[2, capacity]` (u32 words),
+/// and K, V `[Hkv, limit, D]` each, then the gate `[Hkv, limit]` (only with a budget).
+#[derive(Debug, Default)]
+struct Snapshot {
+    f_pos: Option<wgpu::Buffer>,
+    kv: Option<wgpu::Buffer>,
+}
+
+/// Source of cache identities.
+static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Sequences `b0 .. b0 + nb` of a cache and their buffers: K and V `[nb, Hkv, C, D]`, gate
 /// `[nb, Hkv, C]`, F and positions `[nb, C]`.
@@ -481,6 +535,10 @@ impl KvCache {
             f_touched: vec![0; cfg.batch as usize],
             part: None,
             fq: None,
+            id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            serial: 0,
+            checkpoints: vec![None; cfg.batch as usize],
+            snapshots: (0..cfg.batch).map(|_| Snapshot::default()).collect(),
             cfg,
         })
     }
@@ -524,11 +582,20 @@ impl KvCache {
         &self.groups[0].pos
     }
 
-    /// Bytes of GPU memory the cache holds: its slots and its decode scratch.
+    /// Bytes of GPU memory the cache holds: its slots, its decode scratch and the copies
+    /// behind checkpoints.
     pub fn bytes(&self) -> u64 {
+        let snap: u64 = self
+            .snapshots
+            .iter()
+            .map(|s| {
+                s.f_pos.as_ref().map_or(0, |b| b.size()) + s.kv.as_ref().map_or(0, |b| b.size())
+            })
+            .sum();
         self.cfg.bytes()
             + self.part.as_ref().map_or(0, |b| b.size())
             + self.fq.as_ref().map_or(0, |b| b.size())
+            + snap
     }
 
     /// Bytes of the slots in use (K, V, gate, F and position of occupied slots).
@@ -545,6 +612,7 @@ impl KvCache {
             self.len[b] = 0;
             self.evictions[b] = 0;
             self.f_touched[b] = 0;
+            self.checkpoints[b] = None;
         }
     }
 
@@ -564,6 +632,7 @@ impl KvCache {
         self.len[b] = 0;
         self.evictions[b] = 0;
         self.f_touched[b] = 0;
+        self.checkpoints[b] = None;
         Ok(())
     }
 
@@ -573,6 +642,8 @@ impl KvCache {
     /// removed token evicted another (the sequence reached its budget or capacity limit since
     /// its reset: evicted tokens are gone), or a removed query ran with selective masking (its
     /// scores are in the kept tokens' F). A `len` equal to the current position does nothing.
+    /// For those cases take a [`KvCache::checkpoint`] before appending and
+    /// [`KvCache::rollback`] to it. Truncating below the sequence's checkpoint drops it.
     pub fn truncate_sequence(&mut self, batch: u32, len: u64) -> Result<()> {
         let b = batch as usize;
         if b >= self.len.len() {
@@ -604,7 +675,294 @@ impl KvCache {
         // exactly the kept tokens, with their F as it was when position `len` was next.
         self.next_pos[b] = len;
         self.len[b] = len as u32;
+        if self.checkpoints[b]
+            .as_ref()
+            .is_some_and(|cp| cp.next_pos > len)
+        {
+            self.checkpoints[b] = None;
+        }
         Ok(())
+    }
+
+    /// Saves sequence `batch` as it is now, to go back to with [`KvCache::rollback`], exactly
+    /// (slots, positions, selective state F, evictions), whatever is appended or evicted in
+    /// between: the serving loop's speculative decoding (checkpoint, append draft tokens with
+    /// selective masking and a budget, roll back, replay the accepted tokens). Replaces the
+    /// sequence's previous checkpoint. Submits its GPU work: a copy of the sequence's F and
+    /// positions (8 bytes per occupied slot). With a budget, the first call that evicts from the
+    /// sequence after the checkpoint first copies its occupied slots' K, V and gate (as many
+    /// bytes as one decode step reads of the sequence; once per checkpoint). An index past the
+    /// batch is refused with [`Error::LengthMismatch`].
+    ///
+    /// Speculative decoding over a pruned cache with selective masking:
+    ///
+    /// ```
+    /// use selattn::{Context, DType, DecodeOptions, KvCache, KvCacheConfig, Outputs, Step};
+    ///
+    /// # fn main() -> selattn::Result<()> {
+    /// let ctx = Context::new()?;
+    /// // 1 sequence, 1 KV head, head dim 8, pruned to at most 4 slots.
+    /// let mut cache = KvCache::new(&ctx, KvCacheConfig::new(1, 1, 8, 16).budget(4))?;
+    /// let q = ctx.upload(&[1, 2, 3, 8], &[0.5; 48])?;
+    /// let k = ctx.upload(&[1, 1, 3, 8], &[0.25; 24])?;
+    /// let v = ctx.upload(&[1, 1, 3, 8], &[1.0; 24])?;
+    /// let o = ctx.empty(&[1, 2, 3, 8], DType::F32)?;
+    /// let opts = DecodeOptions::new().selective(0);
+    /// cache.step(&ctx, &Step::new(&q, &k, &v), &opts, &Outputs::new(&o))?;
+    /// let cp = cache.checkpoint(&ctx, 0)?;
+    /// // Three draft tokens (two tokens are evicted: the budget is 4) and their verification...
+    /// cache.step(&ctx, &Step::new(&q, &k, &v), &opts, &Outputs::new(&o))?;
+    /// assert_eq!(cache.evictions(), &[2]);
+    /// // ...which accepts only the first: roll back, then replay it.
+    /// cache.rollback(&ctx, &cp)?;
+    /// let step = Step::new(&q, &k, &v).counts(&[1]);
+    /// cache.step(&ctx, &step, &opts, &Outputs::new(&o))?;
+    /// assert_eq!(cache.positions(), &[4]);
+    /// assert_eq!(cache.lens(), &[4]);
+    /// assert_eq!(cache.evictions(), &[0]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn checkpoint(&mut self, ctx: &Context, batch: u32) -> Result<Checkpoint> {
+        let saved = self.host_state();
+        let mut out = None;
+        let r = submit(&ctx.device, &ctx.queue, "selattn cache checkpoint", |enc| {
+            out = Some(self.encode_checkpoint(ctx, enc, batch)?);
+            Ok(())
+        });
+        match (r, out) {
+            (Ok(()), Some(cp)) => Ok(cp),
+            (r, _) => {
+                self.restore(saved);
+                Err(r
+                    .err()
+                    .unwrap_or_else(|| Error::gpu_msg("recording a cache checkpoint")))
+            }
+        }
+    }
+
+    /// [`KvCache::checkpoint`] recorded into an encoder the application owns (no submit; the
+    /// caveats of [`KvCache::encode_append`] apply).
+    pub fn encode_checkpoint(
+        &mut self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        batch: u32,
+    ) -> Result<Checkpoint> {
+        self.check_owner(ctx, &[])?;
+        let b = self.check_batch(batch)?;
+        let c = self.cfg.capacity as u64;
+        let (gi, bl) = self.group_of(b);
+        let len = self.len[b] as u64;
+        let buf = ctx.scoped("recording a cache checkpoint", || {
+            Ok(copy_buffer(
+                ctx,
+                &mut self.snapshots[b].f_pos,
+                8 * c,
+                "selattn cache checkpoint F",
+            ))
+        })?;
+        let g = &self.groups[gi];
+        ctx.scoped("recording a cache checkpoint", || {
+            copy(encoder, g.f.buffer(), 4 * bl * c, &buf, 0, 4 * len);
+            copy(encoder, g.pos.buffer(), 4 * bl * c, &buf, 4 * c, 4 * len);
+            Ok(())
+        })?;
+        self.serial += 1;
+        self.checkpoints[b] = Some(SeqCheckpoint {
+            serial: self.serial,
+            next_pos: self.next_pos[b],
+            len: self.len[b],
+            evictions: self.evictions[b],
+            f_touched: self.f_touched[b],
+            kv_saved: false,
+        });
+        Ok(Checkpoint {
+            cache: self.id,
+            batch,
+            serial: self.serial,
+            position: self.next_pos[b],
+        })
+    }
+
+    /// Puts the checkpoint's sequence back exactly as it was when the checkpoint was taken,
+    /// as if nothing had been appended to it since (other sequences are untouched). The
+    /// checkpoint stays valid (roll back to it again after more appends). Submits its GPU
+    /// work: copies of the saved F and positions (and K, V and gate when tokens were evicted
+    /// since). Refused with [`Error::StaleCheckpoint`], changing nothing, for a checkpoint of
+    /// another cache, one replaced by a newer checkpoint of the sequence, or after the sequence
+    /// was reset or truncated below it.
+    pub fn rollback(&mut self, ctx: &Context, checkpoint: &Checkpoint) -> Result<()> {
+        let saved = self.host_state();
+        let r = submit(&ctx.device, &ctx.queue, "selattn cache rollback", |enc| {
+            self.encode_rollback(ctx, enc, checkpoint)
+        });
+        if r.is_err() {
+            self.restore(saved);
+        }
+        r
+    }
+
+    /// [`KvCache::rollback`] recorded into an encoder the application owns (no submit; the
+    /// caveats of [`KvCache::encode_append`] apply).
+    pub fn encode_rollback(
+        &mut self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        checkpoint: &Checkpoint,
+    ) -> Result<()> {
+        self.check_owner(ctx, &[])?;
+        let stale = |why| Error::StaleCheckpoint {
+            batch: checkpoint.batch,
+            why,
+        };
+        if checkpoint.cache != self.id {
+            return Err(stale("it was taken of another cache"));
+        }
+        let b = self.check_batch(checkpoint.batch)?;
+        let cp =
+            match &self.checkpoints[b] {
+                Some(cp) if cp.serial == checkpoint.serial => cp.clone(),
+                _ => return Err(stale(
+                    "a newer checkpoint of the sequence replaced it, or the sequence was reset or \
+                     truncated below it since",
+                )),
+            };
+        let (c, hkv, d) = (
+            self.cfg.capacity as u64,
+            self.cfg.kv_heads as u64,
+            self.cfg.head_dim as u64,
+        );
+        let esz = self.cfg.dtype.size();
+        let (gi, bl) = self.group_of(b);
+        let g = &self.groups[gi];
+        let len = cp.len as u64;
+        let snap = &self.snapshots[b];
+        let Some(fp) = snap.f_pos.as_ref() else {
+            return Err(Error::gpu_msg("cache checkpoint without its copy of F"));
+        };
+        copy(encoder, fp, 0, g.f.buffer(), 4 * bl * c, 4 * len);
+        copy(encoder, fp, 4 * c, g.pos.buffer(), 4 * bl * c, 4 * len);
+        if cp.kv_saved {
+            let Some(kv) = snap.kv.as_ref() else {
+                return Err(Error::gpu_msg(
+                    "cache checkpoint without its copy of K and V",
+                ));
+            };
+            let lim = self.cfg.limit() as u64;
+            for h in 0..hkv {
+                let row = ((bl * hkv + h) * c) * d * esz;
+                let at = h * lim * d * esz;
+                copy(encoder, kv, at, g.k.buffer(), row, len * d * esz);
+                copy(
+                    encoder,
+                    kv,
+                    hkv * lim * d * esz + at,
+                    g.v.buffer(),
+                    row,
+                    len * d * esz,
+                );
+                if let Some(gate) = &g.gate {
+                    let at = 2 * hkv * lim * d * esz + h * lim * 4;
+                    copy(
+                        encoder,
+                        kv,
+                        at,
+                        gate.buffer(),
+                        (bl * hkv + h) * c * 4,
+                        len * 4,
+                    );
+                }
+            }
+        }
+        self.next_pos[b] = cp.next_pos;
+        self.len[b] = cp.len;
+        self.evictions[b] = cp.evictions;
+        self.f_touched[b] = cp.f_touched;
+        Ok(())
+    }
+
+    /// Before a call that evicts from sequences with a live checkpoint whose slots were not
+    /// copied yet, records the copy of their occupied slots' K, V and gate (unchanged since the
+    /// checkpoint: only an eviction overwrites an occupied slot).
+    fn save_before_evictions(
+        &mut self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        ev: &[u64],
+    ) {
+        let (c, hkv, d) = (
+            self.cfg.capacity as u64,
+            self.cfg.kv_heads as u64,
+            self.cfg.head_dim as u64,
+        );
+        let esz = self.cfg.dtype.size();
+        let lim = self.cfg.limit() as u64;
+        let gate_bytes = if self.cfg.gate { hkv * lim * 4 } else { 0 };
+        for (b, &e) in ev.iter().enumerate() {
+            let len = match &self.checkpoints[b] {
+                Some(cp) if e > 0 && !cp.kv_saved => cp.len as u64,
+                _ => continue,
+            };
+            let (gi, bl) = self.group_of(b);
+            let kv = copy_buffer(
+                ctx,
+                &mut self.snapshots[b].kv,
+                2 * hkv * lim * d * esz + gate_bytes,
+                "selattn cache checkpoint K V",
+            );
+            let g = &self.groups[gi];
+            for h in 0..hkv {
+                let row = ((bl * hkv + h) * c) * d * esz;
+                let at = h * lim * d * esz;
+                copy(encoder, g.k.buffer(), row, &kv, at, len * d * esz);
+                copy(
+                    encoder,
+                    g.v.buffer(),
+                    row,
+                    &kv,
+                    hkv * lim * d * esz + at,
+                    len * d * esz,
+                );
+                if let Some(gate) = &g.gate {
+                    let at = 2 * hkv * lim * d * esz + h * lim * 4;
+                    copy(
+                        encoder,
+                        gate.buffer(),
+                        (bl * hkv + h) * c * 4,
+                        &kv,
+                        at,
+                        len * 4,
+                    );
+                }
+            }
+            if let Some(cp) = self.checkpoints[b].as_mut() {
+                cp.kv_saved = true;
+            }
+        }
+    }
+
+    /// Checks a sequence index.
+    fn check_batch(&self, batch: u32) -> Result<usize> {
+        let b = batch as usize;
+        if b >= self.len.len() {
+            return Err(Error::LengthMismatch {
+                what: "sequence index (batch)",
+                expected: self.len.len() as u64,
+                got: batch as u64,
+            });
+        }
+        Ok(b)
+    }
+
+    /// The index of the group holding sequence `b` and the sequence's index in it.
+    fn group_of(&self, b: usize) -> (usize, u64) {
+        let gi = self
+            .groups
+            .iter()
+            .rposition(|g| g.b0 as usize <= b)
+            .unwrap_or(0);
+        (gi, (b - self.groups[gi].b0 as usize) as u64)
     }
 
     /// Reads the slots back. Waits for the GPU; not on wasm (see
@@ -847,7 +1205,9 @@ impl KvCache {
             &[Some(tokens.k), Some(tokens.v), tokens.gate, tokens.f],
         )?;
         let (info, lens, ev) = self.plan_append(&counts);
-        ctx.scoped("recording a cache append", || {
+        let cps = self.checkpoints.clone();
+        let r = ctx.scoped("recording a cache append", || {
+            self.save_before_evictions(ctx, encoder, &ev);
             let step_buf = ctx
                 .gpu()
                 .storage("selattn cache step", bytemuck::cast_slice(&info));
@@ -856,7 +1216,12 @@ impl KvCache {
                 timestamp_writes: None,
             });
             self.encode_append_pass(ctx, &mut pass, tokens, n, &step_buf)
-        })?;
+        });
+        if let Err(e) = r {
+            // A failed recording leaves the checkpoints as they were.
+            self.checkpoints = cps;
+            return Err(e);
+        }
         if tokens.f.is_some() {
             // A prefill's F_out holds the scores of its queries up to its last token.
             for (b, &cnt) in counts.iter().enumerate() {
@@ -869,21 +1234,26 @@ impl KvCache {
         Ok(())
     }
 
-    /// Host state a failed call restores: next positions, lengths, evictions, F marks.
+    /// Host state a failed call restores: next positions, lengths, evictions, F marks,
+    /// checkpoints.
     fn host_state(&self) -> HostState {
-        (
-            self.next_pos.clone(),
-            self.len.clone(),
-            self.evictions.clone(),
-            self.f_touched.clone(),
-        )
+        HostState {
+            next_pos: self.next_pos.clone(),
+            len: self.len.clone(),
+            evictions: self.evictions.clone(),
+            f_touched: self.f_touched.clone(),
+            checkpoints: self.checkpoints.clone(),
+            serial: self.serial,
+        }
     }
 
-    fn restore(&mut self, (next_pos, len, evictions, f_touched): HostState) {
-        self.next_pos = next_pos;
-        self.len = len;
-        self.evictions = evictions;
-        self.f_touched = f_touched;
+    fn restore(&mut self, h: HostState) {
+        self.next_pos = h.next_pos;
+        self.len = h.len;
+        self.evictions = h.evictions;
+        self.f_touched = h.f_touched;
+        self.checkpoints = h.checkpoints;
+        self.serial = h.serial;
     }
 
     /// Checks that the cache and every tensor of a call live on `ctx`'s device.
@@ -1207,9 +1577,20 @@ impl KvCache {
             });
         }
         let (plan, counts) = self.validate_step(ctx, step, options, outputs)?;
-        let (lens, ev) = ctx.scoped("recording a decode step", || {
+        // A failed recording leaves the checkpoints as they were (their copies were not made).
+        let cps = self.checkpoints.clone();
+        let r = ctx.scoped("recording a decode step", || {
+            let (_, _, ev) = self.plan_append(&counts);
+            self.save_before_evictions(ctx, encoder, &ev);
             self.record_step(ctx, encoder, step, outputs, &plan, &counts, timestamps)
-        })?;
+        });
+        let (lens, ev) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                self.checkpoints = cps;
+                return Err(e);
+            }
+        };
         if plan.score.is_some() {
             // Queries next_pos .. next_pos + count added their scores to F.
             for (b, &cnt) in counts.iter().enumerate() {
@@ -1288,7 +1669,49 @@ impl KvCache {
 }
 
 /// What a failed call restores (see [`KvCache::restore`]).
-type HostState = (Vec<u64>, Vec<u32>, Vec<u64>, Vec<u64>);
+struct HostState {
+    next_pos: Vec<u64>,
+    len: Vec<u32>,
+    evictions: Vec<u64>,
+    f_touched: Vec<u64>,
+    checkpoints: Vec<Option<SeqCheckpoint>>,
+    serial: u64,
+}
+
+/// `slot`'s buffer, or a new one of `bytes` (copied to and from, never bound) stored in it.
+fn copy_buffer(
+    ctx: &Context,
+    slot: &mut Option<wgpu::Buffer>,
+    bytes: u64,
+    label: &str,
+) -> wgpu::Buffer {
+    if let Some(b) = slot.as_ref().filter(|b| b.size() >= bytes) {
+        return b.clone();
+    }
+    let b = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.max(16).div_ceil(16) * 16,
+        usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    *slot = Some(b.clone());
+    b
+}
+
+/// Records a copy of `size` bytes (nothing when 0; offsets and sizes are multiples of 4: K and
+/// V rows hold a multiple of 8 elements).
+fn copy(
+    encoder: &mut wgpu::CommandEncoder,
+    src: &wgpu::Buffer,
+    src_off: u64,
+    dst: &wgpu::Buffer,
+    dst_off: u64,
+    size: u64,
+) {
+    if size > 0 {
+        encoder.copy_buffer_to_buffer(src, src_off, dst, dst_off, size);
+    }
+}
 
 /// A tensor as the kernels bind it: its buffer and its own bytes.
 fn bound(t: &Tensor) -> (&wgpu::Buffer, u64) {

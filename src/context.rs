@@ -55,6 +55,8 @@ pub struct Context {
     dummy_in: wgpu::Buffer,
     dummy_out: wgpu::Buffer,
     pub(crate) scratch: Mutex<Option<wgpu::Buffer>>,
+    /// The backward pass's workspace and selective C, kept between calls (grow only).
+    pub(crate) backward_scratch: Mutex<[Option<wgpu::Buffer>; 2]>,
 }
 
 impl std::fmt::Debug for Context {
@@ -209,6 +211,7 @@ impl Context {
             dummy_in,
             dummy_out,
             scratch: Mutex::new(None),
+            backward_scratch: Mutex::new([None, None]),
         }
     }
 

@@ -314,6 +314,16 @@ pub enum Error {
         /// Why not.
         why: &'static str,
     },
+    /// A [`crate::Checkpoint`] that no longer describes its sequence: it belongs to another
+    /// cache, a newer checkpoint of the sequence replaced it, or the sequence was reset or
+    /// truncated below it since. Nothing was changed.
+    #[error("checkpoint of sequence {batch} cannot be rolled back to: {why}")]
+    StaleCheckpoint {
+        /// Sequence the checkpoint was taken of.
+        batch: u32,
+        /// Why not.
+        why: &'static str,
+    },
 }
 
 /// Shorthand for results of this crate.

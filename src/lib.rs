@@ -73,7 +73,7 @@ mod tensor;
 pub use async_api::adapters_async;
 pub use attention::{Inputs, Output, Outputs};
 pub use backward::{Grads, Upstream};
-pub use cache::{CacheState, DecodeOptions, KvCache, KvCacheConfig, Step, Tokens};
+pub use cache::{CacheState, Checkpoint, DecodeOptions, KvCache, KvCacheConfig, Step, Tokens};
 pub use context::{Context, DeviceToken};
 #[cfg(not(target_arch = "wasm32"))]
 pub use device::{adapters, best_adapter};

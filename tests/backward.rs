@@ -226,6 +226,18 @@ struct GpuGrads {
 
 /// Runs the GPU forward (O, LSE) and backward for `want`, poisoned outputs first.
 fn run_gpu_backward(ctx: &Context, c: &BCase, elem: DType, want: Wanted) -> GpuGrads {
+    run_gpu_backward_with(ctx, c, elem, want, None).0
+}
+
+/// [`run_gpu_backward`]; with `profile` (a query set's capacity), through
+/// `encode_backward_profiled` instead, also returning its dispatch labels or error.
+fn run_gpu_backward_with(
+    ctx: &Context,
+    c: &BCase,
+    elem: DType,
+    want: Wanted,
+    profile: Option<u32>,
+) -> (GpuGrads, Option<selattn::Result<Vec<String>>>) {
     let s = c.shape;
     let g = Gpu::upload(ctx, &s, &c.x, elem);
     let o = ctx.empty(&s.q_dims(), elem).unwrap();
@@ -268,10 +280,23 @@ fn run_gpu_backward(ctx: &Context, c: &BCase, elem: DType, want: Wanted) -> GpuG
         dgate: dgate.as_ref(),
         df0: df0.as_ref(),
     };
-    ctx.backward(&g.inputs(), &c.opts, &up, &grads)
-        .unwrap_or_else(|e| panic!("[{}] {}: backward failed: {e}", ctx.describe(), c.name));
+    let mut labels = None;
+    if let Some(cap) = profile {
+        let qs = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("test profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: cap.max(1),
+        });
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        let r = ctx.encode_backward_profiled(&mut enc, &g.inputs(), &c.opts, &up, &grads, &qs, cap);
+        ctx.queue.submit([enc.finish()]);
+        labels = Some(r);
+    } else {
+        ctx.backward(&g.inputs(), &c.opts, &up, &grads)
+            .unwrap_or_else(|e| panic!("[{}] {}: backward failed: {e}", ctx.describe(), c.name));
+    }
     let get = |t: &Option<selattn::Tensor>| t.as_ref().map_or(vec![], |t| ctx.download(t).unwrap());
-    GpuGrads {
+    let grads = GpuGrads {
         dq: get(&dq),
         dk: get(&dk),
         dv: get(&dv),
@@ -279,6 +304,51 @@ fn run_gpu_backward(ctx: &Context, c: &BCase, elem: DType, want: Wanted) -> GpuG
         dalpha: get(&dalpha),
         dgate: get(&dgate),
         df0: get(&df0),
+    };
+    (grads, labels)
+}
+
+/// `encode_backward_profiled` where the device has TIMESTAMP_QUERY_INSIDE_PASSES: the same
+/// gradients bit for bit as `backward`, one label per dispatch; a query set too small is a typed
+/// error that writes no gradient (they keep their poison). Without the feature: FeatureMissing.
+#[test]
+fn profiled_backward_matches_and_labels() {
+    let c = cases()
+        .into_iter()
+        .find(|c| c.opts.selective.is_some() && c.x.tau.is_some())
+        .expect("a selective case with tau");
+    let want = want_all(&c);
+    for ctx in contexts() {
+        let inside = ctx
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
+        let plain = run_gpu_backward(ctx, &c, DType::F32, want);
+        let (g, labels) = run_gpu_backward_with(ctx, &c, DType::F32, want, Some(64));
+        let labels = labels.expect("profiled run");
+        if !inside {
+            assert!(
+                matches!(labels, Err(Error::FeatureMissing { .. })),
+                "[{}] {labels:?}",
+                ctx.describe()
+            );
+            continue;
+        }
+        let labels = labels.unwrap_or_else(|e| panic!("[{}] {e}", ctx.describe()));
+        assert!(labels.len() >= 4, "[{}] {labels:?}", ctx.describe());
+        assert!(labels.iter().any(|l| l.contains("dkv")), "{labels:?}");
+        assert_eq!(all_bits(&g), all_bits(&plain), "[{}]", ctx.describe());
+        let (g, small) = run_gpu_backward_with(ctx, &c, DType::F32, want, Some(2));
+        assert!(
+            matches!(small, Some(Err(_))),
+            "[{}] {small:?}",
+            ctx.describe()
+        );
+        assert!(
+            g.dq.iter().all(|x| x.is_nan()),
+            "[{}] a refused profiled call wrote dq",
+            ctx.describe()
+        );
     }
 }
 

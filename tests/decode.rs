@@ -3,10 +3,10 @@
 
 mod common;
 use common::*;
-use selattn::reference_cache::{HostQueries, HostTokens, RefCache};
+use selattn::reference_cache::{HostQueries, HostTokens, RefCache, RefSeq};
 use selattn::{
-    CacheState, Context, DType, DecodeOptions, Error, KvCache, KvCacheConfig, Options, Outputs,
-    Shape, Step, Tensor, Tokens,
+    CacheState, Checkpoint, Context, DType, DecodeOptions, Error, KvCache, KvCacheConfig, Options,
+    Outputs, Shape, Step, Tensor, Tokens,
 };
 
 /// One decode scenario: a prefill of different lengths per sequence, then steps of 1 to 8 tokens.
@@ -554,11 +554,48 @@ enum Op {
     /// Truncate a sequence by this many tokens (speculative decoding rejects them), or (None)
     /// to one past its end (always refused).
     Truncate(u32, Option<u64>),
+    /// Take a checkpoint of a sequence.
+    Checkpoint(u32),
+    /// Roll a sequence back to its checkpoint (refused when a reset or a truncation below it
+    /// made it stale, or when there is none).
+    Rollback(u32),
 }
 
-/// Per-sequence counts (0: idle), resets, truncation (exact, or refused with nothing changed)
-/// and pruning, step by step against the reference; returns (truncations done, refused).
-fn run_serving(ctx: &Context, c: &Case, ops: &[Op], seed: u64) -> (u32, u32) {
+/// What a serving script did.
+#[derive(Clone, Copy, Debug, Default)]
+struct Served {
+    /// Truncations done.
+    truncated: u32,
+    /// Truncations refused.
+    refused: u32,
+    /// Rollbacks done.
+    rolled: u32,
+    /// Rollbacks done after the sequence had evicted tokens since its checkpoint.
+    rolled_evicted: u32,
+    /// Rollbacks done after a query of the sequence added selective scores since its checkpoint.
+    rolled_selective: u32,
+    /// Rollbacks refused as stale.
+    stale: u32,
+}
+
+impl std::ops::AddAssign for Served {
+    fn add_assign(&mut self, o: Served) {
+        self.truncated += o.truncated;
+        self.refused += o.refused;
+        self.rolled += o.rolled;
+        self.rolled_evicted += o.rolled_evicted;
+        self.rolled_selective += o.rolled_selective;
+        self.stale += o.stale;
+    }
+}
+
+/// A live checkpoint in the serving script: the cache's token, the reference sequence and its
+/// selective mark when it was taken.
+type Saved = (Checkpoint, RefSeq, u64);
+
+/// Per-sequence counts (0: idle), resets, truncation (exact, or refused with nothing changed),
+/// checkpoints and rollbacks, and pruning, step by step against the reference.
+fn run_serving(ctx: &Context, c: &Case, ops: &[Op], seed: u64) -> Served {
     let mut rng = Rng::new(seed);
     let (mut msgs, mut outs) = (vec![], vec![]);
     let cfg = c.config();
@@ -576,7 +613,10 @@ fn run_serving(ctx: &Context, c: &Case, ops: &[Op], seed: u64) -> (u32, u32) {
     r.append(&t, Some(&c.prefill)).unwrap();
     // 1 + the position of the last query that ran with selective masking, per sequence.
     let mut touched = vec![0u64; c.batch as usize];
-    let (mut done, mut refused) = (0, 0);
+    let mut served = Served::default();
+    // Per sequence: its live checkpoint, and the last one a reset or truncation made stale.
+    let mut cps: Vec<Option<Saved>> = vec![None; c.batch as usize];
+    let mut stale: Vec<Option<Checkpoint>> = vec![None; c.batch as usize];
     for (si, op) in ops.iter().enumerate() {
         match op {
             Op::Step(n, counts, sel) => {
@@ -600,6 +640,50 @@ fn run_serving(ctx: &Context, c: &Case, ops: &[Op], seed: u64) -> (u32, u32) {
                 cache.reset_sequence(*b).unwrap();
                 r.seqs[*b as usize] = Default::default();
                 touched[*b as usize] = 0;
+                if let Some((cp, ..)) = cps[*b as usize].take() {
+                    stale[*b as usize] = Some(cp);
+                }
+            }
+            Op::Checkpoint(b) => {
+                let bu = *b as usize;
+                let cp = cache.checkpoint(ctx, *b).unwrap();
+                if cp.position() != r.seqs[bu].next_pos || cp.batch() != *b {
+                    msgs.push(format!("op {si}: checkpoint {cp:?}"));
+                }
+                if let Some((old, ..)) = cps[bu].take() {
+                    stale[bu] = Some(old);
+                }
+                cps[bu] = Some((cp, r.seqs[bu].clone(), touched[bu]));
+            }
+            Op::Rollback(b) => {
+                let bu = *b as usize;
+                let before = (cache.lens().to_vec(), cache.positions().to_vec());
+                match (&cps[bu], stale[bu]) {
+                    (Some((cp, seq, t)), _) => match cache.rollback(ctx, cp) {
+                        Ok(()) => {
+                            served.rolled += 1;
+                            if r.seqs[bu].evictions > seq.evictions {
+                                served.rolled_evicted += 1;
+                            }
+                            if touched[bu] > seq.next_pos {
+                                served.rolled_selective += 1;
+                            }
+                            r.seqs[bu] = seq.clone();
+                            touched[bu] = *t;
+                        }
+                        Err(e) => msgs.push(format!("op {si}: rollback of {b}: {e}")),
+                    },
+                    (None, Some(old)) => match cache.rollback(ctx, &old) {
+                        Err(Error::StaleCheckpoint { batch, .. }) if batch == *b => {
+                            served.stale += 1;
+                            if (cache.lens().to_vec(), cache.positions().to_vec()) != before {
+                                msgs.push(format!("op {si}: a refused rollback changed the cache"));
+                            }
+                        }
+                        other => msgs.push(format!("op {si}: stale rollback gave {other:?}")),
+                    },
+                    (None, None) => msgs.push(format!("op {si}: script error, no checkpoint")),
+                }
             }
             Op::Truncate(b, back) => {
                 let bu = *b as usize;
@@ -613,7 +697,10 @@ fn run_serving(ctx: &Context, c: &Case, ops: &[Op], seed: u64) -> (u32, u32) {
                             msgs.push(format!("op {si}: truncating seq {b} to {to} was allowed"));
                         }
                         r.truncate(bu, to);
-                        done += 1;
+                        served.truncated += 1;
+                        if cps[bu].as_ref().is_some_and(|(cp, ..)| cp.position() > to) {
+                            stale[bu] = cps[bu].take().map(|(cp, ..)| cp);
+                        }
                     }
                     Err(Error::CannotTruncate { .. }) => {
                         if r.seqs[bu].evictions == 0 && touched[bu] <= to && to <= end {
@@ -622,7 +709,7 @@ fn run_serving(ctx: &Context, c: &Case, ops: &[Op], seed: u64) -> (u32, u32) {
                         if (cache.lens().to_vec(), cache.positions().to_vec()) != before {
                             msgs.push(format!("op {si}: a refused truncation changed the cache"));
                         }
-                        refused += 1;
+                        served.refused += 1;
                     }
                     Err(e) => msgs.push(format!("op {si}: {e}")),
                 }
@@ -652,7 +739,7 @@ fn run_serving(ctx: &Context, c: &Case, ops: &[Op], seed: u64) -> (u32, u32) {
         msgs.len(),
         msgs.join("\n")
     );
-    (done, refused)
+    served
 }
 
 /// Idle sequences and different token counts per sequence in one step, resets, speculative
@@ -703,27 +790,240 @@ fn serving_loop_matches_reference() {
             ..base.clone()
         },
     ];
-    let (mut done, mut refused) = (0, 0);
+    let mut total = Served::default();
     for ctx in contexts() {
         for c in &cases {
             if c.dtype == DType::F16 && !ctx.capabilities().f16 {
                 continue;
             }
-            let (d, r) = run_serving(ctx, c, &ops(), 900);
-            eprintln!(
-                "[{}] {}: {d} truncations, {r} refused",
-                ctx.describe(),
-                c.name()
-            );
-            done += d;
-            refused += r;
+            let s = run_serving(ctx, c, &ops(), 900);
+            eprintln!("[{}] {}: {s:?}", ctx.describe(), c.name());
+            total += s;
         }
     }
     // The script exercises both outcomes.
+    assert!(total.truncated > 0 && total.refused > 0, "{total:?}");
+}
+
+/// Speculative decoding with pruning and selective masking: checkpoint sequences, append draft
+/// tokens (steps with a budget evicting and selective scores going into F), roll back, replay
+/// the accepted tokens; every step, and the slots after every operation, exact against the
+/// reference; stale checkpoints (after a reset, a newer checkpoint or a truncation below them)
+/// refused with nothing changed.
+#[test]
+fn speculative_rollback_matches_reference() {
+    use Op::*;
+    let ops = || {
+        vec![
+            Checkpoint(0),
+            Checkpoint(2),
+            Step(3, Some(vec![3, 1, 2]), true),
+            Step(2, Some(vec![2, 2, 2]), true),
+            Rollback(0),
+            Step(1, Some(vec![1, 0, 1]), true),
+            Rollback(2),
+            Step(2, Some(vec![2, 1, 0]), false),
+            Checkpoint(1),
+            Step(4, Some(vec![0, 4, 4]), true),
+            Rollback(1),
+            Step(2, Some(vec![1, 2, 0]), true),
+            Rollback(1),
+            Step(3, Some(vec![1, 3, 0]), true),
+            Checkpoint(0),
+            Reset(0),
+            Rollback(0),
+            Step(2, None, true),
+            Checkpoint(2),
+            Step(1, Some(vec![0, 0, 1]), false),
+            Truncate(2, Some(1)),
+            Rollback(2),
+            Checkpoint(1),
+            Checkpoint(1),
+            Step(3, None, true),
+            Rollback(1),
+            Step(1, None, true),
+        ]
+    };
+    let base = Case {
+        batch: 3,
+        prefill: vec![4, 0, 2],
+        capacity: 24,
+        selective: Some(1),
+        ..Case::new(4, 2, 16).all()
+    };
+    let cases = [
+        base.clone(),
+        Case {
+            budget: Some(7),
+            ..base.clone()
+        },
+        Case {
+            dtype: DType::F16,
+            budget: Some(9),
+            splits: Some(2),
+            group: Some(2),
+            ..base.clone()
+        },
+    ];
+    let mut total = Served::default();
+    for ctx in contexts() {
+        for c in &cases {
+            if c.dtype == DType::F16 && !ctx.capabilities().f16 {
+                continue;
+            }
+            let s = run_serving(ctx, c, &ops(), 950);
+            eprintln!("[{}] {}: {s:?}", ctx.describe(), c.name());
+            total += s;
+        }
+    }
+    // Rollbacks over evictions and over selective scores both ran, and stale ones were refused.
     assert!(
-        done > 0 && refused > 0,
-        "{done} truncations, {refused} refused"
+        total.rolled_evicted > 0 && total.rolled_selective > 0 && total.stale > 0,
+        "{total:?}"
     );
+}
+
+/// A checkpoint, draft steps that evict and add selective scores, and the rollback, all recorded
+/// into one encoder and submitted once, equal the reference (the copies are ordered with the
+/// passes in the encoder).
+#[test]
+fn checkpoint_and_rollback_in_one_encoder() {
+    let c = Case {
+        batch: 2,
+        budget: Some(5),
+        selective: Some(0),
+        prefill: vec![4, 2],
+        capacity: 16,
+        ..Case::new(4, 2, 8).all()
+    };
+    for ctx in contexts() {
+        let mut rng = Rng::new(77);
+        let cfg = c.config();
+        let mut cache = KvCache::new(ctx, cfg).unwrap();
+        let mut r = RefCache::new(cfg).unwrap();
+        let t = tokens(&mut rng, &c, 4, true);
+        let g = upload_tokens(ctx, &c, &t);
+        let tk = Tokens::new(&g.k, &g.v)
+            .gate(g.gate.as_ref().unwrap())
+            .f(g.f.as_ref().unwrap());
+        cache.append(ctx, &tk, Some(&c.prefill)).unwrap();
+        r.append(&t, Some(&c.prefill)).unwrap();
+        let saved = r.clone();
+        let (b, hq, d, n) = (2u64, 4u64, 8u64, 3u64);
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        let cp = cache.encode_checkpoint(ctx, &mut enc, 0).unwrap();
+        let mut keep = vec![];
+        for _ in 0..2 {
+            let t = tokens(&mut rng, &c, n as usize, false);
+            let rows = (b * hq * n) as usize;
+            let x = HostQueries {
+                q_heads: hq as usize,
+                q: rng.normals(rows * d as usize),
+                tau: Some(rng.range(0.5, 1.5, rows)),
+                alpha: Some(rng.range(0.0, 0.3, hq as usize)),
+            };
+            let g = upload_tokens(ctx, &c, &t);
+            let q = ctx.upload(&[b, hq, n, d], &x.q).unwrap();
+            let tau = ctx.upload(&[b, hq, n], x.tau.as_ref().unwrap()).unwrap();
+            let alpha = ctx.upload(&[hq], x.alpha.as_ref().unwrap()).unwrap();
+            let o = ctx.empty(&[b, hq, n, d], DType::F32).unwrap();
+            let step = Step::new(&q, &g.k, &g.v)
+                .gate(g.gate.as_ref().unwrap())
+                .tau(&tau)
+                .alpha(&alpha);
+            let opts = DecodeOptions::new().selective(0);
+            cache
+                .encode_step(ctx, &mut enc, &step, &opts, &Outputs::new(&o), None)
+                .unwrap();
+            r.step(&x, &t, None, Some(0)).unwrap();
+            keep.push((g, q, tau, alpha, o));
+        }
+        // The drafts evicted from both sequences and scored into F.
+        assert!(
+            r.seqs.iter().all(|s| s.evictions > 0),
+            "{:?}",
+            cache.evictions()
+        );
+        cache.encode_rollback(ctx, &mut enc, &cp).unwrap();
+        ctx.queue.submit([enc.finish()]);
+        r.seqs[0] = saved.seqs[0].clone();
+        let mut msgs = vec![];
+        check_state(
+            &cache.download_state(ctx).unwrap(),
+            &r,
+            c.capacity as usize,
+            &mut msgs,
+            "rollback in one encoder",
+        );
+        let ev: Vec<u64> = r.seqs.iter().map(|s| s.evictions).collect();
+        assert_eq!(cache.evictions(), ev.as_slice());
+        // Steps after the rollback see the restored K and V.
+        let mut outs = vec![];
+        for si in 0..2 {
+            let step = (si, 2, None, Some(0));
+            assert!(one_step(
+                ctx, &c, &mut cache, &mut r, &mut rng, step, &mut msgs, &mut outs
+            ));
+        }
+        assert!(msgs.is_empty(), "[{}] {}", ctx.describe(), msgs.join("\n"));
+    }
+}
+
+/// Checkpoint misuse: another cache's checkpoint, one replaced by a newer one, one made stale by
+/// a reset, an index past the batch; each a typed error that changes nothing.
+#[test]
+fn checkpoint_misuse_is_refused() {
+    for ctx in contexts() {
+        let cfg = KvCacheConfig::new(2, 1, 8, 16).budget(4);
+        let mut a = KvCache::new(ctx, cfg).unwrap();
+        let mut b = KvCache::new(ctx, cfg).unwrap();
+        let k = ctx.upload(&[2, 1, 3, 8], &[0.5; 48]).unwrap();
+        let v = ctx.upload(&[2, 1, 3, 8], &[1.5; 48]).unwrap();
+        a.append(ctx, &Tokens::new(&k, &v), None).unwrap();
+        b.append(ctx, &Tokens::new(&k, &v), None).unwrap();
+        let cb = b.checkpoint(ctx, 0).unwrap();
+        let first = a.checkpoint(ctx, 0).unwrap();
+        let second = a.checkpoint(ctx, 0).unwrap();
+        a.append(ctx, &Tokens::new(&k, &v), None).unwrap();
+        let before = (
+            a.lens().to_vec(),
+            a.positions().to_vec(),
+            a.evictions().to_vec(),
+        );
+        let unchanged = |a: &KvCache| {
+            (
+                a.lens().to_vec(),
+                a.positions().to_vec(),
+                a.evictions().to_vec(),
+            ) == before
+        };
+        let stale =
+            |r: selattn::Result<()>| matches!(r, Err(Error::StaleCheckpoint { batch: 0, .. }));
+        assert!(stale(a.rollback(ctx, &cb)), "another cache's checkpoint");
+        assert!(unchanged(&a));
+        assert!(stale(a.rollback(ctx, &first)), "a replaced checkpoint");
+        assert!(unchanged(&a));
+        assert!(matches!(
+            a.checkpoint(ctx, 2),
+            Err(Error::LengthMismatch { .. })
+        ));
+        assert!(unchanged(&a));
+        a.rollback(ctx, &second).unwrap();
+        assert_eq!(a.positions(), &[3, 6]);
+        assert_eq!(a.evictions(), &[0, 2]);
+        a.reset_sequence(0).unwrap();
+        assert!(stale(a.rollback(ctx, &second)), "after a reset");
+        assert_eq!(a.positions(), &[0, 6]);
+        // The async forms: sequence 1 back to before its second append.
+        let cp1 = pollster::block_on(b.checkpoint_async(ctx, 1)).unwrap();
+        b.append(ctx, &Tokens::new(&k, &v), None).unwrap();
+        assert_eq!(b.evictions(), &[2, 2]);
+        pollster::block_on(b.rollback_async(ctx, &cp1)).unwrap();
+        assert_eq!((b.positions(), b.evictions()), (&[6, 3][..], &[2, 0][..]));
+        assert!(stale(pollster::block_on(b.rollback_async(ctx, &second))));
+    }
 }
 
 #[test]
@@ -1434,5 +1734,66 @@ fn decode_shaders_translate_to_every_backend() {
                 .unwrap_or_else(|e| panic!("{name}: GLSL: {e}"));
             }
         }
+    }
+}
+
+/// The planner's defaults on a discrete GPU like the H200 are the configurations measured there
+/// (BENCHMARKS.md, 2026-12-03): 128 threads for B16 x 16384 (5 splits), 256 for B16 x 65536 (17
+/// splits) and B1 x 131072 (33 splits); f16, D128, Hq 32, Hkv 8, one query.
+#[test]
+fn planner_defaults_on_a_discrete_gpu() {
+    use selattn::kernels::decode::{plan, DecodeShape};
+    let mut caps = contexts()[0].capabilities().clone();
+    caps.info.device_type = wgpu::DeviceType::DiscreteGpu;
+    caps.max_invocations = 1024;
+    caps.workgroup_memory = 48 << 10;
+    caps.max_workgroups_per_dim = 65535;
+    caps.max_storage_binding = 2 << 30;
+    caps.max_buffer = 1 << 40;
+    for (batch, max_len, wg, splits) in [
+        (16, 16685, 128, 5),
+        (16, 65637, 256, 17),
+        (1, 131373, 256, 33),
+    ] {
+        let shape = DecodeShape {
+            batch,
+            q_heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            n: 1,
+            capacity: max_len,
+            max_len,
+        };
+        let p = plan(
+            &caps,
+            shape,
+            true,
+            0.1,
+            selattn::Switches::NONE,
+            0,
+            None,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.attend.wg, p.attend.rb, p.params.splits),
+            (wg, 4, splits),
+            "B{batch} x {max_len}"
+        );
+        // An explicit thread count is kept.
+        let q = plan(
+            &caps,
+            shape,
+            true,
+            0.1,
+            selattn::Switches::NONE,
+            0,
+            None,
+            Some(256),
+            None,
+        )
+        .unwrap();
+        assert_eq!(q.attend.wg, 256);
     }
 }

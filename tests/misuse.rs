@@ -1,6 +1,6 @@
 //! Seeded randomized misuse (issue 9): thousands of calls mixing valid and invalid shapes,
 //! element types, options, tensors of another device, odd and destroyed buffers, cache steps,
-//! appends, resets and truncations, with and without per-sequence counts. Each call must either return a typed error and change nothing (cache
+//! appends, resets, truncations, checkpoints and rollbacks, with and without per-sequence counts. Each call must either return a typed error and change nothing (cache
 //! lengths, positions and slots; outputs left as they were), or succeed with the reference's
 //! result. Prints the counts. `SELATTN_MISUSE_CALLS` sets the number of calls per adapter
 //! (default 20000, and at most 45 s per adapter so CI time stays bounded).
@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::{compare, contexts, Rng};
 use selattn::reference::HostInputs;
-use selattn::reference_cache::{HostQueries, HostTokens, RefCache};
+use selattn::reference_cache::{HostQueries, HostTokens, RefCache, RefSeq};
 use selattn::{
-    Context, DType, DecodeOptions, Error, Inputs, KvCache, KvCacheConfig, Options, Outputs, Shape,
-    Step, Tensor, Tokens,
+    Checkpoint, Context, DType, DecodeOptions, Error, Inputs, KvCache, KvCacheConfig, Options,
+    Outputs, Shape, Step, Tensor, Tokens,
 };
 
 /// What happened to one call.
@@ -404,6 +404,10 @@ struct CacheWorld {
     /// Per sequence, the position after the last query that ran with selective masking since
     /// the reset (0: none): truncating below it is refused.
     touched: Vec<u64>,
+    /// Per sequence: its live checkpoint with the reference sequence and selective mark then.
+    cps: Vec<Option<(Checkpoint, RefSeq, u64)>>,
+    /// Per sequence: the last checkpoint a reset, a newer checkpoint or a truncation made stale.
+    stale: Vec<Option<Checkpoint>>,
 }
 
 impl CacheWorld {
@@ -416,6 +420,15 @@ impl CacheWorld {
             cache: KvCache::new(ctx, cfg).unwrap(),
             reference: RefCache::new(cfg).unwrap(),
             touched: vec![0; cfg.batch as usize],
+            cps: vec![None; cfg.batch as usize],
+            stale: vec![None; cfg.batch as usize],
+        }
+    }
+
+    /// Sequence `b`'s checkpoint, if any, is stale from now on.
+    fn drop_checkpoint(&mut self, b: usize) {
+        if let Some((cp, ..)) = self.cps[b].take() {
+            self.stale[b] = Some(cp);
         }
     }
 
@@ -510,11 +523,90 @@ impl World<'_> {
                 .fail(format!("valid truncate of {s} to {len} failed: {e}")),
             (None, Ok(())) => {
                 cw.reference.truncate(b, len);
+                if cw.cps[b]
+                    .as_ref()
+                    .is_some_and(|(cp, ..)| cp.position() > len)
+                {
+                    cw.drop_checkpoint(b);
+                }
                 match cw.agrees(self.ctx, self.rng.below(8) == 0) {
                     Ok(()) => self.counts.checked += 1,
                     Err(m) => self.counts.fail(format!("after truncate: {m}")),
                 }
             }
+        }
+    }
+
+    /// A checkpoint (`take`; of a sequence in range or not) or a rollback (to a live checkpoint,
+    /// or to a stale one): refused with the right typed error and nothing changed, or done and
+    /// equal to the reference's.
+    fn checkpoint_call(&mut self, cw: &mut CacheWorld, take: bool) {
+        let r = &mut self.rng;
+        let before = cw.host_state();
+        if take {
+            let s = r.below(3);
+            self.counts.calls += 1;
+            match (cw.cache.checkpoint(self.ctx, s), cw.cps.get(s as usize)) {
+                (Ok(cp), Some(_)) => {
+                    let b = s as usize;
+                    cw.drop_checkpoint(b);
+                    cw.cps[b] = Some((cp, cw.reference.seqs[b].clone(), cw.touched[b]));
+                    if cw.host_state() != before || cp.position() != cw.reference.seqs[b].next_pos {
+                        self.counts
+                            .fail(format!("checkpoint of {s} moved the cache"));
+                    }
+                }
+                (Ok(_), None) => self.counts.fail(format!("checkpoint of {s}: accepted")),
+                (Err(e), None) => {
+                    self.counts.error(&e);
+                    if !matches!(e, Error::LengthMismatch { .. }) {
+                        self.counts.fail(format!("checkpoint out of range: {e:?}"));
+                    }
+                    if cw.host_state() != before {
+                        self.counts
+                            .fail("refused checkpoint moved the cache".into());
+                    }
+                }
+                (Err(e), Some(_)) => self.counts.fail(format!("checkpoint of {s} failed: {e}")),
+            }
+            return;
+        }
+        let b = r.below(2) as usize;
+        let live = r.below(4) != 0;
+        match (&cw.cps[b], cw.stale[b]) {
+            (Some((cp, seq, t)), _) if live || cw.stale[b].is_none() => {
+                self.counts.calls += 1;
+                match cw.cache.rollback(self.ctx, cp) {
+                    Ok(()) => {
+                        cw.reference.seqs[b] = seq.clone();
+                        cw.touched[b] = *t;
+                        match cw.agrees(self.ctx, self.rng.below(2) == 0) {
+                            Ok(()) => self.counts.checked += 1,
+                            Err(m) => self.counts.fail(format!("after rollback: {m}")),
+                        }
+                    }
+                    Err(e) => self
+                        .counts
+                        .fail(format!("valid rollback of {b} failed: {e}")),
+                }
+            }
+            (_, Some(old)) => {
+                self.counts.calls += 1;
+                match cw.cache.rollback(self.ctx, &old) {
+                    Err(e) => {
+                        self.counts.error(&e);
+                        if !matches!(e, Error::StaleCheckpoint { .. }) {
+                            self.counts
+                                .fail(format!("stale rollback: wrong error {e:?}"));
+                        }
+                        if cw.host_state() != before {
+                            self.counts.fail("refused rollback moved the cache".into());
+                        }
+                    }
+                    Ok(()) => self.counts.fail("stale rollback: accepted".into()),
+                }
+            }
+            _ => {}
         }
     }
 
@@ -524,7 +616,10 @@ impl World<'_> {
         let cfg = *cw.cache.config();
         let (b, d) = (cfg.batch as usize, cfg.head_dim as usize);
         let r = &mut self.rng;
-        let what = r.below(10);
+        let what = r.below(12);
+        if what >= 10 {
+            return self.checkpoint_call(cw, what == 10);
+        }
         if what == 0 {
             // Resets, in and out of range.
             let s = r.below(4);
@@ -534,6 +629,9 @@ impl World<'_> {
                     *seq = Default::default();
                 }
                 cw.touched.fill(0);
+                for b in 0..cw.cps.len() {
+                    cw.drop_checkpoint(b);
+                }
             } else if let Some(seq) = cw.reference.seqs.get_mut(s as usize) {
                 if let Err(e) = cw.cache.reset_sequence(s) {
                     self.counts
@@ -541,6 +639,7 @@ impl World<'_> {
                 }
                 *seq = Default::default();
                 cw.touched[s as usize] = 0;
+                cw.drop_checkpoint(s as usize);
             } else {
                 let before = cw.host_state();
                 if self.expect_err(cw.cache.reset_sequence(s), "reset out of range")

@@ -19,6 +19,8 @@ fn text_of(src: Source) -> String {
         bt: 32,
         ct: 16,
         sgs: 32,
+        sgbar: false,
+        prefetch: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)

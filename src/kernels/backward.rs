@@ -9,7 +9,7 @@
 //! extra gradients (column sums per query tile, a suffix scan, an in-tile suffix). Every element
 //! has exactly one writer and every sum runs in a fixed order, so repeat runs are bit-identical.
 
-use super::coop_backward::{CoopBackwardConfig, ROWS};
+use super::coop_backward::{CoopBackwardConfig, CoopEntry, ROWS};
 use super::forward::{check_dispatch, params};
 use super::selective::{ColsumConfig, ScanConfig};
 use super::{Kernel, KernelKey, Params};
@@ -105,6 +105,23 @@ pub const DU_ENV: &str = "SELATTN_BACKWARD_DU";
 
 fn du_enabled() -> bool {
     std::env::var(DU_ENV).map_or(true, |v| v != "0")
+}
+
+/// Environment variable that turns the split du path off (`SELATTN_BACKWARD_SPLIT=0`: coop_selq
+/// walks every key tile of its 64 rows in one workgroup, writing du and adding dq_sel itself),
+/// for A/B measurements and tests with one binary.
+pub const SPLIT_ENV: &str = "SELATTN_BACKWARD_SPLIT";
+
+/// Environment variable that keeps the scalar column-sum pass (the selective C) on the coop path
+/// (`SELATTN_BACKWARD_COOP_COLSUM=0`), for A/B measurements with one binary.
+pub const COOP_COLSUM_ENV: &str = "SELATTN_BACKWARD_COOP_COLSUM";
+
+fn coop_colsum_enabled() -> bool {
+    std::env::var(COOP_COLSUM_ENV).map_or(true, |v| v != "0")
+}
+
+fn split_enabled() -> bool {
+    std::env::var(SPLIT_ENV).map_or(true, |v| v != "0")
 }
 
 /// Threads per workgroup we use at most.
@@ -271,6 +288,10 @@ pub struct BackwardPlan {
     /// heads 1.. (dead once fscan has run: `(Hkv - 1) * ceil(Nq / BR) * Nk` floats per batch, so
     /// no extra scratch), and coop_selk_du reads it instead of recomputing dz of every head.
     pub du_rows: u32,
+    /// With the du scratch: the split path, where coop_seldu writes du with one workgroup per
+    /// (64 rows, key tile) and coop_selq_du adds the selection head's dQ term from it, in place
+    /// of coop_selq (whose workgroups walk every key tile of their rows one after the other).
+    pub du_split: Option<CoopBackwardConfig>,
 }
 
 impl BackwardPlan {
@@ -290,16 +311,46 @@ impl BackwardPlan {
             lse: false,
             ..pr.for_kernel()
         };
-        let (path, coop, (br, bc, wg)) = choose_path(caps, r, elem, features)?;
+        let (path, mut coop, (mut br, bc, wg)) = choose_path(caps, r, elem, features)?;
+        // On the coop path with its selective kernels, C tiles of 16 rows (one subgroup's rows)
+        // even where the scalar tiles are smaller (D128: 8): the cooperative-matrix column sums
+        // need them, and G is half the size. The scalar kernels using BR (selq, selk) do not
+        // run then.
+        if let Some((dkv, _)) = coop {
+            if r.selective() && COOP_SELECTIVE && br < 16 && coop_colsum_enabled() {
+                if let Ok(c16) = CoopBackwardConfig::choose(caps, s.head_dim, 16, features) {
+                    if CoopBackwardConfig::choose_selective(caps, &c16.0, false).is_ok()
+                        && CoopBackwardConfig::choose_selective(caps, &dkv, false).is_ok()
+                    {
+                        coop = Some(c16);
+                        br = 16;
+                    }
+                }
+            }
+        }
         let n_qtiles = s.q_len.div_ceil(br);
         let (coop_sel, du_rows) = choose_selective_coop(caps, r, coop, n_qtiles, wanted);
+        let du_split = match coop_sel {
+            // The split writer's grid spans the key tiles of a chunk: within the limit?
+            Some((q, _))
+                if du_rows > 0
+                    && split_enabled()
+                    && s.k_len.div_ceil(q.bt) <= caps.max_workgroups_per_dim =>
+            {
+                Some(CoopBackwardConfig {
+                    entry: CoopEntry::SelDu,
+                    ..q
+                })
+            }
+            _ => None,
+        };
         let n_ktiles = s.k_len.div_ceil(bc);
         let rows = s.batch as u64 * s.q_heads as u64 * s.q_len as u64;
         let keys = s.batch as u64 * s.kv_heads as u64 * s.k_len as u64;
         let n_lin = rows.max(keys).max(s.q_heads as u64);
         check_dispatches(caps, r, n_qtiles, n_ktiles, n_lin)?;
         let (layout, ws_floats) = workspace_layout(caps, r, wanted, n_qtiles, n_lin)?;
-        let sel_passes = selective_passes(caps, r, br)?;
+        let sel_passes = selective_passes(caps, r, br, coop.map(|(dkv, _)| dkv.sgs))?;
         Ok(BackwardPlan {
             resolved: *r,
             elem,
@@ -317,6 +368,7 @@ impl BackwardPlan {
             coop,
             coop_sel,
             du_rows,
+            du_split,
         })
     }
 
@@ -366,6 +418,14 @@ impl BackwardPlan {
     /// The key of one entry point.
     pub fn key(&self, entry: Entry) -> KernelKey {
         match (entry, self.coop, self.coop_sel) {
+            (Entry::Selq, _, Some(_)) if self.du_split.is_some() => {
+                if let Some(c) = self.du_split {
+                    return KernelKey {
+                        kernel: Kernel::CoopBackward(c),
+                        elem: self.elem,
+                    };
+                }
+            }
             (Entry::Dkv, Some((c, _)), _)
             | (Entry::Dq, Some((_, c)), _)
             | (Entry::Selq, _, Some((c, _)))
@@ -428,6 +488,18 @@ impl BackwardPlan {
             Entry::Finish,
         ] {
             push(e, &mut keys);
+            if let (Entry::Selq, Some(c)) = (e, self.du_split) {
+                // The split path's reader: dq_sel from the du scratch, after the writer.
+                if self.runs(e) {
+                    keys.push(KernelKey {
+                        kernel: Kernel::CoopBackward(CoopBackwardConfig {
+                            entry: CoopEntry::SelqRead,
+                            ..c
+                        }),
+                        elem: self.elem,
+                    });
+                }
+            }
         }
         keys
     }
@@ -617,6 +689,7 @@ fn selective_passes(
     caps: &Capabilities,
     r: &Resolved,
     br: u32,
+    coop_sgs: Option<u32>,
 ) -> Result<Option<(ColsumConfig, ScanConfig)>> {
     let s = r.shape;
     let pr = r.present;
@@ -624,17 +697,27 @@ fn selective_passes(
     let d = s.head_dim as u64;
     let sel_passes = if selective {
         let cwg = caps.max_invocations.min(64);
-        let colsum = [32u32, 16, 8, 4, 2, 1]
+        let memory = caps.workgroup_memory as u64;
+        // On the coop path (BR = 16: one subgroup per C tile) the forward's cooperative-matrix
+        // column sums, unless SELATTN_BACKWARD_COOP_COLSUM=0.
+        let coop_colsum = match coop_sgs {
+            Some(sgs) if br == 16 && coop_colsum_enabled() => {
+                ColsumConfig::coop(s.head_dim, br, sgs, pr.kv_len, memory)
+                    .filter(|c| c.wg <= caps.max_invocations)
+            }
+            _ => None,
+        };
+        let colsum = coop_colsum
             .into_iter()
-            .map(|bc| ColsumConfig {
+            .chain([32u32, 16, 8, 4, 2, 1].into_iter().map(|bc| ColsumConfig {
                 d: s.head_dim,
                 br,
                 bc,
                 wg: cwg,
                 kv_len: pr.kv_len,
                 coop_sgs: 0,
-            })
-            .find(|c| c.workgroup_bytes() <= caps.workgroup_memory as u64)
+            }))
+            .find(|c| c.workgroup_bytes() <= memory)
             .ok_or(Error::TooLarge {
                 what: "workgroup memory for the selective column sums",
                 bytes: 4 * (br as u64 + 1) * d,

@@ -3,8 +3,10 @@
 //! storage where the adapter reports that configuration, a fixed subgroup size of at least 16
 //! and f16; the scalar entries of `shaders/backward.wgsl` are the fallback, and its prep, fscan
 //! and finish run around these on either path. The selective terms run here too (coop_selq,
-//! coop_selk, or with the du scratch coop_selq writing du per chunk and coop_selk_du reading it)
-//! where workgroup memory allows.
+//! coop_selk, or with the du scratch coop_selq writing du per chunk and coop_selk_du reading it;
+//! by default with the du scratch, the split path: coop_seldu writes du with a workgroup per
+//! (64 rows, key tile) and coop_selq_du adds the selection head's dQ term from it) where
+//! workgroup memory allows.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -18,6 +20,12 @@ pub const SUBGROUPS: u32 = 4;
 pub const ROWS: u32 = 16 * SUBGROUPS;
 /// Largest head dim on this path (fragments and accumulators live in registers).
 pub const MAX_D: u32 = 128;
+/// Environment variable that keeps `workgroupBarrier()` everywhere
+/// (`SELATTN_BACKWARD_SGBAR=0`), for A/B measurements with one binary.
+pub const SGBAR_ENV: &str = "SELATTN_BACKWARD_SGBAR";
+/// Environment variable that turns the C/G prefetch of dkv off
+/// (`SELATTN_BACKWARD_PREFETCH=0`), for A/B measurements with one binary.
+pub const PREFETCH_ENV: &str = "SELATTN_BACKWARD_PREFETCH";
 
 /// The two entry points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -36,6 +44,13 @@ pub enum CoopEntry {
     /// Selective: the selection KV head's dK term from the du scratch of [`CoopEntry::SelqDu`]
     /// (no dz recomputation), one workgroup per 64 keys, once per chunk of query rows.
     SelkDu,
+    /// The split du path: du of a chunk of query rows into the scratch, one workgroup per
+    /// (64 query rows, key tile), so key tiles run in parallel instead of one after the other
+    /// in one workgroup per 64 rows.
+    SelDu,
+    /// The split du path: the selection head's dQ term from the du scratch, one workgroup per
+    /// 64 query rows of the chunk.
+    SelqRead,
 }
 
 impl CoopEntry {
@@ -43,7 +58,12 @@ impl CoopEntry {
     pub fn selective(self) -> bool {
         matches!(
             self,
-            CoopEntry::Selq | CoopEntry::Selk | CoopEntry::SelqDu | CoopEntry::SelkDu
+            CoopEntry::Selq
+                | CoopEntry::Selk
+                | CoopEntry::SelqDu
+                | CoopEntry::SelkDu
+                | CoopEntry::SelDu
+                | CoopEntry::SelqRead
         )
     }
 }
@@ -61,6 +81,12 @@ pub struct CoopBackwardConfig {
     pub ct: u32,
     /// The adapter's fixed subgroup size.
     pub sgs: u32,
+    /// `subgroupBarrier()` (SUBGROUP_BARRIER) where only a subgroup's own blocks of workgroup
+    /// memory are handed between its lanes; `workgroupBarrier()` there otherwise.
+    pub sgbar: bool,
+    /// With C tiles of 16 rows: each chunk's C and G values loaded before its MMAs (the
+    /// shader has it for dkv and dq; the planner turns it on for dkv only).
+    pub prefetch: bool,
     /// Operator features (`lse` unused).
     pub features: Switches,
 }
@@ -73,9 +99,14 @@ impl CoopBackwardConfig {
             ("CT", self.ct as f64),
             ("SGS", self.sgs as f64),
             ("SELPASS", self.entry.selective() as u32 as f64),
+            ("ISDKV", (self.entry == CoopEntry::Dkv) as u32 as f64),
+            ("PREFETCH", self.prefetch as u32 as f64),
             (
                 "DU",
-                matches!(self.entry, CoopEntry::SelqDu | CoopEntry::SelkDu) as u32 as f64,
+                matches!(
+                    self.entry,
+                    CoopEntry::SelqDu | CoopEntry::SelkDu | CoopEntry::SelDu | CoopEntry::SelqRead
+                ) as u32 as f64,
             ),
         ];
         c.extend(self.features.constants());
@@ -90,6 +121,8 @@ impl CoopBackwardConfig {
             CoopEntry::Selq | CoopEntry::SelqDu => "coop_selq",
             CoopEntry::Selk => "coop_selk",
             CoopEntry::SelkDu => "coop_selk_du",
+            CoopEntry::SelDu => "coop_seldu",
+            CoopEntry::SelqRead => "coop_selq_du",
         }
     }
 
@@ -101,7 +134,13 @@ impl CoopBackwardConfig {
     /// Workgroup memory in bytes, as declared in the shader.
     pub fn workgroup_bytes(&self) -> u64 {
         let selpass = self.entry.selective();
-        bytes(self.d, self.bt, self.features.selective, selpass)
+        bytes(
+            self.d,
+            self.bt,
+            self.features.selective,
+            selpass,
+            self.entry == CoopEntry::Dkv,
+        )
     }
 
     /// The selective entries (coop_selq, coop_selk; with `du`, their du-scratch variants) for
@@ -114,7 +153,7 @@ impl CoopBackwardConfig {
     ) -> Result<(CoopBackwardConfig, CoopBackwardConfig), &'static str> {
         let bt = [64u32, 32, 16]
             .into_iter()
-            .find(|&bt| bytes(base.d, bt, true, true) <= caps.workgroup_memory as u64)
+            .find(|&bt| bytes(base.d, bt, true, true, false) <= caps.workgroup_memory as u64)
             .ok_or("workgroup memory too small for the selective terms")?;
         let c = |entry| CoopBackwardConfig { entry, bt, ..*base };
         Ok(if du {
@@ -154,19 +193,29 @@ impl CoopBackwardConfig {
         if ct == 0 || 16 % ct != 0 {
             return Err("selective tile does not divide 16");
         }
-        let bt = [64u32, 32, 16]
-            .into_iter()
-            .find(|&bt| bytes(d, bt, features.selective, false) <= caps.workgroup_memory as u64)
-            .ok_or("workgroup memory too small")?;
-        let c = |entry| CoopBackwardConfig {
+        // dkv holds P^T as f16 besides (t dz)^T; dq only dz: its tiles may be larger.
+        let bt_for = |dkv: bool| {
+            [64u32, 32, 16].into_iter().find(|&bt| {
+                bytes(d, bt, features.selective, false, dkv) <= caps.workgroup_memory as u64
+            })
+        };
+        let bt_dkv = bt_for(true).ok_or("workgroup memory too small")?;
+        let bt_dq = bt_for(false).ok_or("workgroup memory too small")?;
+        let sgbar = caps.subgroup_barrier && std::env::var(SGBAR_ENV).map_or(true, |v| v != "0");
+        let c = |entry, bt| CoopBackwardConfig {
             entry,
             d,
             bt,
             ct,
             sgs,
+            sgbar,
+            // dkv only: in dq the early load cost more than it hid (H200 profile 2026-12-03:
+            // dkv 9.98 -> 8.96 ms, dq 7.64 -> 8.71 ms at D64 full).
+            prefetch: entry == CoopEntry::Dkv
+                && std::env::var(PREFETCH_ENV).map_or(true, |v| v != "0"),
             features,
         };
-        Ok((c(CoopEntry::Dkv), c(CoopEntry::Dq)))
+        Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))
     }
 
     // Long on purpose: a straight list of the unrolled WGSL snippets, marker by marker, in the
@@ -331,6 +380,7 @@ impl CoopBackwardConfig {
                 "    var ksf{d} = {a}();\n    var kf{d} = {a}();\n    var vf{d} = {a}();\n    var dks{d} = {cm}();"
             );
             let _ = writeln!(ent(&mut m, "SD_DECL"), "    var dks{d} = {cm}();");
+            let _ = writeln!(ent(&mut m, "SD_QDECL"), "    var dqs{d} = {cm}();");
             let _ = writeln!(
                 ent(&mut m, "SD_EPI"),
                 "    coopStoreT(dks{d}, &sa[bo], SP);
@@ -453,6 +503,15 @@ impl CoopBackwardConfig {
                 "{ind}coopStoreT(acs, &sa[bo], SP);\n{ind}coopStoreT(acp, &sb[bo], SP);"
             );
         }
+        let _ = write!(
+            ent(&mut m, "SGBAR"),
+            "{}",
+            if self.sgbar {
+                "subgroupBarrier()"
+            } else {
+                "workgroupBarrier()"
+            }
+        );
         let mut text = template.to_string();
         for k in [
             "KDECL",
@@ -488,7 +547,9 @@ impl CoopBackwardConfig {
             "SQ_ACC",
             "SQ_EPI",
             "SD_DECL",
+            "SD_QDECL",
             "SD_EPI",
+            "SGBAR",
         ] {
             text = text.replace(&format!("{{{{{k}}}}}"), m.get(k).map_or("", |v| v));
         }
@@ -500,7 +561,7 @@ fn ent<'a>(m: &'a mut BTreeMap<&'static str, String>, k: &'static str) -> &'a mu
     m.entry(k).or_default()
 }
 
-fn bytes(d: u32, bt: u32, selective: bool, selpass: bool) -> u64 {
+fn bytes(d: u32, bt: u32, selective: bool, selpass: bool, dkv: bool) -> u64 {
     let (d, bt) = (d as u64, bt as u64);
     let rows = ROWS as u64;
     let block = SUBGROUPS as u64 * 16 * 20 * 4;
@@ -518,6 +579,8 @@ fn bytes(d: u32, bt: u32, selective: bool, selpass: bool) -> u64 {
         let nt = if selective { 3 } else { 2 };
         let stage = (nt * bt).max(rows) * (d + 8) * 2;
         let blocks = 2 * block + if selective { block } else { 16 };
-        stage + blocks + 2 * half + 16 + 16 + rowvals + 16
+        // pa16 (P^T) in dkv only; 8 f16 elsewhere.
+        let halves = if dkv { 2 * half } else { half + 16 };
+        stage + blocks + halves + 16 + 16 + rowvals + 16
     }
 }

@@ -383,8 +383,25 @@ pub fn plan(
         wgpu::DeviceType::Cpu => 2,
         _ => 16,
     });
+    // Threads: 256, except 128 on a discrete GPU when the batch alone gives at least 128
+    // (KV head, row block) workgroups per split and the whole grid stays within 1024 workgroups
+    // (more, smaller workgroups per multiprocessor). Measured on the H200, 2026-12-03, f16 D128,
+    // Hq 32, Hkv 8, heated (BENCHMARKS.md): B16 x 16384 (5 splits, 640 workgroups) 2260 -> 2704
+    // and 2682 GB/s; B16 x 65536 at its 17 splits (2176 workgroups) 2593 -> 2485, so not there;
+    // B1 x 131072 is best at 256 (2496 vs 2161).
+    let per_split_est =
+        s.batch as u64 * s.kv_heads as u64 * rows.div_ceil(rows.min(rb_max).max(1)) as u64;
+    let grid_est = per_split_est * split_rule(caps, per_split_est, s.max_len.max(1)) as u64;
+    let wg_cap = match caps.info.device_type {
+        wgpu::DeviceType::DiscreteGpu
+            if per_split_est >= 128 && grid_est <= 1024 && threads.is_none() =>
+        {
+            128
+        }
+        _ => 256,
+    };
     'outer: for wg in [256u32, 128, 64, 32] {
-        if wg > wg_max || threads.is_some_and(|t| t != wg) {
+        if wg > wg_max || wg > wg_cap || threads.is_some_and(|t| t != wg) {
             continue;
         }
         for rb in [16u32, 8, 4, 2, 1] {
@@ -422,16 +439,7 @@ pub fn plan(
     // long; at least one tile each, at most 256 splits (the partials stay small). Large batches
     // fill the device by themselves.
     let per_split = s.batch as u64 * s.kv_heads as u64 * n_rblocks as u64;
-    let target = match caps.info.device_type {
-        wgpu::DeviceType::Cpu => 32u64,
-        wgpu::DeviceType::IntegratedGpu => 64,
-        _ => 256,
-    };
-    let want = splits.unwrap_or_else(|| {
-        target
-            .div_ceil(per_split.max(1))
-            .max(max_len.div_ceil(4096) as u64) as u32
-    });
+    let want = splits.unwrap_or_else(|| split_rule(caps, per_split, max_len));
     let want = want.clamp(1, 256).min(tiles);
     let split_len = max_len.div_ceil(want).div_ceil(bc) * bc;
     let n_splits = max_len.div_ceil(split_len);
@@ -640,6 +648,20 @@ pub(crate) fn encode_step(
     ];
     let groups = [p.q_heads * p.n, p.batch, 1];
     gpu.dispatch(pass, "selattn decode merge", key, &entries, groups)
+}
+
+/// Default slot splits: about `target` workgroups in all (by device type), but splits of at
+/// least 4096 slots (see [`plan`]); before clamping to 1..=256 and the tile count.
+fn split_rule(caps: &Capabilities, per_split: u64, max_len: u32) -> u32 {
+    let target = match caps.info.device_type {
+        wgpu::DeviceType::Cpu => 32u64,
+        wgpu::DeviceType::IntegratedGpu => 64,
+        _ => 256,
+    };
+    target
+        .div_ceil(per_split.max(1))
+        .max(max_len.div_ceil(4096) as u64)
+        .min(u32::MAX as u64) as u32
 }
 
 /// The largest power of two at most `x` (x >= 1).
