@@ -253,6 +253,22 @@ impl Context {
         }
     }
 
+    /// Drops the scratch buffers this context keeps between calls (the forward's selective
+    /// scratch and the backward's workspace and C, which only grow) so their memory can be
+    /// returned, for example after a large backward call in an application that goes on with
+    /// small ones. Work already submitted or recorded keeps what it uses alive until it is
+    /// done; the next call that needs scratch allocates it again, with no other effect.
+    pub fn release_scratch(&self) {
+        // A poisoned lock (a panic while holding it) still holds a valid Option: take it anyway.
+        let mut s = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        *s = None;
+        let mut b = self
+            .backward_scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *b = [None, None];
+    }
+
     /// Waits until all submitted work is done.
     pub fn sync(&self) -> Result<()> {
         self.device

@@ -490,6 +490,17 @@ fn repeat_runs_bit_identical() {
                 ctx.describe(),
                 c.name
             );
+            // With the kept scratch dropped (forward and backward), the next call allocates
+            // it again and gives the same bits.
+            ctx.release_scratch();
+            let r = run_gpu_backward(ctx, c, DType::F32, want_all(c));
+            assert_eq!(
+                all_bits(&a),
+                all_bits(&r),
+                "[{}] {} after release_scratch",
+                ctx.describe(),
+                c.name
+            );
         }
     }
 }
