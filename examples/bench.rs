@@ -475,6 +475,23 @@ fn small_shape(s: &Shape) -> Shape {
     }
 }
 
+/// What the reference sees of variant `v`'s call: `x` loses the inputs the variant leaves out;
+/// returns the call's spec.
+fn reference_spec(x: &mut HostInputs, shape: Shape, v: Variant, opts: &Options) -> Spec {
+    if !v.temperature() {
+        x.tau = None;
+        x.alpha = None;
+    }
+    if !v.gate() {
+        x.gate = None;
+    }
+    Spec {
+        shape,
+        options: *opts,
+        present: x.present(v.selective()),
+    }
+}
+
 /// Norm-wise relative error of O against the f64 reference on a small slice of the shape.
 fn check_small(
     ctx: &Context,
@@ -497,18 +514,7 @@ fn check_small(
     let inputs = dev.inputs(v);
     ctx.attention(&inputs, opts, &dev.outputs())?;
     let got = ctx.download(&dev.o)?;
-    if !v.temperature() {
-        x.tau = None;
-        x.alpha = None;
-    }
-    if !v.gate() {
-        x.gate = None;
-    }
-    let spec = Spec {
-        shape: small,
-        options: *opts,
-        present: x.present(v.selective()),
-    };
+    let spec = reference_spec(&mut x, small, v, opts);
     let want = reference::attention(&spec, &x)?;
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (&g, &r) in got.iter().zip(&want.o) {
@@ -1140,18 +1146,7 @@ fn check_small_backward(
     ctx.attention(&inputs, opts, &dev.outputs())?;
     let up = selattn::Upstream::new(&dev.o, &dev.lse, &g.d_o);
     ctx.backward(&inputs, opts, &up, &g.grads())?;
-    if !v.temperature() {
-        x.tau = None;
-        x.alpha = None;
-    }
-    if !v.gate() {
-        x.gate = None;
-    }
-    let spec = Spec {
-        shape: small,
-        options: *opts,
-        present: x.present(v.selective()),
-    };
+    let spec = reference_spec(&mut x, small, v, opts);
     let want = selattn::reference_backward::backward(&spec, &x, &d_o, None)?;
     let mut worst = 0.0f64;
     for (t, r) in [

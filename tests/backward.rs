@@ -50,15 +50,8 @@ fn bcase(
     }
     BCase {
         name: format!(
-            "{name} B{} Hq{} Hkv{} Nq{} Nk{} D{} {} {}{}{}",
-            shape.batch,
-            shape.q_heads,
-            shape.kv_heads,
-            shape.q_len,
-            shape.k_len,
-            shape.head_dim,
-            opts_name(&opts),
-            inputs_name(&c),
+            "{}{}{}",
+            case_name(name, &shape, &opts, &c),
             if f0 { " +F0" } else { "" },
             if df_out.is_some() { " +dF_out" } else { "" },
         ),
