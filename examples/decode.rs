@@ -98,6 +98,29 @@ struct Args {
     no_prune: bool,
 }
 
+impl Args {
+    /// `(B, Hq, Hkv, D, queries per step)`, as tensor dimensions.
+    fn dims(&self) -> (u64, u64, u64, u64, u64) {
+        let u = |v: u32| v as u64;
+        (
+            u(self.batch),
+            u(self.heads),
+            u(self.kv_heads),
+            u(self.dim),
+            u(self.queries),
+        )
+    }
+
+    /// The element type of K, V, queries and outputs.
+    fn dtype(&self) -> DType {
+        if self.f16 {
+            DType::F16
+        } else {
+            DType::F32
+        }
+    }
+}
+
 /// Reproducible synthetic projections from the shared seeded generator.
 struct Rng(selattn_tools::testing::Rng);
 impl Rng {
@@ -224,20 +247,14 @@ fn median(xs: &[f64]) -> Option<f64> {
 
 fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     let total = a.prompt + a.len * a.queries;
-    let dtype = if a.f16 { DType::F16 } else { DType::F32 };
+    let dtype = a.dtype();
     let capacity = budget.unwrap_or(total);
     let mut cfg = KvCacheConfig::new(a.batch, a.kv_heads, a.dim, capacity).dtype(dtype);
     if let Some(b) = budget {
         cfg = cfg.budget(b);
     }
     let mut cache = KvCache::new(ctx, cfg)?;
-    let (b, hq, hkv, d, n) = (
-        a.batch as u64,
-        a.heads as u64,
-        a.kv_heads as u64,
-        a.dim as u64,
-        a.queries as u64,
-    );
+    let (b, hq, hkv, d, n) = a.dims();
     let mut rng = Rng(selattn_tools::testing::Rng::from_state(7));
     let check = a.check > 0 && (total as u64) * b * hq * d <= 1 << 24;
     let mut reference = if check {
@@ -448,17 +465,11 @@ fn sweep(
     a: &Args,
     spec: &str,
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let dtype = if a.f16 { DType::F16 } else { DType::F32 };
+    let dtype = a.dtype();
     let cfg =
         KvCacheConfig::new(a.batch, a.kv_heads, a.dim, a.prompt + a.len * a.queries).dtype(dtype);
     let mut cache = KvCache::new(ctx, cfg)?;
-    let (b, hq, hkv, d, n) = (
-        a.batch as u64,
-        a.heads as u64,
-        a.kv_heads as u64,
-        a.dim as u64,
-        a.queries as u64,
-    );
+    let (b, hq, hkv, d, n) = a.dims();
     let mut rng = Rng(selattn_tools::testing::Rng::from_state(7));
     let mut random = |dims: [u64; 4]| {
         let x = rng.normals(dims.iter().product::<u64>() as usize, a.f16);
