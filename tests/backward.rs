@@ -10,7 +10,8 @@
 mod common;
 use std::sync::OnceLock;
 
-use common::backward::{backward_data, chunks_backward, chunks_forward};
+use common::backward::backward_data;
+use common::chunks::{chunks_backward, chunks_forward};
 use common::*;
 use selattn::kernels::backward::Wanted;
 use selattn::kernels::Kernel;

@@ -15,7 +15,8 @@ use selattn::{Options, Shape, Spec};
 use selattn_tools::testing::Rng;
 
 mod common;
-use common::backward::{backward_data, chunks_backward, chunks_forward};
+use common::backward::backward_data;
+use common::chunks::{chunks_backward, chunks_forward};
 
 fn spec(s: &Shape, o: &Options, x: &HostInputs) -> Spec {
     Spec {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod backward;
+pub mod chunks;
 
 use std::sync::OnceLock;
 
