@@ -1657,17 +1657,8 @@ fn copy_buffer(
     bytes: u64,
     label: &str,
 ) -> wgpu::Buffer {
-    if let Some(b) = slot.as_ref().filter(|b| b.size() >= bytes) {
-        return b.clone();
-    }
-    let b = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size: bytes.max(16).div_ceil(16) * 16,
-        usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    *slot = Some(b.clone());
-    b
+    let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    ctx.gpu().grow_as(slot, bytes, label, usage)
 }
 
 /// Records a copy of `size` bytes (nothing when 0; offsets and sizes are multiples of 4: K and
