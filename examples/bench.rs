@@ -475,6 +475,23 @@ fn small_shape(s: &Shape) -> Shape {
     }
 }
 
+/// What the reference sees of variant `v`'s call: `x` loses the inputs the variant leaves out;
+/// returns the call's spec.
+fn reference_spec(x: &mut HostInputs, shape: Shape, v: Variant, opts: &Options) -> Spec {
+    if !v.temperature() {
+        x.tau = None;
+        x.alpha = None;
+    }
+    if !v.gate() {
+        x.gate = None;
+    }
+    Spec {
+        shape,
+        options: *opts,
+        present: x.present(v.selective()),
+    }
+}
+
 /// Norm-wise relative error of O against the f64 reference on a small slice of the shape.
 fn check_small(
     ctx: &Context,
@@ -497,18 +514,7 @@ fn check_small(
     let inputs = dev.inputs(v);
     ctx.attention(&inputs, opts, &dev.outputs())?;
     let got = ctx.download(&dev.o)?;
-    if !v.temperature() {
-        x.tau = None;
-        x.alpha = None;
-    }
-    if !v.gate() {
-        x.gate = None;
-    }
-    let spec = Spec {
-        shape: small,
-        options: *opts,
-        present: x.present(v.selective()),
-    };
+    let spec = reference_spec(&mut x, small, v, opts);
     let want = reference::attention(&spec, &x)?;
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (&g, &r) in got.iter().zip(&want.o) {
@@ -527,6 +533,61 @@ fn check_small(
 /// Timestamp pairs per query set and per submission.
 const BATCH: u32 = 16;
 
+/// Where resolved timestamps go: a resolve buffer and the readback it is copied to.
+struct Stamps {
+    resolve: wgpu::Buffer,
+    read: wgpu::Buffer,
+    bytes: u64,
+}
+
+impl Stamps {
+    /// Both buffers, `bytes` long, labelled `"{label} resolve"` and `"{label} readback"`.
+    fn new(ctx: &Context, label: &str, bytes: u64) -> Self {
+        let buffer = |what: &str, usage| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(&format!("{label} {what}")),
+                size: bytes,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        use wgpu::BufferUsages as U;
+        Stamps {
+            resolve: buffer("resolve", U::QUERY_RESOLVE | U::COPY_SRC),
+            read: buffer("readback", U::MAP_READ | U::COPY_DST),
+            bytes,
+        }
+    }
+
+    /// Copies the resolved timestamps (`enc` resolved them) to the readback, submits `enc`,
+    /// waits for the GPU and returns the ticks.
+    fn submit_and_read(
+        &self,
+        ctx: &Context,
+        mut enc: wgpu::CommandEncoder,
+    ) -> selattn::Result<Vec<u64>> {
+        enc.copy_buffer_to_buffer(&self.resolve, 0, &self.read, 0, self.bytes);
+        ctx.queue.submit([enc.finish()]);
+        let slice = self.read.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        ctx.sync()?;
+        rx.recv()
+            .map_err(|e| Error::gpu("waiting for timestamps", e))?
+            .map_err(|e| Error::gpu("mapping timestamps", e))?;
+        let ticks: Vec<u64> = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::gpu("reading timestamps", e))?;
+            bytemuck::pod_collect_to_vec(&view)
+        };
+        self.read.unmap();
+        Ok(ticks)
+    }
+}
+
 /// Runs one call per pass, `n` times, and returns each run's GPU time in milliseconds, from
 /// timestamps written at the beginning and end of the call's compute pass.
 fn time_gpu(
@@ -542,19 +603,7 @@ fn time_gpu(
         ty: wgpu::QueryType::Timestamp,
         count: 2 * BATCH,
     });
-    let bytes = 2 * BATCH as u64 * 8;
-    let resolve = dev.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("bench timestamp resolve"),
-        size: bytes,
-        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    });
-    let read = dev.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("bench timestamp readback"),
-        size: bytes,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let stamps = Stamps::new(ctx, "bench timestamp", 2 * BATCH as u64 * 8);
     let period = ctx.queue.get_timestamp_period() as f64;
     let mut out = Vec::with_capacity(n as usize);
     while (out.len() as u32) < n {
@@ -568,25 +617,8 @@ fn time_gpu(
             };
             ctx.encode_attention_timed(&mut enc, inputs, opts, outputs, ts)?;
         }
-        enc.resolve_query_set(&qs, 0..2 * m, &resolve, 0);
-        enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
-        ctx.queue.submit([enc.finish()]);
-        let slice = read.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        ctx.sync()?;
-        rx.recv()
-            .map_err(|e| Error::gpu("waiting for timestamps", e))?
-            .map_err(|e| Error::gpu("mapping timestamps", e))?;
-        let ticks: Vec<u64> = {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| Error::gpu("reading timestamps", e))?;
-            bytemuck::pod_collect_to_vec(&view)
-        };
-        read.unmap();
+        enc.resolve_query_set(&qs, 0..2 * m, &stamps.resolve, 0);
+        let ticks = stamps.submit_and_read(ctx, enc)?;
         for i in 0..m as usize {
             let dt = ticks[2 * i + 1].wrapping_sub(ticks[2 * i]) as f64 * period;
             out.push(dt * 1e-6);
@@ -1114,18 +1146,7 @@ fn check_small_backward(
     ctx.attention(&inputs, opts, &dev.outputs())?;
     let up = selattn::Upstream::new(&dev.o, &dev.lse, &g.d_o);
     ctx.backward(&inputs, opts, &up, &g.grads())?;
-    if !v.temperature() {
-        x.tau = None;
-        x.alpha = None;
-    }
-    if !v.gate() {
-        x.gate = None;
-    }
-    let spec = Spec {
-        shape: small,
-        options: *opts,
-        present: x.present(v.selective()),
-    };
+    let spec = reference_spec(&mut x, small, v, opts);
     let want = selattn::reference_backward::backward(&spec, &x, &d_o, None)?;
     let mut worst = 0.0f64;
     for (t, r) in [
@@ -1256,19 +1277,7 @@ fn profile_backward(
     });
     // The forward's pair at 0, the backward's stamps from byte 256 (resolve offsets are
     // multiples of 256).
-    let bytes = 256 + CAP as u64 * 8;
-    let resolve = dev.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("bench profile resolve"),
-        size: bytes,
-        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    });
-    let read = dev.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("bench profile readback"),
-        size: bytes,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let stamps = Stamps::new(ctx, "bench profile", 256 + CAP as u64 * 8);
     let period = ctx.queue.get_timestamp_period() as f64;
     let mut labels = Vec::new();
     let mut samples: Vec<Vec<f64>> = Vec::new();
@@ -1282,26 +1291,9 @@ fn profile_backward(
         ctx.encode_attention_timed(&mut enc, inputs, opts, outputs, ts)?;
         labels = ctx.encode_backward_profiled(&mut enc, inputs, opts, up, grads, &qs, CAP)?;
         let n = labels.len() as u32 + 1;
-        enc.resolve_query_set(&fq, 0..2, &resolve, 0);
-        enc.resolve_query_set(&qs, 0..n, &resolve, 256);
-        enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, bytes);
-        ctx.queue.submit([enc.finish()]);
-        let slice = read.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        ctx.sync()?;
-        rx.recv()
-            .map_err(|e| Error::gpu("waiting for timestamps", e))?
-            .map_err(|e| Error::gpu("mapping timestamps", e))?;
-        let ticks: Vec<u64> = {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| Error::gpu("reading timestamps", e))?;
-            bytemuck::pod_collect_to_vec(&view)
-        };
-        read.unmap();
+        enc.resolve_query_set(&fq, 0..2, &stamps.resolve, 0);
+        enc.resolve_query_set(&qs, 0..n, &stamps.resolve, 256);
+        let ticks = stamps.submit_and_read(ctx, enc)?;
         let ms = |a: u64, b: u64| b.wrapping_sub(a) as f64 * period * 1e-6;
         let mut row = vec![ms(ticks[0], ticks[1])];
         for i in 0..labels.len() {

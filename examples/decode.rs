@@ -98,6 +98,29 @@ struct Args {
     no_prune: bool,
 }
 
+impl Args {
+    /// `(B, Hq, Hkv, D, queries per step)`, as tensor dimensions.
+    fn dims(&self) -> (u64, u64, u64, u64, u64) {
+        let u = |v: u32| v as u64;
+        (
+            u(self.batch),
+            u(self.heads),
+            u(self.kv_heads),
+            u(self.dim),
+            u(self.queries),
+        )
+    }
+
+    /// The element type of K, V, queries and outputs.
+    fn dtype(&self) -> DType {
+        if self.f16 {
+            DType::F16
+        } else {
+            DType::F32
+        }
+    }
+}
+
 /// Reproducible synthetic projections from the shared seeded generator.
 struct Rng(selattn_tools::testing::Rng);
 impl Rng {
@@ -150,6 +173,41 @@ fn upload(ctx: &Context, dims: &[u64], x: &[f32], f16: bool) -> Result<Tensor> {
     }
 }
 
+/// The timestamp writes of the `t`-th timed pass: a pair of queries in `qs`.
+fn pass_stamps(qs: &wgpu::QuerySet, t: u32) -> wgpu::ComputePassTimestampWrites<'_> {
+    wgpu::ComputePassTimestampWrites {
+        query_set: qs,
+        beginning_of_pass_write_index: Some(2 * t),
+        end_of_pass_write_index: Some(2 * t + 1),
+    }
+}
+
+/// GPU nanoseconds of each of the first `n` passes timed with [`pass_stamps`] into `qs`, once
+/// the work is submitted.
+fn pass_times_ns(ctx: &Context, qs: &wgpu::QuerySet, n: u32) -> Result<Vec<f64>> {
+    let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 16 * n as u64,
+        usage: wgpu::BufferUsages::QUERY_RESOLVE
+            | wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let mut enc = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+    enc.resolve_query_set(qs, 0..2 * n, &resolve, 0);
+    ctx.queue.submit([enc.finish()]);
+    // Timestamps are u64: read them as 2 u32 words each.
+    let t = Tensor::from_buffer(ctx, resolve, &[4 * n as u64], DType::U32)?;
+    let raw: Vec<u64> = bytemuck::pod_collect_to_vec(&ctx.download_bytes(&t)?);
+    let period = ctx.queue.get_timestamp_period() as f64;
+    Ok(raw
+        .chunks(2)
+        .map(|c| c[1].saturating_sub(c[0]) as f64 * period)
+        .collect())
+}
+
 /// Keeps the GPU busy with buffer copies for `ms` milliseconds of wall time (nothing when 0).
 fn heat(ctx: &Context, ms: u32) -> Result<()> {
     if ms == 0 {
@@ -189,20 +247,14 @@ fn median(xs: &[f64]) -> Option<f64> {
 
 fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     let total = a.prompt + a.len * a.queries;
-    let dtype = if a.f16 { DType::F16 } else { DType::F32 };
+    let dtype = a.dtype();
     let capacity = budget.unwrap_or(total);
     let mut cfg = KvCacheConfig::new(a.batch, a.kv_heads, a.dim, capacity).dtype(dtype);
     if let Some(b) = budget {
         cfg = cfg.budget(b);
     }
     let mut cache = KvCache::new(ctx, cfg)?;
-    let (b, hq, hkv, d, n) = (
-        a.batch as u64,
-        a.heads as u64,
-        a.kv_heads as u64,
-        a.dim as u64,
-        a.queries as u64,
-    );
+    let (b, hq, hkv, d, n) = a.dims();
     let mut rng = Rng(selattn_tools::testing::Rng::from_state(7));
     let check = a.check > 0 && (total as u64) * b * hq * d <= 1 << 24;
     let mut reference = if check {
@@ -307,11 +359,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         let ts = match (&qs, ti) {
-            (Some(qs), Some(t)) => Some(wgpu::ComputePassTimestampWrites {
-                query_set: qs,
-                beginning_of_pass_write_index: Some(2 * t),
-                end_of_pass_write_index: Some(2 * t + 1),
-            }),
+            (Some(qs), Some(t)) => Some(pass_stamps(qs, t)),
             _ => None,
         };
         cache.encode_step(ctx, &mut enc, &step, &opts, &Outputs::new(&o).lse(&lse), ts)?;
@@ -352,27 +400,7 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     let mut gpu_step_ns: Vec<f64> = vec![];
     let gpu_s = match &qs {
         Some(qs) => {
-            let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: None,
-                size: 16 * n_ts as u64,
-                usage: wgpu::BufferUsages::QUERY_RESOLVE
-                    | wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
-            let mut enc = ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-            enc.resolve_query_set(qs, 0..2 * n_ts, &resolve, 0);
-            ctx.queue.submit([enc.finish()]);
-            // Timestamps are u64: read them as 2 u32 words each.
-            let t = Tensor::from_buffer(ctx, resolve, &[4 * n_ts as u64], DType::U32)?;
-            let raw: Vec<u64> = bytemuck::pod_collect_to_vec(&ctx.download_bytes(&t)?);
-            let period = ctx.queue.get_timestamp_period() as f64;
-            gpu_step_ns = raw
-                .chunks(2)
-                .map(|c| c[1].saturating_sub(c[0]) as f64 * period)
-                .collect();
+            gpu_step_ns = pass_times_ns(ctx, qs, n_ts)?;
             Some(gpu_step_ns.iter().sum::<f64>() * 1e-9)
         }
         None => None,
@@ -437,22 +465,19 @@ fn sweep(
     a: &Args,
     spec: &str,
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let dtype = if a.f16 { DType::F16 } else { DType::F32 };
+    let dtype = a.dtype();
     let cfg =
         KvCacheConfig::new(a.batch, a.kv_heads, a.dim, a.prompt + a.len * a.queries).dtype(dtype);
     let mut cache = KvCache::new(ctx, cfg)?;
-    let (b, hq, hkv, d, n) = (
-        a.batch as u64,
-        a.heads as u64,
-        a.kv_heads as u64,
-        a.dim as u64,
-        a.queries as u64,
-    );
+    let (b, hq, hkv, d, n) = a.dims();
     let mut rng = Rng(selattn_tools::testing::Rng::from_state(7));
+    let mut random = |dims: [u64; 4]| {
+        let x = rng.normals(dims.iter().product::<u64>() as usize, a.f16);
+        upload(ctx, &dims, &x, a.f16)
+    };
     let chunk = a.prompt.min(4096) as u64;
-    let kv_n = (b * hkv * chunk * d) as usize;
-    let kc = upload(ctx, &[b, hkv, chunk, d], &rng.normals(kv_n, a.f16), a.f16)?;
-    let vc = upload(ctx, &[b, hkv, chunk, d], &rng.normals(kv_n, a.f16), a.f16)?;
+    let kc = random([b, hkv, chunk, d])?;
+    let vc = random([b, hkv, chunk, d])?;
     let mut left = a.prompt;
     while left > 0 {
         let c = left.min(chunk as u32);
@@ -463,24 +488,9 @@ fn sweep(
         )?;
         left -= c;
     }
-    let q = upload(
-        ctx,
-        &[b, hq, n, d],
-        &rng.normals((b * hq * n * d) as usize, a.f16),
-        a.f16,
-    )?;
-    let k = upload(
-        ctx,
-        &[b, hkv, n, d],
-        &rng.normals((b * hkv * n * d) as usize, a.f16),
-        a.f16,
-    )?;
-    let v = upload(
-        ctx,
-        &[b, hkv, n, d],
-        &rng.normals((b * hkv * n * d) as usize, a.f16),
-        a.f16,
-    )?;
+    let q = random([b, hq, n, d])?;
+    let k = random([b, hkv, n, d])?;
+    let v = random([b, hkv, n, d])?;
     let o = ctx.empty(&[b, hq, n, d], dtype)?;
     let per_slot = hkv * d * dtype.size() * 2 + 4;
     let timed = a.len.saturating_sub(1).clamp(1, 1024);
@@ -502,11 +512,7 @@ fn sweep(
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
             let t = s.checked_sub(1).filter(|&t| t < timed);
-            let ts = t.map(|t| wgpu::ComputePassTimestampWrites {
-                query_set: &qs,
-                beginning_of_pass_write_index: Some(2 * t),
-                end_of_pass_write_index: Some(2 * t + 1),
-            });
+            let ts = t.map(|t| pass_stamps(&qs, t));
             let step = Step::new(&q, &k, &v);
             cache.encode_step(ctx, &mut enc, &step, &opts, &Outputs::new(&o), ts)?;
             ctx.queue.submit([enc.finish()]);
@@ -514,26 +520,7 @@ fn sweep(
                 bytes += cache.lens().iter().map(|&l| l as u64).sum::<u64>() * per_slot;
             }
         }
-        let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: 16 * timed as u64,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE
-                | wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        enc.resolve_query_set(&qs, 0..2 * timed, &resolve, 0);
-        ctx.queue.submit([enc.finish()]);
-        let t = Tensor::from_buffer(ctx, resolve, &[4 * timed as u64], DType::U32)?;
-        let raw: Vec<u64> = bytemuck::pod_collect_to_vec(&ctx.download_bytes(&t)?);
-        let period = ctx.queue.get_timestamp_period() as f64;
-        let ns: Vec<f64> = raw
-            .chunks(2)
-            .map(|c| c[1].saturating_sub(c[0]) as f64 * period)
-            .collect();
+        let ns = pass_times_ns(ctx, &qs, timed)?;
         let total: f64 = ns.iter().sum();
         println!(
             "sweep {spec:>24}: splits {:>3} threads {:>3} rows {:>2}: {:.4} ms/step GPU (median {:.4}), KV read {:.0} GB/s",

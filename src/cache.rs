@@ -724,21 +724,9 @@ impl KvCache {
     /// # }
     /// ```
     pub fn checkpoint(&mut self, ctx: &Context, batch: u32) -> Result<Checkpoint> {
-        let saved = self.host_state();
-        let mut out = None;
-        let r = submit(&ctx.device, &ctx.queue, "selattn cache checkpoint", |enc| {
-            out = Some(self.encode_checkpoint(ctx, enc, batch)?);
-            Ok(())
-        });
-        match (r, out) {
-            (Ok(()), Some(cp)) => Ok(cp),
-            (r, _) => {
-                self.restore(saved);
-                Err(r
-                    .err()
-                    .unwrap_or_else(|| Error::gpu_msg("recording a cache checkpoint")))
-            }
-        }
+        self.submit_or_restore(ctx, "selattn cache checkpoint", |cache, enc| {
+            cache.encode_checkpoint(ctx, enc, batch)
+        })
     }
 
     /// [`KvCache::checkpoint`] recorded into an encoder the application owns (no submit; the
@@ -793,14 +781,9 @@ impl KvCache {
     /// another cache, one replaced by a newer checkpoint of the sequence, or after the sequence
     /// was reset or truncated below it.
     pub fn rollback(&mut self, ctx: &Context, checkpoint: &Checkpoint) -> Result<()> {
-        let saved = self.host_state();
-        let r = submit(&ctx.device, &ctx.queue, "selattn cache rollback", |enc| {
-            self.encode_rollback(ctx, enc, checkpoint)
-        });
-        if r.is_err() {
-            self.restore(saved);
-        }
-        r
+        self.submit_or_restore(ctx, "selattn cache rollback", |cache, enc| {
+            cache.encode_rollback(ctx, enc, checkpoint)
+        })
     }
 
     /// [`KvCache::rollback`] recorded into an encoder the application owns (no submit; the
@@ -828,12 +811,7 @@ impl KvCache {
                      truncated below it since",
                 )),
             };
-        let (c, hkv, d) = (
-            self.cfg.capacity as u64,
-            self.cfg.kv_heads as u64,
-            self.cfg.head_dim as u64,
-        );
-        let esz = self.cfg.dtype.size();
+        let c = self.cfg.capacity as u64;
         let (gi, bl) = self.group_of(b);
         let g = &self.groups[gi];
         let len = cp.len as u64;
@@ -849,30 +827,8 @@ impl KvCache {
                     "cache checkpoint without its copy of K and V",
                 ));
             };
-            let lim = self.cfg.limit() as u64;
-            for h in 0..hkv {
-                let row = ((bl * hkv + h) * c) * d * esz;
-                let at = h * lim * d * esz;
-                copy(encoder, kv, at, g.k.buffer(), row, len * d * esz);
-                copy(
-                    encoder,
-                    kv,
-                    hkv * lim * d * esz + at,
-                    g.v.buffer(),
-                    row,
-                    len * d * esz,
-                );
-                if let Some(gate) = &g.gate {
-                    let at = 2 * hkv * lim * d * esz + h * lim * 4;
-                    copy(
-                        encoder,
-                        kv,
-                        at,
-                        gate.buffer(),
-                        (bl * hkv + h) * c * 4,
-                        len * 4,
-                    );
-                }
+            for (slots, off, at, bytes) in self.kv_snapshot_copies(b, len) {
+                copy(encoder, kv, at, slots, off, bytes);
             }
         }
         self.next_pos[b] = cp.next_pos;
@@ -891,11 +847,7 @@ impl KvCache {
         encoder: &mut wgpu::CommandEncoder,
         ev: &[u64],
     ) {
-        let (c, hkv, d) = (
-            self.cfg.capacity as u64,
-            self.cfg.kv_heads as u64,
-            self.cfg.head_dim as u64,
-        );
+        let (hkv, d) = (self.cfg.kv_heads as u64, self.cfg.head_dim as u64);
         let esz = self.cfg.dtype.size();
         let lim = self.cfg.limit() as u64;
         let gate_bytes = if self.cfg.gate { hkv * lim * 4 } else { 0 };
@@ -904,40 +856,70 @@ impl KvCache {
                 Some(cp) if e > 0 && !cp.kv_saved => cp.len as u64,
                 _ => continue,
             };
-            let (gi, bl) = self.group_of(b);
             let kv = copy_buffer(
                 ctx,
                 &mut self.snapshots[b].kv,
                 2 * hkv * lim * d * esz + gate_bytes,
                 "selattn cache checkpoint K V",
             );
-            let g = &self.groups[gi];
-            for h in 0..hkv {
-                let row = ((bl * hkv + h) * c) * d * esz;
-                let at = h * lim * d * esz;
-                copy(encoder, g.k.buffer(), row, &kv, at, len * d * esz);
-                copy(
-                    encoder,
-                    g.v.buffer(),
-                    row,
-                    &kv,
-                    hkv * lim * d * esz + at,
-                    len * d * esz,
-                );
-                if let Some(gate) = &g.gate {
-                    let at = 2 * hkv * lim * d * esz + h * lim * 4;
-                    copy(
-                        encoder,
-                        gate.buffer(),
-                        (bl * hkv + h) * c * 4,
-                        &kv,
-                        at,
-                        len * 4,
-                    );
-                }
+            for (slots, off, at, bytes) in self.kv_snapshot_copies(b, len) {
+                copy(encoder, slots, off, &kv, at, bytes);
             }
             if let Some(cp) = self.checkpoints[b].as_mut() {
                 cp.kv_saved = true;
+            }
+        }
+    }
+
+    /// The copies between the K, V and gate rows of sequence `b`'s first `len` slots and its
+    /// checkpoint's K V snapshot (per KV head, `limit` slots: all K heads, then all V heads,
+    /// then all gate heads), in recording order: `(slot buffer, offset there, offset in the
+    /// snapshot, bytes)`. Saving copies slots to snapshot, a rollback the other way.
+    fn kv_snapshot_copies(&self, b: usize, len: u64) -> Vec<(&wgpu::Buffer, u64, u64, u64)> {
+        let (c, hkv, d) = (
+            self.cfg.capacity as u64,
+            self.cfg.kv_heads as u64,
+            self.cfg.head_dim as u64,
+        );
+        let esz = self.cfg.dtype.size();
+        let lim = self.cfg.limit() as u64;
+        let (gi, bl) = self.group_of(b);
+        let g = &self.groups[gi];
+        let mut copies = Vec::with_capacity(3 * hkv as usize);
+        for h in 0..hkv {
+            let row = ((bl * hkv + h) * c) * d * esz;
+            let at = h * lim * d * esz;
+            copies.push((g.k.buffer(), row, at, len * d * esz));
+            copies.push((g.v.buffer(), row, hkv * lim * d * esz + at, len * d * esz));
+            if let Some(gate) = &g.gate {
+                let at = 2 * hkv * lim * d * esz + h * lim * 4;
+                copies.push((gate.buffer(), (bl * hkv + h) * c * 4, at, len * 4));
+            }
+        }
+        copies
+    }
+
+    /// Records a call with `record` and submits it (labelled `label`); if recording or the
+    /// submission fails, puts the host state back, so the failed call changes nothing.
+    fn submit_or_restore<T>(
+        &mut self,
+        ctx: &Context,
+        label: &str,
+        record: impl FnOnce(&mut Self, &mut wgpu::CommandEncoder) -> Result<T>,
+    ) -> Result<T> {
+        let saved = self.host_state();
+        let mut out = None;
+        let r = submit(&ctx.device, &ctx.queue, label, |enc| {
+            out = Some(record(self, enc)?);
+            Ok(())
+        });
+        match (r, out) {
+            (Ok(()), Some(v)) => Ok(v),
+            (r, _) => {
+                self.restore(saved);
+                Err(r
+                    .err()
+                    .unwrap_or_else(|| Error::gpu_msg(format!("recording {label}"))))
             }
         }
     }
@@ -1165,14 +1147,9 @@ impl KvCache {
     /// grow by different amounts. Over the budget, tokens are evicted one by one as each new
     /// token is written. Submits the work.
     pub fn append(&mut self, ctx: &Context, tokens: &Tokens, counts: Option<&[u32]>) -> Result<()> {
-        let saved = self.host_state();
-        let r = submit(&ctx.device, &ctx.queue, "selattn cache append", |enc| {
-            self.encode_append(ctx, enc, tokens, counts)
-        });
-        if r.is_err() {
-            self.restore(saved);
-        }
-        r
+        self.submit_or_restore(ctx, "selattn cache append", |cache, enc| {
+            cache.encode_append(ctx, enc, tokens, counts)
+        })
     }
 
     /// [`KvCache::append`] recorded into an encoder the application owns (no submit). The
@@ -1296,14 +1273,9 @@ impl KvCache {
         options: &DecodeOptions,
         outputs: &Outputs,
     ) -> Result<()> {
-        let saved = self.host_state();
-        let r = submit(&ctx.device, &ctx.queue, "selattn decode", |enc| {
-            self.encode_step(ctx, enc, step, options, outputs, None)
-        });
-        if r.is_err() {
-            self.restore(saved);
-        }
-        r
+        self.submit_or_restore(ctx, "selattn decode", |cache, enc| {
+            cache.encode_step(ctx, enc, step, options, outputs, None)
+        })
     }
 
     /// Plans a step without recording it: validates every tensor against the cache.
@@ -1685,17 +1657,8 @@ fn copy_buffer(
     bytes: u64,
     label: &str,
 ) -> wgpu::Buffer {
-    if let Some(b) = slot.as_ref().filter(|b| b.size() >= bytes) {
-        return b.clone();
-    }
-    let b = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size: bytes.max(16).div_ceil(16) * 16,
-        usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    *slot = Some(b.clone());
-    b
+    let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    ctx.gpu().grow_as(slot, bytes, label, usage)
 }
 
 /// Records a copy of `size` bytes (nothing when 0; offsets and sizes are multiples of 4: K and

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use selattn::reference;
+use selattn::reference::{self, HostInputs};
 use selattn::reference_backward;
 use selattn::Switches;
 use selattn::{Options, Shape, Spec};
@@ -122,15 +122,41 @@ fn assert_fails(case: &str, r: &Run, code: i32, needles: &[&str]) {
 
 /// A small valid Q, K, V set; returns the arguments naming them.
 fn qkv(dir: &TempDir, shape: &Shape) -> Vec<String> {
-    let x = random_inputs(shape, Switches::NONE, 3);
-    vec![
+    input_args(dir, shape, &random_inputs(shape, Switches::NONE, 3))
+}
+
+/// Writes Q, K, V and every optional input `x` holds; returns the arguments naming them.
+fn input_args(dir: &TempDir, shape: &Shape, x: &HostInputs) -> Vec<String> {
+    let mut args = vec![
         "--q".into(),
         dir.f32("q.npy", &shape.q_dims(), &x.q),
         "--k".into(),
         dir.f32("k.npy", &shape.kv_dims(), &x.k),
         "--v".into(),
         dir.f32("v.npy", &shape.kv_dims(), &x.v),
-    ]
+    ];
+    let optional = [
+        ("tau", shape.row_dims(), &x.tau),
+        ("alpha", shape.alpha_dims(), &x.alpha),
+        ("gate", shape.gate_dims(), &x.gate),
+        ("f0", shape.f_dims(), &x.f0),
+    ];
+    for (name, dims, data) in optional {
+        if let Some(data) = data {
+            args.push(format!("--{name}"));
+            args.push(dir.f32(&format!("{name}.npy"), &dims, data));
+        }
+    }
+    if let Some(kv_len) = &x.kv_len {
+        // int32, as `np.array(.., dtype=np.int32)` saves it.
+        let bytes: Vec<u8> = kv_len
+            .iter()
+            .flat_map(|&l| (l as i32).to_le_bytes())
+            .collect();
+        args.push("--kv-len".into());
+        args.push(dir.raw("kv_len.npy", "<i4", &[shape.batch as usize], &bytes));
+    }
+    args
 }
 
 fn small() -> Shape {
@@ -146,7 +172,6 @@ fn f32_causal_selective_every_option_matches_reference() {
     let shape = Shape::new(2, 4, 12, 16).with_kv_heads(2).with_q_len(7);
     let mut x = random_inputs(&shape, Switches::ALL, 11);
     x.f0 = Some(Rng::new(12).range(0.0, 2.0, (shape.batch * shape.k_len) as usize));
-    let kv_len = x.kv_len.clone().expect("kv_len");
     let options = Options::causal().selective(1).scale(0.3).start(4);
     let spec = Spec {
         shape,
@@ -155,41 +180,14 @@ fn f32_causal_selective_every_option_matches_reference() {
     };
     let want = reference::attention(&spec, &x).expect("reference");
 
-    let mut args = vec![
-        "--q".into(),
-        dir.f32("q.npy", &shape.q_dims(), &x.q),
-        "--k".into(),
-        dir.f32("k.npy", &shape.kv_dims(), &x.k),
-        "--v".into(),
-        dir.f32("v.npy", &shape.kv_dims(), &x.v),
-        "--tau".into(),
-        dir.f32("tau.npy", &shape.row_dims(), x.tau.as_deref().expect("tau")),
-        "--alpha".into(),
-        dir.f32(
-            "alpha.npy",
-            &shape.alpha_dims(),
-            x.alpha.as_deref().expect("alpha"),
-        ),
-        "--gate".into(),
-        dir.f32(
-            "gate.npy",
-            &shape.gate_dims(),
-            x.gate.as_deref().expect("gate"),
-        ),
-        "--f0".into(),
-        dir.f32("f0.npy", &shape.f_dims(), x.f0.as_deref().expect("f0")),
-        // int32, as `np.array(.., dtype=np.int32)` saves it.
-        "--kv-len".into(),
-        dir.raw(
-            "kv_len.npy",
-            "<i4",
-            &[shape.batch as usize],
-            &kv_len
-                .iter()
-                .flat_map(|&l| (l as i32).to_le_bytes())
-                .collect::<Vec<u8>>(),
-        ),
+    let every = [
+        x.tau.is_some(),
+        x.alpha.is_some(),
+        x.gate.is_some(),
+        x.kv_len.is_some(),
     ];
+    assert!(every.iter().all(|&on| on), "every optional input is on");
+    let mut args = input_args(&dir, &shape, &x);
     let (o, lse, f_out) = (dir.path("o.npy"), dir.path("lse.npy"), dir.path("f.npy"));
     for a in [
         "--causal",
@@ -278,34 +276,13 @@ fn gradients_match_reference_backward() {
     };
     let want = reference_backward::backward(&spec, &x, &d_o, Some(&df_out)).expect("reference");
 
-    let mut args = vec![
-        "--q".into(),
-        dir.f32("q.npy", &shape.q_dims(), &x.q),
-        "--k".into(),
-        dir.f32("k.npy", &shape.kv_dims(), &x.k),
-        "--v".into(),
-        dir.f32("v.npy", &shape.kv_dims(), &x.v),
-        "--tau".into(),
-        dir.f32("tau.npy", &shape.row_dims(), x.tau.as_deref().expect("tau")),
-        "--alpha".into(),
-        dir.f32(
-            "alpha.npy",
-            &shape.alpha_dims(),
-            x.alpha.as_deref().expect("alpha"),
-        ),
-        "--gate".into(),
-        dir.f32(
-            "gate.npy",
-            &shape.gate_dims(),
-            x.gate.as_deref().expect("gate"),
-        ),
-        "--f0".into(),
-        dir.f32("f0.npy", &shape.f_dims(), x.f0.as_deref().expect("f0")),
+    let mut args = input_args(&dir, &shape, &x);
+    args.extend([
         "--grad-o".into(),
         dir.f32("do.npy", &shape.q_dims(), &d_o),
         "--grad-f-out".into(),
         dir.f32("dfout.npy", &shape.f_dims(), &df_out),
-    ];
+    ]);
     for a in ["--causal", "--selective", "1", "--check", "--out"] {
         args.push(a.to_string());
     }

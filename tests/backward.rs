@@ -10,7 +10,8 @@
 mod common;
 use std::sync::OnceLock;
 
-use common::backward::{add_rows, backward_data, rows};
+use common::backward::backward_data;
+use common::chunks::{chunks_backward, chunks_forward};
 use common::*;
 use selattn::kernels::backward::Wanted;
 use selattn::kernels::Kernel;
@@ -50,15 +51,8 @@ fn bcase(
     }
     BCase {
         name: format!(
-            "{name} B{} Hq{} Hkv{} Nq{} Nk{} D{} {} {}{}{}",
-            shape.batch,
-            shape.q_heads,
-            shape.kv_heads,
-            shape.q_len,
-            shape.k_len,
-            shape.head_dim,
-            opts_name(&opts),
-            inputs_name(&c),
+            "{}{}{}",
+            case_name(name, &shape, &opts, &c),
             if f0 { " +F0" } else { "" },
             if df_out.is_some() { " +dF_out" } else { "" },
         ),
@@ -222,6 +216,36 @@ struct GpuGrads {
     dalpha: Vec<f32>,
     dgate: Vec<f32>,
     df0: Vec<f32>,
+}
+
+impl GpuGrads {
+    /// The same values in f64, as the reference gives them.
+    fn widened(self) -> HostGrads {
+        let w = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
+        HostGrads {
+            dq: w(self.dq),
+            dk: w(self.dk),
+            dv: w(self.dv),
+            dtau: w(self.dtau),
+            dalpha: w(self.dalpha),
+            dgate: w(self.dgate),
+            df0: w(self.df0),
+        }
+    }
+
+    /// `g` rounded to f32 (a sum of chunk gradients, checked like one call's).
+    fn rounded(g: &HostGrads) -> Self {
+        let r = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+        GpuGrads {
+            dq: r(&g.dq),
+            dk: r(&g.dk),
+            dv: r(&g.dv),
+            dtau: r(&g.dtau),
+            dalpha: r(&g.dalpha),
+            dgate: r(&g.dgate),
+            df0: r(&g.df0),
+        }
+    }
 }
 
 /// Runs the GPU forward (O, LSE) and backward for `want`, poisoned outputs first.
@@ -801,13 +825,11 @@ fn scratch_bytes_bound() {
     }
 }
 
-// Long on purpose: the chunk rule as one scenario, forward chunks, backward chunks, compare.
 /// The chunk rule on the GPU: a sequence run forward in chunks (F_out of one chunk as F0 of the
 /// next), then backward last chunk first (dF0 of one chunk, first keys, as dF_out of the one
 /// before) gives the whole sequence's gradients (the reference backward of the whole run).
 #[test]
 fn chunked_backward_equals_whole() {
-    let (b, hq, hkv, n, d) = (2usize, 4usize, 2usize, 40usize, 32usize);
     let shape = Shape::new(2, 4, 40, 32).with_kv_heads(2);
     let opts = Options::causal().selective(3);
     let whole = bcase(
@@ -822,88 +844,32 @@ fn chunked_backward_equals_whole() {
     );
     let r = reference(&whole);
     let bounds = [0usize, 17, 18, 40];
-    let chunks: Vec<(usize, usize)> = bounds.windows(2).map(|w| (w[0], w[1])).collect();
     let x = &whole.x;
     let mut failures = vec![];
     for ctx in contexts() {
         // Forward, threading F through the GPU's own F_out.
-        let mut parts = vec![];
-        let mut prev_f: Option<Vec<f32>> = None;
-        for &(s, e) in &chunks {
-            let cs = Shape {
-                q_len: (e - s) as u32,
-                k_len: e as u32,
-                ..shape
-            };
-            let mut f0 = rows(x.f0.as_ref().unwrap(), b, n, 1, 0, e);
-            if let Some(pf) = &prev_f {
-                let pe = pf.len() / b;
-                for bb in 0..b {
-                    f0[bb * e..bb * e + pe].copy_from_slice(&pf[bb * pe..(bb + 1) * pe]);
-                }
-            }
-            let cx = HostInputs {
-                q: rows(&x.q, b * hq, n, d, s, e),
-                k: rows(&x.k, b * hkv, n, d, 0, e),
-                v: rows(&x.v, b * hkv, n, d, 0, e),
-                tau: x.tau.as_ref().map(|t| rows(t, b * hq, n, 1, s, e)),
-                alpha: x.alpha.clone(),
-                gate: x.gate.as_ref().map(|g| rows(g, b * hkv, n, 1, 0, e)),
-                kv_len: x
-                    .kv_len
-                    .as_ref()
-                    .map(|l| l.iter().map(|&l| l.min(e as u32)).collect()),
-                f0: Some(f0),
-            };
-            let co = opts.start(s as u32);
-            prev_f = Some(run_gpu(ctx, &cs, &cx, &co, DType::F32).f_out);
-            parts.push((cs, co, cx));
-        }
-        // Backward, last chunk first.
-        let mut acc = HostGrads {
-            dq: vec![0.0; r.dq.len()],
-            dk: vec![0.0; r.dk.len()],
-            dv: vec![0.0; r.dv.len()],
-            dtau: vec![0.0; r.dtau.len()],
-            dalpha: vec![0.0; hq],
-            dgate: vec![0.0; r.dgate.len()],
-            df0: vec![0.0; r.df0.len()],
-        };
-        let mut df_out = whole.df_out.clone().unwrap();
-        for (ci, &(s, e)) in chunks.iter().enumerate().rev() {
-            let (cs, co, cx) = &parts[ci];
-            let c = BCase {
-                name: format!("chunk {s}..{e}"),
-                shape: *cs,
-                opts: *co,
-                x: cx.clone(),
-                d_o: rows(&whole.d_o, b * hq, n, d, s, e),
-                df_out: Some(df_out.clone()),
-            };
-            let g = run_gpu_backward(ctx, &c, DType::F32, want_all(&c));
-            add_rows(&mut acc.dq, &g.dq, b * hq, n, d, s);
-            add_rows(&mut acc.dtau, &g.dtau, b * hq, n, 1, s);
-            add_rows(&mut acc.dk, &g.dk, b * hkv, n, d, 0);
-            add_rows(&mut acc.dv, &g.dv, b * hkv, n, d, 0);
-            add_rows(&mut acc.dgate, &g.dgate, b * hkv, n, 1, 0);
-            for (a, v) in acc.dalpha.iter_mut().zip(&g.dalpha) {
-                *a += *v as f64;
-            }
-            let pe = if ci == 0 { 0 } else { chunks[ci - 1].1 };
-            add_rows(&mut acc.df0, &rows(&g.df0, b, e, 1, pe, e), b, n, 1, pe);
-            df_out = rows(&g.df0, b, e, 1, 0, pe);
-        }
-        let as32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
-        let got = GpuGrads {
-            dq: as32(&acc.dq),
-            dk: as32(&acc.dk),
-            dv: as32(&acc.dv),
-            dtau: as32(&acc.dtau),
-            dalpha: as32(&acc.dalpha),
-            dgate: as32(&acc.dgate),
-            df0: as32(&acc.df0),
-        };
-        let name = format!("[{}] chunks {chunks:?}", ctx.describe());
+        let chunks = chunks_forward(&shape, &opts, x, &bounds, |c| {
+            run_gpu(ctx, &c.shape, &c.x, &c.opts, DType::F32).f_out
+        });
+        let acc = chunks_backward(
+            &shape,
+            &chunks,
+            &whole.d_o,
+            whole.df_out.as_deref().unwrap(),
+            |c, d_o, df_out| {
+                let c = BCase {
+                    name: format!("chunk {}..{}", c.lo, c.hi),
+                    shape: c.shape,
+                    opts: c.opts,
+                    x: c.x.clone(),
+                    d_o,
+                    df_out: Some(df_out),
+                };
+                run_gpu_backward(ctx, &c, DType::F32, want_all(&c)).widened()
+            },
+        );
+        let got = GpuGrads::rounded(&acc);
+        let name = format!("[{}] chunks {bounds:?}", ctx.describe());
         failures.extend(check_grads(&name, &got, &r, want_all(&whole), TOL));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

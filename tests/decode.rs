@@ -742,37 +742,15 @@ fn run_serving(ctx: &Context, c: &Case, ops: &[Op], seed: u64) -> Served {
     served
 }
 
-/// Idle sequences and different token counts per sequence in one step, resets, speculative
-/// rollbacks and pruning, mixed, each step exact against the reference.
-#[test]
-fn serving_loop_matches_reference() {
-    use Op::*;
-    let ops = || {
-        vec![
-            Step(3, Some(vec![3, 0, 1]), false),
-            Step(2, Some(vec![0, 2, 2]), true),
-            Truncate(0, Some(2)),
-            Reset(1),
-            Step(4, Some(vec![4, 1, 0]), false),
-            Truncate(0, Some(3)),
-            Truncate(2, Some(1)),
-            Truncate(1, None),
-            Step(1, None, true),
-            Step(2, Some(vec![2, 0, 1]), false),
-            Truncate(1, Some(1)),
-            Step(3, Some(vec![1, 3, 3]), false),
-            Truncate(1, Some(2)),
-            Step(1, Some(vec![1, 1, 0]), true),
-            Reset(0),
-            Step(2, Some(vec![2, 0, 2]), false),
-            Truncate(0, Some(1)),
-            Step(1, Some(vec![0, 0, 0]), false),
-        ]
-    };
+/// Runs `ops` (seeded with `seed`) on every adapter for three cases of one serving loop (three
+/// sequences, every input, selective): f32 without and with a budget, and f16 with a budget,
+/// splits and groups where the adapter has f16; each exact against the reference. Returns the
+/// outcomes summed.
+fn serve_everywhere(capacity: u32, ops: &[Op], seed: u64) -> Served {
     let base = Case {
         batch: 3,
         prefill: vec![4, 0, 2],
-        capacity: 20,
+        capacity,
         selective: Some(1),
         ..Case::new(4, 2, 16).all()
     };
@@ -796,11 +774,40 @@ fn serving_loop_matches_reference() {
             if c.dtype == DType::F16 && !ctx.capabilities().f16 {
                 continue;
             }
-            let s = run_serving(ctx, c, &ops(), 900);
+            let s = run_serving(ctx, c, ops, seed);
             eprintln!("[{}] {}: {s:?}", ctx.describe(), c.name());
             total += s;
         }
     }
+    total
+}
+
+/// Idle sequences and different token counts per sequence in one step, resets, speculative
+/// rollbacks and pruning, mixed, each step exact against the reference.
+#[test]
+fn serving_loop_matches_reference() {
+    use Op::*;
+    let ops = [
+        Step(3, Some(vec![3, 0, 1]), false),
+        Step(2, Some(vec![0, 2, 2]), true),
+        Truncate(0, Some(2)),
+        Reset(1),
+        Step(4, Some(vec![4, 1, 0]), false),
+        Truncate(0, Some(3)),
+        Truncate(2, Some(1)),
+        Truncate(1, None),
+        Step(1, None, true),
+        Step(2, Some(vec![2, 0, 1]), false),
+        Truncate(1, Some(1)),
+        Step(3, Some(vec![1, 3, 3]), false),
+        Truncate(1, Some(2)),
+        Step(1, Some(vec![1, 1, 0]), true),
+        Reset(0),
+        Step(2, Some(vec![2, 0, 2]), false),
+        Truncate(0, Some(1)),
+        Step(1, Some(vec![0, 0, 0]), false),
+    ];
+    let total = serve_everywhere(20, &ops, 900);
     // The script exercises both outcomes.
     assert!(total.truncated > 0 && total.refused > 0, "{total:?}");
 }
@@ -813,69 +820,36 @@ fn serving_loop_matches_reference() {
 #[test]
 fn speculative_rollback_matches_reference() {
     use Op::*;
-    let ops = || {
-        vec![
-            Checkpoint(0),
-            Checkpoint(2),
-            Step(3, Some(vec![3, 1, 2]), true),
-            Step(2, Some(vec![2, 2, 2]), true),
-            Rollback(0),
-            Step(1, Some(vec![1, 0, 1]), true),
-            Rollback(2),
-            Step(2, Some(vec![2, 1, 0]), false),
-            Checkpoint(1),
-            Step(4, Some(vec![0, 4, 4]), true),
-            Rollback(1),
-            Step(2, Some(vec![1, 2, 0]), true),
-            Rollback(1),
-            Step(3, Some(vec![1, 3, 0]), true),
-            Checkpoint(0),
-            Reset(0),
-            Rollback(0),
-            Step(2, None, true),
-            Checkpoint(2),
-            Step(1, Some(vec![0, 0, 1]), false),
-            Truncate(2, Some(1)),
-            Rollback(2),
-            Checkpoint(1),
-            Checkpoint(1),
-            Step(3, None, true),
-            Rollback(1),
-            Step(1, None, true),
-        ]
-    };
-    let base = Case {
-        batch: 3,
-        prefill: vec![4, 0, 2],
-        capacity: 24,
-        selective: Some(1),
-        ..Case::new(4, 2, 16).all()
-    };
-    let cases = [
-        base.clone(),
-        Case {
-            budget: Some(7),
-            ..base.clone()
-        },
-        Case {
-            dtype: DType::F16,
-            budget: Some(9),
-            splits: Some(2),
-            group: Some(2),
-            ..base.clone()
-        },
+    let ops = [
+        Checkpoint(0),
+        Checkpoint(2),
+        Step(3, Some(vec![3, 1, 2]), true),
+        Step(2, Some(vec![2, 2, 2]), true),
+        Rollback(0),
+        Step(1, Some(vec![1, 0, 1]), true),
+        Rollback(2),
+        Step(2, Some(vec![2, 1, 0]), false),
+        Checkpoint(1),
+        Step(4, Some(vec![0, 4, 4]), true),
+        Rollback(1),
+        Step(2, Some(vec![1, 2, 0]), true),
+        Rollback(1),
+        Step(3, Some(vec![1, 3, 0]), true),
+        Checkpoint(0),
+        Reset(0),
+        Rollback(0),
+        Step(2, None, true),
+        Checkpoint(2),
+        Step(1, Some(vec![0, 0, 1]), false),
+        Truncate(2, Some(1)),
+        Rollback(2),
+        Checkpoint(1),
+        Checkpoint(1),
+        Step(3, None, true),
+        Rollback(1),
+        Step(1, None, true),
     ];
-    let mut total = Served::default();
-    for ctx in contexts() {
-        for c in &cases {
-            if c.dtype == DType::F16 && !ctx.capabilities().f16 {
-                continue;
-            }
-            let s = run_serving(ctx, c, &ops(), 950);
-            eprintln!("[{}] {}: {s:?}", ctx.describe(), c.name());
-            total += s;
-        }
-    }
+    let total = serve_everywhere(24, &ops, 950);
     // Rollbacks over evictions and over selective scores both ran, and stale ones were refused.
     assert!(
         total.rolled_evicted > 0 && total.rolled_selective > 0 && total.stale > 0,

@@ -45,6 +45,9 @@ impl Counts {
     }
 }
 
+/// A cache's lengths, positions and evictions: what a refused call must leave as they were.
+type HostState = (Vec<u32>, Vec<u64>, Vec<u64>);
+
 /// One way to spoil a call, or none.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Spoil {
@@ -347,6 +350,23 @@ impl World<'_> {
         }
     }
 
+    /// A refused cache call: counts `e`, which must be the error wanted (`right`), and the cache
+    /// must be as it was (`before`).
+    fn refused(&mut self, cw: &CacheWorld, before: &HostState, e: &Error, right: bool, call: &str) {
+        self.counts.error(e);
+        if !right {
+            self.counts.fail(format!("{call}: wrong error {e:?}"));
+        }
+        self.unmoved(cw, before, call);
+    }
+
+    /// After a refused cache call: the cache must be as it was (`before`).
+    fn unmoved(&mut self, cw: &CacheWorld, before: &HostState, call: &str) {
+        if cw.host_state() != *before {
+            self.counts.fail(format!("refused {call} moved the cache"));
+        }
+    }
+
     /// Tensor construction and transfer misuse: sizes that overflow or are zero, lengths that
     /// disagree, buffers without a usage or too small, another device's tensors.
     fn tensors(&mut self) {
@@ -432,7 +452,7 @@ impl CacheWorld {
         }
     }
 
-    fn host_state(&self) -> (Vec<u32>, Vec<u64>, Vec<u64>) {
+    fn host_state(&self) -> HostState {
         (
             self.cache.lens().to_vec(),
             self.cache.positions().to_vec(),
@@ -502,20 +522,12 @@ impl World<'_> {
         };
         match (refused, res) {
             (Some(why), Err(e)) => {
-                self.counts.error(&e);
                 let right = if b >= cw.touched.len() {
                     matches!(e, Error::LengthMismatch { .. })
                 } else {
                     matches!(e, Error::CannotTruncate { .. })
                 };
-                if !right {
-                    self.counts
-                        .fail(format!("truncate {why}: wrong error {e:?}"));
-                }
-                if cw.host_state() != before {
-                    self.counts
-                        .fail(format!("refused truncate ({why}) moved the cache"));
-                }
+                self.refused(cw, &before, &e, right, &format!("truncate ({why})"));
             }
             (Some(why), Ok(())) => self.counts.fail(format!("truncate {why}: accepted")),
             (None, Err(e)) => self
@@ -558,14 +570,8 @@ impl World<'_> {
                 }
                 (Ok(_), None) => self.counts.fail(format!("checkpoint of {s}: accepted")),
                 (Err(e), None) => {
-                    self.counts.error(&e);
-                    if !matches!(e, Error::LengthMismatch { .. }) {
-                        self.counts.fail(format!("checkpoint out of range: {e:?}"));
-                    }
-                    if cw.host_state() != before {
-                        self.counts
-                            .fail("refused checkpoint moved the cache".into());
-                    }
+                    let right = matches!(e, Error::LengthMismatch { .. });
+                    self.refused(cw, &before, &e, right, "checkpoint out of range");
                 }
                 (Err(e), Some(_)) => self.counts.fail(format!("checkpoint of {s} failed: {e}")),
             }
@@ -594,14 +600,8 @@ impl World<'_> {
                 self.counts.calls += 1;
                 match cw.cache.rollback(self.ctx, &old) {
                     Err(e) => {
-                        self.counts.error(&e);
-                        if !matches!(e, Error::StaleCheckpoint { .. }) {
-                            self.counts
-                                .fail(format!("stale rollback: wrong error {e:?}"));
-                        }
-                        if cw.host_state() != before {
-                            self.counts.fail("refused rollback moved the cache".into());
-                        }
+                        let right = matches!(e, Error::StaleCheckpoint { .. });
+                        self.refused(cw, &before, &e, right, "stale rollback");
                     }
                     Ok(()) => self.counts.fail("stale rollback: accepted".into()),
                 }
@@ -642,10 +642,8 @@ impl World<'_> {
                 cw.drop_checkpoint(s as usize);
             } else {
                 let before = cw.host_state();
-                if self.expect_err(cw.cache.reset_sequence(s), "reset out of range")
-                    && cw.host_state() != before
-                {
-                    self.counts.fail("failed reset moved the cache".into());
+                if self.expect_err(cw.cache.reset_sequence(s), "reset out of range") {
+                    self.unmoved(cw, &before, "reset out of range");
                 }
             }
             self.counts.calls += 1;
@@ -710,10 +708,9 @@ impl World<'_> {
             self.counts.calls += 1;
             let res = cw.cache.append(ctx, &tk, c_arg);
             if spoiled || would_fill {
-                if self.expect_err(res, &format!("append spoil {spoil}"))
-                    && cw.host_state() != before
-                {
-                    self.counts.fail("failed append moved the cache".into());
+                let call = format!("append spoil {spoil}");
+                if self.expect_err(res, &call) {
+                    self.unmoved(cw, &before, &call);
                 }
             } else {
                 self.counts.gpu_calls += 1;
@@ -825,11 +822,9 @@ impl World<'_> {
         self.counts.calls += 1;
         let res = cw.cache.step(ctx, &step, &opts, &outs);
         if spoiled || full {
-            if self.expect_err(res, &format!("step spoil {spoil}")) {
-                if cw.host_state() != before {
-                    self.counts
-                        .fail(format!("failed step (spoil {spoil}) moved the cache"));
-                }
+            let call = format!("step spoil {spoil}");
+            if self.expect_err(res, &call) {
+                self.unmoved(cw, &before, &call);
                 if self.rng.below(4) == 0 {
                     if let Err(m) = cw.agrees(ctx, true) {
                         self.counts.fail(format!("after failed step {spoil}: {m}"));

@@ -15,7 +15,8 @@ use selattn::{Options, Shape, Spec};
 use selattn_tools::testing::Rng;
 
 mod common;
-use common::backward::{add_rows, backward_data, rows};
+use common::backward::backward_data;
+use common::chunks::{chunks_backward, chunks_forward};
 
 fn spec(s: &Shape, o: &Options, x: &HostInputs) -> Spec {
     Spec {
@@ -313,88 +314,30 @@ fn rows_without_allowed_keys_give_zero_gradients() {
     assert!(g.dq.iter().chain(&g.dk).chain(&g.dv).all(|x| x.is_finite()));
 }
 
-// Long on purpose: the chunk rule as one scenario, forward chunks, backward chunks, compare.
 /// Chunked backward equals the backward of the whole: chunks run forward first to first, threading
 /// F_out into the next F0, then backward last to first, each passing its dF0 (first keys) to the
 /// chunk before as dF_out; dK, dV, dgate, dalpha add up over chunks, dQ and dtau are per chunk, and
 /// dF0 of a key comes from the first chunk that sees it.
 #[test]
 fn chunked_backward_equals_whole() {
-    let (b, hq, hkv, n, d) = (2usize, 4usize, 2usize, 13usize, 8usize);
-    let shape = Shape::new(b as u32, hq as u32, n as u32, d as u32).with_kv_heads(hkv as u32);
+    let shape = Shape::new(2, 4, 13, 8).with_kv_heads(2);
     let opts = Options::causal().selective(3);
     let c = case("", shape, opts, Switches::ALL, true, true, 31);
     let mut x = c.x.clone();
     x.kv_len = Some(vec![13, 8]);
     let whole = backward(&spec(&shape, &opts, &x), &x, &c.d_o, c.df_out.as_deref()).unwrap();
     for bounds in [vec![0, 5, 6, 13], vec![0, 1, 7, 10, 13]] {
-        let chunks: Vec<(usize, usize)> = bounds.windows(2).map(|w| (w[0], w[1])).collect();
         // Forward: each chunk's inputs, F0 threaded through in f64 (kept in f32 inputs: F values
         // here are sums of a few relu'd logits, the f32 rounding is part of the tolerance).
-        let mut inputs = vec![];
-        let mut prev_f: Option<Vec<f32>> = None;
-        for &(s, e) in &chunks {
-            let cs = Shape {
-                q_len: (e - s) as u32,
-                k_len: e as u32,
-                ..shape
-            };
-            let mut f0 = rows(x.f0.as_ref().unwrap(), b, n, 1, 0, e);
-            if let Some(pf) = &prev_f {
-                let pe = pf.len() / b;
-                for bb in 0..b {
-                    f0[bb * e..bb * e + pe].copy_from_slice(&pf[bb * pe..(bb + 1) * pe]);
-                }
-            }
-            let cx = HostInputs {
-                q: rows(&x.q, b * hq, n, d, s, e),
-                k: rows(&x.k, b * hkv, n, d, 0, e),
-                v: rows(&x.v, b * hkv, n, d, 0, e),
-                tau: x.tau.as_ref().map(|t| rows(t, b * hq, n, 1, s, e)),
-                alpha: x.alpha.clone(),
-                gate: x.gate.as_ref().map(|g| rows(g, b * hkv, n, 1, 0, e)),
-                kv_len: x
-                    .kv_len
-                    .as_ref()
-                    .map(|l| l.iter().map(|&l| l.min(e as u32)).collect()),
-                f0: Some(f0),
-            };
-            let co = opts.start(s as u32);
-            let out = attention(&spec(&cs, &co, &cx), &cx).unwrap();
-            prev_f = Some(out.f_out.iter().map(|&v| v as f32).collect());
-            inputs.push((cs, co, cx));
-        }
+        let chunks = chunks_forward(&shape, &opts, &x, &bounds, |c| {
+            let out = attention(&spec(&c.shape, &c.opts, &c.x), &c.x).unwrap();
+            out.f_out.iter().map(|&v| v as f32).collect()
+        });
         // Backward, last chunk first.
-        let mut acc = HostGrads {
-            dq: vec![0.0; whole.dq.len()],
-            dk: vec![0.0; whole.dk.len()],
-            dv: vec![0.0; whole.dv.len()],
-            dtau: vec![0.0; whole.dtau.len()],
-            dalpha: vec![0.0; hq],
-            dgate: vec![0.0; whole.dgate.len()],
-            df0: vec![0.0; whole.df0.len()],
-        };
-        let mut df_out: Vec<f32> = c.df_out.clone().unwrap();
-        for (ci, &(s, e)) in chunks.iter().enumerate().rev() {
-            let (cs, co, cx) = &inputs[ci];
-            let d_o = rows(&c.d_o, b * hq, n, d, s, e);
-            let g = backward(&spec(cs, co, cx), cx, &d_o, Some(&df_out)).unwrap();
-            add_rows(&mut acc.dq, &g.dq, b * hq, n, d, s);
-            add_rows(&mut acc.dtau, &g.dtau, b * hq, n, 1, s);
-            add_rows(&mut acc.dk, &g.dk, b * hkv, n, d, 0);
-            add_rows(&mut acc.dv, &g.dv, b * hkv, n, d, 0);
-            add_rows(&mut acc.dgate, &g.dgate, b * hkv, n, 1, 0);
-            for (a, x) in acc.dalpha.iter_mut().zip(&g.dalpha) {
-                *a += x;
-            }
-            // Keys the previous chunk saw get their gradient through its F_out; the rest belong
-            // to the whole run's F0.
-            let pe = if ci == 0 { 0 } else { chunks[ci - 1].1 };
-            let prev: Vec<f64> = rows(&g.df0, b, e, 1, 0, pe);
-            let own: Vec<f64> = rows(&g.df0, b, e, 1, pe, e);
-            add_rows(&mut acc.df0, &own, b, n, 1, pe);
-            df_out = prev.iter().map(|&v| v as f32).collect();
-        }
+        let df_out = c.df_out.as_deref().unwrap();
+        let acc = chunks_backward(&shape, &chunks, &c.d_o, df_out, |c, d_o, df_out| {
+            backward(&spec(&c.shape, &c.opts, &c.x), &c.x, &d_o, Some(&df_out)).unwrap()
+        });
         for (what, got, want) in [
             ("dq", &acc.dq, &whole.dq),
             ("dk", &acc.dk, &whole.dk),
@@ -411,10 +354,10 @@ fn chunked_backward_equals_whole() {
                 worst = worst.max((a - w).abs());
             }
             let rel = (num / den).sqrt();
-            eprintln!("chunks {chunks:?}: {what} max err {worst:.2e}, rel {rel:.2e}");
+            eprintln!("chunks {bounds:?}: {what} max err {worst:.2e}, rel {rel:.2e}");
             assert!(den > 0.0, "{what} is all zero");
             // F and dF_out pass between chunks as f32: relative error of order 1e-7.
-            assert!(rel < 1e-6, "chunks {chunks:?}: {what} rel {rel:.3e}");
+            assert!(rel < 1e-6, "chunks {bounds:?}: {what} rel {rel:.3e}");
         }
     }
 }

@@ -3,8 +3,9 @@
 //! scratch memory bound B·ceil(Nq/Br)·Nk·4.
 
 mod common;
+use common::chunks::{chunk_inputs, put_rows};
 use common::*;
-use selattn::reference::{HostInputs, HostOutputs};
+use selattn::reference::HostOutputs;
 use selattn::{DType, Options, Plan, Shape, Spec, Switches};
 
 const TOL: f64 = 2e-5;
@@ -105,72 +106,6 @@ fn selective_matrix() {
     pad.x.kv_len = Some(vec![28, 3]);
     cases.push(with_f0(pad, 120));
     check_cases(&cases, TOL);
-}
-
-/// Rows `[lo, hi)` of the middle axis of `[outer, n, inner]`.
-fn rows(x: &[f32], outer: usize, n: usize, inner: usize, lo: usize, hi: usize) -> Vec<f32> {
-    assert_eq!(x.len(), outer * n * inner);
-    let mut v = Vec::with_capacity(outer * (hi - lo) * inner);
-    for o in 0..outer {
-        v.extend_from_slice(&x[(o * n + lo) * inner..(o * n + hi) * inner]);
-    }
-    v
-}
-
-/// Writes `[outer, hi - lo, inner]` into rows `[lo, hi)` of `[outer, n, inner]`.
-fn put_rows<T: Copy>(dst: &mut [T], src: &[T], outer: usize, n: usize, inner: usize, lo: usize) {
-    let m = src.len() / (outer * inner);
-    for o in 0..outer {
-        dst[(o * n + lo) * inner..(o * n + lo + m) * inner]
-            .copy_from_slice(&src[o * m * inner..(o + 1) * m * inner]);
-    }
-}
-
-/// The inputs of chunk `[s, e)` of a whole sequence: Q, tau rows `[s, e)`; K, V, gate the first
-/// `e` keys; kv_len clipped to `e` (rows of the chunk sit before `e`, so the allowed keys are the
-/// same); F0 = the previous chunk's F_out for the first `e_prev` keys, the whole run's F0 after.
-fn chunk_inputs(
-    shape: &Shape,
-    x: &HostInputs,
-    s: usize,
-    e: usize,
-    prev_f: Option<(&[f32], usize)>,
-) -> (Shape, HostInputs) {
-    let (b, hq, hkv, nq, nk, d) = (
-        shape.batch as usize,
-        shape.q_heads as usize,
-        shape.kv_heads as usize,
-        shape.q_len as usize,
-        shape.k_len as usize,
-        shape.head_dim as usize,
-    );
-    let cs = Shape {
-        q_len: (e - s) as u32,
-        k_len: e as u32,
-        ..*shape
-    };
-    let f0 = x.f0.as_ref().map(|f0| {
-        let mut v = rows(f0, b, nk, 1, 0, e);
-        if let Some((pf, pe)) = prev_f {
-            put_rows(&mut v, pf, b, e, 1, 0);
-            assert_eq!(pf.len(), b * pe);
-        }
-        v
-    });
-    let cx = HostInputs {
-        q: rows(&x.q, b * hq, nq, d, s, e),
-        k: rows(&x.k, b * hkv, nk, d, 0, e),
-        v: rows(&x.v, b * hkv, nk, d, 0, e),
-        tau: x.tau.as_ref().map(|t| rows(t, b * hq, nq, 1, s, e)),
-        alpha: x.alpha.clone(),
-        gate: x.gate.as_ref().map(|g| rows(g, b * hkv, nk, 1, 0, e)),
-        kv_len: x
-            .kv_len
-            .as_ref()
-            .map(|l| l.iter().map(|&l| l.min(e as u32)).collect()),
-        f0,
-    };
-    (cs, cx)
 }
 
 /// Seeded random chunk boundaries of `n` rows: sizes from 1 to about n/3.

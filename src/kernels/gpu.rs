@@ -144,15 +144,24 @@ impl Gpu<'_> {
         bytes: u64,
         label: &str,
     ) -> wgpu::Buffer {
-        if let Some(b) = slot.as_ref() {
-            if b.size() >= bytes {
-                return b.clone();
-            }
+        self.grow_as(slot, bytes, label, wgpu::BufferUsages::STORAGE)
+    }
+
+    /// [`Gpu::grow`] for a buffer of another `usage` (all buffers kept in `slot` share it).
+    pub(crate) fn grow_as(
+        &self,
+        slot: &mut Option<wgpu::Buffer>,
+        bytes: u64,
+        label: &str,
+        usage: wgpu::BufferUsages,
+    ) -> wgpu::Buffer {
+        if let Some(b) = slot.as_ref().filter(|b| b.size() >= bytes) {
+            return b.clone();
         }
         let b = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: bytes.max(16).div_ceil(16) * 16,
-            usage: wgpu::BufferUsages::STORAGE,
+            usage,
             mapped_at_creation: false,
         });
         *slot = Some(b.clone());

@@ -1,5 +1,5 @@
 //! Shared set-up of backward test cases (tests/backward.rs, tests/reference_backward.rs): the
-//! seeded upstream gradients and the row helpers of the chunk-rule tests.
+//! seeded upstream gradients.
 
 use selattn::reference::HostInputs;
 use selattn::Shape;
@@ -25,40 +25,4 @@ pub fn backward_data(
     let d_o = rng.normals((shape.batch * shape.q_heads * shape.q_len * shape.head_dim) as usize);
     let df_out = df_out.then(|| rng.normals(nf));
     (x, d_o, df_out)
-}
-
-/// Rows `[lo, hi)` of the middle axis of `[outer, n, inner]`.
-pub fn rows<T: Copy>(
-    x: &[T],
-    outer: usize,
-    n: usize,
-    inner: usize,
-    lo: usize,
-    hi: usize,
-) -> Vec<T> {
-    let mut v = Vec::with_capacity(outer * (hi - lo) * inner);
-    for o in 0..outer {
-        v.extend_from_slice(&x[(o * n + lo) * inner..(o * n + hi) * inner]);
-    }
-    v
-}
-
-/// Adds `[outer, m, inner]` into rows `[lo, lo + m)` of `[outer, n, inner]`.
-pub fn add_rows<S: Copy + Into<f64>>(
-    dst: &mut [f64],
-    src: &[S],
-    outer: usize,
-    n: usize,
-    inner: usize,
-    lo: usize,
-) {
-    let m = src.len() / (outer * inner);
-    for o in 0..outer {
-        for (d, s) in dst[(o * n + lo) * inner..(o * n + lo + m) * inner]
-            .iter_mut()
-            .zip(&src[o * m * inner..(o + 1) * m * inner])
-        {
-            *d += (*s).into();
-        }
-    }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod backward;
+pub mod chunks;
 
 use std::sync::OnceLock;
 
@@ -188,22 +189,28 @@ impl Case {
     /// A case with seeded random inputs for `c`; `name` is prefixed to the shape and options.
     pub fn random(name: &str, shape: Shape, opts: Options, c: Switches, seed: u64) -> Case {
         Case {
-            name: format!(
-                "{name} B{} Hq{} Hkv{} Nq{} Nk{} D{} {} {}",
-                shape.batch,
-                shape.q_heads,
-                shape.kv_heads,
-                shape.q_len,
-                shape.k_len,
-                shape.head_dim,
-                opts_name(&opts),
-                inputs_name(&c)
-            ),
+            name: case_name(name, &shape, &opts, &c),
             shape,
             opts,
             x: random_inputs(&shape, c, seed),
         }
     }
+}
+
+/// A case's name: `name`, then its shape, options and inputs
+/// (`name B2 Hq4 Hkv2 Nq7 Nk12 D16 causal sel1 tau+alpha`).
+pub fn case_name(name: &str, shape: &Shape, opts: &Options, c: &Switches) -> String {
+    format!(
+        "{name} B{} Hq{} Hkv{} Nq{} Nk{} D{} {} {}",
+        shape.batch,
+        shape.q_heads,
+        shape.kv_heads,
+        shape.q_len,
+        shape.k_len,
+        shape.head_dim,
+        opts_name(opts),
+        inputs_name(c)
+    )
 }
 
 /// A short name for options: `causal sel1 start7 scale0.3`.
