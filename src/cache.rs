@@ -18,6 +18,10 @@
 //! prefill of the whole sequence would (its F_out), and a prefill's F_out can be handed to
 //! [`KvCache::append`] so a prefill followed by decode steps matches one long prefill.
 //!
+//! A cache larger than one buffer may be is split into groups of sequences with buffers of their
+//! own; a sequence larger than one buffer is stored in segments (slot ranges, each with buffers of
+//! its own), attended per segment and merged exactly ([`KvCache::segments`]).
+//!
 //! A model holds one cache per layer, each with its own budget. A cache must be used with the
 //! [`Context`] that created it.
 
@@ -52,7 +56,9 @@ pub struct KvCacheConfig {
     pub gate: bool,
     /// Largest buffer the cache may use, in bytes; `None`: the device's storage-binding and
     /// buffer limits. A cache whose K (or V) is larger is split into groups of sequences, each
-    /// group with its own buffers (see [`KvCache`]).
+    /// group with its own buffers; a sequence whose own K is larger is stored in segments (slot
+    /// ranges, each with its own buffers; see [`KvCache::segments`]). Only a limit below one
+    /// slot's K (KV heads x head dim) is refused ([`Error::TooLarge`]).
     pub max_buffer_bytes: Option<u64>,
 }
 
@@ -70,14 +76,15 @@ impl KvCacheConfig {
             max_buffer_bytes: None,
         }
     }
-    /// Keep every buffer of the cache at most `bytes` long (more sequence groups; for tests
-    /// of the multi-buffer layout and for devices whose large buffers are slow).
+    /// Keep every buffer of the cache at most `bytes` long (more sequence groups, or segments
+    /// when one sequence does not fit; for tests of the multi-buffer layouts and for devices
+    /// whose large buffers are slow).
     pub fn max_buffer_bytes(mut self, bytes: u64) -> Self {
         self.max_buffer_bytes = Some(bytes);
         self
     }
     /// Sequences per buffer group when buffers may hold `limit` bytes: as many as fit, or
-    /// `None` when not even one sequence's K fits.
+    /// `None` when not even one sequence's K fits (the cache is then stored in segments).
     pub fn sequences_per_group(&self, limit: u64) -> Option<u32> {
         let per_seq = (self.kv_heads as u64)
             .saturating_mul(self.capacity as u64)
@@ -368,6 +375,13 @@ pub struct KvCache {
     f_touched: Vec<u64>,
     part: Option<wgpu::Buffer>,
     fq: Option<wgpu::Buffer>,
+    /// Slots per segment: the capacity, unless one sequence's slots do not fit one buffer (then
+    /// each sequence is stored in segments of this many slots, the last one possibly fewer).
+    seg_cap: u32,
+    /// Segmented caches: each sequence's best eviction candidate `[B, 4]`.
+    best: Option<Tensor>,
+    /// Segmented caches: the decode step's running result per query row (f32 O, then (m, l)).
+    acc: Option<wgpu::Buffer>,
     /// Identity of the cache, named by its checkpoints.
     id: u64,
     /// Serial number of the last checkpoint taken.
@@ -424,12 +438,16 @@ struct Snapshot {
 /// Source of cache identities.
 static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// Sequences `b0 .. b0 + nb` of a cache and their buffers: K and V `[nb, Hkv, C, D]`, gate
-/// `[nb, Hkv, C]`, F and positions `[nb, C]`.
+/// Slots `s0 .. s0 + cs` of sequences `b0 .. b0 + nb` of a cache and their buffers: K and V
+/// `[nb, Hkv, cs, D]`, gate `[nb, Hkv, cs]`, F and positions `[nb, cs]`. Unsegmented caches
+/// (every sequence's slots fit one buffer): `s0 = 0`, `cs = capacity`; segmented ones: one
+/// sequence (`nb = 1`) per group, one group per segment.
 #[derive(Debug)]
 struct Group {
     b0: u32,
     nb: u32,
+    s0: u32,
+    cs: u32,
     k: Tensor,
     v: Tensor,
     gate: Option<Tensor>,
@@ -486,26 +504,21 @@ impl KvCache {
         }
         // Layout: sequences in groups, each group's K, V, gate, F and positions in buffers of
         // their own, as large as the device binds (WGSL has no portable way to pick a binding
-        // at run time, so a group is dispatched as a batch of its own). One sequence's K must
-        // fit in one buffer.
+        // at run time, so a group is dispatched as a batch of its own). A sequence whose K does
+        // not fit one buffer is stored in segments (slot ranges), each in buffers of its own.
         let caps = ctx.capabilities();
         let limit = caps
             .max_storage_binding
             .min(caps.max_buffer)
             .min(cfg.max_buffer_bytes.unwrap_or(u64::MAX));
-        let per_group = cfg.sequences_per_group(limit).ok_or(Error::TooLarge {
-            what: "one sequence's keys (KV heads x capacity x head dim) in one cache buffer",
-            bytes: cfg.kv_heads as u64
-                * cfg.capacity as u64
-                * cfg.head_dim as u64
-                * cfg.dtype.size(),
-            limit,
-        })?;
         let (h, c, d) = (
             cfg.kv_heads as u64,
             cfg.capacity as u64,
             cfg.head_dim as u64,
         );
+        let Some(per_group) = cfg.sequences_per_group(limit) else {
+            return Self::new_segmented(ctx, cfg, limit);
+        };
         let mut groups = vec![];
         let mut b0 = 0;
         while b0 < cfg.batch {
@@ -519,6 +532,8 @@ impl KvCache {
             groups.push(Group {
                 b0,
                 nb,
+                s0: 0,
+                cs: cfg.capacity,
                 k: ctx.empty(&[b, h, c, d], cfg.dtype)?,
                 v: ctx.empty(&[b, h, c, d], cfg.dtype)?,
                 gate,
@@ -527,7 +542,61 @@ impl KvCache {
             });
             b0 += nb;
         }
-        Ok(KvCache {
+        Ok(Self::with_groups(cfg, groups, cfg.capacity))
+    }
+
+    /// A cache whose sequences are stored in segments of at most `limit` bytes of K each: one
+    /// group per sequence and segment. [`Error::TooLarge`] when not even one slot's keys fit.
+    fn new_segmented(ctx: &Context, cfg: KvCacheConfig, limit: u64) -> Result<Self> {
+        let (h, c, d) = (
+            cfg.kv_heads as u64,
+            cfg.capacity as u64,
+            cfg.head_dim as u64,
+        );
+        let row = h * d * cfg.dtype.size();
+        let most = limit / row;
+        if most == 0 {
+            return Err(Error::TooLarge {
+                what: "one slot's keys (KV heads x head dim) in one cache buffer",
+                bytes: row,
+                limit,
+            });
+        }
+        // As few segments as fit, of equal size but the last.
+        let segments = c.div_ceil(most);
+        let seg_cap = c.div_ceil(segments) as u32;
+        let mut groups = vec![];
+        for b0 in 0..cfg.batch {
+            let mut s0 = 0u32;
+            while s0 < cfg.capacity {
+                let cs = seg_cap.min(cfg.capacity - s0);
+                let n = cs as u64;
+                let gate = if cfg.gate {
+                    Some(ctx.empty(&[1, h, n], DType::F32)?)
+                } else {
+                    None
+                };
+                groups.push(Group {
+                    b0,
+                    nb: 1,
+                    s0,
+                    cs,
+                    k: ctx.empty(&[1, h, n, d], cfg.dtype)?,
+                    v: ctx.empty(&[1, h, n, d], cfg.dtype)?,
+                    gate,
+                    f: ctx.empty(&[1, n], DType::F32)?,
+                    pos: ctx.empty(&[1, n], DType::U32)?,
+                });
+                s0 += cs;
+            }
+        }
+        let mut cache = Self::with_groups(cfg, groups, seg_cap);
+        cache.best = Some(ctx.empty(&[cfg.batch as u64, 4], DType::U32)?);
+        Ok(cache)
+    }
+
+    fn with_groups(cfg: KvCacheConfig, groups: Vec<Group>, seg_cap: u32) -> Self {
+        KvCache {
             groups,
             next_pos: vec![0; cfg.batch as usize],
             len: vec![0; cfg.batch as usize],
@@ -535,12 +604,15 @@ impl KvCache {
             f_touched: vec![0; cfg.batch as usize],
             part: None,
             fq: None,
+            seg_cap,
+            best: None,
+            acc: None,
             id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             serial: 0,
             checkpoints: vec![None; cfg.batch as usize],
             snapshots: (0..cfg.batch).map(|_| Snapshot::default()).collect(),
             cfg,
-        })
+        }
     }
 
     /// The configuration.
@@ -559,13 +631,26 @@ impl KvCache {
     pub fn evictions(&self) -> &[u64] {
         &self.evictions
     }
-    /// Sequence groups with buffers of their own (1 unless the cache is larger than one
-    /// buffer may be; see [`KvCacheConfig::max_buffer_bytes`]).
+    /// Buffer groups, each with buffers of its own (1 unless the cache is larger than one
+    /// buffer may be; see [`KvCacheConfig::max_buffer_bytes`]): groups of whole sequences, or,
+    /// when one sequence's slots do not fit one buffer, one per sequence and segment
+    /// (`batch * segments()`).
     pub fn buffer_groups(&self) -> usize {
         self.groups.len()
     }
+    /// Segments per sequence: 1 unless one sequence's K (KV heads x capacity x head dim) does
+    /// not fit one buffer; then its slots are stored in this many slot ranges, each in buffers
+    /// of its own (see [`KvCache::segment_slots`]).
+    pub fn segments(&self) -> u32 {
+        self.cfg.capacity.div_ceil(self.seg_cap)
+    }
+    /// Slots per segment (the last one may hold fewer): the capacity when unsegmented.
+    pub fn segment_slots(&self) -> u32 {
+        self.seg_cap
+    }
     /// Keys `[nb, Hkv, capacity, D]` of the first sequence group (all B sequences when
-    /// [`KvCache::buffer_groups`] is 1).
+    /// [`KvCache::buffer_groups`] is 1; `[1, Hkv, segment_slots, D]`, the first segment of
+    /// sequence 0, when the cache is segmented).
     pub fn k(&self) -> &Tensor {
         &self.groups[0].k
     }
@@ -582,8 +667,8 @@ impl KvCache {
         &self.groups[0].pos
     }
 
-    /// Bytes of GPU memory the cache holds: its slots, its decode scratch and the copies
-    /// behind checkpoints.
+    /// Bytes of GPU memory the cache holds: its slots, its decode scratch (with segments, the
+    /// eviction candidates and the running result too) and the copies behind checkpoints.
     pub fn bytes(&self) -> u64 {
         let snap: u64 = self
             .snapshots
@@ -595,6 +680,8 @@ impl KvCache {
         self.cfg.bytes()
             + self.part.as_ref().map_or(0, |b| b.size())
             + self.fq.as_ref().map_or(0, |b| b.size())
+            + self.best.as_ref().map_or(0, |t| t.bytes())
+            + self.acc.as_ref().map_or(0, |b| b.size())
             + snap
     }
 
@@ -740,7 +827,6 @@ impl KvCache {
         self.check_owner(ctx, &[])?;
         let b = self.check_batch(batch)?;
         let c = self.cfg.capacity as u64;
-        let (gi, bl) = self.group_of(b);
         let len = self.len[b] as u64;
         let buf = ctx.scoped("recording a cache checkpoint", || {
             Ok(copy_buffer(
@@ -750,10 +836,19 @@ impl KvCache {
                 "selattn cache checkpoint F",
             ))
         })?;
-        let g = &self.groups[gi];
         ctx.scoped("recording a cache checkpoint", || {
-            copy(encoder, g.f.buffer(), 4 * bl * c, &buf, 0, 4 * len);
-            copy(encoder, g.pos.buffer(), 4 * bl * c, &buf, 4 * c, 4 * len);
+            for (g, bl, s0, n) in self.spans(b, len) {
+                let cs = g.cs as u64;
+                copy(encoder, g.f.buffer(), 4 * bl * cs, &buf, 4 * s0, 4 * n);
+                copy(
+                    encoder,
+                    g.pos.buffer(),
+                    4 * bl * cs,
+                    &buf,
+                    4 * (c + s0),
+                    4 * n,
+                );
+            }
             Ok(())
         })?;
         self.serial += 1;
@@ -812,15 +907,23 @@ impl KvCache {
                 )),
             };
         let c = self.cfg.capacity as u64;
-        let (gi, bl) = self.group_of(b);
-        let g = &self.groups[gi];
         let len = cp.len as u64;
         let snap = &self.snapshots[b];
         let Some(fp) = snap.f_pos.as_ref() else {
             return Err(Error::gpu_msg("cache checkpoint without its copy of F"));
         };
-        copy(encoder, fp, 0, g.f.buffer(), 4 * bl * c, 4 * len);
-        copy(encoder, fp, 4 * c, g.pos.buffer(), 4 * bl * c, 4 * len);
+        for (g, bl, s0, n) in self.spans(b, len) {
+            let cs = g.cs as u64;
+            copy(encoder, fp, 4 * s0, g.f.buffer(), 4 * bl * cs, 4 * n);
+            copy(
+                encoder,
+                fp,
+                4 * (c + s0),
+                g.pos.buffer(),
+                4 * bl * cs,
+                4 * n,
+            );
+        }
         if cp.kv_saved {
             let Some(kv) = snap.kv.as_ref() else {
                 return Err(Error::gpu_msg(
@@ -876,24 +979,21 @@ impl KvCache {
     /// then all gate heads), in recording order: `(slot buffer, offset there, offset in the
     /// snapshot, bytes)`. Saving copies slots to snapshot, a rollback the other way.
     fn kv_snapshot_copies(&self, b: usize, len: u64) -> Vec<(&wgpu::Buffer, u64, u64, u64)> {
-        let (c, hkv, d) = (
-            self.cfg.capacity as u64,
-            self.cfg.kv_heads as u64,
-            self.cfg.head_dim as u64,
-        );
+        let (hkv, d) = (self.cfg.kv_heads as u64, self.cfg.head_dim as u64);
         let esz = self.cfg.dtype.size();
         let lim = self.cfg.limit() as u64;
-        let (gi, bl) = self.group_of(b);
-        let g = &self.groups[gi];
         let mut copies = Vec::with_capacity(3 * hkv as usize);
-        for h in 0..hkv {
-            let row = ((bl * hkv + h) * c) * d * esz;
-            let at = h * lim * d * esz;
-            copies.push((g.k.buffer(), row, at, len * d * esz));
-            copies.push((g.v.buffer(), row, hkv * lim * d * esz + at, len * d * esz));
-            if let Some(gate) = &g.gate {
-                let at = 2 * hkv * lim * d * esz + h * lim * 4;
-                copies.push((gate.buffer(), (bl * hkv + h) * c * 4, at, len * 4));
+        for (g, bl, s0, n) in self.spans(b, len) {
+            let c = g.cs as u64;
+            for h in 0..hkv {
+                let row = ((bl * hkv + h) * c) * d * esz;
+                let at = (h * lim + s0) * d * esz;
+                copies.push((g.k.buffer(), row, at, n * d * esz));
+                copies.push((g.v.buffer(), row, hkv * lim * d * esz + at, n * d * esz));
+                if let Some(gate) = &g.gate {
+                    let at = 2 * hkv * lim * d * esz + (h * lim + s0) * 4;
+                    copies.push((gate.buffer(), (bl * hkv + h) * c * 4, at, n * 4));
+                }
             }
         }
         copies
@@ -937,25 +1037,60 @@ impl KvCache {
         Ok(b)
     }
 
-    /// The index of the group holding sequence `b` and the sequence's index in it.
-    fn group_of(&self, b: usize) -> (usize, u64) {
-        let gi = self
-            .groups
+    /// Whether sequences are stored in several segments.
+    fn segmented(&self) -> bool {
+        self.seg_cap < self.cfg.capacity
+    }
+
+    /// The pieces of sequence `b`'s first `len` slots, in slot order: `(group, index of the
+    /// sequence in it, first slot, slots)` (one piece, or none for `len` 0, unless segmented).
+    fn spans(&self, b: usize, len: u64) -> Vec<(&Group, u64, u64, u64)> {
+        self.groups
             .iter()
-            .rposition(|g| g.b0 as usize <= b)
-            .unwrap_or(0);
-        (gi, (b - self.groups[gi].b0 as usize) as u64)
+            .filter(|g| (g.b0 as usize..(g.b0 + g.nb) as usize).contains(&b) && (g.s0 as u64) < len)
+            .map(|g| {
+                let s0 = g.s0 as u64;
+                (
+                    g,
+                    (b - g.b0 as usize) as u64,
+                    s0,
+                    (len - s0).min(g.cs as u64),
+                )
+            })
+            .collect()
+    }
+
+    /// Each group's F and positions, downloaded, put in place as `[B, capacity]`.
+    fn place(&self, parts: Vec<(Vec<u32>, Vec<f32>)>) -> (Vec<u32>, Vec<f32>) {
+        let (mut pos, mut f) = (vec![], vec![]);
+        if !self.segmented() {
+            for (p, x) in parts {
+                pos.extend(p);
+                f.extend(x);
+            }
+            return (pos, f);
+        }
+        let c = self.cfg.capacity as usize;
+        pos.resize(self.cfg.batch as usize * c, 0);
+        f.resize(self.cfg.batch as usize * c, 0.0);
+        for (g, (p, x)) in self.groups.iter().zip(parts) {
+            let at = g.b0 as usize * c + g.s0 as usize;
+            let n = g.cs as usize;
+            pos[at..at + n].copy_from_slice(&p[..n]);
+            f[at..at + n].copy_from_slice(&x[..n]);
+        }
+        (pos, f)
     }
 
     /// Reads the slots back. Waits for the GPU; not on wasm (see
     /// [`KvCache::download_state_async`]).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn download_state(&self, ctx: &Context) -> Result<CacheState> {
-        let (mut pos, mut f) = (vec![], vec![]);
+        let mut parts = vec![];
         for g in &self.groups {
-            pos.extend(ctx.download_u32(&g.pos)?);
-            f.extend(ctx.download(&g.f)?);
+            parts.push((ctx.download_u32(&g.pos)?, ctx.download(&g.f)?));
         }
+        let (pos, f) = self.place(parts);
         Ok(CacheState {
             len: self.len.clone(),
             pos,
@@ -965,11 +1100,12 @@ impl KvCache {
 
     /// [`KvCache::download_state`] without blocking (also on wasm).
     pub async fn download_state_async(&self, ctx: &Context) -> Result<CacheState> {
-        let (mut pos, mut f) = (vec![], vec![]);
+        let mut parts = vec![];
         for g in &self.groups {
-            pos.extend(ctx.download_u32_async(&g.pos).await?);
-            f.extend(ctx.download_async(&g.f).await?);
+            let p = ctx.download_u32_async(&g.pos).await?;
+            parts.push((p, ctx.download_async(&g.f).await?));
         }
+        let (pos, f) = self.place(parts);
         Ok(CacheState {
             len: self.len.clone(),
             pos,
@@ -1103,15 +1239,20 @@ impl KvCache {
         self.len = lens;
     }
 
-    /// Records the append of `t` (`n` tokens per sequence, slot plan in `step_buf`).
+    /// Records the append of `t` (`n` tokens per sequence, `counts[b]` to sequence b, slot plan
+    /// in `step_buf`).
     fn encode_append_pass(
         &self,
         ctx: &Context,
         pass: &mut wgpu::ComputePass<'_>,
         t: &Tokens,
         n: u32,
+        counts: &[u32],
         step_buf: &wgpu::Buffer,
     ) -> Result<()> {
+        if self.segmented() {
+            return self.encode_append_segments(ctx, pass, t, n, counts, step_buf);
+        }
         let c = &self.cfg;
         let cfg = AppendConfig {
             d: c.head_dim,
@@ -1138,6 +1279,89 @@ impl KvCache {
                 ..Default::default()
             };
             decode::encode_append(&gpu, pass, cfg, c.dtype, &params, &tokens, &g.buffers())?;
+        }
+        Ok(())
+    }
+
+    /// [`KvCache::encode_append_pass`] for a segmented cache: per sequence, the tokens that
+    /// evict nothing in one `put` per segment they land in; then, per evicting token, the
+    /// candidates of every occupied segment (segment 0 first) and a `put` per occupied segment
+    /// (the one holding the victim writes).
+    fn encode_append_segments(
+        &self,
+        ctx: &Context,
+        pass: &mut wgpu::ComputePass<'_>,
+        t: &Tokens,
+        n: u32,
+        counts: &[u32],
+        step_buf: &wgpu::Buffer,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let cfg = AppendConfig {
+            d: c.head_dim,
+            wg: append_threads(ctx.capabilities().max_invocations),
+            gate: c.gate,
+            f: t.f.is_some(),
+        };
+        let tokens = decode::TokenBuffers {
+            k: bound(t.k),
+            v: bound(t.v),
+            gate: t.gate.map(bound),
+            f: t.f.map(bound),
+            step: step_buf,
+        };
+        let best = self
+            .best
+            .as_ref()
+            .ok_or_else(|| Error::gpu_msg("segmented cache without its candidate buffer"))?;
+        let gpu = ctx.gpu();
+        let limit = c.limit();
+        for (b, &cnt) in counts.iter().enumerate() {
+            let len0 = self.len[b];
+            // Tokens 0..quiet take slot len0 + t; each later one evicts.
+            let quiet = cnt.min(limit.saturating_sub(len0));
+            let segs: Vec<&Group> = self.groups.iter().filter(|g| g.b0 as usize == b).collect();
+            let mut run = |g: &Group, put: bool, t0: u32, t1: u32| {
+                let params = decode::SegParams {
+                    batch: 1,
+                    kv_heads: c.kv_heads,
+                    seg_cap: g.cs,
+                    limit,
+                    n,
+                    b0: b as u32,
+                    seg0: g.s0,
+                    t0,
+                    t1,
+                    ..Default::default()
+                };
+                let cb = g.buffers();
+                decode::encode_segment_append(
+                    &gpu,
+                    pass,
+                    cfg,
+                    c.dtype,
+                    &params,
+                    put,
+                    &tokens,
+                    &cb,
+                    best.buffer(),
+                )
+            };
+            if quiet > 0 {
+                let (lo, hi) = (len0, len0 + quiet);
+                for g in segs.iter().filter(|g| g.s0 < hi && lo < g.s0 + g.cs) {
+                    run(g, true, 0, quiet)?;
+                }
+            }
+            for tok in quiet..cnt {
+                let occupied = || segs.iter().filter(|g| g.s0 < limit);
+                for g in occupied() {
+                    run(g, false, tok, tok + 1)?;
+                }
+                for g in occupied() {
+                    run(g, true, tok, tok + 1)?;
+                }
+            }
         }
         Ok(())
     }
@@ -1192,7 +1416,7 @@ impl KvCache {
                 label: Some("selattn cache append"),
                 timestamp_writes: None,
             });
-            self.encode_append_pass(ctx, &mut pass, tokens, n, &step_buf)
+            self.encode_append_pass(ctx, &mut pass, tokens, n, &counts, &step_buf)
         });
         if let Err(e) = r {
             // A failed recording leaves the checkpoints as they were.
@@ -1332,7 +1556,9 @@ impl KvCache {
             }
         }
         let (_, lens, _) = self.plan_append(&counts);
-        let max_len = lens.iter().copied().max().unwrap_or(1);
+        // A segmented cache runs each segment as a cache of its own (`seg_cap` is the capacity
+        // otherwise).
+        let max_len = lens.iter().copied().max().unwrap_or(1).min(self.seg_cap);
         self.check_step_aliases(step, outputs)?;
         check_bindings(
             ctx,
@@ -1355,7 +1581,7 @@ impl KvCache {
                 kv_heads: c.kv_heads,
                 head_dim: c.head_dim,
                 n,
-                capacity: c.capacity,
+                capacity: self.seg_cap,
                 max_len,
             },
             c.dtype == DType::F16,
@@ -1554,7 +1780,12 @@ impl KvCache {
         let r = ctx.scoped("recording a decode step", || {
             let (_, _, ev) = self.plan_append(&counts);
             self.save_before_evictions(ctx, encoder, &ev);
-            self.record_step(ctx, encoder, step, outputs, &plan, &counts, timestamps)
+            if self.segmented() {
+                let s = (step, outputs, options);
+                self.record_step_segments(ctx, encoder, s, &plan, &counts, timestamps)
+            } else {
+                self.record_step(ctx, encoder, step, outputs, &plan, &counts, timestamps)
+            }
         });
         let (lens, ev) = match r {
             Ok(x) => x,
@@ -1619,7 +1850,7 @@ impl KvCache {
                 timestamp_writes: timestamps,
             });
             // Append (and evict) the step's tokens, then score, attend and merge.
-            self.encode_append_pass(ctx, &mut pass, &tokens, p.n, &step_buf)?;
+            self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
             for g in &self.groups {
                 let mut plan = *plan;
                 plan.params.b0 = g.b0;
@@ -1635,6 +1866,136 @@ impl KvCache {
                     &g.buffers(),
                 )?;
             }
+        }
+        Ok((lens, ev))
+    }
+}
+
+impl KvCache {
+    /// [`KvCache::record_step`] for a segmented cache: the append, then per segment the score
+    /// and attend kernels for every sequence (the segment's slots as a cache of their own;
+    /// slots before the segment are occupied in every sequence that reaches it) and the fold
+    /// of its partials into the running result; the last fold writes O and LSE.
+    fn record_step_segments(
+        &mut self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        (step, outputs, options): (&Step, &Outputs, &DecodeOptions),
+        plan: &DecodePlan,
+        counts: &[u32],
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<(Vec<u32>, Vec<u64>)> {
+        let p = plan.params;
+        let c = self.cfg;
+        let (info, lens, ev) = self.plan_append(counts);
+        let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
+        // The segments any sequence reaches, each with its plan and slot plan.
+        let mut segs = vec![];
+        let mut s0 = 0u32;
+        while s0 < max_len {
+            let cs = self.seg_cap.min(c.capacity - s0);
+            let seg_info: Vec<[u32; 4]> = info
+                .iter()
+                .map(|&[l0, p0, cnt, after]| [l0, p0, cnt, after.saturating_sub(s0).min(cs)])
+                .collect();
+            let seg_max = seg_info.iter().map(|x| x[3]).max().unwrap_or(1).max(1);
+            let sp = decode::plan(
+                ctx.capabilities(),
+                DecodeShape {
+                    batch: c.batch,
+                    q_heads: p.q_heads,
+                    kv_heads: c.kv_heads,
+                    head_dim: c.head_dim,
+                    n: p.n,
+                    capacity: cs,
+                    max_len: seg_max,
+                },
+                c.dtype == DType::F16,
+                p.scale,
+                crate::Switches {
+                    selective: plan.score.is_some(),
+                    tau: plan.attend.features.tau,
+                    alpha: plan.attend.features.alpha,
+                    gate: c.gate,
+                    lse: plan.merge.features.lse,
+                    ..crate::Switches::NONE
+                },
+                options.selective.unwrap_or(0),
+                options.splits,
+                options.threads,
+                options.rows,
+            )?;
+            segs.push((s0, sp, seg_max, seg_info));
+            s0 += cs;
+        }
+        let gpu = ctx.gpu();
+        let part_bytes = segs.iter().map(|x| x.1.part_bytes()).max().unwrap_or(0);
+        let part = gpu.grow(&mut self.part, part_bytes, "selattn decode partials");
+        let fq = match plan.score {
+            Some(_) => gpu.grow(&mut self.fq, plan.fq_bytes(), "selattn decode F rows"),
+            None => gpu.dummy_out.clone(),
+        };
+        let rows = c.batch as u64 * p.q_heads as u64 * p.n as u64;
+        let d4 = c.head_dim as u64 / 4;
+        let acc = gpu.grow(
+            &mut self.acc,
+            16 * rows * (d4 + 1),
+            "selattn decode segments",
+        );
+        let step_buf = gpu.storage("selattn cache step", bytemuck::cast_slice(&info));
+        let seg_bufs: Vec<wgpu::Buffer> = segs
+            .iter()
+            .map(|x| gpu.storage("selattn cache segment step", bytemuck::cast_slice(&x.3)))
+            .collect();
+        let tokens = Tokens {
+            k: step.k,
+            v: step.v,
+            gate: step.gate,
+            f: None,
+        };
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("selattn decode"),
+            timestamp_writes: timestamps,
+        });
+        self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
+        let last = segs.len() - 1;
+        for (k, ((s0, sp, seg_max, _), sbuf)) in segs.iter().zip(&seg_bufs).enumerate() {
+            let buffers = decode::StepBuffers {
+                q: bound(step.q),
+                tau: step.tau.map(bound),
+                alpha: step.alpha.map(bound),
+                o: bound(outputs.o),
+                lse: outputs.lse.map(bound),
+                step: sbuf,
+                fq: &fq,
+                part: &part,
+            };
+            for g in self.groups.iter().filter(|g| g.s0 == *s0) {
+                let mut gp = *sp;
+                gp.params.b0 = g.b0;
+                gp.params.batch = g.nb;
+                let cb = g.buffers();
+                decode::encode_score_attend(
+                    &gpu, &mut pass, &gp, c.dtype, *seg_max, &buffers, &cb,
+                )?;
+            }
+            let fold = decode::FoldConfig {
+                d: c.head_dim,
+                wg: sp.merge.wg,
+                first: k == 0,
+                last: k == last,
+                lse: k == last && outputs.lse.is_some(),
+            };
+            let fp = decode::FoldParams {
+                q_heads: p.q_heads,
+                n: p.n,
+                splits: sp.params.splits,
+                ml_base: sp.params.ml_base,
+                b0: 0,
+                acc_ml: (rows * d4) as u32,
+                ..Default::default()
+            };
+            decode::encode_fold(&gpu, &mut pass, fold, c.dtype, &fp, c.batch, &buffers, &acc)?;
         }
         Ok((lens, ev))
     }

@@ -30,6 +30,9 @@ struct Case {
     rows: Option<u32>,
     /// Sequences per buffer group (the cache's buffers capped to that many sequences' K).
     group: Option<u32>,
+    /// Slots per buffer (the cache's buffers capped to that many slots of one sequence's K:
+    /// sequences stored in segments).
+    segment: Option<u32>,
 }
 
 impl Case {
@@ -52,6 +55,7 @@ impl Case {
             threads: None,
             rows: None,
             group: None,
+            segment: None,
         }
     }
     fn all(mut self) -> Case {
@@ -75,7 +79,7 @@ impl Case {
             f.push(format!("sel{s}"));
         }
         format!(
-            "B{} Hq{} Hkv{} D{} C{} budget {:?} {:?} [{}] prefill {:?} steps {:?} splits {:?} threads {:?} rows {:?} group {:?}",
+            "B{} Hq{} Hkv{} D{} C{} budget {:?} {:?} [{}] prefill {:?} steps {:?} splits {:?} threads {:?} rows {:?} group {:?} segment {:?}",
             self.batch,
             self.q_heads,
             self.kv_heads,
@@ -89,7 +93,8 @@ impl Case {
             self.splits,
             self.threads,
             self.rows,
-            self.group
+            self.group,
+            self.segment
         )
     }
     fn config(&self) -> KvCacheConfig {
@@ -105,6 +110,10 @@ impl Case {
             let per_seq =
                 self.kv_heads as u64 * self.capacity as u64 * self.dim as u64 * self.dtype.size();
             c = c.max_buffer_bytes(g as u64 * per_seq);
+        }
+        if let Some(s) = self.segment {
+            let per_slot = self.kv_heads as u64 * self.dim as u64 * self.dtype.size();
+            c = c.max_buffer_bytes(s as u64 * per_slot);
         }
         c
     }
@@ -545,6 +554,75 @@ fn multi_buffer_cache_matches_reference() {
     sweep(&cases, 400);
 }
 
+/// Sequences stored in 2 and 3 segments (a sequence's K larger than a buffer may be), with
+/// pruning across the segments, selective masking, GQA, gate, temperatures, splits, f32 and f16;
+/// every step and the slots after it exact against the reference.
+#[test]
+fn segmented_cache_matches_reference() {
+    let cases = [
+        // 2 segments of 20 slots, no budget: sequences grow across the boundary.
+        Case {
+            batch: 3,
+            segment: Some(24),
+            selective: Some(1),
+            prefill: vec![5, 19, 2],
+            ..Case::new(4, 2, 16).all()
+        },
+        // 3 segments of 14 slots, a budget over all three: eviction picks over every segment.
+        Case {
+            batch: 3,
+            segment: Some(16),
+            budget: Some(30),
+            selective: Some(0),
+            splits: Some(2),
+            prefill: vec![25, 9, 29],
+            steps: vec![1, 3, 8, 2, 1, 8, 4, 1],
+            ..Case::new(8, 2, 32).all()
+        },
+        // 3 segments, a budget inside two of them, f16.
+        Case {
+            batch: 2,
+            segment: Some(14),
+            dtype: DType::F16,
+            budget: Some(20),
+            selective: Some(2),
+            prefill: vec![18, 3],
+            ..Case::new(4, 1, 16).all()
+        },
+        // 2 segments, f16, no selective masking (a sliding window over the boundary).
+        Case {
+            batch: 2,
+            segment: Some(20),
+            dtype: DType::F16,
+            budget: Some(24),
+            prefill: vec![23, 1],
+            ..Case::new(2, 2, 16)
+        },
+    ];
+    for ctx in contexts() {
+        for (c, want) in cases.iter().zip([2, 3, 3, 2]) {
+            if c.dtype == DType::F16 && !ctx.capabilities().f16 {
+                continue;
+            }
+            let cache = KvCache::new(ctx, c.config()).unwrap();
+            assert_eq!(cache.segments(), want, "{}", c.name());
+            assert_eq!(
+                cache.buffer_groups(),
+                (want * c.batch) as usize,
+                "{}",
+                c.name()
+            );
+        }
+        // Not even one slot fits: a typed error.
+        let tiny = cases[0].config().max_buffer_bytes(64);
+        assert!(matches!(
+            KvCache::new(ctx, tiny),
+            Err(Error::TooLarge { .. })
+        ));
+    }
+    sweep(&cases, 1200);
+}
+
 /// A serving loop's operations.
 enum Op {
     /// A step of n tokens, with per-sequence counts, with or without selective masking.
@@ -742,9 +820,10 @@ fn run_serving(ctx: &Context, c: &Case, ops: &[Op], seed: u64) -> Served {
     served
 }
 
-/// Runs `ops` (seeded with `seed`) on every adapter for three cases of one serving loop (three
-/// sequences, every input, selective): f32 without and with a budget, and f16 with a budget,
-/// splits and groups where the adapter has f16; each exact against the reference. Returns the
+/// Runs `ops` (seeded with `seed`) on every adapter for four cases of one serving loop (three
+/// sequences, every input, selective): f32 without and with a budget, f16 with a budget,
+/// splits and groups where the adapter has f16, and f32 with sequences in segments of 3 slots and
+/// a budget over three of them; each exact against the reference. Returns the
 /// outcomes summed.
 fn serve_everywhere(capacity: u32, ops: &[Op], seed: u64) -> Served {
     let base = Case {
@@ -765,6 +844,12 @@ fn serve_everywhere(capacity: u32, ops: &[Op], seed: u64) -> Served {
             budget: Some(9),
             splits: Some(2),
             group: Some(2),
+            ..base.clone()
+        },
+        // Sequences in segments of 3 slots, the budget over three of them.
+        Case {
+            budget: Some(8),
+            segment: Some(3),
             ..base.clone()
         },
     ];
@@ -1474,10 +1559,11 @@ fn bad_input_gets_typed_errors() {
     }
 }
 
-/// `CacheParams` and `DecodeParams` match their WGSL mirrors field for field (naga's layout).
+/// `CacheParams`, `DecodeParams`, `SegParams` and `FoldParams` match their WGSL mirrors field
+/// for field (naga's layout).
 #[test]
 fn params_match_wgsl_layout() {
-    use selattn::kernels::decode::{CacheParams, DecodeParams};
+    use selattn::kernels::decode::{CacheParams, DecodeParams, FoldParams, SegParams};
     use selattn::kernels::Source;
     use std::mem::{offset_of, size_of};
     let check = |src: Source, name: &str, size: usize, fields: &[(&str, usize)]| {
@@ -1537,6 +1623,40 @@ fn params_match_wgsl_layout() {
             ("_pad1", offset_of!(DecodeParams, _pad1)),
         ],
     );
+    check(
+        Source::CacheSegments,
+        "SegParams",
+        size_of::<SegParams>(),
+        &[
+            ("batch", offset_of!(SegParams, batch)),
+            ("kv_heads", offset_of!(SegParams, kv_heads)),
+            ("seg_cap", offset_of!(SegParams, seg_cap)),
+            ("limit", offset_of!(SegParams, limit)),
+            ("n", offset_of!(SegParams, n)),
+            ("b0", offset_of!(SegParams, b0)),
+            ("seg0", offset_of!(SegParams, seg0)),
+            ("t0", offset_of!(SegParams, t0)),
+            ("t1", offset_of!(SegParams, t1)),
+            ("_pad0", offset_of!(SegParams, _pad0)),
+            ("_pad1", offset_of!(SegParams, _pad1)),
+            ("_pad2", offset_of!(SegParams, _pad2)),
+        ],
+    );
+    check(
+        Source::CacheSegments,
+        "FoldParams",
+        size_of::<FoldParams>(),
+        &[
+            ("q_heads", offset_of!(FoldParams, q_heads)),
+            ("n", offset_of!(FoldParams, n)),
+            ("splits", offset_of!(FoldParams, splits)),
+            ("ml_base", offset_of!(FoldParams, ml_base)),
+            ("b0", offset_of!(FoldParams, b0)),
+            ("acc_ml", offset_of!(FoldParams, acc_ml)),
+            ("_pad0", offset_of!(FoldParams, _pad0)),
+            ("_pad1", offset_of!(FoldParams, _pad1)),
+        ],
+    );
 }
 
 /// The unchecked production shaders give the same bits as the same shaders built with naga's
@@ -1549,21 +1669,31 @@ fn bounds_checked_build_gives_same_bits() {
         splits: Some(3),
         ..Case::new(4, 2, 32).all()
     };
+    // Sequences in 3 segments of 14 slots, the budget over all three.
+    let segmented = Case {
+        budget: Some(30),
+        segment: Some(16),
+        prefill: vec![27, 12],
+        ..case.clone()
+    };
     for (a, why) in selattn::adapters() {
         if why.is_some() {
             continue;
         }
-        let plain = Context::from_adapter(&a).unwrap();
-        let checked = Context::from_adapter(&a).unwrap().with_bounds_checks(true);
-        let (m0, o0) = run_case(&plain, &case, 5);
-        let (m1, o1) = run_case(&checked, &case, 5);
-        assert!(m0.is_empty() && m1.is_empty(), "{m0:?} {m1:?}");
-        for (k, (x, y)) in o0.iter().zip(&o1).enumerate() {
-            assert!(
-                common::same_up_to_contraction(&plain, x, y),
-                "[{}] output {k} differs with bounds checks on",
-                plain.describe()
-            );
+        for case in [&case, &segmented] {
+            let plain = Context::from_adapter(&a).unwrap();
+            let checked = Context::from_adapter(&a).unwrap().with_bounds_checks(true);
+            let (m0, o0) = run_case(&plain, case, 5);
+            let (m1, o1) = run_case(&checked, case, 5);
+            assert!(m0.is_empty() && m1.is_empty(), "{m0:?} {m1:?}");
+            for (k, (x, y)) in o0.iter().zip(&o1).enumerate() {
+                assert!(
+                    common::same_up_to_contraction(&plain, x, y),
+                    "[{}] {}: output {k} differs with bounds checks on",
+                    plain.describe(),
+                    case.name()
+                );
+            }
         }
     }
 }
@@ -1574,16 +1704,30 @@ fn bounds_checked_build_gives_same_bits() {
 #[test]
 fn decode_shaders_translate_to_every_backend() {
     use naga::back::{glsl, hlsl, msl, spv};
-    use selattn::kernels::decode::{AppendConfig, AttendConfig, MergeConfig, ScoreConfig};
+    use selattn::kernels::decode::{
+        AppendConfig, AttendConfig, FoldConfig, MergeConfig, ScoreConfig,
+    };
     use selattn::kernels::{Kernel, KernelKey};
     let mut kernels = vec![];
     for flags in [false, true] {
-        kernels.push(Kernel::CacheAppend(AppendConfig {
+        let append = AppendConfig {
             d: 64,
             wg: 256,
             gate: flags,
             f: flags,
-        }));
+        };
+        kernels.push(Kernel::CacheAppend(append));
+        kernels.push(Kernel::CachePut(append));
+        kernels.push(Kernel::CacheCandidates(append));
+        for last in [false, true] {
+            kernels.push(Kernel::CacheFold(FoldConfig {
+                d: 64,
+                wg: 64,
+                first: flags,
+                last,
+                lse: flags && last,
+            }));
+        }
         kernels.push(Kernel::DecodeAttend(AttendConfig {
             d: 128,
             wg: if flags { 256 } else { 64 },

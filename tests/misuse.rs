@@ -431,10 +431,15 @@ struct CacheWorld {
 }
 
 impl CacheWorld {
-    fn new(ctx: &Context, budget: bool) -> CacheWorld {
+    /// A cache of 2 sequences of 10 slots, with a budget of 6 or none; `segmented`: each
+    /// sequence stored in segments of 4, 4 and 2 slots (buffers of at most 4 slots' K).
+    fn new(ctx: &Context, budget: bool, segmented: bool) -> CacheWorld {
         let mut cfg = KvCacheConfig::new(2, 1, 8, 10);
         if budget {
             cfg = cfg.budget(6);
+        }
+        if segmented {
+            cfg = cfg.max_buffer_bytes(4 * 8 * 4);
         }
         CacheWorld {
             cache: KvCache::new(ctx, cfg).unwrap(),
@@ -881,14 +886,19 @@ fn randomized_misuse() {
             rng: Rng::new(0x5e1a_77e5 + ci as u64),
             counts: Counts::default(),
         };
-        let mut caches = [CacheWorld::new(ctx, false), CacheWorld::new(ctx, true)];
+        let mut caches = [
+            CacheWorld::new(ctx, false, false),
+            CacheWorld::new(ctx, true, false),
+            CacheWorld::new(ctx, true, true),
+        ];
+        assert_eq!(caches[2].cache.segments(), 3);
         let t0 = Instant::now();
         while w.counts.calls < calls && t0.elapsed() < budget {
             match w.rng.below(10) {
                 0..=3 => w.attention(),
                 4 | 5 => w.tensors(),
                 x => {
-                    let cw = &mut caches[(x % 2) as usize];
+                    let cw = &mut caches[(x % 3) as usize];
                     w.cache_call(cw)
                 }
             }

@@ -224,6 +224,87 @@ impl MergeConfig {
     }
 }
 
+/// Specialisation of the fold kernel of a segmented cache (`shaders/cache_segments.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FoldConfig {
+    /// Head dim.
+    pub d: u32,
+    /// Threads per workgroup.
+    pub wg: u32,
+    /// The first segment: the accumulator is not read.
+    pub first: bool,
+    /// The last segment: O and LSE are written instead of the accumulator.
+    pub last: bool,
+    /// LSE is written (with `last`).
+    pub lse: bool,
+}
+
+impl FoldConfig {
+    pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("D", self.d as f64),
+            ("WG", self.wg as f64),
+            ("FIRST", flag(self.first)),
+            ("LAST", flag(self.last)),
+            ("WRITE_LSE", flag(self.lse)),
+        ]
+    }
+}
+
+/// Parameters of the `candidates` and `put` kernels of a segmented cache, mirrored field for
+/// field by `struct SegParams` in `shaders/cache_segments.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SegParams {
+    /// Sequences of the dispatch.
+    pub batch: u32,
+    /// Hkv.
+    pub kv_heads: u32,
+    /// Slots of the segment.
+    pub seg_cap: u32,
+    /// Budget, or capacity without one.
+    pub limit: u32,
+    /// Token stride of the new-token tensors.
+    pub n: u32,
+    /// First sequence of the dispatch.
+    pub b0: u32,
+    /// First slot of the segment.
+    pub seg0: u32,
+    /// First token of the dispatch.
+    pub t0: u32,
+    /// One past its last token.
+    pub t1: u32,
+    /// Padding.
+    pub _pad0: u32,
+    /// Padding.
+    pub _pad1: u32,
+    /// Padding.
+    pub _pad2: u32,
+}
+
+/// Parameters of the `fold` kernel of a segmented cache, mirrored field for field by
+/// `struct FoldParams` in `shaders/cache_segments.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FoldParams {
+    /// Hq.
+    pub q_heads: u32,
+    /// Queries per sequence.
+    pub n: u32,
+    /// Splits of the segment's partials.
+    pub splits: u32,
+    /// Index (in vec4) of the first (m, l) entry of the partials.
+    pub ml_base: u32,
+    /// First sequence of the dispatch.
+    pub b0: u32,
+    /// Index (in vec4) of the first (m, l) entry of the accumulator.
+    pub acc_ml: u32,
+    /// Padding.
+    pub _pad0: u32,
+    /// Padding.
+    pub _pad1: u32,
+}
+
 /// Parameters of the append kernel, mirrored field for field by `struct CacheParams` in
 /// `shaders/cache.wgsl`.
 #[repr(C)]
@@ -597,6 +678,21 @@ pub(crate) fn encode_step(
     s: &StepBuffers<'_>,
     c: &CacheBuffers<'_>,
 ) -> Result<()> {
+    encode_score_attend(gpu, pass, plan, elem, max_len, s, c)?;
+    encode_merge(gpu, pass, plan, elem, s)
+}
+
+/// Records the selective score pass (with selective masking) and split-KV attention of a
+/// decode step; the partials are left in `s.part`.
+pub(crate) fn encode_score_attend(
+    gpu: &Gpu<'_>,
+    pass: &mut wgpu::ComputePass<'_>,
+    plan: &DecodePlan,
+    elem: DType,
+    max_len: u32,
+    s: &StepBuffers<'_>,
+    c: &CacheBuffers<'_>,
+) -> Result<()> {
     let p = plan.params;
     let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&p));
     let din = gpu.dummy_in;
@@ -635,7 +731,20 @@ pub(crate) fn encode_step(
         entry(11, s.part),
     ];
     let groups = [p.splits, p.kv_heads * p.n_rblocks, p.batch];
-    gpu.dispatch(pass, "selattn decode attend", key, &entries, groups)?;
+    gpu.dispatch(pass, "selattn decode attend", key, &entries, groups)
+}
+
+/// Records the merge of a decode step's splits (after [`encode_score_attend`]).
+pub(crate) fn encode_merge(
+    gpu: &Gpu<'_>,
+    pass: &mut wgpu::ComputePass<'_>,
+    plan: &DecodePlan,
+    elem: DType,
+    s: &StepBuffers<'_>,
+) -> Result<()> {
+    let p = plan.params;
+    let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&p));
+    let din = gpu.dummy_in;
     let key = KernelKey {
         kernel: Kernel::DecodeMerge(plan.merge),
         elem,
@@ -648,6 +757,93 @@ pub(crate) fn encode_step(
     ];
     let groups = [p.q_heads * p.n, p.batch, 1];
     gpu.dispatch(pass, "selattn decode merge", key, &entries, groups)
+}
+
+/// Records one kernel of a segmented cache's append (`candidates` or `put`, by `put`) for
+/// `params.batch` sequences: the segment's buffers in `c`, each sequence's best eviction
+/// candidate in `best`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode_segment_append(
+    gpu: &Gpu<'_>,
+    pass: &mut wgpu::ComputePass<'_>,
+    cfg: AppendConfig,
+    elem: DType,
+    params: &SegParams,
+    put: bool,
+    t: &TokenBuffers<'_>,
+    c: &CacheBuffers<'_>,
+    best: &wgpu::Buffer,
+) -> Result<()> {
+    let uniform = gpu.uniform("selattn cache segment params", bytemuck::bytes_of(params));
+    let (kernel, label) = if put {
+        (Kernel::CachePut(cfg), "selattn cache put")
+    } else {
+        // The candidates read no new token: one variant whatever the tokens carry.
+        let cfg = AppendConfig {
+            gate: false,
+            f: false,
+            ..cfg
+        };
+        (Kernel::CacheCandidates(cfg), "selattn cache candidates")
+    };
+    let key = KernelKey { kernel, elem };
+    let din = gpu.dummy_in;
+    let groups = [params.batch, 1, 1];
+    if put {
+        let entries = [
+            entry(0, &uniform),
+            entry(1, t.step),
+            tensor_entry(2, Some(t.k), din),
+            tensor_entry(3, Some(t.v), din),
+            tensor_entry(4, t.gate, din),
+            tensor_entry(5, t.f, din),
+            entry(6, c.k),
+            entry(7, c.v),
+            entry(8, c.gate.unwrap_or(gpu.dummy_out)),
+            entry(9, c.f),
+            entry(10, c.pos),
+            entry(11, best),
+        ];
+        gpu.dispatch(pass, label, key, &entries, groups)
+    } else {
+        let entries = [
+            entry(0, &uniform),
+            entry(1, t.step),
+            entry(9, c.f),
+            entry(10, c.pos),
+            entry(11, best),
+        ];
+        gpu.dispatch(pass, label, key, &entries, groups)
+    }
+}
+
+/// Records the fold of one segment's decode partials (`s.part`) into `acc` (or, with
+/// `cfg.last`, into O and LSE) for `batch` sequences from `params.b0`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode_fold(
+    gpu: &Gpu<'_>,
+    pass: &mut wgpu::ComputePass<'_>,
+    cfg: FoldConfig,
+    elem: DType,
+    params: &FoldParams,
+    batch: u32,
+    s: &StepBuffers<'_>,
+    acc: &wgpu::Buffer,
+) -> Result<()> {
+    let uniform = gpu.uniform("selattn cache fold params", bytemuck::bytes_of(params));
+    let key = KernelKey {
+        kernel: Kernel::CacheFold(cfg),
+        elem,
+    };
+    let entries = [
+        entry(12, &uniform),
+        entry(13, s.part),
+        entry(14, acc),
+        tensor_entry(15, Some(s.o), gpu.dummy_out),
+        tensor_entry(16, s.lse, gpu.dummy_out),
+    ];
+    let groups = [params.q_heads * params.n, batch, 1];
+    gpu.dispatch(pass, "selattn cache fold", key, &entries, groups)
 }
 
 /// Default slot splits: about `target` workgroups in all (by device type), but splits of at

@@ -29,6 +29,8 @@ pub enum Source {
     CoopColsum,
     /// `shaders/cache.wgsl`.
     Cache,
+    /// `shaders/cache_segments.wgsl`.
+    CacheSegments,
     /// `shaders/decode.wgsl`.
     Decode,
     /// `shaders/merge.wgsl`.
@@ -43,12 +45,13 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 9] = [
+    pub const ALL: [Source; 10] = [
         Source::Forward,
         Source::Selective,
         Source::CoopForward,
         Source::CoopColsum,
         Source::Cache,
+        Source::CacheSegments,
         Source::Decode,
         Source::Merge,
         Source::Backward,
@@ -62,6 +65,7 @@ impl Source {
             Source::CoopForward => include_str!("../../shaders/coop_forward.wgsl"),
             Source::CoopColsum => include_str!("../../shaders/coop_colsum.wgsl"),
             Source::Cache => include_str!("../../shaders/cache.wgsl"),
+            Source::CacheSegments => include_str!("../../shaders/cache_segments.wgsl"),
             Source::Decode => include_str!("../../shaders/decode.wgsl"),
             Source::Merge => include_str!("../../shaders/merge.wgsl"),
             Source::Backward => include_str!("../../shaders/backward.wgsl"),
@@ -140,6 +144,12 @@ pub enum Kernel {
     CoopForward(coop::CoopConfig),
     /// KV cache append with pruning.
     CacheAppend(decode::AppendConfig),
+    /// Segmented KV cache: eviction candidates of one segment for one token.
+    CacheCandidates(decode::AppendConfig),
+    /// Segmented KV cache: writes tokens into the slots of one segment.
+    CachePut(decode::AppendConfig),
+    /// Segmented KV cache: folds one segment's decode partials into the running result.
+    CacheFold(decode::FoldConfig),
     /// Decode: selective scores of the step's queries, F state update.
     DecodeScore(decode::ScoreConfig),
     /// Decode: split-KV attention.
@@ -172,6 +182,9 @@ impl KernelKey {
             Kernel::SelColsum(_) | Kernel::SelScan(_) => Source::Selective,
             Kernel::CoopForward(_) => Source::CoopForward,
             Kernel::CacheAppend(_) => Source::Cache,
+            Kernel::CacheCandidates(_) | Kernel::CachePut(_) | Kernel::CacheFold(_) => {
+                Source::CacheSegments
+            }
             Kernel::DecodeScore(_) | Kernel::DecodeAttend(_) | Kernel::DecodeMerge(_) => {
                 Source::Decode
             }
@@ -204,6 +217,9 @@ impl KernelKey {
             Kernel::SelScan(_) => "scan",
             Kernel::CoopForward(_) => "coop_forward",
             Kernel::CacheAppend(_) => "append",
+            Kernel::CacheCandidates(_) => "candidates",
+            Kernel::CachePut(_) => "put",
+            Kernel::CacheFold(_) => "fold",
             Kernel::DecodeScore(_) => "score",
             Kernel::DecodeAttend(_) => "attend",
             Kernel::DecodeMerge(_) => "merge",
@@ -221,6 +237,8 @@ impl KernelKey {
             Kernel::SelScan(c) => c.constants(),
             Kernel::CoopForward(c) => c.constants(),
             Kernel::CacheAppend(c) => c.constants(),
+            Kernel::CacheCandidates(c) | Kernel::CachePut(c) => c.constants(),
+            Kernel::CacheFold(c) => c.constants(),
             Kernel::DecodeScore(c) => c.constants(),
             Kernel::DecodeAttend(c) => c.constants(),
             Kernel::DecodeMerge(c) => c.constants(),

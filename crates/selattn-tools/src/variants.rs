@@ -348,6 +348,32 @@ pub fn decode_variants(caps: &Capabilities, elem: DType) -> Vec<KernelKey> {
     for d in head_dims() {
         for (gate, f) in [(false, false), (true, false), (false, true), (true, true)] {
             out.push(key(Kernel::CacheAppend(AppendConfig { d, wg, gate, f })));
+            // Segmented caches (sequences in several buffers).
+            out.push(key(Kernel::CachePut(AppendConfig { d, wg, gate, f })));
+        }
+        out.push(key(Kernel::CacheCandidates(AppendConfig {
+            d,
+            wg,
+            gate: false,
+            f: false,
+        })));
+        let fold_wg = plan_merge_wg(caps);
+        for (first, last, lse) in [
+            (true, false, false),
+            (false, false, false),
+            (true, true, false),
+            (false, true, false),
+            (true, true, true),
+            (false, true, true),
+        ] {
+            let c = decode::FoldConfig {
+                d,
+                wg: fold_wg,
+                first,
+                last,
+                lse,
+            };
+            out.push(key(Kernel::CacheFold(c)));
         }
         for (group, n) in [(1, 1), (1, 2), (4, 8)] {
             let shape = DecodeShape {
@@ -396,6 +422,16 @@ pub fn decode_variants(caps: &Capabilities, elem: DType) -> Vec<KernelKey> {
         out.push(key(Kernel::MergePair(c)));
     }
     out
+}
+
+/// Threads of the decode merge (and of a segmented cache's fold) on a device.
+fn plan_merge_wg(caps: &Capabilities) -> u32 {
+    let m = caps.max_invocations.clamp(1, 64);
+    if m.is_power_of_two() {
+        m
+    } else {
+        m.next_power_of_two() / 2
+    }
 }
 
 /// [`decode_variants`] on every reference device and element type, each once.

@@ -1,0 +1,251 @@
+// KV cache append for a segmented cache (DESIGN.md §2, "KV cache and context pruning": a
+// sequence whose slots do not fit one buffer is stored in segments, slot ranges with buffers of
+// their own). The same rule as `cache.wgsl`, one token and one segment per dispatch:
+//
+// candidates: one workgroup per sequence; for token t, if the sequence is at its limit, reduces
+//             over the occupied slots of this segment to the best eviction candidate — the largest
+//             F, never position 0, never the newest token in the cache, ties to the oldest
+//             position — and folds it into the sequence's best so far (`best`, reset by segment
+//             0). Positions are unique, so the order is total and the fold over segments picks
+//             exactly the slot one reduction over all slots would.
+// put:        one workgroup per sequence; writes tokens t0 .. t1 into their slots when the slot
+//             lies in this segment: slot len without eviction, the best candidate with one (the
+//             host gives a range of one token whenever any sequence evicts in it).
+//
+// fold:       decode over a segmented cache runs the score and attend kernels of `decode.wgsl` per
+//             segment (a segment is a split that lives in another binding), each writing its
+//             splits' partials (o, m, l); `fold` combines them into a running f32 accumulator per
+//             query row (the decode merge's arithmetic), and the last segment's fold (LAST)
+//             writes O and LSE instead. One workgroup per query row.
+//
+// Bounds: the host checks len_before + count <= capacity when there is no budget and
+// limit <= capacity otherwise, so every slot is < capacity; a slot is written or read only when
+// it lies in [seg0, seg0 + seg_cap), the segment's own slots; new-token indices use
+// t < count <= n.
+
+struct SegParams {
+    batch: u32,
+    kv_heads: u32,
+    seg_cap: u32,    // slots of this segment (its buffers hold [nb, Hkv, seg_cap, D])
+    limit: u32,      // budget, or capacity without one
+    n: u32,          // token stride of the new-token tensors
+    b0: u32,         // first sequence of this group: the segment buffers hold b0.., the rest all B
+    seg0: u32,       // first slot of the segment
+    t0: u32,         // first token of the dispatch
+    t1: u32,         // one past its last token
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: SegParams;
+// Per sequence: (len before, position of the first new token, tokens to append, len after).
+@group(0) @binding(1) var<storage, read> step: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> new_k: array<vec4<elem>>;    // [B, Hkv, n, D]
+@group(0) @binding(3) var<storage, read> new_v: array<vec4<elem>>;    // [B, Hkv, n, D]
+@group(0) @binding(4) var<storage, read> new_gate: array<f32>;        // [B, Hkv, n]
+@group(0) @binding(5) var<storage, read> new_f: array<f32>;           // [B, n]
+@group(0) @binding(6) var<storage, read_write> kc: array<vec4<elem>>; // [nb, Hkv, Cs, D]
+@group(0) @binding(7) var<storage, read_write> vc: array<vec4<elem>>; // [nb, Hkv, Cs, D]
+@group(0) @binding(8) var<storage, read_write> gc: array<f32>;        // [nb, Hkv, Cs]
+@group(0) @binding(9) var<storage, read_write> fs: array<f32>;        // [nb, Cs]
+@group(0) @binding(10) var<storage, read_write> pc: array<u32>;       // [nb, Cs]
+// Per sequence: best candidate so far (F bits, position, slot, 0).
+@group(0) @binding(11) var<storage, read_write> best: array<vec4<u32>>; // [B]
+
+override D: u32 = 8u;
+override WG: u32 = 64u;     // a power of two (tree reduction)
+override HAS_GATE: bool = false;
+override HAS_F: bool = false;
+override D4: u32 = D / 4u;
+
+const NONE: u32 = 0xffffffffu;
+
+var<workgroup> red_f: array<f32, WG>;
+var<workgroup> red_p: array<u32, WG>;
+var<workgroup> red_s: array<u32, WG>;
+
+// Whether candidate (f, pos) beats the best so far (bp == NONE: no best yet). Largest F wins,
+// ties go to the oldest position; positions are unique, so the order is total.
+fn better(f: f32, pos: u32, bf: f32, bp: u32) -> bool {
+    return bp == NONE || f > bf || (f == bf && pos < bp);
+}
+
+@compute @workgroup_size(WG)
+fn candidates(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let b = wg.x;             // sequence within the group (segment buffers)
+    let gb = p.b0 + b;        // sequence of the cache (step plan, best)
+    let st = step[gb];
+    let t = p.t0;
+    // Length before token t: each earlier token either took a new slot or evicted one.
+    let len = min(st.x + t, max(p.limit, st.x));
+    if t >= st.z || len < p.limit {
+        return;
+    }
+    let base = b * p.seg_cap;
+    let newpos = st.y + t;
+    var bf = 0.0;
+    var bp = NONE;
+    var bs = 0u;
+    // This segment's occupied slots: [seg0, min(len, seg0 + seg_cap)).
+    var end = 0u;
+    if len > p.seg0 {
+        end = min(len - p.seg0, p.seg_cap);
+    }
+    for (var j = tid; j < end; j += WG) {
+        let pj = pc[base + j];
+        if pj != 0u && pj + 1u != newpos {
+            let fj = fs[base + j];
+            if better(fj, pj, bf, bp) {
+                bf = fj;
+                bp = pj;
+                bs = p.seg0 + j;
+            }
+        }
+    }
+    red_f[tid] = bf;
+    red_p[tid] = bp;
+    red_s[tid] = bs;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+        if tid < stride {
+            let op = red_p[tid + stride];
+            if op != NONE && better(red_f[tid + stride], op, red_f[tid], red_p[tid]) {
+                red_f[tid] = red_f[tid + stride];
+                red_p[tid] = op;
+                red_s[tid] = red_s[tid + stride];
+            }
+        }
+        workgroupBarrier();
+    }
+    if tid == 0u {
+        var cur = vec4<u32>(0u, NONE, len - 1u, 0u);
+        if p.seg0 > 0u {
+            cur = best[gb];
+        }
+        let rp = red_p[0];
+        if rp != NONE && better(red_f[0], rp, bitcast<f32>(cur.x), cur.y) {
+            cur = vec4<u32>(bitcast<u32>(red_f[0]), rp, red_s[0], 0u);
+        }
+        best[gb] = cur;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn put(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let b = wg.x;             // sequence within the group (segment buffers)
+    let gb = p.b0 + b;        // sequence of the cache (step plan, new tokens, best)
+    let st = step[gb];
+    let base = b * p.seg_cap;
+    for (var t = p.t0; t < min(p.t1, st.z); t++) {
+        let len = min(st.x + t, max(p.limit, st.x));
+        var slot = len;
+        if len >= p.limit {
+            // len >= limit >= 3 here, so len - 1 is a valid fallback slot.
+            slot = min(best[gb].z, len - 1u);
+        }
+        if slot < p.seg0 || slot - p.seg0 >= p.seg_cap {
+            continue;
+        }
+        let ls = slot - p.seg0;
+        for (var e = tid; e < p.kv_heads * D4; e += WG) {
+            let hk = e / D4;
+            let x = e % D4;
+            let dst = ((b * p.kv_heads + hk) * p.seg_cap + ls) * D4 + x;
+            let src = ((gb * p.kv_heads + hk) * p.n + t) * D4 + x;
+            kc[dst] = new_k[src];
+            vc[dst] = new_v[src];
+        }
+        if HAS_GATE {
+            for (var hk = tid; hk < p.kv_heads; hk += WG) {
+                gc[(b * p.kv_heads + hk) * p.seg_cap + ls] = new_gate[(gb * p.kv_heads + hk) * p.n + t];
+            }
+        }
+        if tid == 0u {
+            pc[base + ls] = st.y + t;
+            var f = 0.0;
+            if HAS_F {
+                f = new_f[gb * p.n + t];
+            }
+            fs[base + ls] = f;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fold
+
+struct FoldParams {
+    q_heads: u32,
+    n: u32,
+    splits: u32,      // splits of this segment's partials
+    ml_base: u32,     // index in part of the first (m, l) entry
+    b0: u32,          // first sequence of the dispatch
+    acc_ml: u32,      // index in acc of the first (m, l) entry
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(12) var<uniform> fp: FoldParams;
+@group(0) @binding(13) var<storage, read> part: array<vec4<f32>>;
+@group(0) @binding(14) var<storage, read_write> acc: array<vec4<f32>>;  // [rows, D4], then (m, l)
+@group(0) @binding(15) var<storage, read_write> o: array<vec4<elem>>;   // [B, Hq, n, D]
+@group(0) @binding(16) var<storage, read_write> lse: array<u32>;        // [B, Hq, n], f32 bits
+
+override FIRST: bool = true;
+override LAST: bool = true;
+override WRITE_LSE: bool = false;
+
+// exp(s - m) for s <= m, as in `decode.wgsl`.
+fn exp_shifted(s: f32, m: f32) -> f32 {
+    return exp2(max(0.5 * s - 0.5 * m, -128.0) * (2.0 * LOG2E));
+}
+
+@compute @workgroup_size(WG)
+fn fold(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let row = (fp.b0 + wg.y) * (fp.q_heads * fp.n) + wg.x;   // (b * Hq + h) * n + i
+    let first = row * fp.splits;
+    var am = LOWEST;
+    var al = 0.0;
+    if !FIRST {
+        let ml = acc[fp.acc_ml + row];
+        am = ml.x;
+        al = ml.y;
+    }
+    var mx = am;
+    for (var s = 0u; s < fp.splits; s++) {
+        mx = max(mx, part[fp.ml_base + first + s].x);
+    }
+    // A split (or the accumulator) with no allowed slot has l = 0 and a zero sum.
+    var l = al * exp_shifted(am, mx);
+    for (var s = 0u; s < fp.splits; s++) {
+        let ml = part[fp.ml_base + first + s];
+        l += ml.y * exp_shifted(ml.x, mx);
+    }
+    let inv = inv_or_zero(l);
+    for (var x = tid; x < D4; x += WG) {
+        var a = vec4<f32>(0.0);
+        if !FIRST {
+            a = acc[row * D4 + x] * exp_shifted(am, mx);
+        }
+        for (var s = 0u; s < fp.splits; s++) {
+            a += part[(first + s) * D4 + x] * exp_shifted(part[fp.ml_base + first + s].x, mx);
+        }
+        if LAST {
+            o[row * D4 + x] = vec4<elem>(a * inv);
+        } else {
+            acc[row * D4 + x] = a;
+        }
+    }
+    // Every thread has read the accumulator's (m, l) before it is replaced.
+    workgroupBarrier();
+    if tid == 0u {
+        if LAST {
+            if WRITE_LSE {
+                lse[row] = lse_bits_ln(mx, l);
+            }
+        } else {
+            acc[fp.acc_ml + row] = vec4<f32>(mx, l, 0.0, 0.0);
+        }
+    }
+}
