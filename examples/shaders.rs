@@ -31,7 +31,10 @@ fn needs(key: &KernelKey) -> (u64, u32) {
         Kernel::SelColsum(c) => (c.workgroup_bytes(), c.wg),
         Kernel::SelScan(c) => (0, c.wg),
         Kernel::CoopForward(c) => (c.workgroup_bytes(), c.threads()),
-        Kernel::CacheAppend(c) | Kernel::CacheCandidates(c) | Kernel::CachePut(c) => (0, c.wg),
+        Kernel::CacheAppend(c)
+        | Kernel::CacheCandidates(c)
+        | Kernel::CachePut(c)
+        | Kernel::CachePutState(c) => (0, c.wg),
         Kernel::CacheFold(c) => (0, c.wg),
         Kernel::DecodeScore(c) => (0, c.wg),
         Kernel::DecodeAttend(c) => (c.workgroup_bytes(), c.wg),

@@ -8,9 +8,10 @@
 //             position — and folds it into the sequence's best so far (`best`, reset by segment
 //             0). Positions are unique, so the order is total and the fold over segments picks
 //             exactly the slot one reduction over all slots would.
-// put:        one workgroup per sequence; writes tokens t0 .. t1 into their slots when the slot
-//             lies in this segment: slot len without eviction, the best candidate with one (the
-//             host gives a range of one token whenever any sequence evicts in it).
+// put:        one workgroup per sequence; writes K, V and gate of tokens t0 .. t1 into their slots
+//             when the slot lies in this segment: slot len without eviction, the best candidate
+//             with one (the host gives a range of one token whenever the sequence evicts in it);
+//             `put_state` writes their positions and F the same way.
 //
 // fold:       decode over a segmented cache runs the score and attend kernels of `decode.wgsl` per
 //             segment (a segment is a split that lives in another binding), each writing its
@@ -66,7 +67,8 @@ var<workgroup> red_p: array<u32, WG>;
 var<workgroup> red_s: array<u32, WG>;
 
 // Whether candidate (f, pos) beats the best so far (bp == NONE: no best yet). Largest F wins,
-// ties go to the oldest position; positions are unique, so the order is total.
+// ties go to the oldest position; positions are unique, so the order is total. The same rule as
+// `cache.wgsl`'s (a copy: shared, it would change that shader's text).
 fn better(f: f32, pos: u32, bf: f32, bp: u32) -> bool {
     return bp == NONE || f > bf || (f == bf && pos < bp);
 }
@@ -131,23 +133,36 @@ fn candidates(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) 
     }
 }
 
+// The slot token t of sequence gb takes (st: its plan), or NONE when t does not run or the slot
+// is not in this segment; as a slot of the segment otherwise.
+fn slot_in_segment(gb: u32, st: vec4<u32>, t: u32) -> u32 {
+    if t >= st.z {
+        return NONE;
+    }
+    let len = min(st.x + t, max(p.limit, st.x));
+    var slot = len;
+    if len >= p.limit {
+        // len >= limit >= 3 here, so len - 1 is a valid fallback slot.
+        slot = min(best[gb].z, len - 1u);
+    }
+    if slot < p.seg0 || slot - p.seg0 >= p.seg_cap {
+        return NONE;
+    }
+    return slot - p.seg0;
+}
+
+// K, V and gate of the new tokens (positions and F: `put_state`; apart so that no kernel binds
+// more than 10 storage buffers).
 @compute @workgroup_size(WG)
 fn put(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let b = wg.x;             // sequence within the group (segment buffers)
     let gb = p.b0 + b;        // sequence of the cache (step plan, new tokens, best)
     let st = step[gb];
-    let base = b * p.seg_cap;
-    for (var t = p.t0; t < min(p.t1, st.z); t++) {
-        let len = min(st.x + t, max(p.limit, st.x));
-        var slot = len;
-        if len >= p.limit {
-            // len >= limit >= 3 here, so len - 1 is a valid fallback slot.
-            slot = min(best[gb].z, len - 1u);
-        }
-        if slot < p.seg0 || slot - p.seg0 >= p.seg_cap {
+    for (var t = p.t0; t < p.t1; t++) {
+        let ls = slot_in_segment(gb, st, t);
+        if ls == NONE {
             continue;
         }
-        let ls = slot - p.seg0;
         for (var e = tid; e < p.kv_heads * D4; e += WG) {
             let hk = e / D4;
             let x = e % D4;
@@ -161,14 +176,29 @@ fn put(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec
                 gc[(b * p.kv_heads + hk) * p.seg_cap + ls] = new_gate[(gb * p.kv_heads + hk) * p.n + t];
             }
         }
-        if tid == 0u {
-            pc[base + ls] = st.y + t;
-            var f = 0.0;
-            if HAS_F {
-                f = new_f[gb * p.n + t];
-            }
-            fs[base + ls] = f;
+    }
+}
+
+// Positions and F of the new tokens.
+@compute @workgroup_size(WG)
+fn put_state(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let b = wg.x;
+    let gb = p.b0 + b;
+    let st = step[gb];
+    if tid != 0u {
+        return;
+    }
+    for (var t = p.t0; t < p.t1; t++) {
+        let ls = slot_in_segment(gb, st, t);
+        if ls == NONE {
+            continue;
         }
+        pc[b * p.seg_cap + ls] = st.y + t;
+        var f = 0.0;
+        if HAS_F {
+            f = new_f[gb * p.n + t];
+        }
+        fs[b * p.seg_cap + ls] = f;
     }
 }
 
@@ -196,7 +226,8 @@ override FIRST: bool = true;
 override LAST: bool = true;
 override WRITE_LSE: bool = false;
 
-// exp(s - m) for s <= m, as in `decode.wgsl`.
+// exp(s - m) for s <= m: `decode.wgsl`'s, copied because moving it to `common.wgsl` would change
+// the text of every existing shader variant.
 fn exp_shifted(s: f32, m: f32) -> f32 {
     return exp2(max(0.5 * s - 0.5 * m, -128.0) * (2.0 * LOG2E));
 }

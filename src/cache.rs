@@ -26,7 +26,7 @@
 //! [`Context`] that created it.
 
 use crate::kernels::decode::{
-    self, AppendConfig, CacheParams, DecodePlan, DecodeShape, MAX_QUERIES,
+    self, AppendConfig, CacheParams, DecodePlan, DecodeShape, SegKernel, MAX_QUERIES,
 };
 use crate::kernels::gpu::submit;
 use crate::spec::SUPPORTED_HEAD_DIMS;
@@ -1284,9 +1284,9 @@ impl KvCache {
     }
 
     /// [`KvCache::encode_append_pass`] for a segmented cache: per sequence, the tokens that
-    /// evict nothing in one `put` per segment they land in; then, per evicting token, the
-    /// candidates of every occupied segment (segment 0 first) and a `put` per occupied segment
-    /// (the one holding the victim writes).
+    /// evict nothing in one `put` and one `put_state` per segment they land in; then, per
+    /// evicting token, the candidates of every occupied segment (segment 0 first) and a `put`
+    /// and a `put_state` per occupied segment (the one holding the victim writes).
     fn encode_append_segments(
         &self,
         ctx: &Context,
@@ -1321,7 +1321,7 @@ impl KvCache {
             // Tokens 0..quiet take slot len0 + t; each later one evicts.
             let quiet = cnt.min(limit.saturating_sub(len0));
             let segs: Vec<&Group> = self.groups.iter().filter(|g| g.b0 as usize == b).collect();
-            let mut run = |g: &Group, put: bool, t0: u32, t1: u32| {
+            let mut run = |g: &Group, which: SegKernel, t0: u32, t1: u32| {
                 let params = decode::SegParams {
                     batch: 1,
                     kv_heads: c.kv_heads,
@@ -1341,7 +1341,7 @@ impl KvCache {
                     cfg,
                     c.dtype,
                     &params,
-                    put,
+                    which,
                     &tokens,
                     &cb,
                     best.buffer(),
@@ -1350,16 +1350,18 @@ impl KvCache {
             if quiet > 0 {
                 let (lo, hi) = (len0, len0 + quiet);
                 for g in segs.iter().filter(|g| g.s0 < hi && lo < g.s0 + g.cs) {
-                    run(g, true, 0, quiet)?;
+                    run(g, SegKernel::Put, 0, quiet)?;
+                    run(g, SegKernel::PutState, 0, quiet)?;
                 }
             }
             for tok in quiet..cnt {
                 let occupied = || segs.iter().filter(|g| g.s0 < limit);
                 for g in occupied() {
-                    run(g, false, tok, tok + 1)?;
+                    run(g, SegKernel::Candidates, tok, tok + 1)?;
                 }
                 for g in occupied() {
-                    run(g, true, tok, tok + 1)?;
+                    run(g, SegKernel::Put, tok, tok + 1)?;
+                    run(g, SegKernel::PutState, tok, tok + 1)?;
                 }
             }
         }
@@ -1975,8 +1977,10 @@ impl KvCache {
                 gp.params.b0 = g.b0;
                 gp.params.batch = g.nb;
                 let cb = g.buffers();
+                let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&gp.params));
+                let sm = *seg_max;
                 decode::encode_score_attend(
-                    &gpu, &mut pass, &gp, c.dtype, *seg_max, &buffers, &cb,
+                    &gpu, &mut pass, &gp, c.dtype, sm, &buffers, &cb, &params,
                 )?;
             }
             let fold = decode::FoldConfig {

@@ -623,6 +623,40 @@ fn segmented_cache_matches_reference() {
     sweep(&cases, 1200);
 }
 
+/// A segmented cache (pruning over three segments, gate, selective) runs on a device that grants
+/// only the 10 storage buffers per shader stage the library asks for: no segment kernel binds
+/// more.
+#[test]
+fn segmented_cache_within_storage_buffer_limit() {
+    let case = Case {
+        batch: 2,
+        segment: Some(16),
+        budget: Some(30),
+        selective: Some(0),
+        prefill: vec![25, 29],
+        ..Case::new(4, 2, 16).all()
+    };
+    for (a, why) in selattn::adapters() {
+        if why.is_some() {
+            continue;
+        }
+        let limits = wgpu::Limits {
+            max_storage_buffers_per_shader_stage: selattn::kernels::STORAGE_BUFFERS_NEEDED,
+            ..a.limits()
+        };
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("selattn test, 10 storage buffers"),
+            required_limits: limits,
+            ..Default::default()
+        };
+        let (device, queue) = pollster::block_on(a.request_device(&desc)).unwrap();
+        let ctx = Context::from_device(device, queue, a.get_info(), vec![]).unwrap();
+        assert_eq!(ctx.capabilities().max_storage_buffers, 10);
+        let (msgs, _) = run_case(&ctx, &case, 77);
+        assert!(msgs.is_empty(), "[{}] {msgs:?}", ctx.describe());
+    }
+}
+
 /// A serving loop's operations.
 enum Op {
     /// A step of n tokens, with per-sequence counts, with or without selective masking.
@@ -1718,6 +1752,7 @@ fn decode_shaders_translate_to_every_backend() {
         };
         kernels.push(Kernel::CacheAppend(append));
         kernels.push(Kernel::CachePut(append));
+        kernels.push(Kernel::CachePutState(append));
         kernels.push(Kernel::CacheCandidates(append));
         for last in [false, true] {
             kernels.push(Kernel::CacheFold(FoldConfig {

@@ -678,12 +678,15 @@ pub(crate) fn encode_step(
     s: &StepBuffers<'_>,
     c: &CacheBuffers<'_>,
 ) -> Result<()> {
-    encode_score_attend(gpu, pass, plan, elem, max_len, s, c)?;
-    encode_merge(gpu, pass, plan, elem, s)
+    // One uniform for the three kernels.
+    let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&plan.params));
+    encode_score_attend(gpu, pass, plan, elem, max_len, s, c, &params)?;
+    encode_merge(gpu, pass, plan, elem, s, &params)
 }
 
 /// Records the selective score pass (with selective masking) and split-KV attention of a
-/// decode step; the partials are left in `s.part`.
+/// decode step; the partials are left in `s.part`. `params` holds `plan.params`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn encode_score_attend(
     gpu: &Gpu<'_>,
     pass: &mut wgpu::ComputePass<'_>,
@@ -692,9 +695,9 @@ pub(crate) fn encode_score_attend(
     max_len: u32,
     s: &StepBuffers<'_>,
     c: &CacheBuffers<'_>,
+    params: &wgpu::Buffer,
 ) -> Result<()> {
     let p = plan.params;
-    let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&p));
     let din = gpu.dummy_in;
     if let Some(sc) = plan.score {
         let key = KernelKey {
@@ -702,7 +705,7 @@ pub(crate) fn encode_score_attend(
             elem,
         };
         let entries = [
-            entry(0, &params),
+            entry(0, params),
             entry(1, s.step),
             tensor_entry(2, Some(s.q), din),
             entry(3, c.k),
@@ -718,7 +721,7 @@ pub(crate) fn encode_score_attend(
         elem,
     };
     let entries = [
-        entry(0, &params),
+        entry(0, params),
         entry(1, s.step),
         tensor_entry(2, Some(s.q), din),
         entry(14, c.k),
@@ -734,23 +737,24 @@ pub(crate) fn encode_score_attend(
     gpu.dispatch(pass, "selattn decode attend", key, &entries, groups)
 }
 
-/// Records the merge of a decode step's splits (after [`encode_score_attend`]).
+/// Records the merge of a decode step's splits (after [`encode_score_attend`]). `params`
+/// holds `plan.params`.
 pub(crate) fn encode_merge(
     gpu: &Gpu<'_>,
     pass: &mut wgpu::ComputePass<'_>,
     plan: &DecodePlan,
     elem: DType,
     s: &StepBuffers<'_>,
+    params: &wgpu::Buffer,
 ) -> Result<()> {
     let p = plan.params;
-    let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&p));
     let din = gpu.dummy_in;
     let key = KernelKey {
         kernel: Kernel::DecodeMerge(plan.merge),
         elem,
     };
     let entries = [
-        entry(0, &params),
+        entry(0, params),
         entry(11, s.part),
         tensor_entry(12, Some(s.o), din),
         tensor_entry(13, s.lse, gpu.dummy_out),
@@ -759,9 +763,19 @@ pub(crate) fn encode_merge(
     gpu.dispatch(pass, "selattn decode merge", key, &entries, groups)
 }
 
-/// Records one kernel of a segmented cache's append (`candidates` or `put`, by `put`) for
-/// `params.batch` sequences: the segment's buffers in `c`, each sequence's best eviction
-/// candidate in `best`.
+/// The kernels of a segmented cache's append (`shaders/cache_segments.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SegKernel {
+    /// Eviction candidates of the segment, folded into each sequence's best.
+    Candidates,
+    /// K, V and gate of the new tokens whose slot is in the segment.
+    Put,
+    /// Positions and F of the new tokens whose slot is in the segment.
+    PutState,
+}
+
+/// Records one kernel of a segmented cache's append for `params.batch` sequences: the segment's
+/// buffers in `c`, each sequence's best eviction candidate in `best`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn encode_segment_append(
     gpu: &Gpu<'_>,
@@ -769,51 +783,69 @@ pub(crate) fn encode_segment_append(
     cfg: AppendConfig,
     elem: DType,
     params: &SegParams,
-    put: bool,
+    which: SegKernel,
     t: &TokenBuffers<'_>,
     c: &CacheBuffers<'_>,
     best: &wgpu::Buffer,
 ) -> Result<()> {
     let uniform = gpu.uniform("selattn cache segment params", bytemuck::bytes_of(params));
-    let (kernel, label) = if put {
-        (Kernel::CachePut(cfg), "selattn cache put")
-    } else {
-        // The candidates read no new token: one variant whatever the tokens carry.
-        let cfg = AppendConfig {
-            gate: false,
-            f: false,
-            ..cfg
-        };
-        (Kernel::CacheCandidates(cfg), "selattn cache candidates")
-    };
-    let key = KernelKey { kernel, elem };
     let din = gpu.dummy_in;
     let groups = [params.batch, 1, 1];
-    if put {
-        let entries = [
-            entry(0, &uniform),
-            entry(1, t.step),
-            tensor_entry(2, Some(t.k), din),
-            tensor_entry(3, Some(t.v), din),
-            tensor_entry(4, t.gate, din),
-            tensor_entry(5, t.f, din),
-            entry(6, c.k),
-            entry(7, c.v),
-            entry(8, c.gate.unwrap_or(gpu.dummy_out)),
-            entry(9, c.f),
-            entry(10, c.pos),
-            entry(11, best),
-        ];
-        gpu.dispatch(pass, label, key, &entries, groups)
-    } else {
-        let entries = [
-            entry(0, &uniform),
-            entry(1, t.step),
-            entry(9, c.f),
-            entry(10, c.pos),
-            entry(11, best),
-        ];
-        gpu.dispatch(pass, label, key, &entries, groups)
+    // Each kernel keyed only on the switches it reads, so equal kernels share a pipeline.
+    let (gate, f) = match which {
+        SegKernel::Candidates => (false, false),
+        SegKernel::Put => (cfg.gate, false),
+        SegKernel::PutState => (false, cfg.f),
+    };
+    let cfg = AppendConfig { gate, f, ..cfg };
+    match which {
+        SegKernel::Candidates => {
+            let key = KernelKey {
+                kernel: Kernel::CacheCandidates(cfg),
+                elem,
+            };
+            let entries = [
+                entry(0, &uniform),
+                entry(1, t.step),
+                entry(9, c.f),
+                entry(10, c.pos),
+                entry(11, best),
+            ];
+            gpu.dispatch(pass, "selattn cache candidates", key, &entries, groups)
+        }
+        SegKernel::Put => {
+            let key = KernelKey {
+                kernel: Kernel::CachePut(cfg),
+                elem,
+            };
+            let entries = [
+                entry(0, &uniform),
+                entry(1, t.step),
+                tensor_entry(2, Some(t.k), din),
+                tensor_entry(3, Some(t.v), din),
+                tensor_entry(4, t.gate, din),
+                entry(6, c.k),
+                entry(7, c.v),
+                entry(8, c.gate.unwrap_or(gpu.dummy_out)),
+                entry(11, best),
+            ];
+            gpu.dispatch(pass, "selattn cache put", key, &entries, groups)
+        }
+        SegKernel::PutState => {
+            let key = KernelKey {
+                kernel: Kernel::CachePutState(cfg),
+                elem,
+            };
+            let entries = [
+                entry(0, &uniform),
+                entry(1, t.step),
+                tensor_entry(5, t.f, din),
+                entry(9, c.f),
+                entry(10, c.pos),
+                entry(11, best),
+            ];
+            gpu.dispatch(pass, "selattn cache put state", key, &entries, groups)
+        }
     }
 }
 

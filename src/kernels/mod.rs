@@ -146,8 +146,10 @@ pub enum Kernel {
     CacheAppend(decode::AppendConfig),
     /// Segmented KV cache: eviction candidates of one segment for one token.
     CacheCandidates(decode::AppendConfig),
-    /// Segmented KV cache: writes tokens into the slots of one segment.
+    /// Segmented KV cache: writes tokens' K, V and gate into the slots of one segment.
     CachePut(decode::AppendConfig),
+    /// Segmented KV cache: writes tokens' positions and F into the slots of one segment.
+    CachePutState(decode::AppendConfig),
     /// Segmented KV cache: folds one segment's decode partials into the running result.
     CacheFold(decode::FoldConfig),
     /// Decode: selective scores of the step's queries, F state update.
@@ -182,9 +184,10 @@ impl KernelKey {
             Kernel::SelColsum(_) | Kernel::SelScan(_) => Source::Selective,
             Kernel::CoopForward(_) => Source::CoopForward,
             Kernel::CacheAppend(_) => Source::Cache,
-            Kernel::CacheCandidates(_) | Kernel::CachePut(_) | Kernel::CacheFold(_) => {
-                Source::CacheSegments
-            }
+            Kernel::CacheCandidates(_)
+            | Kernel::CachePut(_)
+            | Kernel::CachePutState(_)
+            | Kernel::CacheFold(_) => Source::CacheSegments,
             Kernel::DecodeScore(_) | Kernel::DecodeAttend(_) | Kernel::DecodeMerge(_) => {
                 Source::Decode
             }
@@ -219,6 +222,7 @@ impl KernelKey {
             Kernel::CacheAppend(_) => "append",
             Kernel::CacheCandidates(_) => "candidates",
             Kernel::CachePut(_) => "put",
+            Kernel::CachePutState(_) => "put_state",
             Kernel::CacheFold(_) => "fold",
             Kernel::DecodeScore(_) => "score",
             Kernel::DecodeAttend(_) => "attend",
@@ -237,7 +241,9 @@ impl KernelKey {
             Kernel::SelScan(c) => c.constants(),
             Kernel::CoopForward(c) => c.constants(),
             Kernel::CacheAppend(c) => c.constants(),
-            Kernel::CacheCandidates(c) | Kernel::CachePut(c) => c.constants(),
+            Kernel::CacheCandidates(c) | Kernel::CachePut(c) | Kernel::CachePutState(c) => {
+                c.constants()
+            }
             Kernel::CacheFold(c) => c.constants(),
             Kernel::DecodeScore(c) => c.constants(),
             Kernel::DecodeAttend(c) => c.constants(),

@@ -348,8 +348,24 @@ pub fn decode_variants(caps: &Capabilities, elem: DType) -> Vec<KernelKey> {
     for d in head_dims() {
         for (gate, f) in [(false, false), (true, false), (false, true), (true, true)] {
             out.push(key(Kernel::CacheAppend(AppendConfig { d, wg, gate, f })));
-            // Segmented caches (sequences in several buffers).
-            out.push(key(Kernel::CachePut(AppendConfig { d, wg, gate, f })));
+        }
+        // Segmented caches (sequences in several buffers): `put` reads only the gate switch,
+        // `put_state` only F's.
+        for x in [false, true] {
+            let put = AppendConfig {
+                d,
+                wg,
+                gate: x,
+                f: false,
+            };
+            out.push(key(Kernel::CachePut(put)));
+            let state = AppendConfig {
+                d,
+                wg,
+                gate: false,
+                f: x,
+            };
+            out.push(key(Kernel::CachePutState(state)));
         }
         out.push(key(Kernel::CacheCandidates(AppendConfig {
             d,
