@@ -978,10 +978,10 @@ fn speculative_rollback_matches_reference() {
 
 /// A checkpoint, draft steps that evict and add selective scores, and the rollback, all recorded
 /// into one encoder and submitted once, equal the reference (the copies are ordered with the
-/// passes in the encoder).
+/// passes in the encoder); with whole sequences per buffer and with sequences in segments.
 #[test]
 fn checkpoint_and_rollback_in_one_encoder() {
-    let c = Case {
+    let plain = Case {
         batch: 2,
         budget: Some(5),
         selective: Some(0),
@@ -989,13 +989,21 @@ fn checkpoint_and_rollback_in_one_encoder() {
         capacity: 16,
         ..Case::new(4, 2, 8).all()
     };
-    for ctx in contexts() {
+    // The same with sequences in segments of 2 slots (the budget over three of them).
+    let segmented = Case {
+        segment: Some(2),
+        ..plain.clone()
+    };
+    for (ctx, c) in contexts()
+        .iter()
+        .flat_map(|ctx| [(ctx, &plain), (ctx, &segmented)])
+    {
         let mut rng = Rng::new(77);
         let cfg = c.config();
         let mut cache = KvCache::new(ctx, cfg).unwrap();
         let mut r = RefCache::new(cfg).unwrap();
-        let t = tokens(&mut rng, &c, 4, true);
-        let g = upload_tokens(ctx, &c, &t);
+        let t = tokens(&mut rng, c, 4, true);
+        let g = upload_tokens(ctx, c, &t);
         let tk = Tokens::new(&g.k, &g.v)
             .gate(g.gate.as_ref().unwrap())
             .f(g.f.as_ref().unwrap());
@@ -1009,7 +1017,7 @@ fn checkpoint_and_rollback_in_one_encoder() {
         let cp = cache.encode_checkpoint(ctx, &mut enc, 0).unwrap();
         let mut keep = vec![];
         for _ in 0..2 {
-            let t = tokens(&mut rng, &c, n as usize, false);
+            let t = tokens(&mut rng, c, n as usize, false);
             let rows = (b * hq * n) as usize;
             let x = HostQueries {
                 q_heads: hq as usize,
@@ -1017,7 +1025,7 @@ fn checkpoint_and_rollback_in_one_encoder() {
                 tau: Some(rng.range(0.5, 1.5, rows)),
                 alpha: Some(rng.range(0.0, 0.3, hq as usize)),
             };
-            let g = upload_tokens(ctx, &c, &t);
+            let g = upload_tokens(ctx, c, &t);
             let q = ctx.upload(&[b, hq, n, d], &x.q).unwrap();
             let tau = ctx.upload(&[b, hq, n], x.tau.as_ref().unwrap()).unwrap();
             let alpha = ctx.upload(&[hq], x.alpha.as_ref().unwrap()).unwrap();
@@ -1057,10 +1065,16 @@ fn checkpoint_and_rollback_in_one_encoder() {
         for si in 0..2 {
             let step = (si, 2, None, Some(0));
             assert!(one_step(
-                ctx, &c, &mut cache, &mut r, &mut rng, step, &mut msgs, &mut outs
+                ctx, c, &mut cache, &mut r, &mut rng, step, &mut msgs, &mut outs
             ));
         }
-        assert!(msgs.is_empty(), "[{}] {}", ctx.describe(), msgs.join("\n"));
+        assert!(
+            msgs.is_empty(),
+            "[{}] {}: {}",
+            ctx.describe(),
+            c.name(),
+            msgs.join("\n")
+        );
     }
 }
 
