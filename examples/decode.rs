@@ -6,6 +6,7 @@
 //!     [--kv-heads 2] [--dim 64] [--queries 1] [--budget N] [--f16] [--selective]
 //!     [--splits N] [--threads N] [--rows N] [--check 8] [--warmup N] [--json PATH] [--no-prune]
 //!     [--trace N] [--sync-steps] [--heat-ms 500] [--sweep "splits=4;threads=128,rows=2;..."]
+//!     [--max-buffer-bytes N]
 //! ```
 //!
 //! Each sequence is first filled with `--prompt` tokens (K and V appended without attention),
@@ -90,6 +91,10 @@ struct Args {
     /// selective masking, no checks; prints GPU ms per step (mean, median) and KV GB/s each.
     #[arg(long)]
     sweep: Option<String>,
+    /// Largest buffer of the cache in bytes (`KvCacheConfig::max_buffer_bytes`): below one
+    /// sequence's K, sequences are stored in segments (compare with the same run without it).
+    #[arg(long)]
+    max_buffer_bytes: Option<u64>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<String>,
@@ -253,7 +258,17 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
     if let Some(b) = budget {
         cfg = cfg.budget(b);
     }
+    if let Some(m) = a.max_buffer_bytes {
+        cfg = cfg.max_buffer_bytes(m);
+    }
     let mut cache = KvCache::new(ctx, cfg)?;
+    if cache.segments() > 1 {
+        println!(
+            "  cache in {} segments of {} slots per sequence",
+            cache.segments(),
+            cache.segment_slots()
+        );
+    }
     let (b, hq, hkv, d, n) = a.dims();
     let mut rng = Rng(selattn_tools::testing::Rng::from_state(7));
     let check = a.check > 0 && (total as u64) * b * hq * d <= 1 << 24;
@@ -466,8 +481,11 @@ fn sweep(
     spec: &str,
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
     let dtype = a.dtype();
-    let cfg =
+    let mut cfg =
         KvCacheConfig::new(a.batch, a.kv_heads, a.dim, a.prompt + a.len * a.queries).dtype(dtype);
+    if let Some(m) = a.max_buffer_bytes {
+        cfg = cfg.max_buffer_bytes(m);
+    }
     let mut cache = KvCache::new(ctx, cfg)?;
     let (b, hq, hkv, d, n) = a.dims();
     let mut rng = Rng(selattn_tools::testing::Rng::from_state(7));
