@@ -598,9 +598,19 @@ fn segmented_cache_matches_reference() {
             prefill: vec![23, 1],
             ..Case::new(2, 2, 16)
         },
+        // 8 segments of 5 slots, a prefill past the budget (it evicts token by token while
+        // appending), the budget over three segments.
+        Case {
+            batch: 3,
+            segment: Some(5),
+            budget: Some(12),
+            selective: Some(3),
+            prefill: vec![30, 13, 2],
+            ..Case::new(4, 2, 16).all()
+        },
     ];
     for ctx in contexts() {
-        for (c, want) in cases.iter().zip([2, 3, 3, 2]) {
+        for (c, want) in cases.iter().zip([2, 3, 3, 2, 8]) {
             if c.dtype == DType::F16 && !ctx.capabilities().f16 {
                 continue;
             }
