@@ -1250,9 +1250,6 @@ impl KvCache {
         counts: &[u32],
         step_buf: &wgpu::Buffer,
     ) -> Result<()> {
-        if self.segmented() {
-            return self.encode_append_segments(ctx, pass, t, n, counts, step_buf);
-        }
         let c = &self.cfg;
         let cfg = AppendConfig {
             d: c.head_dim,
@@ -1267,6 +1264,9 @@ impl KvCache {
             f: t.f.map(bound),
             step: step_buf,
         };
+        if self.segmented() {
+            return self.encode_append_segments(ctx, pass, cfg, &tokens, n, counts);
+        }
         let gpu = ctx.gpu();
         for g in &self.groups {
             let params = CacheParams {
@@ -1291,25 +1291,12 @@ impl KvCache {
         &self,
         ctx: &Context,
         pass: &mut wgpu::ComputePass<'_>,
-        t: &Tokens,
+        cfg: AppendConfig,
+        tokens: &decode::TokenBuffers,
         n: u32,
         counts: &[u32],
-        step_buf: &wgpu::Buffer,
     ) -> Result<()> {
         let c = &self.cfg;
-        let cfg = AppendConfig {
-            d: c.head_dim,
-            wg: append_threads(ctx.capabilities().max_invocations),
-            gate: c.gate,
-            f: t.f.is_some(),
-        };
-        let tokens = decode::TokenBuffers {
-            k: bound(t.k),
-            v: bound(t.v),
-            gate: t.gate.map(bound),
-            f: t.f.map(bound),
-            step: step_buf,
-        };
         let best = self
             .best
             .as_ref()
@@ -1342,7 +1329,7 @@ impl KvCache {
                     c.dtype,
                     &params,
                     which,
-                    &tokens,
+                    tokens,
                     &cb,
                     best.buffer(),
                 )

@@ -798,27 +798,22 @@ pub(crate) fn encode_segment_append(
         SegKernel::PutState => (false, cfg.f),
     };
     let cfg = AppendConfig { gate, f, ..cfg };
-    match which {
-        SegKernel::Candidates => {
-            let key = KernelKey {
-                kernel: Kernel::CacheCandidates(cfg),
-                elem,
-            };
-            let entries = [
+    let (kernel, label, entries) = match which {
+        SegKernel::Candidates => (
+            Kernel::CacheCandidates(cfg),
+            "selattn cache candidates",
+            vec![
                 entry(0, &uniform),
                 entry(1, t.step),
                 entry(9, c.f),
                 entry(10, c.pos),
                 entry(11, best),
-            ];
-            gpu.dispatch(pass, "selattn cache candidates", key, &entries, groups)
-        }
-        SegKernel::Put => {
-            let key = KernelKey {
-                kernel: Kernel::CachePut(cfg),
-                elem,
-            };
-            let entries = [
+            ],
+        ),
+        SegKernel::Put => (
+            Kernel::CachePut(cfg),
+            "selattn cache put",
+            vec![
                 entry(0, &uniform),
                 entry(1, t.step),
                 tensor_entry(2, Some(t.k), din),
@@ -828,25 +823,22 @@ pub(crate) fn encode_segment_append(
                 entry(7, c.v),
                 entry(8, c.gate.unwrap_or(gpu.dummy_out)),
                 entry(11, best),
-            ];
-            gpu.dispatch(pass, "selattn cache put", key, &entries, groups)
-        }
-        SegKernel::PutState => {
-            let key = KernelKey {
-                kernel: Kernel::CachePutState(cfg),
-                elem,
-            };
-            let entries = [
+            ],
+        ),
+        SegKernel::PutState => (
+            Kernel::CachePutState(cfg),
+            "selattn cache put state",
+            vec![
                 entry(0, &uniform),
                 entry(1, t.step),
                 tensor_entry(5, t.f, din),
                 entry(9, c.f),
                 entry(10, c.pos),
                 entry(11, best),
-            ];
-            gpu.dispatch(pass, "selattn cache put state", key, &entries, groups)
-        }
-    }
+            ],
+        ),
+    };
+    gpu.dispatch(pass, label, KernelKey { kernel, elem }, &entries, groups)
 }
 
 /// Records the fold of one segment's decode partials (`s.part`) into `acc` (or, with
