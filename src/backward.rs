@@ -731,7 +731,7 @@ struct Buffers<'d> {
 pub const KEEP_ENV: &str = "SELATTN_BACKWARD_KEEP";
 
 fn keep_scratch() -> bool {
-    std::env::var(KEEP_ENV).map_or(true, |v| v != "0")
+    crate::kernels::knob_on(KEEP_ENV)
 }
 
 /// `entries` with binding 1 (the Layout uniform) replaced by `layout`.

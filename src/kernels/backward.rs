@@ -12,7 +12,7 @@
 use super::coop_backward::{CoopBackwardConfig, CoopEntry, ROWS};
 use super::forward::{check_dispatch, params};
 use super::selective::{ColsumConfig, ScanConfig};
-use super::{Kernel, KernelKey, Params};
+use super::{knob_on, Kernel, KernelKey, Params};
 use crate::device::Capabilities;
 use crate::spec::{Path, Resolved};
 use crate::Switches;
@@ -104,7 +104,7 @@ const COOP_SELECTIVE: bool = true;
 pub const DU_ENV: &str = "SELATTN_BACKWARD_DU";
 
 fn du_enabled() -> bool {
-    std::env::var(DU_ENV).map_or(true, |v| v != "0")
+    knob_on(DU_ENV)
 }
 
 /// Environment variable that turns the split du path off (`SELATTN_BACKWARD_SPLIT=0`: coop_selq
@@ -117,11 +117,11 @@ pub const SPLIT_ENV: &str = "SELATTN_BACKWARD_SPLIT";
 pub const COOP_COLSUM_ENV: &str = "SELATTN_BACKWARD_COOP_COLSUM";
 
 fn coop_colsum_enabled() -> bool {
-    std::env::var(COOP_COLSUM_ENV).map_or(true, |v| v != "0")
+    knob_on(COOP_COLSUM_ENV)
 }
 
 fn split_enabled() -> bool {
-    std::env::var(SPLIT_ENV).map_or(true, |v| v != "0")
+    knob_on(SPLIT_ENV)
 }
 
 /// Threads per workgroup we use at most.

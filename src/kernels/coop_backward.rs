@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use super::knob_on;
 use crate::device::Capabilities;
 use crate::Switches;
 
@@ -201,7 +202,7 @@ impl CoopBackwardConfig {
         };
         let bt_dkv = bt_for(true).ok_or("workgroup memory too small")?;
         let bt_dq = bt_for(false).ok_or("workgroup memory too small")?;
-        let sgbar = caps.subgroup_barrier && std::env::var(SGBAR_ENV).map_or(true, |v| v != "0");
+        let sgbar = caps.subgroup_barrier && knob_on(SGBAR_ENV);
         let c = |entry, bt| CoopBackwardConfig {
             entry,
             d,
@@ -211,8 +212,7 @@ impl CoopBackwardConfig {
             sgbar,
             // dkv only: in dq the early load cost more than it hid (H200 profile 2026-12-03:
             // dkv 9.98 -> 8.96 ms, dq 7.64 -> 8.71 ms at D64 full).
-            prefetch: entry == CoopEntry::Dkv
-                && std::env::var(PREFETCH_ENV).map_or(true, |v| v != "0"),
+            prefetch: entry == CoopEntry::Dkv && knob_on(PREFETCH_ENV),
             features,
         };
         Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))

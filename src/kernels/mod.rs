@@ -41,6 +41,13 @@ pub enum Source {
     CoopBackward,
 }
 
+/// Whether the measurement knob `name` (an environment variable such as
+/// `SELATTN_BACKWARD_SPLIT`) leaves its choice on: anything but `0`, or unset. Read at each plan,
+/// so one binary can run both forms.
+pub(crate) fn knob_on(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v != "0")
+}
+
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {
