@@ -113,6 +113,7 @@ struct Args {
     dtypes: Vec<DType>,
     paths: Vec<Path>,
     warmup: u32,
+    heat: Duration,
     iters: u32,
     budget: f64,
     wall: bool,
@@ -120,6 +121,20 @@ struct Args {
     json: Option<String>,
     backward: bool,
     profile: bool,
+}
+
+/// Untimed runs before a row is timed: at least `a.warmup` of them and at least `a.heat` of
+/// load, so the GPU's clock is up; a run slower than half the row's budget ends the warm-up.
+fn warm_up(a: &Args, mut run: impl FnMut() -> selattn::Result<f64>) -> selattn::Result<()> {
+    let started = Instant::now();
+    let mut n = 0;
+    loop {
+        let ms = run()?;
+        n += 1;
+        if ms * 1e-3 > a.budget / 2.0 || (n >= a.warmup.max(1) && started.elapsed() >= a.heat) {
+            return Ok(());
+        }
+    }
 }
 
 fn parse_shape(s: &str) -> Result<Shape, String> {
@@ -167,6 +182,12 @@ struct Cli {
     /// Untimed runs before timing (default 3; 1 with --quick).
     #[arg(long, value_name = "N")]
     warmup: Option<u32>,
+    /// Keep warming up each row for at least this long (default 300; 0 with --quick). An idle
+    /// GPU runs at a low clock and needs a few hundred ms of load to reach its full clock (H200:
+    /// 345 MHz to 1980 MHz, BENCHMARKS.md); a row timed right after building its pipelines or
+    /// checking against the CPU reference otherwise starts slow and its median lies.
+    #[arg(long, value_name = "MS")]
+    heat_ms: Option<u64>,
     /// Timed runs, median reported (default 30; 3 with --quick).
     #[arg(long, value_name = "N")]
     iters: Option<u32>,
@@ -253,6 +274,7 @@ fn parse_args() -> Args {
         },
         paths: vec![],
         warmup: 3,
+        heat: Duration::from_millis(300),
         iters: 30,
         budget: 3.0,
         wall: c.wall,
@@ -281,6 +303,7 @@ fn parse_args() -> Args {
     }
     if c.quick {
         a.warmup = 1;
+        a.heat = Duration::ZERO;
         a.iters = 3;
         a.budget = 0.5;
         if a.shapes.is_empty() {
@@ -297,6 +320,7 @@ fn parse_args() -> Args {
         ];
     }
     a.warmup = c.warmup.unwrap_or(a.warmup);
+    a.heat = c.heat_ms.map(Duration::from_millis).unwrap_or(a.heat);
     a.iters = c.iters.map(|n| n.max(1)).unwrap_or(a.iters);
     a.budget = c.budget.unwrap_or(a.budget);
     if a.variants.is_empty() {
@@ -740,12 +764,7 @@ fn measure(
 
     let mut times = error_scoped(ctx, "timing the call", || {
         let budget = Duration::from_secs_f64(a.budget);
-        // Warm-up; a run slower than half the budget needs no second warm-up.
-        for _ in 0..a.warmup.max(1) {
-            if time_wall(ctx, &inputs, &opts, &outputs)? * 1e-3 > a.budget / 2.0 {
-                break;
-            }
-        }
+        warm_up(a, || time_wall(ctx, &inputs, &opts, &outputs))?;
         let started = Instant::now();
         let mut times = Vec::with_capacity(a.iters as usize);
         while (times.len() as u32) < a.iters {
@@ -954,7 +973,7 @@ fn print_header(ctx: &Context, a: &Args, timestamps: bool, timer: &str) {
         caps.timestamps
     );
     println!(
-        "timer: {} ({}), warm-up {}, median of up to {} runs (at least {}, about {} s per row)",
+        "timer: {} ({}), warm-up {} runs and {} ms, median of up to {} runs (at least {}, about {} s per row)",
         timer,
         if timestamps {
             "begin/end of the call's compute pass"
@@ -962,6 +981,7 @@ fn print_header(ctx: &Context, a: &Args, timestamps: bool, timer: &str) {
             "submit until the device is idle"
         },
         a.warmup,
+        a.heat.as_millis(),
         a.iters,
         a.iters.min(3),
         a.budget
@@ -1210,11 +1230,7 @@ fn measure_backward(
         Ok(t.elapsed().as_secs_f64() * 1e3)
     };
     let mut times = error_scoped(ctx, "timing forward + backward", || {
-        for _ in 0..a.warmup.max(1) {
-            if once()? * 1e-3 > a.budget / 2.0 {
-                break;
-            }
-        }
+        warm_up(a, once)?;
         let budget = Duration::from_secs_f64(a.budget);
         let started = Instant::now();
         let mut times = Vec::new();
