@@ -87,6 +87,9 @@ override LATE_K: bool = false;
 override LATE_V: bool = false;
 // SM_FULL (needs SM_ONE): rows whose every column of the tile is allowed skip the masks.
 override SM_FULL: bool = false;
+// SM_RAW (needs SM_FULL, not with SELECTIVE): on those rows, where rf > 0, the max of S unscaled
+//   and the scale folded into the exponent's FMA.
+override SM_RAW: bool = false;
 // Lowest f16 exponent argument (exp2 of it is 0 in f16): z - m clamped to [H16_MIN, rescale_at]
 // before the f16 conversion, so nothing out of f16 range is converted.
 const H16_MIN: f32 = -30.0;
@@ -177,8 +180,14 @@ fn p_wide(z: f32, m: f32) -> f32 {
 // returns their sum (f32). Allowed columns have z - m <= rescale_at (else the max moved), so the
 // clamp changes none of them; masked ones are computed finite and dropped by the select.
 fn quad_p(at: u32, z: vec4<f32>, m: f32, ok: vec4<bool>, wide: bool, rescale_at: f32) -> f32 {
+    return quad_pa(at, z, 1.0, m, ok, wide, rescale_at);
+}
+
+// quad_p of z * a (one FMA per column; a = 1 for S already scaled).
+fn quad_pa(at: u32, z: vec4<f32>, a: f32, m: f32, ok: vec4<bool>, wide: bool, rescale_at: f32) -> f32 {
+    let dz = fma(z, vec4<f32>(a), vec4<f32>(-m));
     if SM_H16 && !wide {
-        let eh = exp2(vec4<f16>(clamp(z - m, vec4<f32>(H16_MIN), vec4<f32>(rescale_at))));
+        let eh = exp2(vec4<f16>(clamp(dz, vec4<f32>(H16_MIN), vec4<f32>(rescale_at))));
         let ph = select(vec4<f16>(0.0h), eh, ok);
         put_p4h(at, ph);
         let pf = vec4<f32>(ph);
@@ -186,9 +195,9 @@ fn quad_p(at: u32, z: vec4<f32>, m: f32, ok: vec4<bool>, wide: bool, rescale_at:
     }
     var e: vec4<f32>;
     if wide {
-        e = exp2(clamp(z - m, vec4<f32>(DIFF_MIN), vec4<f32>(rescale_at)) * UX);
+        e = exp2(clamp(dz, vec4<f32>(DIFF_MIN), vec4<f32>(rescale_at)) * UX);
     } else {
-        e = exp2(min(z - m, vec4<f32>(rescale_at)));
+        e = exp2(min(dz, vec4<f32>(rescale_at)));
     }
     let pv = select(vec4<f32>(0.0), e, ok);
     put_p4(at, pv);
@@ -477,7 +486,19 @@ fn coop_forward(
             if SM_ONE {
                 // Exponentials against the running max while the max is taken.
                 let m_old = row_m[r];
-                if SM_FULL && ncol >= BC {
+                if SM_FULL && SM_RAW && !SELECTIVE && ncol >= BC && rf > 0.0 {
+                    // No masks, and the max taken on S unscaled (rf > 0 keeps the order; the
+                    // rounded products too): the scale goes into the exponent's FMA.
+                    var mr = LOWEST;
+                    for (var k = 0u; k < CPL; k++) {
+                        let c = 4u * (part + LPR * ((k + rot) % CPL));
+                        let o = r * SP + c;
+                        let z = vec4<f32>(sbuf[o], sbuf[o + 1u], sbuf[o + 2u], sbuf[o + 3u]);
+                        mr = max(mr, max(max(z.x, z.y), max(z.z, z.w)));
+                        sum += quad_pa(r * PP + c, z, rf, m_old, vec4<bool>(true), wide, rescale_at);
+                    }
+                    mx = mr * rf;
+                } else if SM_FULL && ncol >= BC {
                     // Every column of the tile allowed: no masks.
                     for (var k = 0u; k < CPL; k++) {
                         let c = 4u * (part + LPR * ((k + rot) % CPL));

@@ -12,13 +12,14 @@ pub const SUBGROUPS: u32 = 4;
 /// Largest head dim on this path: O and Q fragments live in registers (2 × D/16 matrices).
 pub const MAX_D: u32 = 128;
 /// Environment variable naming tuning choices to turn off, comma-separated, for ablations on a
-/// real GPU: `vsep`, `ilp`, `sgbar`, `prefix`, `halves` (see [`CoopConfig`]) and `colsum` (the column-sum
-/// pass's interior fast path); `+ilp` turns `ilp` on at every head dim. The softmax and staging
-/// forms: `keep`, `quads`, `pairs`, `fixed`, `rot`, `kv4`, `p2`, `one`, `h16`, `full`, `latek`,
-/// `latev` turn one off, `+name` on (see [`CoopConfig`]; `keep,kv4` gives column pairs,
-/// `keep,kv4,pairs,fixed` the scalar loops of before); `bc32` caps the key tile at 32. Timing-only knobs that make
-/// results wrong (for `bench --no-check`): `x-nosm`, `x-nostage`, `x-nold`, `x-nos`, `x-nopv`,
-/// `x-nobar`, `x-nomax`, `x-noexp` (the shader's `XA` bits, in that order). Unset in normal use.
+/// real GPU: `vsep`, `ilp`, `sgbar`, `prefix`, `halves` (see [`CoopConfig`]) and `colsum` (the
+/// column-sum pass's interior fast path); `+ilp` turns `ilp` on at every head dim. The softmax
+/// and staging forms: `keep`, `quads`, `pairs`, `fixed`, `rot`, `kv4`, `p2`, `one`, `h16`,
+/// `full`, `raw`, `latek`, `latev` turn one off, `+name` on (see [`CoopConfig`]; `keep,kv4`
+/// gives column pairs, `keep,kv4,pairs,fixed` the scalar loops of before); `bc32` caps the key
+/// tile at 32. Timing-only knobs that make results wrong (for `bench --no-check`): `x-nosm`,
+/// `x-nostage`, `x-nold`, `x-nos`, `x-nopv`, `x-nobar`, `x-nomax`, `x-noexp` (the shader's `XA`
+/// bits, in that order). Unset in normal use.
 pub const ABLATE_ENV: &str = "SELATTN_COOP_ABLATE";
 
 /// Specialisation of the cooperative-matrix kernel.
@@ -74,6 +75,9 @@ pub struct CoopConfig {
     /// With `sm_one`: rows whose every column of the tile is allowed skip the masks
     /// (`SM_FULL`).
     pub sm_full: bool,
+    /// With `sm_full`, not selective: the max on S unscaled, the scale in the exponent's FMA
+    /// (`SM_RAW`).
+    pub sm_raw: bool,
     /// K loaded at the top of its own tile, not one tile early (`LATE_K`).
     pub late_k: bool,
     /// V loaded after the softmax, not before it (`LATE_V`).
@@ -99,6 +103,7 @@ impl CoopConfig {
             ("SM_ONE", super::flag(self.sm_one)),
             ("SM_H16", super::flag(self.sm_h16)),
             ("SM_FULL", super::flag(self.sm_full)),
+            ("SM_RAW", super::flag(self.sm_raw)),
             ("LATE_K", super::flag(self.late_k)),
             ("LATE_V", super::flag(self.late_v)),
         ]
@@ -216,6 +221,7 @@ impl CoopConfig {
                 sm_one: false,
                 sm_h16: false,
                 sm_full: false,
+                sm_raw: false,
                 late_k: false,
                 late_v: false,
             };
@@ -250,10 +256,12 @@ impl CoopConfig {
                 c.sm_one = false;
                 c.sm_h16 = false;
                 c.sm_full = false;
+                c.sm_raw = false;
             }
             c.sm_one = c.sm_quads && on("one", false);
             c.sm_h16 = c.sm_quads && on("h16", false);
             c.sm_full = c.sm_one && on("full", false);
+            c.sm_raw = c.sm_full && !features.selective && on("raw", false);
             c.late_k = on("latek", false);
             c.late_v = on("latev", false);
             if !bc.is_multiple_of(2 * lpr) {
