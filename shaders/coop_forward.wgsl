@@ -73,26 +73,6 @@ override SM_ROT: bool = false;
 //   SM_QUADS): the tile's S values of the lane kept in registers between the max and exp passes.
 override SM_QUADS: bool = false;
 override SM_KEEP: bool = false;
-// SM_ONE (needs SM_QUADS): one pass over S for rows already started: the exponentials against the
-//   running max while the tile's max is taken; only a row whose max moved (by more than the lazy
-//   threshold, or its first tile) runs the exp pass again. SM_H16 (needs SM_QUADS): a narrow
-//   tile's exponentials in packed f16 (exp2 of vec4<f16>; P is f16 for the MMA anyway), the row
-//   sums and the max in f32.
-override SM_ONE: bool = false;
-override SM_H16: bool = false;
-// LATE_K / LATE_V: K (and the selection head's K) loaded at the top of its own tile instead of one
-//   tile early, V after the softmax instead of before it: fewer registers live across the
-//   softmax (occupancy) for global-load latency that other workgroups must hide.
-override LATE_K: bool = false;
-override LATE_V: bool = false;
-// SM_FULL (needs SM_ONE): rows whose every column of the tile is allowed skip the masks.
-override SM_FULL: bool = false;
-// SM_RAW (needs SM_FULL, not with SELECTIVE): on those rows, where rf > 0, the max of S unscaled
-//   and the scale folded into the exponent's FMA.
-override SM_RAW: bool = false;
-// Lowest f16 exponent argument (exp2 of it is 0 in f16): z - m clamped to [H16_MIN, rescale_at]
-// before the f16 conversion, so nothing out of f16 range is converted.
-const H16_MIN: f32 = -30.0;
 const KEEP_MAX: u32 = 16u;   // steps per lane with SM_QUADS: BC / (4 LPR) <= 64 / 4
 override CW: u32 = select(select(1u, 2u, SM_PAIRS), 4u, SM_QUADS);   // columns per step
 override CPL: u32 = BC / (CW * LPR);           // steps per lane
@@ -174,34 +154,6 @@ fn row_factor(b: u32, h: u32, i: u32) -> f32 {
 // exp2(UX * (z - m)) in a wide tile's units, finite for every finite z and m of the softmax.
 fn p_wide(z: f32, m: f32) -> f32 {
     return exp2(max(z - m, DIFF_MIN) * UX);
-}
-
-// The quads softmax: P of four columns against the max m (0 where !ok), stored at pbuf[at..at+4];
-// returns their sum (f32). Allowed columns have z - m <= rescale_at (else the max moved), so the
-// clamp changes none of them; masked ones are computed finite and dropped by the select.
-fn quad_p(at: u32, z: vec4<f32>, m: f32, ok: vec4<bool>, wide: bool, rescale_at: f32) -> f32 {
-    return quad_pa(at, z, 1.0, m, ok, wide, rescale_at);
-}
-
-// quad_p of z * a (one FMA per column; a = 1 for S already scaled).
-fn quad_pa(at: u32, z: vec4<f32>, a: f32, m: f32, ok: vec4<bool>, wide: bool, rescale_at: f32) -> f32 {
-    let dz = fma(z, vec4<f32>(a), vec4<f32>(-m));
-    if SM_H16 && !wide {
-        let eh = exp2(vec4<f16>(clamp(dz, vec4<f32>(H16_MIN), vec4<f32>(rescale_at))));
-        let ph = select(vec4<f16>(0.0h), eh, ok);
-        put_p4h(at, ph);
-        let pf = vec4<f32>(ph);
-        return (pf.x + pf.y) + (pf.z + pf.w);
-    }
-    var e: vec4<f32>;
-    if wide {
-        e = exp2(clamp(dz, vec4<f32>(DIFF_MIN), vec4<f32>(rescale_at)) * UX);
-    } else {
-        e = exp2(min(dz, vec4<f32>(rescale_at)));
-    }
-    let pv = select(vec4<f32>(0.0), e, ok);
-    put_p4(at, pv);
-    return (pv.x + pv.y) + (pv.z + pv.w);
 }
 
 // put8(at, w, g): stores 8 f16 (one 16-byte global word) at kbuf[at..at+8], scaled by g;
@@ -305,7 +257,7 @@ fn coop_forward(
     var vpre: array<vec4<u32>, MAX_LD>;
     var gpre: array<f32, MAX_LD>;
     var spre: array<vec4<u32>, MAX_LD>;   // the selection head's K, when selective
-    for (var x = 0u; x < select(NLD, 0u, LATE_K); x++) {
+    for (var x = 0u; x < NLD; x++) {
         kpre[x] = load_k(b, hk, 0u, kend, tid + x * WG);
         if SELECTIVE {
             spre[x] = load_k(b, sel_kv, 0u, kend, tid + x * WG);
@@ -320,14 +272,6 @@ fn coop_forward(
         // are written only after the next barrier, which every subgroup reaches after its P V.
         if !VSEP {
             workgroupBarrier();
-        }
-        if LATE_K {
-            for (var x = 0u; x < NLD; x++) {
-                kpre[x] = load_k(b, hk, kt, kend, tid + x * WG);
-                if SELECTIVE {
-                    spre[x] = load_k(b, sel_kv, kt, kend, tid + x * WG);
-                }
-            }
         }
         // 1. K tile (prefetched), zero past kend, and with PAIR the selection head's K tile in
         //    the rows after it; 2. S = Q K^T for this subgroup's 16 rows (and S_sel).
@@ -437,21 +381,19 @@ fn coop_forward(
             let j = kt + e / D8;
             var w = vec4<u32>(0u);
             var g = 1.0;
-            if e < BC * D8 && j < kend && !xa(4u) && !LATE_V {
+            if e < BC * D8 && j < kend && !xa(4u) {
                 let hj = (b * p.kv_heads + hk) * p.k_len + j;
                 w = v[hj * D8 + e % D8];
                 if HAS_GATE {
                     g = gate[hj];
                 }
             }
-            if !LATE_V {
-                vpre[x] = w;
-                gpre[x] = g;
-            }
-            if !xa(4u) && !LATE_K {
+            vpre[x] = w;
+            gpre[x] = g;
+            if !xa(4u) {
                 kpre[x] = load_k(b, hk, kt + BC, kend, e);
             }
-            if SELECTIVE && !LATE_K {
+            if SELECTIVE {
                 spre[x] = load_k(b, sel_kv, kt + BC, kend, e);
             }
         }
@@ -480,233 +422,149 @@ fn coop_forward(
             var mx = LOWEST;
             // (With SELECTIVE, S already holds S * rf - F.)
             var zs: array<vec4<f32>, KEEP_MAX>;
-            var sum = 0.0;
-            var m_new = row_m[r];
-            var corr = 1.0;
-            if SM_ONE {
-                // Exponentials against the running max while the max is taken.
-                let m_old = row_m[r];
-                if SM_FULL && SM_RAW && !SELECTIVE && ncol >= BC && rf > 0.0 {
-                    // No masks, and the max taken on S unscaled (rf > 0 keeps the order; the
-                    // rounded products too): the scale goes into the exponent's FMA.
-                    var mr = LOWEST;
-                    for (var k = 0u; k < CPL; k++) {
-                        let c = 4u * (part + LPR * ((k + rot) % CPL));
-                        let o = r * SP + c;
-                        let z = vec4<f32>(sbuf[o], sbuf[o + 1u], sbuf[o + 2u], sbuf[o + 3u]);
-                        mr = max(mr, max(max(z.x, z.y), max(z.z, z.w)));
-                        sum += quad_pa(r * PP + c, z, rf, m_old, vec4<bool>(true), wide, rescale_at);
+            if SM_QUADS {
+                for (var k = 0u; k < select(CPL, 0u, xa(64u)); k++) {
+                    let c = 4u * (part + LPR * ((k + rot) % CPL));
+                    let o = r * SP + c;
+                    var z = vec4<f32>(sbuf[o], sbuf[o + 1u], sbuf[o + 2u], sbuf[o + 3u]);
+                    if !SELECTIVE {
+                        z *= rf;
                     }
-                    mx = mr * rf;
-                } else if SM_FULL && ncol >= BC {
-                    // Every column of the tile allowed: no masks.
-                    for (var k = 0u; k < CPL; k++) {
-                        let c = 4u * (part + LPR * ((k + rot) % CPL));
-                        let o = r * SP + c;
-                        var z = vec4<f32>(sbuf[o], sbuf[o + 1u], sbuf[o + 2u], sbuf[o + 3u]);
-                        if !SELECTIVE {
-                            z *= rf;
-                        }
-                        mx = max(mx, max(max(z.x, z.y), max(z.z, z.w)));
-                        sum += quad_p(r * PP + c, z, m_old, vec4<bool>(true), wide, rescale_at);
+                    if SM_KEEP {
+                        zs[k] = z;
                     }
-                } else {
-                    for (var k = 0u; k < CPL; k++) {
-                        let c = 4u * (part + LPR * ((k + rot) % CPL));
-                        let o = r * SP + c;
-                        var z = vec4<f32>(sbuf[o], sbuf[o + 1u], sbuf[o + 2u], sbuf[o + 3u]);
-                        if !SELECTIVE {
-                            z *= rf;
-                        }
-                        let ok = vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(ncol);
-                        let zm = select(vec4<f32>(LOWEST), z, ok);
-                        mx = max(mx, max(max(zm.x, zm.y), max(zm.z, zm.w)));
-                        sum += quad_p(r * PP + c, z, m_old, ok, wide, rescale_at);
-                    }
+                    let zm = select(vec4<f32>(LOWEST), z, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(ncol));
+                    mx = max(mx, max(max(zm.x, zm.y), max(zm.z, zm.w)));
                 }
-                for (var x = 1u; x < LPR; x <<= 1u) {
-                    mx = max(mx, subgroupShuffleXor(mx, x));
-                }
-                // The row's first tile, or its max moved: P again against the new max.
-                if row_l[r] == 0.0 || mx > m_old + rescale_at {
-                    if row_l[r] != 0.0 {
-                        if wide {
-                            corr = p_wide(m_old, mx);
-                        } else {
-                            corr = exp2(m_old - mx);
-                        }
+            } else if SM_FIXED {
+                for (var k = 0u; k < select(CPL, 0u, xa(64u)); k++) {
+                    let c = CW * (part + LPR * ((k + rot) % CPL));
+                    var z0 = sbuf[r * SP + c];
+                    if !SELECTIVE {
+                        z0 *= rf;
                     }
-                    m_new = mx;
-                    sum = 0.0;
-                    for (var k = 0u; k < CPL; k++) {
-                        let c = 4u * (part + LPR * ((k + rot) % CPL));
-                        let o = r * SP + c;
-                        var z = vec4<f32>(sbuf[o], sbuf[o + 1u], sbuf[o + 2u], sbuf[o + 3u]);
+                    mx = max(mx, select(LOWEST, z0, c < ncol));
+                    if SM_PAIRS {
+                        var z1 = sbuf[r * SP + c + 1u];
                         if !SELECTIVE {
-                            z *= rf;
+                            z1 *= rf;
                         }
-                        let ok = vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(ncol);
-                        sum += quad_p(r * PP + c, z, m_new, ok, wide, rescale_at);
+                        mx = max(mx, select(LOWEST, z1, c + 1u < ncol));
                     }
                 }
             } else {
-                if SM_QUADS {
-                    for (var k = 0u; k < select(CPL, 0u, xa(64u)); k++) {
-                        let c = 4u * (part + LPR * ((k + rot) % CPL));
-                        let o = r * SP + c;
-                        var z = vec4<f32>(sbuf[o], sbuf[o + 1u], sbuf[o + 2u], sbuf[o + 3u]);
+                for (var c = part; c < select(ncol, 0u, xa(64u)); c += LPR) {
+                    var z = sbuf[r * SP + c];
+                    if !SELECTIVE {
+                        z *= rf;
+                    }
+                    mx = max(mx, z);
+                }
+            }
+            for (var x = 1u; x < LPR; x <<= 1u) {
+                mx = max(mx, subgroupShuffleXor(mx, x));
+            }
+            let m_old = row_m[r];
+            var m_new = m_old;
+            var corr = 1.0;
+            if row_l[r] == 0.0 {
+                m_new = mx;          // nothing accumulated yet: no rescale needed
+            } else if mx > m_old + rescale_at {
+                m_new = mx;
+                if wide {
+                    corr = p_wide(m_old, mx);
+                } else {
+                    corr = exp2(m_old - mx);
+                }
+            }
+            // P goes to the MMA as f16; the row sum (hence LSE) keeps f32 precision. One loop per
+            // unit so that the narrow one (nearly every tile) costs nothing extra.
+            var sum = 0.0;
+            if SM_QUADS {
+                for (var k = 0u; k < select(CPL, 0u, xa(128u)); k++) {
+                    let c = 4u * (part + LPR * ((k + rot) % CPL));
+                    let o = r * SP + c;
+                    var z: vec4<f32>;
+                    if SM_KEEP {
+                        z = zs[k];
+                    } else {
+                        z = vec4<f32>(sbuf[o], sbuf[o + 1u], sbuf[o + 2u], sbuf[o + 3u]);
                         if !SELECTIVE {
                             z *= rf;
                         }
-                        if SM_KEEP {
-                            zs[k] = z;
-                        }
-                        let zm = select(vec4<f32>(LOWEST), z, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(ncol));
-                        mx = max(mx, max(max(zm.x, zm.y), max(zm.z, zm.w)));
                     }
-                } else if SM_FIXED {
-                    for (var k = 0u; k < select(CPL, 0u, xa(64u)); k++) {
+                    let ok = vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(ncol);
+                    var e: vec4<f32>;
+                    if wide {
+                        e = exp2(clamp(z - m_new, vec4<f32>(DIFF_MIN), vec4<f32>(rescale_at)) * UX);
+                    } else {
+                        e = exp2(min(z - m_new, vec4<f32>(rescale_at)));
+                    }
+                    let pv = select(vec4<f32>(0.0), e, ok);
+                    put_p4(r * PP + c, pv);
+                    sum += (pv.x + pv.y) + (pv.z + pv.w);
+                }
+            } else if SM_FIXED {
+                // Allowed columns have z - m_new <= rescale_at (else the max moved), so the clamp
+                // changes none of them; masked ones are computed finite and dropped by the select.
+                if wide {
+                    for (var k = 0u; k < select(CPL, 0u, xa(128u)); k++) {
                         let c = CW * (part + LPR * ((k + rot) % CPL));
                         var z0 = sbuf[r * SP + c];
                         if !SELECTIVE {
                             z0 *= rf;
                         }
-                        mx = max(mx, select(LOWEST, z0, c < ncol));
+                        let p0 = select(0.0, exp2(clamp(z0 - m_new, DIFF_MIN, rescale_at) * UX), c < ncol);
                         if SM_PAIRS {
                             var z1 = sbuf[r * SP + c + 1u];
                             if !SELECTIVE {
                                 z1 *= rf;
                             }
-                            mx = max(mx, select(LOWEST, z1, c + 1u < ncol));
+                            let p1 = select(0.0, exp2(clamp(z1 - m_new, DIFF_MIN, rescale_at) * UX), c + 1u < ncol);
+                            put_p2(r * PP + c, p0, p1);
+                            sum += p0 + p1;
+                        } else {
+                            put_p1(r * PP + c, p0);
+                            sum += p0;
                         }
                     }
                 } else {
-                    for (var c = part; c < select(ncol, 0u, xa(64u)); c += LPR) {
-                        var z = sbuf[r * SP + c];
-                        if !SELECTIVE {
-                            z *= rf;
-                        }
-                        mx = max(mx, z);
-                    }
-                }
-                for (var x = 1u; x < LPR; x <<= 1u) {
-                    mx = max(mx, subgroupShuffleXor(mx, x));
-                }
-                let m_old = row_m[r];
-                if row_l[r] == 0.0 {
-                    m_new = mx;          // nothing accumulated yet: no rescale needed
-                } else if mx > m_old + rescale_at {
-                    m_new = mx;
-                    if wide {
-                        corr = p_wide(m_old, mx);
-                    } else {
-                        corr = exp2(m_old - mx);
-                    }
-                }
-                // P goes to the MMA as f16; the row sum (hence LSE) keeps f32 precision. One loop per
-                // unit so that the narrow one (nearly every tile) costs nothing extra.
-                if SM_QUADS && SM_H16 {
                     for (var k = 0u; k < select(CPL, 0u, xa(128u)); k++) {
-                        let c = 4u * (part + LPR * ((k + rot) % CPL));
-                        let o = r * SP + c;
-                        var z: vec4<f32>;
-                        if SM_KEEP {
-                            z = zs[k];
+                        let c = CW * (part + LPR * ((k + rot) % CPL));
+                        let p0 = select(0.0, exp2(min(sbuf[r * SP + c] * rf - m_new, rescale_at)), c < ncol);
+                        if SM_PAIRS {
+                            let p1 = select(0.0, exp2(min(sbuf[r * SP + c + 1u] * rf - m_new, rescale_at)), c + 1u < ncol);
+                            put_p2(r * PP + c, p0, p1);
+                            sum += p0 + p1;
                         } else {
-                            z = vec4<f32>(sbuf[o], sbuf[o + 1u], sbuf[o + 2u], sbuf[o + 3u]);
+                            put_p1(r * PP + c, p0);
+                            sum += p0;
+                        }
+                    }
+                }
+            } else {
+                if wide {
+                    for (var c = part; c < BC; c += LPR) {
+                        var pf = 0.0;
+                        if c < ncol {
+                            var z = sbuf[r * SP + c];
                             if !SELECTIVE {
                                 z *= rf;
                             }
+                            pf = p_wide(z, m_new);
                         }
-                        let ok = vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(ncol);
-                        sum += quad_p(r * PP + c, z, m_new, ok, wide, rescale_at);
-                    }
-                } else if SM_QUADS {
-                    for (var k = 0u; k < select(CPL, 0u, xa(128u)); k++) {
-                        let c = 4u * (part + LPR * ((k + rot) % CPL));
-                        let o = r * SP + c;
-                        var z: vec4<f32>;
-                        if SM_KEEP {
-                            z = zs[k];
-                        } else {
-                            z = vec4<f32>(sbuf[o], sbuf[o + 1u], sbuf[o + 2u], sbuf[o + 3u]);
-                            if !SELECTIVE {
-                                z *= rf;
-                            }
-                        }
-                        let ok = vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(ncol);
-                        var e: vec4<f32>;
-                        if wide {
-                            e = exp2(clamp(z - m_new, vec4<f32>(DIFF_MIN), vec4<f32>(rescale_at)) * UX);
-                        } else {
-                            e = exp2(min(z - m_new, vec4<f32>(rescale_at)));
-                        }
-                        let pv = select(vec4<f32>(0.0), e, ok);
-                        put_p4(r * PP + c, pv);
-                        sum += (pv.x + pv.y) + (pv.z + pv.w);
-                    }
-                } else if SM_FIXED {
-                    // Allowed columns have z - m_new <= rescale_at (else the max moved), so the clamp
-                    // changes none of them; masked ones are computed finite and dropped by the select.
-                    if wide {
-                        for (var k = 0u; k < select(CPL, 0u, xa(128u)); k++) {
-                            let c = CW * (part + LPR * ((k + rot) % CPL));
-                            var z0 = sbuf[r * SP + c];
-                            if !SELECTIVE {
-                                z0 *= rf;
-                            }
-                            let p0 = select(0.0, exp2(clamp(z0 - m_new, DIFF_MIN, rescale_at) * UX), c < ncol);
-                            if SM_PAIRS {
-                                var z1 = sbuf[r * SP + c + 1u];
-                                if !SELECTIVE {
-                                    z1 *= rf;
-                                }
-                                let p1 = select(0.0, exp2(clamp(z1 - m_new, DIFF_MIN, rescale_at) * UX), c + 1u < ncol);
-                                put_p2(r * PP + c, p0, p1);
-                                sum += p0 + p1;
-                            } else {
-                                put_p1(r * PP + c, p0);
-                                sum += p0;
-                            }
-                        }
-                    } else {
-                        for (var k = 0u; k < select(CPL, 0u, xa(128u)); k++) {
-                            let c = CW * (part + LPR * ((k + rot) % CPL));
-                            let p0 = select(0.0, exp2(min(sbuf[r * SP + c] * rf - m_new, rescale_at)), c < ncol);
-                            if SM_PAIRS {
-                                let p1 = select(0.0, exp2(min(sbuf[r * SP + c + 1u] * rf - m_new, rescale_at)), c + 1u < ncol);
-                                put_p2(r * PP + c, p0, p1);
-                                sum += p0 + p1;
-                            } else {
-                                put_p1(r * PP + c, p0);
-                                sum += p0;
-                            }
-                        }
+                        put_p1(r * PP + c, pf);
+                        sum += pf;
                     }
                 } else {
-                    if wide {
-                        for (var c = part; c < BC; c += LPR) {
-                            var pf = 0.0;
-                            if c < ncol {
-                                var z = sbuf[r * SP + c];
-                                if !SELECTIVE {
-                                    z *= rf;
-                                }
-                                pf = p_wide(z, m_new);
-                            }
-                            put_p1(r * PP + c, pf);
-                            sum += pf;
+                    // (Never with SELECTIVE: those tiles are always wide.)
+                    for (var c = part; c < select(BC, 0u, xa(128u)); c += LPR) {
+                        var pf = 0.0;
+                        if c < ncol {
+                            pf = exp2(sbuf[r * SP + c] * rf - m_new);
                         }
-                    } else {
-                        // (Never with SELECTIVE: those tiles are always wide.)
-                        for (var c = part; c < select(BC, 0u, xa(128u)); c += LPR) {
-                            var pf = 0.0;
-                            if c < ncol {
-                                pf = exp2(sbuf[r * SP + c] * rf - m_new);
-                            }
-                            put_p1(r * PP + c, pf);
-                            sum += pf;
-                        }
+                        put_p1(r * PP + c, pf);
+                        sum += pf;
                     }
                 }
             }
@@ -721,23 +579,6 @@ fn coop_forward(
                 if corr != 1.0 {
                     atomicStore(&rescale[0], 1u);
                 }
-            }
-        }
-        if LATE_V {
-            for (var x = 0u; x < NLD; x++) {
-                let e = tid + x * WG;
-                let j = kt + e / D8;
-                var w = vec4<u32>(0u);
-                var g = 1.0;
-                if e < BC * D8 && j < kend {
-                    let hj = (b * p.kv_heads + hk) * p.k_len + j;
-                    w = v[hj * D8 + e % D8];
-                    if HAS_GATE {
-                        g = gate[hj];
-                    }
-                }
-                vpre[x] = w;
-                gpre[x] = g;
             }
         }
         for (var x = 0u; x < NLD; x++) {

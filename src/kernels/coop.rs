@@ -12,14 +12,13 @@ pub const SUBGROUPS: u32 = 4;
 /// Largest head dim on this path: O and Q fragments live in registers (2 × D/16 matrices).
 pub const MAX_D: u32 = 128;
 /// Environment variable naming tuning choices to turn off, comma-separated, for ablations on a
-/// real GPU: `vsep`, `ilp`, `sgbar`, `prefix`, `halves` (see [`CoopConfig`]) and `colsum` (the
-/// column-sum pass's interior fast path); `+ilp` turns `ilp` on at every head dim. The softmax
-/// and staging forms: `keep`, `quads`, `pairs`, `fixed`, `rot`, `kv4`, `p2`, `one`, `h16`,
-/// `full`, `raw`, `latek`, `latev` turn one off, `+name` on (see [`CoopConfig`]; `keep,kv4`
-/// gives column pairs, `keep,kv4,pairs,fixed` the scalar loops of before); `bc32` caps the key
-/// tile at 32. Timing-only knobs that make results wrong (for `bench --no-check`): `x-nosm`,
-/// `x-nostage`, `x-nold`, `x-nos`, `x-nopv`, `x-nobar`, `x-nomax`, `x-noexp` (the shader's `XA`
-/// bits, in that order). Unset in normal use.
+/// real GPU: `vsep`, `ilp`, `sgbar`, `prefix`, `halves` (see [`CoopConfig`]) and `colsum` (the column-sum
+/// pass's interior fast path); `+ilp` turns `ilp` on at every head dim. The softmax and staging
+/// forms: `keep`, `quads`, `pairs`, `fixed`, `rot`, `kv4`, `p2` turn one off, `+name` on (see
+/// [`CoopConfig`]; `keep,kv4` gives column pairs, `keep,kv4,pairs,fixed` the scalar loops of
+/// before). Timing-only knobs that make
+/// results wrong (for `bench --no-check`): `x-nosm`, `x-nostage`, `x-nold`, `x-nos`, `x-nopv`,
+/// `x-nobar`, `x-nomax`, `x-noexp` (the shader's `XA` bits, in that order). Unset in normal use.
 pub const ABLATE_ENV: &str = "SELATTN_COOP_ABLATE";
 
 /// Specialisation of the cooperative-matrix kernel.
@@ -66,22 +65,6 @@ pub struct CoopConfig {
     pub kv4: bool,
     /// P in a `vec2<f16>` array (one 4-byte store per pair; needs `sm_pairs`).
     pub p2: bool,
-    /// With `sm_quads`: one pass over S for rows already started, exponentials against the
-    /// running max while the max is taken; the exp pass again only where the max moved
-    /// (`SM_ONE`).
-    pub sm_one: bool,
-    /// With `sm_quads`: a narrow tile's exponentials in packed f16 (`SM_H16`).
-    pub sm_h16: bool,
-    /// With `sm_one`: rows whose every column of the tile is allowed skip the masks
-    /// (`SM_FULL`).
-    pub sm_full: bool,
-    /// With `sm_full`, not selective: the max on S unscaled, the scale in the exponent's FMA
-    /// (`SM_RAW`).
-    pub sm_raw: bool,
-    /// K loaded at the top of its own tile, not one tile early (`LATE_K`).
-    pub late_k: bool,
-    /// V loaded after the softmax, not before it (`LATE_V`).
-    pub late_v: bool,
 }
 
 impl CoopConfig {
@@ -100,12 +83,6 @@ impl CoopConfig {
             ("SM_ROT", super::flag(self.sm_rot)),
             ("SM_QUADS", super::flag(self.sm_quads)),
             ("SM_KEEP", super::flag(self.sm_keep)),
-            ("SM_ONE", super::flag(self.sm_one)),
-            ("SM_H16", super::flag(self.sm_h16)),
-            ("SM_FULL", super::flag(self.sm_full)),
-            ("SM_RAW", super::flag(self.sm_raw)),
-            ("LATE_K", super::flag(self.late_k)),
-            ("LATE_V", super::flag(self.late_v)),
         ]
         .into_iter()
         .chain(self.features.constants())
@@ -174,11 +151,8 @@ impl CoopConfig {
         } else {
             &[1]
         };
-        // `bc32` (ablation): the widest key tile 32.
-        let widest = if listed("bc32") { 32 } else { 64 };
         for (bc, nsel) in [64, 32, 16]
             .into_iter()
-            .filter(|&bc| bc <= widest)
             .flat_map(|bc| slices.iter().map(move |&n| (bc, n)))
         {
             let mut c = CoopConfig {
@@ -218,12 +192,6 @@ impl CoopConfig {
                 sm_keep: false,
                 kv4: false,
                 p2: false,
-                sm_one: false,
-                sm_h16: false,
-                sm_full: false,
-                sm_raw: false,
-                late_k: false,
-                late_v: false,
             };
             // Softmax and staging forms (`+name` turns one on, `name` off).
             let on = |what: &str, default: bool| {
@@ -253,17 +221,7 @@ impl CoopConfig {
             if !bc.is_multiple_of(4 * lpr) {
                 c.sm_keep = false;
                 c.sm_quads = false;
-                c.sm_one = false;
-                c.sm_h16 = false;
-                c.sm_full = false;
-                c.sm_raw = false;
             }
-            c.sm_one = c.sm_quads && on("one", false);
-            c.sm_h16 = c.sm_quads && on("h16", false);
-            c.sm_full = c.sm_one && on("full", false);
-            c.sm_raw = c.sm_full && !features.selective && on("raw", false);
-            c.late_k = on("latek", false);
-            c.late_v = on("latev", false);
             if !bc.is_multiple_of(2 * lpr) {
                 c.sm_pairs = false;
                 c.p2 = false;
@@ -480,10 +438,6 @@ fn put_p2(i: u32, x: f32, y: f32) {
 fn put_p4(i: u32, v: vec4<f32>) {
     pbuf[i / 2u] = vec2<f16>(v.xy);
     pbuf[i / 2u + 1u] = vec2<f16>(v.zw);
-}
-fn put_p4h(i: u32, v: vec4<f16>) {
-    pbuf[i / 2u] = v.xy;
-    pbuf[i / 2u + 1u] = v.zw;
 }",
             );
         } else {
@@ -500,12 +454,6 @@ fn put_p4(i: u32, v: vec4<f32>) {
     pbuf[i + 1u] = f16(v.y);
     pbuf[i + 2u] = f16(v.z);
     pbuf[i + 3u] = f16(v.w);
-}
-fn put_p4h(i: u32, v: vec4<f16>) {
-    pbuf[i] = v.x;
-    pbuf[i + 1u] = v.y;
-    pbuf[i + 2u] = v.z;
-    pbuf[i + 3u] = v.w;
 }",
             );
         }
