@@ -83,6 +83,12 @@ override SELPASS: bool = false;     // the pipeline is coop_selq, coop_selk or c
 override ISDKV: bool = false;
 override PREFETCH: bool = false;    // C (and G) of a 16-row C tile loaded before the chunk's MMAs       // the pipeline is coop_dkv (the only user of pa16)
 override DU: bool = false;          // coop_selq also writes du to the scratch coop_selk_du reads
+// EWQ: the elementwise P/dz passes of coop_dkv, coop_dq and coop_seldu take four adjacent
+// elements of a row per lane and step (vec4 math, masks by select, fixed trip count), and the
+// row sums (dgate, dt, G with 16-row C tiles) by two subgroup shuffles instead of a serial walk
+// by 16 lanes; the older single-element form stays behind it (SELATTN_BACKWARD_QUADS=0).
+override EWQ: bool = false;
+const QPL: u32 = 4u;                // quads per lane at most (64 quads, subgroups of 16 or more)
 
 const SG: u32 = 4u;                 // subgroups per workgroup
 const KB: u32 = 64u;                // 16 x SG: keys (dkv) or query rows (dq) per workgroup
@@ -185,6 +191,59 @@ fn pack8(x: array<f32, 8>) -> vec4<u32> {
         pack2x16float(vec2<f32>(x[4], x[5])), pack2x16float(vec2<f32>(x[6], x[7])));
 }
 
+fn sa4(at: u32) -> vec4<f32> {
+    return vec4<f32>(sa[at], sa[at + 1u], sa[at + 2u], sa[at + 3u]);
+}
+
+fn sb4(at: u32) -> vec4<f32> {
+    return vec4<f32>(sb[at], sb[at + 1u], sb[at + 2u], sb[at + 3u]);
+}
+
+fn sf4(at: u32) -> vec4<f32> {
+    return vec4<f32>(sf[at], sf[at + 1u], sf[at + 2u], sf[at + 3u]);
+}
+
+fn pa4(at: u32, x: vec4<f32>) {
+    pa16[at] = f16(x.x);
+    pa16[at + 1u] = f16(x.y);
+    pa16[at + 2u] = f16(x.z);
+    pa16[at + 3u] = f16(x.w);
+}
+
+fn za4(at: u32, x: vec4<f32>) {
+    za16[at] = f16(x.x);
+    za16[at + 1u] = f16(x.y);
+    za16[at + 2u] = f16(x.z);
+    za16[at + 3u] = f16(x.w);
+}
+
+// Sum of a row's 16 elements held as quads by four adjacent lanes (lane % 4 = quad); every one
+// of the four lanes gets the same bits (a + b = b + a), in a fixed order.
+fn quad_sum(x: vec4<f32>) -> f32 {
+    var s = (x.x + x.y) + (x.z + x.w);
+    s += subgroupShuffleXor(s, 1u);
+    s += subgroupShuffleXor(s, 2u);
+    return s;
+}
+
+// Whether query row i may see keys j4 (the four of a quad).
+fn allowed4(i: u32, j4: vec4<u32>, valid: u32) -> vec4<bool> {
+    var ok = j4 < vec4<u32>(valid);
+    if CAUSAL {
+        ok = ok & (j4 <= vec4<u32>(p.start + i));
+    }
+    return select(vec4<bool>(false), ok, i < p.q_len);
+}
+
+// Whether query rows i4 (the four of a quad) may see key j.
+fn allowed4t(i4: vec4<u32>, j: u32, valid: u32) -> vec4<bool> {
+    var ok = i4 < vec4<u32>(p.q_len);
+    if CAUSAL {
+        ok = ok & (vec4<u32>(j) <= vec4<u32>(p.start) + i4);
+    }
+    return select(vec4<bool>(false), ok, j < valid);
+}
+
 fn ws8(at: u32, x: array<f32, 8>) {
     for (var n = 0u; n < 8u; n++) {
         ws[at + n] = x[n];
@@ -209,7 +268,18 @@ fn coop_dkv(
     let bp = sg * 16u * PP;        // its f16 blocks
     let jl = kt + kb0 + lane;      // lane < 16: the key this lane sums for
     // G rows of this workgroup's keys start at zero; the chunks add to them (same invocation).
-    if SELECTIVE && lane < 16u && jl < p.k_len {
+    // (EWQ with 16-row C tiles: the lanes that add, one per quad row.)
+    if SELECTIVE && EWQ && CT == 16u {
+        for (var k = 0u; k < 64u / SGS; k++) {
+            let qd = lane + k * SGS;
+            let j = kt + kb0 + qd / 4u;
+            if qd % 4u == 0u && j < p.k_len {
+                for (var t = 0u; t < p.n_qtiles; t++) {
+                    ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + t) * p.k_len + j] = 0.0;
+                }
+            }
+        }
+    } else if SELECTIVE && lane < 16u && jl < p.k_len {
         for (var t = 0u; t < p.n_qtiles; t++) {
             ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + t) * p.k_len + jl] = 0.0;
         }
@@ -223,6 +293,7 @@ fn coop_dkv(
         cg[c] = g;
     }
     var agate = 0.0;
+    var agq = array<f32, QPL>(0.0, 0.0, 0.0, 0.0);   // EWQ: dgate of the lane's quads' keys
 
     // K, V (and the selection KV head's K) fragments, staged one tensor at a time.
 {{KDECL}}
@@ -317,7 +388,9 @@ fn coop_dkv(
                 var gp = 0.0;
                 if PREFETCH && SELECTIVE && CT == 16u && lane < 16u && jl < p.k_len {
                     fc = fcarry[(b * p.n_qtiles + i0 / CT) * p.k_len + jl];
-                    gp = ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + jl];
+                    if !EWQ {
+                        gp = ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + jl];
+                    }
                 }
                 {{SGBAR}};
                 let qo = c0 * DP;
@@ -352,6 +425,62 @@ fn coop_dkv(
                     {{SGBAR}};
                 }
                 // P^T, dz^T: element (key r, row c).
+                if EWQ {
+                    for (var k = 0u; k < 64u / SGS; k++) {
+                        let qd = lane + k * SGS;
+                        let r = qd / 4u;
+                        let c = (qd % 4u) * 4u;
+                        let e = bo + r * SP + c;
+                        let cc = c0 + c;
+                        let ok = allowed4t(vec4<u32>(i0 + c) + vec4<u32>(0u, 1u, 2u, 3u), kt + kb0 + r, valid);
+                        let tv = vec4<f32>(rt[cc], rt[cc + 1u], rt[cc + 2u], rt[cc + 3u]);
+                        let lv = vec4<f32>(rl[cc], rl[cc + 1u], rl[cc + 2u], rl[cc + 3u]);
+                        let dv = vec4<f32>(rd[cc], rd[cc + 1u], rd[cc + 2u], rd[cc + 3u]);
+                        let dov = sb4(e);
+                        var z = tv * (p.scale * sa4(e));
+                        if SELECTIVE {
+                            z -= sf4(e);
+                        }
+                        let pp = select(vec4<f32>(0.0), exp(z - lv), ok);
+                        let dz = pp * (cg[kb0 + r] * dov - dv);
+                        pa4(bp + r * PP + c, pp);
+                        za4(bp + r * PP + c, dz * tv);
+                        agq[k] += quad_sum(pp * dov);
+                        if SELECTIVE {
+                            if CT == 16u {
+                                // G of key r over this chunk (one C tile): the quad's sum.
+                                let zs = quad_sum(dz);
+                                let j = kt + kb0 + r;
+                                if c == 0u && j < p.k_len {
+                                    let at = w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + j;
+                                    ws[at] += zs;
+                                }
+                            } else {
+                                sb[e] = dz.x;
+                                sb[e + 1u] = dz.y;
+                                sb[e + 2u] = dz.z;
+                                sb[e + 3u] = dz.w;
+                            }
+                        }
+                    }
+                    {{SGBAR}};
+                    if SELECTIVE && CT != 16u && lane < 16u && jl < p.k_len {
+                        for (var t0 = 0u; t0 < 16u; t0 += CT) {
+                            if i0 + t0 < p.q_len {
+                                var z = 0.0;
+                                for (var c = t0; c < t0 + CT; c++) {
+                                    z += sb[bo + lane * SP + c];
+                                }
+                                let at = w.g + ((b * p.kv_heads + hk) * p.n_qtiles + (i0 + t0) / CT) * p.k_len + jl;
+                                ws[at] += z;
+                            }
+                        }
+                    }
+                    let pa = coopLoadT<coop_mat16x16<f16, A>>(&pa16[bp], PP);
+                    let za = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{DKV_ACC}}
+                    continue;
+                }
                 for (var x = lane; x < 256u; x += SGS) {
                     let r = x / 16u;
                     let c = x % 16u;
@@ -410,7 +539,17 @@ fn coop_dkv(
     // dK = scale sum t dz q (the selection KV head's into dkb first: selk adds its term), dV.
     let to_base = SELECTIVE && hk == sel_kv;
 {{DKV_EPI}}
-    if (w.flags & WANT_DGATE) != 0u && lane < 16u && jl < p.k_len {
+    if EWQ {
+        if (w.flags & WANT_DGATE) != 0u {
+            for (var k = 0u; k < 64u / SGS; k++) {
+                let qd = lane + k * SGS;
+                let j = kt + kb0 + qd / 4u;
+                if qd % 4u == 0u && j < p.k_len {
+                    ws[w.dgate + (b * p.kv_heads + hk) * p.k_len + j] = agq[k];
+                }
+            }
+        }
+    } else if (w.flags & WANT_DGATE) != 0u && lane < 16u && jl < p.k_len {
         ws[w.dgate + (b * p.kv_heads + hk) * p.k_len + jl] = agate;
     }
 }
@@ -477,6 +616,7 @@ fn coop_dq(
     }
 {{DQDECL}}
     var adt = 0.0;
+    var adq = array<f32, QPL>(0.0, 0.0, 0.0, 0.0);   // EWQ: dt of the lane's quads' rows
 
     var kend = valid;
     if CAUSAL {
@@ -565,6 +705,31 @@ fn coop_dq(
                 {{SGBAR}};
             }
             // P, dz: element (row r, key c).
+            if EWQ {
+                for (var k = 0u; k < 64u / SGS; k++) {
+                    let qd = lane + k * SGS;
+                    let r = qd / 4u;
+                    let c = (qd % 4u) * 4u;
+                    let e = bo + r * SP + c;
+                    let rr = rb0 + r;
+                    let cc = c0 + c;
+                    let ok = allowed4(row0 + rr, vec4<u32>(j0 + c) + vec4<u32>(0u, 1u, 2u, 3u), valid);
+                    let l = p.scale * sa4(e);
+                    var z = rt[rr] * l;
+                    if SELECTIVE {
+                        z -= sf4(e);
+                    }
+                    let pp = select(vec4<f32>(0.0), exp(z - rl[rr]), ok);
+                    let gv = vec4<f32>(cg[cc], cg[cc + 1u], cg[cc + 2u], cg[cc + 3u]);
+                    let dz = pp * (gv * sb4(e) - rd[rr]);
+                    za4(bp + r * PP + c, dz);
+                    adq[k] += quad_sum(l * dz);
+                }
+                {{SGBAR}};
+                let za = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{DQ_ACC}}
+                continue;
+            }
             for (var x = lane; x < 256u; x += SGS) {
                 let r = x / 16u;
                 let c = x % 16u;
@@ -602,7 +767,15 @@ fn coop_dq(
     // dq_i = scale t_i sum_j dz_ij k_j (the selection head's into dqb first: selq adds its term).
     let to_base = SELECTIVE && h == sel;
 {{DQ_EPI}}
-    if lane < 16u && il < p.q_len {
+    if EWQ {
+        for (var k = 0u; k < 64u / SGS; k++) {
+            let qd = lane + k * SGS;
+            let i = row0 + rb0 + qd / 4u;
+            if qd % 4u == 0u && i < p.q_len {
+                ws[w.dt + (b * p.q_heads + h) * p.q_len + i] = adq[k];
+            }
+        }
+    } else if lane < 16u && il < p.q_len {
         ws[w.dt + (b * p.q_heads + h) * p.q_len + il] = adt;
     }
 }
@@ -1259,6 +1432,28 @@ fn coop_seldu(
 {{SQ_SCOMP}}
                 {{SGBAR}};
                 let fo = (c * SG + sg) * 16u * FS;
+                if EWQ {
+                    for (var k = 0u; k < 64u / SGS; k++) {
+                        let qd = lane + k * SGS;
+                        let r = qd / 4u;
+                        let cq = (qd % 4u) * 4u;
+                        let e = bo + r * SP + cq;
+                        let rr = rb0 + r;
+                        let a = fo + r * FS + cq;
+                        let cc = c0 + cq;
+                        let ok = allowed4(row0 + rr, vec4<u32>(j0 + cq) + vec4<u32>(0u, 1u, 2u, 3u), valid);
+                        let fv = vec4<f32>(fb[a], fb[a + 1u], fb[a + 2u], fb[a + 3u]);
+                        let z = rt[rr] * (p.scale * sa4(e)) - fv;
+                        let pp = select(vec4<f32>(0.0), exp(z - rl[rr]), ok);
+                        let gv = vec4<f32>(cg[cc], cg[cc + 1u], cg[cc + 2u], cg[cc + 3u]);
+                        let dz = pp * (gv * sb4(e) - rd[rr]);
+                        acc[a] += dz.x;
+                        acc[a + 1u] += dz.y;
+                        acc[a + 2u] += dz.z;
+                        acc[a + 3u] += dz.w;
+                    }
+                    continue;
+                }
                 for (var x = lane; x < 256u; x += SGS) {
                     let r = x / 16u;
                     let cc = x % 16u;

@@ -21,6 +21,7 @@ fn text_of(src: Source) -> String {
         sgs: 32,
         sgbar: false,
         prefetch: false,
+        quads: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)

@@ -27,6 +27,10 @@ pub const SGBAR_ENV: &str = "SELATTN_BACKWARD_SGBAR";
 /// Environment variable that turns the C/G prefetch of dkv off
 /// (`SELATTN_BACKWARD_PREFETCH=0`), for A/B measurements with one binary.
 pub const PREFETCH_ENV: &str = "SELATTN_BACKWARD_PREFETCH";
+/// Environment variable that turns the four-elements-a-lane form of the elementwise passes of
+/// dkv, dq and seldu off (`SELATTN_BACKWARD_QUADS=0`: one element a step, row sums by a serial
+/// walk), for A/B measurements with one binary.
+pub const QUADS_ENV: &str = "SELATTN_BACKWARD_QUADS";
 
 /// The two entry points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -88,6 +92,9 @@ pub struct CoopBackwardConfig {
     /// With C tiles of 16 rows: each chunk's C and G values loaded before its MMAs (the
     /// shader has it for dkv and dq; the planner turns it on for dkv only).
     pub prefetch: bool,
+    /// The elementwise passes of dkv, dq and seldu take four adjacent elements a lane (vec4
+    /// math, masks by select) and sum rows by subgroup shuffles (`EWQ`).
+    pub quads: bool,
     /// Operator features (`lse` unused).
     pub features: Switches,
 }
@@ -102,6 +109,7 @@ impl CoopBackwardConfig {
             ("SELPASS", self.entry.selective() as u32 as f64),
             ("ISDKV", (self.entry == CoopEntry::Dkv) as u32 as f64),
             ("PREFETCH", self.prefetch as u32 as f64),
+            ("EWQ", self.quads as u32 as f64),
             (
                 "DU",
                 matches!(
@@ -213,6 +221,8 @@ impl CoopBackwardConfig {
             // dkv only: in dq the early load cost more than it hid (H200 profile 2026-12-03:
             // dkv 9.98 -> 8.96 ms, dq 7.64 -> 8.71 ms at D64 full).
             prefetch: entry == CoopEntry::Dkv && knob_on(PREFETCH_ENV),
+            // The quad reductions need subgroups of at least 16 lanes (64 quads a block).
+            quads: sgs <= 64 && knob_on(QUADS_ENV),
             features,
         };
         Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))
