@@ -88,6 +88,10 @@ override DU: bool = false;          // coop_selq also writes du to the scratch c
 // row sums (dgate, dt, G with 16-row C tiles) by two subgroup shuffles instead of a serial walk
 // by 16 lanes; the older single-element form stays behind it (SELATTN_BACKWARD_QUADS=0).
 override EWQ: bool = false;
+// SDQ (coop_seldu only, where workgroup memory allows): a head's Q and dO staged in one round
+// (2 KB rows; za16, unused there, shrunk to make room) instead of one after the other, two
+// workgroup barriers and one staging latency less per head (SELATTN_BACKWARD_SDQ=0: two rounds).
+override SDQ: bool = false;
 const QPL: u32 = 4u;                // quads per lane at most (64 quads, subgroups of 16 or more)
 
 const SG: u32 = 4u;                 // subgroups per workgroup
@@ -102,7 +106,7 @@ override NT: u32 = select(2u, 3u, SELECTIVE);   // tensors staged per step
 override NST: u32 = max(NT * BT, KB);           // staged rows
 override RW: u32 = max(BT, KB);
 override NB: u32 = BT / 16u;        // 16-row (or 16-key) chunks per staged tile
-override NSTS: u32 = max(2u * BT, KB) * DP;   // staged f16 of coop_selq / coop_selk
+override NSTS: u32 = max(2u * BT, select(KB, 2u * KB, SDQ)) * DP;   // staged f16 of coop_selq / coop_selk / coop_seldu
 
 // Every workgroup variable is a multiple of 16 bytes (see coop_forward.wgsl: NVIDIA's driver
 // misaligns cooperative loads otherwise).
@@ -114,7 +118,7 @@ var<workgroup> pa16: array<f16, select(8u, SG * 16u * PP, ISDKV)>;  // P^T (dkv 
 // coop_selq / coop_selk: per subgroup and chunk, sum over heads of dz, and F.
 var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
 var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
-var<workgroup> za16: array<f16, SG * 16u * PP>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
+var<workgroup> za16: array<f16, select(SG * 16u * PP, 8u, SDQ)>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
 var<workgroup> rl: array<f32, RW>;                                   // LSE of staged rows
 var<workgroup> rd: array<f32, RW>;                                   // Delta
 var<workgroup> rt: array<f32, RW>;                                   // temperature
@@ -1356,7 +1360,31 @@ fn coop_seldu(
         // B. sum over every head of dz.
         for (var h = 0u; h < p.q_heads; h++) {
             let hk = h / p.group;
-            for (var qp = 0u; qp < 2u; qp++) {
+            if SDQ {
+                workgroupBarrier();
+                for (var e = tid; e < KB * D8; e += WG) {
+                    let i = row0 + e / D8;
+                    var xq = vec4<u32>(0u);
+                    var xo = vec4<u32>(0u);
+                    if i < p.q_len {
+                        let at = ((b * p.q_heads + h) * p.q_len + i) * D8 + e % D8;
+                        xq = q[at];
+                        xo = dout[at];
+                    }
+                    put8((e / D8) * DP + (e % D8) * 8u, xq);
+                    put8((KB + e / D8) * DP + (e % D8) * 8u, xo);
+                }
+                workgroupBarrier();
+                {
+                    let qoff = rb0 * DP;
+{{SQ_QLOAD}}
+                }
+                {
+                    let qoff = (KB + rb0) * DP;
+{{SQ_OLOAD}}
+                }
+            }
+            for (var qp = 0u; qp < select(2u, 0u, SDQ); qp++) {
                 workgroupBarrier();
                 for (var e = tid; e < KB * D8; e += WG) {
                     let i = row0 + e / D8;

@@ -22,6 +22,7 @@ fn text_of(src: Source) -> String {
         sgbar: false,
         prefetch: false,
         quads: false,
+        sdq: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)

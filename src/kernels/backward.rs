@@ -337,10 +337,7 @@ impl BackwardPlan {
                     && split_enabled()
                     && s.k_len.div_ceil(q.bt) <= caps.max_workgroups_per_dim =>
             {
-                Some(CoopBackwardConfig {
-                    entry: CoopEntry::SelDu,
-                    ..q
-                })
+                Some(CoopBackwardConfig::seldu(caps, &q))
             }
             _ => None,
         };
@@ -494,6 +491,7 @@ impl BackwardPlan {
                     keys.push(KernelKey {
                         kernel: Kernel::CoopBackward(CoopBackwardConfig {
                             entry: CoopEntry::SelqRead,
+                            sdq: false,
                             ..c
                         }),
                         elem: self.elem,

@@ -31,6 +31,9 @@ pub const PREFETCH_ENV: &str = "SELATTN_BACKWARD_PREFETCH";
 /// dkv, dq and seldu off (`SELATTN_BACKWARD_QUADS=0`: one element a step, row sums by a serial
 /// walk), for A/B measurements with one binary.
 pub const QUADS_ENV: &str = "SELATTN_BACKWARD_QUADS";
+/// Environment variable that makes coop_seldu stage a head's Q and dO in two rounds again
+/// (`SELATTN_BACKWARD_SDQ=0`), for A/B measurements with one binary.
+pub const SDQ_ENV: &str = "SELATTN_BACKWARD_SDQ";
 
 /// The two entry points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -95,6 +98,9 @@ pub struct CoopBackwardConfig {
     /// The elementwise passes of dkv, dq and seldu take four adjacent elements a lane (vec4
     /// math, masks by select) and sum rows by subgroup shuffles (`EWQ`).
     pub quads: bool,
+    /// coop_seldu only: a head's Q and dO staged in one round (`SDQ`), where workgroup memory
+    /// allows (see [`CoopBackwardConfig::seldu`]).
+    pub sdq: bool,
     /// Operator features (`lse` unused).
     pub features: Switches,
 }
@@ -110,6 +116,7 @@ impl CoopBackwardConfig {
             ("ISDKV", (self.entry == CoopEntry::Dkv) as u32 as f64),
             ("PREFETCH", self.prefetch as u32 as f64),
             ("EWQ", self.quads as u32 as f64),
+            ("SDQ", self.sdq as u32 as f64),
             (
                 "DU",
                 matches!(
@@ -143,13 +150,35 @@ impl CoopBackwardConfig {
     /// Workgroup memory in bytes, as declared in the shader.
     pub fn workgroup_bytes(&self) -> u64 {
         let selpass = self.entry.selective();
-        bytes(
+        let b = bytes(
             self.d,
             self.bt,
             self.features.selective,
             selpass,
             self.entry == CoopEntry::Dkv,
-        )
+        );
+        if self.sdq {
+            // Q and dO of 64 rows each staged at once; za16 down to 8 f16.
+            let (d, bt, rows) = (self.d as u64, self.bt as u64, ROWS as u64);
+            let half = SUBGROUPS as u64 * 16 * 24 * 2;
+            b - (2 * bt).max(rows) * (d + 8) * 2 + (2 * bt).max(2 * rows) * (d + 8) * 2 - half + 16
+        } else {
+            b
+        }
+    }
+
+    /// The split du writer (coop_seldu) for the selective configuration `q`: with `SDQ` where
+    /// its workgroup memory fits the adapter (and `SELATTN_BACKWARD_SDQ` leaves it on).
+    pub fn seldu(caps: &Capabilities, q: &CoopBackwardConfig) -> CoopBackwardConfig {
+        let mut c = CoopBackwardConfig {
+            entry: CoopEntry::SelDu,
+            sdq: knob_on(SDQ_ENV),
+            ..*q
+        };
+        if c.workgroup_bytes() > caps.workgroup_memory as u64 {
+            c.sdq = false;
+        }
+        c
     }
 
     /// The selective entries (coop_selq, coop_selk; with `du`, their du-scratch variants) for
@@ -223,6 +252,7 @@ impl CoopBackwardConfig {
             prefetch: entry == CoopEntry::Dkv && knob_on(PREFETCH_ENV),
             // The quad reductions need subgroups of at least 16 lanes (64 quads a block).
             quads: sgs <= 64 && knob_on(QUADS_ENV),
+            sdq: false,
             features,
         };
         Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))
