@@ -92,6 +92,10 @@ override EWQ: bool = false;
 // (2 KB rows; za16, unused there, shrunk to make room) instead of one after the other, two
 // workgroup barriers and one staging latency less per head (SELATTN_BACKWARD_SDQ=0: two rounds).
 override SDQ: bool = false;
+// FQ (with EWQ and 16-row C tiles): coop_dkv and coop_dq compute F in the quad pass (relu of
+// the lane's four S_sel, a prefix over the quad lanes by subgroup shuffles) instead of a serial
+// 16-step walk by 16 lanes and a barrier (SELATTN_BACKWARD_FQ=0: the walk).
+override FQ: bool = false;
 const QPL: u32 = 4u;                // quads per lane at most (64 quads, subgroups of 16 or more)
 
 const SG: u32 = 4u;                 // subgroups per workgroup
@@ -228,6 +232,17 @@ fn quad_sum(x: vec4<f32>) -> f32 {
     s += subgroupShuffleXor(s, 1u);
     s += subgroupShuffleXor(s, 2u);
     return s;
+}
+
+// The sum of `x` over the lanes of this lane's group of four (lane & ~3) that come before it,
+// in lane order.
+fn quad_prefix(lane: u32, x: f32) -> f32 {
+    let qb = lane & ~3u;
+    let m = lane % 4u;
+    let t0 = subgroupShuffle(x, qb);
+    let t1 = subgroupShuffle(x, qb + 1u);
+    let t2 = subgroupShuffle(x, qb + 2u);
+    return (select(0.0, t0, m > 0u) + select(0.0, t1, m > 1u)) + select(0.0, t2, m > 2u);
 }
 
 // Whether query row i may see keys j4 (the four of a quad).
@@ -396,6 +411,16 @@ fn coop_dkv(
                         gp = ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + jl];
                     }
                 }
+                // FQ: C of each quad's key, loaded before the MMAs.
+                var fcq = array<f32, QPL>(0.0, 0.0, 0.0, 0.0);
+                if SELECTIVE && FQ && EWQ && CT == 16u {
+                    for (var k = 0u; k < 64u / SGS; k++) {
+                        let j = kt + kb0 + (lane + k * SGS) / 4u;
+                        if j < p.k_len {
+                            fcq[k] = fcarry[(b * p.n_qtiles + i0 / CT) * p.k_len + j];
+                        }
+                    }
+                }
                 {{SGBAR}};
                 let qo = c0 * DP;
                 let oo = (BT + c0) * DP;
@@ -403,7 +428,7 @@ fn coop_dkv(
 {{DKV_S}}
                 {{SGBAR}};
                 // Selective: F^T in place of S_sel^T; lane r walks key r's 16 rows.
-                if SELECTIVE {
+                if SELECTIVE && !(FQ && EWQ && CT == 16u) {
                     if lane < 16u {
                         var run = 0.0;
                         for (var r = 0u; r < 16u; r++) {
@@ -442,7 +467,18 @@ fn coop_dkv(
                         let dv = vec4<f32>(rd[cc], rd[cc + 1u], rd[cc + 2u], rd[cc + 3u]);
                         let dov = sb4(e);
                         var z = tv * (p.scale * sa4(e));
-                        if SELECTIVE {
+                        if SELECTIVE && FQ && CT == 16u {
+                            // F of key r at the quad's rows: C + the exclusive prefix of the
+                            // live relu(scale S_sel) down the chunk's 16 rows.
+                            let i4 = vec4<u32>(i0 + c) + vec4<u32>(0u, 1u, 2u, 3u);
+                            let j = kt + kb0 + r;
+                            let pos4 = vec4<u32>(p.start) + i4;
+                            let live = select(vec4<bool>(false), (i4 < vec4<u32>(p.q_len))
+                                & (vec4<u32>(j) < pos4) & (pos4 < vec4<u32>(valid)), j > 0u);
+                            let u = select(vec4<f32>(0.0), max(p.scale * sf4(e), vec4<f32>(0.0)), live);
+                            z -= fcq[k] + (quad_prefix(lane, (u.x + u.y) + (u.z + u.w))
+                                + vec4<f32>(0.0, u.x, u.x + u.y, (u.x + u.y) + u.z));
+                        } else if SELECTIVE {
                             z -= sf4(e);
                         }
                         let pp = select(vec4<f32>(0.0), exp(z - lv), ok);
@@ -675,6 +711,20 @@ fn coop_dq(
                     fc = fcarry[(b * p.n_qtiles + irow / CT) * p.k_len + jf];
                 }
             }
+            // FQ: C of the lane's four keys (the same for each of its quads), before the MMAs.
+            var fcv = vec4<f32>(0.0);
+            if SELECTIVE && FQ && EWQ && CT == 16u {
+                let irow = row0 + rb0;
+                let jq = j0 + (lane % 4u) * 4u;
+                if irow < p.q_len {
+                    let base = (b * p.n_qtiles + irow / CT) * p.k_len;
+                    for (var n = 0u; n < 4u; n++) {
+                        if jq + n < p.k_len {
+                            fcv[n] = fcarry[base + jq + n];
+                        }
+                    }
+                }
+            }
             {{SGBAR}};
             let ko = c0 * DP;
             let vo = (BT + c0) * DP;
@@ -682,7 +732,7 @@ fn coop_dq(
 {{DQ_S}}
             {{SGBAR}};
             // Selective: F in place of S_sel; lane c walks key c's column down the 16 rows.
-            if SELECTIVE {
+            if SELECTIVE && !(FQ && EWQ && CT == 16u) {
                 if lane < 16u {
                     let j = j0 + lane;
                     var run = 0.0;
@@ -710,6 +760,7 @@ fn coop_dq(
             }
             // P, dz: element (row r, key c).
             if EWQ {
+                var fr = vec4<f32>(0.0);   // FQ: live relu(scale S_sel) of the rows of earlier k
                 for (var k = 0u; k < 64u / SGS; k++) {
                     let qd = lane + k * SGS;
                     let r = qd / 4u;
@@ -717,10 +768,26 @@ fn coop_dq(
                     let e = bo + r * SP + c;
                     let rr = rb0 + r;
                     let cc = c0 + c;
-                    let ok = allowed4(row0 + rr, vec4<u32>(j0 + c) + vec4<u32>(0u, 1u, 2u, 3u), valid);
+                    let j4 = vec4<u32>(j0 + c) + vec4<u32>(0u, 1u, 2u, 3u);
+                    let ok = allowed4(row0 + rr, j4, valid);
                     let l = p.scale * sa4(e);
                     var z = rt[rr] * l;
-                    if SELECTIVE {
+                    if SELECTIVE && FQ && CT == 16u {
+                        // F at the quad: C + the exclusive prefix down the chunk's 16 rows
+                        // (rows r of one k sit four lanes apart: a scan by shuffles up).
+                        let i = row0 + rr;
+                        let pos = p.start + i;
+                        let live = select(vec4<bool>(false), (j4 > vec4<u32>(0u)) & (j4 < vec4<u32>(pos)),
+                            i < p.q_len && pos < valid);
+                        var inc = select(vec4<f32>(0.0), max(p.scale * sf4(e), vec4<f32>(0.0)), live);
+                        for (var d = 4u; d < SGS; d *= 2u) {
+                            let y = subgroupShuffleUp(inc, d);
+                            inc += select(vec4<f32>(0.0), y, lane >= d);
+                        }
+                        let ex = select(vec4<f32>(0.0), subgroupShuffleUp(inc, 4u), lane >= 4u);
+                        z -= fcv + (fr + ex);
+                        fr += subgroupShuffle(inc, SGS - 4u + lane % 4u);
+                    } else if SELECTIVE {
                         z -= sf4(e);
                     }
                     let pp = select(vec4<f32>(0.0), exp(z - rl[rr]), ok);

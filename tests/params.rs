@@ -23,6 +23,7 @@ fn text_of(src: Source) -> String {
         prefetch: false,
         quads: false,
         sdq: false,
+        fq: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)

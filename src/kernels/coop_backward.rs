@@ -34,6 +34,9 @@ pub const QUADS_ENV: &str = "SELATTN_BACKWARD_QUADS";
 /// Environment variable that makes coop_seldu stage a head's Q and dO in two rounds again
 /// (`SELATTN_BACKWARD_SDQ=0`), for A/B measurements with one binary.
 pub const SDQ_ENV: &str = "SELATTN_BACKWARD_SDQ";
+/// Environment variable that makes dkv and dq compute F by the serial walk again instead of in
+/// the quad pass (`SELATTN_BACKWARD_FQ=0`; FQ needs the quad form and 16-row C tiles).
+pub const FQ_ENV: &str = "SELATTN_BACKWARD_FQ";
 
 /// The two entry points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -101,6 +104,9 @@ pub struct CoopBackwardConfig {
     /// coop_seldu only: a head's Q and dO staged in one round (`SDQ`), where workgroup memory
     /// allows (see [`CoopBackwardConfig::seldu`]).
     pub sdq: bool,
+    /// dkv and dq: F computed in the quad pass by subgroup shuffles (`FQ`; with `quads` and
+    /// 16-row C tiles only).
+    pub fq: bool,
     /// Operator features (`lse` unused).
     pub features: Switches,
 }
@@ -117,6 +123,7 @@ impl CoopBackwardConfig {
             ("PREFETCH", self.prefetch as u32 as f64),
             ("EWQ", self.quads as u32 as f64),
             ("SDQ", self.sdq as u32 as f64),
+            ("FQ", self.fq as u32 as f64),
             (
                 "DU",
                 matches!(
@@ -253,6 +260,7 @@ impl CoopBackwardConfig {
             // The quad reductions need subgroups of at least 16 lanes (64 quads a block).
             quads: sgs <= 64 && knob_on(QUADS_ENV),
             sdq: false,
+            fq: sgs <= 64 && ct == 16 && knob_on(QUADS_ENV) && knob_on(FQ_ENV),
             features,
         };
         Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))
