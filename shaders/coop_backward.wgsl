@@ -405,7 +405,7 @@ fn coop_dkv(
                 // loaded before the MMAs so their global latency overlaps them.
                 var fc = 0.0;
                 var gp = 0.0;
-                if PREFETCH && SELECTIVE && CT == 16u && lane < 16u && jl < p.k_len {
+                if PREFETCH && SELECTIVE && CT == 16u && lane < 16u && jl < p.k_len && !(FQ && EWQ) {
                     fc = fcarry[(b * p.n_qtiles + i0 / CT) * p.k_len + jl];
                     if !EWQ {
                         gp = ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + jl];
