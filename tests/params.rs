@@ -24,6 +24,7 @@ fn text_of(src: Source) -> String {
         quads: false,
         sdq: false,
         fq: false,
+        kv4: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)

@@ -37,6 +37,9 @@ pub const SDQ_ENV: &str = "SELATTN_BACKWARD_SDQ";
 /// Environment variable that makes dkv and dq compute F by the serial walk again instead of in
 /// the quad pass (`SELATTN_BACKWARD_FQ=0`; FQ needs the quad form and 16-row C tiles).
 pub const FQ_ENV: &str = "SELATTN_BACKWARD_FQ";
+/// Environment variable that stages Q, dO, K and V as scalar f16 again instead of `vec4<f16>`
+/// (`SELATTN_BACKWARD_KV4=0`; the vector form is Vulkan only, as in the forward).
+pub const KV4_ENV: &str = "SELATTN_BACKWARD_KV4";
 
 /// The two entry points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -107,6 +110,9 @@ pub struct CoopBackwardConfig {
     /// dkv and dq: F computed in the quad pass by subgroup shuffles (`FQ`; with `quads` and
     /// 16-row C tiles only).
     pub fq: bool,
+    /// The staging buffer typed `vec4<f16>` (two 8-byte stores per 16-byte global word,
+    /// cooperative loads through a vector pointer: Vulkan only).
+    pub kv4: bool,
     /// Operator features (`lse` unused).
     pub features: Switches,
 }
@@ -261,6 +267,7 @@ impl CoopBackwardConfig {
             quads: sgs <= 64 && knob_on(QUADS_ENV),
             sdq: false,
             fq: sgs <= 64 && ct == 16 && knob_on(QUADS_ENV) && knob_on(FQ_ENV),
+            kv4: caps.info.backend == wgpu::Backend::Vulkan && knob_on(KV4_ENV),
             features,
         };
         Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))
@@ -600,6 +607,32 @@ impl CoopBackwardConfig {
             "SGBAR",
         ] {
             text = text.replace(&format!("{{{{{k}}}}}"), m.get(k).map_or("", |v| v));
+        }
+        if self.kv4 {
+            // The staging buffer as vec4<f16>: put8 stores two vectors, cooperative loads take
+            // offsets and strides in vectors (every offset is a multiple of 8 f16).
+            let decl = "var<workgroup> stage: array<f16, select(NST * DP, NSTS, SELPASS)>;";
+            let stores = "    stage[at] = f16(a.x);
+    stage[at + 1u] = f16(a.y);
+    stage[at + 2u] = f16(b.x);
+    stage[at + 3u] = f16(b.y);
+    stage[at + 4u] = f16(c.x);
+    stage[at + 5u] = f16(c.y);
+    stage[at + 6u] = f16(d.x);
+    stage[at + 7u] = f16(d.y);";
+            debug_assert!(text.contains(decl) && text.contains(stores));
+            text = text
+                .replace(
+                    decl,
+                    "var<workgroup> stage: array<vec4<f16>, select(NST * DP, NSTS, SELPASS) / 4u>;",
+                )
+                .replace(
+                    stores,
+                    "    stage[at / 4u] = vec4<f16>(vec4<f32>(a, b));
+    stage[at / 4u + 1u] = vec4<f16>(vec4<f32>(c, d));",
+                )
+                .replace("&stage[", "&stage[(")
+                .replace("], DP)", ") / 4u], DP / 4u)");
         }
         text
     }
