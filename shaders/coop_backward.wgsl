@@ -96,6 +96,11 @@ override SDQ: bool = false;
 // the lane's four S_sel, a prefix over the quad lanes by subgroup shuffles) instead of a serial
 // 16-step walk by 16 lanes and a barrier (SELATTN_BACKWARD_FQ=0: the walk).
 override FQ: bool = false;
+// RQ (coop_seldu with EWQ and 16-row C tiles): F, the mask and the head sums of dz of the lane's
+// quads live in registers (acc and fb not declared), S_sel goes through sa; the workgroup memory
+// saved lets the planner take 64-key tiles (and SDQ) at D128 (SELATTN_BACKWARD_RQ).
+override RQ: bool = false;
+const RQN: u32 = 16u;               // register quads per lane at most: 4 chunks x QPL
 const QPL: u32 = 4u;                // quads per lane at most (64 quads, subgroups of 16 or more)
 
 const SG: u32 = 4u;                 // subgroups per workgroup
@@ -120,9 +125,9 @@ var<workgroup> sb: array<f32, SG * 16u * SP>;                        // dP (or d
 var<workgroup> sf: array<f32, select(4u, SG * 16u * SP, SELECTIVE && !SELPASS)>;  // S_sel, then F
 var<workgroup> pa16: array<f16, select(8u, SG * 16u * PP, ISDKV)>;  // P^T (dkv only)
 // coop_selq / coop_selk: per subgroup and chunk, sum over heads of dz, and F.
-var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
-var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
-var<workgroup> za16: array<f16, select(SG * 16u * PP, 8u, SDQ)>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
+var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS && !RQ)>;
+var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS && !RQ)>;
+var<workgroup> za16: array<f16, select(SG * 16u * PP, 8u, SDQ || RQ)>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
 var<workgroup> rl: array<f32, RW>;                                   // LSE of staged rows
 var<workgroup> rd: array<f32, RW>;                                   // Delta
 var<workgroup> rt: array<f32, RW>;                                   // temperature
@@ -1373,6 +1378,11 @@ fn coop_seldu(
 {{SQ_QSLOAD}}
     }
     var msk: array<u32, 4>;
+    // RQ: F, the mask and the head sums of dz of quad (chunk c, k) at [c * QPL + k].
+    var fzr: array<vec4<f32>, RQN>;
+    var azr: array<vec4<f32>, RQN>;
+    var mkr: array<vec4<bool>, RQN>;
+    let irow = row0 + rb0;         // the subgroup's first row (RQ: its C tile)
     {
         // A. S_sel per chunk, then F and the mask (lane per key column), sums zeroed.
         workgroupBarrier();
@@ -1385,7 +1395,50 @@ fn coop_seldu(
             put8((e / D8) * DP + (e % D8) * 8u, x);
         }
         workgroupBarrier();
-        for (var c = 0u; c < NB; c++) {
+        if RQ {
+            for (var c = 0u; c < NB; c++) {
+                if kt + c * 16u >= kend {
+                    break;
+                }
+                let so = c * 16u * DP;
+                {{SGBAR}};
+{{SQ_FCOMP_SA}}
+                {{SGBAR}};
+                let jq = kt + c * 16u + (lane % 4u) * 4u;
+                let j4 = vec4<u32>(jq) + vec4<u32>(0u, 1u, 2u, 3u);
+                var fcv = vec4<f32>(0.0);
+                if irow < p.q_len {
+                    let base = (b * p.n_qtiles + irow / CT) * p.k_len;
+                    for (var n = 0u; n < 4u; n++) {
+                        if jq + n < p.k_len {
+                            fcv[n] = fcarry[base + jq + n];
+                        }
+                    }
+                }
+                // F = C + the exclusive prefix of the live relu(scale S_sel) down the rows
+                // (rows of one k four lanes apart: a scan by shuffles up; earlier k in fr).
+                var fr = vec4<f32>(0.0);
+                for (var k = 0u; k < 64u / SGS; k++) {
+                    let r = (lane + k * SGS) / 4u;
+                    let i = irow + r;
+                    let pos = p.start + i;
+                    let u = p.scale * sa4(bo + r * SP + (lane % 4u) * 4u);
+                    let live = select(vec4<bool>(false),
+                        (j4 > vec4<u32>(0u)) & (j4 < vec4<u32>(pos)) & (j4 < vec4<u32>(kend)),
+                        i < p.q_len && pos < valid);
+                    var inc = select(vec4<f32>(0.0), max(u, vec4<f32>(0.0)), live);
+                    mkr[c * QPL + k] = live & (u > vec4<f32>(0.0));
+                    for (var d = 4u; d < SGS; d *= 2u) {
+                        let y = subgroupShuffleUp(inc, d);
+                        inc += select(vec4<f32>(0.0), y, lane >= d);
+                    }
+                    let ex = select(vec4<f32>(0.0), subgroupShuffleUp(inc, 4u), lane >= 4u);
+                    fzr[c * QPL + k] = fcv + (fr + ex);
+                    fr += subgroupShuffle(inc, SGS - 4u + lane % 4u);
+                }
+            }
+        }
+        for (var c = 0u; c < select(NB, 0u, RQ); c++) {
             if kt + c * 16u >= kend {
                 break;
             }
@@ -1397,7 +1450,7 @@ fn coop_seldu(
             }
         }
         workgroupBarrier();
-        if lane < 16u {
+        if lane < 16u && !RQ {
             for (var c = 0u; c < NB; c++) {
                 let j = kt + c * 16u + lane;
                 let fo = (c * SG + sg) * 16u * FS + lane;
@@ -1537,15 +1590,24 @@ fn coop_seldu(
                         let a = fo + r * FS + cq;
                         let cc = c0 + cq;
                         let ok = allowed4(row0 + rr, vec4<u32>(j0 + cq) + vec4<u32>(0u, 1u, 2u, 3u), valid);
-                        let fv = vec4<f32>(fb[a], fb[a + 1u], fb[a + 2u], fb[a + 3u]);
+                        var fv: vec4<f32>;
+                        if RQ {
+                            fv = fzr[c * QPL + k];
+                        } else {
+                            fv = vec4<f32>(fb[a], fb[a + 1u], fb[a + 2u], fb[a + 3u]);
+                        }
                         let z = rt[rr] * (p.scale * sa4(e)) - fv;
                         let pp = select(vec4<f32>(0.0), exp(z - rl[rr]), ok);
                         let gv = vec4<f32>(cg[cc], cg[cc + 1u], cg[cc + 2u], cg[cc + 3u]);
                         let dz = pp * (gv * sb4(e) - rd[rr]);
-                        acc[a] += dz.x;
-                        acc[a + 1u] += dz.y;
-                        acc[a + 2u] += dz.z;
-                        acc[a + 3u] += dz.w;
+                        if RQ {
+                            azr[c * QPL + k] += dz;
+                        } else {
+                            acc[a] += dz.x;
+                            acc[a + 1u] += dz.y;
+                            acc[a + 2u] += dz.z;
+                            acc[a + 3u] += dz.w;
+                        }
                     }
                     continue;
                 }
@@ -1565,7 +1627,39 @@ fn coop_seldu(
         // C. du = E + exclusive suffix of -sum dz down each column, masked, to the scratch
         // (each lane reads sums other lanes of its subgroup wrote).
         {{SGBAR}};
-        for (var c = 0u; c < NB; c++) {
+        if RQ {
+            // Rows of one k four lanes apart: a suffix scan by shuffles down; later k in `later`.
+            for (var c = 0u; c < NB; c++) {
+                if kt + c * 16u >= kend {
+                    break;
+                }
+                let jq = kt + c * 16u + (lane % 4u) * 4u;
+                let t = irow / CT;
+                let ev = vec4<f32>(e_carry(b, t, jq), e_carry(b, t, jq + 1u), e_carry(b, t, jq + 2u),
+                    e_carry(b, t, jq + 3u));
+                var later = vec4<f32>(0.0);
+                for (var kk = 0u; kk < 64u / SGS; kk++) {
+                    let k = 64u / SGS - 1u - kk;
+                    var inc = azr[c * QPL + k];
+                    for (var d = 4u; d < SGS; d *= 2u) {
+                        let y = subgroupShuffleDown(inc, d);
+                        inc += select(vec4<f32>(0.0), y, lane + d < SGS);
+                    }
+                    let ex = select(vec4<f32>(0.0), subgroupShuffleDown(inc, 4u), lane + 4u < SGS);
+                    let du = select(vec4<f32>(0.0), ev - (later + ex), mkr[c * QPL + k]);
+                    later += subgroupShuffle(inc, lane % 4u);
+                    let i = irow + (lane + k * SGS) / 4u;
+                    if i < p.q_len {
+                        for (var n = 0u; n < 4u; n++) {
+                            if jq + n < kend {
+                                ws[dub + (i - w.row_lo) * p.k_len + jq + n] = du[n];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (var c = 0u; c < select(NB, 0u, RQ); c++) {
             if kt + c * 16u >= kend {
                 break;
             }

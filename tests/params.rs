@@ -25,6 +25,7 @@ fn text_of(src: Source) -> String {
         sdq: false,
         fq: false,
         kv4: false,
+        rq: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)

@@ -40,6 +40,9 @@ pub const FQ_ENV: &str = "SELATTN_BACKWARD_FQ";
 /// Environment variable that stages Q, dO, K and V as scalar f16 again instead of `vec4<f16>`
 /// (`SELATTN_BACKWARD_KV4=0`; the vector form is Vulkan only, as in the forward).
 pub const KV4_ENV: &str = "SELATTN_BACKWARD_KV4";
+/// Environment variable that turns on (`SELATTN_BACKWARD_RQ=1`) coop_seldu's register form:
+/// F, the mask and the head sums of dz in registers, so that its key tiles can be larger.
+pub const RQ_ENV: &str = "SELATTN_BACKWARD_RQ";
 
 /// The two entry points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -113,6 +116,9 @@ pub struct CoopBackwardConfig {
     /// The staging buffer typed `vec4<f16>` (two 8-byte stores per 16-byte global word,
     /// cooperative loads through a vector pointer: Vulkan only).
     pub kv4: bool,
+    /// coop_seldu only: F, the mask and the head-summed dz of the lane's quads in registers
+    /// (`RQ`; with `quads` and 16-row C tiles), its tile chosen for the smaller footprint.
+    pub rq: bool,
     /// Operator features (`lse` unused).
     pub features: Switches,
 }
@@ -130,6 +136,7 @@ impl CoopBackwardConfig {
             ("EWQ", self.quads as u32 as f64),
             ("SDQ", self.sdq as u32 as f64),
             ("FQ", self.fq as u32 as f64),
+            ("RQ", self.rq as u32 as f64),
             (
                 "DU",
                 matches!(
@@ -170,11 +177,19 @@ impl CoopBackwardConfig {
             selpass,
             self.entry == CoopEntry::Dkv,
         );
-        if self.sdq {
-            // Q and dO of 64 rows each staged at once; za16 down to 8 f16.
+        if self.sdq || self.rq {
+            // SDQ: Q and dO of 64 rows each staged at once. Both: za16 down to 8 f16. RQ: no
+            // acc or fb (4 floats each).
             let (d, bt, rows) = (self.d as u64, self.bt as u64, ROWS as u64);
             let half = SUBGROUPS as u64 * 16 * 24 * 2;
-            b - (2 * bt).max(rows) * (d + 8) * 2 + (2 * bt).max(2 * rows) * (d + 8) * 2 - half + 16
+            let fblock = SUBGROUPS as u64 * 16 * 16 * 4;
+            let srows = if self.sdq { 2 * rows } else { rows };
+            let mut x = b - (2 * bt).max(rows) * (d + 8) * 2 + (2 * bt).max(srows) * (d + 8) * 2;
+            x = x - half + 16;
+            if self.rq {
+                x = x - 2 * (bt / 16) * fblock + 32;
+            }
+            x
         } else {
             b
         }
@@ -183,12 +198,31 @@ impl CoopBackwardConfig {
     /// The split du writer (coop_seldu) for the selective configuration `q`: with `SDQ` where
     /// its workgroup memory fits the adapter (and `SELATTN_BACKWARD_SDQ` leaves it on).
     pub fn seldu(caps: &Capabilities, q: &CoopBackwardConfig) -> CoopBackwardConfig {
+        let fits = |c: &CoopBackwardConfig| c.workgroup_bytes() <= caps.workgroup_memory as u64;
+        let sdq = knob_on(SDQ_ENV);
+        if q.quads && q.ct == 16 && std::env::var(RQ_ENV).is_ok_and(|v| v == "1") {
+            // The largest key tile that fits, with SDQ where it also fits.
+            for bt in [64u32, 32, 16] {
+                for s in [sdq, false] {
+                    let c = CoopBackwardConfig {
+                        entry: CoopEntry::SelDu,
+                        bt,
+                        sdq: s,
+                        rq: true,
+                        ..*q
+                    };
+                    if fits(&c) {
+                        return c;
+                    }
+                }
+            }
+        }
         let mut c = CoopBackwardConfig {
             entry: CoopEntry::SelDu,
-            sdq: knob_on(SDQ_ENV),
+            sdq,
             ..*q
         };
-        if c.workgroup_bytes() > caps.workgroup_memory as u64 {
+        if !fits(&c) {
             c.sdq = false;
         }
         c
@@ -268,6 +302,7 @@ impl CoopBackwardConfig {
             sdq: false,
             fq: sgs <= 64 && ct == 16 && knob_on(QUADS_ENV) && knob_on(FQ_ENV),
             kv4: caps.info.backend == wgpu::Backend::Vulkan && knob_on(KV4_ENV),
+            rq: false,
             features,
         };
         Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))
@@ -538,6 +573,9 @@ impl CoopBackwardConfig {
             }
             let _ = writeln!(s, "{ind}coopStoreT(acf, &fb[fo], FS);");
         }
+        // coop_seldu with RQ: S_sel through the subgroup's sa block.
+        let fsa = m["SQ_FCOMP"].replace("&fb[fo], FS", "&sa[bo], SP");
+        m.insert("SQ_FCOMP_SA", fsa);
         // S^T, dP^T (selk) or S, dP (selq) of one head.
         for (key, p1, p2, x, y) in [
             ("SK_SCOMP", "qo", "oo", "kf", "vf"),
@@ -598,6 +636,7 @@ impl CoopBackwardConfig {
             "SQ_QLOAD",
             "SQ_OLOAD",
             "SQ_FCOMP",
+            "SQ_FCOMP_SA",
             "SQ_SCOMP",
             "SQ_ACC",
             "SQ_EPI",
