@@ -416,6 +416,17 @@ fn coop_dkv(
                         gp = ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + jl];
                     }
                 }
+                // PREFETCH with EWQ: G of each quad's key (for the quad's sum added below).
+                var gq = array<f32, QPL>(0.0, 0.0, 0.0, 0.0);
+                if PREFETCH && SELECTIVE && EWQ && CT == 16u {
+                    for (var k = 0u; k < 64u / SGS; k++) {
+                        let qd = lane + k * SGS;
+                        let j = kt + kb0 + qd / 4u;
+                        if qd % 4u == 0u && j < p.k_len {
+                            gq[k] = ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + j];
+                        }
+                    }
+                }
                 // FQ: C of each quad's key, loaded before the MMAs.
                 var fcq = array<f32, QPL>(0.0, 0.0, 0.0, 0.0);
                 if SELECTIVE && FQ && EWQ && CT == 16u {
@@ -498,7 +509,11 @@ fn coop_dkv(
                                 let j = kt + kb0 + r;
                                 if c == 0u && j < p.k_len {
                                     let at = w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + j;
-                                    ws[at] += zs;
+                                    if PREFETCH {
+                                        ws[at] = gq[k] + zs;
+                                    } else {
+                                        ws[at] += zs;
+                                    }
                                 }
                             } else {
                                 sb[e] = dz.x;
