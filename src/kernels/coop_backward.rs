@@ -6,7 +6,10 @@
 //! coop_selk, or with the du scratch coop_selq writing du per chunk and coop_selk_du reading it;
 //! by default with the du scratch, the split path: coop_seldu writes du with a workgroup per
 //! (64 rows, key tile) and coop_selq_du adds the selection head's dQ term from it) where
-//! workgroup memory allows.
+//! workgroup memory allows. The elementwise passes take four adjacent elements a lane (`quads`),
+//! F is computed in that pass (`fq`), the staging buffer is `vec4<f16>` on Vulkan (`kv4`), and
+//! coop_seldu keeps its per-lane state in registers (`rq`) with a head's Q and dO staged in one
+//! round (`sdq`); each has an environment knob (`SELATTN_BACKWARD_*`) that restores the old form.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -29,19 +32,24 @@ pub const SGBAR_ENV: &str = "SELATTN_BACKWARD_SGBAR";
 pub const PREFETCH_ENV: &str = "SELATTN_BACKWARD_PREFETCH";
 /// Environment variable that turns the four-elements-a-lane form of the elementwise passes of
 /// dkv, dq and seldu off (`SELATTN_BACKWARD_QUADS=0`: one element a step, row sums by a serial
-/// walk), for A/B measurements with one binary.
+/// walk; FQ and RQ need it, so they go too), for A/B measurements with one binary. H200
+/// 2026-12-03 (second session), with KV4/FQ/SDQ: plain dkv 6.52 -> 3.92 ms, dq 5.41 -> 3.25 (D64).
 pub const QUADS_ENV: &str = "SELATTN_BACKWARD_QUADS";
 /// Environment variable that makes coop_seldu stage a head's Q and dO in two rounds again
 /// (`SELATTN_BACKWARD_SDQ=0`), for A/B measurements with one binary.
 pub const SDQ_ENV: &str = "SELATTN_BACKWARD_SDQ";
 /// Environment variable that makes dkv and dq compute F by the serial walk again instead of in
-/// the quad pass (`SELATTN_BACKWARD_FQ=0`; FQ needs the quad form and 16-row C tiles).
+/// the quad pass (`SELATTN_BACKWARD_FQ=0`; `SELATTN_BACKWARD_FQ=dq`: in dq only). FQ needs the
+/// quad form and 16-row C tiles. H200 2026-12-03, D64 full: dq 5.18 -> 5.07 ms with it, dkv
+/// 6.79 -> 7.02 (slower; kept on in both until the dq-only form is tested on the device).
 pub const FQ_ENV: &str = "SELATTN_BACKWARD_FQ";
 /// Environment variable that stages Q, dO, K and V as scalar f16 again instead of `vec4<f16>`
 /// (`SELATTN_BACKWARD_KV4=0`; the vector form is Vulkan only, as in the forward).
 pub const KV4_ENV: &str = "SELATTN_BACKWARD_KV4";
-/// Environment variable that turns on (`SELATTN_BACKWARD_RQ=1`) coop_seldu's register form:
-/// F, the mask and the head sums of dz in registers, so that its key tiles can be larger.
+/// Environment variable that turns coop_seldu's register form off (`SELATTN_BACKWARD_RQ=0`):
+/// with it F, the mask and the head sums of dz live in registers, so that its key tiles can be
+/// larger (64 keys with SDQ at D64 and D128). H200 2026-12-03: seldu 6.58 -> 4.74 ms (D64),
+/// 13.69 -> 8.63 (D128).
 pub const RQ_ENV: &str = "SELATTN_BACKWARD_RQ";
 
 /// The two entry points.
@@ -200,7 +208,7 @@ impl CoopBackwardConfig {
     pub fn seldu(caps: &Capabilities, q: &CoopBackwardConfig) -> CoopBackwardConfig {
         let fits = |c: &CoopBackwardConfig| c.workgroup_bytes() <= caps.workgroup_memory as u64;
         let sdq = knob_on(SDQ_ENV);
-        if q.quads && q.ct == 16 && std::env::var(RQ_ENV).is_ok_and(|v| v == "1") {
+        if q.quads && q.ct == 16 && knob_on(RQ_ENV) {
             // The largest key tile that fits, with SDQ where it also fits.
             for bt in [64u32, 32, 16] {
                 for s in [sdq, false] {
@@ -300,7 +308,11 @@ impl CoopBackwardConfig {
             // The quad reductions need subgroups of at least 16 lanes (64 quads a block).
             quads: sgs <= 64 && knob_on(QUADS_ENV),
             sdq: false,
-            fq: sgs <= 64 && ct == 16 && knob_on(QUADS_ENV) && knob_on(FQ_ENV),
+            fq: sgs <= 64
+                && ct == 16
+                && knob_on(QUADS_ENV)
+                && knob_on(FQ_ENV)
+                && (entry == CoopEntry::Dq || std::env::var(FQ_ENV).map_or(true, |v| v != "dq")),
             kv4: caps.info.backend == wgpu::Backend::Vulkan && knob_on(KV4_ENV),
             rq: false,
             features,
