@@ -22,7 +22,9 @@
 // (override DU) and coop_selk_du reads it, one pair of dispatches per chunk (Layout row_lo/row_hi).
 // The split du path (plan du_split, the default with the du scratch) replaces coop_selq by
 // coop_seldu (du per (64 rows, key tile): key tiles in parallel) and coop_selq_du (dq_sel from
-// the scratch), three dispatches per chunk with coop_selk_du.
+// the scratch), three dispatches per chunk with coop_selk_du. Forms behind overrides (each with a
+// SELATTN_BACKWARD_* knob): EWQ (quads in the elementwise passes), FQ (F in that pass), SDQ and
+// RQ (coop_seldu: Q and dO staged in one round; per-lane state in registers).
 //
 // Selective masking: F = C (the forward's colsum and scan passes, query tiles of CT rows, CT
 // dividing 16) + the exclusive prefix of relu(S_sel) over the rows of the C tile, recomputed
@@ -98,7 +100,7 @@ override SDQ: bool = false;
 override FQ: bool = false;
 // RQ (coop_seldu with EWQ and 16-row C tiles): F, the mask and the head sums of dz of the lane's
 // quads live in registers (acc and fb not declared), S_sel goes through sa; the workgroup memory
-// saved lets the planner take 64-key tiles (and SDQ) at D128 (SELATTN_BACKWARD_RQ).
+// saved lets the planner take 64-key tiles with SDQ at D64 and D128 (SELATTN_BACKWARD_RQ=0: off).
 override RQ: bool = false;
 const RQN: u32 = 16u;               // register quads per lane at most: 4 chunks x QPL
 const QPL: u32 = 4u;                // quads per lane at most (64 quads, subgroups of 16 or more)
