@@ -215,6 +215,7 @@ impl Plan {
                     wg,
                     kv_len: pr.kv_len,
                     coop_sgs: 0,
+                    kpw: 1,
                 }))
                 .find(|c| c.workgroup_bytes() <= memory)
                 .ok_or(Error::TooLarge {
@@ -313,7 +314,8 @@ pub(crate) struct Buffers<'a> {
 
 /// Records a validated `plan` into one compute pass of `encoder`: with selective masking the
 /// column sums and the scan first (into `scratch`), then the forward (or cooperative-matrix)
-/// kernel.
+/// kernel. With `profile`, a timestamp is written into it before every dispatch and one after
+/// the last (indices 0, 1, ...; see [`dispatch_labels`]).
 pub(crate) fn encode(
     gpu: &Gpu<'_>,
     encoder: &mut wgpu::CommandEncoder,
@@ -321,6 +323,7 @@ pub(crate) fn encode(
     b: &Buffers<'_>,
     scratch: &wgpu::Buffer,
     timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    profile: Option<&wgpu::QuerySet>,
 ) -> Result<()> {
     let s = plan.resolved.shape;
     let params = gpu.uniform("selattn params", bytemuck::bytes_of(&plan.params));
@@ -329,6 +332,13 @@ pub(crate) fn encode(
         label: Some("selattn attention"),
         timestamp_writes: timestamps,
     });
+    let mut stamp = 0u32;
+    let mut mark = |pass: &mut wgpu::ComputePass| {
+        if let Some(qs) = profile {
+            pass.write_timestamp(qs, stamp);
+            stamp += 1;
+        }
+    };
     if let Some((colsum, scan)) = plan.selective {
         let key = KernelKey {
             kernel: Kernel::SelColsum(colsum),
@@ -341,7 +351,8 @@ pub(crate) fn encode(
             tensor_entry(3, b.kv_len, dummy),
             entry(5, scratch),
         ];
-        let groups = [s.k_len.div_ceil(colsum.bc), plan.params.n_qtiles, s.batch];
+        let groups = [colsum.key_groups(s.k_len), plan.params.n_qtiles, s.batch];
+        mark(&mut pass);
         gpu.dispatch(&mut pass, "selattn colsum", key, &entries, groups)?;
 
         let key = KernelKey {
@@ -355,6 +366,7 @@ pub(crate) fn encode(
             tensor_entry(6, b.f_out, dummy_out),
         ];
         let groups = [s.k_len.div_ceil(scan.wg), s.batch, 1];
+        mark(&mut pass);
         gpu.dispatch(&mut pass, "selattn scan", key, &entries, groups)?;
     }
     let entries = [
@@ -371,11 +383,25 @@ pub(crate) fn encode(
         tensor_entry(10, b.lse, dummy_out),
     ];
     let groups = [plan.params.n_qtiles, s.q_heads, s.batch];
+    mark(&mut pass);
     gpu.dispatch(
         &mut pass,
         "selattn forward",
         plan.forward_key(),
         &entries,
         groups,
-    )
+    )?;
+    mark(&mut pass);
+    Ok(())
+}
+
+/// The label of each dispatch [`encode`] records, in order.
+pub(crate) fn dispatch_labels(plan: &Plan) -> Vec<String> {
+    let mut out = Vec::new();
+    if plan.selective.is_some() {
+        out.push("sel_colsum".to_string());
+        out.push("sel_scan".to_string());
+    }
+    out.push("forward".to_string());
+    out
 }

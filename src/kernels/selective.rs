@@ -5,6 +5,9 @@ use std::fmt::Write;
 
 use super::flag;
 
+/// Key tiles per workgroup of the cooperative-matrix column sums (see [`ColsumConfig::kpw`]).
+pub const DEFAULT_KPW: u32 = 4;
+
 /// Specialisation of the column-sum pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ColsumConfig {
@@ -21,6 +24,9 @@ pub struct ColsumConfig {
     /// 0: the scalar kernel. Otherwise the cooperative-matrix kernel for this fixed subgroup
     /// size (16 rows per subgroup, `wg = br / 16 * coop_sgs`).
     pub coop_sgs: u32,
+    /// Cooperative-matrix kernel: key tiles walked by one workgroup (Q loaded once, the next
+    /// K tile prefetched into registers). 1 on the scalar kernel.
+    pub kpw: u32,
 }
 
 impl ColsumConfig {
@@ -34,6 +40,7 @@ impl ColsumConfig {
         ];
         if self.coop_sgs > 0 {
             c.push(("SGS", self.coop_sgs as f64));
+            c.push(("KPW", self.kpw as f64));
             // Ablation knob (see `coop::ABLATE_ENV`): `colsum` turns the interior fast path off.
             let ablate = std::env::var(super::coop::ABLATE_ENV).unwrap_or_default();
             if ablate.split(',').any(|w| w.trim() == "colsum") {
@@ -54,9 +61,21 @@ impl ColsumConfig {
         }
     }
 
+    /// Workgroups along the keys for `k_len` keys (the dispatch's x).
+    pub fn key_groups(&self, k_len: u32) -> u32 {
+        k_len.div_ceil(self.bc * self.kpw.max(1))
+    }
+
     /// The cooperative-matrix configuration of pass 1 for a cooperative-matrix forward kernel
     /// with `br` rows per query tile and subgroup size `sgs`, if it fits in `memory` bytes.
+    /// Key tiles per workgroup: [`DEFAULT_KPW`], or `colkpwN` (N in 1, 2, 4, 8, 16) in
+    /// `SELATTN_COOP_ABLATE`.
     pub fn coop(d: u32, br: u32, sgs: u32, kv_len: bool, memory: u64) -> Option<ColsumConfig> {
+        let ablate = std::env::var(super::coop::ABLATE_ENV).unwrap_or_default();
+        let kpw = [1u32, 2, 4, 8, 16]
+            .into_iter()
+            .find(|n| ablate.split(',').any(|w| w.trim() == format!("colkpw{n}")))
+            .unwrap_or(DEFAULT_KPW);
         [64, 32, 16]
             .into_iter()
             .map(|bc| ColsumConfig {
@@ -66,6 +85,7 @@ impl ColsumConfig {
                 wg: br / 16 * sgs,
                 kv_len,
                 coop_sgs: sgs,
+                kpw,
             })
             // The column sums split BR rows into WG / BC chunks.
             .filter(|c| c.wg < c.bc || br.is_multiple_of(c.wg / c.bc))
