@@ -30,7 +30,10 @@ override WG: u32 = (BR / 16u) * SGS;
 override D8: u32 = D / 8u;
 override DP: u32 = D + 8u;     // padded f16 row stride (bank conflicts)
 override SP: u32 = BC + 4u;    // padded f32 row stride of S
-override NCH: u32 = max(WG / BC, 1u);   // row chunks per column (the planner keeps BR % NCH == 0)
+// SUB16: one scratch row per 16 query rows (the forward's subgroup prefix), else one per tile.
+override SUB16: bool = false;
+// Row chunks per column (the planner keeps BR % NCH == 0); with SUB16 one per 16 rows.
+override NCH: u32 = select(max(WG / BC, 1u), BR / 16u, SUB16);
 override RCH: u32 = BR / NCH;
 override FAST: bool = true;
 override KPW: u32 = 1u;
@@ -170,6 +173,21 @@ fn coop_colsum(
             workgroupBarrier();
         }
         // (part is next written after the next tile's first barrier.)
+        if SUB16 {
+            // Each 16-row block's sums to its own scratch row (blocks past q_len have none).
+            for (var e = tid; e < NCH * BC; e += WG) {
+                let j = kt + e % BC;
+                let blk = qt * NCH + e / BC;
+                if j < p.k_len && blk < p.sel_rows {
+                    var sum = 0.0;
+                    if work {
+                        sum = part[e];
+                    }
+                    scratch[(b * p.sel_rows + blk) * p.k_len + j] = sum;
+                }
+            }
+            continue;
+        }
         for (var c = tid; c < BC; c += WG) {
             let j = kt + c;
             if j < p.k_len {
@@ -179,7 +197,7 @@ fn coop_colsum(
                         sum += part[ch * BC + c];
                     }
                 }
-                scratch[(b * p.n_qtiles + qt) * p.k_len + j] = sum;
+                scratch[(b * p.sel_rows + qt) * p.k_len + j] = sum;
             }
         }
     }

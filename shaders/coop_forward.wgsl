@@ -105,6 +105,11 @@ override PAIR: bool = SELECTIVE && 2u * BC <= max(BR, BC);
 // its S tile needs no staging of its own: two workgroup barriers per key tile fewer.
 override SELP: bool = false;
 override DPP: u32 = DP;        // the same stride, named apart for the generator
+// SGPREFIX (selective): the carried C comes per 16 query rows (the column sums' SUB16 form, a
+// scratch row per subgroup block), so each subgroup takes the column prefix over its own 16
+// rows alone: lanes take columns, subgroup barriers (SGBAR) instead of workgroup ones, no
+// chunk totals; one workgroup barrier after the slices guards K / pbuf for V and P.
+override SGPREFIX: bool = false;
 override PP: u32 = BC + 8u;    // padded f16 row stride of P
 // Softmax units of a wide tile: logits times UW = log2(e) / 512, exponentiated as
 // exp2(UX * max(z - m, DIFF_MIN)). A logit that fits in f32 is below FLT_MAX / 355 in these
@@ -317,7 +322,51 @@ fn coop_forward(
             // every row's position): the predicate is j > 0 alone, folded into the factor.
             let interior = FAST_PREFIX && row0 + BR <= p.q_len && kt + BC <= p.start + row0
                 && p.start + row0 + BR <= valid;
-            for (var hs = 0u; hs < NSEL; hs++) {
+            for (var hs = 0u; hs < select(NSEL, 0u, !SGPREFIX); hs++) {
+                let hoff = hs * BCS;
+                if !xa(256u) {
+{{SSLOOP}}
+                }
+                // This subgroup's rows of fsel (its own S_sel) are read by its own lanes.
+{{SGBAR}}
+                // F = C (this block's carry) + exclusive prefix over the block's 16 rows, in
+                // units of UW as below; each lane walks whole columns.
+                let blk = qt * (BR / 16u) + sg;
+                for (var c = lane; c < select(BCS, 0u, xa(512u)); c += SGS) {
+                    let j = kt + hoff + c;
+                    let sj = select(0.0, su, j > 0u);
+                    var run = 0.0;
+                    if j < p.k_len && blk < p.sel_rows {
+                        run = min(fcarry[(b * p.sel_rows + blk) * p.k_len + j] * UW, F_CAP);
+                    }
+                    if interior {
+                        for (var r = rb0; r < rb0 + 16u; r++) {
+                            let s = fsel[r * SPS + c];
+                            let e = r * SP + hoff + c;
+                            sbuf[e] = sbuf[e] * (row_f[r] * UW) - run;
+                            run += max(s * sj, 0.0);
+                        }
+                    } else {
+                        for (var r = rb0; r < rb0 + 16u; r++) {
+                            let pos = p.start + row0 + r;
+                            let s = fsel[r * SPS + c];
+                            let e = r * SP + hoff + c;
+                            sbuf[e] = sbuf[e] * (row_f[r] * UW) - run;
+                            if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
+                                run += max(s * su, 0.0);
+                            }
+                        }
+                    }
+                }
+                // fsel's rows are rewritten by the next slice (this subgroup's own).
+{{SGBAR}}
+            }
+            if SGPREFIX {
+                // K (and the selection head's K in kbuf or pbuf) are done with in every
+                // subgroup before V and P take their rows.
+                workgroupBarrier();
+            }
+            for (var hs = 0u; hs < select(NSEL, 0u, SGPREFIX); hs++) {
                 let hoff = hs * BCS;
                 if !xa(256u) {
 {{SSLOOP}}

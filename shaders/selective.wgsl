@@ -85,7 +85,7 @@ fn colsum(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
                     sum += ssel[r * BC + c];
                 }
             }
-            scratch[(b * p.n_qtiles + qt) * p.k_len + j] = sum;
+            scratch[(b * p.sel_rows + qt) * p.k_len + j] = sum;
         }
     }
 }
@@ -101,8 +101,8 @@ fn scan(@builtin(global_invocation_id) gid: vec3<u32>) {
     if HAS_F0 {
         run = f0[b * p.k_len + j];
     }
-    for (var qt = 0u; qt < p.n_qtiles; qt++) {
-        let idx = (b * p.n_qtiles + qt) * p.k_len + j;
+    for (var qt = 0u; qt < p.sel_rows; qt++) {
+        let idx = (b * p.sel_rows + qt) * p.k_len + j;
         let t = scratch[idx];
         scratch[idx] = run;
         run += t;

@@ -221,7 +221,7 @@ fn scratch_bytes_bound() {
         let outs = selattn::Outputs::new(&o).f_out(&f_out);
         let sel = Options::causal().selective(1);
         let plan = ctx.plan(&g.inputs(), &sel, &outs).unwrap();
-        let br = plan.forward.br as u64;
+        let br = plan.sel_block_rows() as u64;
         let want = 2 * 30u64.div_ceil(br) * 45 * 4;
         let got = ctx.scratch_bytes(&g.inputs(), &sel, &outs).unwrap();
         assert_eq!(got, want, "[{}] Br {br}", ctx.describe());
@@ -248,7 +248,7 @@ fn scratch_bytes_bound() {
             .validate()
             .unwrap();
             let plan = Plan::new(&caps, &r, DType::F32).unwrap();
-            let br = plan.forward.br as u64;
+            let br = plan.sel_block_rows() as u64;
             let (bn, n) = (bn as u64, n as u64);
             let bound = bn * n.div_ceil(br) * n * 4;
             let full = bn * n * n * 4;

@@ -27,6 +27,10 @@ pub const ABLATE_ENV: &str = "SELATTN_COOP_ABLATE";
 /// ([`CoopConfig::selp`]; `selp` in [`ABLATE_ENV`] turns it off).
 pub const DEFAULT_SELP: bool = true;
 
+/// Whether the planner takes the selective column prefix per subgroup ([`CoopConfig::sgprefix`];
+/// `sgprefix` in [`ABLATE_ENV`] turns it off).
+pub const DEFAULT_SGPREFIX: bool = true;
+
 /// Specialisation of the cooperative-matrix kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CoopConfig {
@@ -74,6 +78,10 @@ pub struct CoopConfig {
     /// Selective: the selection head's K tile staged in the P buffer together with K (`SELP`:
     /// two workgroup barriers per key tile fewer; needs BC × (D + 8) <= BR × (BC + 8)).
     pub selp: bool,
+    /// Selective: the carried C per 16 query rows (the column sums' `sub16` form) and each
+    /// subgroup's column prefix over its own rows alone (`SGPREFIX`: subgroup barriers, no
+    /// chunk totals, one workgroup barrier per key tile instead of three per slice).
+    pub sgprefix: bool,
 }
 
 impl CoopConfig {
@@ -93,6 +101,7 @@ impl CoopConfig {
             ("SM_QUADS", super::flag(self.sm_quads)),
             ("SM_KEEP", super::flag(self.sm_keep)),
             ("SELP", super::flag(self.selp)),
+            ("SGPREFIX", super::flag(self.sgprefix)),
         ]
         .into_iter()
         .chain(self.features.constants())
@@ -206,6 +215,7 @@ impl CoopConfig {
                 kv4: false,
                 p2: false,
                 selp: false,
+                sgprefix: false,
             };
             // Softmax and staging forms (`+name` turns one on, `name` off).
             let on = |what: &str, default: bool| {
@@ -248,6 +258,11 @@ impl CoopConfig {
                 && !c.p2
                 && 2 * bc > br.max(bc)
                 && bc * (d + 8) <= br * (bc + 8);
+            // Selective: each subgroup's prefix over its own rows (lanes take columns).
+            c.sgprefix = features.selective && DEFAULT_SGPREFIX && !listed("sgprefix");
+            if c.sgprefix {
+                c.subgroup_barrier = caps.subgroup_barrier && !listed("sgbar");
+            }
             // The selective column prefix splits BR rows over WG / (BC / NSEL) chunks.
             let wg = c.threads();
             let bcs = bc / nsel;

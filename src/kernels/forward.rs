@@ -78,7 +78,7 @@ pub(crate) fn params(r: &Resolved, n_qtiles: u32) -> Params {
         sel_head: r.options.selective.unwrap_or(0),
         scale: r.scale,
         n_qtiles,
-        _pad0: 0,
+        sel_rows: n_qtiles,
         _pad1: 0,
     }
 }
@@ -191,6 +191,7 @@ impl Plan {
                 Err(_) => (Path::Scalar, None),
             },
         };
+        let mut coop = coop;
         let br = coop.map_or(forward.br, |c| c.br);
         let n_qtiles = s.q_len.div_ceil(br);
         check_dispatch(
@@ -204,8 +205,15 @@ impl Plan {
         let selective = if r.selective() {
             let wg = caps.max_invocations.min(64);
             let memory = caps.workgroup_memory as u64;
-            let coop_colsum =
-                coop.and_then(|c| ColsumConfig::coop(s.head_dim, br, c.sgs, pr.kv_len, memory));
+            // With the subgroup prefix, the column sums per 16 rows (SUB16).
+            let coop_colsum = coop.and_then(|c| {
+                ColsumConfig::coop(s.head_dim, br, c.sgs, pr.kv_len, memory)
+                    .map(|cs| ColsumConfig {
+                        sub16: c.sgprefix,
+                        ..cs
+                    })
+                    .filter(|cs| cs.workgroup_bytes() <= memory)
+            });
             let colsum = coop_colsum
                 .into_iter()
                 .chain([32u32, 16, 8, 4, 2, 1].into_iter().map(|bc| ColsumConfig {
@@ -216,6 +224,7 @@ impl Plan {
                     kv_len: pr.kv_len,
                     coop_sgs: 0,
                     kpw: 1,
+                    sub16: false,
                 }))
                 .find(|c| c.workgroup_bytes() <= memory)
                 .ok_or(Error::TooLarge {
@@ -230,6 +239,10 @@ impl Plan {
                     ("key groups per dispatch", s.k_len.div_ceil(wg) as u64),
                 ],
             )?;
+            // The subgroup prefix needs the cooperative column sums' SUB16 form.
+            if let Some(c) = coop.as_mut() {
+                c.sgprefix = c.sgprefix && colsum.sub16;
+            }
             let scan = ScanConfig {
                 wg,
                 f0: pr.f0,
@@ -248,6 +261,8 @@ impl Plan {
             selective,
             params: params(r, n_qtiles),
         };
+        let mut plan = plan;
+        plan.params.sel_rows = s.q_len.div_ceil(plan.sel_block_rows());
         let limit = caps.max_storage_binding.min(caps.max_buffer);
         if plan.scratch_bytes() > limit {
             return Err(Error::TooLarge {
@@ -259,11 +274,21 @@ impl Plan {
         Ok(plan)
     }
 
-    /// Bytes of scratch memory this call allocates: `B * ceil(Nq / BR) * Nk * 4` with selective
-    /// masking, nothing otherwise. Never Nq x Nk.
+    /// Query rows per row of the selective scratch: the query tile's BR, or 16 with the
+    /// cooperative kernel's subgroup prefix.
+    pub fn sel_block_rows(&self) -> u32 {
+        match self.coop {
+            Some(c) if c.sgprefix => 16,
+            Some(c) => c.br,
+            None => self.forward.br,
+        }
+    }
+
+    /// Bytes of scratch memory this call allocates: `B * ceil(Nq / R) * Nk * 4` with selective
+    /// masking (R = [`Plan::sel_block_rows`], at least 16), nothing otherwise. Never Nq x Nk.
     pub fn scratch_bytes(&self) -> u64 {
         if self.selective.is_some() {
-            4 * self.params.batch as u64 * self.params.n_qtiles as u64 * self.params.k_len as u64
+            4 * self.params.batch as u64 * self.params.sel_rows as u64 * self.params.k_len as u64
         } else {
             0
         }

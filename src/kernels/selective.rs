@@ -27,6 +27,9 @@ pub struct ColsumConfig {
     /// Cooperative-matrix kernel: key tiles walked by one workgroup (Q loaded once, the next
     /// K tile prefetched into registers). 1 on the scalar kernel.
     pub kpw: u32,
+    /// Cooperative-matrix kernel: one scratch row per 16 query rows (for the forward's
+    /// subgroup prefix) instead of one per query tile.
+    pub sub16: bool,
 }
 
 impl ColsumConfig {
@@ -41,6 +44,7 @@ impl ColsumConfig {
         if self.coop_sgs > 0 {
             c.push(("SGS", self.coop_sgs as f64));
             c.push(("KPW", self.kpw as f64));
+            c.push(("SUB16", super::flag(self.sub16)));
             // Ablation knob (see `coop::ABLATE_ENV`): `colsum` turns the interior fast path off.
             let ablate = std::env::var(super::coop::ABLATE_ENV).unwrap_or_default();
             if ablate.split(',').any(|w| w.trim() == "colsum") {
@@ -54,7 +58,11 @@ impl ColsumConfig {
     pub fn workgroup_bytes(&self) -> u64 {
         let (br, bc, d) = (self.br as u64, self.bc as u64, self.d as u64);
         if self.coop_sgs > 0 {
-            let chunks = (self.wg as u64 / bc).max(1);
+            let chunks = if self.sub16 {
+                br / 16
+            } else {
+                (self.wg as u64 / bc).max(1)
+            };
             br.max(bc) * (d + 8) * 2 + br * (bc + 4) * 4 + 4 * chunks * bc
         } else {
             4 * (br * d + bc * d + br * bc)
@@ -86,6 +94,7 @@ impl ColsumConfig {
                 kv_len,
                 coop_sgs: sgs,
                 kpw,
+                sub16: false,
             })
             // The column sums split BR rows into WG / BC chunks.
             .filter(|c| c.wg < c.bc || br.is_multiple_of(c.wg / c.bc))
