@@ -21,6 +21,11 @@ fn text_of(src: Source) -> String {
         sgs: 32,
         sgbar: false,
         prefetch: false,
+        quads: false,
+        sdq: false,
+        fq: false,
+        kv4: false,
+        rq: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)
