@@ -29,7 +29,7 @@ fn needs(key: &KernelKey) -> (u64, u32) {
     match key.kernel {
         Kernel::Forward(c) => (c.workgroup_bytes(), c.threads()),
         Kernel::SelColsum(c) => (c.workgroup_bytes(), c.wg),
-        Kernel::SelScan(c) => (0, c.wg),
+        Kernel::SelScan(c) => (if c.parts > 1 { 4 * c.wg as u64 } else { 0 }, c.wg),
         Kernel::CoopForward(c) => (c.workgroup_bytes(), c.threads()),
         Kernel::CacheAppend(c)
         | Kernel::CacheCandidates(c)

@@ -110,6 +110,12 @@ override DPP: u32 = DP;        // the same stride, named apart for the generator
 // rows alone: lanes take columns, subgroup barriers (SGBAR) instead of workgroup ones, no
 // chunk totals; one workgroup barrier after the slices guards K / pbuf for V and P.
 override SGPREFIX: bool = false;
+// CPRE (with SGPREFIX; opt-in): each lane's carried C for the next key tile is loaded into
+// registers with the next tile's K (NSEL * CPS values, CPS columns per lane per slice), so the
+// prefix does not wait on that global load.
+override CPRE: bool = false;
+override CPS: u32 = (BCS + SGS - 1u) / SGS;
+const MAX_CP: u32 = 4u;
 override PP: u32 = BC + 8u;    // padded f16 row stride of P
 // Softmax units of a wide tile: logits times UW = log2(e) / 512, exponentiated as
 // exp2(UX * max(z - m, DIFF_MIN)). A logit that fits in f32 is below FLT_MAX / 355 in these
@@ -174,6 +180,19 @@ fn p_wide(z: f32, m: f32) -> f32 {
 
 // Element e of the K tile starting at key kt (16 bytes of row kt + e / D8), zero past kend or
 // past the tile.
+// The carried C of key j for 16-row block blk, in units of UW, capped (0 past the keys).
+fn carry_at(b: u32, blk: u32, j: u32) -> f32 {
+    if j < p.k_len && blk < p.sel_rows {
+        return min(fcarry[(b * p.sel_rows + blk) * p.k_len + j] * UW, F_CAP);
+    }
+    return 0.0;
+}
+
+// This lane's CPRE carries for the key tile at kt (slice u / CPS, column lane + u % CPS * SGS).
+fn load_carry(b: u32, blk: u32, kt: u32, lane: u32, u: u32) -> f32 {
+    return carry_at(b, blk, kt + (u / CPS) * BCS + lane + (u % CPS) * SGS);
+}
+
 fn load_k(b: u32, hk: u32, kt: u32, kend: u32, e: u32) -> vec4<u32> {
     let j = kt + e / D8;
     if e < BC * D8 && j < kend {
@@ -275,6 +294,13 @@ fn coop_forward(
             spre[x] = load_k(b, sel_kv, 0u, kend, tid + x * WG);
         }
     }
+    let blk = qt * (BR / 16u) + sg;   // this subgroup's 16-row block (SGPREFIX)
+    var cpre: array<f32, MAX_CP>;
+    if CPRE {
+        for (var u = 0u; u < NSEL * CPS; u++) {
+            cpre[u] = load_carry(b, blk, 0u, lane, u);
+        }
+    }
 
     // Every subgroup has loaded its Q fragments before kbuf takes the first K tile.
     workgroupBarrier();
@@ -331,13 +357,14 @@ fn coop_forward(
 {{SGBAR}}
                 // F = C (this block's carry) + exclusive prefix over the block's 16 rows, in
                 // units of UW as below; each lane walks whole columns.
-                let blk = qt * (BR / 16u) + sg;
                 for (var c = lane; c < select(BCS, 0u, xa(512u)); c += SGS) {
                     let j = kt + hoff + c;
                     let sj = select(0.0, su, j > 0u);
-                    var run = 0.0;
-                    if j < p.k_len && blk < p.sel_rows {
-                        run = min(fcarry[(b * p.sel_rows + blk) * p.k_len + j] * UW, F_CAP);
+                    var run: f32;
+                    if CPRE {
+                        run = cpre[hs * CPS + (c - lane) / SGS];
+                    } else {
+                        run = carry_at(b, blk, j);
                     }
                     if interior {
                         for (var r = rb0; r < rb0 + 16u; r++) {
@@ -459,6 +486,11 @@ fn coop_forward(
             }
             if SELECTIVE {
                 spre[x] = load_k(b, sel_kv, kt + BC, kend, e);
+            }
+        }
+        if CPRE {
+            for (var u = 0u; u < NSEL * CPS; u++) {
+                cpre[u] = load_carry(b, blk, kt + BC, lane, u);
             }
         }
         // 4. Lazy online softmax. Each subgroup takes its own 16 rows, LPR = SGS / 16 lanes per row,

@@ -2,7 +2,8 @@
 //
 // colsum: T[b, I, j] = sum over rows k of query tile I of S_kj, S_kj = relu(scale q_sel_k . k_sel_j)
 //         for 0 < j < p_k (and p_k inside the valid prefix). One workgroup per (key tile, query tile, b).
-// scan:   C[b, I, j] = F0[b, j] + sum over I' < I of T[b, I', j], in place; F_out[b, j] = the total.
+// scan:   C[b, I, j] = F0[b, j] + sum over I' < I of T[b, I', j], in place; F_out[b, j] = the total
+//         (one thread per column, or PARTS threads per column).
 // BR must equal the query tile of the forward kernel that reads C.
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -90,8 +91,81 @@ fn colsum(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     }
 }
 
+// The scan in PARTS row parts per column (WG = COLS x PARTS threads): each part sums its rows,
+// then walks them from F0 plus the totals of the parts above it.
+override PARTS: u32 = 1u;
+override COLS: u32 = WG / PARTS;
+var<workgroup> ptot: array<f32, select(1u, WG, PARTS > 1u)>;
+
+fn scan_parts(tid: u32, g: u32, b: u32) {
+    let c = tid % COLS;
+    let part = tid / COLS;
+    let j = g * COLS + c;
+    let live = j < p.k_len && part < PARTS;
+    let len = (p.sel_rows + PARTS - 1u) / PARTS;
+    let r0 = min(part * len, p.sel_rows);
+    let r1 = min(r0 + len, p.sel_rows);
+    let base = b * p.sel_rows;
+    var tot = 0.0;
+    if live {
+        var r = r0;
+        for (; r + 8u <= r1; r += 8u) {
+            var t: array<f32, 8>;
+            for (var u = 0u; u < 8u; u++) {
+                t[u] = scratch[(base + r + u) * p.k_len + j];
+            }
+            for (var u = 0u; u < 8u; u++) {
+                tot += t[u];
+            }
+        }
+        for (; r < r1; r++) {
+            tot += scratch[(base + r) * p.k_len + j];
+        }
+    }
+    ptot[tid] = tot;
+    workgroupBarrier();
+    if !live {
+        return;
+    }
+    var run = 0.0;
+    if HAS_F0 {
+        run = f0[b * p.k_len + j];
+    }
+    for (var q2 = 0u; q2 < part; q2++) {
+        run += ptot[q2 * COLS + c];
+    }
+    var r = r0;
+    for (; r + 8u <= r1; r += 8u) {
+        var t: array<f32, 8>;
+        for (var u = 0u; u < 8u; u++) {
+            t[u] = scratch[(base + r + u) * p.k_len + j];
+        }
+        for (var u = 0u; u < 8u; u++) {
+            scratch[(base + r + u) * p.k_len + j] = run;
+            run += t[u];
+        }
+    }
+    for (; r < r1; r++) {
+        let idx = (base + r) * p.k_len + j;
+        let t = scratch[idx];
+        scratch[idx] = run;
+        run += t;
+    }
+    if WRITE_F && part == PARTS - 1u {
+        f_out[b * p.k_len + j] = run;
+    }
+}
+
 @compute @workgroup_size(WG)
-fn scan(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn scan(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+) {
+    if PARTS > 1u {
+        scan_parts(tid, wg.x, wg.y);
+        return;
+    }
     let j = gid.x;
     let b = gid.y;
     if j >= p.k_len {

@@ -422,7 +422,7 @@ impl Context {
                     entry(5, &b.carry),
                     entry(6, &b.dummies[0]),
                 ],
-                (s.k_len.div_ceil(c.wg), s.batch, 1),
+                (c.groups(s.k_len), s.batch, 1),
             ),
             Kernel::Backward(c) => self.backward_entries(plan, b, c.entry, inputs, up, grads),
             Kernel::CoopBackward(c)

@@ -386,26 +386,45 @@ fn every_variant_translates_to_every_backend() {
 }
 
 /// The selective cooperative-matrix kernels in the forms their knobs give back
-/// (`SELATTN_COOP_ABLATE`: `sgprefix`, `selp`, `colkpwN`), which the planner's defaults in the
+/// (`SELATTN_COOP_ABLATE`: `sgprefix`, `selp`, `colkpwN`, `+cpre`), which the planner's defaults in the
 /// covering set do not reach: the tile-wide prefix, the selection head's K staged through kbuf,
-/// and the column sums at 1, 2, 8 and 16 key tiles per workgroup, per tile and per 16 rows.
+/// the carry prefetch, the scan in row parts, and the column sums at 1, 2, 8 and 16 key tiles per workgroup, per tile
+/// and per 16 rows.
 #[test]
 fn selective_coop_knob_forms_translate() {
     let mut keys = Vec::new();
     for k in variants::covering_variants() {
         match k.kernel {
             Kernel::CoopForward(c) if c.features.selective => {
-                for (sgprefix, selp) in [(false, false), (false, c.selp), (c.sgprefix, false)] {
+                // The opt-in carry prefetch (`+cpre`) with the defaults and without SELP.
+                let cpre = c.sgprefix && c.nsel * (c.bc / c.nsel).div_ceil(c.sgs) <= 4;
+                for (sgprefix, selp, cpre) in [
+                    (false, false, false),
+                    (false, c.selp, false),
+                    (c.sgprefix, false, false),
+                    (c.sgprefix, c.selp, cpre),
+                    (c.sgprefix, false, cpre),
+                ] {
                     keys.push(KernelKey {
                         kernel: Kernel::CoopForward(selattn::kernels::coop::CoopConfig {
                             sgprefix,
                             selp,
+                            cpre,
                             ..c
                         }),
                         ..k
                     });
                 }
             }
+            // The scan in row parts (`+pscan`).
+            Kernel::SelScan(c) => keys.push(KernelKey {
+                kernel: Kernel::SelScan(selattn::kernels::selective::ScanConfig {
+                    wg: 256,
+                    parts: 8,
+                    ..c
+                }),
+                ..k
+            }),
             Kernel::SelColsum(c) if c.coop_sgs > 0 => {
                 for kpw in [1, 2, 8, 16] {
                     for sub16 in [false, true] {

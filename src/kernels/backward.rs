@@ -734,6 +734,7 @@ fn selective_passes(
             wg: cwg,
             f0: pr.f0,
             f_out: false,
+            parts: 1,
         };
         Some((colsum, scan))
     } else {

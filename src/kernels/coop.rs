@@ -82,6 +82,9 @@ pub struct CoopConfig {
     /// subgroup's column prefix over its own rows alone (`SGPREFIX`: subgroup barriers, no
     /// chunk totals, one workgroup barrier per key tile instead of three per slice).
     pub sgprefix: bool,
+    /// With `sgprefix`: each lane's carried C for the next key tile loaded into registers with
+    /// the next K tile (`CPRE`; opt-in, `+cpre` in [`ABLATE_ENV`]).
+    pub cpre: bool,
 }
 
 impl CoopConfig {
@@ -102,6 +105,7 @@ impl CoopConfig {
             ("SM_KEEP", super::flag(self.sm_keep)),
             ("SELP", super::flag(self.selp)),
             ("SGPREFIX", super::flag(self.sgprefix)),
+            ("CPRE", super::flag(self.cpre)),
         ]
         .into_iter()
         .chain(self.features.constants())
@@ -216,6 +220,7 @@ impl CoopConfig {
                 p2: false,
                 selp: false,
                 sgprefix: false,
+                cpre: false,
             };
             // Softmax and staging forms (`+name` turns one on, `name` off).
             let on = |what: &str, default: bool| {
@@ -263,6 +268,9 @@ impl CoopConfig {
             if c.sgprefix {
                 c.subgroup_barrier = caps.subgroup_barrier && !listed("sgbar");
             }
+            // The carries of the next key tile prefetched (the shader's MAX_CP = 4 registers).
+            let cps = (bc / nsel).div_ceil(sgs);
+            c.cpre = c.sgprefix && nsel * cps <= 4 && on("cpre", false);
             // The selective column prefix splits BR rows over WG / (BC / NSEL) chunks.
             let wg = c.threads();
             let bcs = bc / nsel;

@@ -242,12 +242,33 @@ impl Plan {
             // The subgroup prefix needs the cooperative column sums' SUB16 form.
             if let Some(c) = coop.as_mut() {
                 c.sgprefix = c.sgprefix && colsum.sub16;
+                c.cpre = c.cpre && c.sgprefix;
             }
-            let scan = ScanConfig {
-                wg,
-                f0: pr.f0,
-                f_out: pr.f_out,
+            // The scan in row parts (opt-in, `+pscan` in the coop ablation knob): 8 parts of
+            // the rows per column, 32 columns per workgroup of 256 threads.
+            let pscan = std::env::var(super::coop::ABLATE_ENV)
+                .unwrap_or_default()
+                .split(',')
+                .any(|w| w.trim() == "+pscan");
+            let scan = if pscan && caps.max_invocations >= 256 {
+                ScanConfig {
+                    wg: 256,
+                    f0: pr.f0,
+                    f_out: pr.f_out,
+                    parts: 8,
+                }
+            } else {
+                ScanConfig {
+                    wg,
+                    f0: pr.f0,
+                    f_out: pr.f_out,
+                    parts: 1,
+                }
             };
+            check_dispatch(
+                caps,
+                &[("scan groups per dispatch", scan.groups(s.k_len) as u64)],
+            )?;
             Some((colsum, scan))
         } else {
             None
@@ -390,7 +411,7 @@ pub(crate) fn encode(
             entry(5, scratch),
             tensor_entry(6, b.f_out, dummy_out),
         ];
-        let groups = [s.k_len.div_ceil(scan.wg), s.batch, 1];
+        let groups = [scan.groups(s.k_len), s.batch, 1];
         mark(&mut pass);
         gpu.dispatch(&mut pass, "selattn scan", key, &entries, groups)?;
     }

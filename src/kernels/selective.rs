@@ -143,6 +143,9 @@ pub struct ScanConfig {
     pub f0: bool,
     /// F_out wanted.
     pub f_out: bool,
+    /// Row parts per column (1: one thread walks a column; more: `wg / parts` columns per
+    /// workgroup, each part sums its rows, then walks them from the totals above it).
+    pub parts: u32,
 }
 
 impl ScanConfig {
@@ -151,6 +154,12 @@ impl ScanConfig {
             ("WG", self.wg as f64),
             ("HAS_F0", flag(self.f0)),
             ("WRITE_F", flag(self.f_out)),
+            ("PARTS", self.parts as f64),
         ]
+    }
+
+    /// Workgroups along the keys for `k_len` keys.
+    pub fn groups(&self, k_len: u32) -> u32 {
+        k_len.div_ceil(self.wg / self.parts)
     }
 }
