@@ -13,11 +13,9 @@
 //             with one (the host gives a range of one token whenever the sequence evicts in it);
 //             `put_state` writes their positions and F the same way.
 //
-// fold:       decode over a segmented cache runs the score and attend kernels of `decode.wgsl` per
-//             segment (a segment is a split that lives in another binding), each writing its
-//             splits' partials (o, m, l); `fold` combines them into a running f32 accumulator per
-//             query row (the decode merge's arithmetic), and the last segment's fold (LAST)
-//             writes O and LSE instead. One workgroup per query row.
+// Decode over a segmented cache needs no kernel of its own: `decode.wgsl`'s score and attend
+// run per (sequence, segment), each segment's splits written side by side in one partials
+// buffer (`split0`), and its merge combines all of them once.
 //
 // Bounds: the host checks len_before + count <= capacity when there is no budget and
 // limit <= capacity otherwise, so every slot is < capacity; a slot is written or read only when
@@ -199,84 +197,5 @@ fn put_state(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) w
             f = new_f[gb * p.n + t];
         }
         fs[b * p.seg_cap + ls] = f;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// fold
-
-struct FoldParams {
-    q_heads: u32,
-    n: u32,
-    splits: u32,      // splits of this segment's partials
-    ml_base: u32,     // index in part of the first (m, l) entry
-    b0: u32,          // first sequence of the dispatch
-    acc_ml: u32,      // index in acc of the first (m, l) entry
-    _pad0: u32,
-    _pad1: u32,
-}
-
-@group(0) @binding(12) var<uniform> fp: FoldParams;
-@group(0) @binding(13) var<storage, read> part: array<vec4<f32>>;
-@group(0) @binding(14) var<storage, read_write> acc: array<vec4<f32>>;  // [rows, D4], then (m, l)
-@group(0) @binding(15) var<storage, read_write> o: array<vec4<elem>>;   // [B, Hq, n, D]
-@group(0) @binding(16) var<storage, read_write> lse: array<u32>;        // [B, Hq, n], f32 bits
-
-override FIRST: bool = true;
-override LAST: bool = true;
-override WRITE_LSE: bool = false;
-
-// exp(s - m) for s <= m: `decode.wgsl`'s, copied because moving it to `common.wgsl` would change
-// the text of every existing shader variant.
-fn exp_shifted(s: f32, m: f32) -> f32 {
-    return exp2(max(0.5 * s - 0.5 * m, -128.0) * (2.0 * LOG2E));
-}
-
-@compute @workgroup_size(WG)
-fn fold(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
-    let row = (fp.b0 + wg.y) * (fp.q_heads * fp.n) + wg.x;   // (b * Hq + h) * n + i
-    let first = row * fp.splits;
-    var am = LOWEST;
-    var al = 0.0;
-    if !FIRST {
-        let ml = acc[fp.acc_ml + row];
-        am = ml.x;
-        al = ml.y;
-    }
-    var mx = am;
-    for (var s = 0u; s < fp.splits; s++) {
-        mx = max(mx, part[fp.ml_base + first + s].x);
-    }
-    // A split (or the accumulator) with no allowed slot has l = 0 and a zero sum.
-    var l = al * exp_shifted(am, mx);
-    for (var s = 0u; s < fp.splits; s++) {
-        let ml = part[fp.ml_base + first + s];
-        l += ml.y * exp_shifted(ml.x, mx);
-    }
-    let inv = inv_or_zero(l);
-    for (var x = tid; x < D4; x += WG) {
-        var a = vec4<f32>(0.0);
-        if !FIRST {
-            a = acc[row * D4 + x] * exp_shifted(am, mx);
-        }
-        for (var s = 0u; s < fp.splits; s++) {
-            a += part[(first + s) * D4 + x] * exp_shifted(part[fp.ml_base + first + s].x, mx);
-        }
-        if LAST {
-            o[row * D4 + x] = vec4<elem>(a * inv);
-        } else {
-            acc[row * D4 + x] = a;
-        }
-    }
-    // Every thread has read the accumulator's (m, l) before it is replaced.
-    workgroupBarrier();
-    if tid == 0u {
-        if LAST {
-            if WRITE_LSE {
-                lse[row] = lse_bits_ln(mx, l);
-            }
-        } else {
-            acc[fp.acc_ml + row] = vec4<f32>(mx, l, 0.0, 0.0);
-        }
     }
 }

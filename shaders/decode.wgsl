@@ -30,7 +30,7 @@ struct DecodeParams {
     n_rblocks: u32,   // ceil(rows / RB)
     ml_base: u32,     // index in part of the first (m, l) entry
     b0: u32,          // first sequence of the group: cache buffers hold b0.., the rest all B
-    _pad1: u32,
+    split0: u32,      // first split of the dispatch in part (segmented caches; 0 otherwise)
 }
 
 @group(0) @binding(0) var<uniform> p: DecodeParams;
@@ -364,8 +364,8 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             sum += red[g * DC + tid];
         }
         let h = row_head(hk, rr);
-        // Partials: row index ((b * Hq + h) * n + i) * splits + s.
-        let idx = ((gb * p.q_heads + h) * p.n + rr % p.n) * p.splits + s;
+        // Partials: row index ((b * Hq + h) * n + i) * splits + split0 + s.
+        let idx = ((gb * p.q_heads + h) * p.n + rr % p.n) * p.splits + p.split0 + s;
         part[idx * D4 + tid * CV + {cv}u] = sum;
         if tid == 0u && {cv}u == 0u {
             var mrow = LOWEST;

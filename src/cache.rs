@@ -380,8 +380,6 @@ pub struct KvCache {
     seg_cap: u32,
     /// Segmented caches: each sequence's best eviction candidate `[B, 4]`.
     best: Option<Tensor>,
-    /// Segmented caches: the decode step's running result per query row (f32 O, then (m, l)).
-    acc: Option<wgpu::Buffer>,
     /// Identity of the cache, named by its checkpoints.
     id: u64,
     /// Serial number of the last checkpoint taken.
@@ -606,7 +604,6 @@ impl KvCache {
             fq: None,
             seg_cap,
             best: None,
-            acc: None,
             id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             serial: 0,
             checkpoints: vec![None; cfg.batch as usize],
@@ -668,7 +665,7 @@ impl KvCache {
     }
 
     /// Bytes of GPU memory the cache holds: its slots, its decode scratch (with segments, the
-    /// eviction candidates and the running result too) and the copies behind checkpoints.
+    /// eviction candidates too) and the copies behind checkpoints.
     pub fn bytes(&self) -> u64 {
         let snap: u64 = self
             .snapshots
@@ -681,7 +678,6 @@ impl KvCache {
             + self.part.as_ref().map_or(0, |b| b.size())
             + self.fq.as_ref().map_or(0, |b| b.size())
             + self.best.as_ref().map_or(0, |t| t.bytes())
-            + self.acc.as_ref().map_or(0, |b| b.size())
             + snap
     }
 
@@ -1863,8 +1859,9 @@ impl KvCache {
 impl KvCache {
     /// [`KvCache::record_step`] for a segmented cache: the append, then per segment the score
     /// and attend kernels for every sequence (the segment's slots as a cache of their own;
-    /// slots before the segment are occupied in every sequence that reaches it) and the fold
-    /// of its partials into the running result; the last fold writes O and LSE.
+    /// slots before the segment are occupied in every sequence that reaches it), each
+    /// segment's splits written side by side in one partials buffer, and one merge of all of
+    /// them (O and LSE).
     fn record_step_segments(
         &mut self,
         ctx: &Context,
@@ -1878,9 +1875,14 @@ impl KvCache {
         let c = self.cfg;
         let (info, lens, ev) = self.plan_append(counts);
         let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
-        // The segments any sequence reaches, each with its plan and slot plan.
+        // The segments any sequence reaches, each with its plan, its first split in the
+        // partials and its slot plan. Each attend dispatch covers one sequence's segment (a
+        // group), so its plan is made for a batch of one: its grid alone must fill the device
+        // (planned for the whole batch, B16 x 16384 in 3 segments ran 16 workgroups per
+        // dispatch, 103 GB/s on the H200).
         let mut segs = vec![];
         let mut s0 = 0u32;
+        let mut total = 0u32;
         while s0 < max_len {
             let cs = self.seg_cap.min(c.capacity - s0);
             let seg_info: Vec<[u32; 4]> = info
@@ -1891,7 +1893,7 @@ impl KvCache {
             let sp = decode::plan(
                 ctx.capabilities(),
                 DecodeShape {
-                    batch: c.batch,
+                    batch: 1,
                     q_heads: p.q_heads,
                     kv_heads: c.kv_heads,
                     head_dim: c.head_dim,
@@ -1914,27 +1916,34 @@ impl KvCache {
                 options.threads,
                 options.rows,
             )?;
-            segs.push((s0, sp, seg_max, seg_info));
+            segs.push((s0, sp, total, seg_max, seg_info));
+            total = total.saturating_add(sp.params.splits);
             s0 += cs;
         }
+        // The partials of every segment: rows x total splits, then (m, l) per row and split.
+        let d4 = c.head_dim as u64 / 4;
+        let part_rows = c.batch as u64 * p.q_heads as u64 * p.n as u64 * total as u64;
+        let ml_base = part_rows * d4;
+        let part_bytes = 16 * part_rows * (d4 + 1);
+        let caps = ctx.capabilities();
+        let limit = caps.max_storage_binding.min(caps.max_buffer);
+        if part_bytes > limit || ml_base + part_rows > u32::MAX as u64 {
+            return Err(Error::TooLarge {
+                what: "decode partials",
+                bytes: part_bytes,
+                limit,
+            });
+        }
         let gpu = ctx.gpu();
-        let part_bytes = segs.iter().map(|x| x.1.part_bytes()).max().unwrap_or(0);
         let part = gpu.grow(&mut self.part, part_bytes, "selattn decode partials");
         let fq = match plan.score {
             Some(_) => gpu.grow(&mut self.fq, plan.fq_bytes(), "selattn decode F rows"),
             None => gpu.dummy_out.clone(),
         };
-        let rows = c.batch as u64 * p.q_heads as u64 * p.n as u64;
-        let d4 = c.head_dim as u64 / 4;
-        let acc = gpu.grow(
-            &mut self.acc,
-            16 * rows * (d4 + 1),
-            "selattn decode segments",
-        );
         let step_buf = gpu.storage("selattn cache step", bytemuck::cast_slice(&info));
         let seg_bufs: Vec<wgpu::Buffer> = segs
             .iter()
-            .map(|x| gpu.storage("selattn cache segment step", bytemuck::cast_slice(&x.3)))
+            .map(|x| gpu.storage("selattn cache segment step", bytemuck::cast_slice(&x.4)))
             .collect();
         let tokens = Tokens {
             k: step.k,
@@ -1942,52 +1951,47 @@ impl KvCache {
             gate: step.gate,
             f: None,
         };
+        let buffers = |sbuf| decode::StepBuffers {
+            q: bound(step.q),
+            tau: step.tau.map(bound),
+            alpha: step.alpha.map(bound),
+            o: bound(outputs.o),
+            lse: outputs.lse.map(bound),
+            step: sbuf,
+            fq: &fq,
+            part: &part,
+        };
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("selattn decode"),
             timestamp_writes: timestamps,
         });
         self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
-        let last = segs.len() - 1;
-        for (k, ((s0, sp, seg_max, _), sbuf)) in segs.iter().zip(&seg_bufs).enumerate() {
-            let buffers = decode::StepBuffers {
-                q: bound(step.q),
-                tau: step.tau.map(bound),
-                alpha: step.alpha.map(bound),
-                o: bound(outputs.o),
-                lse: outputs.lse.map(bound),
-                step: sbuf,
-                fq: &fq,
-                part: &part,
-            };
+        for ((s0, sp, split0, seg_max, _), sbuf) in segs.iter().zip(&seg_bufs) {
+            let sb = buffers(sbuf);
             for g in self.groups.iter().filter(|g| g.s0 == *s0) {
                 let mut gp = *sp;
                 gp.params.b0 = g.b0;
                 gp.params.batch = g.nb;
+                gp.params.splits = total;
+                gp.params.split0 = *split0;
+                gp.params.ml_base = ml_base as u32;
                 let cb = g.buffers();
                 let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&gp.params));
-                let sm = *seg_max;
+                let (sm, n_splits) = (*seg_max, sp.params.splits);
                 decode::encode_score_attend(
-                    &gpu, &mut pass, &gp, c.dtype, sm, &buffers, &cb, &params,
+                    &gpu, &mut pass, &gp, c.dtype, sm, n_splits, &sb, &cb, &params,
                 )?;
             }
-            let fold = decode::FoldConfig {
-                d: c.head_dim,
-                wg: sp.merge.wg,
-                first: k == 0,
-                last: k == last,
-                lse: k == last && outputs.lse.is_some(),
-            };
-            let fp = decode::FoldParams {
-                q_heads: p.q_heads,
-                n: p.n,
-                splits: sp.params.splits,
-                ml_base: sp.params.ml_base,
-                b0: 0,
-                acc_ml: (rows * d4) as u32,
-                ..Default::default()
-            };
-            decode::encode_fold(&gpu, &mut pass, fold, c.dtype, &fp, c.batch, &buffers, &acc)?;
         }
+        // One merge of every segment's splits.
+        let mut mp = *plan;
+        mp.params.b0 = 0;
+        mp.params.batch = c.batch;
+        mp.params.splits = total;
+        mp.params.split0 = 0;
+        mp.params.ml_base = ml_base as u32;
+        let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&mp.params));
+        decode::encode_merge(&gpu, &mut pass, &mp, c.dtype, &buffers(&step_buf), &params)?;
         Ok((lens, ev))
     }
 }

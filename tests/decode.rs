@@ -1617,11 +1617,11 @@ fn bad_input_gets_typed_errors() {
     }
 }
 
-/// `CacheParams`, `DecodeParams`, `SegParams` and `FoldParams` match their WGSL mirrors field
+/// `CacheParams`, `DecodeParams` and `SegParams` match their WGSL mirrors field
 /// for field (naga's layout).
 #[test]
 fn params_match_wgsl_layout() {
-    use selattn::kernels::decode::{CacheParams, DecodeParams, FoldParams, SegParams};
+    use selattn::kernels::decode::{CacheParams, DecodeParams, SegParams};
     use selattn::kernels::Source;
     use std::mem::{offset_of, size_of};
     let check = |src: Source, name: &str, size: usize, fields: &[(&str, usize)]| {
@@ -1678,7 +1678,7 @@ fn params_match_wgsl_layout() {
             ("n_rblocks", offset_of!(DecodeParams, n_rblocks)),
             ("ml_base", offset_of!(DecodeParams, ml_base)),
             ("b0", offset_of!(DecodeParams, b0)),
-            ("_pad1", offset_of!(DecodeParams, _pad1)),
+            ("split0", offset_of!(DecodeParams, split0)),
         ],
     );
     check(
@@ -1698,21 +1698,6 @@ fn params_match_wgsl_layout() {
             ("_pad0", offset_of!(SegParams, _pad0)),
             ("_pad1", offset_of!(SegParams, _pad1)),
             ("_pad2", offset_of!(SegParams, _pad2)),
-        ],
-    );
-    check(
-        Source::CacheSegments,
-        "FoldParams",
-        size_of::<FoldParams>(),
-        &[
-            ("q_heads", offset_of!(FoldParams, q_heads)),
-            ("n", offset_of!(FoldParams, n)),
-            ("splits", offset_of!(FoldParams, splits)),
-            ("ml_base", offset_of!(FoldParams, ml_base)),
-            ("b0", offset_of!(FoldParams, b0)),
-            ("acc_ml", offset_of!(FoldParams, acc_ml)),
-            ("_pad0", offset_of!(FoldParams, _pad0)),
-            ("_pad1", offset_of!(FoldParams, _pad1)),
         ],
     );
 }
@@ -1762,9 +1747,7 @@ fn bounds_checked_build_gives_same_bits() {
 #[test]
 fn decode_shaders_translate_to_every_backend() {
     use naga::back::{glsl, hlsl, msl, spv};
-    use selattn::kernels::decode::{
-        AppendConfig, AttendConfig, FoldConfig, MergeConfig, ScoreConfig,
-    };
+    use selattn::kernels::decode::{AppendConfig, AttendConfig, MergeConfig, ScoreConfig};
     use selattn::kernels::{Kernel, KernelKey};
     let mut kernels = vec![];
     for flags in [false, true] {
@@ -1778,15 +1761,6 @@ fn decode_shaders_translate_to_every_backend() {
         kernels.push(Kernel::CachePut(append));
         kernels.push(Kernel::CachePutState(append));
         kernels.push(Kernel::CacheCandidates(append));
-        for last in [false, true] {
-            kernels.push(Kernel::CacheFold(FoldConfig {
-                d: 64,
-                wg: 64,
-                first: flags,
-                last,
-                lse: flags && last,
-            }));
-        }
         kernels.push(Kernel::DecodeAttend(AttendConfig {
             d: 128,
             wg: if flags { 256 } else { 64 },

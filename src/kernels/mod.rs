@@ -157,8 +157,6 @@ pub enum Kernel {
     CachePut(decode::AppendConfig),
     /// Segmented KV cache: writes tokens' positions and F into the slots of one segment.
     CachePutState(decode::AppendConfig),
-    /// Segmented KV cache: folds one segment's decode partials into the running result.
-    CacheFold(decode::FoldConfig),
     /// Decode: selective scores of the step's queries, F state update.
     DecodeScore(decode::ScoreConfig),
     /// Decode: split-KV attention.
@@ -191,10 +189,9 @@ impl KernelKey {
             Kernel::SelColsum(_) | Kernel::SelScan(_) => Source::Selective,
             Kernel::CoopForward(_) => Source::CoopForward,
             Kernel::CacheAppend(_) => Source::Cache,
-            Kernel::CacheCandidates(_)
-            | Kernel::CachePut(_)
-            | Kernel::CachePutState(_)
-            | Kernel::CacheFold(_) => Source::CacheSegments,
+            Kernel::CacheCandidates(_) | Kernel::CachePut(_) | Kernel::CachePutState(_) => {
+                Source::CacheSegments
+            }
             Kernel::DecodeScore(_) | Kernel::DecodeAttend(_) | Kernel::DecodeMerge(_) => {
                 Source::Decode
             }
@@ -230,7 +227,6 @@ impl KernelKey {
             Kernel::CacheCandidates(_) => "candidates",
             Kernel::CachePut(_) => "put",
             Kernel::CachePutState(_) => "put_state",
-            Kernel::CacheFold(_) => "fold",
             Kernel::DecodeScore(_) => "score",
             Kernel::DecodeAttend(_) => "attend",
             Kernel::DecodeMerge(_) => "merge",
@@ -251,7 +247,6 @@ impl KernelKey {
             Kernel::CacheCandidates(c) | Kernel::CachePut(c) | Kernel::CachePutState(c) => {
                 c.constants()
             }
-            Kernel::CacheFold(c) => c.constants(),
             Kernel::DecodeScore(c) => c.constants(),
             Kernel::DecodeAttend(c) => c.constants(),
             Kernel::DecodeMerge(c) => c.constants(),
