@@ -374,6 +374,8 @@ pub struct KvCache {
     /// (0: none since the reset). Truncating below it would leave those scores in F.
     f_touched: Vec<u64>,
     part: Option<wgpu::Buffer>,
+    /// Segmented caches: the decode partials of sequence chunks 1.. (chunk 0's are `part`).
+    seg_parts: Vec<Option<wgpu::Buffer>>,
     fq: Option<wgpu::Buffer>,
     /// Slots per segment: the capacity, unless one sequence's slots do not fit one buffer (then
     /// each sequence is stored in segments of this many slots, the last one possibly fewer).
@@ -601,6 +603,7 @@ impl KvCache {
             evictions: vec![0; cfg.batch as usize],
             f_touched: vec![0; cfg.batch as usize],
             part: None,
+            seg_parts: vec![],
             fq: None,
             seg_cap,
             best: None,
@@ -676,6 +679,12 @@ impl KvCache {
             .sum();
         self.cfg.bytes()
             + self.part.as_ref().map_or(0, |b| b.size())
+            + self
+                .seg_parts
+                .iter()
+                .flatten()
+                .map(|b| b.size())
+                .sum::<u64>()
             + self.fq.as_ref().map_or(0, |b| b.size())
             + self.best.as_ref().map_or(0, |t| t.bytes())
             + snap
@@ -1920,9 +1929,15 @@ impl KvCache {
             total = total.saturating_add(sp.params.splits);
             s0 += cs;
         }
-        // The partials of every segment: rows x total splits, then (m, l) per row and split.
+        // The partials of every segment: rows x total splits, then (m, l) per row and split,
+        // in one buffer per chunk of sequences. Every attend dispatch writes its partials
+        // buffer, and wgpu puts a barrier between two dispatches that write one buffer; the
+        // dispatches go round the chunks, so `chunks` of them run at a time.
+        let chunks = decode::segment_parts().min(c.batch);
+        let chunk = c.batch.div_ceil(chunks);
+        let chunks = c.batch.div_ceil(chunk);
         let d4 = c.head_dim as u64 / 4;
-        let part_rows = c.batch as u64 * p.q_heads as u64 * p.n as u64 * total as u64;
+        let part_rows = chunk as u64 * p.q_heads as u64 * p.n as u64 * total as u64;
         let ml_base = part_rows * d4;
         let part_bytes = 16 * part_rows * (d4 + 1);
         let caps = ctx.capabilities();
@@ -1935,10 +1950,16 @@ impl KvCache {
             });
         }
         let gpu = ctx.gpu();
-        let part = gpu.grow(&mut self.part, part_bytes, "selattn decode partials");
+        if self.seg_parts.len() < chunks as usize - 1 {
+            self.seg_parts.resize_with(chunks as usize - 1, || None);
+        }
+        let mut parts = vec![gpu.grow(&mut self.part, part_bytes, "selattn decode partials")];
+        for slot in &mut self.seg_parts[..chunks as usize - 1] {
+            parts.push(gpu.grow(slot, part_bytes, "selattn decode partials"));
+        }
         let fq = match plan.score {
-            Some(_) => gpu.grow(&mut self.fq, plan.fq_bytes(), "selattn decode F rows"),
-            None => gpu.dummy_out.clone(),
+            Some(_) => Some(gpu.grow(&mut self.fq, plan.fq_bytes(), "selattn decode F rows")),
+            None => None,
         };
         let step_buf = gpu.storage("selattn cache step", bytemuck::cast_slice(&info));
         let seg_bufs: Vec<wgpu::Buffer> = segs
@@ -1951,15 +1972,17 @@ impl KvCache {
             gate: step.gate,
             f: None,
         };
-        let buffers = |sbuf| decode::StepBuffers {
+        // Without selective masking the attend kernel only binds F rows: its own partials
+        // buffer then (a buffer all dispatches share would put a barrier between them).
+        let buffers = |sbuf, part| decode::StepBuffers {
             q: bound(step.q),
             tau: step.tau.map(bound),
             alpha: step.alpha.map(bound),
             o: bound(outputs.o),
             lse: outputs.lse.map(bound),
             step: sbuf,
-            fq: &fq,
-            part: &part,
+            fq: fq.as_ref().unwrap_or(part),
+            part,
         };
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("selattn decode"),
@@ -1967,31 +1990,47 @@ impl KvCache {
         });
         self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
         for ((s0, sp, split0, seg_max, _), sbuf) in segs.iter().zip(&seg_bufs) {
-            let sb = buffers(sbuf);
-            for g in self.groups.iter().filter(|g| g.s0 == *s0) {
-                let mut gp = *sp;
-                gp.params.b0 = g.b0;
-                gp.params.batch = g.nb;
-                gp.params.splits = total;
-                gp.params.split0 = *split0;
-                gp.params.ml_base = ml_base as u32;
-                let cb = g.buffers();
-                let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&gp.params));
-                let (sm, n_splits) = (*seg_max, sp.params.splits);
-                decode::encode_score_attend(
-                    &gpu, &mut pass, &gp, c.dtype, sm, n_splits, &sb, &cb, &params,
-                )?;
+            // The segment's groups, one per sequence, in sequence order.
+            let groups: Vec<&Group> = self.groups.iter().filter(|g| g.s0 == *s0).collect();
+            // Round the chunks: sequences t, chunk + t, 2 chunk + t, ...
+            for t in 0..chunk {
+                for ci in 0..chunks {
+                    let b = ci * chunk + t;
+                    let Some(g) = groups.get(b as usize).filter(|_| b < c.batch) else {
+                        continue;
+                    };
+                    let mut gp = *sp;
+                    gp.params.b0 = g.b0;
+                    gp.params.batch = g.nb;
+                    gp.params.splits = total;
+                    gp.params.split0 = *split0;
+                    gp.params.ml_base = ml_base as u32;
+                    gp.params.pb0 = ci * chunk;
+                    let cb = g.buffers();
+                    let params =
+                        gpu.uniform("selattn cache params", bytemuck::bytes_of(&gp.params));
+                    let (sm, n_splits) = (*seg_max, sp.params.splits);
+                    let sb = buffers(sbuf, &parts[ci as usize]);
+                    decode::encode_score_attend(
+                        &gpu, &mut pass, &gp, c.dtype, sm, n_splits, &sb, &cb, &params,
+                    )?;
+                }
             }
         }
-        // One merge of every segment's splits.
-        let mut mp = *plan;
-        mp.params.b0 = 0;
-        mp.params.batch = c.batch;
-        mp.params.splits = total;
-        mp.params.split0 = 0;
-        mp.params.ml_base = ml_base as u32;
-        let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&mp.params));
-        decode::encode_merge(&gpu, &mut pass, &mp, c.dtype, &buffers(&step_buf), &params)?;
+        // One merge per chunk of every segment's splits.
+        for (ci, part) in parts.iter().enumerate() {
+            let b0 = ci as u32 * chunk;
+            let mut mp = *plan;
+            mp.params.b0 = b0;
+            mp.params.batch = chunk.min(c.batch - b0);
+            mp.params.splits = total;
+            mp.params.split0 = 0;
+            mp.params.pb0 = b0;
+            mp.params.ml_base = ml_base as u32;
+            let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&mp.params));
+            let sb = buffers(&step_buf, part);
+            decode::encode_merge(&gpu, &mut pass, &mp, c.dtype, &sb, &params)?;
+        }
         Ok((lens, ev))
     }
 }

@@ -1679,6 +1679,10 @@ fn params_match_wgsl_layout() {
             ("ml_base", offset_of!(DecodeParams, ml_base)),
             ("b0", offset_of!(DecodeParams, b0)),
             ("split0", offset_of!(DecodeParams, split0)),
+            ("pb0", offset_of!(DecodeParams, pb0)),
+            ("_pad0", offset_of!(DecodeParams, _pad0)),
+            ("_pad1", offset_of!(DecodeParams, _pad1)),
+            ("_pad2", offset_of!(DecodeParams, _pad2)),
         ],
     );
     check(

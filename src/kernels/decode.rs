@@ -319,6 +319,16 @@ pub struct DecodeParams {
     /// splits side by side, merged once; 0 otherwise): the attend kernel writes splits
     /// `split0 .. split0 + grid splits` of `splits`.
     pub split0: u32,
+    /// First sequence of the partials buffer (a segmented cache spreads its sequences' partials
+    /// over a few buffers, so that attend dispatches of different sequences need no barrier
+    /// between them; 0 otherwise).
+    pub pb0: u32,
+    /// Padding.
+    pub _pad0: u32,
+    /// Padding.
+    pub _pad1: u32,
+    /// Padding.
+    pub _pad2: u32,
 }
 
 /// Everything decided about one decode step before any GPU work.
@@ -538,6 +548,10 @@ pub fn plan(
             ml_base: ml_base as u32,
             b0: 0,
             split0: 0,
+            pb0: 0,
+            _pad0: 0,
+            _pad1: 0,
+            _pad2: 0,
         },
     };
     if plan.score.is_some() && plan.fq_bytes() > limit {
@@ -795,6 +809,24 @@ pub(crate) fn encode_segment_append(
         ),
     };
     gpu.dispatch(pass, label, KernelKey { kernel, elem }, &entries, groups)
+}
+
+/// Environment knob: how many partials buffers a segmented cache's decode step spreads its
+/// sequences over (default [`SEGMENT_PARTS`]; 1 puts a barrier between every two attend
+/// dispatches). A measurement knob, read at each step.
+pub const SEGMENT_PARTS_ENV: &str = "SELATTN_DECODE_SEGMENT_PARTS";
+
+/// Default partials buffers of a segmented cache's decode step.
+pub const SEGMENT_PARTS: u32 = 4;
+
+/// Partials buffers of a segmented cache's decode step: [`SEGMENT_PARTS_ENV`] if set (1 to
+/// 64), else [`SEGMENT_PARTS`].
+pub(crate) fn segment_parts() -> u32 {
+    std::env::var(SEGMENT_PARTS_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(SEGMENT_PARTS)
+        .clamp(1, 64)
 }
 
 /// Default slot splits: about `target` workgroups in all (by device type), but splits of at
