@@ -199,3 +199,99 @@ fn put_state(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) w
         fs[b * p.seg_cap + ls] = f;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// merge_segments: decode over a segmented cache with at most 8 segments reached. The attend
+// kernel of `decode.wgsl` runs per (sequence, segment) and writes that segment's partials
+// (o, m, l) to a buffer of the segment's own (so attend dispatches of different segments write
+// different buffers and need no barrier between them). This kernel merges one sequence's rows
+// over the partials of its segments, bound as part0 .. part7 (the first nseg of them real), and
+// writes O and LSE: the decode merge's arithmetic over every split of every segment. One
+// workgroup per query row of the sequence.
+//
+// Bounds: the host sizes segment k's partials for q_heads * n rows of splits[k] splits (o, then
+// (m, l) from ml_base[k]) and checks nseg <= 8; o and lse hold every sequence's rows.
+
+struct MergeSegParams {
+    q_heads: u32,
+    n: u32,
+    b: u32,                         // the sequence
+    nseg: u32,                      // segments merged (at most 8)
+    splits: array<vec4<u32>, 2>,    // splits of segment k: splits[k / 4][k % 4]
+    ml_base: array<vec4<u32>, 2>,   // index of segment k's first (m, l) entry
+}
+
+@group(0) @binding(12) var<uniform> mp: MergeSegParams;
+@group(0) @binding(13) var<storage, read> part0: array<vec4<f32>>;
+@group(0) @binding(14) var<storage, read> part1: array<vec4<f32>>;
+@group(0) @binding(15) var<storage, read> part2: array<vec4<f32>>;
+@group(0) @binding(16) var<storage, read> part3: array<vec4<f32>>;
+@group(0) @binding(17) var<storage, read> part4: array<vec4<f32>>;
+@group(0) @binding(18) var<storage, read> part5: array<vec4<f32>>;
+@group(0) @binding(19) var<storage, read> part6: array<vec4<f32>>;
+@group(0) @binding(20) var<storage, read> part7: array<vec4<f32>>;
+@group(0) @binding(21) var<storage, read_write> o: array<vec4<elem>>;   // [B, Hq, n, D]
+@group(0) @binding(22) var<storage, read_write> lse: array<u32>;        // [B, Hq, n], f32 bits
+
+override WRITE_LSE: bool = false;
+
+// exp(s - m) for s <= m: `decode.wgsl`'s, copied because moving it to `common.wgsl` would change
+// the text of every existing shader variant.
+fn exp_shifted(s: f32, m: f32) -> f32 {
+    return exp2(max(0.5 * s - 0.5 * m, -128.0) * (2.0 * LOG2E));
+}
+
+// Entry i of segment k's partials.
+fn seg_part(k: u32, i: u32) -> vec4<f32> {
+    switch k {
+        case 0u: { return part0[i]; }
+        case 1u: { return part1[i]; }
+        case 2u: { return part2[i]; }
+        case 3u: { return part3[i]; }
+        case 4u: { return part4[i]; }
+        case 5u: { return part5[i]; }
+        case 6u: { return part6[i]; }
+        default: { return part7[i]; }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn merge_segments(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let r = wg.x;                                   // (h * n + i): row within the sequence
+    let row = mp.b * (mp.q_heads * mp.n) + r;       // row of O
+    var mx = LOWEST;
+    for (var k = 0u; k < mp.nseg; k++) {
+        let ns = mp.splits[k / 4u][k % 4u];
+        let mb = mp.ml_base[k / 4u][k % 4u];
+        for (var s = 0u; s < ns; s++) {
+            mx = max(mx, seg_part(k, mb + r * ns + s).x);
+        }
+    }
+    var l = 0.0;
+    for (var k = 0u; k < mp.nseg; k++) {
+        let ns = mp.splits[k / 4u][k % 4u];
+        let mb = mp.ml_base[k / 4u][k % 4u];
+        for (var s = 0u; s < ns; s++) {
+            // A split with no allowed slot has l = 0 and a zero accumulator.
+            let ml = seg_part(k, mb + r * ns + s);
+            l += ml.y * exp_shifted(ml.x, mx);
+        }
+    }
+    // A row with no allowed slot: zeros and LSE = -inf.
+    let inv = inv_or_zero(l);
+    for (var x = tid; x < D4; x += WG) {
+        var acc = vec4<f32>(0.0);
+        for (var k = 0u; k < mp.nseg; k++) {
+            let ns = mp.splits[k / 4u][k % 4u];
+            let mb = mp.ml_base[k / 4u][k % 4u];
+            for (var s = 0u; s < ns; s++) {
+                let idx = r * ns + s;
+                acc += seg_part(k, idx * D4 + x) * exp_shifted(seg_part(k, mb + idx).x, mx);
+            }
+        }
+        o[row * D4 + x] = vec4<elem>(acc * inv);
+    }
+    if WRITE_LSE && tid == 0u {
+        lse[row] = lse_bits_ln(mx, l);
+    }
+}

@@ -374,7 +374,7 @@ pub struct KvCache {
     /// (0: none since the reset). Truncating below it would leave those scores in F.
     f_touched: Vec<u64>,
     part: Option<wgpu::Buffer>,
-    /// Segmented caches: the decode partials of sequence chunks 1.. (chunk 0's are `part`).
+    /// Segmented caches: each group's (sequence and segment's) decode partials.
     seg_parts: Vec<Option<wgpu::Buffer>>,
     fq: Option<wgpu::Buffer>,
     /// Slots per segment: the capacity, unless one sequence's slots do not fit one buffer (then
@@ -1929,34 +1929,11 @@ impl KvCache {
             total = total.saturating_add(sp.params.splits);
             s0 += cs;
         }
-        // The partials of every segment: rows x total splits, then (m, l) per row and split,
-        // in one buffer per chunk of sequences. Every attend dispatch writes its partials
-        // buffer, and wgpu puts a barrier between two dispatches that write one buffer; the
-        // dispatches go round the chunks, so `chunks` of them run at a time.
-        let chunks = decode::segment_parts().min(c.batch);
-        let chunk = c.batch.div_ceil(chunks);
-        let chunks = c.batch.div_ceil(chunk);
-        let d4 = c.head_dim as u64 / 4;
-        let part_rows = chunk as u64 * p.q_heads as u64 * p.n as u64 * total as u64;
-        let ml_base = part_rows * d4;
-        let part_bytes = 16 * part_rows * (d4 + 1);
+        let gpu = ctx.gpu();
         let caps = ctx.capabilities();
         let limit = caps.max_storage_binding.min(caps.max_buffer);
-        if part_bytes > limit || ml_base + part_rows > u32::MAX as u64 {
-            return Err(Error::TooLarge {
-                what: "decode partials",
-                bytes: part_bytes,
-                limit,
-            });
-        }
-        let gpu = ctx.gpu();
-        if self.seg_parts.len() < chunks as usize - 1 {
-            self.seg_parts.resize_with(chunks as usize - 1, || None);
-        }
-        let mut parts = vec![gpu.grow(&mut self.part, part_bytes, "selattn decode partials")];
-        for slot in &mut self.seg_parts[..chunks as usize - 1] {
-            parts.push(gpu.grow(slot, part_bytes, "selattn decode partials"));
-        }
+        let d4 = c.head_dim as u64 / 4;
+        let rows = p.q_heads as u64 * p.n as u64;
         let fq = match plan.score {
             Some(_) => Some(gpu.grow(&mut self.fq, plan.fq_bytes(), "selattn decode F rows")),
             None => None,
@@ -1972,8 +1949,9 @@ impl KvCache {
             gate: step.gate,
             f: None,
         };
-        // Without selective masking the attend kernel only binds F rows: its own partials
-        // buffer then (a buffer all dispatches share would put a barrier between them).
+        // Without selective masking the attend kernel binds F rows only nominally: its own
+        // partials buffer then (a buffer every dispatch writes would put a barrier between
+        // them).
         let buffers = |sbuf, part| decode::StepBuffers {
             q: bound(step.q),
             tau: step.tau.map(bound),
@@ -1984,52 +1962,155 @@ impl KvCache {
             fq: fq.as_ref().unwrap_or(part),
             part,
         };
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("selattn decode"),
-            timestamp_writes: timestamps,
-        });
-        self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
-        for ((s0, sp, split0, seg_max, _), sbuf) in segs.iter().zip(&seg_bufs) {
-            // The segment's groups, one per sequence, in sequence order.
-            let groups: Vec<&Group> = self.groups.iter().filter(|g| g.s0 == *s0).collect();
-            // Round the chunks: sequences t, chunk + t, 2 chunk + t, ...
-            for t in 0..chunk {
-                for ci in 0..chunks {
-                    let b = ci * chunk + t;
-                    let Some(g) = groups.get(b as usize).filter(|_| b < c.batch) else {
-                        continue;
-                    };
+        let too_large = |bytes| Error::TooLarge {
+            what: "decode partials",
+            bytes,
+            limit,
+        };
+        let gather = segs.len() <= decode::MERGE_SEGMENTS
+            && crate::kernels::knob_on(decode::SEGMENT_GATHER_ENV);
+        if !gather {
+            // Every segment's splits side by side in one buffer, merged once. Every attend
+            // dispatch writes it, so wgpu puts a barrier between every two of them.
+            let part_rows = c.batch as u64 * rows * total as u64;
+            let ml_base = part_rows * d4;
+            let part_bytes = 16 * part_rows * (d4 + 1);
+            if part_bytes > limit || ml_base + part_rows > u32::MAX as u64 {
+                return Err(too_large(part_bytes));
+            }
+            let part = gpu.grow(&mut self.part, part_bytes, "selattn decode partials");
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("selattn decode"),
+                timestamp_writes: timestamps,
+            });
+            self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
+            for ((s0, sp, split0, seg_max, _), sbuf) in segs.iter().zip(&seg_bufs) {
+                let sb = buffers(sbuf, &part);
+                for g in self.groups.iter().filter(|g| g.s0 == *s0) {
                     let mut gp = *sp;
                     gp.params.b0 = g.b0;
                     gp.params.batch = g.nb;
                     gp.params.splits = total;
                     gp.params.split0 = *split0;
                     gp.params.ml_base = ml_base as u32;
-                    gp.params.pb0 = ci * chunk;
                     let cb = g.buffers();
                     let params =
                         gpu.uniform("selattn cache params", bytemuck::bytes_of(&gp.params));
                     let (sm, n_splits) = (*seg_max, sp.params.splits);
-                    let sb = buffers(sbuf, &parts[ci as usize]);
                     decode::encode_score_attend(
                         &gpu, &mut pass, &gp, c.dtype, sm, n_splits, &sb, &cb, &params,
                     )?;
                 }
             }
-        }
-        // One merge per chunk of every segment's splits.
-        for (ci, part) in parts.iter().enumerate() {
-            let b0 = ci as u32 * chunk;
             let mut mp = *plan;
-            mp.params.b0 = b0;
-            mp.params.batch = chunk.min(c.batch - b0);
+            mp.params.b0 = 0;
+            mp.params.batch = c.batch;
             mp.params.splits = total;
             mp.params.split0 = 0;
-            mp.params.pb0 = b0;
             mp.params.ml_base = ml_base as u32;
             let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&mp.params));
-            let sb = buffers(&step_buf, part);
+            let sb = buffers(&step_buf, &part);
             decode::encode_merge(&gpu, &mut pass, &mp, c.dtype, &sb, &params)?;
+            return Ok((lens, ev));
+        }
+        // A partials buffer per (sequence, segment): the attend dispatches write different
+        // buffers, so only a dispatch over slots this step's append wrote (a K/V transition)
+        // waits for the ones before it; those are spread out so the others run beside them.
+        // Then one merge per sequence over its segments' buffers.
+        let nseg_all = self.segments() as usize;
+        let mut sizes = vec![];
+        for (_, sp, ..) in &segs {
+            let part_rows = rows * sp.params.splits as u64;
+            let ml_base = part_rows * d4;
+            let bytes = 16 * part_rows * (d4 + 1);
+            if bytes > limit || ml_base + part_rows > u32::MAX as u64 {
+                return Err(too_large(bytes));
+            }
+            sizes.push((bytes, ml_base as u32));
+        }
+        if self.seg_parts.len() < self.groups.len() {
+            self.seg_parts.resize_with(self.groups.len(), || None);
+        }
+        // parts[b][k]: groups are stored sequence by sequence, segment by segment.
+        let mut parts: Vec<Vec<wgpu::Buffer>> = vec![];
+        for b in 0..c.batch as usize {
+            let mut row = vec![];
+            for (k, (s0, ..)) in segs.iter().enumerate() {
+                let gi = b * nseg_all + k;
+                let g = &self.groups[gi];
+                if g.b0 as usize != b || g.s0 != *s0 {
+                    return Err(Error::gpu_msg("segmented cache: groups out of order"));
+                }
+                let slot = &mut self.seg_parts[gi];
+                row.push(gpu.grow(slot, sizes[k].0, "selattn decode segment partials"));
+            }
+            parts.push(row);
+        }
+        // Which (sequence, segment) the append writes (see `encode_append_segments`).
+        let lim = c.limit();
+        let fresh = |b: usize, k: usize| {
+            let [l0, _, cnt, _] = info[b];
+            let quiet = cnt.min(lim.saturating_sub(l0));
+            let (s0, cs) = (segs[k].0, self.groups[b * nseg_all + k].cs);
+            (quiet > 0 && s0 < l0 + quiet && l0 < s0 + cs) || (cnt > quiet && s0 < lim)
+        };
+        let mut fresh_list = vec![];
+        let mut other = vec![];
+        for k in 0..segs.len() {
+            for b in 0..c.batch as usize {
+                if fresh(b, k) {
+                    fresh_list.push((b, k));
+                } else {
+                    other.push((b, k));
+                }
+            }
+        }
+        let per = other.len().div_ceil(fresh_list.len().max(1));
+        let mut order = vec![];
+        let mut rest = other.chunks(per.max(1));
+        for f in &fresh_list {
+            order.push(*f);
+            order.extend(rest.next().unwrap_or(&[]));
+        }
+        for r in rest {
+            order.extend(r);
+        }
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("selattn decode"),
+            timestamp_writes: timestamps,
+        });
+        self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
+        for (b, k) in order {
+            let (_, sp, _, seg_max, _) = &segs[k];
+            let g = &self.groups[b * nseg_all + k];
+            let mut gp = *sp;
+            gp.params.b0 = g.b0;
+            gp.params.batch = g.nb;
+            gp.params.pb0 = g.b0;
+            gp.params.ml_base = sizes[k].1;
+            let cb = g.buffers();
+            let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&gp.params));
+            let sb = buffers(&seg_bufs[k], &parts[b][k]);
+            let n_splits = sp.params.splits;
+            decode::encode_score_attend(
+                &gpu, &mut pass, &gp, c.dtype, *seg_max, n_splits, &sb, &cb, &params,
+            )?;
+        }
+        for (b, row) in parts.iter().enumerate() {
+            let mut mp = decode::MergeSegParams {
+                q_heads: p.q_heads,
+                n: p.n,
+                b: b as u32,
+                nseg: segs.len() as u32,
+                ..Default::default()
+            };
+            for (k, (_, sp, ..)) in segs.iter().enumerate() {
+                mp.splits[k] = sp.params.splits;
+                mp.ml_base[k] = sizes[k].1;
+            }
+            let refs: Vec<&wgpu::Buffer> = row.iter().collect();
+            let sb = buffers(&step_buf, &row[0]);
+            decode::encode_merge_segments(&gpu, &mut pass, plan.merge, c.dtype, &mp, &refs, &sb)?;
         }
         Ok((lens, ev))
     }

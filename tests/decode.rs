@@ -1617,11 +1617,11 @@ fn bad_input_gets_typed_errors() {
     }
 }
 
-/// `CacheParams`, `DecodeParams` and `SegParams` match their WGSL mirrors field
+/// `CacheParams`, `DecodeParams`, `SegParams` and `MergeSegParams` match their WGSL mirrors field
 /// for field (naga's layout).
 #[test]
 fn params_match_wgsl_layout() {
-    use selattn::kernels::decode::{CacheParams, DecodeParams, SegParams};
+    use selattn::kernels::decode::{CacheParams, DecodeParams, MergeSegParams, SegParams};
     use selattn::kernels::Source;
     use std::mem::{offset_of, size_of};
     let check = |src: Source, name: &str, size: usize, fields: &[(&str, usize)]| {
@@ -1704,6 +1704,19 @@ fn params_match_wgsl_layout() {
             ("_pad2", offset_of!(SegParams, _pad2)),
         ],
     );
+    check(
+        Source::CacheSegments,
+        "MergeSegParams",
+        size_of::<MergeSegParams>(),
+        &[
+            ("q_heads", offset_of!(MergeSegParams, q_heads)),
+            ("n", offset_of!(MergeSegParams, n)),
+            ("b", offset_of!(MergeSegParams, b)),
+            ("nseg", offset_of!(MergeSegParams, nseg)),
+            ("splits", offset_of!(MergeSegParams, splits)),
+            ("ml_base", offset_of!(MergeSegParams, ml_base)),
+        ],
+    );
 }
 
 /// The unchecked production shaders give the same bits as the same shaders built with naga's
@@ -1773,6 +1786,14 @@ fn decode_shaders_translate_to_every_backend() {
             features: AttendConfig::switches(if flags { Switches::ALL } else { Switches::NONE }),
         }));
         kernels.push(Kernel::DecodeMerge(MergeConfig {
+            d: 64,
+            wg: 64,
+            features: MergeConfig::switches(Switches {
+                lse: flags,
+                ..Switches::NONE
+            }),
+        }));
+        kernels.push(Kernel::CacheMergeSegments(MergeConfig {
             d: 64,
             wg: 64,
             features: MergeConfig::switches(Switches {

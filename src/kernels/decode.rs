@@ -811,22 +811,67 @@ pub(crate) fn encode_segment_append(
     gpu.dispatch(pass, label, KernelKey { kernel, elem }, &entries, groups)
 }
 
-/// Environment knob: how many partials buffers a segmented cache's decode step spreads its
-/// sequences over (default [`SEGMENT_PARTS`]; 1 puts a barrier between every two attend
-/// dispatches). A measurement knob, read at each step.
-pub const SEGMENT_PARTS_ENV: &str = "SELATTN_DECODE_SEGMENT_PARTS";
+/// Environment knob: `0` makes a segmented cache's decode step write every segment's partials
+/// into one shared buffer (then merged once) instead of a buffer per (sequence, segment) merged
+/// by `merge_segments`; the shared form is also what more than [`MERGE_SEGMENTS`] segments
+/// get. A measurement knob, read at each step.
+pub const SEGMENT_GATHER_ENV: &str = "SELATTN_DECODE_SEGMENT_GATHER";
 
-/// Default partials buffers of a segmented cache's decode step.
-pub const SEGMENT_PARTS: u32 = 4;
+/// Segments the `merge_segments` kernel of a segmented cache merges at most (its partials
+/// bindings).
+pub const MERGE_SEGMENTS: usize = 8;
 
-/// Partials buffers of a segmented cache's decode step: [`SEGMENT_PARTS_ENV`] if set (1 to
-/// 64), else [`SEGMENT_PARTS`].
-pub(crate) fn segment_parts() -> u32 {
-    std::env::var(SEGMENT_PARTS_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(SEGMENT_PARTS)
-        .clamp(1, 64)
+/// Parameters of the `merge_segments` kernel of a segmented cache, mirrored field for field by
+/// `struct MergeSegParams` in `shaders/cache_segments.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MergeSegParams {
+    /// Hq.
+    pub q_heads: u32,
+    /// Queries per sequence.
+    pub n: u32,
+    /// The sequence.
+    pub b: u32,
+    /// Segments merged (at most [`MERGE_SEGMENTS`]).
+    pub nseg: u32,
+    /// Splits of each segment's partials.
+    pub splits: [u32; MERGE_SEGMENTS],
+    /// Index (in vec4) of the first (m, l) entry of each segment's partials.
+    pub ml_base: [u32; MERGE_SEGMENTS],
+}
+
+/// Records the merge of one sequence's rows over its segments' partials (`parts`, at most
+/// [`MERGE_SEGMENTS`], in segment order), writing its O and LSE rows.
+pub(crate) fn encode_merge_segments(
+    gpu: &Gpu<'_>,
+    pass: &mut wgpu::ComputePass<'_>,
+    cfg: MergeConfig,
+    elem: DType,
+    params: &MergeSegParams,
+    parts: &[&wgpu::Buffer],
+    s: &StepBuffers<'_>,
+) -> Result<()> {
+    if parts.len() > MERGE_SEGMENTS || parts.len() != params.nseg as usize {
+        return Err(Error::gpu_msg(
+            "merge_segments: partials buffers do not match nseg",
+        ));
+    }
+    let uniform = gpu.uniform("selattn cache merge params", bytemuck::bytes_of(params));
+    let key = KernelKey {
+        kernel: Kernel::CacheMergeSegments(cfg),
+        elem,
+    };
+    let mut entries = vec![entry(12, &uniform)];
+    for k in 0..MERGE_SEGMENTS {
+        entries.push(entry(
+            13 + k as u32,
+            parts.get(k).copied().unwrap_or(gpu.dummy_in),
+        ));
+    }
+    entries.push(tensor_entry(21, Some(s.o), gpu.dummy_out));
+    entries.push(tensor_entry(22, s.lse, gpu.dummy_out));
+    let groups = [params.q_heads * params.n, 1, 1];
+    gpu.dispatch(pass, "selattn cache merge segments", key, &entries, groups)
 }
 
 /// Default slot splits: about `target` workgroups in all (by device type), but splits of at

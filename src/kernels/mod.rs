@@ -157,6 +157,8 @@ pub enum Kernel {
     CachePut(decode::AppendConfig),
     /// Segmented KV cache: writes tokens' positions and F into the slots of one segment.
     CachePutState(decode::AppendConfig),
+    /// Segmented KV cache: merges one sequence's decode partials over its segments.
+    CacheMergeSegments(decode::MergeConfig),
     /// Decode: selective scores of the step's queries, F state update.
     DecodeScore(decode::ScoreConfig),
     /// Decode: split-KV attention.
@@ -189,9 +191,10 @@ impl KernelKey {
             Kernel::SelColsum(_) | Kernel::SelScan(_) => Source::Selective,
             Kernel::CoopForward(_) => Source::CoopForward,
             Kernel::CacheAppend(_) => Source::Cache,
-            Kernel::CacheCandidates(_) | Kernel::CachePut(_) | Kernel::CachePutState(_) => {
-                Source::CacheSegments
-            }
+            Kernel::CacheCandidates(_)
+            | Kernel::CachePut(_)
+            | Kernel::CachePutState(_)
+            | Kernel::CacheMergeSegments(_) => Source::CacheSegments,
             Kernel::DecodeScore(_) | Kernel::DecodeAttend(_) | Kernel::DecodeMerge(_) => {
                 Source::Decode
             }
@@ -227,6 +230,7 @@ impl KernelKey {
             Kernel::CacheCandidates(_) => "candidates",
             Kernel::CachePut(_) => "put",
             Kernel::CachePutState(_) => "put_state",
+            Kernel::CacheMergeSegments(_) => "merge_segments",
             Kernel::DecodeScore(_) => "score",
             Kernel::DecodeAttend(_) => "attend",
             Kernel::DecodeMerge(_) => "merge",
@@ -247,6 +251,7 @@ impl KernelKey {
             Kernel::CacheCandidates(c) | Kernel::CachePut(c) | Kernel::CachePutState(c) => {
                 c.constants()
             }
+            Kernel::CacheMergeSegments(c) => c.constants(),
             Kernel::DecodeScore(c) => c.constants(),
             Kernel::DecodeAttend(c) => c.constants(),
             Kernel::DecodeMerge(c) => c.constants(),

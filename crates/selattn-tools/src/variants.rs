@@ -411,6 +411,8 @@ pub fn decode_variants(caps: &Capabilities, elem: DType) -> Vec<KernelKey> {
                 }
                 out.push(key(Kernel::DecodeAttend(plan.attend)));
                 out.push(key(Kernel::DecodeMerge(plan.merge)));
+                // Segmented caches' merge over per-segment partials: the same specialisation.
+                out.push(key(Kernel::CacheMergeSegments(plan.merge)));
             }
         }
     }
