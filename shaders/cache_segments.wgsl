@@ -51,6 +51,9 @@ struct SegParams {
 @group(0) @binding(10) var<storage, read_write> pc: array<u32>;       // [nb, Cs]
 // Per sequence: best candidate so far (F bits, position, slot, 0).
 @group(0) @binding(11) var<storage, read_write> best: array<vec4<u32>>; // [B]
+// The same, read only: `put` and `put_state` bind it so (a buffer every dispatch binds writable
+// would put a barrier between every two of them).
+@group(0) @binding(23) var<storage, read> best_in: array<vec4<u32>>; // [B]
 
 override D: u32 = 8u;
 override WG: u32 = 64u;     // a power of two (tree reduction)
@@ -141,7 +144,7 @@ fn slot_in_segment(gb: u32, st: vec4<u32>, t: u32) -> u32 {
     var slot = len;
     if len >= p.limit {
         // len >= limit >= 3 here, so len - 1 is a valid fallback slot.
-        slot = min(best[gb].z, len - 1u);
+        slot = min(best_in[gb].z, len - 1u);
     }
     if slot < p.seg0 || slot - p.seg0 >= p.seg_cap {
         return NONE;

@@ -792,7 +792,7 @@ pub(crate) fn encode_segment_append(
                 entry(6, c.k),
                 entry(7, c.v),
                 entry(8, c.gate.unwrap_or(gpu.dummy_out)),
-                entry(11, best),
+                entry(23, best),
             ],
         ),
         SegKernel::PutState => (
@@ -804,7 +804,7 @@ pub(crate) fn encode_segment_append(
                 tensor_entry(5, t.f, din),
                 entry(9, c.f),
                 entry(10, c.pos),
-                entry(11, best),
+                entry(23, best),
             ],
         ),
     };
