@@ -2075,11 +2075,56 @@ impl KvCache {
         for r in rest {
             order.extend(r);
         }
+        // The append in a pass of its own, then every group's K, V, gate and positions made
+        // read-only at once: one barrier for all the slots the append wrote, instead of one
+        // before each attend dispatch that reads some of them.
+        let (ts_append, ts_attend) = match timestamps {
+            Some(t) => (
+                t.beginning_of_pass_write_index
+                    .map(|i| wgpu::ComputePassTimestampWrites {
+                        query_set: t.query_set,
+                        beginning_of_pass_write_index: Some(i),
+                        end_of_pass_write_index: None,
+                    }),
+                t.end_of_pass_write_index
+                    .map(|i| wgpu::ComputePassTimestampWrites {
+                        query_set: t.query_set,
+                        beginning_of_pass_write_index: None,
+                        end_of_pass_write_index: Some(i),
+                    }),
+            ),
+            None => (None, None),
+        };
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("selattn decode append"),
+                timestamp_writes: ts_append,
+            });
+            self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
+        }
+        let read = wgpu::BufferUses::STORAGE_READ_ONLY;
+        let mut transitions = vec![];
+        for &(b, k) in &order {
+            let g = &self.groups[b * nseg_all + k];
+            let gate = g.gate.as_ref().map(|t| t.buffer());
+            for buffer in [g.k.buffer(), g.v.buffer(), g.pos.buffer()]
+                .into_iter()
+                .chain(gate)
+            {
+                transitions.push(wgpu::BufferTransition {
+                    buffer,
+                    state: read,
+                });
+            }
+        }
+        encoder.transition_resources(
+            transitions.into_iter(),
+            std::iter::empty::<wgpu::TextureTransition<&wgpu::Texture>>(),
+        );
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("selattn decode"),
-            timestamp_writes: timestamps,
+            timestamp_writes: ts_attend,
         });
-        self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
         for (b, k) in order {
             let (_, sp, _, seg_max, _) = &segs[k];
             let g = &self.groups[b * nseg_all + k];
