@@ -207,19 +207,23 @@ fn put_state(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) w
 // merge_segments: decode over a segmented cache with at most 8 segments reached. The attend
 // kernel of `decode.wgsl` runs per (sequence, segment) and writes that segment's partials
 // (o, m, l) to a buffer of the segment's own (so attend dispatches of different segments write
-// different buffers and need no barrier between them). This kernel merges one sequence's rows
-// over the partials of its segments, bound as part0 .. part7 (the first nseg of them real), and
-// writes O and LSE: the decode merge's arithmetic over every split of every segment. One
-// workgroup per query row of the sequence.
+// different buffers and need no barrier between them). This kernel merges the rows of sequences
+// b0 .. b0 + nseq over the partials of their segments, bound as part0 .. part7 (sequence q's
+// segment k at q * nseg + k; the first nseg * nseq of them real), and writes O and LSE: the decode
+// merge's arithmetic over every split of every segment. One workgroup per (query row, sequence).
 //
 // Bounds: the host sizes segment k's partials for q_heads * n rows of splits[k] splits (o, then
-// (m, l) from ml_base[k]) and checks nseg <= 8; o and lse hold every sequence's rows.
+// (m, l) from ml_base[k]) and checks nseg * nseq <= 8; o and lse hold every sequence's rows.
 
 struct MergeSegParams {
     q_heads: u32,
     n: u32,
-    b: u32,                         // the sequence
-    nseg: u32,                      // segments merged (at most 8)
+    b0: u32,                        // first sequence of the dispatch
+    nseg: u32,                      // segments per sequence
+    nseq: u32,                      // sequences of the dispatch (nseg * nseq <= 8)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
     splits: array<vec4<u32>, 2>,    // splits of segment k: splits[k / 4][k % 4]
     ml_base: array<vec4<u32>, 2>,   // index of segment k's first (m, l) entry
 }
@@ -261,13 +265,14 @@ fn seg_part(k: u32, i: u32) -> vec4<f32> {
 @compute @workgroup_size(WG)
 fn merge_segments(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let r = wg.x;                                   // (h * n + i): row within the sequence
-    let row = mp.b * (mp.q_heads * mp.n) + r;       // row of O
+    let row = (mp.b0 + wg.y) * (mp.q_heads * mp.n) + r;   // row of O
+    let k0 = wg.y * mp.nseg;                        // binding of the sequence's first segment
     var mx = LOWEST;
     for (var k = 0u; k < mp.nseg; k++) {
         let ns = mp.splits[k / 4u][k % 4u];
         let mb = mp.ml_base[k / 4u][k % 4u];
         for (var s = 0u; s < ns; s++) {
-            mx = max(mx, seg_part(k, mb + r * ns + s).x);
+            mx = max(mx, seg_part(k0 + k, mb + r * ns + s).x);
         }
     }
     var l = 0.0;
@@ -276,7 +281,7 @@ fn merge_segments(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
         let mb = mp.ml_base[k / 4u][k % 4u];
         for (var s = 0u; s < ns; s++) {
             // A split with no allowed slot has l = 0 and a zero accumulator.
-            let ml = seg_part(k, mb + r * ns + s);
+            let ml = seg_part(k0 + k, mb + r * ns + s);
             l += ml.y * exp_shifted(ml.x, mx);
         }
     }
@@ -289,7 +294,7 @@ fn merge_segments(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
             let mb = mp.ml_base[k / 4u][k % 4u];
             for (var s = 0u; s < ns; s++) {
                 let idx = r * ns + s;
-                acc += seg_part(k, idx * D4 + x) * exp_shifted(seg_part(k, mb + idx).x, mx);
+                acc += seg_part(k0 + k, idx * D4 + x) * exp_shifted(seg_part(k0 + k, mb + idx).x, mx);
             }
         }
         o[row * D4 + x] = vec4<elem>(acc * inv);

@@ -2141,20 +2141,23 @@ impl KvCache {
                 &gpu, &mut pass, &gp, c.dtype, *seg_max, n_splits, &sb, &cb, &params,
             )?;
         }
-        for (b, row) in parts.iter().enumerate() {
+        // Merges of as many sequences as the kernel's 8 partials bindings take.
+        let per_merge = (decode::MERGE_SEGMENTS / segs.len()).max(1);
+        for (mi, seqs) in parts.chunks(per_merge).enumerate() {
             let mut mp = decode::MergeSegParams {
                 q_heads: p.q_heads,
                 n: p.n,
-                b: b as u32,
+                b0: (mi * per_merge) as u32,
                 nseg: segs.len() as u32,
+                nseq: seqs.len() as u32,
                 ..Default::default()
             };
             for (k, (_, sp, ..)) in segs.iter().enumerate() {
                 mp.splits[k] = sp.params.splits;
                 mp.ml_base[k] = sizes[k].1;
             }
-            let refs: Vec<&wgpu::Buffer> = row.iter().collect();
-            let sb = buffers(&step_buf, &row[0]);
+            let refs: Vec<&wgpu::Buffer> = seqs.iter().flatten().collect();
+            let sb = buffers(&step_buf, &seqs[0][0]);
             decode::encode_merge_segments(&gpu, &mut pass, plan.merge, c.dtype, &mp, &refs, &sb)?;
         }
         Ok((lens, ev))

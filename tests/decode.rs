@@ -1711,8 +1711,12 @@ fn params_match_wgsl_layout() {
         &[
             ("q_heads", offset_of!(MergeSegParams, q_heads)),
             ("n", offset_of!(MergeSegParams, n)),
-            ("b", offset_of!(MergeSegParams, b)),
+            ("b0", offset_of!(MergeSegParams, b0)),
             ("nseg", offset_of!(MergeSegParams, nseg)),
+            ("nseq", offset_of!(MergeSegParams, nseq)),
+            ("_pad0", offset_of!(MergeSegParams, _pad0)),
+            ("_pad1", offset_of!(MergeSegParams, _pad1)),
+            ("_pad2", offset_of!(MergeSegParams, _pad2)),
             ("splits", offset_of!(MergeSegParams, splits)),
             ("ml_base", offset_of!(MergeSegParams, ml_base)),
         ],

@@ -791,7 +791,9 @@ pub(crate) fn encode_segment_append(
                 tensor_entry(4, t.gate, din),
                 entry(6, c.k),
                 entry(7, c.v),
-                entry(8, c.gate.unwrap_or(gpu.dummy_out)),
+                // Without a gate, the segment's own K stands in (never accessed): the shared
+                // dummy, writable, would put a barrier between every two puts.
+                entry(8, c.gate.unwrap_or(c.k)),
                 entry(23, best),
             ],
         ),
@@ -830,18 +832,27 @@ pub struct MergeSegParams {
     pub q_heads: u32,
     /// Queries per sequence.
     pub n: u32,
-    /// The sequence.
-    pub b: u32,
-    /// Segments merged (at most [`MERGE_SEGMENTS`]).
+    /// First sequence of the dispatch.
+    pub b0: u32,
+    /// Segments per sequence.
     pub nseg: u32,
+    /// Sequences of the dispatch (`nseg * nseq` at most [`MERGE_SEGMENTS`]).
+    pub nseq: u32,
+    /// Padding.
+    pub _pad0: u32,
+    /// Padding.
+    pub _pad1: u32,
+    /// Padding.
+    pub _pad2: u32,
     /// Splits of each segment's partials.
     pub splits: [u32; MERGE_SEGMENTS],
     /// Index (in vec4) of the first (m, l) entry of each segment's partials.
     pub ml_base: [u32; MERGE_SEGMENTS],
 }
 
-/// Records the merge of one sequence's rows over its segments' partials (`parts`, at most
-/// [`MERGE_SEGMENTS`], in segment order), writing its O and LSE rows.
+/// Records the merge of sequences `params.b0 ..` over their segments' partials (`parts`:
+/// sequence by sequence, segment by segment; at most [`MERGE_SEGMENTS`] in all), writing their O
+/// and LSE rows.
 pub(crate) fn encode_merge_segments(
     gpu: &Gpu<'_>,
     pass: &mut wgpu::ComputePass<'_>,
@@ -851,9 +862,10 @@ pub(crate) fn encode_merge_segments(
     parts: &[&wgpu::Buffer],
     s: &StepBuffers<'_>,
 ) -> Result<()> {
-    if parts.len() > MERGE_SEGMENTS || parts.len() != params.nseg as usize {
+    let nb = params.nseq as usize;
+    if nb == 0 || parts.len() > MERGE_SEGMENTS || parts.len() != params.nseg as usize * nb {
         return Err(Error::gpu_msg(
-            "merge_segments: partials buffers do not match nseg",
+            "merge_segments: partials buffers do not match nseg x nseq",
         ));
     }
     let uniform = gpu.uniform("selattn cache merge params", bytemuck::bytes_of(params));
@@ -870,7 +882,7 @@ pub(crate) fn encode_merge_segments(
     }
     entries.push(tensor_entry(21, Some(s.o), gpu.dummy_out));
     entries.push(tensor_entry(22, s.lse, gpu.dummy_out));
-    let groups = [params.q_heads * params.n, 1, 1];
+    let groups = [params.q_heads * params.n, params.nseq, 1];
     gpu.dispatch(pass, "selattn cache merge segments", key, &entries, groups)
 }
 
