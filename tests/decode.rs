@@ -554,7 +554,7 @@ fn multi_buffer_cache_matches_reference() {
     sweep(&cases, 400);
 }
 
-/// Sequences stored in 2 and 3 segments (a sequence's K larger than a buffer may be), with
+/// Sequences stored in 2 to 10 segments (a sequence's K larger than a buffer may be), with
 /// pruning across the segments, selective masking, GQA, gate, temperatures, splits, f32 and f16;
 /// every step and the slots after it exact against the reference.
 #[test]
@@ -608,9 +608,28 @@ fn segmented_cache_matches_reference() {
             prefill: vec![30, 13, 2],
             ..Case::new(4, 2, 16).all()
         },
+        // 10 segments of 4 slots, no budget: the first steps reach at most 8 segments (a
+        // partials buffer per segment, merged by `merge_segments`), the later ones more (every
+        // segment's partials in one shared buffer, merged once).
+        Case {
+            batch: 2,
+            segment: Some(4),
+            selective: Some(1),
+            prefill: vec![22, 5],
+            ..Case::new(4, 2, 16).all()
+        },
+        // The same without selective masking, f16 (the attend's F-rows binding is then its own
+        // partials buffer).
+        Case {
+            batch: 3,
+            segment: Some(4),
+            dtype: DType::F16,
+            prefill: vec![20, 3, 9],
+            ..Case::new(4, 1, 32).all()
+        },
     ];
     for ctx in contexts() {
-        for (c, want) in cases.iter().zip([2, 3, 3, 2, 8]) {
+        for (c, want) in cases.iter().zip([2, 3, 3, 2, 8, 10, 10]) {
             if c.dtype == DType::F16 && !ctx.capabilities().f16 {
                 continue;
             }
