@@ -1886,9 +1886,15 @@ impl KvCache {
         let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
         // The segments any sequence reaches, each with its plan, its first split in the
         // partials and its slot plan. Each attend dispatch covers one sequence's segment (a
-        // group), so its plan is made for a batch of one: its grid alone must fill the device
-        // (planned for the whole batch, B16 x 16384 in 3 segments ran 16 workgroups per
-        // dispatch, 103 GB/s on the H200).
+        // group), so its plan is made for a batch of one (planned for the whole batch, B16 x
+        // 16384 in 3 segments ran 16 workgroups per dispatch, 103 GB/s on the H200, with a
+        // barrier between every two dispatches).
+        // Segments reached; with at most 8, each (sequence, segment) gets partials of its own
+        // and the dispatches run side by side (see below), so each gets fewer, longer splits.
+        let reached = max_len.div_ceil(self.seg_cap) as usize;
+        let gather = reached <= decode::MERGE_SEGMENTS
+            && crate::kernels::knob_on(decode::SEGMENT_GATHER_ENV);
+        let splits = options.splits.or(gather.then_some(decode::SEGMENT_SPLITS));
         let mut segs = vec![];
         let mut s0 = 0u32;
         let mut total = 0u32;
@@ -1921,7 +1927,7 @@ impl KvCache {
                     ..crate::Switches::NONE
                 },
                 options.selective.unwrap_or(0),
-                options.splits,
+                splits,
                 options.threads,
                 options.rows,
             )?;
@@ -1967,8 +1973,6 @@ impl KvCache {
             bytes,
             limit,
         };
-        let gather = segs.len() <= decode::MERGE_SEGMENTS
-            && crate::kernels::knob_on(decode::SEGMENT_GATHER_ENV);
         if !gather {
             // Every segment's splits side by side in one buffer, merged once. Every attend
             // dispatch writes it, so wgpu puts a barrier between every two of them.
