@@ -2018,9 +2018,10 @@ impl KvCache {
             return Ok((lens, ev));
         }
         // A partials buffer per (sequence, segment): the attend dispatches write different
-        // buffers, so only a dispatch over slots this step's append wrote (a K/V transition)
-        // waits for the ones before it; those are spread out so the others run beside them.
-        // Then one merge per sequence over its segments' buffers.
+        // buffers, so none waits for another (with selective masking they share the F rows, so
+        // they do). Dispatches over slots this step's append wrote would each wait behind a K/V
+        // transition; the one transition below removes that, and the order spreads them among
+        // the others anyway. Then merges over the sequences' segment buffers.
         let nseg_all = self.segments() as usize;
         let mut sizes = vec![];
         for (_, sp, ..) in &segs {
