@@ -22,7 +22,9 @@
 // (override DU) and coop_selk_du reads it, one pair of dispatches per chunk (Layout row_lo/row_hi).
 // The split du path (plan du_split, the default with the du scratch) replaces coop_selq by
 // coop_seldu (du per (64 rows, key tile): key tiles in parallel) and coop_selq_du (dq_sel from
-// the scratch), three dispatches per chunk with coop_selk_du.
+// the scratch), three dispatches per chunk with coop_selk_du. Forms behind overrides (each with a
+// SELATTN_BACKWARD_* knob): EWQ (quads in the elementwise passes), FQ (F in that pass), SDQ and
+// RQ (coop_seldu: Q and dO staged in one round; per-lane state in registers).
 //
 // Selective masking: F = C (the forward's colsum and scan passes, query tiles of CT rows, CT
 // dividing 16) + the exclusive prefix of relu(S_sel) over the rows of the C tile, recomputed
@@ -83,6 +85,25 @@ override SELPASS: bool = false;     // the pipeline is coop_selq, coop_selk or c
 override ISDKV: bool = false;
 override PREFETCH: bool = false;    // C (and G) of a 16-row C tile loaded before the chunk's MMAs       // the pipeline is coop_dkv (the only user of pa16)
 override DU: bool = false;          // coop_selq also writes du to the scratch coop_selk_du reads
+// EWQ: the elementwise P/dz passes of coop_dkv, coop_dq and coop_seldu take four adjacent
+// elements of a row per lane and step (vec4 math, masks by select, fixed trip count), and the
+// row sums (dgate, dt, G with 16-row C tiles) by two subgroup shuffles instead of a serial walk
+// by 16 lanes; the older single-element form stays behind it (SELATTN_BACKWARD_QUADS=0).
+override EWQ: bool = false;
+// SDQ (coop_seldu only, where workgroup memory allows): a head's Q and dO staged in one round
+// (2 KB rows; za16, unused there, shrunk to make room) instead of one after the other, two
+// workgroup barriers and one staging latency less per head (SELATTN_BACKWARD_SDQ=0: two rounds).
+override SDQ: bool = false;
+// FQ (with EWQ and 16-row C tiles): coop_dkv and coop_dq compute F in the quad pass (relu of
+// the lane's four S_sel, a prefix over the quad lanes by subgroup shuffles) instead of a serial
+// 16-step walk by 16 lanes and a barrier (SELATTN_BACKWARD_FQ=0: the walk).
+override FQ: bool = false;
+// RQ (coop_seldu with EWQ and 16-row C tiles): F, the mask and the head sums of dz of the lane's
+// quads live in registers (acc and fb not declared), S_sel goes through sa; the workgroup memory
+// saved lets the planner take 64-key tiles with SDQ at D64 and D128 (SELATTN_BACKWARD_RQ=0: off).
+override RQ: bool = false;
+const RQN: u32 = 16u;               // register quads per lane at most: 4 chunks x QPL
+const QPL: u32 = 4u;                // quads per lane at most (64 quads, subgroups of 16 or more)
 
 const SG: u32 = 4u;                 // subgroups per workgroup
 const KB: u32 = 64u;                // 16 x SG: keys (dkv) or query rows (dq) per workgroup
@@ -96,7 +117,7 @@ override NT: u32 = select(2u, 3u, SELECTIVE);   // tensors staged per step
 override NST: u32 = max(NT * BT, KB);           // staged rows
 override RW: u32 = max(BT, KB);
 override NB: u32 = BT / 16u;        // 16-row (or 16-key) chunks per staged tile
-override NSTS: u32 = max(2u * BT, KB) * DP;   // staged f16 of coop_selq / coop_selk
+override NSTS: u32 = max(2u * BT, select(KB, 2u * KB, SDQ)) * DP;   // staged f16 of coop_selq / coop_selk / coop_seldu
 
 // Every workgroup variable is a multiple of 16 bytes (see coop_forward.wgsl: NVIDIA's driver
 // misaligns cooperative loads otherwise).
@@ -106,9 +127,9 @@ var<workgroup> sb: array<f32, SG * 16u * SP>;                        // dP (or d
 var<workgroup> sf: array<f32, select(4u, SG * 16u * SP, SELECTIVE && !SELPASS)>;  // S_sel, then F
 var<workgroup> pa16: array<f16, select(8u, SG * 16u * PP, ISDKV)>;  // P^T (dkv only)
 // coop_selq / coop_selk: per subgroup and chunk, sum over heads of dz, and F.
-var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
-var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS)>;
-var<workgroup> za16: array<f16, SG * 16u * PP>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
+var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS && !RQ)>;
+var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS && !RQ)>;
+var<workgroup> za16: array<f16, select(SG * 16u * PP, 8u, SDQ || RQ)>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
 var<workgroup> rl: array<f32, RW>;                                   // LSE of staged rows
 var<workgroup> rd: array<f32, RW>;                                   // Delta
 var<workgroup> rt: array<f32, RW>;                                   // temperature
@@ -185,6 +206,70 @@ fn pack8(x: array<f32, 8>) -> vec4<u32> {
         pack2x16float(vec2<f32>(x[4], x[5])), pack2x16float(vec2<f32>(x[6], x[7])));
 }
 
+fn sa4(at: u32) -> vec4<f32> {
+    return vec4<f32>(sa[at], sa[at + 1u], sa[at + 2u], sa[at + 3u]);
+}
+
+fn sb4(at: u32) -> vec4<f32> {
+    return vec4<f32>(sb[at], sb[at + 1u], sb[at + 2u], sb[at + 3u]);
+}
+
+fn sf4(at: u32) -> vec4<f32> {
+    return vec4<f32>(sf[at], sf[at + 1u], sf[at + 2u], sf[at + 3u]);
+}
+
+fn pa4(at: u32, x: vec4<f32>) {
+    pa16[at] = f16(x.x);
+    pa16[at + 1u] = f16(x.y);
+    pa16[at + 2u] = f16(x.z);
+    pa16[at + 3u] = f16(x.w);
+}
+
+fn za4(at: u32, x: vec4<f32>) {
+    za16[at] = f16(x.x);
+    za16[at + 1u] = f16(x.y);
+    za16[at + 2u] = f16(x.z);
+    za16[at + 3u] = f16(x.w);
+}
+
+// Sum of a row's 16 elements held as quads by four adjacent lanes (lane % 4 = quad); every one
+// of the four lanes gets the same bits (a + b = b + a), in a fixed order.
+fn quad_sum(x: vec4<f32>) -> f32 {
+    var s = (x.x + x.y) + (x.z + x.w);
+    s += subgroupShuffleXor(s, 1u);
+    s += subgroupShuffleXor(s, 2u);
+    return s;
+}
+
+// The sum of `x` over the lanes of this lane's group of four (lane & ~3) that come before it,
+// in lane order.
+fn quad_prefix(lane: u32, x: f32) -> f32 {
+    let qb = lane & ~3u;
+    let m = lane % 4u;
+    let t0 = subgroupShuffle(x, qb);
+    let t1 = subgroupShuffle(x, qb + 1u);
+    let t2 = subgroupShuffle(x, qb + 2u);
+    return (select(0.0, t0, m > 0u) + select(0.0, t1, m > 1u)) + select(0.0, t2, m > 2u);
+}
+
+// Whether query row i may see keys j4 (the four of a quad).
+fn allowed4(i: u32, j4: vec4<u32>, valid: u32) -> vec4<bool> {
+    var ok = j4 < vec4<u32>(valid);
+    if CAUSAL {
+        ok = ok & (j4 <= vec4<u32>(p.start + i));
+    }
+    return select(vec4<bool>(false), ok, i < p.q_len);
+}
+
+// Whether query rows i4 (the four of a quad) may see key j.
+fn allowed4t(i4: vec4<u32>, j: u32, valid: u32) -> vec4<bool> {
+    var ok = i4 < vec4<u32>(p.q_len);
+    if CAUSAL {
+        ok = ok & (vec4<u32>(j) <= vec4<u32>(p.start) + i4);
+    }
+    return select(vec4<bool>(false), ok, j < valid);
+}
+
 fn ws8(at: u32, x: array<f32, 8>) {
     for (var n = 0u; n < 8u; n++) {
         ws[at + n] = x[n];
@@ -209,7 +294,18 @@ fn coop_dkv(
     let bp = sg * 16u * PP;        // its f16 blocks
     let jl = kt + kb0 + lane;      // lane < 16: the key this lane sums for
     // G rows of this workgroup's keys start at zero; the chunks add to them (same invocation).
-    if SELECTIVE && lane < 16u && jl < p.k_len {
+    // (EWQ with 16-row C tiles: the lanes that add, one per quad row.)
+    if SELECTIVE && EWQ && CT == 16u {
+        for (var k = 0u; k < 64u / SGS; k++) {
+            let qd = lane + k * SGS;
+            let j = kt + kb0 + qd / 4u;
+            if qd % 4u == 0u && j < p.k_len {
+                for (var t = 0u; t < p.n_qtiles; t++) {
+                    ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + t) * p.k_len + j] = 0.0;
+                }
+            }
+        }
+    } else if SELECTIVE && lane < 16u && jl < p.k_len {
         for (var t = 0u; t < p.n_qtiles; t++) {
             ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + t) * p.k_len + jl] = 0.0;
         }
@@ -223,6 +319,7 @@ fn coop_dkv(
         cg[c] = g;
     }
     var agate = 0.0;
+    var agq = array<f32, QPL>(0.0, 0.0, 0.0, 0.0);   // EWQ: dgate of the lane's quads' keys
 
     // K, V (and the selection KV head's K) fragments, staged one tensor at a time.
 {{KDECL}}
@@ -315,9 +412,32 @@ fn coop_dkv(
                 // loaded before the MMAs so their global latency overlaps them.
                 var fc = 0.0;
                 var gp = 0.0;
-                if PREFETCH && SELECTIVE && CT == 16u && lane < 16u && jl < p.k_len {
+                if PREFETCH && SELECTIVE && CT == 16u && lane < 16u && jl < p.k_len && !(FQ && EWQ) {
                     fc = fcarry[(b * p.n_qtiles + i0 / CT) * p.k_len + jl];
-                    gp = ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + jl];
+                    if !EWQ {
+                        gp = ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + jl];
+                    }
+                }
+                // PREFETCH with EWQ: G of each quad's key (for the quad's sum added below).
+                var gq = array<f32, QPL>(0.0, 0.0, 0.0, 0.0);
+                if PREFETCH && SELECTIVE && EWQ && CT == 16u {
+                    for (var k = 0u; k < 64u / SGS; k++) {
+                        let qd = lane + k * SGS;
+                        let j = kt + kb0 + qd / 4u;
+                        if qd % 4u == 0u && j < p.k_len {
+                            gq[k] = ws[w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + j];
+                        }
+                    }
+                }
+                // FQ: C of each quad's key, loaded before the MMAs.
+                var fcq = array<f32, QPL>(0.0, 0.0, 0.0, 0.0);
+                if SELECTIVE && FQ && EWQ && CT == 16u {
+                    for (var k = 0u; k < 64u / SGS; k++) {
+                        let j = kt + kb0 + (lane + k * SGS) / 4u;
+                        if j < p.k_len {
+                            fcq[k] = fcarry[(b * p.n_qtiles + i0 / CT) * p.k_len + j];
+                        }
+                    }
                 }
                 {{SGBAR}};
                 let qo = c0 * DP;
@@ -326,7 +446,7 @@ fn coop_dkv(
 {{DKV_S}}
                 {{SGBAR}};
                 // Selective: F^T in place of S_sel^T; lane r walks key r's 16 rows.
-                if SELECTIVE {
+                if SELECTIVE && !(FQ && EWQ && CT == 16u) {
                     if lane < 16u {
                         var run = 0.0;
                         for (var r = 0u; r < 16u; r++) {
@@ -352,6 +472,77 @@ fn coop_dkv(
                     {{SGBAR}};
                 }
                 // P^T, dz^T: element (key r, row c).
+                if EWQ {
+                    for (var k = 0u; k < 64u / SGS; k++) {
+                        let qd = lane + k * SGS;
+                        let r = qd / 4u;
+                        let c = (qd % 4u) * 4u;
+                        let e = bo + r * SP + c;
+                        let cc = c0 + c;
+                        let ok = allowed4t(vec4<u32>(i0 + c) + vec4<u32>(0u, 1u, 2u, 3u), kt + kb0 + r, valid);
+                        let tv = vec4<f32>(rt[cc], rt[cc + 1u], rt[cc + 2u], rt[cc + 3u]);
+                        let lv = vec4<f32>(rl[cc], rl[cc + 1u], rl[cc + 2u], rl[cc + 3u]);
+                        let dv = vec4<f32>(rd[cc], rd[cc + 1u], rd[cc + 2u], rd[cc + 3u]);
+                        let dov = sb4(e);
+                        var z = tv * (p.scale * sa4(e));
+                        if SELECTIVE && FQ && CT == 16u {
+                            // F of key r at the quad's rows: C + the exclusive prefix of the
+                            // live relu(scale S_sel) down the chunk's 16 rows.
+                            let i4 = vec4<u32>(i0 + c) + vec4<u32>(0u, 1u, 2u, 3u);
+                            let j = kt + kb0 + r;
+                            let pos4 = vec4<u32>(p.start) + i4;
+                            let live = select(vec4<bool>(false), (i4 < vec4<u32>(p.q_len))
+                                & (vec4<u32>(j) < pos4) & (pos4 < vec4<u32>(valid)), j > 0u);
+                            let u = select(vec4<f32>(0.0), max(p.scale * sf4(e), vec4<f32>(0.0)), live);
+                            z -= fcq[k] + (quad_prefix(lane, (u.x + u.y) + (u.z + u.w))
+                                + vec4<f32>(0.0, u.x, u.x + u.y, (u.x + u.y) + u.z));
+                        } else if SELECTIVE {
+                            z -= sf4(e);
+                        }
+                        let pp = select(vec4<f32>(0.0), exp(z - lv), ok);
+                        let dz = pp * (cg[kb0 + r] * dov - dv);
+                        pa4(bp + r * PP + c, pp);
+                        za4(bp + r * PP + c, dz * tv);
+                        agq[k] += quad_sum(pp * dov);
+                        if SELECTIVE {
+                            if CT == 16u {
+                                // G of key r over this chunk (one C tile): the quad's sum.
+                                let zs = quad_sum(dz);
+                                let j = kt + kb0 + r;
+                                if c == 0u && j < p.k_len {
+                                    let at = w.g + ((b * p.kv_heads + hk) * p.n_qtiles + i0 / CT) * p.k_len + j;
+                                    if PREFETCH {
+                                        ws[at] = gq[k] + zs;
+                                    } else {
+                                        ws[at] += zs;
+                                    }
+                                }
+                            } else {
+                                sb[e] = dz.x;
+                                sb[e + 1u] = dz.y;
+                                sb[e + 2u] = dz.z;
+                                sb[e + 3u] = dz.w;
+                            }
+                        }
+                    }
+                    {{SGBAR}};
+                    if SELECTIVE && CT != 16u && lane < 16u && jl < p.k_len {
+                        for (var t0 = 0u; t0 < 16u; t0 += CT) {
+                            if i0 + t0 < p.q_len {
+                                var z = 0.0;
+                                for (var c = t0; c < t0 + CT; c++) {
+                                    z += sb[bo + lane * SP + c];
+                                }
+                                let at = w.g + ((b * p.kv_heads + hk) * p.n_qtiles + (i0 + t0) / CT) * p.k_len + jl;
+                                ws[at] += z;
+                            }
+                        }
+                    }
+                    let pa = coopLoadT<coop_mat16x16<f16, A>>(&pa16[bp], PP);
+                    let za = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{DKV_ACC}}
+                    continue;
+                }
                 for (var x = lane; x < 256u; x += SGS) {
                     let r = x / 16u;
                     let c = x % 16u;
@@ -410,7 +601,17 @@ fn coop_dkv(
     // dK = scale sum t dz q (the selection KV head's into dkb first: selk adds its term), dV.
     let to_base = SELECTIVE && hk == sel_kv;
 {{DKV_EPI}}
-    if (w.flags & WANT_DGATE) != 0u && lane < 16u && jl < p.k_len {
+    if EWQ {
+        if (w.flags & WANT_DGATE) != 0u {
+            for (var k = 0u; k < 64u / SGS; k++) {
+                let qd = lane + k * SGS;
+                let j = kt + kb0 + qd / 4u;
+                if qd % 4u == 0u && j < p.k_len {
+                    ws[w.dgate + (b * p.kv_heads + hk) * p.k_len + j] = agq[k];
+                }
+            }
+        }
+    } else if (w.flags & WANT_DGATE) != 0u && lane < 16u && jl < p.k_len {
         ws[w.dgate + (b * p.kv_heads + hk) * p.k_len + jl] = agate;
     }
 }
@@ -477,6 +678,7 @@ fn coop_dq(
     }
 {{DQDECL}}
     var adt = 0.0;
+    var adq = array<f32, QPL>(0.0, 0.0, 0.0, 0.0);   // EWQ: dt of the lane's quads' rows
 
     var kend = valid;
     if CAUSAL {
@@ -531,6 +733,20 @@ fn coop_dq(
                     fc = fcarry[(b * p.n_qtiles + irow / CT) * p.k_len + jf];
                 }
             }
+            // FQ: C of the lane's four keys (the same for each of its quads), before the MMAs.
+            var fcv = vec4<f32>(0.0);
+            if SELECTIVE && FQ && EWQ && CT == 16u {
+                let irow = row0 + rb0;
+                let jq = j0 + (lane % 4u) * 4u;
+                if irow < p.q_len {
+                    let base = (b * p.n_qtiles + irow / CT) * p.k_len;
+                    for (var n = 0u; n < 4u; n++) {
+                        if jq + n < p.k_len {
+                            fcv[n] = fcarry[base + jq + n];
+                        }
+                    }
+                }
+            }
             {{SGBAR}};
             let ko = c0 * DP;
             let vo = (BT + c0) * DP;
@@ -538,7 +754,7 @@ fn coop_dq(
 {{DQ_S}}
             {{SGBAR}};
             // Selective: F in place of S_sel; lane c walks key c's column down the 16 rows.
-            if SELECTIVE {
+            if SELECTIVE && !(FQ && EWQ && CT == 16u) {
                 if lane < 16u {
                     let j = j0 + lane;
                     var run = 0.0;
@@ -565,6 +781,48 @@ fn coop_dq(
                 {{SGBAR}};
             }
             // P, dz: element (row r, key c).
+            if EWQ {
+                var fr = vec4<f32>(0.0);   // FQ: live relu(scale S_sel) of the rows of earlier k
+                for (var k = 0u; k < 64u / SGS; k++) {
+                    let qd = lane + k * SGS;
+                    let r = qd / 4u;
+                    let c = (qd % 4u) * 4u;
+                    let e = bo + r * SP + c;
+                    let rr = rb0 + r;
+                    let cc = c0 + c;
+                    let j4 = vec4<u32>(j0 + c) + vec4<u32>(0u, 1u, 2u, 3u);
+                    let ok = allowed4(row0 + rr, j4, valid);
+                    let l = p.scale * sa4(e);
+                    var z = rt[rr] * l;
+                    if SELECTIVE && FQ && CT == 16u {
+                        // F at the quad: C + the exclusive prefix down the chunk's 16 rows
+                        // (rows r of one k sit four lanes apart: a scan by shuffles up).
+                        let i = row0 + rr;
+                        let pos = p.start + i;
+                        let live = select(vec4<bool>(false), (j4 > vec4<u32>(0u)) & (j4 < vec4<u32>(pos)),
+                            i < p.q_len && pos < valid);
+                        var inc = select(vec4<f32>(0.0), max(p.scale * sf4(e), vec4<f32>(0.0)), live);
+                        for (var d = 4u; d < SGS; d *= 2u) {
+                            let y = subgroupShuffleUp(inc, d);
+                            inc += select(vec4<f32>(0.0), y, lane >= d);
+                        }
+                        let ex = select(vec4<f32>(0.0), subgroupShuffleUp(inc, 4u), lane >= 4u);
+                        z -= fcv + (fr + ex);
+                        fr += subgroupShuffle(inc, SGS - 4u + lane % 4u);
+                    } else if SELECTIVE {
+                        z -= sf4(e);
+                    }
+                    let pp = select(vec4<f32>(0.0), exp(z - rl[rr]), ok);
+                    let gv = vec4<f32>(cg[cc], cg[cc + 1u], cg[cc + 2u], cg[cc + 3u]);
+                    let dz = pp * (gv * sb4(e) - rd[rr]);
+                    za4(bp + r * PP + c, dz);
+                    adq[k] += quad_sum(l * dz);
+                }
+                {{SGBAR}};
+                let za = coopLoadT<coop_mat16x16<f16, A>>(&za16[bp], PP);
+{{DQ_ACC}}
+                continue;
+            }
             for (var x = lane; x < 256u; x += SGS) {
                 let r = x / 16u;
                 let c = x % 16u;
@@ -602,7 +860,15 @@ fn coop_dq(
     // dq_i = scale t_i sum_j dz_ij k_j (the selection head's into dqb first: selq adds its term).
     let to_base = SELECTIVE && h == sel;
 {{DQ_EPI}}
-    if lane < 16u && il < p.q_len {
+    if EWQ {
+        for (var k = 0u; k < 64u / SGS; k++) {
+            let qd = lane + k * SGS;
+            let i = row0 + rb0 + qd / 4u;
+            if qd % 4u == 0u && i < p.q_len {
+                ws[w.dt + (b * p.q_heads + h) * p.q_len + i] = adq[k];
+            }
+        }
+    } else if lane < 16u && il < p.q_len {
         ws[w.dt + (b * p.q_heads + h) * p.q_len + il] = adt;
     }
 }
@@ -1129,6 +1395,11 @@ fn coop_seldu(
 {{SQ_QSLOAD}}
     }
     var msk: array<u32, 4>;
+    // RQ: F, the mask and the head sums of dz of quad (chunk c, k) at [c * QPL + k].
+    var fzr: array<vec4<f32>, RQN>;
+    var azr: array<vec4<f32>, RQN>;
+    var mkr: array<vec4<bool>, RQN>;
+    let irow = row0 + rb0;         // the subgroup's first row (RQ: its C tile)
     {
         // A. S_sel per chunk, then F and the mask (lane per key column), sums zeroed.
         workgroupBarrier();
@@ -1141,7 +1412,50 @@ fn coop_seldu(
             put8((e / D8) * DP + (e % D8) * 8u, x);
         }
         workgroupBarrier();
-        for (var c = 0u; c < NB; c++) {
+        if RQ {
+            for (var c = 0u; c < NB; c++) {
+                if kt + c * 16u >= kend {
+                    break;
+                }
+                let so = c * 16u * DP;
+                {{SGBAR}};
+{{SQ_FCOMP_SA}}
+                {{SGBAR}};
+                let jq = kt + c * 16u + (lane % 4u) * 4u;
+                let j4 = vec4<u32>(jq) + vec4<u32>(0u, 1u, 2u, 3u);
+                var fcv = vec4<f32>(0.0);
+                if irow < p.q_len {
+                    let base = (b * p.n_qtiles + irow / CT) * p.k_len;
+                    for (var n = 0u; n < 4u; n++) {
+                        if jq + n < p.k_len {
+                            fcv[n] = fcarry[base + jq + n];
+                        }
+                    }
+                }
+                // F = C + the exclusive prefix of the live relu(scale S_sel) down the rows
+                // (rows of one k four lanes apart: a scan by shuffles up; earlier k in fr).
+                var fr = vec4<f32>(0.0);
+                for (var k = 0u; k < 64u / SGS; k++) {
+                    let r = (lane + k * SGS) / 4u;
+                    let i = irow + r;
+                    let pos = p.start + i;
+                    let u = p.scale * sa4(bo + r * SP + (lane % 4u) * 4u);
+                    let live = select(vec4<bool>(false),
+                        (j4 > vec4<u32>(0u)) & (j4 < vec4<u32>(pos)) & (j4 < vec4<u32>(kend)),
+                        i < p.q_len && pos < valid);
+                    var inc = select(vec4<f32>(0.0), max(u, vec4<f32>(0.0)), live);
+                    mkr[c * QPL + k] = live & (u > vec4<f32>(0.0));
+                    for (var d = 4u; d < SGS; d *= 2u) {
+                        let y = subgroupShuffleUp(inc, d);
+                        inc += select(vec4<f32>(0.0), y, lane >= d);
+                    }
+                    let ex = select(vec4<f32>(0.0), subgroupShuffleUp(inc, 4u), lane >= 4u);
+                    fzr[c * QPL + k] = fcv + (fr + ex);
+                    fr += subgroupShuffle(inc, SGS - 4u + lane % 4u);
+                }
+            }
+        }
+        for (var c = 0u; c < select(NB, 0u, RQ); c++) {
             if kt + c * 16u >= kend {
                 break;
             }
@@ -1153,7 +1467,7 @@ fn coop_seldu(
             }
         }
         workgroupBarrier();
-        if lane < 16u {
+        if lane < 16u && !RQ {
             for (var c = 0u; c < NB; c++) {
                 let j = kt + c * 16u + lane;
                 let fo = (c * SG + sg) * 16u * FS + lane;
@@ -1183,7 +1497,31 @@ fn coop_seldu(
         // B. sum over every head of dz.
         for (var h = 0u; h < p.q_heads; h++) {
             let hk = h / p.group;
-            for (var qp = 0u; qp < 2u; qp++) {
+            if SDQ {
+                workgroupBarrier();
+                for (var e = tid; e < KB * D8; e += WG) {
+                    let i = row0 + e / D8;
+                    var xq = vec4<u32>(0u);
+                    var xo = vec4<u32>(0u);
+                    if i < p.q_len {
+                        let at = ((b * p.q_heads + h) * p.q_len + i) * D8 + e % D8;
+                        xq = q[at];
+                        xo = dout[at];
+                    }
+                    put8((e / D8) * DP + (e % D8) * 8u, xq);
+                    put8((KB + e / D8) * DP + (e % D8) * 8u, xo);
+                }
+                workgroupBarrier();
+                {
+                    let qoff = rb0 * DP;
+{{SQ_QLOAD}}
+                }
+                {
+                    let qoff = (KB + rb0) * DP;
+{{SQ_OLOAD}}
+                }
+            }
+            for (var qp = 0u; qp < select(2u, 0u, SDQ); qp++) {
                 workgroupBarrier();
                 for (var e = tid; e < KB * D8; e += WG) {
                     let i = row0 + e / D8;
@@ -1259,6 +1597,37 @@ fn coop_seldu(
 {{SQ_SCOMP}}
                 {{SGBAR}};
                 let fo = (c * SG + sg) * 16u * FS;
+                if EWQ {
+                    for (var k = 0u; k < 64u / SGS; k++) {
+                        let qd = lane + k * SGS;
+                        let r = qd / 4u;
+                        let cq = (qd % 4u) * 4u;
+                        let e = bo + r * SP + cq;
+                        let rr = rb0 + r;
+                        let a = fo + r * FS + cq;
+                        let cc = c0 + cq;
+                        let ok = allowed4(row0 + rr, vec4<u32>(j0 + cq) + vec4<u32>(0u, 1u, 2u, 3u), valid);
+                        var fv: vec4<f32>;
+                        if RQ {
+                            fv = fzr[c * QPL + k];
+                        } else {
+                            fv = vec4<f32>(fb[a], fb[a + 1u], fb[a + 2u], fb[a + 3u]);
+                        }
+                        let z = rt[rr] * (p.scale * sa4(e)) - fv;
+                        let pp = select(vec4<f32>(0.0), exp(z - rl[rr]), ok);
+                        let gv = vec4<f32>(cg[cc], cg[cc + 1u], cg[cc + 2u], cg[cc + 3u]);
+                        let dz = pp * (gv * sb4(e) - rd[rr]);
+                        if RQ {
+                            azr[c * QPL + k] += dz;
+                        } else {
+                            acc[a] += dz.x;
+                            acc[a + 1u] += dz.y;
+                            acc[a + 2u] += dz.z;
+                            acc[a + 3u] += dz.w;
+                        }
+                    }
+                    continue;
+                }
                 for (var x = lane; x < 256u; x += SGS) {
                     let r = x / 16u;
                     let cc = x % 16u;
@@ -1275,7 +1644,39 @@ fn coop_seldu(
         // C. du = E + exclusive suffix of -sum dz down each column, masked, to the scratch
         // (each lane reads sums other lanes of its subgroup wrote).
         {{SGBAR}};
-        for (var c = 0u; c < NB; c++) {
+        if RQ {
+            // Rows of one k four lanes apart: a suffix scan by shuffles down; later k in `later`.
+            for (var c = 0u; c < NB; c++) {
+                if kt + c * 16u >= kend {
+                    break;
+                }
+                let jq = kt + c * 16u + (lane % 4u) * 4u;
+                let t = irow / CT;
+                let ev = vec4<f32>(e_carry(b, t, jq), e_carry(b, t, jq + 1u), e_carry(b, t, jq + 2u),
+                    e_carry(b, t, jq + 3u));
+                var later = vec4<f32>(0.0);
+                for (var kk = 0u; kk < 64u / SGS; kk++) {
+                    let k = 64u / SGS - 1u - kk;
+                    var inc = azr[c * QPL + k];
+                    for (var d = 4u; d < SGS; d *= 2u) {
+                        let y = subgroupShuffleDown(inc, d);
+                        inc += select(vec4<f32>(0.0), y, lane + d < SGS);
+                    }
+                    let ex = select(vec4<f32>(0.0), subgroupShuffleDown(inc, 4u), lane + 4u < SGS);
+                    let du = select(vec4<f32>(0.0), ev - (later + ex), mkr[c * QPL + k]);
+                    later += subgroupShuffle(inc, lane % 4u);
+                    let i = irow + (lane + k * SGS) / 4u;
+                    if i < p.q_len {
+                        for (var n = 0u; n < 4u; n++) {
+                            if jq + n < kend {
+                                ws[dub + (i - w.row_lo) * p.k_len + jq + n] = du[n];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (var c = 0u; c < select(NB, 0u, RQ); c++) {
             if kt + c * 16u >= kend {
                 break;
             }

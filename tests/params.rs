@@ -21,6 +21,11 @@ fn text_of(src: Source) -> String {
         sgs: 32,
         sgbar: false,
         prefetch: false,
+        quads: false,
+        sdq: false,
+        fq: false,
+        kv4: false,
+        rq: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)
@@ -39,7 +44,7 @@ fn params_match_wgsl_layout() {
         ("sel_head", offset_of!(Params, sel_head)),
         ("scale", offset_of!(Params, scale)),
         ("n_qtiles", offset_of!(Params, n_qtiles)),
-        ("_pad0", offset_of!(Params, _pad0)),
+        ("sel_rows", offset_of!(Params, sel_rows)),
         ("_pad1", offset_of!(Params, _pad1)),
     ];
     for src in [

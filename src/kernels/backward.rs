@@ -337,10 +337,7 @@ impl BackwardPlan {
                     && split_enabled()
                     && s.k_len.div_ceil(q.bt) <= caps.max_workgroups_per_dim =>
             {
-                Some(CoopBackwardConfig {
-                    entry: CoopEntry::SelDu,
-                    ..q
-                })
+                Some(CoopBackwardConfig::seldu(caps, &q))
             }
             _ => None,
         };
@@ -492,9 +489,13 @@ impl BackwardPlan {
                 // The split path's reader: dq_sel from the du scratch, after the writer.
                 if self.runs(e) {
                     keys.push(KernelKey {
+                        // (The selective tile of coop_selq, not the writer's: SDQ and RQ
+                        // may have given coop_seldu a larger one.)
                         kernel: Kernel::CoopBackward(CoopBackwardConfig {
                             entry: CoopEntry::SelqRead,
-                            ..c
+                            sdq: false,
+                            rq: false,
+                            ..self.coop_sel.map_or(c, |(q, _)| q)
                         }),
                         elem: self.elem,
                     });
@@ -716,6 +717,8 @@ fn selective_passes(
                 wg: cwg,
                 kv_len: pr.kv_len,
                 coop_sgs: 0,
+                kpw: 1,
+                sub16: false,
             }))
             .find(|c| c.workgroup_bytes() <= memory)
             .ok_or(Error::TooLarge {

@@ -6,7 +6,10 @@
 //! coop_selk, or with the du scratch coop_selq writing du per chunk and coop_selk_du reading it;
 //! by default with the du scratch, the split path: coop_seldu writes du with a workgroup per
 //! (64 rows, key tile) and coop_selq_du adds the selection head's dQ term from it) where
-//! workgroup memory allows.
+//! workgroup memory allows. The elementwise passes take four adjacent elements a lane (`quads`),
+//! F is computed in that pass (`fq`), the staging buffer is `vec4<f16>` on Vulkan (`kv4`), and
+//! coop_seldu keeps its per-lane state in registers (`rq`) with a head's Q and dO staged in one
+//! round (`sdq`); each has an environment knob (`SELATTN_BACKWARD_*`) that restores the old form.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -27,6 +30,27 @@ pub const SGBAR_ENV: &str = "SELATTN_BACKWARD_SGBAR";
 /// Environment variable that turns the C/G prefetch of dkv off
 /// (`SELATTN_BACKWARD_PREFETCH=0`), for A/B measurements with one binary.
 pub const PREFETCH_ENV: &str = "SELATTN_BACKWARD_PREFETCH";
+/// Environment variable that turns the four-elements-a-lane form of the elementwise passes of
+/// dkv, dq and seldu off (`SELATTN_BACKWARD_QUADS=0`: one element a step, row sums by a serial
+/// walk; FQ and RQ need it, so they go too), for A/B measurements with one binary. H200
+/// 2026-12-03 (second session), with KV4/FQ/SDQ: plain dkv 6.52 -> 3.92 ms, dq 5.41 -> 3.25 (D64).
+pub const QUADS_ENV: &str = "SELATTN_BACKWARD_QUADS";
+/// Environment variable that makes coop_seldu stage a head's Q and dO in two rounds again
+/// (`SELATTN_BACKWARD_SDQ=0`), for A/B measurements with one binary.
+pub const SDQ_ENV: &str = "SELATTN_BACKWARD_SDQ";
+/// Environment variable that makes dkv and dq compute F by the serial walk again instead of in
+/// the quad pass (`SELATTN_BACKWARD_FQ=0`; `SELATTN_BACKWARD_FQ=dq`: in dq only). FQ needs the
+/// quad form and 16-row C tiles. H200 2026-12-03, D64 full: dq 5.18 -> 5.07 ms with it, dkv
+/// 6.79 -> 7.02 (slower; kept on in both until the dq-only form is tested on the device).
+pub const FQ_ENV: &str = "SELATTN_BACKWARD_FQ";
+/// Environment variable that stages Q, dO, K and V as scalar f16 again instead of `vec4<f16>`
+/// (`SELATTN_BACKWARD_KV4=0`; the vector form is Vulkan only, as in the forward).
+pub const KV4_ENV: &str = "SELATTN_BACKWARD_KV4";
+/// Environment variable that turns coop_seldu's register form off (`SELATTN_BACKWARD_RQ=0`):
+/// with it F, the mask and the head sums of dz live in registers, so that its key tiles can be
+/// larger (64 keys with SDQ at D64 and D128). H200 2026-12-03: seldu 6.58 -> 4.74 ms (D64),
+/// 13.69 -> 8.63 (D128).
+pub const RQ_ENV: &str = "SELATTN_BACKWARD_RQ";
 
 /// The two entry points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -88,6 +112,21 @@ pub struct CoopBackwardConfig {
     /// With C tiles of 16 rows: each chunk's C and G values loaded before its MMAs (the
     /// shader has it for dkv and dq; the planner turns it on for dkv only).
     pub prefetch: bool,
+    /// The elementwise passes of dkv, dq and seldu take four adjacent elements a lane (vec4
+    /// math, masks by select) and sum rows by subgroup shuffles (`EWQ`).
+    pub quads: bool,
+    /// coop_seldu only: a head's Q and dO staged in one round (`SDQ`), where workgroup memory
+    /// allows (see [`CoopBackwardConfig::seldu`]).
+    pub sdq: bool,
+    /// dkv and dq: F computed in the quad pass by subgroup shuffles (`FQ`; with `quads` and
+    /// 16-row C tiles only).
+    pub fq: bool,
+    /// The staging buffer typed `vec4<f16>` (two 8-byte stores per 16-byte global word,
+    /// cooperative loads through a vector pointer: Vulkan only).
+    pub kv4: bool,
+    /// coop_seldu only: F, the mask and the head-summed dz of the lane's quads in registers
+    /// (`RQ`; with `quads` and 16-row C tiles), its tile chosen for the smaller footprint.
+    pub rq: bool,
     /// Operator features (`lse` unused).
     pub features: Switches,
 }
@@ -102,6 +141,10 @@ impl CoopBackwardConfig {
             ("SELPASS", self.entry.selective() as u32 as f64),
             ("ISDKV", (self.entry == CoopEntry::Dkv) as u32 as f64),
             ("PREFETCH", self.prefetch as u32 as f64),
+            ("EWQ", self.quads as u32 as f64),
+            ("SDQ", self.sdq as u32 as f64),
+            ("FQ", self.fq as u32 as f64),
+            ("RQ", self.rq as u32 as f64),
             (
                 "DU",
                 matches!(
@@ -135,13 +178,62 @@ impl CoopBackwardConfig {
     /// Workgroup memory in bytes, as declared in the shader.
     pub fn workgroup_bytes(&self) -> u64 {
         let selpass = self.entry.selective();
-        bytes(
+        let b = bytes(
             self.d,
             self.bt,
             self.features.selective,
             selpass,
             self.entry == CoopEntry::Dkv,
-        )
+        );
+        if self.sdq || self.rq {
+            // SDQ: Q and dO of 64 rows each staged at once. Both: za16 down to 8 f16. RQ: no
+            // acc or fb (4 floats each).
+            let (d, bt, rows) = (self.d as u64, self.bt as u64, ROWS as u64);
+            let half = SUBGROUPS as u64 * 16 * 24 * 2;
+            let fblock = SUBGROUPS as u64 * 16 * 16 * 4;
+            let srows = if self.sdq { 2 * rows } else { rows };
+            let mut x = b - (2 * bt).max(rows) * (d + 8) * 2 + (2 * bt).max(srows) * (d + 8) * 2;
+            x = x - half + 16;
+            if self.rq {
+                x = x - 2 * (bt / 16) * fblock + 32;
+            }
+            x
+        } else {
+            b
+        }
+    }
+
+    /// The split du writer (coop_seldu) for the selective configuration `q`: with `SDQ` where
+    /// its workgroup memory fits the adapter (and `SELATTN_BACKWARD_SDQ` leaves it on).
+    pub fn seldu(caps: &Capabilities, q: &CoopBackwardConfig) -> CoopBackwardConfig {
+        let fits = |c: &CoopBackwardConfig| c.workgroup_bytes() <= caps.workgroup_memory as u64;
+        let sdq = knob_on(SDQ_ENV);
+        if q.quads && q.ct == 16 && knob_on(RQ_ENV) {
+            // The largest key tile that fits, with SDQ where it also fits.
+            for bt in [64u32, 32, 16] {
+                for s in [sdq, false] {
+                    let c = CoopBackwardConfig {
+                        entry: CoopEntry::SelDu,
+                        bt,
+                        sdq: s,
+                        rq: true,
+                        ..*q
+                    };
+                    if fits(&c) {
+                        return c;
+                    }
+                }
+            }
+        }
+        let mut c = CoopBackwardConfig {
+            entry: CoopEntry::SelDu,
+            sdq,
+            ..*q
+        };
+        if !fits(&c) {
+            c.sdq = false;
+        }
+        c
     }
 
     /// The selective entries (coop_selq, coop_selk; with `du`, their du-scratch variants) for
@@ -213,6 +305,16 @@ impl CoopBackwardConfig {
             // dkv only: in dq the early load cost more than it hid (H200 profile 2026-12-03:
             // dkv 9.98 -> 8.96 ms, dq 7.64 -> 8.71 ms at D64 full).
             prefetch: entry == CoopEntry::Dkv && knob_on(PREFETCH_ENV),
+            // The quad reductions need subgroups of at least 16 lanes (64 quads a block).
+            quads: sgs <= 64 && knob_on(QUADS_ENV),
+            sdq: false,
+            fq: sgs <= 64
+                && ct == 16
+                && knob_on(QUADS_ENV)
+                && knob_on(FQ_ENV)
+                && (entry == CoopEntry::Dq || std::env::var(FQ_ENV).map_or(true, |v| v != "dq")),
+            kv4: caps.info.backend == wgpu::Backend::Vulkan && knob_on(KV4_ENV),
+            rq: false,
             features,
         };
         Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))
@@ -483,6 +585,9 @@ impl CoopBackwardConfig {
             }
             let _ = writeln!(s, "{ind}coopStoreT(acf, &fb[fo], FS);");
         }
+        // coop_seldu with RQ: S_sel through the subgroup's sa block.
+        let fsa = m["SQ_FCOMP"].replace("&fb[fo], FS", "&sa[bo], SP");
+        m.insert("SQ_FCOMP_SA", fsa);
         // S^T, dP^T (selk) or S, dP (selq) of one head.
         for (key, p1, p2, x, y) in [
             ("SK_SCOMP", "qo", "oo", "kf", "vf"),
@@ -543,6 +648,7 @@ impl CoopBackwardConfig {
             "SQ_QLOAD",
             "SQ_OLOAD",
             "SQ_FCOMP",
+            "SQ_FCOMP_SA",
             "SQ_SCOMP",
             "SQ_ACC",
             "SQ_EPI",
@@ -552,6 +658,32 @@ impl CoopBackwardConfig {
             "SGBAR",
         ] {
             text = text.replace(&format!("{{{{{k}}}}}"), m.get(k).map_or("", |v| v));
+        }
+        if self.kv4 {
+            // The staging buffer as vec4<f16>: put8 stores two vectors, cooperative loads take
+            // offsets and strides in vectors (every offset is a multiple of 8 f16).
+            let decl = "var<workgroup> stage: array<f16, select(NST * DP, NSTS, SELPASS)>;";
+            let stores = "    stage[at] = f16(a.x);
+    stage[at + 1u] = f16(a.y);
+    stage[at + 2u] = f16(b.x);
+    stage[at + 3u] = f16(b.y);
+    stage[at + 4u] = f16(c.x);
+    stage[at + 5u] = f16(c.y);
+    stage[at + 6u] = f16(d.x);
+    stage[at + 7u] = f16(d.y);";
+            debug_assert!(text.contains(decl) && text.contains(stores));
+            text = text
+                .replace(
+                    decl,
+                    "var<workgroup> stage: array<vec4<f16>, select(NST * DP, NSTS, SELPASS) / 4u>;",
+                )
+                .replace(
+                    stores,
+                    "    stage[at / 4u] = vec4<f16>(vec4<f32>(a, b));
+    stage[at / 4u + 1u] = vec4<f16>(vec4<f32>(c, d));",
+                )
+                .replace("&stage[", "&stage[(")
+                .replace("], DP)", ") / 4u], DP / 4u)");
         }
         text
     }
