@@ -178,8 +178,6 @@ fn p_wide(z: f32, m: f32) -> f32 {
 // put_p1(i, x) / put_p2(i, x, y): P values at pbuf[i] (and i + 1, i even). Written by the generator.
 {{PUTS}}
 
-// Element e of the K tile starting at key kt (16 bytes of row kt + e / D8), zero past kend or
-// past the tile.
 // The carried C of key j for 16-row block blk, in units of UW, capped (0 past the keys).
 fn carry_at(b: u32, blk: u32, j: u32) -> f32 {
     if j < p.k_len && blk < p.sel_rows {
@@ -188,11 +186,14 @@ fn carry_at(b: u32, blk: u32, j: u32) -> f32 {
     return 0.0;
 }
 
-// This lane's CPRE carries for the key tile at kt (slice u / CPS, column lane + u % CPS * SGS).
+// This lane's CPRE carry u for the key tile at kt (slice u / CPS, column lane + u % CPS * SGS;
+// the planner keeps NSEL * CPS <= MAX_CP).
 fn load_carry(b: u32, blk: u32, kt: u32, lane: u32, u: u32) -> f32 {
     return carry_at(b, blk, kt + (u / CPS) * BCS + lane + (u % CPS) * SGS);
 }
 
+// Element e of the K tile starting at key kt (16 bytes of row kt + e / D8), zero past kend or
+// past the tile.
 fn load_k(b: u32, hk: u32, kt: u32, kend: u32, e: u32) -> vec4<u32> {
     let j = kt + e / D8;
     if e < BC * D8 && j < kend {
