@@ -102,6 +102,17 @@ override FQ: bool = false;
 // quads live in registers (acc and fb not declared), S_sel goes through sa; the workgroup memory
 // saved lets the planner take 64-key tiles with SDQ at D64 and D128 (SELATTN_BACKWARD_RQ=0: off).
 override RQ: bool = false;
+// DUP (coop_selq_du and coop_selk_du only): the key (selq_du) or row (selk_du) walk pipelined:
+// a whole tile's du (64 x BT, as f16 in du16) and K_sel / Q_sel staged by every lane in one
+// round, the next tile's global loads issued into registers before this tile's MMAs; two
+// workgroup barriers a tile instead of 1 + 2 NB, and 16-lane serial du loads gone
+// (SELATTN_BACKWARD_DUP=1 turns it on; off by default until measured on a device).
+override DUP: bool = false;
+override DUS: u32 = BT + 8u;        // DUP: padded f16 row stride of du16
+const DPK: u32 = 8u;                // DUP: staged 16-byte words of K_sel / Q_sel per lane at most
+const DPD: u32 = 32u;               // DUP: du values per lane at most
+override DPKN: u32 = min(DPK, (BT * D8 + WG - 1u) / WG);   // DUP: words a lane stages
+override DPDN: u32 = min(DPD, (KB * BT + WG - 1u) / WG);   // DUP: du values a lane stages
 const RQN: u32 = 16u;               // register quads per lane at most: 4 chunks x QPL
 const QPL: u32 = 4u;                // quads per lane at most (64 quads, subgroups of 16 or more)
 
@@ -127,9 +138,10 @@ var<workgroup> sb: array<f32, SG * 16u * SP>;                        // dP (or d
 var<workgroup> sf: array<f32, select(4u, SG * 16u * SP, SELECTIVE && !SELPASS)>;  // S_sel, then F
 var<workgroup> pa16: array<f16, select(8u, SG * 16u * PP, ISDKV)>;  // P^T (dkv only)
 // coop_selq / coop_selk: per subgroup and chunk, sum over heads of dz, and F.
-var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS && !RQ)>;
-var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS && !RQ)>;
-var<workgroup> za16: array<f16, select(SG * 16u * PP, 8u, SDQ || RQ)>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
+var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS && !RQ && !DUP)>;
+var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS && !RQ && !DUP)>;
+var<workgroup> za16: array<f16, select(SG * 16u * PP, 8u, SDQ || RQ || DUP)>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
+var<workgroup> du16: array<f16, select(8u, KB * DUS, DUP)>;          // DUP: a tile's du (or du^T)
 var<workgroup> rl: array<f32, RW>;                                   // LSE of staged rows
 var<workgroup> rd: array<f32, RW>;                                   // Delta
 var<workgroup> rt: array<f32, RW>;                                   // temperature
@@ -1705,6 +1717,81 @@ fn coop_seldu(
     }
 }
 
+// DUP, coop_selq_du: K_sel rows [kt, kt + BT) and du of the workgroup's 64 rows there (zero at
+// and past kend or the chunk's end) into registers, one key a lane along a row (coalesced).
+fn dup_q_load(b: u32, kt: u32, kend: u32, row0: u32, tid: u32,
+    xk: ptr<function, array<vec4<u32>, DPK>>, xd: ptr<function, array<f32, DPD>>) {
+    let sel_kv = p.sel_head / p.group;
+    for (var n = 0u; n < DPKN; n++) {
+        let e = tid + n * WG;
+        let j = kt + e / D8;
+        var x = vec4<u32>(0u);
+        if e < BT * D8 && j < kend {
+            x = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+        }
+        (*xk)[n] = x;
+    }
+    let dub = du_base(b);
+    for (var n = 0u; n < DPDN; n++) {
+        let e = tid + n * WG;
+        let i = row0 + e / BT;
+        let j = kt + e % BT;
+        var du = 0.0;
+        if e < KB * BT && j < kend && i < w.row_hi {
+            du = ws[dub + (i - w.row_lo) * p.k_len + j];
+        }
+        (*xd)[n] = du;
+    }
+}
+
+// DUP, coop_selk_du: Q_sel rows [row0, row0 + BT) and du of the workgroup's 64 keys there (zero
+// where not live or at and past the chunk's end) into registers, one key a lane (coalesced).
+fn dup_k_load(b: u32, row0: u32, kt: u32, valid: u32, tid: u32,
+    xk: ptr<function, array<vec4<u32>, DPK>>, xd: ptr<function, array<f32, DPD>>) {
+    for (var n = 0u; n < DPKN; n++) {
+        let e = tid + n * WG;
+        let i = row0 + e / D8;
+        var x = vec4<u32>(0u);
+        if e < BT * D8 && i < w.row_hi {
+            x = q[((b * p.q_heads + p.sel_head) * p.q_len + i) * D8 + e % D8];
+        }
+        (*xk)[n] = x;
+    }
+    let dub = du_base(b);
+    for (var n = 0u; n < DPDN; n++) {
+        let e = tid + n * WG;
+        let i = row0 + e / KB;
+        let j = kt + e % KB;
+        var du = 0.0;
+        if e < KB * BT && i < w.row_hi && j < p.k_len && sel_live(i, j, valid) {
+            du = ws[dub + (i - w.row_lo) * p.k_len + j];
+        }
+        (*xd)[n] = du;
+    }
+}
+
+// DUP: the registers of dup_q_load / dup_k_load into stage (rows of D) and du16 (du: row-major
+// 64 x BT with rows along the workgroup's 64; selk: transposed, 64 keys x BT rows).
+fn dup_put(tid: u32, transposed: bool,
+    xk: ptr<function, array<vec4<u32>, DPK>>, xd: ptr<function, array<f32, DPD>>) {
+    for (var n = 0u; n < DPKN; n++) {
+        let e = tid + n * WG;
+        if e < BT * D8 {
+            put8((e / D8) * DP + (e % D8) * 8u, (*xk)[n]);
+        }
+    }
+    for (var n = 0u; n < DPDN; n++) {
+        let e = tid + n * WG;
+        if e < KB * BT {
+            if transposed {
+                du16[(e % KB) * DUS + e / KB] = f16((*xd)[n]);
+            } else {
+                du16[(e / BT) * DUS + e % BT] = f16((*xd)[n]);
+            }
+        }
+    }
+}
+
 // coop_selq_du (the split du path): one workgroup per (64 query rows of the chunk, b); subgroup
 // sg owns rows 16 sg .. 16 sg + 15. dq_sel += du K_sel over the key tiles below the rows' causal
 // end, du read from the scratch coop_seldu wrote for the same chunk; adds the selection head's
@@ -1727,7 +1814,29 @@ fn coop_selq_du(
     let bp = sg * 16u * PP;
 {{SD_QDECL}}
     let kend = min(valid, p.start + min(row0 + KB, p.q_len));
-    for (var kt = 0u; kt < kend; kt += BT) {
+    if DUP {
+        var xk: array<vec4<u32>, DPK>;
+        var xd: array<f32, DPD>;
+        dup_q_load(b, 0u, kend, row0, tid, &xk, &xd);
+        for (var kt = 0u; kt < kend; kt += BT) {
+            workgroupBarrier();
+            dup_put(tid, false, &xk, &xd);
+            workgroupBarrier();
+            // The next tile's loads in flight during this tile's MMAs.
+            if kt + BT < kend {
+                dup_q_load(b, kt + BT, kend, row0, tid, &xk, &xd);
+            }
+            for (var c = 0u; c < NB; c++) {
+                if kt + c * 16u >= kend {
+                    break;
+                }
+                let so = c * 16u * DP;
+                let ua = coopLoadT<coop_mat16x16<f16, A>>(&du16[rb0 * DUS + c * 16u], DUS);
+{{SQ_ACC}}
+            }
+        }
+    }
+    for (var kt = 0u; kt < select(kend, 0u, DUP); kt += BT) {
         workgroupBarrier();
         for (var e = tid; e < BT * D8; e += WG) {
             let j = kt + e / D8;
@@ -1787,7 +1896,35 @@ fn coop_selk_du(
     let dub = du_base(b);
 {{SD_DECL}}
     let live = kt < valid;
-    for (var row0 = w.row_lo; row0 < w.row_hi; row0 += BT) {
+    if DUP && live {
+        // The first tile with a live row for these keys (the skip below holds for a prefix).
+        var rs = w.row_lo;
+        while rs < w.row_hi && p.start + min(rs + BT, p.q_len) <= kt + 1u {
+            rs += BT;
+        }
+        var xk: array<vec4<u32>, DPK>;
+        var xd: array<f32, DPD>;
+        if rs < w.row_hi {
+            dup_k_load(b, rs, kt, valid, tid, &xk, &xd);
+        }
+        for (var row0 = rs; row0 < w.row_hi; row0 += BT) {
+            workgroupBarrier();
+            dup_put(tid, true, &xk, &xd);
+            workgroupBarrier();
+            if row0 + BT < w.row_hi {
+                dup_k_load(b, row0 + BT, kt, valid, tid, &xk, &xd);
+            }
+            for (var c = 0u; c < NB; c++) {
+                if row0 + c * 16u >= w.row_hi {
+                    break;
+                }
+                let so = c * 16u * DP;
+                let ua = coopLoadT<coop_mat16x16<f16, A>>(&du16[kb0 * DUS + c * 16u], DUS);
+{{SK_ACC}}
+            }
+        }
+    }
+    for (var row0 = w.row_lo; row0 < select(w.row_hi, w.row_lo, DUP); row0 += BT) {
         if !live {
             break;
         }

@@ -26,6 +26,7 @@ fn text_of(src: Source) -> String {
         fq: false,
         kv4: false,
         rq: false,
+        dup: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)
