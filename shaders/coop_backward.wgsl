@@ -109,6 +109,12 @@ override RQ: bool = false;
 // (SELATTN_BACKWARD_DUP=1 turns it on; off by default until measured on a device).
 override DUP: bool = false;
 override DUS: u32 = BT + 8u;        // DUP: padded f16 row stride of du16
+// PIPE (coop_dq and coop_dkv): the next tile's staged rows (dq: K, V, K_sel and gates; dkv: Q,
+// dO, Q_sel, LSE, Delta and temperature of the next (head, query tile)) loaded into registers
+// before this tile's MMAs, stored into the staging buffer after the next barrier (one staging
+// latency a tile hidden; SELATTN_BACKWARD_PIPE=1 turns it on; off by default until measured).
+override PIPE: bool = false;
+override PKN: u32 = min(DPK, (BT * D8 + WG - 1u) / WG);    // PIPE: words a lane stages per tensor
 const DPK: u32 = 8u;                // DUP: staged 16-byte words of K_sel / Q_sel per lane at most
 const DPD: u32 = 32u;               // DUP: du values per lane at most
 override DPKN: u32 = min(DPK, (BT * D8 + WG - 1u) / WG);   // DUP: words a lane stages
@@ -288,6 +294,38 @@ fn ws8(at: u32, x: array<f32, 8>) {
     }
 }
 
+// PIPE, coop_dkv: Q, dO (and Q_sel) rows [row0, row0 + BT) of head h (zero past q_len) into
+// registers; returns LSE, Delta and the temperature of row row0 + tid.
+fn pipe_dkv_load(b: u32, h: u32, row0: u32, tid: u32,
+    pq: ptr<function, array<vec4<u32>, DPK>>, po: ptr<function, array<vec4<u32>, DPK>>,
+    ps: ptr<function, array<vec4<u32>, DPK>>) -> vec3<f32> {
+    for (var n = 0u; n < PKN; n++) {
+        let e = tid + n * WG;
+        let i = row0 + e / D8;
+        var xq = vec4<u32>(0u);
+        var xo = vec4<u32>(0u);
+        var xs = vec4<u32>(0u);
+        if e < BT * D8 && i < p.q_len {
+            let at = ((b * p.q_heads + h) * p.q_len + i) * D8 + e % D8;
+            xq = q[at];
+            xo = dout[at];
+            if SELECTIVE {
+                xs = q[((b * p.q_heads + p.sel_head) * p.q_len + i) * D8 + e % D8];
+            }
+        }
+        (*pq)[n] = xq;
+        (*po)[n] = xo;
+        (*ps)[n] = xs;
+    }
+    var x = vec3<f32>(0.0);
+    let i = row0 + tid;
+    if tid < BT && i < p.q_len {
+        let row = (b * p.q_heads + h) * p.q_len + i;
+        x = vec3<f32>(ws[w.lse + row], ws[w.delta + row], row_temperature(b, h, i));
+    }
+    return x;
+}
+
 @compute @workgroup_size(WG)
 fn coop_dkv(
     @builtin(local_invocation_index) tid: u32,
@@ -363,6 +401,23 @@ fn coop_dkv(
 {{ACCDECL}}
 
     let live = kt < valid;
+    // PIPE: the first query tile not skipped below (the causal skip holds for a prefix), its
+    // loads in registers before the walk.
+    var rfirst = 0u;
+    var pq: array<vec4<u32>, DPK>;
+    var po: array<vec4<u32>, DPK>;
+    var ps: array<vec4<u32>, DPK>;
+    var prow = vec3<f32>(0.0);
+    if PIPE && live {
+        if CAUSAL {
+            while rfirst < p.q_len && p.start + min(rfirst + BT, p.q_len) <= kt {
+                rfirst += BT;
+            }
+        }
+        if rfirst < p.q_len {
+            prow = pipe_dkv_load(b, hk * p.group, rfirst, tid, &pq, &po, &ps);
+        }
+    }
     for (var h = hk * p.group; h < (hk + 1u) * p.group; h++) {
         if !live {
             break;
@@ -373,7 +428,37 @@ fn coop_dkv(
                 continue;
             }
             workgroupBarrier();
-            for (var e = tid; e < BT * D8; e += WG) {
+            if PIPE {
+                for (var n = 0u; n < PKN; n++) {
+                    let e = tid + n * WG;
+                    if e < BT * D8 {
+                        let r = e / D8;
+                        let c8 = e % D8;
+                        put8(r * DP + c8 * 8u, pq[n]);
+                        put8((BT + r) * DP + c8 * 8u, po[n]);
+                        if SELECTIVE {
+                            put8((2u * BT + r) * DP + c8 * 8u, ps[n]);
+                        }
+                    }
+                }
+                if tid < BT {
+                    rl[tid] = prow.x;
+                    rd[tid] = prow.y;
+                    rt[tid] = prow.z;
+                }
+                workgroupBarrier();
+                // The next (head, query tile)'s loads in flight during this tile's chunks.
+                var nr = row0 + BT;
+                var nh = h;
+                if nr >= p.q_len {
+                    nr = rfirst;
+                    nh = h + 1u;
+                }
+                if nh < (hk + 1u) * p.group {
+                    prow = pipe_dkv_load(b, nh, nr, tid, &pq, &po, &ps);
+                }
+            }
+            for (var e = select(tid, BT * D8, PIPE); e < BT * D8; e += WG) {
                 let r = e / D8;
                 let i = row0 + r;
                 let c8 = e % D8;
@@ -394,7 +479,7 @@ fn coop_dkv(
                     put8((2u * BT + r) * DP + c8 * 8u, xs);
                 }
             }
-            for (var r = tid; r < BT; r += WG) {
+            for (var r = select(tid, BT, PIPE); r < BT; r += WG) {
                 let i = row0 + r;
                 var l = 0.0;
                 var d = 0.0;
@@ -411,7 +496,9 @@ fn coop_dkv(
             }
             // The staged tile is read by every subgroup; the chunks below hand only each
             // subgroup's own blocks between its lanes.
-            workgroupBarrier();
+            if !PIPE {
+                workgroupBarrier();
+            }
             for (var c0 = 0u; c0 < BT; c0 += 16u) {
                 let i0 = row0 + c0;
                 if i0 >= p.q_len {
@@ -628,6 +715,38 @@ fn coop_dkv(
     }
 }
 
+// PIPE, coop_dq: K, V (and K_sel) rows [kt, kt + BT) (zero at and past kend) and the gate of
+// key kt + tid into registers.
+fn pipe_dq_load(b: u32, hk: u32, kt: u32, kend: u32, tid: u32,
+    pk: ptr<function, array<vec4<u32>, DPK>>, pv: ptr<function, array<vec4<u32>, DPK>>,
+    ps: ptr<function, array<vec4<u32>, DPK>>) -> f32 {
+    let sel_kv = p.sel_head / p.group;
+    for (var n = 0u; n < PKN; n++) {
+        let e = tid + n * WG;
+        let j = kt + e / D8;
+        var xk = vec4<u32>(0u);
+        var xv = vec4<u32>(0u);
+        var xs = vec4<u32>(0u);
+        if e < BT * D8 && j < kend {
+            let at = ((b * p.kv_heads + hk) * p.k_len + j) * D8 + e % D8;
+            xk = k[at];
+            xv = v[at];
+            if SELECTIVE {
+                xs = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+            }
+        }
+        (*pk)[n] = xk;
+        (*pv)[n] = xv;
+        (*ps)[n] = xs;
+    }
+    var g = 1.0;
+    let j = kt + tid;
+    if HAS_GATE && tid < BT && j < p.k_len {
+        g = ws[w.gate + (b * p.kv_heads + hk) * p.k_len + j];
+    }
+    return g;
+}
+
 @compute @workgroup_size(WG)
 fn coop_dq(
     @builtin(local_invocation_index) tid: u32,
@@ -696,9 +815,38 @@ fn coop_dq(
     if CAUSAL {
         kend = min(kend, p.start + min(row0 + KB, p.q_len));
     }
+    var pk: array<vec4<u32>, DPK>;
+    var pv: array<vec4<u32>, DPK>;
+    var ps: array<vec4<u32>, DPK>;
+    var pg = 1.0;
+    if PIPE {
+        pg = pipe_dq_load(b, hk, 0u, kend, tid, &pk, &pv, &ps);
+    }
     for (var kt = 0u; kt < kend; kt += BT) {
         workgroupBarrier();
-        for (var e = tid; e < BT * D8; e += WG) {
+        if PIPE {
+            for (var n = 0u; n < PKN; n++) {
+                let e = tid + n * WG;
+                if e < BT * D8 {
+                    let r = e / D8;
+                    let c8 = e % D8;
+                    put8(r * DP + c8 * 8u, pk[n]);
+                    put8((BT + r) * DP + c8 * 8u, pv[n]);
+                    if SELECTIVE {
+                        put8((2u * BT + r) * DP + c8 * 8u, ps[n]);
+                    }
+                }
+            }
+            if tid < BT {
+                cg[tid] = pg;
+            }
+            workgroupBarrier();
+            // The next tile's loads in flight during this tile's chunks.
+            if kt + BT < kend {
+                pg = pipe_dq_load(b, hk, kt + BT, kend, tid, &pk, &pv, &ps);
+            }
+        }
+        for (var e = select(tid, BT * D8, PIPE); e < BT * D8; e += WG) {
             let r = e / D8;
             let j = kt + r;
             let c8 = e % D8;
@@ -719,7 +867,7 @@ fn coop_dq(
                 put8((2u * BT + r) * DP + c8 * 8u, xs);
             }
         }
-        for (var c = tid; c < BT; c += WG) {
+        for (var c = select(tid, BT, PIPE); c < BT; c += WG) {
             let j = kt + c;
             var g = 1.0;
             if HAS_GATE && j < p.k_len {
@@ -729,7 +877,9 @@ fn coop_dq(
         }
         // The staged tile is read by every subgroup; the chunks below hand only each
         // subgroup's own blocks between its lanes.
-        workgroupBarrier();
+        if !PIPE {
+            workgroupBarrier();
+        }
         for (var c0 = 0u; c0 < BT; c0 += 16u) {
             let j0 = kt + c0;
             if j0 >= kend {

@@ -27,6 +27,7 @@ fn text_of(src: Source) -> String {
         kv4: false,
         rq: false,
         dup: false,
+        pipe: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)

@@ -57,10 +57,27 @@ pub const RQ_ENV: &str = "SELATTN_BACKWARD_RQ";
 /// issued before this tile's MMAs, two barriers a tile instead of 1 + 2 (tile / 16).
 pub const DUP_ENV: &str = "SELATTN_BACKWARD_DUP";
 
-/// Staged 16-byte words of K_sel / Q_sel per lane that the DUP registers hold (shader `DPK`).
+/// Environment variable that turns the pipelined staging of coop_dkv and coop_dq on
+/// (`SELATTN_BACKWARD_PIPE=1`; `dq` or `dkv` for one of them; off by default until a device run
+/// shows it faster): the next tile's staged rows loaded into registers before this tile's
+/// MMAs, so one staging latency a tile is hidden.
+pub const PIPE_ENV: &str = "SELATTN_BACKWARD_PIPE";
+
+/// Staged 16-byte words per lane and tensor that the DUP and PIPE registers hold (shader `DPK`).
 const DUP_WORDS: u32 = 8;
 /// du values per lane that the DUP registers hold (shader `DPD`).
 const DUP_VALUES: u32 = 32;
+
+/// Whether `SELATTN_BACKWARD_PIPE` asks for the pipelined staging of `entry` (opt-in: `1` for
+/// coop_dkv and coop_dq, `dq` or `dkv` for one of them).
+fn pipe_wanted(entry: CoopEntry) -> bool {
+    match std::env::var(PIPE_ENV).as_deref() {
+        Ok("1") => matches!(entry, CoopEntry::Dkv | CoopEntry::Dq),
+        Ok("dq") => entry == CoopEntry::Dq,
+        Ok("dkv") => entry == CoopEntry::Dkv,
+        _ => false,
+    }
+}
 
 /// Whether `SELATTN_BACKWARD_DUP` asks for the pipelined du readers (opt-in: `1`).
 pub fn dup_enabled() -> bool {
@@ -145,6 +162,9 @@ pub struct CoopBackwardConfig {
     /// coop_selq_du and coop_selk_du only: the pipelined walk (`DUP`; see [`DUP_ENV`]). Set by
     /// [`CoopBackwardConfig::with_dup`]; ignored by the other entries.
     pub dup: bool,
+    /// coop_dkv and coop_dq: the next tile's loads in registers during this tile's MMAs
+    /// (`PIPE`; see [`PIPE_ENV`]).
+    pub pipe: bool,
     /// Operator features (`lse` unused).
     pub features: Switches,
 }
@@ -164,6 +184,10 @@ impl CoopBackwardConfig {
             ("FQ", self.fq as u32 as f64),
             ("RQ", self.rq as u32 as f64),
             ("DUP", self.dup_active() as u32 as f64),
+            (
+                "PIPE",
+                (self.pipe && matches!(self.entry, CoopEntry::Dq | CoopEntry::Dkv)) as u32 as f64,
+            ),
             (
                 "DU",
                 matches!(
@@ -370,6 +394,8 @@ impl CoopBackwardConfig {
             kv4: caps.info.backend == wgpu::Backend::Vulkan && knob_on(KV4_ENV),
             rq: false,
             dup: false,
+            // Where a lane's share of a staged tensor fits the registers.
+            pipe: pipe_wanted(entry) && (bt * (d / 8)).div_ceil(SUBGROUPS * sgs) <= DUP_WORDS,
             features,
         };
         Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))
