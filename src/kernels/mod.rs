@@ -292,10 +292,11 @@ pub struct Params {
     pub sel_head: u32,
     /// Logit scale.
     pub scale: f32,
-    /// Query tiles (rows of the selective scratch per batch element).
+    /// Query tiles.
     pub n_qtiles: u32,
-    /// Padding to 16 bytes.
-    pub _pad0: u32,
+    /// Rows of the selective scratch per batch element: `n_qtiles`, or with the cooperative
+    /// forward's subgroup prefix one per 16 query rows.
+    pub sel_rows: u32,
     /// Padding to 16 bytes.
     pub _pad1: u32,
 }
