@@ -134,7 +134,7 @@ override NT: u32 = select(2u, 3u, SELECTIVE);   // tensors staged per step
 override NST: u32 = max(NT * BT, KB);           // staged rows
 override RW: u32 = max(BT, KB);
 override NB: u32 = BT / 16u;        // 16-row (or 16-key) chunks per staged tile
-override NSTS: u32 = max(2u * BT, select(KB, 2u * KB, SDQ)) * DP;   // staged f16 of coop_selq / coop_selk / coop_seldu
+override NSTS: u32 = select(max(2u * BT, select(KB, 2u * KB, SDQ)), max(BT, KB), DUP) * DP;   // staged f16 of coop_selq / coop_selk / coop_seldu (DUP: K_sel or Q_sel only)
 
 // Every workgroup variable is a multiple of 16 bytes (see coop_forward.wgsl: NVIDIA's driver
 // misaligns cooperative loads otherwise).

@@ -271,11 +271,15 @@ impl CoopBackwardConfig {
             }
             x
         } else if self.dup_active() {
-            // No acc or fb (4 floats each), za16 down to 8 f16, du16 of 64 rows.
-            let (bt, rows) = (self.bt as u64, ROWS as u64);
+            // No acc or fb (4 floats each), za16 down to 8 f16, du16 of 64 rows, a stage of
+            // max(BT, 64) rows (K_sel or Q_sel only).
+            let (d, bt, rows) = (self.d as u64, self.bt as u64, ROWS as u64);
             let half = SUBGROUPS as u64 * 16 * 24 * 2;
             let fblock = SUBGROUPS as u64 * 16 * 16 * 4;
-            b - 2 * (bt / 16) * fblock + 32 - half + 16 + rows * (bt + 8) * 2
+            let stage = |r: u64| r * (d + 8) * 2;
+            b - stage((2 * bt).max(rows)) + stage(bt.max(rows)) - 2 * (bt / 16) * fblock + 32 - half
+                + 16
+                + rows * (bt + 8) * 2
         } else {
             b
         }
