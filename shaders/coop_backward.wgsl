@@ -105,7 +105,8 @@ override RQ: bool = false;
 // DUP (coop_selq_du and coop_selk_du only): the key (selq_du) or row (selk_du) walk pipelined:
 // a whole tile's du (64 x BT, as f16 in du16) and K_sel / Q_sel staged by every lane in one
 // round, the next tile's global loads issued into registers before this tile's MMAs; two
-// workgroup barriers a tile instead of 1 + 2 NB, and 16-lane serial du loads gone
+// workgroup barriers a tile instead of 1 + 2 NB, and 16-lane serial du loads gone. acc, fb and
+// za16 are not declared and the stage holds BT rows, so 64-row tiles fit at D64 and D128
 // (SELATTN_BACKWARD_DUP=1 turns it on; off by default until measured on a device).
 override DUP: bool = false;
 override DUS: u32 = BT + 8u;        // DUP: padded f16 row stride of du16
