@@ -16,7 +16,7 @@ pub const MAX_D: u32 = 128;
 /// pass's interior fast path); `+ilp` turns `ilp` on at every head dim. The softmax and staging
 /// forms: `keep`, `quads`, `pairs`, `fixed`, `rot`, `kv4`, `p2` turn one off, `+name` on (see
 /// [`CoopConfig`]; `keep,kv4` gives column pairs, `keep,kv4,pairs,fixed` the scalar loops of
-/// before). Timing-only knobs that make
+/// before); `+vpre` prefetches V a whole tile ahead (not with selective masking). Timing-only knobs that make
 /// results wrong (for `bench --no-check`): `x-nosm`, `x-nostage`, `x-nold`, `x-nos`, `x-nopv`,
 /// `x-nobar`, `x-nomax`, `x-noexp` (the shader's `XA` bits, in that order). Unset in normal use.
 pub const ABLATE_ENV: &str = "SELATTN_COOP_ABLATE";
@@ -65,6 +65,9 @@ pub struct CoopConfig {
     pub kv4: bool,
     /// P in a `vec2<f16>` array (one 4-byte store per pair; needs `sm_pairs`).
     pub p2: bool,
+    /// V prefetched a whole tile ahead, as K is (`VPRE`; `+vpre` in [`ABLATE_ENV`], off by
+    /// default; never with selective masking).
+    pub vpre: bool,
 }
 
 impl CoopConfig {
@@ -83,6 +86,7 @@ impl CoopConfig {
             ("SM_ROT", super::flag(self.sm_rot)),
             ("SM_QUADS", super::flag(self.sm_quads)),
             ("SM_KEEP", super::flag(self.sm_keep)),
+            ("VPRE", super::flag(self.vpre)),
         ]
         .into_iter()
         .chain(self.features.constants())
@@ -192,6 +196,8 @@ impl CoopConfig {
                 sm_keep: false,
                 kv4: false,
                 p2: false,
+                // Candidate (issue 11, unmeasured): the planner refuses it with selective masking.
+                vpre: !features.selective && listed("+vpre"),
             };
             // Softmax and staging forms (`+name` turns one on, `name` off).
             let on = |what: &str, default: bool| {
