@@ -212,9 +212,9 @@ struct Cli {
     /// Time forward + backward (all gradients; FLOPs 3.5x the forward's).
     #[arg(long)]
     backward: bool,
-    /// With --backward: also a per-kernel GPU profile of each row (timestamps before every
-    /// dispatch of the backward call and around the forward's pass; needs
-    /// TIMESTAMP_QUERY_INSIDE_PASSES), median of 5 runs per dispatch.
+    /// Also a per-kernel GPU profile of each row (timestamps before every dispatch of the
+    /// forward call, or with --backward of the backward call and around the forward's pass;
+    /// needs TIMESTAMP_QUERY_INSIDE_PASSES), median of 5 runs per dispatch.
     #[arg(long)]
     profile: bool,
 }
@@ -781,6 +781,13 @@ fn measure(
         }
         Ok(times)
     })?;
+    let profile = if a.profile {
+        error_scoped(ctx, "profiling the call", || {
+            profile_forward(ctx, &inputs, &opts, &outputs)
+        })?
+    } else {
+        Vec::new()
+    };
     let finite = ctx.download(&dev.lse)?.iter().all(|x| x.is_finite());
 
     let runs = times.len();
@@ -811,8 +818,51 @@ fn measure(
         check,
         check_ok,
         finite,
-        profile: Vec::new(),
+        profile,
     })
+}
+
+/// Per-dispatch GPU times of one forward call (selective masking's column sums and scan, then
+/// the attention kernel): a timestamp before every dispatch and one after the last, median of
+/// 5 runs per dispatch.
+fn profile_forward(
+    ctx: &Context,
+    inputs: &Inputs,
+    opts: &Options,
+    outputs: &Outputs,
+) -> selattn::Result<Vec<(String, f64)>> {
+    const CAP: u32 = 8;
+    let dev = &ctx.device;
+    let qs = dev.create_query_set(&wgpu::QuerySetDescriptor {
+        label: Some("bench profile forward"),
+        ty: wgpu::QueryType::Timestamp,
+        count: CAP,
+    });
+    let stamps = Stamps::new(ctx, "bench profile forward", CAP as u64 * 8);
+    let period = ctx.queue.get_timestamp_period() as f64;
+    let mut labels = Vec::new();
+    let mut samples: Vec<Vec<f64>> = Vec::new();
+    for _ in 0..5 {
+        let mut enc = dev.create_command_encoder(&Default::default());
+        labels = ctx.encode_attention_profiled(&mut enc, inputs, opts, outputs, &qs, CAP)?;
+        let n = labels.len() as u32 + 1;
+        enc.resolve_query_set(&qs, 0..n, &stamps.resolve, 0);
+        let ticks = stamps.submit_and_read(ctx, enc)?;
+        let ms = |a: u64, b: u64| b.wrapping_sub(a) as f64 * period * 1e-6;
+        samples.push(
+            (0..labels.len())
+                .map(|i| ms(ticks[i], ticks[i + 1]))
+                .collect(),
+        );
+    }
+    Ok(labels
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut v: Vec<f64> = samples.iter().map(|r| r[i]).collect();
+            (name, median(&mut v))
+        })
+        .collect())
 }
 
 fn shape_text(s: &Shape) -> String {

@@ -12,8 +12,8 @@ struct Params {
     start: u32,      // absolute position of query row 0
     sel_head: u32,   // selection head (selective masking)
     scale: f32,      // logit scale
-    n_qtiles: u32,   // ceil(q_len / BR): rows of the selective scratch per batch element
-    _pad0: u32,
+    n_qtiles: u32,   // ceil(q_len / BR)
+    sel_rows: u32,   // rows of the selective scratch per batch element (n_qtiles, or ceil(q_len / 16))
     _pad1: u32,
 }
 

@@ -83,7 +83,9 @@ override CPL: u32 = BC / (CW * LPR);           // steps per lane
 // XA: timing-only ablations (results wrong; `SELATTN_COOP_ABLATE=x-...`, bench --no-check): bits
 //   1 skip the softmax, 2 skip staging K/V in workgroup memory, 4 skip the global K/V loads of the
 //   loop, 8 skip S = Q K^T, 16 skip O += P V, 32 skip the loop's barriers, 64 skip the softmax's
-//   max pass, 128 skip its exp pass (32: the K-staging and S barriers only). 0 in normal use.
+//   max pass, 128 skip its exp pass (32: the K-staging and S barriers only); selective: 256 skip
+//   the selection head's S tile MMAs, 512 skip the column prefix (S left unscaled), 1024 skip
+//   staging the selection head's K tile. 0 in normal use.
 override XA: u32 = 0u;
 fn xa(bit: u32) -> bool {
     return (XA & bit) != 0u;
@@ -102,6 +104,16 @@ override SP: u32 = BC + 4u;    // padded f32 row stride of S
 // Selective with room for two key tiles in kbuf (BC <= BR / 2): K and the selection head's K
 // are staged together, two barriers fewer per tile.
 override PAIR: bool = SELECTIVE && 2u * BC <= max(BR, BC);
+// SELP (selective, not PAIR; the planner checks BC * DP <= BR * PP): the selection head's K tile
+// staged in pbuf (free between the top of the key loop and the softmax) together with K, so
+// its S tile needs no staging of its own: two workgroup barriers per key tile fewer.
+override SELP: bool = false;
+override DPP: u32 = DP;        // the same stride, named apart for the generator
+// SGPREFIX (selective): the carried C comes per 16 query rows (the column sums' SUB16 form, a
+// scratch row per subgroup block), so each subgroup takes the column prefix over its own 16
+// rows alone: lanes take columns, subgroup barriers (SGBAR) instead of workgroup ones, no
+// chunk totals; one workgroup barrier after the slices guards K / pbuf for V and P.
+override SGPREFIX: bool = false;
 override PP: u32 = BC + 8u;    // padded f16 row stride of P
 // Softmax units of a wide tile: logits times UW = log2(e) / 512, exponentiated as
 // exp2(UX * max(z - m, DIFF_MIN)). A logit that fits in f32 is below FLT_MAX / 355 in these
@@ -305,6 +317,8 @@ fn coop_forward(
                 put8((e / D8) * DP + (e % D8) * 8u, kpre[x], 1.0);
                 if PAIR {
                     put8((BC + e / D8) * DP + (e % D8) * 8u, spre[x], 1.0);
+                } else if SELP {
+                    put8p((e / D8) * DP + (e % D8) * 8u, spre[x]);
                 }
             }
         }
@@ -314,14 +328,14 @@ fn coop_forward(
         if !xa(8u) {
 {{SLOOP}}
         }
-        // The selection head's S tile: from the rows after K (PAIR), or through the same rows
-        // once every subgroup is done with K.
+        // The selection head's S tile: from the rows after K (PAIR), from pbuf (SELP), or
+        // through K's rows once every subgroup is done with K.
         if SELECTIVE {
-            if !PAIR {
+            if !PAIR && !SELP {
                 workgroupBarrier();
                 for (var x = 0u; x < NLD; x++) {
                     let e = tid + x * WG;
-                    if e < BC * D8 {
+                    if e < BC * D8 && !xa(1024u) {
                         put8((e / D8) * DP + (e % D8) * 8u, spre[x], 1.0);
                     }
                 }
@@ -332,9 +346,55 @@ fn coop_forward(
             // every row's position): the predicate is j > 0 alone, folded into the factor.
             let interior = FAST_PREFIX && row0 + BR <= p.q_len && kt + BC <= p.start + row0
                 && p.start + row0 + BR <= valid;
-            for (var hs = 0u; hs < NSEL; hs++) {
+            for (var hs = 0u; hs < select(NSEL, 0u, !SGPREFIX); hs++) {
                 let hoff = hs * BCS;
+                if !xa(256u) {
 {{SSLOOP}}
+                }
+                // This subgroup's rows of fsel (its own S_sel) are read by its own lanes.
+{{SGBAR}}
+                // F = C (this block's carry) + exclusive prefix over the block's 16 rows, in
+                // units of UW as below; each lane walks whole columns.
+                let blk = qt * (BR / 16u) + sg;
+                for (var c = lane; c < select(BCS, 0u, xa(512u)); c += SGS) {
+                    let j = kt + hoff + c;
+                    let sj = select(0.0, su, j > 0u);
+                    var run = 0.0;
+                    if j < p.k_len && blk < p.sel_rows {
+                        run = min(fcarry[(b * p.sel_rows + blk) * p.k_len + j] * UW, F_CAP);
+                    }
+                    if interior {
+                        for (var r = rb0; r < rb0 + 16u; r++) {
+                            let s = fsel[r * SPS + c];
+                            let e = r * SP + hoff + c;
+                            sbuf[e] = sbuf[e] * (row_f[r] * UW) - run;
+                            run += max(s * sj, 0.0);
+                        }
+                    } else {
+                        for (var r = rb0; r < rb0 + 16u; r++) {
+                            let pos = p.start + row0 + r;
+                            let s = fsel[r * SPS + c];
+                            let e = r * SP + hoff + c;
+                            sbuf[e] = sbuf[e] * (row_f[r] * UW) - run;
+                            if row0 + r < p.q_len && selective_counts(j, pos) && pos < valid {
+                                run += max(s * su, 0.0);
+                            }
+                        }
+                    }
+                }
+                // fsel's rows are rewritten by the next slice (this subgroup's own).
+{{SGBAR}}
+            }
+            if SGPREFIX {
+                // K (and the selection head's K in kbuf or pbuf) are done with in every
+                // subgroup before V and P take their rows.
+                workgroupBarrier();
+            }
+            for (var hs = 0u; hs < select(NSEL, 0u, SGPREFIX); hs++) {
+                let hoff = hs * BCS;
+                if !xa(256u) {
+{{SSLOOP}}
+                }
                 workgroupBarrier();
                 // 3. F = C + exclusive column prefix of S_sel inside the tile, in units of UW
                 //    (a wide tile); C capped at F_CAP, each term below FLT_MAX / 355: no sum
@@ -347,7 +407,9 @@ fn coop_forward(
                 let j = kt + hoff + c;
                 let sj = select(0.0, su, j > 0u);
                 var tot = 0.0;
-                if interior {
+                if xa(512u) {
+                    // (timing only: no prefix)
+                } else if interior {
                     for (var r = r0; r < r0 + CHUNK; r++) {
                         tot += max(fsel[r * SPS + c] * sj, 0.0);
                     }
@@ -369,7 +431,9 @@ fn coop_forward(
                 for (var q2 = 0u; q2 < chunk; q2++) {
                     run += ctot[q2 * BCS + c];
                 }
-                if interior {
+                if xa(512u) {
+                    // (timing only: no prefix)
+                } else if interior {
                     for (var r = r0; r < r0 + CHUNK; r++) {
                         let s = fsel[r * SPS + c];
                         let e = r * SP + hoff + c;

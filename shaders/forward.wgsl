@@ -275,7 +275,7 @@ fn forward(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg:
                 let j = kt + c;
                 var run = 0.0;
                 if j < p.k_len {
-                    run = fcarry[(b * p.n_qtiles + qt) * p.k_len + j];
+                    run = fcarry[(b * p.sel_rows + qt) * p.k_len + j];
                 }
                 for (var r = 0u; r < BR; r++) {
                     let e = r * PS + c;   // < BR * PS

@@ -85,7 +85,7 @@ fn colsum(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
                     sum += ssel[r * BC + c];
                 }
             }
-            scratch[(b * p.n_qtiles + qt) * p.k_len + j] = sum;
+            scratch[(b * p.sel_rows + qt) * p.k_len + j] = sum;
         }
     }
 }
@@ -101,8 +101,22 @@ fn scan(@builtin(global_invocation_id) gid: vec3<u32>) {
     if HAS_F0 {
         run = f0[b * p.k_len + j];
     }
-    for (var qt = 0u; qt < p.n_qtiles; qt++) {
-        let idx = (b * p.n_qtiles + qt) * p.k_len + j;
+    // Eight rows' loads issued before their stores, so they are in flight together (the
+    // rows are independent; only the running sum is serial).
+    let base = b * p.sel_rows;
+    var qt = 0u;
+    for (; qt + 8u <= p.sel_rows; qt += 8u) {
+        var t: array<f32, 8>;
+        for (var u = 0u; u < 8u; u++) {
+            t[u] = scratch[(base + qt + u) * p.k_len + j];
+        }
+        for (var u = 0u; u < 8u; u++) {
+            scratch[(base + qt + u) * p.k_len + j] = run;
+            run += t[u];
+        }
+    }
+    for (; qt < p.sel_rows; qt++) {
+        let idx = (base + qt) * p.k_len + j;
         let t = scratch[idx];
         scratch[idx] = run;
         run += t;

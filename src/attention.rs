@@ -371,6 +371,40 @@ impl Context {
         })
     }
 
+    /// Like [`Context::encode_attention`], with a GPU timestamp written into `query_set` before
+    /// every dispatch and one after the last (indices 0, 1, ...; needs
+    /// TIMESTAMP_QUERY_INSIDE_PASSES): a per-kernel profile (selective masking's column sums and
+    /// scan, then the attention kernel). Returns the label of each dispatch, in order (dispatch
+    /// `n` ran between timestamps `n` and `n + 1`). `capacity` is the query set's count; a call
+    /// that needs more writes nothing and returns an error.
+    pub fn encode_attention_profiled(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &Inputs,
+        options: &Options,
+        outputs: &Outputs,
+        query_set: &wgpu::QuerySet,
+        capacity: u32,
+    ) -> Result<Vec<String>> {
+        if !(self.device.features()).contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
+            return Err(Error::FeatureMissing {
+                feature: "TIMESTAMP_QUERY_INSIDE_PASSES",
+            });
+        }
+        let plan = self.plan(inputs, options, outputs)?;
+        let labels = forward::dispatch_labels(&plan);
+        if labels.len() as u64 + 1 > capacity as u64 {
+            return Err(Error::gpu_msg(format!(
+                "profiling attention: {} timestamps needed, the query set holds {capacity}",
+                labels.len() + 1
+            )));
+        }
+        self.scoped("recording attention", || {
+            self.encode_plan_profiled(encoder, &plan, inputs, outputs, None, Some(query_set))
+        })?;
+        Ok(labels)
+    }
+
     pub(crate) fn encode_plan(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -378,6 +412,18 @@ impl Context {
         inputs: &Inputs,
         outputs: &Outputs,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
+        self.encode_plan_profiled(encoder, plan, inputs, outputs, timestamps, None)
+    }
+
+    fn encode_plan_profiled(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        plan: &Plan,
+        inputs: &Inputs,
+        outputs: &Outputs,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        profile: Option<&wgpu::QuerySet>,
     ) -> Result<()> {
         let scratch = match plan.selective {
             Some(_) => self.scratch(plan.scratch_bytes())?,
@@ -396,7 +442,15 @@ impl Context {
             lse: outputs.lse.map(bound),
             f_out: outputs.f_out.map(bound),
         };
-        forward::encode(&self.gpu(), encoder, plan, &buffers, &scratch, timestamps)
+        forward::encode(
+            &self.gpu(),
+            encoder,
+            plan,
+            &buffers,
+            &scratch,
+            timestamps,
+            profile,
+        )
     }
 }
 

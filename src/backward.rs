@@ -413,7 +413,7 @@ impl Context {
                     tensor_entry(3, inputs.kv_len.map(bound), b.din),
                     entry(5, &b.carry),
                 ],
-                (s.k_len.div_ceil(c.bc), plan.params.n_qtiles, s.batch),
+                (c.key_groups(s.k_len), plan.params.n_qtiles, s.batch),
             ),
             Kernel::SelScan(c) => (
                 vec![

@@ -52,6 +52,13 @@ fn cases() -> Vec<(Shape, Options, Switches)> {
             all,
         ),
         (Shape::new(1, 1, 33, 128), Options::new(), all),
+        // More key tiles than one column-sum workgroup walks (4 x 64 on the coop path), the
+        // last group partial, with a partial query chunk ending mid-sequence.
+        (
+            Shape::new(1, 2, 600, 64).with_kv_heads(1).with_q_len(330),
+            Options::causal().selective(1),
+            all,
+        ),
     ]
 }
 
@@ -161,6 +168,12 @@ fn coop_bounds_checks_on_and_off_agree() {
             Switches::NONE,
         ),
         (Shape::new(1, 2, 45, 16).with_q_len(1), Options::new(), all),
+        // Several column-sum key groups, the last partial.
+        (
+            Shape::new(1, 2, 600, 64).with_q_len(330),
+            Options::causal().selective(1),
+            all,
+        ),
     ];
     let mut ran = 0;
     for ctx in contexts() {

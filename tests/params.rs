@@ -44,7 +44,7 @@ fn params_match_wgsl_layout() {
         ("sel_head", offset_of!(Params, sel_head)),
         ("scale", offset_of!(Params, scale)),
         ("n_qtiles", offset_of!(Params, n_qtiles)),
-        ("_pad0", offset_of!(Params, _pad0)),
+        ("sel_rows", offset_of!(Params, sel_rows)),
         ("_pad1", offset_of!(Params, _pad1)),
     ];
     for src in [

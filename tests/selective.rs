@@ -221,7 +221,7 @@ fn scratch_bytes_bound() {
         let outs = selattn::Outputs::new(&o).f_out(&f_out);
         let sel = Options::causal().selective(1);
         let plan = ctx.plan(&g.inputs(), &sel, &outs).unwrap();
-        let br = plan.forward.br as u64;
+        let br = plan.sel_block_rows() as u64;
         let want = 2 * 30u64.div_ceil(br) * 45 * 4;
         let got = ctx.scratch_bytes(&g.inputs(), &sel, &outs).unwrap();
         assert_eq!(got, want, "[{}] Br {br}", ctx.describe());
@@ -248,7 +248,7 @@ fn scratch_bytes_bound() {
             .validate()
             .unwrap();
             let plan = Plan::new(&caps, &r, DType::F32).unwrap();
-            let br = plan.forward.br as u64;
+            let br = plan.sel_block_rows() as u64;
             let (bn, n) = (bn as u64, n as u64);
             let bound = bn * n.div_ceil(br) * n * 4;
             let full = bn * n * n * 4;
@@ -270,5 +270,71 @@ fn scratch_bytes_bound() {
                 ),
             }
         }
+    }
+}
+
+/// `encode_attention_profiled` where the device has TIMESTAMP_QUERY_INSIDE_PASSES: one label per
+/// dispatch (the column sums, the scan, the attention kernel), the same O and F_out bit for bit
+/// as `attention`; a query set too small is a typed error that writes nothing (O keeps its
+/// poison). Without the feature: FeatureMissing.
+#[test]
+fn profiled_forward_matches_and_labels() {
+    use selattn::{Error, Outputs};
+    let shape = Shape::new(1, 4, 70, 32).with_kv_heads(2);
+    let opts = Options::causal().selective(1);
+    let c = Case::random("profiled", shape, opts, Switches::ALL, 21);
+    for ctx in contexts() {
+        let plain = run_gpu(ctx, &shape, &c.x, &opts, DType::F32);
+        let g = Gpu::upload(ctx, &shape, &c.x, DType::F32);
+        let o = ctx.empty(&shape.q_dims(), DType::F32).unwrap();
+        let f_out = ctx.empty(&shape.f_dims(), DType::F32).unwrap();
+        let qs = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("test profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 8,
+        });
+        let profiled = |cap: u32| {
+            ctx.poison(&o).unwrap();
+            ctx.poison(&f_out).unwrap();
+            let outs = Outputs::new(&o).f_out(&f_out);
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            let r = ctx.encode_attention_profiled(&mut enc, &g.inputs(), &opts, &outs, &qs, cap);
+            ctx.queue.submit([enc.finish()]);
+            (r, ctx.download(&o).unwrap(), ctx.download(&f_out).unwrap())
+        };
+        let inside = ctx
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
+        let (labels, got_o, got_f) = profiled(8);
+        if !inside {
+            assert!(
+                matches!(labels, Err(Error::FeatureMissing { .. })),
+                "[{}] {labels:?}",
+                ctx.describe()
+            );
+            continue;
+        }
+        let labels = labels.unwrap_or_else(|e| panic!("[{}] {e}", ctx.describe()));
+        assert_eq!(
+            labels,
+            ["sel_colsum", "sel_scan", "forward"],
+            "[{}]",
+            ctx.describe()
+        );
+        assert_eq!(bits(&got_o), bits(&plain.o), "[{}] O", ctx.describe());
+        assert_eq!(
+            bits(&got_f),
+            bits(&plain.f_out),
+            "[{}] F_out",
+            ctx.describe()
+        );
+        let (small, got_o, _) = profiled(3);
+        assert!(small.is_err(), "[{}] {small:?}", ctx.describe());
+        assert!(
+            got_o.iter().all(|x| x.is_nan()),
+            "[{}] a refused profiled call wrote O",
+            ctx.describe()
+        );
     }
 }

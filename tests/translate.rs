@@ -385,6 +385,61 @@ fn every_variant_translates_to_every_backend() {
     );
 }
 
+/// The selective cooperative-matrix kernels in the forms their knobs give back
+/// (`SELATTN_COOP_ABLATE`: `sgprefix`, `selp`, `colkpwN`), which the planner's defaults in the
+/// covering set do not reach: the tile-wide prefix, the selection head's K staged through kbuf,
+/// and the column sums at 1, 2, 8 and 16 key tiles per workgroup, per tile and per 16 rows.
+#[test]
+fn selective_coop_knob_forms_translate() {
+    let mut keys = Vec::new();
+    for k in variants::covering_variants() {
+        match k.kernel {
+            Kernel::CoopForward(c) if c.features.selective => {
+                for (sgprefix, selp) in [(false, false), (false, c.selp), (c.sgprefix, false)] {
+                    keys.push(KernelKey {
+                        kernel: Kernel::CoopForward(selattn::kernels::coop::CoopConfig {
+                            sgprefix,
+                            selp,
+                            ..c
+                        }),
+                        ..k
+                    });
+                }
+            }
+            Kernel::SelColsum(c) if c.coop_sgs > 0 => {
+                for kpw in [1, 2, 8, 16] {
+                    for sub16 in [false, true] {
+                        keys.push(KernelKey {
+                            kernel: Kernel::SelColsum(selattn::kernels::selective::ColsumConfig {
+                                kpw,
+                                sub16: sub16 && c.br > 16,
+                                ..c
+                            }),
+                            ..k
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    keys.sort_by_key(|k| format!("{k:?}"));
+    keys.dedup();
+    assert!(
+        !keys.is_empty(),
+        "no selective coop variant in the covering set"
+    );
+    let failures = translate_all(&keys);
+    eprintln!("translated {} selective coop knob forms", keys.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} knob forms failed:\n{}",
+        failures.len(),
+        keys.len(),
+        failures.join("\n")
+    );
+}
+
 /// Tiles (D, BR, BC, DN) of the forward kernel, (D, BR, BC, WG) of the colsum pass and
 /// (D, BR, BC, subgroup size) of the cooperative-matrix kernel.
 fn tiles(keys: &[KernelKey]) -> BTreeSet<(u8, u32, u32, u32, u32)> {

@@ -717,6 +717,8 @@ fn selective_passes(
                 wg: cwg,
                 kv_len: pr.kv_len,
                 coop_sgs: 0,
+                kpw: 1,
+                sub16: false,
             }))
             .find(|c| c.workgroup_bytes() <= memory)
             .ok_or(Error::TooLarge {

@@ -16,10 +16,20 @@ pub const MAX_D: u32 = 128;
 /// pass's interior fast path); `+ilp` turns `ilp` on at every head dim. The softmax and staging
 /// forms: `keep`, `quads`, `pairs`, `fixed`, `rot`, `kv4`, `p2` turn one off, `+name` on (see
 /// [`CoopConfig`]; `keep,kv4` gives column pairs, `keep,kv4,pairs,fixed` the scalar loops of
-/// before); `+vpre` prefetches V a whole tile ahead (not with selective masking). Timing-only knobs that make
-/// results wrong (for `bench --no-check`): `x-nosm`, `x-nostage`, `x-nold`, `x-nos`, `x-nopv`,
-/// `x-nobar`, `x-nomax`, `x-noexp` (the shader's `XA` bits, in that order). Unset in normal use.
+/// before); `+vpre` prefetches V a whole tile ahead (not with selective masking). Timing-only
+/// knobs that make results wrong (for `bench --no-check`): `x-nosm`, `x-nostage`, `x-nold`,
+/// `x-nos`, `x-nopv`, `x-nobar`, `x-nomax`, `x-noexp`, and for selective masking `x-nosels`,
+/// `x-noprefix`, `x-noselk` (the shader's `XA` bits, in that order). `colkpwN` sets the
+/// column-sum pass's key tiles per workgroup (see `ColsumConfig::coop`). Unset in normal use.
 pub const ABLATE_ENV: &str = "SELATTN_COOP_ABLATE";
+
+/// Whether the planner stages the selection head's K tile in the P buffer where it fits
+/// ([`CoopConfig::selp`]; `selp` in [`ABLATE_ENV`] turns it off).
+pub const DEFAULT_SELP: bool = true;
+
+/// Whether the planner takes the selective column prefix per subgroup ([`CoopConfig::sgprefix`];
+/// `sgprefix` in [`ABLATE_ENV`] turns it off).
+pub const DEFAULT_SGPREFIX: bool = true;
 
 /// Specialisation of the cooperative-matrix kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -68,6 +78,13 @@ pub struct CoopConfig {
     /// V prefetched a whole tile ahead, as K is (`VPRE`; `+vpre` in [`ABLATE_ENV`], off by
     /// default; never with selective masking).
     pub vpre: bool,
+    /// Selective: the selection head's K tile staged in the P buffer together with K (`SELP`:
+    /// two workgroup barriers per key tile fewer; needs BC × (D + 8) <= BR × (BC + 8)).
+    pub selp: bool,
+    /// Selective: the carried C per 16 query rows (the column sums' `sub16` form) and each
+    /// subgroup's column prefix over its own rows alone (`SGPREFIX`: subgroup barriers, no
+    /// chunk totals, one workgroup barrier per key tile instead of three per slice).
+    pub sgprefix: bool,
 }
 
 impl CoopConfig {
@@ -87,6 +104,8 @@ impl CoopConfig {
             ("SM_QUADS", super::flag(self.sm_quads)),
             ("SM_KEEP", super::flag(self.sm_keep)),
             ("VPRE", super::flag(self.vpre)),
+            ("SELP", super::flag(self.selp)),
+            ("SGPREFIX", super::flag(self.sgprefix)),
         ]
         .into_iter()
         .chain(self.features.constants())
@@ -184,6 +203,9 @@ impl CoopConfig {
                     "x-nobar",
                     "x-nomax",
                     "x-noexp",
+                    "x-nosels",
+                    "x-noprefix",
+                    "x-noselk",
                 ]
                 .iter()
                 .enumerate()
@@ -198,6 +220,8 @@ impl CoopConfig {
                 p2: false,
                 // Candidate (issue 11, unmeasured): the planner refuses it with selective masking.
                 vpre: !features.selective && listed("+vpre"),
+                selp: false,
+                sgprefix: false,
             };
             // Softmax and staging forms (`+name` turns one on, `name` off).
             let on = |what: &str, default: bool| {
@@ -231,6 +255,19 @@ impl CoopConfig {
             if !bc.is_multiple_of(2 * lpr) {
                 c.sm_pairs = false;
                 c.p2 = false;
+            }
+            // Selective: the selection head's K tile in pbuf where it fits (not with PAIR, whose
+            // kbuf holds both tiles).
+            c.selp = features.selective
+                && DEFAULT_SELP
+                && !listed("selp")
+                && !c.p2
+                && 2 * bc > br.max(bc)
+                && bc * (d + 8) <= br * (bc + 8);
+            // Selective: each subgroup's prefix over its own rows (lanes take columns).
+            c.sgprefix = features.selective && DEFAULT_SGPREFIX && !listed("sgprefix");
+            if c.sgprefix {
+                c.subgroup_barrier = caps.subgroup_barrier && !listed("sgbar");
             }
             // The selective column prefix splits BR rows over WG / (BC / NSEL) chunks.
             let wg = c.threads();
@@ -345,7 +382,21 @@ impl CoopConfig {
             let _ = writeln!(odecl, "    var o{d} = coop_mat16x16<f32, C>();");
         }
         let scomp = self.s_tile("qf", "acc", "0u", "sbuf", "SP", self.bc, "        ");
-        let sscomp = if sel {
+        let sscomp = if sel && self.selp {
+            // From pbuf (plain f16, row stride DP under another name, which the kv4 rewrite
+            // below leaves alone).
+            self.s_tile(
+                "qs",
+                "accs",
+                "hoff * DP",
+                "fsel",
+                "SPS",
+                self.bc / self.nsel,
+                "                ",
+            )
+            .replace("&kbuf[", "&pbuf[")
+            .replace("], DP)", "], DPP)")
+        } else if sel {
             self.s_tile(
                 "qs",
                 "accs",
@@ -444,6 +495,12 @@ fn put_p2(i: u32, x: f32, y: f32) {
 fn put_p4(i: u32, v: vec4<f32>) {
     pbuf[i / 2u] = vec2<f16>(v.xy);
     pbuf[i / 2u + 1u] = vec2<f16>(v.zw);
+}
+fn put8p(at: u32, w: vec4<u32>) {
+    pbuf[at / 2u] = vec2<f16>(unpack2x16float(w.x));
+    pbuf[at / 2u + 1u] = vec2<f16>(unpack2x16float(w.y));
+    pbuf[at / 2u + 2u] = vec2<f16>(unpack2x16float(w.z));
+    pbuf[at / 2u + 3u] = vec2<f16>(unpack2x16float(w.w));
 }",
             );
         } else {
@@ -460,6 +517,20 @@ fn put_p4(i: u32, v: vec4<f32>) {
     pbuf[i + 1u] = f16(v.y);
     pbuf[i + 2u] = f16(v.z);
     pbuf[i + 3u] = f16(v.w);
+}
+fn put8p(at: u32, w: vec4<u32>) {
+    let a = unpack2x16float(w.x);
+    let b = unpack2x16float(w.y);
+    let c = unpack2x16float(w.z);
+    let d = unpack2x16float(w.w);
+    pbuf[at] = f16(a.x);
+    pbuf[at + 1u] = f16(a.y);
+    pbuf[at + 2u] = f16(b.x);
+    pbuf[at + 3u] = f16(b.y);
+    pbuf[at + 4u] = f16(c.x);
+    pbuf[at + 5u] = f16(c.y);
+    pbuf[at + 6u] = f16(d.x);
+    pbuf[at + 7u] = f16(d.y);
 }",
             );
         }

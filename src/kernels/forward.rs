@@ -78,7 +78,7 @@ pub(crate) fn params(r: &Resolved, n_qtiles: u32) -> Params {
         sel_head: r.options.selective.unwrap_or(0),
         scale: r.scale,
         n_qtiles,
-        _pad0: 0,
+        sel_rows: n_qtiles,
         _pad1: 0,
     }
 }
@@ -191,6 +191,7 @@ impl Plan {
                 Err(_) => (Path::Scalar, None),
             },
         };
+        let mut coop = coop;
         let br = coop.map_or(forward.br, |c| c.br);
         let n_qtiles = s.q_len.div_ceil(br);
         check_dispatch(
@@ -204,8 +205,15 @@ impl Plan {
         let selective = if r.selective() {
             let wg = caps.max_invocations.min(64);
             let memory = caps.workgroup_memory as u64;
-            let coop_colsum =
-                coop.and_then(|c| ColsumConfig::coop(s.head_dim, br, c.sgs, pr.kv_len, memory));
+            // With the subgroup prefix, the column sums per 16 rows (SUB16).
+            let coop_colsum = coop.and_then(|c| {
+                ColsumConfig::coop(s.head_dim, br, c.sgs, pr.kv_len, memory)
+                    .map(|cs| ColsumConfig {
+                        sub16: c.sgprefix,
+                        ..cs
+                    })
+                    .filter(|cs| cs.workgroup_bytes() <= memory)
+            });
             let colsum = coop_colsum
                 .into_iter()
                 .chain([32u32, 16, 8, 4, 2, 1].into_iter().map(|bc| ColsumConfig {
@@ -215,6 +223,8 @@ impl Plan {
                     wg,
                     kv_len: pr.kv_len,
                     coop_sgs: 0,
+                    kpw: 1,
+                    sub16: false,
                 }))
                 .find(|c| c.workgroup_bytes() <= memory)
                 .ok_or(Error::TooLarge {
@@ -229,6 +239,10 @@ impl Plan {
                     ("key groups per dispatch", s.k_len.div_ceil(wg) as u64),
                 ],
             )?;
+            // The subgroup prefix needs the cooperative column sums' SUB16 form.
+            if let Some(c) = coop.as_mut() {
+                c.sgprefix = c.sgprefix && colsum.sub16;
+            }
             let scan = ScanConfig {
                 wg,
                 f0: pr.f0,
@@ -247,6 +261,8 @@ impl Plan {
             selective,
             params: params(r, n_qtiles),
         };
+        let mut plan = plan;
+        plan.params.sel_rows = s.q_len.div_ceil(plan.sel_block_rows());
         let limit = caps.max_storage_binding.min(caps.max_buffer);
         if plan.scratch_bytes() > limit {
             return Err(Error::TooLarge {
@@ -258,11 +274,21 @@ impl Plan {
         Ok(plan)
     }
 
-    /// Bytes of scratch memory this call allocates: `B * ceil(Nq / BR) * Nk * 4` with selective
-    /// masking, nothing otherwise. Never Nq x Nk.
+    /// Query rows per row of the selective scratch: the query tile's BR, or 16 with the
+    /// cooperative kernel's subgroup prefix.
+    pub fn sel_block_rows(&self) -> u32 {
+        match self.coop {
+            Some(c) if c.sgprefix => 16,
+            Some(c) => c.br,
+            None => self.forward.br,
+        }
+    }
+
+    /// Bytes of scratch memory this call allocates: `B * ceil(Nq / R) * Nk * 4` with selective
+    /// masking (R = [`Plan::sel_block_rows`], at least 16), nothing otherwise. Never Nq x Nk.
     pub fn scratch_bytes(&self) -> u64 {
         if self.selective.is_some() {
-            4 * self.params.batch as u64 * self.params.n_qtiles as u64 * self.params.k_len as u64
+            4 * self.params.batch as u64 * self.params.sel_rows as u64 * self.params.k_len as u64
         } else {
             0
         }
@@ -313,7 +339,8 @@ pub(crate) struct Buffers<'a> {
 
 /// Records a validated `plan` into one compute pass of `encoder`: with selective masking the
 /// column sums and the scan first (into `scratch`), then the forward (or cooperative-matrix)
-/// kernel.
+/// kernel. With `profile`, a timestamp is written into it before every dispatch and one after
+/// the last (indices 0, 1, ...; see [`dispatch_labels`]).
 pub(crate) fn encode(
     gpu: &Gpu<'_>,
     encoder: &mut wgpu::CommandEncoder,
@@ -321,6 +348,7 @@ pub(crate) fn encode(
     b: &Buffers<'_>,
     scratch: &wgpu::Buffer,
     timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    profile: Option<&wgpu::QuerySet>,
 ) -> Result<()> {
     let s = plan.resolved.shape;
     let params = gpu.uniform("selattn params", bytemuck::bytes_of(&plan.params));
@@ -329,6 +357,13 @@ pub(crate) fn encode(
         label: Some("selattn attention"),
         timestamp_writes: timestamps,
     });
+    let mut stamp = 0u32;
+    let mut mark = |pass: &mut wgpu::ComputePass| {
+        if let Some(qs) = profile {
+            pass.write_timestamp(qs, stamp);
+            stamp += 1;
+        }
+    };
     if let Some((colsum, scan)) = plan.selective {
         let key = KernelKey {
             kernel: Kernel::SelColsum(colsum),
@@ -341,7 +376,8 @@ pub(crate) fn encode(
             tensor_entry(3, b.kv_len, dummy),
             entry(5, scratch),
         ];
-        let groups = [s.k_len.div_ceil(colsum.bc), plan.params.n_qtiles, s.batch];
+        let groups = [colsum.key_groups(s.k_len), plan.params.n_qtiles, s.batch];
+        mark(&mut pass);
         gpu.dispatch(&mut pass, "selattn colsum", key, &entries, groups)?;
 
         let key = KernelKey {
@@ -355,6 +391,7 @@ pub(crate) fn encode(
             tensor_entry(6, b.f_out, dummy_out),
         ];
         let groups = [s.k_len.div_ceil(scan.wg), s.batch, 1];
+        mark(&mut pass);
         gpu.dispatch(&mut pass, "selattn scan", key, &entries, groups)?;
     }
     let entries = [
@@ -371,11 +408,25 @@ pub(crate) fn encode(
         tensor_entry(10, b.lse, dummy_out),
     ];
     let groups = [plan.params.n_qtiles, s.q_heads, s.batch];
+    mark(&mut pass);
     gpu.dispatch(
         &mut pass,
         "selattn forward",
         plan.forward_key(),
         &entries,
         groups,
-    )
+    )?;
+    mark(&mut pass);
+    Ok(())
+}
+
+/// The label of each dispatch [`encode`] records, in order.
+pub(crate) fn dispatch_labels(plan: &Plan) -> Vec<String> {
+    let mut out = Vec::new();
+    if plan.selective.is_some() {
+        out.push("sel_colsum".to_string());
+        out.push("sel_scan".to_string());
+    }
+    out.push("forward".to_string());
+    out
 }

@@ -5,6 +5,9 @@ use std::fmt::Write;
 
 use super::flag;
 
+/// Key tiles per workgroup of the cooperative-matrix column sums (see [`ColsumConfig::kpw`]).
+pub const DEFAULT_KPW: u32 = 4;
+
 /// Specialisation of the column-sum pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ColsumConfig {
@@ -21,6 +24,12 @@ pub struct ColsumConfig {
     /// 0: the scalar kernel. Otherwise the cooperative-matrix kernel for this fixed subgroup
     /// size (16 rows per subgroup, `wg = br / 16 * coop_sgs`).
     pub coop_sgs: u32,
+    /// Cooperative-matrix kernel: key tiles walked by one workgroup (Q loaded once, the next
+    /// K tile prefetched into registers). 1 on the scalar kernel.
+    pub kpw: u32,
+    /// Cooperative-matrix kernel: one scratch row per 16 query rows (for the forward's
+    /// subgroup prefix) instead of one per query tile.
+    pub sub16: bool,
 }
 
 impl ColsumConfig {
@@ -34,6 +43,8 @@ impl ColsumConfig {
         ];
         if self.coop_sgs > 0 {
             c.push(("SGS", self.coop_sgs as f64));
+            c.push(("KPW", self.kpw as f64));
+            c.push(("SUB16", super::flag(self.sub16)));
             // Ablation knob (see `coop::ABLATE_ENV`): `colsum` turns the interior fast path off.
             let ablate = std::env::var(super::coop::ABLATE_ENV).unwrap_or_default();
             if ablate.split(',').any(|w| w.trim() == "colsum") {
@@ -47,16 +58,32 @@ impl ColsumConfig {
     pub fn workgroup_bytes(&self) -> u64 {
         let (br, bc, d) = (self.br as u64, self.bc as u64, self.d as u64);
         if self.coop_sgs > 0 {
-            let chunks = (self.wg as u64 / bc).max(1);
+            let chunks = if self.sub16 {
+                br / 16
+            } else {
+                (self.wg as u64 / bc).max(1)
+            };
             br.max(bc) * (d + 8) * 2 + br * (bc + 4) * 4 + 4 * chunks * bc
         } else {
             4 * (br * d + bc * d + br * bc)
         }
     }
 
+    /// Workgroups along the keys for `k_len` keys (the dispatch's x).
+    pub fn key_groups(&self, k_len: u32) -> u32 {
+        k_len.div_ceil(self.bc * self.kpw.max(1))
+    }
+
     /// The cooperative-matrix configuration of pass 1 for a cooperative-matrix forward kernel
     /// with `br` rows per query tile and subgroup size `sgs`, if it fits in `memory` bytes.
+    /// Key tiles per workgroup: [`DEFAULT_KPW`], or `colkpwN` (N in 1, 2, 4, 8, 16) in
+    /// `SELATTN_COOP_ABLATE`.
     pub fn coop(d: u32, br: u32, sgs: u32, kv_len: bool, memory: u64) -> Option<ColsumConfig> {
+        let ablate = std::env::var(super::coop::ABLATE_ENV).unwrap_or_default();
+        let kpw = [1u32, 2, 4, 8, 16]
+            .into_iter()
+            .find(|n| ablate.split(',').any(|w| w.trim() == format!("colkpw{n}")))
+            .unwrap_or(DEFAULT_KPW);
         [64, 32, 16]
             .into_iter()
             .map(|bc| ColsumConfig {
@@ -66,6 +93,8 @@ impl ColsumConfig {
                 wg: br / 16 * sgs,
                 kv_len,
                 coop_sgs: sgs,
+                kpw,
+                sub16: false,
             })
             // The column sums split BR rows into WG / BC chunks.
             .filter(|c| c.wg < c.bc || br.is_multiple_of(c.wg / c.bc))
