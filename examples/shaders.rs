@@ -35,7 +35,7 @@ fn needs(key: &KernelKey) -> (u64, u32) {
         | Kernel::CacheCandidates(c)
         | Kernel::CachePut(c)
         | Kernel::CachePutState(c) => (0, c.wg),
-        Kernel::CacheFold(c) => (0, c.wg),
+        Kernel::CacheMergeSegments(c) => (0, c.wg),
         Kernel::DecodeScore(c) => (0, c.wg),
         Kernel::DecodeAttend(c) => (c.workgroup_bytes(), c.wg),
         Kernel::DecodeMerge(c) => (0, c.wg),

@@ -13,11 +13,9 @@
 //             with one (the host gives a range of one token whenever the sequence evicts in it);
 //             `put_state` writes their positions and F the same way.
 //
-// fold:       decode over a segmented cache runs the score and attend kernels of `decode.wgsl` per
-//             segment (a segment is a split that lives in another binding), each writing its
-//             splits' partials (o, m, l); `fold` combines them into a running f32 accumulator per
-//             query row (the decode merge's arithmetic), and the last segment's fold (LAST)
-//             writes O and LSE instead. One workgroup per query row.
+// Decode over a segmented cache needs no kernel of its own: `decode.wgsl`'s score and attend
+// run per (sequence, segment), each segment's splits written side by side in one partials
+// buffer (`split0`), and its merge combines all of them once.
 //
 // Bounds: the host checks len_before + count <= capacity when there is no budget and
 // limit <= capacity otherwise, so every slot is < capacity; a slot is written or read only when
@@ -53,6 +51,9 @@ struct SegParams {
 @group(0) @binding(10) var<storage, read_write> pc: array<u32>;       // [nb, Cs]
 // Per sequence: best candidate so far (F bits, position, slot, 0).
 @group(0) @binding(11) var<storage, read_write> best: array<vec4<u32>>; // [B]
+// The same, read only: `put` and `put_state` bind it so (a buffer every dispatch binds writable
+// would put a barrier between every two of them).
+@group(0) @binding(23) var<storage, read> best_in: array<vec4<u32>>; // [B]
 
 override D: u32 = 8u;
 override WG: u32 = 64u;     // a power of two (tree reduction)
@@ -143,7 +144,7 @@ fn slot_in_segment(gb: u32, st: vec4<u32>, t: u32) -> u32 {
     var slot = len;
     if len >= p.limit {
         // len >= limit >= 3 here, so len - 1 is a valid fallback slot.
-        slot = min(best[gb].z, len - 1u);
+        slot = min(best_in[gb].z, len - 1u);
     }
     if slot < p.seg0 || slot - p.seg0 >= p.seg_cap {
         return NONE;
@@ -203,27 +204,42 @@ fn put_state(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) w
 }
 
 // ---------------------------------------------------------------------------------------------
-// fold
+// merge_segments: decode over a segmented cache with at most 8 segments reached. The attend
+// kernel of `decode.wgsl` runs per (sequence, segment) and writes that segment's partials
+// (o, m, l) to a buffer of the segment's own (so attend dispatches of different segments write
+// different buffers and need no barrier between them). This kernel merges the rows of sequences
+// b0 .. b0 + nseq over the partials of their segments, bound as part0 .. part7 (sequence q's
+// segment k at q * nseg + k; the first nseg * nseq of them real), and writes O and LSE: the decode
+// merge's arithmetic over every split of every segment. One workgroup per (query row, sequence).
+//
+// Bounds: the host sizes segment k's partials for q_heads * n rows of splits[k] splits (o, then
+// (m, l) from ml_base[k]) and checks nseg * nseq <= 8; o and lse hold every sequence's rows.
 
-struct FoldParams {
+struct MergeSegParams {
     q_heads: u32,
     n: u32,
-    splits: u32,      // splits of this segment's partials
-    ml_base: u32,     // index in part of the first (m, l) entry
-    b0: u32,          // first sequence of the dispatch
-    acc_ml: u32,      // index in acc of the first (m, l) entry
+    b0: u32,                        // first sequence of the dispatch
+    nseg: u32,                      // segments per sequence
+    nseq: u32,                      // sequences of the dispatch (nseg * nseq <= 8)
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
+    splits: array<vec4<u32>, 2>,    // splits of segment k: splits[k / 4][k % 4]
+    ml_base: array<vec4<u32>, 2>,   // index of segment k's first (m, l) entry
 }
 
-@group(0) @binding(12) var<uniform> fp: FoldParams;
-@group(0) @binding(13) var<storage, read> part: array<vec4<f32>>;
-@group(0) @binding(14) var<storage, read_write> acc: array<vec4<f32>>;  // [rows, D4], then (m, l)
-@group(0) @binding(15) var<storage, read_write> o: array<vec4<elem>>;   // [B, Hq, n, D]
-@group(0) @binding(16) var<storage, read_write> lse: array<u32>;        // [B, Hq, n], f32 bits
+@group(0) @binding(12) var<uniform> mp: MergeSegParams;
+@group(0) @binding(13) var<storage, read> part0: array<vec4<f32>>;
+@group(0) @binding(14) var<storage, read> part1: array<vec4<f32>>;
+@group(0) @binding(15) var<storage, read> part2: array<vec4<f32>>;
+@group(0) @binding(16) var<storage, read> part3: array<vec4<f32>>;
+@group(0) @binding(17) var<storage, read> part4: array<vec4<f32>>;
+@group(0) @binding(18) var<storage, read> part5: array<vec4<f32>>;
+@group(0) @binding(19) var<storage, read> part6: array<vec4<f32>>;
+@group(0) @binding(20) var<storage, read> part7: array<vec4<f32>>;
+@group(0) @binding(21) var<storage, read_write> o: array<vec4<elem>>;   // [B, Hq, n, D]
+@group(0) @binding(22) var<storage, read_write> lse: array<u32>;        // [B, Hq, n], f32 bits
 
-override FIRST: bool = true;
-override LAST: bool = true;
 override WRITE_LSE: bool = false;
 
 // exp(s - m) for s <= m: `decode.wgsl`'s, copied because moving it to `common.wgsl` would change
@@ -232,51 +248,58 @@ fn exp_shifted(s: f32, m: f32) -> f32 {
     return exp2(max(0.5 * s - 0.5 * m, -128.0) * (2.0 * LOG2E));
 }
 
+// Entry i of segment k's partials.
+fn seg_part(k: u32, i: u32) -> vec4<f32> {
+    switch k {
+        case 0u: { return part0[i]; }
+        case 1u: { return part1[i]; }
+        case 2u: { return part2[i]; }
+        case 3u: { return part3[i]; }
+        case 4u: { return part4[i]; }
+        case 5u: { return part5[i]; }
+        case 6u: { return part6[i]; }
+        default: { return part7[i]; }
+    }
+}
+
 @compute @workgroup_size(WG)
-fn fold(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
-    let row = (fp.b0 + wg.y) * (fp.q_heads * fp.n) + wg.x;   // (b * Hq + h) * n + i
-    let first = row * fp.splits;
-    var am = LOWEST;
-    var al = 0.0;
-    if !FIRST {
-        let ml = acc[fp.acc_ml + row];
-        am = ml.x;
-        al = ml.y;
+fn merge_segments(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
+    let r = wg.x;                                   // (h * n + i): row within the sequence
+    let row = (mp.b0 + wg.y) * (mp.q_heads * mp.n) + r;   // row of O
+    let k0 = wg.y * mp.nseg;                        // binding of the sequence's first segment
+    var mx = LOWEST;
+    for (var k = 0u; k < mp.nseg; k++) {
+        let ns = mp.splits[k / 4u][k % 4u];
+        let mb = mp.ml_base[k / 4u][k % 4u];
+        for (var s = 0u; s < ns; s++) {
+            mx = max(mx, seg_part(k0 + k, mb + r * ns + s).x);
+        }
     }
-    var mx = am;
-    for (var s = 0u; s < fp.splits; s++) {
-        mx = max(mx, part[fp.ml_base + first + s].x);
+    var l = 0.0;
+    for (var k = 0u; k < mp.nseg; k++) {
+        let ns = mp.splits[k / 4u][k % 4u];
+        let mb = mp.ml_base[k / 4u][k % 4u];
+        for (var s = 0u; s < ns; s++) {
+            // A split with no allowed slot has l = 0 and a zero accumulator.
+            let ml = seg_part(k0 + k, mb + r * ns + s);
+            l += ml.y * exp_shifted(ml.x, mx);
+        }
     }
-    // A split (or the accumulator) with no allowed slot has l = 0 and a zero sum.
-    var l = al * exp_shifted(am, mx);
-    for (var s = 0u; s < fp.splits; s++) {
-        let ml = part[fp.ml_base + first + s];
-        l += ml.y * exp_shifted(ml.x, mx);
-    }
+    // A row with no allowed slot: zeros and LSE = -inf.
     let inv = inv_or_zero(l);
     for (var x = tid; x < D4; x += WG) {
-        var a = vec4<f32>(0.0);
-        if !FIRST {
-            a = acc[row * D4 + x] * exp_shifted(am, mx);
-        }
-        for (var s = 0u; s < fp.splits; s++) {
-            a += part[(first + s) * D4 + x] * exp_shifted(part[fp.ml_base + first + s].x, mx);
-        }
-        if LAST {
-            o[row * D4 + x] = vec4<elem>(a * inv);
-        } else {
-            acc[row * D4 + x] = a;
-        }
-    }
-    // Every thread has read the accumulator's (m, l) before it is replaced.
-    workgroupBarrier();
-    if tid == 0u {
-        if LAST {
-            if WRITE_LSE {
-                lse[row] = lse_bits_ln(mx, l);
+        var acc = vec4<f32>(0.0);
+        for (var k = 0u; k < mp.nseg; k++) {
+            let ns = mp.splits[k / 4u][k % 4u];
+            let mb = mp.ml_base[k / 4u][k % 4u];
+            for (var s = 0u; s < ns; s++) {
+                let idx = r * ns + s;
+                acc += seg_part(k0 + k, idx * D4 + x) * exp_shifted(seg_part(k0 + k, mb + idx).x, mx);
             }
-        } else {
-            acc[fp.acc_ml + row] = vec4<f32>(mx, l, 0.0, 0.0);
         }
+        o[row * D4 + x] = vec4<elem>(acc * inv);
+    }
+    if WRITE_LSE && tid == 0u {
+        lse[row] = lse_bits_ln(mx, l);
     }
 }

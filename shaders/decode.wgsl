@@ -30,7 +30,11 @@ struct DecodeParams {
     n_rblocks: u32,   // ceil(rows / RB)
     ml_base: u32,     // index in part of the first (m, l) entry
     b0: u32,          // first sequence of the group: cache buffers hold b0.., the rest all B
+    split0: u32,      // first split of the dispatch in part (segmented caches; 0 otherwise)
+    pb0: u32,         // first sequence of part (segmented caches: one buffer per chunk; else 0)
+    _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: DecodeParams;
@@ -364,8 +368,8 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
             sum += red[g * DC + tid];
         }
         let h = row_head(hk, rr);
-        // Partials: row index ((b * Hq + h) * n + i) * splits + s.
-        let idx = ((gb * p.q_heads + h) * p.n + rr % p.n) * p.splits + s;
+        // Partials: row index (((b - pb0) * Hq + h) * n + i) * splits + split0 + s.
+        let idx = (((gb - p.pb0) * p.q_heads + h) * p.n + rr % p.n) * p.splits + p.split0 + s;
         part[idx * D4 + tid * CV + {cv}u] = sum;
         if tid == 0u && {cv}u == 0u {
             var mrow = LOWEST;
@@ -388,7 +392,7 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
 @compute @workgroup_size(WG)
 fn merge(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>) {
     let row = (p.b0 + wg.y) * (p.q_heads * p.n) + wg.x;   // (b * Hq + h) * n + i
-    let first = row * p.splits;
+    let first = (row - p.pb0 * (p.q_heads * p.n)) * p.splits;
     var mx = LOWEST;
     for (var s = 0u; s < p.splits; s++) {
         mx = max(mx, part[p.ml_base + first + s].x);

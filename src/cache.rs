@@ -374,14 +374,14 @@ pub struct KvCache {
     /// (0: none since the reset). Truncating below it would leave those scores in F.
     f_touched: Vec<u64>,
     part: Option<wgpu::Buffer>,
+    /// Segmented caches: each group's (sequence and segment's) decode partials.
+    seg_parts: Vec<Option<wgpu::Buffer>>,
     fq: Option<wgpu::Buffer>,
     /// Slots per segment: the capacity, unless one sequence's slots do not fit one buffer (then
     /// each sequence is stored in segments of this many slots, the last one possibly fewer).
     seg_cap: u32,
     /// Segmented caches: each sequence's best eviction candidate `[B, 4]`.
     best: Option<Tensor>,
-    /// Segmented caches: the decode step's running result per query row (f32 O, then (m, l)).
-    acc: Option<wgpu::Buffer>,
     /// Identity of the cache, named by its checkpoints.
     id: u64,
     /// Serial number of the last checkpoint taken.
@@ -603,10 +603,10 @@ impl KvCache {
             evictions: vec![0; cfg.batch as usize],
             f_touched: vec![0; cfg.batch as usize],
             part: None,
+            seg_parts: vec![],
             fq: None,
             seg_cap,
             best: None,
-            acc: None,
             id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             serial: 0,
             checkpoints: vec![None; cfg.batch as usize],
@@ -668,7 +668,7 @@ impl KvCache {
     }
 
     /// Bytes of GPU memory the cache holds: its slots, its decode scratch (with segments, the
-    /// eviction candidates and the running result too) and the copies behind checkpoints.
+    /// eviction candidates too) and the copies behind checkpoints.
     pub fn bytes(&self) -> u64 {
         let snap: u64 = self
             .snapshots
@@ -679,9 +679,14 @@ impl KvCache {
             .sum();
         self.cfg.bytes()
             + self.part.as_ref().map_or(0, |b| b.size())
+            + self
+                .seg_parts
+                .iter()
+                .flatten()
+                .map(|b| b.size())
+                .sum::<u64>()
             + self.fq.as_ref().map_or(0, |b| b.size())
             + self.best.as_ref().map_or(0, |t| t.bytes())
-            + self.acc.as_ref().map_or(0, |b| b.size())
             + snap
     }
 
@@ -1863,8 +1868,9 @@ impl KvCache {
 impl KvCache {
     /// [`KvCache::record_step`] for a segmented cache: the append, then per segment the score
     /// and attend kernels for every sequence (the segment's slots as a cache of their own;
-    /// slots before the segment are occupied in every sequence that reaches it) and the fold
-    /// of its partials into the running result; the last fold writes O and LSE.
+    /// slots before the segment are occupied in every sequence that reaches it), each
+    /// segment's splits written side by side in one partials buffer, and one merge of all of
+    /// them (O and LSE).
     fn record_step_segments(
         &mut self,
         ctx: &Context,
@@ -1878,9 +1884,20 @@ impl KvCache {
         let c = self.cfg;
         let (info, lens, ev) = self.plan_append(counts);
         let max_len = lens.iter().copied().max().unwrap_or(1).max(1);
-        // The segments any sequence reaches, each with its plan and slot plan.
+        // The segments any sequence reaches, each with its plan, its first split in the
+        // partials and its slot plan. Each attend dispatch covers one sequence's segment (a
+        // group), so its plan is made for a batch of one (planned for the whole batch, B16 x
+        // 16384 in 3 segments ran 16 workgroups per dispatch, 103 GB/s on the H200, with a
+        // barrier between every two dispatches).
+        // Segments reached; with at most 8, each (sequence, segment) gets partials of its own
+        // and the dispatches run side by side (see below), so each gets fewer, longer splits.
+        let reached = max_len.div_ceil(self.seg_cap) as usize;
+        let gather = reached <= decode::MERGE_SEGMENTS
+            && crate::kernels::knob_on(decode::SEGMENT_GATHER_ENV);
+        let splits = options.splits.or(gather.then_some(decode::SEGMENT_SPLITS));
         let mut segs = vec![];
         let mut s0 = 0u32;
+        let mut total = 0u32;
         while s0 < max_len {
             let cs = self.seg_cap.min(c.capacity - s0);
             let seg_info: Vec<[u32; 4]> = info
@@ -1891,7 +1908,7 @@ impl KvCache {
             let sp = decode::plan(
                 ctx.capabilities(),
                 DecodeShape {
-                    batch: c.batch,
+                    batch: 1,
                     q_heads: p.q_heads,
                     kv_heads: c.kv_heads,
                     head_dim: c.head_dim,
@@ -1910,31 +1927,27 @@ impl KvCache {
                     ..crate::Switches::NONE
                 },
                 options.selective.unwrap_or(0),
-                options.splits,
+                splits,
                 options.threads,
                 options.rows,
             )?;
-            segs.push((s0, sp, seg_max, seg_info));
+            segs.push((s0, sp, total, seg_max, seg_info));
+            total = total.saturating_add(sp.params.splits);
             s0 += cs;
         }
         let gpu = ctx.gpu();
-        let part_bytes = segs.iter().map(|x| x.1.part_bytes()).max().unwrap_or(0);
-        let part = gpu.grow(&mut self.part, part_bytes, "selattn decode partials");
-        let fq = match plan.score {
-            Some(_) => gpu.grow(&mut self.fq, plan.fq_bytes(), "selattn decode F rows"),
-            None => gpu.dummy_out.clone(),
-        };
-        let rows = c.batch as u64 * p.q_heads as u64 * p.n as u64;
+        let caps = ctx.capabilities();
+        let limit = caps.max_storage_binding.min(caps.max_buffer);
         let d4 = c.head_dim as u64 / 4;
-        let acc = gpu.grow(
-            &mut self.acc,
-            16 * rows * (d4 + 1),
-            "selattn decode segments",
-        );
+        let rows = p.q_heads as u64 * p.n as u64;
+        let fq = match plan.score {
+            Some(_) => Some(gpu.grow(&mut self.fq, plan.fq_bytes(), "selattn decode F rows")),
+            None => None,
+        };
         let step_buf = gpu.storage("selattn cache step", bytemuck::cast_slice(&info));
         let seg_bufs: Vec<wgpu::Buffer> = segs
             .iter()
-            .map(|x| gpu.storage("selattn cache segment step", bytemuck::cast_slice(&x.3)))
+            .map(|x| gpu.storage("selattn cache segment step", bytemuck::cast_slice(&x.4)))
             .collect();
         let tokens = Tokens {
             k: step.k,
@@ -1942,51 +1955,215 @@ impl KvCache {
             gate: step.gate,
             f: None,
         };
+        // Without selective masking the attend kernel binds F rows only nominally: its own
+        // partials buffer then (a buffer every dispatch writes would put a barrier between
+        // them).
+        let buffers = |sbuf, part| decode::StepBuffers {
+            q: bound(step.q),
+            tau: step.tau.map(bound),
+            alpha: step.alpha.map(bound),
+            o: bound(outputs.o),
+            lse: outputs.lse.map(bound),
+            step: sbuf,
+            fq: fq.as_ref().unwrap_or(part),
+            part,
+        };
+        let too_large = |bytes| Error::TooLarge {
+            what: "decode partials",
+            bytes,
+            limit,
+        };
+        if !gather {
+            // Every segment's splits side by side in one buffer, merged once. Every attend
+            // dispatch writes it, so wgpu puts a barrier between every two of them.
+            let part_rows = c.batch as u64 * rows * total as u64;
+            let ml_base = part_rows * d4;
+            let part_bytes = 16 * part_rows * (d4 + 1);
+            if part_bytes > limit || ml_base + part_rows > u32::MAX as u64 {
+                return Err(too_large(part_bytes));
+            }
+            let part = gpu.grow(&mut self.part, part_bytes, "selattn decode partials");
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("selattn decode"),
+                timestamp_writes: timestamps,
+            });
+            self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
+            for ((s0, sp, split0, seg_max, _), sbuf) in segs.iter().zip(&seg_bufs) {
+                let sb = buffers(sbuf, &part);
+                for g in self.groups.iter().filter(|g| g.s0 == *s0) {
+                    let mut gp = *sp;
+                    gp.params.b0 = g.b0;
+                    gp.params.batch = g.nb;
+                    gp.params.splits = total;
+                    gp.params.split0 = *split0;
+                    gp.params.ml_base = ml_base as u32;
+                    let cb = g.buffers();
+                    let params =
+                        gpu.uniform("selattn cache params", bytemuck::bytes_of(&gp.params));
+                    let (sm, n_splits) = (*seg_max, sp.params.splits);
+                    decode::encode_score_attend(
+                        &gpu, &mut pass, &gp, c.dtype, sm, n_splits, &sb, &cb, &params,
+                    )?;
+                }
+            }
+            let mut mp = *plan;
+            mp.params.b0 = 0;
+            mp.params.batch = c.batch;
+            mp.params.splits = total;
+            mp.params.split0 = 0;
+            mp.params.ml_base = ml_base as u32;
+            let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&mp.params));
+            let sb = buffers(&step_buf, &part);
+            decode::encode_merge(&gpu, &mut pass, &mp, c.dtype, &sb, &params)?;
+            return Ok((lens, ev));
+        }
+        // A partials buffer per (sequence, segment): the attend dispatches write different
+        // buffers, so none waits for another (with selective masking they share the F rows, so
+        // they do). Dispatches over slots this step's append wrote would each wait behind a K/V
+        // transition; the one transition below removes that, and the order spreads them among
+        // the others anyway. Then merges over the sequences' segment buffers.
+        let nseg_all = self.segments() as usize;
+        let mut sizes = vec![];
+        for (_, sp, ..) in &segs {
+            let part_rows = rows * sp.params.splits as u64;
+            let ml_base = part_rows * d4;
+            let bytes = 16 * part_rows * (d4 + 1);
+            if bytes > limit || ml_base + part_rows > u32::MAX as u64 {
+                return Err(too_large(bytes));
+            }
+            sizes.push((bytes, ml_base as u32));
+        }
+        if self.seg_parts.len() < self.groups.len() {
+            self.seg_parts.resize_with(self.groups.len(), || None);
+        }
+        // parts[b][k]: groups are stored sequence by sequence, segment by segment.
+        let mut parts: Vec<Vec<wgpu::Buffer>> = vec![];
+        for b in 0..c.batch as usize {
+            let mut row = vec![];
+            for (k, (s0, ..)) in segs.iter().enumerate() {
+                let gi = b * nseg_all + k;
+                let g = &self.groups[gi];
+                if g.b0 as usize != b || g.s0 != *s0 {
+                    return Err(Error::gpu_msg("segmented cache: groups out of order"));
+                }
+                let slot = &mut self.seg_parts[gi];
+                row.push(gpu.grow(slot, sizes[k].0, "selattn decode segment partials"));
+            }
+            parts.push(row);
+        }
+        // Which (sequence, segment) the append writes (see `encode_append_segments`).
+        let lim = c.limit();
+        let fresh = |b: usize, k: usize| {
+            let [l0, _, cnt, _] = info[b];
+            let quiet = cnt.min(lim.saturating_sub(l0));
+            let (s0, cs) = (segs[k].0, self.groups[b * nseg_all + k].cs);
+            (quiet > 0 && s0 < l0 + quiet && l0 < s0 + cs) || (cnt > quiet && s0 < lim)
+        };
+        let mut fresh_list = vec![];
+        let mut other = vec![];
+        for k in 0..segs.len() {
+            for b in 0..c.batch as usize {
+                if fresh(b, k) {
+                    fresh_list.push((b, k));
+                } else {
+                    other.push((b, k));
+                }
+            }
+        }
+        let per = other.len().div_ceil(fresh_list.len().max(1));
+        let mut order = vec![];
+        let mut rest = other.chunks(per.max(1));
+        for f in &fresh_list {
+            order.push(*f);
+            order.extend(rest.next().unwrap_or(&[]));
+        }
+        for r in rest {
+            order.extend(r);
+        }
+        // The append in a pass of its own, then every group's K, V, gate and positions made
+        // read-only at once: one barrier for all the slots the append wrote, instead of one
+        // before each attend dispatch that reads some of them.
+        let (ts_append, ts_attend) = match timestamps {
+            Some(t) => (
+                t.beginning_of_pass_write_index
+                    .map(|i| wgpu::ComputePassTimestampWrites {
+                        query_set: t.query_set,
+                        beginning_of_pass_write_index: Some(i),
+                        end_of_pass_write_index: None,
+                    }),
+                t.end_of_pass_write_index
+                    .map(|i| wgpu::ComputePassTimestampWrites {
+                        query_set: t.query_set,
+                        beginning_of_pass_write_index: None,
+                        end_of_pass_write_index: Some(i),
+                    }),
+            ),
+            None => (None, None),
+        };
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("selattn decode append"),
+                timestamp_writes: ts_append,
+            });
+            self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
+        }
+        let read = wgpu::BufferUses::STORAGE_READ_ONLY;
+        let mut transitions = vec![];
+        for &(b, k) in &order {
+            let g = &self.groups[b * nseg_all + k];
+            let gate = g.gate.as_ref().map(|t| t.buffer());
+            for buffer in [g.k.buffer(), g.v.buffer(), g.pos.buffer()]
+                .into_iter()
+                .chain(gate)
+            {
+                transitions.push(wgpu::BufferTransition {
+                    buffer,
+                    state: read,
+                });
+            }
+        }
+        encoder.transition_resources(
+            transitions.into_iter(),
+            std::iter::empty::<wgpu::TextureTransition<&wgpu::Texture>>(),
+        );
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("selattn decode"),
-            timestamp_writes: timestamps,
+            timestamp_writes: ts_attend,
         });
-        self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
-        let last = segs.len() - 1;
-        for (k, ((s0, sp, seg_max, _), sbuf)) in segs.iter().zip(&seg_bufs).enumerate() {
-            let buffers = decode::StepBuffers {
-                q: bound(step.q),
-                tau: step.tau.map(bound),
-                alpha: step.alpha.map(bound),
-                o: bound(outputs.o),
-                lse: outputs.lse.map(bound),
-                step: sbuf,
-                fq: &fq,
-                part: &part,
-            };
-            for g in self.groups.iter().filter(|g| g.s0 == *s0) {
-                let mut gp = *sp;
-                gp.params.b0 = g.b0;
-                gp.params.batch = g.nb;
-                let cb = g.buffers();
-                let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&gp.params));
-                let sm = *seg_max;
-                decode::encode_score_attend(
-                    &gpu, &mut pass, &gp, c.dtype, sm, &buffers, &cb, &params,
-                )?;
-            }
-            let fold = decode::FoldConfig {
-                d: c.head_dim,
-                wg: sp.merge.wg,
-                first: k == 0,
-                last: k == last,
-                lse: k == last && outputs.lse.is_some(),
-            };
-            let fp = decode::FoldParams {
+        for (b, k) in order {
+            let (_, sp, _, seg_max, _) = &segs[k];
+            let g = &self.groups[b * nseg_all + k];
+            let mut gp = *sp;
+            gp.params.b0 = g.b0;
+            gp.params.batch = g.nb;
+            gp.params.pb0 = g.b0;
+            gp.params.ml_base = sizes[k].1;
+            let cb = g.buffers();
+            let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&gp.params));
+            let sb = buffers(&seg_bufs[k], &parts[b][k]);
+            let n_splits = sp.params.splits;
+            decode::encode_score_attend(
+                &gpu, &mut pass, &gp, c.dtype, *seg_max, n_splits, &sb, &cb, &params,
+            )?;
+        }
+        // Merges of as many sequences as the kernel's 8 partials bindings take.
+        let per_merge = (decode::MERGE_SEGMENTS / segs.len()).max(1);
+        for (mi, seqs) in parts.chunks(per_merge).enumerate() {
+            let mut mp = decode::MergeSegParams {
                 q_heads: p.q_heads,
                 n: p.n,
-                splits: sp.params.splits,
-                ml_base: sp.params.ml_base,
-                b0: 0,
-                acc_ml: (rows * d4) as u32,
+                b0: (mi * per_merge) as u32,
+                nseg: segs.len() as u32,
+                nseq: seqs.len() as u32,
                 ..Default::default()
             };
-            decode::encode_fold(&gpu, &mut pass, fold, c.dtype, &fp, c.batch, &buffers, &acc)?;
+            for (k, (_, sp, ..)) in segs.iter().enumerate() {
+                mp.splits[k] = sp.params.splits;
+                mp.ml_base[k] = sizes[k].1;
+            }
+            let refs: Vec<&wgpu::Buffer> = seqs.iter().flatten().collect();
+            let sb = buffers(&step_buf, &seqs[0][0]);
+            decode::encode_merge_segments(&gpu, &mut pass, plan.merge, c.dtype, &mp, &refs, &sb)?;
         }
         Ok((lens, ev))
     }

@@ -554,7 +554,7 @@ fn multi_buffer_cache_matches_reference() {
     sweep(&cases, 400);
 }
 
-/// Sequences stored in 2 and 3 segments (a sequence's K larger than a buffer may be), with
+/// Sequences stored in 2 to 10 segments (a sequence's K larger than a buffer may be), with
 /// pruning across the segments, selective masking, GQA, gate, temperatures, splits, f32 and f16;
 /// every step and the slots after it exact against the reference.
 #[test]
@@ -608,9 +608,28 @@ fn segmented_cache_matches_reference() {
             prefill: vec![30, 13, 2],
             ..Case::new(4, 2, 16).all()
         },
+        // 10 segments of 4 slots, no budget: the first steps reach at most 8 segments (a
+        // partials buffer per segment, merged by `merge_segments`), the later ones more (every
+        // segment's partials in one shared buffer, merged once).
+        Case {
+            batch: 2,
+            segment: Some(4),
+            selective: Some(1),
+            prefill: vec![22, 5],
+            ..Case::new(4, 2, 16).all()
+        },
+        // The same without selective masking, f16 (the attend's F-rows binding is then its own
+        // partials buffer).
+        Case {
+            batch: 3,
+            segment: Some(4),
+            dtype: DType::F16,
+            prefill: vec![20, 3, 9],
+            ..Case::new(4, 1, 32).all()
+        },
     ];
     for ctx in contexts() {
-        for (c, want) in cases.iter().zip([2, 3, 3, 2, 8]) {
+        for (c, want) in cases.iter().zip([2, 3, 3, 2, 8, 10, 10]) {
             if c.dtype == DType::F16 && !ctx.capabilities().f16 {
                 continue;
             }
@@ -1617,11 +1636,11 @@ fn bad_input_gets_typed_errors() {
     }
 }
 
-/// `CacheParams`, `DecodeParams`, `SegParams` and `FoldParams` match their WGSL mirrors field
+/// `CacheParams`, `DecodeParams`, `SegParams` and `MergeSegParams` match their WGSL mirrors field
 /// for field (naga's layout).
 #[test]
 fn params_match_wgsl_layout() {
-    use selattn::kernels::decode::{CacheParams, DecodeParams, FoldParams, SegParams};
+    use selattn::kernels::decode::{CacheParams, DecodeParams, MergeSegParams, SegParams};
     use selattn::kernels::Source;
     use std::mem::{offset_of, size_of};
     let check = |src: Source, name: &str, size: usize, fields: &[(&str, usize)]| {
@@ -1678,7 +1697,11 @@ fn params_match_wgsl_layout() {
             ("n_rblocks", offset_of!(DecodeParams, n_rblocks)),
             ("ml_base", offset_of!(DecodeParams, ml_base)),
             ("b0", offset_of!(DecodeParams, b0)),
+            ("split0", offset_of!(DecodeParams, split0)),
+            ("pb0", offset_of!(DecodeParams, pb0)),
+            ("_pad0", offset_of!(DecodeParams, _pad0)),
             ("_pad1", offset_of!(DecodeParams, _pad1)),
+            ("_pad2", offset_of!(DecodeParams, _pad2)),
         ],
     );
     check(
@@ -1702,17 +1725,19 @@ fn params_match_wgsl_layout() {
     );
     check(
         Source::CacheSegments,
-        "FoldParams",
-        size_of::<FoldParams>(),
+        "MergeSegParams",
+        size_of::<MergeSegParams>(),
         &[
-            ("q_heads", offset_of!(FoldParams, q_heads)),
-            ("n", offset_of!(FoldParams, n)),
-            ("splits", offset_of!(FoldParams, splits)),
-            ("ml_base", offset_of!(FoldParams, ml_base)),
-            ("b0", offset_of!(FoldParams, b0)),
-            ("acc_ml", offset_of!(FoldParams, acc_ml)),
-            ("_pad0", offset_of!(FoldParams, _pad0)),
-            ("_pad1", offset_of!(FoldParams, _pad1)),
+            ("q_heads", offset_of!(MergeSegParams, q_heads)),
+            ("n", offset_of!(MergeSegParams, n)),
+            ("b0", offset_of!(MergeSegParams, b0)),
+            ("nseg", offset_of!(MergeSegParams, nseg)),
+            ("nseq", offset_of!(MergeSegParams, nseq)),
+            ("_pad0", offset_of!(MergeSegParams, _pad0)),
+            ("_pad1", offset_of!(MergeSegParams, _pad1)),
+            ("_pad2", offset_of!(MergeSegParams, _pad2)),
+            ("splits", offset_of!(MergeSegParams, splits)),
+            ("ml_base", offset_of!(MergeSegParams, ml_base)),
         ],
     );
 }
@@ -1762,9 +1787,7 @@ fn bounds_checked_build_gives_same_bits() {
 #[test]
 fn decode_shaders_translate_to_every_backend() {
     use naga::back::{glsl, hlsl, msl, spv};
-    use selattn::kernels::decode::{
-        AppendConfig, AttendConfig, FoldConfig, MergeConfig, ScoreConfig,
-    };
+    use selattn::kernels::decode::{AppendConfig, AttendConfig, MergeConfig, ScoreConfig};
     use selattn::kernels::{Kernel, KernelKey};
     let mut kernels = vec![];
     for flags in [false, true] {
@@ -1778,15 +1801,6 @@ fn decode_shaders_translate_to_every_backend() {
         kernels.push(Kernel::CachePut(append));
         kernels.push(Kernel::CachePutState(append));
         kernels.push(Kernel::CacheCandidates(append));
-        for last in [false, true] {
-            kernels.push(Kernel::CacheFold(FoldConfig {
-                d: 64,
-                wg: 64,
-                first: flags,
-                last,
-                lse: flags && last,
-            }));
-        }
         kernels.push(Kernel::DecodeAttend(AttendConfig {
             d: 128,
             wg: if flags { 256 } else { 64 },
@@ -1795,6 +1809,14 @@ fn decode_shaders_translate_to_every_backend() {
             features: AttendConfig::switches(if flags { Switches::ALL } else { Switches::NONE }),
         }));
         kernels.push(Kernel::DecodeMerge(MergeConfig {
+            d: 64,
+            wg: 64,
+            features: MergeConfig::switches(Switches {
+                lse: flags,
+                ..Switches::NONE
+            }),
+        }));
+        kernels.push(Kernel::CacheMergeSegments(MergeConfig {
             d: 64,
             wg: 64,
             features: MergeConfig::switches(Switches {

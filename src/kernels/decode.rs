@@ -224,33 +224,6 @@ impl MergeConfig {
     }
 }
 
-/// Specialisation of the fold kernel of a segmented cache (`shaders/cache_segments.wgsl`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FoldConfig {
-    /// Head dim.
-    pub d: u32,
-    /// Threads per workgroup.
-    pub wg: u32,
-    /// The first segment: the accumulator is not read.
-    pub first: bool,
-    /// The last segment: O and LSE are written instead of the accumulator.
-    pub last: bool,
-    /// LSE is written (with `last`).
-    pub lse: bool,
-}
-
-impl FoldConfig {
-    pub(crate) fn constants(&self) -> Vec<(&'static str, f64)> {
-        vec![
-            ("D", self.d as f64),
-            ("WG", self.wg as f64),
-            ("FIRST", flag(self.first)),
-            ("LAST", flag(self.last)),
-            ("WRITE_LSE", flag(self.lse)),
-        ]
-    }
-}
-
 /// Parameters of the `candidates` and `put` kernels of a segmented cache, mirrored field for
 /// field by `struct SegParams` in `shaders/cache_segments.wgsl`.
 #[repr(C)]
@@ -280,29 +253,6 @@ pub struct SegParams {
     pub _pad1: u32,
     /// Padding.
     pub _pad2: u32,
-}
-
-/// Parameters of the `fold` kernel of a segmented cache, mirrored field for field by
-/// `struct FoldParams` in `shaders/cache_segments.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct FoldParams {
-    /// Hq.
-    pub q_heads: u32,
-    /// Queries per sequence.
-    pub n: u32,
-    /// Splits of the segment's partials.
-    pub splits: u32,
-    /// Index (in vec4) of the first (m, l) entry of the partials.
-    pub ml_base: u32,
-    /// First sequence of the dispatch.
-    pub b0: u32,
-    /// Index (in vec4) of the first (m, l) entry of the accumulator.
-    pub acc_ml: u32,
-    /// Padding.
-    pub _pad0: u32,
-    /// Padding.
-    pub _pad1: u32,
 }
 
 /// Parameters of the append kernel, mirrored field for field by `struct CacheParams` in
@@ -365,8 +315,20 @@ pub struct DecodeParams {
     /// First sequence of the dispatch's group (the cache's buffers hold sequences b0..;
     /// every other tensor is indexed by b0 + the group's own index).
     pub b0: u32,
+    /// First split of the dispatch in the partials (a segmented cache's segments write their
+    /// splits side by side, merged once; 0 otherwise): the attend kernel writes splits
+    /// `split0 .. split0 + grid splits` of `splits`.
+    pub split0: u32,
+    /// First sequence of the partials buffer (a segmented cache spreads its sequences' partials
+    /// over a few buffers, so that attend dispatches of different sequences need no barrier
+    /// between them; 0 otherwise).
+    pub pb0: u32,
+    /// Padding.
+    pub _pad0: u32,
     /// Padding.
     pub _pad1: u32,
+    /// Padding.
+    pub _pad2: u32,
 }
 
 /// Everything decided about one decode step before any GPU work.
@@ -585,7 +547,11 @@ pub fn plan(
             n_rblocks,
             ml_base: ml_base as u32,
             b0: 0,
+            split0: 0,
+            pb0: 0,
+            _pad0: 0,
             _pad1: 0,
+            _pad2: 0,
         },
     };
     if plan.score.is_some() && plan.fq_bytes() > limit {
@@ -680,12 +646,15 @@ pub(crate) fn encode_step(
 ) -> Result<()> {
     // One uniform for the three kernels.
     let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&plan.params));
-    encode_score_attend(gpu, pass, plan, elem, max_len, s, c, &params)?;
+    let splits = plan.params.splits;
+    encode_score_attend(gpu, pass, plan, elem, max_len, splits, s, c, &params)?;
     encode_merge(gpu, pass, plan, elem, s, &params)
 }
 
 /// Records the selective score pass (with selective masking) and split-KV attention of a
-/// decode step; the partials are left in `s.part`. `params` holds `plan.params`.
+/// decode step; the partials are left in `s.part`. `params` holds `plan.params`; the attend
+/// grid has `splits` splits (`plan.params.splits`, or a segment's own, written from
+/// `plan.params.split0` on).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn encode_score_attend(
     gpu: &Gpu<'_>,
@@ -693,6 +662,7 @@ pub(crate) fn encode_score_attend(
     plan: &DecodePlan,
     elem: DType,
     max_len: u32,
+    splits: u32,
     s: &StepBuffers<'_>,
     c: &CacheBuffers<'_>,
     params: &wgpu::Buffer,
@@ -733,7 +703,7 @@ pub(crate) fn encode_score_attend(
         entry(10, s.fq),
         entry(11, s.part),
     ];
-    let groups = [p.splits, p.kv_heads * p.n_rblocks, p.batch];
+    let groups = [splits, p.kv_heads * p.n_rblocks, p.batch];
     gpu.dispatch(pass, "selattn decode attend", key, &entries, groups)
 }
 
@@ -821,8 +791,10 @@ pub(crate) fn encode_segment_append(
                 tensor_entry(4, t.gate, din),
                 entry(6, c.k),
                 entry(7, c.v),
-                entry(8, c.gate.unwrap_or(gpu.dummy_out)),
-                entry(11, best),
+                // Without a gate, the segment's own K stands in (never accessed): the shared
+                // dummy, writable, would put a barrier between every two puts.
+                entry(8, c.gate.unwrap_or(c.k)),
+                entry(23, best),
             ],
         ),
         SegKernel::PutState => (
@@ -834,40 +806,92 @@ pub(crate) fn encode_segment_append(
                 tensor_entry(5, t.f, din),
                 entry(9, c.f),
                 entry(10, c.pos),
-                entry(11, best),
+                entry(23, best),
             ],
         ),
     };
     gpu.dispatch(pass, label, KernelKey { kernel, elem }, &entries, groups)
 }
 
-/// Records the fold of one segment's decode partials (`s.part`) into `acc` (or, with
-/// `cfg.last`, into O and LSE) for `batch` sequences from `params.b0`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn encode_fold(
+/// Environment knob: `0` makes a segmented cache's decode step write every segment's partials
+/// into one shared buffer (then merged once) instead of a buffer per (sequence, segment) merged
+/// by `merge_segments`; the shared form is also what more than [`MERGE_SEGMENTS`] segments
+/// get. A measurement knob, read at each step.
+pub const SEGMENT_GATHER_ENV: &str = "SELATTN_DECODE_SEGMENT_GATHER";
+
+/// Slot splits per segment of a segmented cache's decode step when each (sequence, segment)
+/// writes partials of its own (unless the call sets [`DecodeOptions`](crate::cache::DecodeOptions)
+/// `splits`): the segments' dispatches run side by side, so fewer, longer splits than one
+/// dispatch alone would want, and a shorter merge. H200, 2026-12-03, B16 x 16384 f16 in 3
+/// segments (16 MiB buffers): 32 splits per segment (the planner's for one sequence)
+/// 1.62 ms/step, 8 splits 0.82 (BENCHMARKS.md).
+pub const SEGMENT_SPLITS: u32 = 8;
+
+/// Segments the `merge_segments` kernel of a segmented cache merges at most (its partials
+/// bindings).
+pub const MERGE_SEGMENTS: usize = 8;
+
+/// Parameters of the `merge_segments` kernel of a segmented cache, mirrored field for field by
+/// `struct MergeSegParams` in `shaders/cache_segments.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MergeSegParams {
+    /// Hq.
+    pub q_heads: u32,
+    /// Queries per sequence.
+    pub n: u32,
+    /// First sequence of the dispatch.
+    pub b0: u32,
+    /// Segments per sequence.
+    pub nseg: u32,
+    /// Sequences of the dispatch (`nseg * nseq` at most [`MERGE_SEGMENTS`]).
+    pub nseq: u32,
+    /// Padding.
+    pub _pad0: u32,
+    /// Padding.
+    pub _pad1: u32,
+    /// Padding.
+    pub _pad2: u32,
+    /// Splits of each segment's partials.
+    pub splits: [u32; MERGE_SEGMENTS],
+    /// Index (in vec4) of the first (m, l) entry of each segment's partials.
+    pub ml_base: [u32; MERGE_SEGMENTS],
+}
+
+/// Records the merge of sequences `params.b0 ..` over their segments' partials (`parts`:
+/// sequence by sequence, segment by segment; at most [`MERGE_SEGMENTS`] in all), writing their O
+/// and LSE rows.
+pub(crate) fn encode_merge_segments(
     gpu: &Gpu<'_>,
     pass: &mut wgpu::ComputePass<'_>,
-    cfg: FoldConfig,
+    cfg: MergeConfig,
     elem: DType,
-    params: &FoldParams,
-    batch: u32,
+    params: &MergeSegParams,
+    parts: &[&wgpu::Buffer],
     s: &StepBuffers<'_>,
-    acc: &wgpu::Buffer,
 ) -> Result<()> {
-    let uniform = gpu.uniform("selattn cache fold params", bytemuck::bytes_of(params));
+    let nb = params.nseq as usize;
+    if nb == 0 || parts.len() > MERGE_SEGMENTS || parts.len() != params.nseg as usize * nb {
+        return Err(Error::gpu_msg(
+            "merge_segments: partials buffers do not match nseg x nseq",
+        ));
+    }
+    let uniform = gpu.uniform("selattn cache merge params", bytemuck::bytes_of(params));
     let key = KernelKey {
-        kernel: Kernel::CacheFold(cfg),
+        kernel: Kernel::CacheMergeSegments(cfg),
         elem,
     };
-    let entries = [
-        entry(12, &uniform),
-        entry(13, s.part),
-        entry(14, acc),
-        tensor_entry(15, Some(s.o), gpu.dummy_out),
-        tensor_entry(16, s.lse, gpu.dummy_out),
-    ];
-    let groups = [params.q_heads * params.n, batch, 1];
-    gpu.dispatch(pass, "selattn cache fold", key, &entries, groups)
+    let mut entries = vec![entry(12, &uniform)];
+    for k in 0..MERGE_SEGMENTS {
+        entries.push(entry(
+            13 + k as u32,
+            parts.get(k).copied().unwrap_or(gpu.dummy_in),
+        ));
+    }
+    entries.push(tensor_entry(21, Some(s.o), gpu.dummy_out));
+    entries.push(tensor_entry(22, s.lse, gpu.dummy_out));
+    let groups = [params.q_heads * params.n, params.nseq, 1];
+    gpu.dispatch(pass, "selattn cache merge segments", key, &entries, groups)
 }
 
 /// Default slot splits: about `target` workgroups in all (by device type), but splits of at

@@ -157,8 +157,8 @@ pub enum Kernel {
     CachePut(decode::AppendConfig),
     /// Segmented KV cache: writes tokens' positions and F into the slots of one segment.
     CachePutState(decode::AppendConfig),
-    /// Segmented KV cache: folds one segment's decode partials into the running result.
-    CacheFold(decode::FoldConfig),
+    /// Segmented KV cache: merges one sequence's decode partials over its segments.
+    CacheMergeSegments(decode::MergeConfig),
     /// Decode: selective scores of the step's queries, F state update.
     DecodeScore(decode::ScoreConfig),
     /// Decode: split-KV attention.
@@ -194,7 +194,7 @@ impl KernelKey {
             Kernel::CacheCandidates(_)
             | Kernel::CachePut(_)
             | Kernel::CachePutState(_)
-            | Kernel::CacheFold(_) => Source::CacheSegments,
+            | Kernel::CacheMergeSegments(_) => Source::CacheSegments,
             Kernel::DecodeScore(_) | Kernel::DecodeAttend(_) | Kernel::DecodeMerge(_) => {
                 Source::Decode
             }
@@ -230,7 +230,7 @@ impl KernelKey {
             Kernel::CacheCandidates(_) => "candidates",
             Kernel::CachePut(_) => "put",
             Kernel::CachePutState(_) => "put_state",
-            Kernel::CacheFold(_) => "fold",
+            Kernel::CacheMergeSegments(_) => "merge_segments",
             Kernel::DecodeScore(_) => "score",
             Kernel::DecodeAttend(_) => "attend",
             Kernel::DecodeMerge(_) => "merge",
@@ -251,7 +251,7 @@ impl KernelKey {
             Kernel::CacheCandidates(c) | Kernel::CachePut(c) | Kernel::CachePutState(c) => {
                 c.constants()
             }
-            Kernel::CacheFold(c) => c.constants(),
+            Kernel::CacheMergeSegments(c) => c.constants(),
             Kernel::DecodeScore(c) => c.constants(),
             Kernel::DecodeAttend(c) => c.constants(),
             Kernel::DecodeMerge(c) => c.constants(),

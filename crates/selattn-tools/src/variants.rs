@@ -373,24 +373,6 @@ pub fn decode_variants(caps: &Capabilities, elem: DType) -> Vec<KernelKey> {
             gate: false,
             f: false,
         })));
-        let fold_wg = plan_merge_wg(caps);
-        for (first, last, lse) in [
-            (true, false, false),
-            (false, false, false),
-            (true, true, false),
-            (false, true, false),
-            (true, true, true),
-            (false, true, true),
-        ] {
-            let c = decode::FoldConfig {
-                d,
-                wg: fold_wg,
-                first,
-                last,
-                lse,
-            };
-            out.push(key(Kernel::CacheFold(c)));
-        }
         for (group, n) in [(1, 1), (1, 2), (4, 8)] {
             let shape = DecodeShape {
                 batch: 1,
@@ -429,6 +411,8 @@ pub fn decode_variants(caps: &Capabilities, elem: DType) -> Vec<KernelKey> {
                 }
                 out.push(key(Kernel::DecodeAttend(plan.attend)));
                 out.push(key(Kernel::DecodeMerge(plan.merge)));
+                // Segmented caches' merge over per-segment partials: the same specialisation.
+                out.push(key(Kernel::CacheMergeSegments(plan.merge)));
             }
         }
     }
@@ -438,16 +422,6 @@ pub fn decode_variants(caps: &Capabilities, elem: DType) -> Vec<KernelKey> {
         out.push(key(Kernel::MergePair(c)));
     }
     out
-}
-
-/// Threads of the decode merge (and of a segmented cache's fold) on a device.
-fn plan_merge_wg(caps: &Capabilities) -> u32 {
-    let m = caps.max_invocations.clamp(1, 64);
-    if m.is_power_of_two() {
-        m
-    } else {
-        m.next_power_of_two() / 2
-    }
 }
 
 /// [`decode_variants`] on every reference device and element type, each once.
