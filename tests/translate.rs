@@ -459,6 +459,54 @@ fn selective_coop_knob_forms_translate() {
     );
 }
 
+/// The cooperative-matrix backward kernels in the opt-in forms of their knobs, which the
+/// planner's defaults in the covering set do not reach: `SELATTN_BACKWARD_PIPE` (coop_dkv and
+/// coop_dq) and `SELATTN_BACKWARD_DUP` (coop_selq_du and coop_selk_du, at 16- to 64-row tiles).
+#[test]
+fn backward_coop_knob_forms_translate() {
+    use selattn::kernels::coop_backward::CoopEntry;
+    let mut keys = Vec::new();
+    for k in variants::covering_variants() {
+        if let Kernel::CoopBackward(c) = k.kernel {
+            let forms: Vec<_> = match c.entry {
+                CoopEntry::Dkv | CoopEntry::Dq => {
+                    vec![selattn::kernels::coop_backward::CoopBackwardConfig { pipe: true, ..c }]
+                }
+                CoopEntry::SelkDu | CoopEntry::SelqRead => [16, 32, 64]
+                    .into_iter()
+                    .map(|bt| selattn::kernels::coop_backward::CoopBackwardConfig {
+                        bt,
+                        dup: true,
+                        ..c
+                    })
+                    .collect(),
+                _ => vec![],
+            };
+            for c in forms {
+                keys.push(KernelKey {
+                    kernel: Kernel::CoopBackward(c),
+                    ..k
+                });
+            }
+        }
+    }
+    keys.sort_by_key(|k| format!("{k:?}"));
+    keys.dedup();
+    assert!(
+        !keys.is_empty(),
+        "no coop backward variant in the covering set"
+    );
+    let failures = translate_all(&keys);
+    eprintln!("translated {} coop backward knob forms", keys.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} knob forms failed:\n{}",
+        failures.len(),
+        keys.len(),
+        failures.join("\n")
+    );
+}
+
 /// Tiles (D, BR, BC, DN) of the forward kernel, (D, BR, BC, WG) of the colsum pass and
 /// (D, BR, BC, subgroup size) of the cooperative-matrix kernel.
 fn tiles(keys: &[KernelKey]) -> BTreeSet<(u8, u32, u32, u32, u32)> {
@@ -580,6 +628,19 @@ fn covering_set_has_every_tile_switch_and_head_dim() {
                     && c.kv4)),
             "no coop forward key with SM_KEEP and KV4 (selective {sel})"
         );
+    }
+    // With `+vpre` set (issue 11's candidate), the non-selective coop keys carry it and no
+    // selective one does (the planner refuses it there).
+    let ablate = std::env::var(selattn::kernels::coop::ABLATE_ENV).unwrap_or_default();
+    if ablate.split(',').any(|w| w.trim() == "+vpre") {
+        for sel in [false, true] {
+            assert_eq!(
+                cover.iter().any(|k| matches!(k.kernel,
+                    Kernel::CoopForward(c) if c.features.selective == sel && c.vpre)),
+                !sel,
+                "VPRE on selective {sel} coop keys"
+            );
+        }
     }
     // The full enumeration really is every valid switch combination.
     assert_eq!(Switches::all().len(), 64 + 32 * 4);
