@@ -86,8 +86,9 @@ struct Args {
     #[arg(long, default_value_t = 500)]
     heat_ms: u32,
     /// Tuning sweep over one cache: variants separated by `;`, each `default` or a comma list of
-    /// `splits=N`, `threads=N`, `rows=N`. Each variant runs `--len` steps (the first untimed),
-    /// after heating, then every sequence is truncated back to the prompt. No budget, no
+    /// `splits=N`, `threads=N`, `rows=N`, `parts=0/1` (`SELATTN_DECODE_GROUP_PARTS`). Each
+    /// variant runs `--len` steps (the first untimed), after heating, then every sequence is
+    /// truncated back to the prompt. No budget, no
     /// selective masking, no checks; prints GPU ms per step (mean, median) and KV GB/s each.
     #[arg(long)]
     sweep: Option<String>,
@@ -457,6 +458,14 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
 /// Parses one `--sweep` variant into decode options.
 fn variant(spec: &str) -> std::result::Result<DecodeOptions, String> {
     let mut o = DecodeOptions::new();
+    // `parts=1` turns on the off-by-default knob SELATTN_DECODE_GROUP_PARTS for this variant
+    // (every other variant runs with it as the environment set it).
+    let knob = selattn::kernels::decode::GROUP_PARTS_ENV;
+    static OUTER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    match OUTER.get_or_init(|| std::env::var(knob).ok()) {
+        Some(v) => std::env::set_var(knob, v),
+        None => std::env::remove_var(knob),
+    }
     for kv in spec
         .split(',')
         .map(str::trim)
@@ -468,7 +477,8 @@ fn variant(spec: &str) -> std::result::Result<DecodeOptions, String> {
             "splits" => o.splits = Some(v),
             "threads" => o.threads = Some(v),
             "rows" => o.rows = Some(v),
-            _ => return Err(format!("{k}: splits, threads or rows")),
+            "parts" => std::env::set_var(knob, v.to_string()),
+            _ => return Err(format!("{k}: splits, threads, rows or parts")),
         }
     }
     Ok(o)

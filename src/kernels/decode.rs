@@ -819,6 +819,14 @@ pub(crate) fn encode_segment_append(
 /// get. A measurement knob, read at each step.
 pub const SEGMENT_GATHER_ENV: &str = "SELATTN_DECODE_SEGMENT_GATHER";
 
+/// Set to `1`, a cache in several sequence groups (unsegmented) gives each group a partials
+/// buffer of its own, runs the append in a pass of its own followed by one transition of every
+/// group's slots to read-only, then every group's attend before any merge: the attend
+/// dispatches then write different buffers and wgpu puts no barrier between them. Off by
+/// default (one shared partials buffer, each group's attend then merge) until measured; a
+/// measurement knob, read at each step.
+pub const GROUP_PARTS_ENV: &str = "SELATTN_DECODE_GROUP_PARTS";
+
 /// Slot splits per segment of a segmented cache's decode step when each (sequence, segment)
 /// writes partials of its own (unless the call sets [`DecodeOptions`](crate::cache::DecodeOptions)
 /// `splits`): the segments' dispatches run side by side, so fewer, longer splits than one
