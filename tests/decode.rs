@@ -1815,6 +1815,7 @@ fn decode_shaders_translate_to_every_backend() {
             rb: if flags { 4 } else { 16 },
             half: flags,
             features: AttendConfig::switches(if flags { Switches::ALL } else { Switches::NONE }),
+            prefetch: flags,
         }));
         kernels.push(Kernel::DecodeMerge(MergeConfig {
             d: 64,
