@@ -73,6 +73,10 @@ override SM_ROT: bool = false;
 //   SM_QUADS): the tile's S values of the lane kept in registers between the max and exp passes.
 override SM_QUADS: bool = false;
 override SM_KEEP: bool = false;
+// VPRE (not with SELECTIVE): V prefetched a whole tile ahead, as K is: V of tile kt is loaded
+//   during tile kt - BC and staged from registers just before the loads of tile kt + BC (where K's
+//   rows, or V's own, are free), not after the softmax.
+override VPRE: bool = false;
 const KEEP_MAX: u32 = 16u;   // steps per lane with SM_QUADS: BC / (4 LPR) <= 64 / 4
 override CW: u32 = select(select(1u, 2u, SM_PAIRS), 4u, SM_QUADS);   // columns per step
 override CPL: u32 = BC / (CW * LPR);           // steps per lane
@@ -182,6 +186,22 @@ fn load_k(b: u32, hk: u32, kt: u32, kend: u32, e: u32) -> vec4<u32> {
     return vec4<u32>(0u);
 }
 
+// V (16 bytes, element e of the tile at kt) and its key's gate, as load_k (VPRE's first tile).
+fn load_v(b: u32, hk: u32, kt: u32, kend: u32, e: u32) -> vec4<u32> {
+    let j = kt + e / D8;
+    if e < BC * D8 && j < kend {
+        return v[((b * p.kv_heads + hk) * p.k_len + j) * D8 + e % D8];
+    }
+    return vec4<u32>(0u);
+}
+fn load_g(b: u32, hk: u32, kt: u32, kend: u32, e: u32) -> f32 {
+    let j = kt + e / D8;
+    if HAS_GATE && e < BC * D8 && j < kend {
+        return gate[(b * p.kv_heads + hk) * p.k_len + j];
+    }
+    return 1.0;
+}
+
 @compute @workgroup_size(WG)
 fn coop_forward(
     @builtin(local_invocation_index) tid: u32,
@@ -271,6 +291,10 @@ fn coop_forward(
     var spre: array<vec4<u32>, MAX_LD>;   // the selection head's K, when selective
     for (var x = 0u; x < NLD; x++) {
         kpre[x] = load_k(b, hk, 0u, kend, tid + x * WG);
+        if VPRE {
+            vpre[x] = load_v(b, hk, 0u, kend, tid + x * WG);
+            gpre[x] = load_g(b, hk, 0u, kend, tid + x * WG);
+        }
         if SELECTIVE {
             spre[x] = load_k(b, sel_kv, 0u, kend, tid + x * WG);
         }
@@ -439,10 +463,14 @@ fn coop_forward(
             // The V tile next takes K's rows, which every subgroup must be done with.
             workgroupBarrier();
         }
-        // Loads for this tile's V and the next tile's K, consumed after the softmax.
+        // Loads for this tile's V and the next tile's K, consumed after the softmax (VPRE: this
+        // tile's V staged first, then the next tile's V loaded).
         for (var x = 0u; x < NLD; x++) {
             let e = tid + x * WG;
-            let j = kt + e / D8;
+            if VPRE && e < BC * D8 && !xa(2u) {
+                put8(VOFF + (e / D8) * DP + (e % D8) * 8u, vpre[x], gpre[x]);
+            }
+            let j = select(kt, kt + BC, VPRE) + e / D8;
             var w = vec4<u32>(0u);
             var g = 1.0;
             if e < BC * D8 && j < kend && !xa(4u) {
@@ -645,7 +673,7 @@ fn coop_forward(
                 }
             }
         }
-        for (var x = 0u; x < NLD; x++) {
+        for (var x = 0u; x < select(NLD, 0u, VPRE); x++) {
             let e = tid + x * WG;
             if e < BC * D8 && !xa(2u) {
                 put8(VOFF + (e / D8) * DP + (e % D8) * 8u, vpre[x], gpre[x]);

@@ -562,6 +562,19 @@ fn covering_set_has_every_tile_switch_and_head_dim() {
             "no coop forward key with SM_KEEP and KV4 (selective {sel})"
         );
     }
+    // With `+vpre` set (issue 11's candidate), the non-selective coop keys carry it and no
+    // selective one does (the planner refuses it there).
+    let ablate = std::env::var(selattn::kernels::coop::ABLATE_ENV).unwrap_or_default();
+    if ablate.split(',').any(|w| w.trim() == "+vpre") {
+        for sel in [false, true] {
+            assert_eq!(
+                cover.iter().any(|k| matches!(k.kernel,
+                    Kernel::CoopForward(c) if c.features.selective == sel && c.vpre)),
+                !sel,
+                "VPRE on selective {sel} coop keys"
+            );
+        }
+    }
     // The full enumeration really is every valid switch combination.
     assert_eq!(Switches::all().len(), 64 + 32 * 4);
 }

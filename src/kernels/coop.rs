@@ -16,11 +16,11 @@ pub const MAX_D: u32 = 128;
 /// pass's interior fast path); `+ilp` turns `ilp` on at every head dim. The softmax and staging
 /// forms: `keep`, `quads`, `pairs`, `fixed`, `rot`, `kv4`, `p2` turn one off, `+name` on (see
 /// [`CoopConfig`]; `keep,kv4` gives column pairs, `keep,kv4,pairs,fixed` the scalar loops of
-/// before). Timing-only knobs that make
-/// results wrong (for `bench --no-check`): `x-nosm`, `x-nostage`, `x-nold`, `x-nos`, `x-nopv`,
-/// `x-nobar`, `x-nomax`, `x-noexp`, and for selective masking `x-nosels`, `x-noprefix`,
-/// `x-noselk` (the shader's `XA` bits, in that order). `colkpwN` sets the column-sum pass's key
-/// tiles per workgroup (see `ColsumConfig::coop`). Unset in normal use.
+/// before); `+vpre` prefetches V a whole tile ahead (not with selective masking). Timing-only
+/// knobs that make results wrong (for `bench --no-check`): `x-nosm`, `x-nostage`, `x-nold`,
+/// `x-nos`, `x-nopv`, `x-nobar`, `x-nomax`, `x-noexp`, and for selective masking `x-nosels`,
+/// `x-noprefix`, `x-noselk` (the shader's `XA` bits, in that order). `colkpwN` sets the
+/// column-sum pass's key tiles per workgroup (see `ColsumConfig::coop`). Unset in normal use.
 pub const ABLATE_ENV: &str = "SELATTN_COOP_ABLATE";
 
 /// Whether the planner stages the selection head's K tile in the P buffer where it fits
@@ -75,6 +75,9 @@ pub struct CoopConfig {
     pub kv4: bool,
     /// P in a `vec2<f16>` array (one 4-byte store per pair; needs `sm_pairs`).
     pub p2: bool,
+    /// V prefetched a whole tile ahead, as K is (`VPRE`; `+vpre` in [`ABLATE_ENV`], off by
+    /// default; never with selective masking).
+    pub vpre: bool,
     /// Selective: the selection head's K tile staged in the P buffer together with K (`SELP`:
     /// two workgroup barriers per key tile fewer; needs BC × (D + 8) <= BR × (BC + 8)).
     pub selp: bool,
@@ -100,6 +103,7 @@ impl CoopConfig {
             ("SM_ROT", super::flag(self.sm_rot)),
             ("SM_QUADS", super::flag(self.sm_quads)),
             ("SM_KEEP", super::flag(self.sm_keep)),
+            ("VPRE", super::flag(self.vpre)),
             ("SELP", super::flag(self.selp)),
             ("SGPREFIX", super::flag(self.sgprefix)),
         ]
@@ -214,6 +218,8 @@ impl CoopConfig {
                 sm_keep: false,
                 kv4: false,
                 p2: false,
+                // Candidate (issue 11, unmeasured): the planner refuses it with selective masking.
+                vpre: !features.selective && listed("+vpre"),
                 selp: false,
                 sgprefix: false,
             };
