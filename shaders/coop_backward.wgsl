@@ -102,6 +102,24 @@ override FQ: bool = false;
 // quads live in registers (acc and fb not declared), S_sel goes through sa; the workgroup memory
 // saved lets the planner take 64-key tiles with SDQ at D64 and D128 (SELATTN_BACKWARD_RQ=0: off).
 override RQ: bool = false;
+// DUP (coop_selq_du and coop_selk_du only): the key (selq_du) or row (selk_du) walk pipelined:
+// a whole tile's du (64 x BT, as f16 in du16) and K_sel / Q_sel staged by every lane in one
+// round, the next tile's global loads issued into registers before this tile's MMAs; two
+// workgroup barriers a tile instead of 1 + 2 NB, and 16-lane serial du loads gone. acc, fb and
+// za16 are not declared and the stage holds BT rows, so 64-row tiles fit at D64 and D128
+// (SELATTN_BACKWARD_DUP=1 turns it on; off by default until measured on a device).
+override DUP: bool = false;
+override DUS: u32 = BT + 8u;        // DUP: padded f16 row stride of du16
+// PIPE (coop_dq and coop_dkv): the next tile's staged rows (dq: K, V, K_sel and gates; dkv: Q,
+// dO, Q_sel, LSE, Delta and temperature of the next (head, query tile)) loaded into registers
+// before this tile's MMAs, stored into the staging buffer after the next barrier (one staging
+// latency a tile hidden; SELATTN_BACKWARD_PIPE=1 turns it on; off by default until measured).
+override PIPE: bool = false;
+override PKN: u32 = min(DPK, (BT * D8 + WG - 1u) / WG);    // PIPE: words a lane stages per tensor
+const DPK: u32 = 8u;                // DUP: staged 16-byte words of K_sel / Q_sel per lane at most
+const DPD: u32 = 32u;               // DUP: du values per lane at most
+override DPKN: u32 = min(DPK, (BT * D8 + WG - 1u) / WG);   // DUP: words a lane stages
+override DPDN: u32 = min(DPD, (KB * BT + WG - 1u) / WG);   // DUP: du values a lane stages
 const RQN: u32 = 16u;               // register quads per lane at most: 4 chunks x QPL
 const QPL: u32 = 4u;                // quads per lane at most (64 quads, subgroups of 16 or more)
 
@@ -117,7 +135,7 @@ override NT: u32 = select(2u, 3u, SELECTIVE);   // tensors staged per step
 override NST: u32 = max(NT * BT, KB);           // staged rows
 override RW: u32 = max(BT, KB);
 override NB: u32 = BT / 16u;        // 16-row (or 16-key) chunks per staged tile
-override NSTS: u32 = max(2u * BT, select(KB, 2u * KB, SDQ)) * DP;   // staged f16 of coop_selq / coop_selk / coop_seldu
+override NSTS: u32 = select(max(2u * BT, select(KB, 2u * KB, SDQ)), max(BT, KB), DUP) * DP;   // staged f16 of coop_selq / coop_selk / coop_seldu (DUP: K_sel or Q_sel only)
 
 // Every workgroup variable is a multiple of 16 bytes (see coop_forward.wgsl: NVIDIA's driver
 // misaligns cooperative loads otherwise).
@@ -127,9 +145,10 @@ var<workgroup> sb: array<f32, SG * 16u * SP>;                        // dP (or d
 var<workgroup> sf: array<f32, select(4u, SG * 16u * SP, SELECTIVE && !SELPASS)>;  // S_sel, then F
 var<workgroup> pa16: array<f16, select(8u, SG * 16u * PP, ISDKV)>;  // P^T (dkv only)
 // coop_selq / coop_selk: per subgroup and chunk, sum over heads of dz, and F.
-var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS && !RQ)>;
-var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS && !RQ)>;
-var<workgroup> za16: array<f16, select(SG * 16u * PP, 8u, SDQ || RQ)>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
+var<workgroup> acc: array<f32, select(4u, NB * SG * 16u * FS, SELPASS && !RQ && !DUP)>;
+var<workgroup> fb: array<f32, select(4u, NB * SG * 16u * FS, SELPASS && !RQ && !DUP)>;
+var<workgroup> za16: array<f16, select(SG * 16u * PP, 8u, SDQ || RQ || DUP)>;                      // (t dz)^T (dkv), dz (dq), du (selq, selk)
+var<workgroup> du16: array<f16, select(8u, KB * DUS, DUP)>;          // DUP: a tile's du (or du^T)
 var<workgroup> rl: array<f32, RW>;                                   // LSE of staged rows
 var<workgroup> rd: array<f32, RW>;                                   // Delta
 var<workgroup> rt: array<f32, RW>;                                   // temperature
@@ -276,6 +295,38 @@ fn ws8(at: u32, x: array<f32, 8>) {
     }
 }
 
+// PIPE, coop_dkv: Q, dO (and Q_sel) rows [row0, row0 + BT) of head h (zero past q_len) into
+// registers; returns LSE, Delta and the temperature of row row0 + tid.
+fn pipe_dkv_load(b: u32, h: u32, row0: u32, tid: u32,
+    pq: ptr<function, array<vec4<u32>, DPK>>, po: ptr<function, array<vec4<u32>, DPK>>,
+    ps: ptr<function, array<vec4<u32>, DPK>>) -> vec3<f32> {
+    for (var n = 0u; n < PKN; n++) {
+        let e = tid + n * WG;
+        let i = row0 + e / D8;
+        var xq = vec4<u32>(0u);
+        var xo = vec4<u32>(0u);
+        var xs = vec4<u32>(0u);
+        if e < BT * D8 && i < p.q_len {
+            let at = ((b * p.q_heads + h) * p.q_len + i) * D8 + e % D8;
+            xq = q[at];
+            xo = dout[at];
+            if SELECTIVE {
+                xs = q[((b * p.q_heads + p.sel_head) * p.q_len + i) * D8 + e % D8];
+            }
+        }
+        (*pq)[n] = xq;
+        (*po)[n] = xo;
+        (*ps)[n] = xs;
+    }
+    var x = vec3<f32>(0.0);
+    let i = row0 + tid;
+    if tid < BT && i < p.q_len {
+        let row = (b * p.q_heads + h) * p.q_len + i;
+        x = vec3<f32>(ws[w.lse + row], ws[w.delta + row], row_temperature(b, h, i));
+    }
+    return x;
+}
+
 @compute @workgroup_size(WG)
 fn coop_dkv(
     @builtin(local_invocation_index) tid: u32,
@@ -351,6 +402,23 @@ fn coop_dkv(
 {{ACCDECL}}
 
     let live = kt < valid;
+    // PIPE: the first query tile not skipped below (the causal skip holds for a prefix), its
+    // loads in registers before the walk.
+    var rfirst = 0u;
+    var pq: array<vec4<u32>, DPK>;
+    var po: array<vec4<u32>, DPK>;
+    var ps: array<vec4<u32>, DPK>;
+    var prow = vec3<f32>(0.0);
+    if PIPE && live {
+        if CAUSAL {
+            while rfirst < p.q_len && p.start + min(rfirst + BT, p.q_len) <= kt {
+                rfirst += BT;
+            }
+        }
+        if rfirst < p.q_len {
+            prow = pipe_dkv_load(b, hk * p.group, rfirst, tid, &pq, &po, &ps);
+        }
+    }
     for (var h = hk * p.group; h < (hk + 1u) * p.group; h++) {
         if !live {
             break;
@@ -361,7 +429,37 @@ fn coop_dkv(
                 continue;
             }
             workgroupBarrier();
-            for (var e = tid; e < BT * D8; e += WG) {
+            if PIPE {
+                for (var n = 0u; n < PKN; n++) {
+                    let e = tid + n * WG;
+                    if e < BT * D8 {
+                        let r = e / D8;
+                        let c8 = e % D8;
+                        put8(r * DP + c8 * 8u, pq[n]);
+                        put8((BT + r) * DP + c8 * 8u, po[n]);
+                        if SELECTIVE {
+                            put8((2u * BT + r) * DP + c8 * 8u, ps[n]);
+                        }
+                    }
+                }
+                if tid < BT {
+                    rl[tid] = prow.x;
+                    rd[tid] = prow.y;
+                    rt[tid] = prow.z;
+                }
+                workgroupBarrier();
+                // The next (head, query tile)'s loads in flight during this tile's chunks.
+                var nr = row0 + BT;
+                var nh = h;
+                if nr >= p.q_len {
+                    nr = rfirst;
+                    nh = h + 1u;
+                }
+                if nh < (hk + 1u) * p.group {
+                    prow = pipe_dkv_load(b, nh, nr, tid, &pq, &po, &ps);
+                }
+            }
+            for (var e = select(tid, BT * D8, PIPE); e < BT * D8; e += WG) {
                 let r = e / D8;
                 let i = row0 + r;
                 let c8 = e % D8;
@@ -382,7 +480,7 @@ fn coop_dkv(
                     put8((2u * BT + r) * DP + c8 * 8u, xs);
                 }
             }
-            for (var r = tid; r < BT; r += WG) {
+            for (var r = select(tid, BT, PIPE); r < BT; r += WG) {
                 let i = row0 + r;
                 var l = 0.0;
                 var d = 0.0;
@@ -399,7 +497,9 @@ fn coop_dkv(
             }
             // The staged tile is read by every subgroup; the chunks below hand only each
             // subgroup's own blocks between its lanes.
-            workgroupBarrier();
+            if !PIPE {
+                workgroupBarrier();
+            }
             for (var c0 = 0u; c0 < BT; c0 += 16u) {
                 let i0 = row0 + c0;
                 if i0 >= p.q_len {
@@ -616,6 +716,38 @@ fn coop_dkv(
     }
 }
 
+// PIPE, coop_dq: K, V (and K_sel) rows [kt, kt + BT) (zero at and past kend) and the gate of
+// key kt + tid into registers.
+fn pipe_dq_load(b: u32, hk: u32, kt: u32, kend: u32, tid: u32,
+    pk: ptr<function, array<vec4<u32>, DPK>>, pv: ptr<function, array<vec4<u32>, DPK>>,
+    ps: ptr<function, array<vec4<u32>, DPK>>) -> f32 {
+    let sel_kv = p.sel_head / p.group;
+    for (var n = 0u; n < PKN; n++) {
+        let e = tid + n * WG;
+        let j = kt + e / D8;
+        var xk = vec4<u32>(0u);
+        var xv = vec4<u32>(0u);
+        var xs = vec4<u32>(0u);
+        if e < BT * D8 && j < kend {
+            let at = ((b * p.kv_heads + hk) * p.k_len + j) * D8 + e % D8;
+            xk = k[at];
+            xv = v[at];
+            if SELECTIVE {
+                xs = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+            }
+        }
+        (*pk)[n] = xk;
+        (*pv)[n] = xv;
+        (*ps)[n] = xs;
+    }
+    var g = 1.0;
+    let j = kt + tid;
+    if HAS_GATE && tid < BT && j < p.k_len {
+        g = ws[w.gate + (b * p.kv_heads + hk) * p.k_len + j];
+    }
+    return g;
+}
+
 @compute @workgroup_size(WG)
 fn coop_dq(
     @builtin(local_invocation_index) tid: u32,
@@ -684,9 +816,38 @@ fn coop_dq(
     if CAUSAL {
         kend = min(kend, p.start + min(row0 + KB, p.q_len));
     }
+    var pk: array<vec4<u32>, DPK>;
+    var pv: array<vec4<u32>, DPK>;
+    var ps: array<vec4<u32>, DPK>;
+    var pg = 1.0;
+    if PIPE {
+        pg = pipe_dq_load(b, hk, 0u, kend, tid, &pk, &pv, &ps);
+    }
     for (var kt = 0u; kt < kend; kt += BT) {
         workgroupBarrier();
-        for (var e = tid; e < BT * D8; e += WG) {
+        if PIPE {
+            for (var n = 0u; n < PKN; n++) {
+                let e = tid + n * WG;
+                if e < BT * D8 {
+                    let r = e / D8;
+                    let c8 = e % D8;
+                    put8(r * DP + c8 * 8u, pk[n]);
+                    put8((BT + r) * DP + c8 * 8u, pv[n]);
+                    if SELECTIVE {
+                        put8((2u * BT + r) * DP + c8 * 8u, ps[n]);
+                    }
+                }
+            }
+            if tid < BT {
+                cg[tid] = pg;
+            }
+            workgroupBarrier();
+            // The next tile's loads in flight during this tile's chunks.
+            if kt + BT < kend {
+                pg = pipe_dq_load(b, hk, kt + BT, kend, tid, &pk, &pv, &ps);
+            }
+        }
+        for (var e = select(tid, BT * D8, PIPE); e < BT * D8; e += WG) {
             let r = e / D8;
             let j = kt + r;
             let c8 = e % D8;
@@ -707,7 +868,7 @@ fn coop_dq(
                 put8((2u * BT + r) * DP + c8 * 8u, xs);
             }
         }
-        for (var c = tid; c < BT; c += WG) {
+        for (var c = select(tid, BT, PIPE); c < BT; c += WG) {
             let j = kt + c;
             var g = 1.0;
             if HAS_GATE && j < p.k_len {
@@ -717,7 +878,9 @@ fn coop_dq(
         }
         // The staged tile is read by every subgroup; the chunks below hand only each
         // subgroup's own blocks between its lanes.
-        workgroupBarrier();
+        if !PIPE {
+            workgroupBarrier();
+        }
         for (var c0 = 0u; c0 < BT; c0 += 16u) {
             let j0 = kt + c0;
             if j0 >= kend {
@@ -1705,6 +1868,81 @@ fn coop_seldu(
     }
 }
 
+// DUP, coop_selq_du: K_sel rows [kt, kt + BT) and du of the workgroup's 64 rows there (zero at
+// and past kend or the chunk's end) into registers, one key a lane along a row (coalesced).
+fn dup_q_load(b: u32, kt: u32, kend: u32, row0: u32, tid: u32,
+    xk: ptr<function, array<vec4<u32>, DPK>>, xd: ptr<function, array<f32, DPD>>) {
+    let sel_kv = p.sel_head / p.group;
+    for (var n = 0u; n < DPKN; n++) {
+        let e = tid + n * WG;
+        let j = kt + e / D8;
+        var x = vec4<u32>(0u);
+        if e < BT * D8 && j < kend {
+            x = k[((b * p.kv_heads + sel_kv) * p.k_len + j) * D8 + e % D8];
+        }
+        (*xk)[n] = x;
+    }
+    let dub = du_base(b);
+    for (var n = 0u; n < DPDN; n++) {
+        let e = tid + n * WG;
+        let i = row0 + e / BT;
+        let j = kt + e % BT;
+        var du = 0.0;
+        if e < KB * BT && j < kend && i < w.row_hi {
+            du = ws[dub + (i - w.row_lo) * p.k_len + j];
+        }
+        (*xd)[n] = du;
+    }
+}
+
+// DUP, coop_selk_du: Q_sel rows [row0, row0 + BT) and du of the workgroup's 64 keys there (zero
+// where not live or at and past the chunk's end) into registers, one key a lane (coalesced).
+fn dup_k_load(b: u32, row0: u32, kt: u32, valid: u32, tid: u32,
+    xk: ptr<function, array<vec4<u32>, DPK>>, xd: ptr<function, array<f32, DPD>>) {
+    for (var n = 0u; n < DPKN; n++) {
+        let e = tid + n * WG;
+        let i = row0 + e / D8;
+        var x = vec4<u32>(0u);
+        if e < BT * D8 && i < w.row_hi {
+            x = q[((b * p.q_heads + p.sel_head) * p.q_len + i) * D8 + e % D8];
+        }
+        (*xk)[n] = x;
+    }
+    let dub = du_base(b);
+    for (var n = 0u; n < DPDN; n++) {
+        let e = tid + n * WG;
+        let i = row0 + e / KB;
+        let j = kt + e % KB;
+        var du = 0.0;
+        if e < KB * BT && i < w.row_hi && j < p.k_len && sel_live(i, j, valid) {
+            du = ws[dub + (i - w.row_lo) * p.k_len + j];
+        }
+        (*xd)[n] = du;
+    }
+}
+
+// DUP: the registers of dup_q_load / dup_k_load into stage (rows of D) and du16 (du: row-major
+// 64 x BT with rows along the workgroup's 64; selk: transposed, 64 keys x BT rows).
+fn dup_put(tid: u32, transposed: bool,
+    xk: ptr<function, array<vec4<u32>, DPK>>, xd: ptr<function, array<f32, DPD>>) {
+    for (var n = 0u; n < DPKN; n++) {
+        let e = tid + n * WG;
+        if e < BT * D8 {
+            put8((e / D8) * DP + (e % D8) * 8u, (*xk)[n]);
+        }
+    }
+    for (var n = 0u; n < DPDN; n++) {
+        let e = tid + n * WG;
+        if e < KB * BT {
+            if transposed {
+                du16[(e % KB) * DUS + e / KB] = f16((*xd)[n]);
+            } else {
+                du16[(e / BT) * DUS + e % BT] = f16((*xd)[n]);
+            }
+        }
+    }
+}
+
 // coop_selq_du (the split du path): one workgroup per (64 query rows of the chunk, b); subgroup
 // sg owns rows 16 sg .. 16 sg + 15. dq_sel += du K_sel over the key tiles below the rows' causal
 // end, du read from the scratch coop_seldu wrote for the same chunk; adds the selection head's
@@ -1727,7 +1965,29 @@ fn coop_selq_du(
     let bp = sg * 16u * PP;
 {{SD_QDECL}}
     let kend = min(valid, p.start + min(row0 + KB, p.q_len));
-    for (var kt = 0u; kt < kend; kt += BT) {
+    if DUP {
+        var xk: array<vec4<u32>, DPK>;
+        var xd: array<f32, DPD>;
+        dup_q_load(b, 0u, kend, row0, tid, &xk, &xd);
+        for (var kt = 0u; kt < kend; kt += BT) {
+            workgroupBarrier();
+            dup_put(tid, false, &xk, &xd);
+            workgroupBarrier();
+            // The next tile's loads in flight during this tile's MMAs.
+            if kt + BT < kend {
+                dup_q_load(b, kt + BT, kend, row0, tid, &xk, &xd);
+            }
+            for (var c = 0u; c < NB; c++) {
+                if kt + c * 16u >= kend {
+                    break;
+                }
+                let so = c * 16u * DP;
+                let ua = coopLoadT<coop_mat16x16<f16, A>>(&du16[rb0 * DUS + c * 16u], DUS);
+{{SQ_ACC}}
+            }
+        }
+    }
+    for (var kt = 0u; kt < select(kend, 0u, DUP); kt += BT) {
         workgroupBarrier();
         for (var e = tid; e < BT * D8; e += WG) {
             let j = kt + e / D8;
@@ -1787,7 +2047,35 @@ fn coop_selk_du(
     let dub = du_base(b);
 {{SD_DECL}}
     let live = kt < valid;
-    for (var row0 = w.row_lo; row0 < w.row_hi; row0 += BT) {
+    if DUP && live {
+        // The first tile with a live row for these keys (the skip below holds for a prefix).
+        var rs = w.row_lo;
+        while rs < w.row_hi && p.start + min(rs + BT, p.q_len) <= kt + 1u {
+            rs += BT;
+        }
+        var xk: array<vec4<u32>, DPK>;
+        var xd: array<f32, DPD>;
+        if rs < w.row_hi {
+            dup_k_load(b, rs, kt, valid, tid, &xk, &xd);
+        }
+        for (var row0 = rs; row0 < w.row_hi; row0 += BT) {
+            workgroupBarrier();
+            dup_put(tid, true, &xk, &xd);
+            workgroupBarrier();
+            if row0 + BT < w.row_hi {
+                dup_k_load(b, row0 + BT, kt, valid, tid, &xk, &xd);
+            }
+            for (var c = 0u; c < NB; c++) {
+                if row0 + c * 16u >= w.row_hi {
+                    break;
+                }
+                let so = c * 16u * DP;
+                let ua = coopLoadT<coop_mat16x16<f16, A>>(&du16[kb0 * DUS + c * 16u], DUS);
+{{SK_ACC}}
+            }
+        }
+    }
+    for (var row0 = w.row_lo; row0 < select(w.row_hi, w.row_lo, DUP); row0 += BT) {
         if !live {
             break;
         }

@@ -26,6 +26,8 @@ fn text_of(src: Source) -> String {
         fq: false,
         kv4: false,
         rq: false,
+        dup: false,
+        pipe: false,
         features: selattn::Switches::NONE,
     }
     .wgsl(&text)

@@ -440,6 +440,54 @@ fn selective_coop_knob_forms_translate() {
     );
 }
 
+/// The cooperative-matrix backward kernels in the opt-in forms of their knobs, which the
+/// planner's defaults in the covering set do not reach: `SELATTN_BACKWARD_PIPE` (coop_dkv and
+/// coop_dq) and `SELATTN_BACKWARD_DUP` (coop_selq_du and coop_selk_du, at 16- to 64-row tiles).
+#[test]
+fn backward_coop_knob_forms_translate() {
+    use selattn::kernels::coop_backward::CoopEntry;
+    let mut keys = Vec::new();
+    for k in variants::covering_variants() {
+        if let Kernel::CoopBackward(c) = k.kernel {
+            let forms: Vec<_> = match c.entry {
+                CoopEntry::Dkv | CoopEntry::Dq => {
+                    vec![selattn::kernels::coop_backward::CoopBackwardConfig { pipe: true, ..c }]
+                }
+                CoopEntry::SelkDu | CoopEntry::SelqRead => [16, 32, 64]
+                    .into_iter()
+                    .map(|bt| selattn::kernels::coop_backward::CoopBackwardConfig {
+                        bt,
+                        dup: true,
+                        ..c
+                    })
+                    .collect(),
+                _ => vec![],
+            };
+            for c in forms {
+                keys.push(KernelKey {
+                    kernel: Kernel::CoopBackward(c),
+                    ..k
+                });
+            }
+        }
+    }
+    keys.sort_by_key(|k| format!("{k:?}"));
+    keys.dedup();
+    assert!(
+        !keys.is_empty(),
+        "no coop backward variant in the covering set"
+    );
+    let failures = translate_all(&keys);
+    eprintln!("translated {} coop backward knob forms", keys.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} knob forms failed:\n{}",
+        failures.len(),
+        keys.len(),
+        failures.join("\n")
+    );
+}
+
 /// Tiles (D, BR, BC, DN) of the forward kernel, (D, BR, BC, WG) of the colsum pass and
 /// (D, BR, BC, subgroup size) of the cooperative-matrix kernel.
 fn tiles(keys: &[KernelKey]) -> BTreeSet<(u8, u32, u32, u32, u32)> {

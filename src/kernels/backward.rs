@@ -490,12 +490,13 @@ impl BackwardPlan {
                 if self.runs(e) {
                     keys.push(KernelKey {
                         // (The selective tile of coop_selq, not the writer's: SDQ and RQ
-                        // may have given coop_seldu a larger one.)
+                        // may have given coop_seldu a larger one; with DUP, coop_selk_du's
+                        // tile and form.)
                         kernel: Kernel::CoopBackward(CoopBackwardConfig {
                             entry: CoopEntry::SelqRead,
                             sdq: false,
                             rq: false,
-                            ..self.coop_sel.map_or(c, |(q, _)| q)
+                            ..self.coop_sel.map_or(c, |(q, k)| if k.dup { k } else { q })
                         }),
                         elem: self.elem,
                     });

@@ -51,6 +51,38 @@ pub const KV4_ENV: &str = "SELATTN_BACKWARD_KV4";
 /// larger (64 keys with SDQ at D64 and D128). H200 2026-12-03: seldu 6.58 -> 4.74 ms (D64),
 /// 13.69 -> 8.63 (D128).
 pub const RQ_ENV: &str = "SELATTN_BACKWARD_RQ";
+/// Environment variable that turns the pipelined walk of coop_selq_du and coop_selk_du on
+/// (`SELATTN_BACKWARD_DUP=1`; off by default until a device run shows it faster): a whole
+/// tile's du and K_sel (or Q_sel) staged by every lane in one round, the next tile's loads
+/// issued before this tile's MMAs, two barriers a tile instead of 1 + 2 (tile / 16).
+pub const DUP_ENV: &str = "SELATTN_BACKWARD_DUP";
+
+/// Environment variable that turns the pipelined staging of coop_dkv and coop_dq on
+/// (`SELATTN_BACKWARD_PIPE=1`; `dq` or `dkv` for one of them; off by default until a device run
+/// shows it faster): the next tile's staged rows loaded into registers before this tile's
+/// MMAs, so one staging latency a tile is hidden.
+pub const PIPE_ENV: &str = "SELATTN_BACKWARD_PIPE";
+
+/// Staged 16-byte words per lane and tensor that the DUP and PIPE registers hold (shader `DPK`).
+const DUP_WORDS: u32 = 8;
+/// du values per lane that the DUP registers hold (shader `DPD`).
+const DUP_VALUES: u32 = 32;
+
+/// Whether `SELATTN_BACKWARD_PIPE` asks for the pipelined staging of `entry` (opt-in: `1` for
+/// coop_dkv and coop_dq, `dq` or `dkv` for one of them).
+fn pipe_wanted(entry: CoopEntry) -> bool {
+    match std::env::var(PIPE_ENV).as_deref() {
+        Ok("1") => matches!(entry, CoopEntry::Dkv | CoopEntry::Dq),
+        Ok("dq") => entry == CoopEntry::Dq,
+        Ok("dkv") => entry == CoopEntry::Dkv,
+        _ => false,
+    }
+}
+
+/// Whether `SELATTN_BACKWARD_DUP` asks for the pipelined du readers (opt-in: `1`).
+pub fn dup_enabled() -> bool {
+    std::env::var(DUP_ENV).is_ok_and(|v| v == "1")
+}
 
 /// The two entry points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -127,6 +159,12 @@ pub struct CoopBackwardConfig {
     /// coop_seldu only: F, the mask and the head-summed dz of the lane's quads in registers
     /// (`RQ`; with `quads` and 16-row C tiles), its tile chosen for the smaller footprint.
     pub rq: bool,
+    /// coop_selq_du and coop_selk_du only: the pipelined walk (`DUP`; see [`DUP_ENV`]). Set by
+    /// [`CoopBackwardConfig::with_dup`]; ignored by the other entries.
+    pub dup: bool,
+    /// coop_dkv and coop_dq: the next tile's loads in registers during this tile's MMAs
+    /// (`PIPE`; see [`PIPE_ENV`]).
+    pub pipe: bool,
     /// Operator features (`lse` unused).
     pub features: Switches,
 }
@@ -145,6 +183,11 @@ impl CoopBackwardConfig {
             ("SDQ", self.sdq as u32 as f64),
             ("FQ", self.fq as u32 as f64),
             ("RQ", self.rq as u32 as f64),
+            ("DUP", self.dup_active() as u32 as f64),
+            (
+                "PIPE",
+                (self.pipe && matches!(self.entry, CoopEntry::Dq | CoopEntry::Dkv)) as u32 as f64,
+            ),
             (
                 "DU",
                 matches!(
@@ -175,6 +218,35 @@ impl CoopBackwardConfig {
         SUBGROUPS * self.sgs
     }
 
+    /// Whether the shader runs the DUP form: asked for, and this entry has one.
+    fn dup_active(&self) -> bool {
+        self.dup && matches!(self.entry, CoopEntry::SelqRead | CoopEntry::SelkDu)
+    }
+
+    /// coop_selk_du's configuration `self` with the DUP form where asked for
+    /// (`SELATTN_BACKWARD_DUP=1`), with the largest tile whose workgroup memory fits the adapter
+    /// and whose share per lane fits the shader's registers; unchanged otherwise. coop_selq_du
+    /// takes the result's tile and form (see `BackwardPlan::keys`).
+    pub fn with_dup(self, caps: &Capabilities) -> CoopBackwardConfig {
+        if !dup_enabled() {
+            return self;
+        }
+        [64u32, 32, 16]
+            .into_iter()
+            .map(|bt| CoopBackwardConfig {
+                bt,
+                dup: true,
+                ..self
+            })
+            .find(|c| {
+                let t = c.threads();
+                (c.bt * (c.d / 8)).div_ceil(t) <= DUP_WORDS
+                    && (ROWS * c.bt).div_ceil(t) <= DUP_VALUES
+                    && c.workgroup_bytes() <= caps.workgroup_memory as u64
+            })
+            .unwrap_or(self)
+    }
+
     /// Workgroup memory in bytes, as declared in the shader.
     pub fn workgroup_bytes(&self) -> u64 {
         let selpass = self.entry.selective();
@@ -198,6 +270,16 @@ impl CoopBackwardConfig {
                 x = x - 2 * (bt / 16) * fblock + 32;
             }
             x
+        } else if self.dup_active() {
+            // No acc or fb (4 floats each), za16 down to 8 f16, du16 of 64 rows, a stage of
+            // max(BT, 64) rows (K_sel or Q_sel only).
+            let (d, bt, rows) = (self.d as u64, self.bt as u64, ROWS as u64);
+            let half = SUBGROUPS as u64 * 16 * 24 * 2;
+            let fblock = SUBGROUPS as u64 * 16 * 16 * 4;
+            let stage = |r: u64| r * (d + 8) * 2;
+            b - stage((2 * bt).max(rows)) + stage(bt.max(rows)) - 2 * (bt / 16) * fblock + 32 - half
+                + 16
+                + rows * (bt + 8) * 2
         } else {
             b
         }
@@ -250,7 +332,7 @@ impl CoopBackwardConfig {
             .ok_or("workgroup memory too small for the selective terms")?;
         let c = |entry| CoopBackwardConfig { entry, bt, ..*base };
         Ok(if du {
-            (c(CoopEntry::SelqDu), c(CoopEntry::SelkDu))
+            (c(CoopEntry::SelqDu), c(CoopEntry::SelkDu).with_dup(caps))
         } else {
             (c(CoopEntry::Selq), c(CoopEntry::Selk))
         })
@@ -315,6 +397,9 @@ impl CoopBackwardConfig {
                 && (entry == CoopEntry::Dq || std::env::var(FQ_ENV).map_or(true, |v| v != "dq")),
             kv4: caps.info.backend == wgpu::Backend::Vulkan && knob_on(KV4_ENV),
             rq: false,
+            dup: false,
+            // Where a lane's share of a staged tensor fits the registers.
+            pipe: pipe_wanted(entry) && (bt * (d / 8)).div_ceil(SUBGROUPS * sgs) <= DUP_WORDS,
             features,
         };
         Ok((c(CoopEntry::Dkv, bt_dkv), c(CoopEntry::Dq, bt_dq)))
