@@ -86,9 +86,10 @@ struct Args {
     #[arg(long, default_value_t = 500)]
     heat_ms: u32,
     /// Tuning sweep over one cache: variants separated by `;`, each `default` or a comma list of
-    /// `splits=N`, `threads=N`, `rows=N`. Each variant runs `--len` steps (the first untimed),
-    /// after heating, then every sequence is truncated back to the prompt. No budget, no
-    /// selective masking, no checks; prints GPU ms per step (mean, median) and KV GB/s each.
+    /// `splits=N`, `threads=N`, `rows=N`, `parts=0/1` (`SELATTN_DECODE_GROUP_PARTS`),
+    /// `prefetch=0/1` (`SELATTN_DECODE_PREFETCH`). Each variant runs `--len` steps (the first
+    /// untimed), after heating, then every sequence is truncated back to the prompt. No budget,
+    /// no selective masking, no checks; prints GPU ms per step (mean, median) and KV GB/s each.
     #[arg(long)]
     sweep: Option<String>,
     /// Largest buffer of the cache in bytes (`KvCacheConfig::max_buffer_bytes`): below one
@@ -457,6 +458,19 @@ fn run(ctx: &Context, a: &Args, budget: Option<u32>) -> Result<Report> {
 /// Parses one `--sweep` variant into decode options.
 fn variant(spec: &str) -> std::result::Result<DecodeOptions, String> {
     let mut o = DecodeOptions::new();
+    // `parts=1` and `prefetch=1` turn on the off-by-default knobs SELATTN_DECODE_GROUP_PARTS and
+    // SELATTN_DECODE_PREFETCH for this variant (every other variant runs with them as the
+    // environment set them).
+    use selattn::kernels::decode::{ATTEND_PREFETCH_ENV, GROUP_PARTS_ENV};
+    static OUTER: std::sync::OnceLock<[Option<String>; 2]> = std::sync::OnceLock::new();
+    let knobs = [GROUP_PARTS_ENV, ATTEND_PREFETCH_ENV];
+    let outer = OUTER.get_or_init(|| knobs.map(|k| std::env::var(k).ok()));
+    for (k, v) in knobs.iter().zip(outer) {
+        match v {
+            Some(v) => std::env::set_var(k, v),
+            None => std::env::remove_var(k),
+        }
+    }
     for kv in spec
         .split(',')
         .map(str::trim)
@@ -468,7 +482,9 @@ fn variant(spec: &str) -> std::result::Result<DecodeOptions, String> {
             "splits" => o.splits = Some(v),
             "threads" => o.threads = Some(v),
             "rows" => o.rows = Some(v),
-            _ => return Err(format!("{k}: splits, threads or rows")),
+            "parts" => std::env::set_var(GROUP_PARTS_ENV, v.to_string()),
+            "prefetch" => std::env::set_var(ATTEND_PREFETCH_ENV, v.to_string()),
+            _ => return Err(format!("{k}: splits, threads, rows, parts or prefetch")),
         }
     }
     Ok(o)

@@ -141,6 +141,9 @@ override CV: u32 = 1u;        // vec4<f32> per chunk: 1 (f32) or 2 (f16)
 override DP: u32 = 1u;        // threads per slot in QK (BC * DP = WG)
 override KS: u32 = 1u;        // slot subsets in PV: WG / DC (threads tid >= KS * DC idle in PV)
 override BCP: u32 = BC + 8u;  // padded row of `sdot` (no bank conflicts in QK's stores)
+// Loads of the next tile issued before the current tile's QK, P and PV (registers hold two
+// tiles' chunks): the next tile's bytes are in flight through the current one's barriers.
+override PREFETCH: bool = false;
 
 @group(0) @binding(14) var<storage, read> kraw: array<vec4<u32>>;   // [B, Hkv, C, DC]
 @group(0) @binding(15) var<storage, read> vraw: array<vec4<u32>>;   // [B, Hkv, C, DC]
@@ -168,6 +171,38 @@ fn chunk_part(u: vec4<u32>, which: u32) -> vec4<f32> {
 // Row rr of a KV head's block: query head hk * group + rr / n, query rr % n.
 fn row_head(hk: u32, rr: u32) -> u32 {
     return hk * p.group + rr / p.n;
+}
+
+// K chunk `ch` of slot j (zero past j1 or the row).
+fn load_k(head: u32, j: u32, j1: u32, ch: u32) -> vec4<u32> {
+    if j < j1 && ch < DC {
+        return kraw[(head + j) * DC + ch];
+    }
+    return vec4<u32>(0u);
+}
+
+// V chunk `vx` of slot kt + c for subset thread `vg` (zero when idle or past j1).
+fn load_v(head: u32, kt: u32, c: u32, j1: u32, vg: u32, vx: u32) -> vec4<u32> {
+    if vg < KS && c < BC && kt + c < j1 {
+        return vraw[(head + kt + c) * DC + vx];
+    }
+    return vec4<u32>(0u);
+}
+
+// Gate of slot kt + c (1 without gates, when idle or past j1).
+fn load_g(head: u32, kt: u32, c: u32, j1: u32, vg: u32) -> f32 {
+    if HAS_GATE && vg < KS && c < BC && kt + c < j1 {
+        return gc[head + kt + c];
+    }
+    return 1.0;
+}
+
+// Position of slot j for the QK thread with qd == 0 (all ones otherwise or past j1).
+fn load_p(b: u32, j: u32, j1: u32, qd: u32) -> u32 {
+    if qd == 0u && j < j1 {
+        return pc[b * p.capacity + j];
+    }
+    return 0xffffffffu;
 }
 
 @compute @workgroup_size(WG)
@@ -215,33 +250,61 @@ fn attend(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     let vx = tid % DC;   // PV: chunk
     let vg = tid / DC;   //     slot subset (idle when >= KS)
     var par = 0u;
+    // With PREFETCH, the first tile's loads (then each next tile's, in the loop).
+    //@unroll k KCH
+    let ch{k} = qd + {k}u * DP;
+    var nkr{k} = vec4<u32>(0u);
+    //@end
+    //@unroll k KPS
+    let c{k} = {k}u * KS + vg;
+    var nvr{k} = vec4<u32>(0u);
+    var ngt{k} = 1.0;
+    //@end
+    var nkp = 0xffffffffu;
+    if PREFETCH {
+        //@unroll k KCH
+        nkr{k} = load_k(head, j0 + qc, j1, ch{k});
+        //@end
+        //@unroll k KPS
+        nvr{k} = load_v(head, j0, c{k}, j1, vg, vx);
+        ngt{k} = load_g(head, j0, c{k}, j1, vg);
+        //@end
+        nkp = load_p(b, j0 + qc, j1, qd);
+    }
     workgroupBarrier();
 
     for (var kt = j0; kt < j1; kt += BC) {
-        // Every load of the tile first: K chunks for QK, V chunks for PV.
+        // Every load of the tile first: K chunks for QK, V chunks for PV (with PREFETCH, the
+        // tile's were loaded before, and the next tile's are loaded here).
         let jq = kt + qc;
         //@unroll k KCH
-        let ch{k} = qd + {k}u * DP;
-        var kr{k} = vec4<u32>(0u);
-        if jq < j1 && ch{k} < DC {
-            kr{k} = kraw[(head + jq) * DC + ch{k}];
-        }
+        var kr{k} = nkr{k};
         //@end
         //@unroll k KPS
-        let c{k} = {k}u * KS + vg;
-        var vr{k} = vec4<u32>(0u);
-        var gt{k} = 1.0;
-        if vg < KS && c{k} < BC && kt + c{k} < j1 {
-            vr{k} = vraw[(head + kt + c{k}) * DC + vx];
-            if HAS_GATE {
-                gt{k} = gc[head + kt + c{k}];
-            }
-        }
+        var vr{k} = nvr{k};
+        var gt{k} = ngt{k};
         //@end
         // The slot's position, for the mask (to workgroup memory with the QK sums).
-        var kp = 0xffffffffu;
-        if qd == 0u && jq < j1 {
-            kp = pc[b * p.capacity + jq];
+        var kp = nkp;
+        if PREFETCH {
+            let kn = kt + BC;
+            //@unroll k KCH
+            nkr{k} = load_k(head, kn + qc, j1, ch{k});
+            //@end
+            //@unroll k KPS
+            nvr{k} = load_v(head, kn, c{k}, j1, vg, vx);
+            ngt{k} = load_g(head, kn, c{k}, j1, vg);
+            //@end
+            nkp = load_p(b, kn + qc, j1, qd);
+        } else {
+            //@unroll k KCH
+            kr{k} = load_k(head, jq, j1, ch{k});
+            //@end
+            //@unroll k KPS
+            vr{k} = load_v(head, kt, c{k}, j1, vg, vx);
+            gt{k} = load_g(head, kt, c{k}, j1, vg);
+            //@end
+            kp = load_p(b, jq, j1, qd);
         }
         // QK partial sums.
         //@unroll r RB

@@ -1812,6 +1812,9 @@ impl KvCache {
         counts: &[u32],
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<(Vec<u32>, Vec<u64>)> {
+        if self.groups.len() > 1 && crate::kernels::knob_set(decode::GROUP_PARTS_ENV) {
+            return self.record_step_groups(ctx, encoder, step, outputs, plan, counts, timestamps);
+        }
         let p = plan.params;
         let gpu = ctx.gpu();
         let part = gpu.grow(&mut self.part, plan.part_bytes(), "selattn decode partials");
@@ -1862,6 +1865,168 @@ impl KvCache {
             }
         }
         Ok((lens, ev))
+    }
+
+    /// [`KvCache::record_step`] for an unsegmented cache in several sequence groups with
+    /// [`decode::GROUP_PARTS_ENV`] on: the append in a pass of its own, one transition of every
+    /// group's K, V, gate and positions to read-only, then every group's attend into a
+    /// partials buffer of its own (no barrier between them: they write different buffers),
+    /// then each group's merge.
+    #[allow(clippy::too_many_arguments)]
+    fn record_step_groups(
+        &mut self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        step: &Step,
+        outputs: &Outputs,
+        plan: &DecodePlan,
+        counts: &[u32],
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<(Vec<u32>, Vec<u64>)> {
+        let p = plan.params;
+        let gpu = ctx.gpu();
+        let caps = ctx.capabilities();
+        let limit = caps.max_storage_binding.min(caps.max_buffer);
+        let d4 = self.cfg.head_dim as u64 / 4;
+        // Each group's partials: its own sequences' rows (pb0 = b0 in the kernels).
+        let mut sizes = vec![];
+        for g in &self.groups {
+            let part_rows = g.nb as u64 * p.q_heads as u64 * p.n as u64 * p.splits as u64;
+            let ml_base = part_rows * d4;
+            let bytes = 16 * part_rows * (d4 + 1);
+            if bytes > limit || ml_base + part_rows > u32::MAX as u64 {
+                return Err(Error::TooLarge {
+                    what: "decode partials",
+                    bytes,
+                    limit,
+                });
+            }
+            sizes.push((bytes, ml_base as u32));
+        }
+        if self.seg_parts.len() < self.groups.len() {
+            self.seg_parts.resize_with(self.groups.len(), || None);
+        }
+        let parts: Vec<wgpu::Buffer> = self
+            .seg_parts
+            .iter_mut()
+            .zip(&sizes)
+            .map(|(slot, &(bytes, _))| gpu.grow(slot, bytes, "selattn decode group partials"))
+            .collect();
+        let fq = match plan.score {
+            Some(_) => Some(gpu.grow(&mut self.fq, plan.fq_bytes(), "selattn decode F rows")),
+            None => None,
+        };
+        let (info, lens, ev) = self.plan_append(counts);
+        let step_buf = gpu.storage("selattn cache step", bytemuck::cast_slice(&info));
+        let tokens = Tokens {
+            k: step.k,
+            v: step.v,
+            gate: step.gate,
+            f: None,
+        };
+        // Without selective masking the attend binds F rows only nominally: its own partials
+        // then (the shared writable dummy would put a barrier between the dispatches).
+        let buffers = |part| decode::StepBuffers {
+            q: bound(step.q),
+            tau: step.tau.map(bound),
+            alpha: step.alpha.map(bound),
+            o: bound(outputs.o),
+            lse: outputs.lse.map(bound),
+            step: &step_buf,
+            fq: fq.as_ref().unwrap_or(part),
+            part,
+        };
+        let max_len = lens.iter().copied().max().unwrap_or(1);
+        let (ts_append, ts_attend) = split_stamps(timestamps);
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("selattn decode append"),
+                timestamp_writes: ts_append,
+            });
+            self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
+        }
+        self.transition_read_only(encoder, 0..self.groups.len());
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("selattn decode"),
+            timestamp_writes: ts_attend,
+        });
+        let mut uniforms = vec![];
+        for ((g, part), &(_, ml_base)) in self.groups.iter().zip(&parts).zip(&sizes) {
+            let mut gp = *plan;
+            gp.params.b0 = g.b0;
+            gp.params.batch = g.nb;
+            gp.params.pb0 = g.b0;
+            gp.params.ml_base = ml_base;
+            let params = gpu.uniform("selattn cache params", bytemuck::bytes_of(&gp.params));
+            let sb = buffers(part);
+            let cb = g.buffers();
+            let elem = self.cfg.dtype;
+            decode::encode_score_attend(
+                &gpu, &mut pass, &gp, elem, max_len, p.splits, &sb, &cb, &params,
+            )?;
+            uniforms.push((gp, params));
+        }
+        for ((gp, params), part) in uniforms.iter().zip(&parts) {
+            let sb = buffers(part);
+            decode::encode_merge(&gpu, &mut pass, gp, self.cfg.dtype, &sb, params)?;
+        }
+        Ok((lens, ev))
+    }
+
+    /// Records one transition of groups `range`'s K, V, gate and positions to read-only
+    /// storage: one barrier after an append for all of them, instead of one before each
+    /// dispatch that reads some of them.
+    fn transition_read_only(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        range: impl IntoIterator<Item = usize>,
+    ) {
+        let read = wgpu::BufferUses::STORAGE_READ_ONLY;
+        let mut transitions = vec![];
+        for gi in range {
+            let g = &self.groups[gi];
+            let gate = g.gate.as_ref().map(|t| t.buffer());
+            for buffer in [g.k.buffer(), g.v.buffer(), g.pos.buffer()]
+                .into_iter()
+                .chain(gate)
+            {
+                transitions.push(wgpu::BufferTransition {
+                    buffer,
+                    state: read,
+                });
+            }
+        }
+        encoder.transition_resources(
+            transitions.into_iter(),
+            std::iter::empty::<wgpu::TextureTransition<&wgpu::Texture>>(),
+        );
+    }
+}
+
+/// A step's pass timestamps split over two passes: the beginning on the first, the end on the
+/// second.
+fn split_stamps(
+    timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+) -> (
+    Option<wgpu::ComputePassTimestampWrites<'_>>,
+    Option<wgpu::ComputePassTimestampWrites<'_>>,
+) {
+    match timestamps {
+        Some(t) => (
+            t.beginning_of_pass_write_index
+                .map(|i| wgpu::ComputePassTimestampWrites {
+                    query_set: t.query_set,
+                    beginning_of_pass_write_index: Some(i),
+                    end_of_pass_write_index: None,
+                }),
+            t.end_of_pass_write_index
+                .map(|i| wgpu::ComputePassTimestampWrites {
+                    query_set: t.query_set,
+                    beginning_of_pass_write_index: None,
+                    end_of_pass_write_index: Some(i),
+                }),
+        ),
+        None => (None, None),
     }
 }
 
@@ -2083,23 +2248,7 @@ impl KvCache {
         // The append in a pass of its own, then every group's K, V, gate and positions made
         // read-only at once: one barrier for all the slots the append wrote, instead of one
         // before each attend dispatch that reads some of them.
-        let (ts_append, ts_attend) = match timestamps {
-            Some(t) => (
-                t.beginning_of_pass_write_index
-                    .map(|i| wgpu::ComputePassTimestampWrites {
-                        query_set: t.query_set,
-                        beginning_of_pass_write_index: Some(i),
-                        end_of_pass_write_index: None,
-                    }),
-                t.end_of_pass_write_index
-                    .map(|i| wgpu::ComputePassTimestampWrites {
-                        query_set: t.query_set,
-                        beginning_of_pass_write_index: None,
-                        end_of_pass_write_index: Some(i),
-                    }),
-            ),
-            None => (None, None),
-        };
+        let (ts_append, ts_attend) = split_stamps(timestamps);
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("selattn decode append"),
@@ -2107,25 +2256,7 @@ impl KvCache {
             });
             self.encode_append_pass(ctx, &mut pass, &tokens, p.n, counts, &step_buf)?;
         }
-        let read = wgpu::BufferUses::STORAGE_READ_ONLY;
-        let mut transitions = vec![];
-        for &(b, k) in &order {
-            let g = &self.groups[b * nseg_all + k];
-            let gate = g.gate.as_ref().map(|t| t.buffer());
-            for buffer in [g.k.buffer(), g.v.buffer(), g.pos.buffer()]
-                .into_iter()
-                .chain(gate)
-            {
-                transitions.push(wgpu::BufferTransition {
-                    buffer,
-                    state: read,
-                });
-            }
-        }
-        encoder.transition_resources(
-            transitions.into_iter(),
-            std::iter::empty::<wgpu::TextureTransition<&wgpu::Texture>>(),
-        );
+        self.transition_read_only(encoder, order.iter().map(|&(b, k)| b * nseg_all + k));
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("selattn decode"),
             timestamp_writes: ts_attend,

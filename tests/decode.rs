@@ -1759,11 +1759,19 @@ fn bounds_checked_build_gives_same_bits() {
         prefill: vec![27, 12],
         ..case.clone()
     };
+    // Sequences in 2 groups of buffers (with SELATTN_DECODE_GROUP_PARTS=1, partials per group).
+    let grouped = Case {
+        batch: 3,
+        group: Some(2),
+        selective: None,
+        prefill: vec![5, 9, 2],
+        ..case.clone()
+    };
     for (a, why) in selattn::adapters() {
         if why.is_some() {
             continue;
         }
-        for case in [&case, &segmented] {
+        for case in [&case, &segmented, &grouped] {
             let plain = Context::from_adapter(&a).unwrap();
             let checked = Context::from_adapter(&a).unwrap().with_bounds_checks(true);
             let (m0, o0) = run_case(&plain, case, 5);
@@ -1807,6 +1815,7 @@ fn decode_shaders_translate_to_every_backend() {
             rb: if flags { 4 } else { 16 },
             half: flags,
             features: AttendConfig::switches(if flags { Switches::ALL } else { Switches::NONE }),
+            prefetch: flags,
         }));
         kernels.push(Kernel::DecodeMerge(MergeConfig {
             d: 64,

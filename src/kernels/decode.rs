@@ -69,7 +69,15 @@ pub struct AttendConfig {
     /// `gate` and `selective`; `causal` is always on (a step's queries see the slots at or before
     /// their position); every other switch is off, so equal kernels have equal keys.
     pub features: Switches,
+    /// Each tile's loads issued one tile ahead (`PREFETCH` in the shader; see
+    /// [`ATTEND_PREFETCH_ENV`]).
+    pub prefetch: bool,
 }
+
+/// Set to `1`, the decode attend kernel issues the next tile's K, V, gate and position loads
+/// before the current tile's compute, so they are in flight through its barriers (registers
+/// hold two tiles' chunks). Off by default until measured; a measurement knob, read at each plan.
+pub const ATTEND_PREFETCH_ENV: &str = "SELATTN_DECODE_PREFETCH";
 
 /// Chunks per thread in the QK phase, at most (`MAX_KCH` in the shader).
 const MAX_KCH: u32 = 8;
@@ -170,6 +178,7 @@ impl AttendConfig {
             ("HAS_ALPHA", flag(self.features.alpha)),
             ("HAS_GATE", flag(self.features.gate)),
             ("SELECTIVE", flag(self.features.selective)),
+            ("PREFETCH", flag(self.prefetch)),
         ]
     }
 
@@ -401,6 +410,7 @@ pub fn plan(
     // The largest power-of-two workgroup up to 256 the device allows.
     let wg_max = prev_pow2(caps.max_invocations.clamp(1, 256));
     let mut chosen = None;
+    let prefetch = super::knob_set(ATTEND_PREFETCH_ENV);
     if let Some(t) = threads {
         if !t.is_power_of_two() || !(32..=wg_max.max(32)).contains(&t) {
             return Err(Error::TooLarge {
@@ -457,6 +467,7 @@ pub fn plan(
                 rb: rb.min(rows),
                 half,
                 features: AttendConfig::switches(features),
+                prefetch,
             };
             if cfg.fits_registers() && cfg.workgroup_bytes() <= caps.workgroup_memory as u64 {
                 chosen = Some(cfg);
@@ -818,6 +829,14 @@ pub(crate) fn encode_segment_append(
 /// by `merge_segments`; the shared form is also what more than [`MERGE_SEGMENTS`] segments
 /// get. A measurement knob, read at each step.
 pub const SEGMENT_GATHER_ENV: &str = "SELATTN_DECODE_SEGMENT_GATHER";
+
+/// Set to `1`, a cache in several sequence groups (unsegmented) gives each group a partials
+/// buffer of its own, runs the append in a pass of its own followed by one transition of every
+/// group's slots to read-only, then every group's attend before any merge: the attend
+/// dispatches then write different buffers and wgpu puts no barrier between them. Off by
+/// default (one shared partials buffer, each group's attend then merge) until measured; a
+/// measurement knob, read at each step.
+pub const GROUP_PARTS_ENV: &str = "SELATTN_DECODE_GROUP_PARTS";
 
 /// Slot splits per segment of a segmented cache's decode step when each (sequence, segment)
 /// writes partials of its own (unless the call sets [`DecodeOptions`](crate::cache::DecodeOptions)
