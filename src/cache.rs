@@ -1812,7 +1812,7 @@ impl KvCache {
         counts: &[u32],
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<(Vec<u32>, Vec<u64>)> {
-        if self.groups.len() > 1 && crate::kernels::knob_set(decode::GROUP_PARTS_ENV) {
+        if self.groups.len() > 1 && crate::kernels::knob_on(decode::GROUP_PARTS_ENV) {
             return self.record_step_groups(ctx, encoder, step, outputs, plan, counts, timestamps);
         }
         let p = plan.params;

@@ -416,7 +416,8 @@ fn selective_coop_knob_forms_translate() {
                     });
                 }
             }
-            // The scan in row parts (`+pscan`).
+            // The scan in row parts (the default where 256 threads fit; `pscan` in the knob
+            // gives the one-thread-per-column scan back).
             Kernel::SelScan(c) => keys.push(KernelKey {
                 kernel: Kernel::SelScan(selattn::kernels::selective::ScanConfig {
                     wg: 256,

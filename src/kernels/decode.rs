@@ -74,9 +74,10 @@ pub struct AttendConfig {
     pub prefetch: bool,
 }
 
-/// Set to `1`, the decode attend kernel issues the next tile's K, V, gate and position loads
-/// before the current tile's compute, so they are in flight through its barriers (registers
-/// hold two tiles' chunks). Off by default until measured; a measurement knob, read at each plan.
+/// The decode attend kernel issues the next tile's K, V, gate and position loads before the
+/// current tile's compute, so they are in flight through its barriers (registers hold two
+/// tiles' chunks). By default on for 256-thread workgroups and off for smaller ones (measured on
+/// the H200, BENCHMARKS.md); `1` turns it on and `0` off for every plan. Read at each plan.
 pub const ATTEND_PREFETCH_ENV: &str = "SELATTN_DECODE_PREFETCH";
 
 /// Chunks per thread in the QK phase, at most (`MAX_KCH` in the shader).
@@ -410,7 +411,15 @@ pub fn plan(
     // The largest power-of-two workgroup up to 256 the device allows.
     let wg_max = prev_pow2(caps.max_invocations.clamp(1, 256));
     let mut chosen = None;
-    let prefetch = super::knob_set(ATTEND_PREFETCH_ENV);
+    // Loads one tile ahead: on with 256 threads, off with fewer (H200, 2026-12-03, call B:
+    // B1 x 131072 2723 -> 2785 GB/s and B16 x 65536 2901 -> 3049 at 256 threads; B16 x 16384 at
+    // 128 threads 2671 -> 2539). `1` or `0` in the variable forces it either way.
+    let prefetch_knob = std::env::var(ATTEND_PREFETCH_ENV).ok();
+    let prefetch = |wg: u32| match prefetch_knob.as_deref() {
+        Some("1") => true,
+        Some("0") => false,
+        _ => wg == 256,
+    };
     if let Some(t) = threads {
         if !t.is_power_of_two() || !(32..=wg_max.max(32)).contains(&t) {
             return Err(Error::TooLarge {
@@ -467,7 +476,7 @@ pub fn plan(
                 rb: rb.min(rows),
                 half,
                 features: AttendConfig::switches(features),
-                prefetch,
+                prefetch: prefetch(wg),
             };
             if cfg.fits_registers() && cfg.workgroup_bytes() <= caps.workgroup_memory as u64 {
                 chosen = Some(cfg);
@@ -830,12 +839,12 @@ pub(crate) fn encode_segment_append(
 /// get. A measurement knob, read at each step.
 pub const SEGMENT_GATHER_ENV: &str = "SELATTN_DECODE_SEGMENT_GATHER";
 
-/// Set to `1`, a cache in several sequence groups (unsegmented) gives each group a partials
-/// buffer of its own, runs the append in a pass of its own followed by one transition of every
-/// group's slots to read-only, then every group's attend before any merge: the attend
-/// dispatches then write different buffers and wgpu puts no barrier between them. Off by
-/// default (one shared partials buffer, each group's attend then merge) until measured; a
-/// measurement knob, read at each step.
+/// A cache in several sequence groups (unsegmented) gives each group a partials buffer of its
+/// own, runs the append in a pass of its own followed by one transition of every group's slots
+/// to read-only, then every group's attend before any merge: the attend dispatches then write
+/// different buffers and wgpu puts no barrier between them (H200, 2026-12-03, call B: B16 x 65536
+/// 2901 -> 3004 GB/s, with the prefetch 3174). On by default; `0` gives the old form (one shared
+/// partials buffer, each group's attend then merge). Read at each step.
 pub const GROUP_PARTS_ENV: &str = "SELATTN_DECODE_GROUP_PARTS";
 
 /// Slot splits per segment of a segmented cache's decode step when each (sequence, segment)

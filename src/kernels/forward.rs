@@ -244,12 +244,13 @@ impl Plan {
                 c.sgprefix = c.sgprefix && colsum.sub16;
                 c.cpre = c.cpre && c.sgprefix;
             }
-            // The scan in row parts (opt-in, `+pscan` in the coop ablation knob): 8 parts of
-            // the rows per column, 32 columns per workgroup of 256 threads.
-            let pscan = std::env::var(super::coop::ABLATE_ENV)
+            // The scan in row parts: 8 parts of the rows per column, 32 columns per workgroup
+            // of 256 threads (H200, 2026-12-03, call B: 0.27 -> 0.17 ms at 1x16x16384x64).
+            // `pscan` in the coop ablation knob gives the one-thread-per-column scan back.
+            let pscan = !std::env::var(super::coop::ABLATE_ENV)
                 .unwrap_or_default()
                 .split(',')
-                .any(|w| w.trim() == "+pscan");
+                .any(|w| w.trim() == "pscan");
             let scan = if pscan && caps.max_invocations >= 256 {
                 ScanConfig {
                     wg: 256,

@@ -48,12 +48,6 @@ pub(crate) fn knob_on(name: &str) -> bool {
     std::env::var(name).map_or(true, |v| v != "0")
 }
 
-/// Whether the off-by-default measurement knob `name` is turned on: set to `1`. Read at each
-/// plan, so one binary can run both forms.
-pub(crate) fn knob_set(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| v == "1")
-}
-
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 impl Source {

@@ -113,6 +113,12 @@ pub fn run_gpu(
     opts: &Options,
     elem: DType,
 ) -> GpuOut {
+    // wgpu's GL backend shares one EGL context per adapter and gives up (panics) when it waits
+    // more than 6 s for it; with several test threads compiling large shaders on llvmpipe that
+    // happened on a loaded 2-core machine (2026-12-03). Cases on a GL adapter take turns here.
+    static GL_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = (ctx.capabilities().info.backend == wgpu::Backend::Gl)
+        .then(|| GL_TURN.lock().unwrap_or_else(|e| e.into_inner()));
     let g = Gpu::upload(ctx, shape, x, elem);
     let o = ctx.empty(&shape.q_dims(), elem).unwrap();
     let lse = ctx.empty(&shape.row_dims(), DType::F32).unwrap();
