@@ -1744,6 +1744,25 @@ fn params_match_wgsl_layout() {
 
 /// The unchecked production shaders give the same bits as the same shaders built with naga's
 /// runtime bounds checks (a stray out-of-bounds access would differ or be clamped).
+/// The decode forms that are on by default keep their old forms as fallbacks: one shared
+/// partials buffer for a cache's sequence groups (`SELATTN_DECODE_GROUP_PARTS=0`) and no loads a
+/// tile ahead in the attend kernel (`SELATTN_DECODE_PREFETCH=0`). The reference tests that reach
+/// them run again with both, in a child process.
+#[test]
+fn fallback_forms_match_reference() {
+    rerun_with_env(
+        &[
+            "decode_matches_reference_without_pruning",
+            "multi_buffer_cache_matches_reference",
+            "segmented_cache_matches_reference",
+        ],
+        &[
+            ("SELATTN_DECODE_GROUP_PARTS", "0"),
+            ("SELATTN_DECODE_PREFETCH", "0"),
+        ],
+    );
+}
+
 #[test]
 fn bounds_checked_build_gives_same_bits() {
     let case = Case {

@@ -209,6 +209,17 @@ fn chunked_prefill_matches_whole() {
 /// Scratch memory is B·ceil(Nq/Br)·Nk·4 bytes with selective masking and nothing without, asked
 /// before running; at large N it is far below the B·Nq·Nk·4 of an N×N matrix. Big shapes go
 /// through `Plan::new`, which allocates nothing.
+/// The selective scan in row parts is the default where 256 threads fit; the old scan (one
+/// thread per column) stays the fallback (`SELATTN_COOP_ABLATE=pscan`): the reference tests run
+/// again with it, in a child process.
+#[test]
+fn one_thread_scan_matches_reference() {
+    rerun_with_env(
+        &["selective_matrix", "chunked_prefill_matches_whole"],
+        &[("SELATTN_COOP_ABLATE", "pscan")],
+    );
+}
+
 #[test]
 fn scratch_bytes_bound() {
     for ctx in contexts() {

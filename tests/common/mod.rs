@@ -318,3 +318,31 @@ pub fn same_up_to_contraction(ctx: &Context, a: &[f32], b: &[f32]) -> bool {
     );
     ctx.capabilities().info.device_type != wgpu::DeviceType::Cpu && worst <= 1e-5 * scale
 }
+
+/// Set in a child process started by [`rerun_with_env`].
+pub const CHILD_RERUN_ENV: &str = "SELATTN_TEST_RERUN_CHILD";
+
+/// Runs the named tests of this test binary again in a child process with `env` set (the
+/// library reads its knobs from the environment at each plan, and tests in one process share
+/// it, so a fallback form is tested in a process of its own) and asserts that every one of them
+/// passed. Does nothing inside such a child.
+pub fn rerun_with_env(tests: &[&str], env: &[(&str, &str)]) {
+    if std::env::var(CHILD_RERUN_ENV).is_ok() {
+        return;
+    }
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(tests)
+        .args(["--exact", "--nocapture", "--test-threads", "1"]);
+    cmd.env(CHILD_RERUN_ENV, "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let passed = format!("{} passed; 0 failed", tests.len());
+    assert!(
+        out.status.success() && text.contains(&passed),
+        "child with {env:?} failed:\n{text}"
+    );
+}
