@@ -6,6 +6,8 @@
 //!
 //! A failure lists every failing (variant, backend, error).
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -460,9 +462,11 @@ fn selective_coop_knob_forms_translate() {
     );
 }
 
-/// The cooperative-matrix backward kernels in the opt-in forms of their knobs, which the
-/// planner's defaults in the covering set do not reach: `SELATTN_BACKWARD_PIPE` (coop_dkv and
-/// coop_dq) and `SELATTN_BACKWARD_DUP` (coop_selq_du and coop_selk_du, at 16- to 64-row tiles).
+/// The cooperative-matrix backward kernels in the forms of their knobs that the planner's
+/// defaults in the covering set do not reach: `SELATTN_BACKWARD_PIPE` (coop_dkv and coop_dq)
+/// and `SELATTN_BACKWARD_DUP` (coop_selq_du and coop_selk_du, at 16- to 64-row tiles), beside
+/// the planner's own form of the du readers (the DUP form by default; with
+/// `SELATTN_BACKWARD_DUP=0`, as [`backward_coop_fallback_forms_translate`] runs it, the old one).
 #[test]
 fn backward_coop_knob_forms_translate() {
     use selattn::kernels::coop_backward::CoopEntry;
@@ -473,13 +477,10 @@ fn backward_coop_knob_forms_translate() {
                 CoopEntry::Dkv | CoopEntry::Dq => {
                     vec![selattn::kernels::coop_backward::CoopBackwardConfig { pipe: true, ..c }]
                 }
-                CoopEntry::SelkDu | CoopEntry::SelqRead => [16, 32, 64]
-                    .into_iter()
-                    .map(|bt| selattn::kernels::coop_backward::CoopBackwardConfig {
-                        bt,
-                        dup: true,
-                        ..c
-                    })
+                CoopEntry::SelkDu | CoopEntry::SelqRead => std::iter::once(c)
+                    .chain([16, 32, 64].into_iter().map(|bt| {
+                        selattn::kernels::coop_backward::CoopBackwardConfig { bt, dup: true, ..c }
+                    }))
                     .collect(),
                 _ => vec![],
             };
@@ -497,6 +498,14 @@ fn backward_coop_knob_forms_translate() {
         !keys.is_empty(),
         "no coop backward variant in the covering set"
     );
+    if std::env::var("SELATTN_BACKWARD_DUP").as_deref() == Ok("0") {
+        assert!(
+            keys.iter()
+                .any(|k| matches!(k.kernel, Kernel::CoopBackward(c)
+                if matches!(c.entry, CoopEntry::SelkDu | CoopEntry::SelqRead) && !c.dup)),
+            "SELATTN_BACKWARD_DUP=0 left no du reader in its old form"
+        );
+    }
     let failures = translate_all(&keys);
     eprintln!("translated {} coop backward knob forms", keys.len());
     assert!(
@@ -505,6 +514,16 @@ fn backward_coop_knob_forms_translate() {
         failures.len(),
         keys.len(),
         failures.join("\n")
+    );
+}
+
+/// The du readers' old form (`SELATTN_BACKWARD_DUP=0`, the fallback of the default DUP form)
+/// translates too: [`backward_coop_knob_forms_translate`] again in a child process with it.
+#[test]
+fn backward_coop_fallback_forms_translate() {
+    common::rerun_with_env(
+        &["backward_coop_knob_forms_translate"],
+        &[("SELATTN_BACKWARD_DUP", "0")],
     );
 }
 

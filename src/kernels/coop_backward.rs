@@ -58,9 +58,11 @@ pub const RQ_ENV: &str = "SELATTN_BACKWARD_RQ";
 pub const DUP_ENV: &str = "SELATTN_BACKWARD_DUP";
 
 /// Environment variable that turns the pipelined staging of coop_dkv and coop_dq on
-/// (`SELATTN_BACKWARD_PIPE=1`; `dq` or `dkv` for one of them; off by default until a device run
-/// shows it faster): the next tile's staged rows loaded into registers before this tile's
-/// MMAs, so one staging latency a tile is hidden.
+/// (`SELATTN_BACKWARD_PIPE=1`; `dq` or `dkv` for one of them): the next tile's staged rows
+/// loaded into registers before this tile's MMAs, so one staging latency a tile is hidden. Off
+/// by default: on the H200 (2026-12-03, call B) the coop_backward test did not finish within
+/// 18 s with both, `dq` and `dkv` alone passed, coop_dkv gained (7.04 -> 6.12 ms at D64 full)
+/// and coop_dq lost (5.10 -> 5.51).
 pub const PIPE_ENV: &str = "SELATTN_BACKWARD_PIPE";
 
 /// Staged 16-byte words per lane and tensor that the DUP and PIPE registers hold (shader `DPK`).
