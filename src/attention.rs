@@ -386,19 +386,10 @@ impl Context {
         query_set: &wgpu::QuerySet,
         capacity: u32,
     ) -> Result<Vec<String>> {
-        if !(self.device.features()).contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
-            return Err(Error::FeatureMissing {
-                feature: "TIMESTAMP_QUERY_INSIDE_PASSES",
-            });
-        }
+        self.profile_supported()?;
         let plan = self.plan(inputs, options, outputs)?;
         let labels = forward::dispatch_labels(&plan);
-        if labels.len() as u64 + 1 > capacity as u64 {
-            return Err(Error::gpu_msg(format!(
-                "profiling attention: {} timestamps needed, the query set holds {capacity}",
-                labels.len() + 1
-            )));
-        }
+        Self::profile_room("profiling attention", labels.len(), capacity)?;
         self.scoped("recording attention", || {
             self.encode_plan_profiled(encoder, &plan, inputs, outputs, None, Some(query_set))
         })?;

@@ -277,19 +277,10 @@ impl Context {
         query_set: &wgpu::QuerySet,
         capacity: u32,
     ) -> Result<Vec<String>> {
-        if !(self.device.features()).contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
-            return Err(Error::FeatureMissing {
-                feature: "TIMESTAMP_QUERY_INSIDE_PASSES",
-            });
-        }
+        self.profile_supported()?;
         let plan = self.backward_plan(inputs, options, up, grads)?;
         let labels = dispatch_labels(&plan);
-        if labels.len() as u64 + 1 > capacity as u64 {
-            return Err(Error::gpu_msg(format!(
-                "profiling the backward pass: {} timestamps needed, the query set holds {capacity}",
-                labels.len() + 1
-            )));
-        }
+        Self::profile_room("profiling the backward pass", labels.len(), capacity)?;
         self.encode_backward_plan(encoder, &plan, inputs, up, grads, Some(query_set))?;
         Ok(labels)
     }

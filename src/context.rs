@@ -179,6 +179,34 @@ impl Context {
 
     /// Runs `f`, which records or submits GPU work, under error scopes (see
     /// [`crate::kernels::gpu::scoped`]).
+    /// A profiled call's first check: timestamps between dispatches need
+    /// TIMESTAMP_QUERY_INSIDE_PASSES.
+    pub(crate) fn profile_supported(&self) -> Result<()> {
+        if self
+            .device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+        {
+            Ok(())
+        } else {
+            Err(Error::FeatureMissing {
+                feature: "TIMESTAMP_QUERY_INSIDE_PASSES",
+            })
+        }
+    }
+
+    /// A profiled call's room check: one timestamp before each of `dispatches` dispatches and
+    /// one after the last must fit the caller's query set of `capacity`.
+    pub(crate) fn profile_room(what: &str, dispatches: usize, capacity: u32) -> Result<()> {
+        if dispatches as u64 + 1 > capacity as u64 {
+            return Err(Error::gpu_msg(format!(
+                "{what}: {} timestamps needed, the query set holds {capacity}",
+                dispatches + 1
+            )));
+        }
+        Ok(())
+    }
+
     pub(crate) fn scoped<T>(&self, during: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         crate::kernels::gpu::scoped(&self.device, during, f)
     }
