@@ -346,3 +346,22 @@ pub fn rerun_with_env(tests: &[&str], env: &[(&str, &str)]) {
         "child with {env:?} failed:\n{text}"
     );
 }
+
+/// The labels a profiled call returned on `ctx`, or `None` after checking that an adapter
+/// without TIMESTAMP_QUERY_INSIDE_PASSES refused it with `FeatureMissing`. Panics on any
+/// other error.
+pub fn profile_labels(ctx: &Context, labels: selattn::Result<Vec<String>>) -> Option<Vec<String>> {
+    let inside = ctx
+        .device
+        .features()
+        .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
+    if !inside {
+        assert!(
+            matches!(labels, Err(selattn::Error::FeatureMissing { .. })),
+            "[{}] {labels:?}",
+            ctx.describe()
+        );
+        return None;
+    }
+    Some(labels.unwrap_or_else(|e| panic!("[{}] {e}", ctx.describe())))
+}
